@@ -1,0 +1,16 @@
+"""shoal: train PyTorch models across many processes and machines.
+
+    import shoal
+    shoal.init()
+    strategy = shoal.DataParallel()
+    model, optimizer = strategy.prepare(model, optimizer)
+"""
+
+from shoal.errors import ConfigError, ShoalError
+from shoal.runtime import current, init, shutdown
+from shoal.strategies.base import Strategy
+from shoal.strategies.data_parallel import DataParallel
+
+__version__ = "0.1.0"
+
+__all__ = ["ConfigError", "DataParallel", "ShoalError", "Strategy", "current", "init", "shutdown"]

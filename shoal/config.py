@@ -1,0 +1,363 @@
+"""The job's configuration: one dataclass tree, TOML in, command-line overrides.
+
+Everything is validated here, in the launching process, before any worker
+starts: an unknown key, a wrong type or a value out of range raises a
+`ConfigError` that names the key and what is allowed.
+
+The `model`, `data` and `strategy` sections are chosen by `name`; the rest of
+such a section is the options dataclass that the named component declares in
+its registry, so adding a model, data set or strategy never edits this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoal.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+# --------------------------------------------------------------------------
+# Fixed sections
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: str = "constant"
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        check_choice(self.name, "name", ("sgd", "adam", "adamw"))
+        check_choice(self.schedule, "schedule", ("constant", "cosine"))
+        check_range(self.lr, "lr", low=0.0, low_open=True)
+        check_range(self.momentum, "momentum", low=0.0, high=1.0)
+        check_range(self.weight_decay, "weight_decay", low=0.0)
+        check_range(self.warmup_steps, "warmup_steps", low=0)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError("'betas' must be two numbers in [0, 1), e.g. [0.9, 0.999]", "betas")
+        if self.nesterov and self.momentum == 0.0:
+            raise ConfigError("'nesterov' needs a momentum > 0", "nesterov")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    stop_at: int = 0
+    """Debug: stop after this step as if the job were interrupted (0 = never)."""
+
+    def __post_init__(self):
+        check_range(self.steps, "steps", low=1)
+        check_range(self.log_every, "log_every", low=1)
+        check_range(self.eval_every, "eval_every", low=0)
+        check_range(self.stop_at, "stop_at", low=0)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save every this many steps (0: only at the end)."""
+    keep: int = 3
+    resume: bool = False
+    resume_from: str = ""
+    """A checkpoint directory to resume from (implies resume)."""
+
+    def __post_init__(self):
+        check_range(self.every, "every", low=0)
+        check_range(self.keep, "keep", low=1)
+
+
+@dataclass
+class LaunchConfig:
+    workers: int = 2
+    threads: int = 0
+    """torch threads per worker (0: the machine's cores divided among the local workers)."""
+    backend: str = "auto"
+    device: str = "auto"
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""
+    timeout_s: float = 300.0
+
+    def __post_init__(self):
+        check_range(self.workers, "workers", low=1)
+        check_range(self.threads, "threads", low=0)
+        check_range(self.nnodes, "nnodes", low=1)
+        check_range(self.node_rank, "node_rank", low=0, high=self.nnodes - 1)
+        check_range(self.timeout_s, "timeout_s", low=0.0, low_open=True)
+        check_choice(self.backend, "backend", ("auto", "gloo", "nccl"))
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"'device' must be one of auto, cpu, cuda, not {self.device!r}", "device")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError("'rdzv_endpoint' (HOST:PORT) is needed when nnodes > 1", "rdzv_endpoint")
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs"
+    name: str = ""
+    """The run's folder under run_dir (default: data-strategy-timestamp)."""
+    tensorboard: bool = True
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------
+# Sections chosen by name
+
+
+@dataclass
+class Choice:
+    """A `name` plus the options dataclass that the named component declares."""
+
+    name: str
+    options: Any
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **dataclasses.asdict(self.options)}
+
+
+@dataclass
+class JobConfig:
+    model: Choice
+    data: Choice
+    strategy: Choice
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, Choice) else dataclasses.asdict(value)
+        return out
+
+
+FIXED_SECTIONS = {
+    "optimizer": OptimizerConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "launch": LaunchConfig,
+    "logging": LoggingConfig,
+}
+DEFAULT_NAMES = {"model": "mlp", "data": "digits", "strategy": "data_parallel"}
+
+
+def _registries():
+    # Imported here: the registries import component modules lazily and config
+    # is the bottom layer, so nothing below may import them at module load.
+    from shoal.data import DATASETS
+    from shoal.models import MODELS
+    from shoal.strategies import STRATEGIES
+
+    return {"model": MODELS, "data": DATASETS, "strategy": STRATEGIES}
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a TOML file (or the defaults), apply `--section.key=value` overrides, validate."""
+    table: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; give the path of a TOML file, e.g. examples/digits.toml")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    for item in overrides:
+        apply_override(table, item)
+    return from_dict(table)
+
+
+def parse_overrides(args: list[str]) -> list[str]:
+    """Turn `--a.b=1 --c.d 2 --flag` command-line words into `a.b=1` items."""
+    items, i = [], 0
+    while i < len(args):
+        word = args[i]
+        if not word.startswith("--") or len(word) == 2:
+            raise ConfigError(f"unexpected argument {word!r}; overrides look like --section.key=value")
+        word = word[2:]
+        if "=" in word:
+            items.append(word)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            items.append(f"{word}={args[i + 1]}")
+            i += 1
+        else:
+            items.append(f"{word}=true")
+        i += 1
+    return items
+
+
+def apply_override(table: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    parts = key.split(".")
+    node = table
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{key}' cannot be set: {part!r} is not a section", key)
+    node[parts[-1]] = _parse_value(raw)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare word: a string
+
+
+def from_dict(table: dict) -> JobConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("the config must be a TOML table")
+    known = set(FIXED_SECTIONS) | set(DEFAULT_NAMES)
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"unknown config section {key!r}{_suggest(key, known)}; sections are {', '.join(sorted(known))}", key)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key!r} must be a section ([{key}]), not a single value", key)
+    sections: dict[str, Any] = {}
+    for name, cls in FIXED_SECTIONS.items():
+        sections[name] = bind(cls, table.get(name, {}), name)
+    registries = _registries()
+    for section, default in DEFAULT_NAMES.items():
+        raw = dict(table.get(section, {}))
+        chosen = raw.pop("name", default)
+        registry = registries[section]
+        if not isinstance(chosen, str) or chosen not in registry:
+            raise ConfigError(
+                f"unknown {section} {chosen!r} in '{section}.name'{_suggest(str(chosen), registry.names())}; "
+                f"choose one of {', '.join(registry.names())}",
+                f"{section}.name",
+            )
+        sections[section] = Choice(chosen, bind(registry.options(chosen), raw, section))
+    return JobConfig(**sections)
+
+
+def bind(cls: type, raw: dict, prefix: str) -> Any:
+    """Build dataclass `cls` from a TOML table, checking keys and types."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            allowed = ", ".join(fields) or "(none)"
+            raise ConfigError(
+                f"unknown config key '{prefix}.{key}'{_suggest(key, fields)}; keys in [{prefix}] are {allowed}",
+                f"{prefix}.{key}",
+            )
+        kwargs[key] = coerce(value, hints[key], f"{prefix}.{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise err.under(prefix) from None
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a type hint; ints are accepted where floats are."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}' must be a list, not {_describe(value)}", key)
+        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a table of key = value, not {_describe(value)}", key)
+        return {str(k): coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"'{key}' must be a number, not {_describe(value)}", key)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be an integer, not {_describe(value)}", key)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, not {_describe(value)}", key)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"'{key}' must be a string, not {_describe(value)}", key)
+    return value
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --------------------------------------------------------------------------
+# Checks that option dataclasses use in __post_init__
+
+
+def check_range(value, key: str, low=None, high=None, low_open: bool = False) -> None:
+    if low is not None and (value < low or (low_open and value == low)):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ConfigError(f"'{key}' must be {bound}, not {value!r}", key)
+    if high is not None and value > high:
+        raise ConfigError(f"'{key}' must be <= {high}, not {value!r}", key)
+
+
+def check_choice(value, key: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"'{key}' must be one of {', '.join(map(str, choices))}, not {value!r}{_suggest(str(value), choices)}", key)
+
+
+def dump_toml(cfg: JobConfig) -> str:
+    import tomli_w
+
+    def clean(obj):
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items() if v is not None}
+        return obj
+
+    return tomli_w.dumps(clean(cfg.to_dict()))

@@ -1,0 +1,110 @@
+"""The one owner of ranks, devices and process groups.
+
+`init()` reads the environment that `shoal run` (or torchrun) sets; with no
+launcher it is a world of one and nothing is initialized. Everything else asks
+`current()` instead of reading environment variables or calling
+torch.distributed for ranks itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from shoal.errors import ShoalError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    backend: str
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_current: Runtime | None = None
+
+
+def init(backend: str | None = None, device: str | None = None, timeout_s: float | None = None, threads: int | None = None) -> Runtime:
+    """Join the job's process group (if launched as one) and choose backend and device.
+
+    Defaults come from the environment (SHOAL_BACKEND, SHOAL_DEVICE,
+    SHOAL_THREADS, SHOAL_TIMEOUT_S, set by the launcher) and then "auto":
+    NCCL and this rank's GPU where CUDA is available, gloo and the CPU otherwise.
+    """
+    global _current
+    if _current is not None:
+        return _current
+    env = os.environ
+    rank = int(env.get("RANK", "0"))
+    world = int(env.get("WORLD_SIZE", "1"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    backend = backend or env.get("SHOAL_BACKEND", "auto")
+    device_kind = device or env.get("SHOAL_DEVICE", "auto")
+    timeout = float(timeout_s or env.get("SHOAL_TIMEOUT_S", "300"))
+
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    if device_kind == "auto":
+        device_kind = "cuda" if cuda else "cpu"
+    if device_kind == "cuda":
+        if not cuda:
+            raise ShoalError("device 'cuda' was asked for but CUDA is not available here; use device = 'cpu' or 'auto'")
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    elif device_kind == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise ShoalError(f"unknown device {device_kind!r}; use 'auto', 'cpu' or 'cuda'")
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        raise ShoalError("backend 'nccl' needs CUDA devices; use backend = 'gloo' on the CPU")
+
+    n_threads = int(threads or env.get("SHOAL_THREADS", "0"))
+    if n_threads <= 0 and world > 1:
+        n_threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
+    if n_threads > 0:
+        torch.set_num_threads(n_threads)
+
+    if world > 1 and not dist.is_initialized():
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise ShoalError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; start the script with `shoal run -n N script.py`")
+        kwargs = {}
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), **kwargs)
+    _current = Runtime(rank, world, local_rank, local_world, backend, dev)
+    return _current
+
+
+def current() -> Runtime:
+    """The runtime, initializing a single-process one if `init()` was not called."""
+    return _current or init()
+
+
+def shutdown() -> None:
+    """Leave the process group; safe to call twice."""
+    global _current
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _current = None
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,13 @@
+"""Distribution strategies by name. Each is a dataclass of its options that
+implements `shoal.strategies.base.Strategy`; construction only validates."""
+
+from shoal.registry import Registry
+
+STRATEGIES = Registry(
+    "strategy",
+    {
+        "data_parallel": "shoal.strategies.data_parallel:DataParallel",
+    },
+)
+
+__all__ = ["STRATEGIES"]

@@ -1,0 +1,142 @@
+"""The one interface every strategy implements.
+
+The trainer, the CLI and a user's own loop know only this: `prepare` the
+model and optimizer, take this rank's `loader`, run steps, `evaluate`, save
+and restore `checkpoint_state`, `close`. A strategy's `optimizer.step()` does
+whatever the strategy needs (all-reduce, push/pull, pipeline schedule): the
+user's optimizer object is returned with its `step`/`zero_grad` wrapped, so
+it stays a real `torch.optim.Optimizer` (LR schedulers keep working).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shoal import runtime
+from shoal.data.loader import ShardedLoader, eval_shard
+
+
+class Strategy:
+    name: ClassVar[str] = ""
+
+    # ------------------------------------------------------------------ setup
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's index among the ranks that see different data."""
+        return runtime.current().rank
+
+    @property
+    def data_world(self) -> int:
+        return runtime.current().world_size
+
+    def loader(self, dataset, batch_size: int, shuffle: bool = True, seed: int = 0) -> ShardedLoader:
+        """This rank's shard of `dataset`, `batch_size` samples per rank per step."""
+        return ShardedLoader(dataset, batch_size, self.data_rank, self.data_world, shuffle, seed, runtime.current().device)
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, batch) -> torch.Tensor:
+        """One micro-step of the ordinary loop; returns the detached loss."""
+        x, y = batch
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset, loss_fn: Callable, batch_size: int = 512) -> dict[str, float]:
+        """Accuracy and mean loss over the whole held-out set, each rank taking a share."""
+        rt = runtime.current()
+        was_training = model.training
+        model.eval()
+        x_all, y_all = dataset.tensors
+        idx = eval_shard(len(x_all), self.data_rank, self.data_world)
+        totals = torch.zeros(3, dtype=torch.float64)
+        for start in range(0, len(idx), batch_size):
+            part = idx[start : start + batch_size]
+            x, y = x_all[part].to(rt.device), y_all[part].to(rt.device)
+            out = model(x)
+            totals[0] += float(loss_fn(out, y)) * len(part)
+            totals[1] += float((out.argmax(-1) == y).sum())
+            totals[2] += len(part)
+        self.all_reduce_sum(totals)
+        model.train(was_training)
+        return {"eval_loss": totals[0].item() / totals[2].item(), "eval_accuracy": totals[1].item() / totals[2].item()}
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a small CPU tensor over the data-parallel ranks (in place)."""
+        if dist.is_initialized() and self.data_world > 1:
+            dev = runtime.current().device
+            moved = t.to(dev)
+            dist.all_reduce(moved, group=self.data_group())
+            t.copy_(moved.cpu())
+        return t
+
+    def data_group(self):
+        """The process group over which data is split (None: the world)."""
+        return None
+
+    def step_metrics(self) -> dict[str, float]:
+        """Strategy-specific figures for the last step (bytes sent, wait time, ...)."""
+        return {}
+
+    # ------------------------------------------------------------- checkpoints
+    def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """A state dict for `torch.distributed.checkpoint`, keyed by parameter names."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.unwrap(model), optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's own state (e.g. error-feedback residuals), JSON-able or tensors."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The user's module inside whatever wrapper `prepare` put around it."""
+        return getattr(model, "module", model)
+
+    def close(self) -> None:
+        pass
+
+    # ------------------------------------------------------------- launching
+    def server_processes(self, workers: int) -> int:
+        """How many non-worker (server) processes the launcher must start."""
+        return 0
+
+
+def wrap_optimizer(optimizer: torch.optim.Optimizer, step: Callable, zero_grad: Callable) -> torch.optim.Optimizer:
+    """Replace the optimizer's `step`/`zero_grad` on this instance only.
+
+    `step(original_step, closure)` and `zero_grad(original_zero_grad, set_to_none)`
+    receive the class's own bound methods.
+    """
+    original_step = types.MethodType(type(optimizer).step, optimizer)
+    original_zero = types.MethodType(type(optimizer).zero_grad, optimizer)
+
+    def new_step(self, closure=None):
+        return step(original_step, closure)
+
+    def new_zero_grad(self, set_to_none: bool = True):
+        return zero_grad(original_zero, set_to_none)
+
+    optimizer.step = types.MethodType(new_step, optimizer)
+    optimizer.zero_grad = types.MethodType(new_zero_grad, optimizer)
+    optimizer._shoal_original_step = original_step
+    return optimizer
