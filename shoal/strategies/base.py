@@ -64,9 +64,9 @@ class Strategy:
             part = idx[start : start + batch_size]
             x, y = x_all[part].to(rt.device), y_all[part].to(rt.device)
             out = model(x)
-            totals[0] += float(loss_fn(out, y)) * len(part)
+            totals[0] += float(loss_fn(out, y)) * y.numel()  # per target: samples, or tokens of a language model
             totals[1] += float((out.argmax(-1) == y).sum())
-            totals[2] += len(part)
+            totals[2] += y.numel()
         self.all_reduce_sum(totals)
         model.train(was_training)
         return {"eval_loss": totals[0].item() / totals[2].item(), "eval_accuracy": totals[1].item() / totals[2].item()}
