@@ -254,7 +254,7 @@ def from_dict(table: dict) -> JobConfig:
         registry = registries[section]
         if not isinstance(chosen, str) or chosen not in registry:
             raise ConfigError(
-                f"unknown {section} {chosen!r} in '{section}.name'{_suggest(str(chosen), registry.names())}; "
+                f"unknown {registry.kind} {chosen!r} in '{section}.name'{_suggest(str(chosen), registry.names())}; "
                 f"choose one of {', '.join(registry.names())}",
                 f"{section}.name",
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,10 @@ def init(backend: str | None = None, device: str | None = None, timeout_s: float
         kwargs = {}
         if dev.type == "cuda":
             kwargs["device_id"] = dev
+        hook = sys.excepthook
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), **kwargs)
+        if env.get("SHOAL_LAUNCHED"):
+            sys.excepthook = hook  # the launcher prefixes every line with the rank already
     _current = Runtime(rank, world, local_rank, local_world, backend, dev)
     return _current
 

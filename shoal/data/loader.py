@@ -69,14 +69,19 @@ class ShardedLoader:
         return [b.to(self.device, non_blocking=non_blocking) for b in batch]
 
     def __iter__(self) -> Iterator:
-        """Yield this rank's batches from the current position to the epoch's end."""
+        """Yield this rank's batches from the current position to the epoch's end.
+
+        A finished epoch rolls over when the next iteration starts, so the
+        position is right even if the consumer stops at the last batch.
+        """
+        if self.index >= len(self):
+            self.epoch += 1
+            self.index = 0
         order = self._order(self.epoch)
         while self.index < len(self):
             start = self.index * self.global_batch + self.rank * self.batch_size
             self.index += 1
             yield self._fetch(order[start : start + self.batch_size])
-        self.epoch += 1
-        self.index = 0
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}

@@ -10,6 +10,7 @@ it stays a real `torch.optim.Optimizer` (LR schedulers keep working).
 
 from __future__ import annotations
 
+import contextlib
 import types
 from typing import Any, Callable, ClassVar
 
@@ -93,13 +94,15 @@ class Strategy:
         """A state dict for `torch.distributed.checkpoint`, keyed by parameter names."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.unwrap(model), optimizer)
+        with raw_optimizer(optimizer):  # torch may call step() to create empty state
+            model_sd, optim_sd = get_state_dict(self.unwrap(model), optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        with raw_optimizer(optimizer):
+            set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def state_dict(self) -> dict[str, Any]:
         """The strategy's own state (e.g. error-feedback residuals), JSON-able or tensors."""
@@ -138,5 +141,14 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, step: Callable, zero_grad: 
 
     optimizer.step = types.MethodType(new_step, optimizer)
     optimizer.zero_grad = types.MethodType(new_zero_grad, optimizer)
-    optimizer._shoal_original_step = original_step
     return optimizer
+
+
+@contextlib.contextmanager
+def raw_optimizer(optimizer: torch.optim.Optimizer):
+    """Within the block, `step`/`zero_grad` are the optimizer class's own (no strategy work)."""
+    wrapped = {k: optimizer.__dict__.pop(k) for k in ("step", "zero_grad") if k in optimizer.__dict__}
+    try:
+        yield optimizer
+    finally:
+        optimizer.__dict__.update(wrapped)

@@ -1,0 +1,102 @@
+"""The `shoal` command: `shoal train [CONFIG.toml] [--section.key=value ...]`
+and `shoal run -n N script.py [args...]`.
+
+Errors the user can fix print one sentence and exit 2 (bad input) or 1 (a
+failed worker); no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shoal.errors import ConfigError, ShoalError
+
+USAGE = """usage: shoal <command> ...
+
+commands:
+  train [CONFIG.toml] [--section.key=value ...] [--resume]
+        run a complete training job (default: an MLP on scikit-learn's digits, 2 workers)
+  run [-n N] [--nnodes M --node-rank K --rdzv-endpoint HOST:PORT] script.py [args ...]
+        run any script on N local worker processes (the environment torchrun sets)
+
+`shoal <command> --help` for details.
+"""
+
+TRAIN_HELP = """usage: shoal train [CONFIG.toml] [--section.key=value ...] [--resume]
+
+Runs the job a TOML config describes (see examples/); without one, the default
+job: an MLP on scikit-learn's handwritten digits, data parallel on 2 workers.
+Any config key can be overridden, e.g. --train.steps=500 --launch.workers=4
+--model.hidden=[512,256] --strategy.grad_accum=2. --resume continues the run
+named by --logging.name (or the newest matching run) from its newest valid
+checkpoint.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            return _train(rest)
+        if command == "run":
+            return _run(rest)
+        raise ConfigError(f"unknown command {command!r}; use 'train' or 'run' (shoal --help)")
+    except ShoalError as err:
+        print(f"shoal: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("shoal: interrupted; workers were stopped", file=sys.stderr)
+        return 130
+
+
+def _train(args: list[str]) -> int:
+    from shoal import config
+    from shoal.train.job import train
+
+    if any(a in ("-h", "--help") for a in args):
+        print(TRAIN_HELP, end="")
+        return 0
+    path = None
+    if args and not args[0].startswith("-"):
+        path, args = args[0], args[1:]
+    args = ["--checkpoint.resume=true" if a == "--resume" else a for a in args]
+    cfg = config.load(path, config.parse_overrides(args))
+    train(cfg)
+    return 0
+
+
+def _run(args: list[str]) -> int:
+    from shoal.launch.agent import LaunchSpec, launch
+
+    parser = argparse.ArgumentParser(prog="shoal run", description="Run a script on N local worker processes (like torchrun).")
+    parser.add_argument("-n", "--nproc", type=int, default=1, help="worker processes on this machine")
+    parser.add_argument("--nnodes", type=int, default=1, help="machines in the job")
+    parser.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
+    parser.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of machine 0, the same on every machine")
+    parser.add_argument("--log-dir", default=None, help="where each rank's stdout/stderr is kept")
+    parser.add_argument("script", help="the Python script to run")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER)
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as exc:
+        return int(exc.code or 0) and 2
+    if ns.nproc < 1:
+        raise ConfigError(f"-n must be >= 1, not {ns.nproc}")
+    if ns.nnodes < 1 or not 0 <= ns.node_rank < ns.nnodes:
+        raise ConfigError(f"--node-rank must be in 0..{ns.nnodes - 1} for --nnodes {ns.nnodes}, not {ns.node_rank}")
+    import os
+
+    if not os.path.isfile(ns.script):
+        raise ConfigError(f"script {ns.script!r} does not exist")
+    spec = LaunchSpec(nproc=ns.nproc, nnodes=ns.nnodes, node_rank=ns.node_rank, rdzv_endpoint=ns.rdzv_endpoint, log_dir=ns.log_dir)
+    launch([ns.script, *ns.script_args], spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Start a job's worker processes on this machine through torch's elastic agent.
+
+We do not spawn workers ourselves: `torch.distributed.launcher.elastic_launch`
+runs the rendezvous (c10d on one machine, static with a node rank across
+machines), sets the environment torchrun sets, tees each rank's output with a
+`[rankN]:` prefix into the console and into log files, and on the first
+failure stops every other worker (by pid, SIGTERM then SIGKILL). What we add:
+a one-line reason with the failing rank and its last error line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal.errors import ShoalError, WorkerFailed
+
+
+@dataclass
+class LaunchSpec:
+    nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""
+    log_dir: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the workers."""
+    run_id: str = ""
+    rdzv_timeout_s: int = 300
+    quiet: bool = False
+    """Keep workers' output in the log files only (no console tee)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], spec: LaunchSpec) -> None:
+    """Run `python argv...` on `spec.nproc` local workers; raise `WorkerFailed` on a failure."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # we report failures ourselves
+    if spec.nnodes > 1:
+        if not spec.rdzv_endpoint:
+            raise ShoalError("a job on several machines needs --rdzv-endpoint HOST:PORT (the same on every machine)")
+        backend, endpoint, rdzv_configs = "static", spec.rdzv_endpoint, {"rank": spec.node_rank}
+    else:
+        backend, endpoint, rdzv_configs = "c10d", spec.rdzv_endpoint or f"127.0.0.1:{free_port()}", {}
+    if spec.nnodes > 1:
+        _check_endpoint(endpoint, spec.node_rank)
+    log_dir = spec.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-logs")
+    logs = DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE if spec.quiet else Std.ALL)
+    config = LaunchConfig(
+        min_nodes=spec.nnodes,
+        max_nodes=spec.nnodes,
+        nproc_per_node=spec.nproc,
+        # Every machine must name the same rendezvous; the endpoint is the job's own.
+        run_id="shoal-job" if spec.nnodes > 1 else (spec.run_id or uuid.uuid4().hex[:12]),
+        role="worker",
+        rdzv_endpoint=endpoint,
+        rdzv_backend=backend,
+        rdzv_configs={**rdzv_configs, "timeout": spec.rdzv_timeout_s},
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+        logs_specs=logs,
+        log_line_prefix_template="[rank${rank}]: ",
+        shutdown_timeout=5,
+    )
+    saved = {k: os.environ.get(k) for k in [*spec.env, "SHOAL_LAUNCHED"]}
+    os.environ.update({**spec.env, "SHOAL_LAUNCHED": "1"})
+    try:
+        elastic_launch(config, entrypoint=sys.executable)(*["-u", *argv])
+    except ChildFailedError as err:
+        raise WorkerFailed(_describe_failure(err, log_dir, spec)) from None
+    except Exception as err:  # rendezvous timeouts, ports in use, ...
+        raise WorkerFailed(f"the job could not start: {type(err).__name__}: {_first_line(str(err))}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _check_endpoint(endpoint: str, node_rank: int) -> None:
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ShoalError(f"--rdzv-endpoint {endpoint!r} must look like HOST:PORT, e.g. 10.0.0.1:29500")
+    if node_rank == 0:
+        try:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("", int(port)))
+        except OSError:
+            raise ShoalError(f"port {port} of --rdzv-endpoint is in use on this machine; choose another port on every machine") from None
+
+
+def _describe_failure(err, log_dir: str, spec: LaunchSpec) -> str:
+    # The root cause is the first worker that failed by itself, not one the agent then stopped.
+    rank, failure = min(err.failures.items(), key=lambda kv: (kv[1].exitcode <= 0, kv[1].timestamp, kv[0]))
+    if failure.exitcode < 0:
+        import signal
+
+        try:
+            how = f"was killed by {signal.Signals(-failure.exitcode).name}"
+        except ValueError:
+            how = f"was killed by signal {-failure.exitcode}"
+    else:
+        how = f"exited with code {failure.exitcode}"
+    last = _last_error_line(log_dir, failure.local_rank, failure.pid)
+    where = f" (full log: {last[1]})" if last else ""
+    reason = f": {last[0]}" if last else ""
+    return f"worker rank {rank} {how}{reason}{where}"
+
+
+def _last_error_line(log_dir: str, local_rank: int, pid: int) -> tuple[str, str] | None:
+    """The last meaningful line of the failed worker's stderr log, newest run first."""
+    candidates = sorted(Path(log_dir).glob(f"*/attempt_*/{local_rank}/stderr.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates[:1]:
+        lines = [_PREFIX.sub("", ln).strip() for ln in path.read_text(errors="replace").splitlines()]
+        lines = [ln for ln in lines if ln]
+        for line in reversed(lines):
+            if not line.startswith(("File ", "^", "~", "Traceback", "[W", "[I")):
+                return _first_line(line)[:300], str(path)
+    return None
+
+
+_PREFIX = re.compile(r"^(\[rank\d+\]:\s*)+")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text

@@ -1,0 +1,97 @@
+"""`shoal train`, launching side: validate, make the run directory, resume
+checks, start workers, show progress, print the result.
+
+Everything that can be wrong with the user's input is found here, before any
+worker process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from shoal import config
+from shoal.config import JobConfig
+from shoal.errors import CheckpointError
+from shoal.launch.agent import LaunchSpec, launch
+from shoal.train import checkpoint
+from shoal.train.progress import ProgressMonitor
+
+
+def run_directory(cfg: JobConfig) -> Path:
+    root = Path(cfg.logging.run_dir)
+    if cfg.logging.name:
+        return root / cfg.logging.name
+    prefix = f"{cfg.data.name}-{cfg.strategy.name}-"
+    if cfg.checkpoint.resume and not cfg.checkpoint.resume_from:
+        earlier = sorted((p for p in root.glob(prefix + "*") if (p / "checkpoints").is_dir()), key=lambda p: p.stat().st_mtime)
+        if not earlier:
+            raise CheckpointError(f"no earlier run of {prefix.rstrip('-')!r} with checkpoints in {str(root)!r}; run without --resume to start fresh, or name the run with --logging.name")
+        return earlier[-1]
+    return root / (prefix + time.strftime("%Y%m%d-%H%M%S"))
+
+
+def resolve_resume(cfg: JobConfig, run_dir: Path, console: Console) -> str:
+    """The verified checkpoint folder to resume from ('' to start fresh)."""
+    if cfg.checkpoint.resume_from:
+        checkpoint.verify(Path(cfg.checkpoint.resume_from))
+        return cfg.checkpoint.resume_from
+    if not cfg.checkpoint.resume:
+        return ""
+    path, warnings = checkpoint.newest_valid(run_dir / "checkpoints")
+    for w in warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    return str(path)
+
+
+def train(cfg: JobConfig, console: Console | None = None) -> dict:
+    console = console or Console(soft_wrap=True)
+    run_dir = run_directory(cfg)
+    resume_from = resolve_resume(cfg, run_dir, console)
+    if not resume_from and cfg.launch.node_rank == 0 and (run_dir / "checkpoints").exists():
+        raise CheckpointError(f"run directory {str(run_dir)!r} already has checkpoints; pass --resume to continue it, or choose another --logging.name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.checkpoint.resume_from = resume_from
+    (run_dir / "config.toml").write_text(config.dump_toml(cfg))
+    if resume_from:
+        console.print(f"resuming from {resume_from}", highlight=False)
+    elif (run_dir / "summary.json").exists():
+        (run_dir / "summary.json").unlink()
+
+    launch_cfg = cfg.launch
+    env = {"SHOAL_RUN_DIR": str(run_dir), "SHOAL_JOB_KEY": os.environ.get("SHOAL_JOB_KEY") or secrets.token_hex(32)}
+    spec = LaunchSpec(
+        nproc=launch_cfg.workers,
+        nnodes=launch_cfg.nnodes,
+        node_rank=launch_cfg.node_rank,
+        rdzv_endpoint=launch_cfg.rdzv_endpoint,
+        log_dir=str(run_dir / "logs"),
+        env=env,
+        run_id=run_dir.name,
+    )
+    monitor = ProgressMonitor(run_dir / "metrics.jsonl", cfg.train.steps, console) if cfg.logging.progress else None
+    if monitor:
+        monitor.start()
+    try:
+        launch(["-m", "shoal.train.worker", str(run_dir)], spec)
+    finally:
+        if monitor:
+            monitor.stop()
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary["run_dir"] = str(run_dir)
+    if summary.get("stopped_early"):
+        console.print(f"stopped at step {summary['step']} as asked (train.stop_at); resume with --resume --logging.name={run_dir.name}", highlight=False)
+    if "eval_accuracy" in summary:
+        console.print(
+            f"test accuracy {summary['eval_accuracy']:.4f}  |  {summary['samples_per_s']:.0f} samples/s on "
+            f"{summary['world_size']} workers  |  {summary['step']} steps in {summary['wall_s']:.1f}s",
+            highlight=False,
+        )
+    console.print(f"run directory: {run_dir}  (config.toml, metrics.jsonl, tensorboard/, checkpoints/, logs/)", highlight=False)
+    return summary

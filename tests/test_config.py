@@ -1,0 +1,84 @@
+"""Bad input stops `shoal train` before any worker starts: one sentence naming
+the key and what is allowed, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoal import cli, config
+from shoal.errors import ConfigError
+
+from conftest import shoal
+
+
+def load(*overrides: str):
+    return config.load(None, config.parse_overrides(list(overrides)))
+
+
+def test_defaults_are_the_digits_job():
+    cfg = load()
+    assert (cfg.model.name, cfg.data.name, cfg.strategy.name) == ("mlp", "digits", "data_parallel")
+    assert cfg.launch.workers == 2
+
+
+def test_overrides_parse_types_and_lists(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('[train]\nsteps = 7\n[model]\nname = "mlp"\nhidden = [16]\n')
+    cfg = config.load(path, config.parse_overrides(["--train.steps", "9", "--model.hidden=[8,4]", "--optimizer.lr=1", "--checkpoint.resume"]))
+    assert cfg.train.steps == 9 and cfg.model.options.hidden == [8, 4]
+    assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.checkpoint.resume is True
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load("--model.name=cnn", "--strategy.grad_accum=3", "--strategy.clip_norm=0.5")
+    path = tmp_path / "c.toml"
+    path.write_text(config.dump_toml(cfg))
+    again = config.load(path)
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--train.stpes=3"], "unknown config key 'train.stpes' (did you mean 'steps'?)"),
+        (["--train.steps=0"], "'train.steps' must be >= 1, not 0"),
+        (["--train.steps=ten"], "'train.steps' must be an integer, not str 'ten'"),
+        (["--launch.workers=0"], "'launch.workers' must be >= 1, not 0"),
+        (["--model.name=resnet"], "unknown model 'resnet' in 'model.name'; choose one of"),
+        (["--data.name=mnist"], "unknown data set 'mnist' in 'data.name'; choose one of"),
+        (["--strategy.grad_accum=0"], "'strategy.grad_accum' must be >= 1, not 0"),
+        (["--strategy.clip_norm=-1"], "'strategy.clip_norm' must be > 0"),
+        (["--optimizer.name=lamb"], "'optimizer.name' must be one of sgd, adam, adamw, not 'lamb'"),
+        (["--model.hidden=12"], "'model.hidden' must be a list, not int 12"),
+        (["--trian.steps=3"], "unknown config section 'trian' (did you mean 'train'?)"),
+        (["--launch.nnodes=2"], "'launch.rdzv_endpoint' (HOST:PORT) is needed when nnodes > 1"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load(*overrides)
+    assert message in str(info.value)
+
+
+def test_cli_bad_input_exit_code_2_without_traceback(capsys, tmp_path):
+    assert cli.main(["train", "--train.steps=0", f"--logging.run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "shoal: 'train.steps' must be >= 1, not 0"
+    assert not any(tmp_path.iterdir()), "no run directory may be made for bad input"
+    assert cli.main(["train", str(tmp_path / "missing.toml")]) == 2
+    assert "config file" in capsys.readouterr().err
+    assert cli.main(["frobnicate"]) == 2
+    assert cli.main(["run", "-n", "2", str(tmp_path / "nope.py")]) == 2
+    assert "script" in capsys.readouterr().err
+
+
+def test_cli_bad_toml_and_process_exit(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 3\n")
+    result = shoal("train", bad, timeout=60)
+    assert result.returncode == 2
+    assert "is not valid TOML" in result.stderr and "Traceback" not in result.stderr
+    result = shoal("train", "--data.name=imagenet", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
