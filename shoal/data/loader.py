@@ -83,6 +83,11 @@ class ShardedLoader:
             self.index += 1
             yield self._fetch(order[start : start + self.batch_size])
 
+    def forever(self) -> Iterator:
+        """Batches across epochs without end, for step-counted loops."""
+        while True:
+            yield from self
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
 

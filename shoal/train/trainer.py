@@ -64,7 +64,7 @@ class Trainer:
         metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, append=bool(resume_from)) if rt.is_main else None
         if metrics and resume_from:
             metrics.log(step, kind="resume", checkpoint=str(resume_from))
-        batches = _forever(loader)
+        batches = loader.forever()
         model.train()
         window_loss = torch.zeros(2, dtype=torch.float64)  # loss sum, count
         window_start, window_steps = time.perf_counter(), 0
@@ -129,7 +129,3 @@ class Trainer:
         strategy.close()
         return summary
 
-
-def _forever(loader):
-    while True:
-        yield from loader

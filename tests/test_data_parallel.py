@@ -1,0 +1,63 @@
+"""Synchronous data parallelism equals one process with the combined batch."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from shoal.data.loader import ShardedLoader
+
+from conftest import shoal
+
+sys.path.insert(0, str(Path(__file__).parent / "workers"))
+import dp_equivalence as worker  # noqa: E402
+
+
+def single_process(batch: int, clip: float | None) -> dict:
+    """The reference: plain PyTorch, one process, the combined batch."""
+    model, opt = worker.model_and_optimizer()
+    loader = ShardedLoader(worker.data(), batch_size=batch, shuffle=True, seed=7)
+    it = loader.forever()
+    for _ in range(worker.STEPS):
+        x, y = next(it)
+        nn.functional.cross_entropy(model(x), y).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+    return model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp") / "params.pt"
+    result = shoal("run", "-n", "2", "tests/workers/dp_equivalence.py", out, timeout=180)
+    assert result.returncode == 0, result.stderr
+    return torch.load(out, weights_only=True)
+
+
+def assert_same(got: dict, want: dict) -> None:
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_with_the_combined_batch(two_rank_results):
+    assert_same(two_rank_results["plain"], single_process(batch=16, clip=None))
+
+
+@pytest.mark.slow
+def test_grad_accum_equals_one_step_with_the_k_times_batch(two_rank_results):
+    assert_same(two_rank_results["accum"], single_process(batch=64, clip=None))
+
+
+@pytest.mark.slow
+def test_clipping_equals_single_process_clipping_of_the_combined_batch(two_rank_results):
+    want = single_process(batch=16, clip=0.05)
+    assert_same(two_rank_results["clip"], want)
+    unclipped = single_process(batch=16, clip=None)
+    assert not torch.allclose(want["0.weight"], unclipped["0.weight"], atol=1e-3), "the clip norm must actually clip"

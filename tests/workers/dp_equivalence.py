@@ -1,0 +1,51 @@
+"""Run under `shoal run -n 2`: train three scenarios with DataParallel and save
+the final parameters (rank 0) for comparison with a single process."""
+
+import sys
+
+import torch
+from torch import nn
+
+import shoal
+from shoal.data.synthetic import Synthetic
+
+SCENARIOS = {  # name: (per-rank batch, grad_accum, clip_norm)
+    "plain": (8, 1, None),
+    "accum": (8, 4, None),
+    "clip": (8, 1, 0.05),
+}
+STEPS = 20
+
+
+def model_and_optimizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def data():
+    return Synthetic(samples=512 + 64, features=16, classes=4, test_fraction=64 / 576).load(seed=0).train
+
+
+def main(out: str) -> None:
+    rt = shoal.init()
+    results = {}
+    for name, (batch, accum, clip) in SCENARIOS.items():
+        model, opt = model_and_optimizer()
+        strategy = shoal.DataParallel(grad_accum=accum, clip_norm=clip)
+        model, opt = strategy.prepare(model, opt)
+        loader = strategy.loader(data(), batch_size=batch, shuffle=True, seed=7)
+        it = loader.forever()
+        for _ in range(STEPS * accum):
+            x, y = next(it)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        results[name] = {k: v.detach().clone() for k, v in strategy.unwrap(model).state_dict().items()}
+    if rt.is_main:
+        torch.save(results, out)
+    shoal.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
