@@ -3,6 +3,8 @@ the key and what is allowed, exit code 2, no traceback."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from shoal import cli, config
@@ -82,3 +84,13 @@ def test_cli_bad_toml_and_process_exit(tmp_path):
     result = shoal("train", "--data.name=imagenet", timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_example_configs_validate(path):
+    config.load(path)
+
+
+def test_default_example_is_the_default_job():
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    assert config.load(examples / "digits.toml").to_dict() == config.load(None).to_dict()
