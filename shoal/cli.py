@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: list[str]) -> int:
-    from shoal import config
-    from shoal.train.job import train
+    from shoal.train import jobconfig as config
+    from shoal.launch.job import train
 
     if any(a in ("-h", "--help") for a in args):
         print(TRAIN_HELP, end="")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shoal import cli, config
+from shoal import cli
+from shoal.train import jobconfig as config
 from shoal.errors import ConfigError
 
 from conftest import shoal

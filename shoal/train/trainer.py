@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from shoal import runtime
-from shoal.config import JobConfig
+from shoal.train.jobconfig import JobConfig
 from shoal.train import checkpoint
 from shoal.train.metrics import MetricsWriter
 from shoal.train.optim import build_optimizer, build_schedule

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from shoal import config, runtime
+from shoal import runtime
+from shoal.train import jobconfig as config
 from shoal.errors import ShoalError
 from shoal.train.trainer import Trainer
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from shoal import config
-from shoal.config import JobConfig
+from shoal.train import jobconfig as config
+from shoal.train.jobconfig import JobConfig
 from shoal.errors import CheckpointError
 from shoal.launch.agent import LaunchSpec, launch
 from shoal.train import checkpoint
