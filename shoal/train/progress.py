@@ -39,10 +39,13 @@ class ProgressMonitor(threading.Thread):
             ]
             with Progress(*columns, console=self.console, transient=False) as bar:
                 task = bar.add_task("train", total=self.total, info="starting workers")
+                shown: dict[str, str] = {}
                 while True:
                     stopping = self._halt.is_set()
                     for rec in self._new_records():
-                        bar.update(task, completed=rec["step"], info=_describe(rec))
+                        shown[rec["kind"]] = _describe(rec)
+                        info = "  ".join(shown[k] for k in ("train", "eval") if k in shown)
+                        bar.update(task, completed=rec["step"], info=info)
                     if stopping:
                         break
                     self._halt.wait(self.interval)
