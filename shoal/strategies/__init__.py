@@ -7,6 +7,9 @@ STRATEGIES = Registry(
     "strategy",
     {
         "data_parallel": "shoal.strategies.data_parallel:DataParallel",
+        "pipeline": "shoal.strategies.pipeline:Pipeline",
+        "tensor_parallel": "shoal.strategies.tensor_parallel:TensorParallel",
+        "sharded": "shoal.strategies.sharded:ShardedDataParallel",
     },
 )
 
