@@ -100,7 +100,12 @@ class ErrorFeedback(Compressor):
         return acc
 
     def _remember(self, key: str, acc: torch.Tensor, sent: torch.Tensor) -> None:
-        self.residuals[key] = acc - sent
+        residual = acc - sent
+        if residual.numel() and not bool(torch.isfinite(residual).all()):
+            # The step that produced this is skipped as a whole (see the DP
+            # strategy); a NaN kept here would poison every later step.
+            residual = torch.zeros_like(residual)
+        self.residuals[key] = residual
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"residual/{k}": v.clone() for k, v in self.residuals.items()}
