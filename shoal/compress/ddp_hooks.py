@@ -25,10 +25,12 @@ all-reduce, (N-1) x size for an all-gather; both are 1 x size at N = 2.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, _should_compress, powerSGD_hook
 
 from shoal.compress.base import Compressor
 
@@ -166,13 +168,16 @@ class CompressionHook:
 class PowerSGDHook:
     """torch's PowerSGD hook, plus byte counting and checkpointable state.
 
-    torch keys PowerSGD's residuals and warm-start factors by bucket index,
-    and DDP's buckets in a new process's first step (one bucket for the
-    whole model) differ from later steps' (rebuilt by gradient order). So
-    `state_dict` stores residuals per parameter name and the P/Q factors per
-    bucket layout, and a loaded state is installed into each bucket when the
-    hook first sees it: residuals always, factors when the layout matches
-    (otherwise warm start begins afresh from torch's seeded random start).
+    torch keys PowerSGD's residuals and warm-start factors P, Q by bucket
+    index, and DDP's buckets change: a new process's first step has one
+    bucket in parameter order, later steps have buckets rebuilt in gradient
+    order. So this class keeps the state per parameter name whenever the
+    layout is not the one torch's dicts were built for: `state_dict` splits
+    them per parameter, a loaded state waits in `pending`, and each bucket,
+    when the hook sees it, gets its pieces reassembled in its own layout
+    (residual in buffer order; P and Q in torch's order: compressible
+    tensors grouped by matrix shape). A resumed run thus takes exactly the
+    steps of an uninterrupted one.
     """
 
     def __init__(self, owner: CompressionHook, rank: int, group):
@@ -185,12 +190,17 @@ class PowerSGDHook:
             warm_start=True,
             random_seed=0,
         )
-        self.layouts: dict[int, list[tuple[str, int]]] = {}
+        self.layouts: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
         self.pending: dict[str, torch.Tensor] = {}
 
     def hook(self, state: PowerSGDState, bucket):
         index = bucket.index()
-        layout = [(self.owner.names[id(p)], g.numel()) for p, g in zip(bucket.parameters(), bucket.gradients())]
+        layout = [(self.owner.names[id(p)], tuple(g.shape)) for p, g in zip(bucket.parameters(), bucket.gradients())]
+        if self.layouts.get(index, layout) != layout:  # DDP rebuilt its buckets
+            self.pending.update(self._split_all())
+            self.layouts.clear()
+            for d in (state.error_dict, state.p_memory_dict, state.q_memory_dict):
+                d.clear()
         self.layouts[index] = layout
         if self.pending:
             self._install(index, layout)
@@ -202,38 +212,49 @@ class PowerSGDHook:
         self.owner.count("all_reduce", sent * bucket.buffer().element_size(), n)
         return fut.then(lambda f: self.owner.check(f.value()))
 
-    @staticmethod
-    def _layout_key(layout) -> str:
-        return ",".join(name for name, _ in layout)
+    def _factors(self, layout) -> list[tuple[str, int, int]]:
+        """(name, P length, Q length) of the compressed tensors, in torch's memory order."""
+        groups: dict[tuple[int, int], list] = {}
+        for name, shape in layout:
+            n = shape[0]
+            m = math.prod(shape[1:])
+            r = min(n, m, self.state.matrix_approximation_rank)
+            if _should_compress(n, m, r, self.state.min_compression_rate)[0]:
+                groups.setdefault((n, m), []).append((name, n * r, m * r))
+        return [item for group in groups.values() for item in group]
+
+    def _split_all(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for index, layout in self.layouts.items():
+            if index in self.state.error_dict:
+                pieces = self.state.error_dict[index].split([math.prod(shape) for _, shape in layout])
+                out.update({f"error/{name}": t.clone() for (name, _), t in zip(layout, pieces)})
+            if index in self.state.p_memory_dict:
+                factors = self._factors(layout)
+                ps = self.state.p_memory_dict[index].split([f[1] for f in factors])
+                qs = self.state.q_memory_dict[index].split([f[2] for f in factors])
+                for (name, _, _), p, q in zip(factors, ps, qs):
+                    out[f"p/{name}"], out[f"q/{name}"] = p.clone(), q.clone()
+        return out
 
     def _install(self, index: int, layout) -> None:
-        errors = [self.pending.get(f"error/{name}") for name, _ in layout]
-        if all(e is not None for e in errors):
-            self.state.error_dict[index] = torch.cat([e.reshape(-1) for e in errors])
-            for name, _ in layout:
-                del self.pending[f"error/{name}"]
-        key = self._layout_key(layout)
-        if f"p/{key}" in self.pending:
-            self.state.p_memory_dict[index] = self.pending.pop(f"p/{key}")
-            self.state.q_memory_dict[index] = self.pending.pop(f"q/{key}")
+        errors = [f"error/{name}" for name, _ in layout]
+        if all(k in self.pending for k in errors):
+            self.state.error_dict[index] = torch.cat([self.pending.pop(k).reshape(-1) for k in errors])
+        factors = self._factors(layout)
+        if factors and all(f"p/{name}" in self.pending for name, _, _ in factors):
+            self.state.p_memory_dict[index] = torch.cat([self.pending.pop(f"p/{name}") for name, _, _ in factors])
+            self.state.q_memory_dict[index] = torch.cat([self.pending.pop(f"q/{name}") for name, _, _ in factors])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {"iter": torch.tensor(self.state.iter, dtype=torch.int64)}
-        for index, error in self.state.error_dict.items():
-            at = 0
-            for name, numel in self.layouts[index]:
-                out[f"error/{name}"] = error[at : at + numel].clone()
-                at += numel
-        for index, p in self.state.p_memory_dict.items():
-            key = self._layout_key(self.layouts[index])
-            out[f"p/{key}"] = p.clone()
-            out[f"q/{key}"] = self.state.q_memory_dict[index].clone()
-        out.update({k: v.clone() for k, v in self.pending.items()})  # not yet installed: keep
+        out.update({k: v.clone() for k, v in self.pending.items()})  # loaded, not yet installed
+        out.update(self._split_all())
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.state.iter = int(state.get("iter", 0))
-        self.state.error_dict.clear()
-        self.state.p_memory_dict.clear()
-        self.state.q_memory_dict.clear()
+        for d in (self.state.error_dict, self.state.p_memory_dict, self.state.q_memory_dict):
+            d.clear()
+        self.layouts.clear()
         self.pending = {k: v.clone() for k, v in state.items() if k != "iter"}

@@ -16,6 +16,7 @@ float64 for float64 gradients, so huge float64 values keep their range).
 
 from __future__ import annotations
 
+import zlib
 from typing import ClassVar
 
 import torch
@@ -32,12 +33,19 @@ class Quantizer(Compressor):
         super().__init__(spec)
         self.levels = levels
         self.bits = 4 if levels <= 7 else 8
-        self._seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.counts: dict[str, int] = {}
 
     def reseed(self, seed: int) -> None:
-        self._seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+
+    def _generator(self, key: str) -> torch.Generator:
+        # Noise drawn per (seed, key, encode count), not from one stream, so it
+        # does not depend on the order keys are encoded in (DDP's bucket order
+        # changes after the first step, and after a restart).
+        count = self.counts.get(key, 0)
+        self.counts[key] = count + 1
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(key.encode()) * 65_537 + count) % 2**62)
 
     def encode(self, key: str, grad: torch.Tensor) -> Payload:
         work = value_dtype(grad.dtype)
@@ -50,7 +58,7 @@ class Quantizer(Compressor):
         scale = padded.abs().amax(dim=1, keepdim=True)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         level = padded.abs() / safe * self.levels  # in [0, s]
-        noise = torch.rand(level.shape, generator=self.generator, dtype=work).to(flat.device)
+        noise = torch.rand(level.shape, generator=self._generator(key), dtype=work).to(flat.device)
         code = torch.floor(level + noise).clamp_(max=self.levels) * torch.sign(padded)
         code = code.to(torch.int8).reshape(-1)[:n]
         header = {}
@@ -87,8 +95,7 @@ class Quantizer(Compressor):
         return (nib - 8).to(torch.int8)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"rng": self.generator.get_state()}
+        return {f"count/{k}": torch.tensor(v, dtype=torch.int64) for k, v in self.counts.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if "rng" in state:
-            self.generator.set_state(state["rng"].to(torch.uint8).cpu())
+        self.counts = {k[len("count/"):]: int(v) for k, v in state.items() if k.startswith("count/")}
