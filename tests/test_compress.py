@@ -87,7 +87,7 @@ def test_malformed_specs_are_config_errors(spec):
 
 def test_data_parallel_validates_compression_at_construction():
     import shoal
-    from shoal import config
+    from shoal.train import jobconfig as config
 
     with pytest.raises(ConfigError) as err:
         shoal.DataParallel(compression="topk:2")
@@ -228,3 +228,14 @@ def test_state_dict_resumes_exactly(spec):
 def test_payload_sizes(spec, at_least):
     g = torch.randn(512, 1024)
     assert g.numel() * 4 / parse(spec).encode("w", g).nbytes() >= at_least
+
+
+def test_packed_state_is_json_and_exact():
+    import json
+
+    from shoal.compress.base import pack_state, unpack_state
+
+    state = {"a": torch.randn(3, 4), "b": torch.tensor(7), "c": torch.zeros(0, 2, dtype=torch.bfloat16), "d": torch.randn(5).half()}
+    back = unpack_state(json.loads(json.dumps(pack_state(state))))
+    assert state.keys() == back.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in state.items())

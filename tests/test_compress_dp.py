@@ -9,6 +9,7 @@ a checkpoint with error-feedback state equals the uninterrupted run.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -128,6 +129,7 @@ RESUME_SPECS = ["topk:0.05", "randomk:0.2", "int8", "powersgd:rank=2"]
 
 
 def resume(rank, world, steps, cut):
+    from shoal.compress.base import unpack_state
     from shoal.data.digits import Digits
 
     loss_fn = torch.nn.functional.cross_entropy
@@ -145,7 +147,8 @@ def resume(rank, world, steps, cut):
         for b in batches[:cut]:
             strategy.train_step(model, opt, loss_fn, b)
         saved = copy.deepcopy((strategy.unwrap(model).state_dict(), opt.state_dict(), strategy.state_dict()))
-        held = sum(v.abs().sum().item() for k, v in saved[2]["compression"].items() if {"residual", "error"} & set(k.split("/")))
+        json.dumps(saved[2])  # the trainer writes it to a per-rank JSON file
+        held = sum(v.abs().sum().item() for k, v in unpack_state(saved[2]["compression"]).items() if {"residual", "error"} & set(k.split("/")))
         # A fresh process's objects (new DDP, new buckets), restored from the checkpoint.
         _, model, opt, strategy = _setup(spec, MOMENTUM, seed=123)
         strategy.unwrap(model).load_state_dict(saved[0])

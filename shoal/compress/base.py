@@ -20,6 +20,7 @@ the DP hook all-gather them as flat byte buffers of equal size.
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -121,3 +122,25 @@ def numel_of(shape) -> int:
 def value_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype to compute codes in: float64 stays float64, the rest use float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pack_state(state: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Tensors as JSON-able dicts (dtype, shape, base64 of the raw bytes), so a
+    compressor's state can ride in the trainer's per-rank JSON checkpoint file
+    exactly, without pickle."""
+    out = {}
+    for key, t in state.items():
+        t = t.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        out[key] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "b64": base64.b64encode(raw).decode("ascii")}
+    return out
+
+
+def unpack_state(packed: dict[str, dict]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, item in packed.items():
+        dtype = getattr(torch, item["dtype"])
+        raw = bytearray(base64.b64decode(item["b64"]))
+        flat = torch.frombuffer(raw, dtype=torch.uint8).view(dtype) if raw else torch.empty(0, dtype=dtype)
+        out[key] = flat.reshape(item["shape"]).clone()
+    return out

@@ -13,7 +13,8 @@ micro-step, so an accumulated gradient is compressed once; clipping then
 applies to the decoded, averaged gradient. A non-finite averaged gradient
 (fp16 overflow, a NaN loss) is never applied: the step is skipped, counted in
 `skipped_steps` and logged, as mixed-precision training does. Error-feedback
-residuals are per rank and part of `state_dict()`.
+residuals are per rank and part of `state_dict()`, which stays JSON-able
+(tensors as base64 of their raw bytes) for the trainer's per-rank file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shoal import runtime
 from shoal.compress import parse
+from shoal.compress.base import pack_state, unpack_state
 from shoal.config import check_range
 from shoal.errors import ConfigError
 from shoal.strategies.base import Strategy, wrap_optimizer
@@ -133,17 +135,18 @@ class DataParallel(Strategy):
     def state_dict(self):
         state = {"micro": self._micro, "skipped_steps": self._skipped}
         if self._hook is not None:
-            state["compression"] = self._hook.state_dict()
+            state["compression"] = pack_state(self._hook.state_dict())
         elif self._pending_compression is not None:
-            state["compression"] = self._pending_compression
+            state["compression"] = pack_state(self._pending_compression)
         return state
 
     def load_state_dict(self, state):
         self._micro = int(state.get("micro", 0))
         self._skipped = int(state.get("skipped_steps", 0))
         if "compression" in state:
+            tensors = unpack_state(state["compression"])
             if self._hook is not None:
-                self._hook.load_state_dict(state["compression"])
+                self._hook.load_state_dict(tensors)
             else:  # loaded before prepare(): applied when the hook exists
-                self._pending_compression = dict(state["compression"])
+                self._pending_compression = tensors
         self._set_sync(self._micro == self.grad_accum - 1)
