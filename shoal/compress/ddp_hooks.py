@@ -77,7 +77,7 @@ class CompressionHook:
     def take(self) -> dict:
         """This step's figures; called once per synchronized step."""
         if self.compressor.family == "none":
-            size = sum(p.numel() * 4 for p in self.params)
+            size = sum(p.numel() * p.element_size() for p in self.params)
             self.sent = self.uncompressed = wire_bytes("all_reduce", size, self.world)
         out = {"bytes_sent": self.sent, "uncompressed": self.uncompressed, "nonfinite": self.nonfinite}
         self.reset()
