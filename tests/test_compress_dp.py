@@ -76,6 +76,8 @@ def test_every_compressor_trains_digits():
         assert r0["params"] == r1["params"], f"{spec}: ranks disagree"
         assert r0["acc"] >= 0.95, f"{spec}: accuracy {r0['acc']:.3f}"
         assert r0["skipped_steps"] == 0
+        if spec != "none":  # the hook really changed what was applied
+            assert r0["params"] != ranks[0]["none"]["params"], f"{spec}: same parameters as 'none'"
     ratio = {spec: ranks[0][spec]["compression_ratio"] for spec in TRAIN}
     assert ratio["none"] == 1.0 and ratio["fp16"] == ratio["bf16"] == 2.0
     assert ratio["int8"] >= 3.5 and ratio["qsgd:levels=4"] >= 7.0
