@@ -43,24 +43,41 @@ def _entry(rank, world, port, out_dir, fn, args):
 
 
 def run_workers(fn, args=(), world: int = 2, timeout_s: float = 150.0) -> list:
+    """Results of `fn` by rank; retried once if the chosen port was taken
+    meanwhile (other test runs on the machine pick free ports too)."""
+    try:
+        return _run(fn, args, world, timeout_s)
+    except AssertionError as err:
+        if "address already in use" not in str(err).lower() and "EADDRINUSE" not in str(err):
+            raise
+    return _run(fn, args, world, timeout_s)
+
+
+def _run(fn, args, world: int, timeout_s: float) -> list:
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _entry, args=(world, free_port(), out_dir, fn, args), nprocs=world, join=False, start_method="spawn"
         )
         deadline = time.monotonic() + timeout_s
+        failure = None
         try:
             while not ctx.join(timeout=1):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"workers still running after {timeout_s:.0f} s")
+                    failure = f"workers still running after {timeout_s:.0f} s"
+                    break
+        except Exception as exc:  # a worker died (signal, or an error outside fn)
+            failure = f"{type(exc).__name__}: {exc}"
         finally:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-        results = []
+        results, errors = [], []
         for rank in range(world):
-            with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
-                res = json.load(f)
+            path = os.path.join(out_dir, f"rank{rank}.json")
+            res = json.load(open(path)) if os.path.exists(path) else {"error": "no result written"}
             if "error" in res:
-                raise AssertionError(f"rank {rank} failed:\n{res['error']}")
-            results.append(res["ok"])
+                errors.append(f"rank {rank}: {res['error']}")
+            results.append(res.get("ok"))
+        if failure or errors:
+            raise AssertionError("\n".join(filter(None, [failure, *errors])))
         return results
