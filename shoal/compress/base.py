@@ -97,7 +97,7 @@ class ErrorFeedback(Compressor):
         acc = grad.detach().reshape(-1).clone()
         residual = self.residuals.get(key)
         if residual is not None and residual.shape == acc.shape:
-            acc += residual.to(acc.dtype)
+            acc += residual.to(acc.device, acc.dtype)  # loaded checkpoints arrive on the CPU
         return acc
 
     def _remember(self, key: str, acc: torch.Tensor, sent: torch.Tensor) -> None:

@@ -203,7 +203,7 @@ class PowerSGDHook:
                 d.clear()
         self.layouts[index] = layout
         if self.pending:
-            self._install(index, layout)
+            self._install(index, layout, bucket.buffer().device)
         n = bucket.buffer().numel()
         before = state.total_numel_after_compression
         compressing = state.iter >= state.start_powerSGD_iter
@@ -237,14 +237,15 @@ class PowerSGDHook:
                     out[f"p/{name}"], out[f"q/{name}"] = p.clone(), q.clone()
         return out
 
-    def _install(self, index: int, layout) -> None:
+    def _install(self, index: int, layout, device: torch.device) -> None:
+        # Loaded tensors arrive on the CPU; torch's hook needs them beside the bucket.
         errors = [f"error/{name}" for name, _ in layout]
         if all(k in self.pending for k in errors):
-            self.state.error_dict[index] = torch.cat([self.pending.pop(k).reshape(-1) for k in errors])
+            self.state.error_dict[index] = torch.cat([self.pending.pop(k).reshape(-1) for k in errors]).to(device)
         factors = self._factors(layout)
         if factors and all(f"p/{name}" in self.pending for name, _, _ in factors):
-            self.state.p_memory_dict[index] = torch.cat([self.pending.pop(f"p/{name}") for name, _, _ in factors])
-            self.state.q_memory_dict[index] = torch.cat([self.pending.pop(f"q/{name}") for name, _, _ in factors])
+            self.state.p_memory_dict[index] = torch.cat([self.pending.pop(f"p/{name}") for name, _, _ in factors]).to(device)
+            self.state.q_memory_dict[index] = torch.cat([self.pending.pop(f"q/{name}") for name, _, _ in factors]).to(device)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {"iter": torch.tensor(self.state.iter, dtype=torch.int64)}

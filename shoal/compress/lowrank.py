@@ -78,7 +78,7 @@ class PowerSGD(ErrorFeedback):
             if q is None or q.shape != (1, m, r) or q.dtype != work:
                 gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
                 q = torch.randn(1, m, r, generator=gen, dtype=work).to(acc.device)
-            q = q.clone()
+            q = q.to(acc.device, copy=True)
             _orthogonalize(q, EPSILON)
             p = torch.bmm(matrix, q)
             _orthogonalize(p, EPSILON)
