@@ -1,0 +1,146 @@
+"""The one compressor interface, shared by DP comm hooks and parameter-server pushes.
+
+A compressor turns one gradient into a `Payload`: a small header of plain
+scalars, strings and lists (msgpack-able, never pickled) plus raw tensors, and
+turns a payload back into a dense tensor. Two rules make it usable on both
+paths:
+
+- `decode` is stateless: it needs only the payload, the shape and the dtype,
+  so a server (or another rank) can decode any worker's message.
+- All state lives in the encoder and is keyed by parameter name: error
+  feedback residuals, warm-start factors, step counters and the random
+  generator. `state_dict()` returns it as tensors so a checkpoint restores it
+  exactly and a resumed run takes the same steps as an uninterrupted one.
+
+Headers carry only what the shape and the spec determine, plus flags (e.g.
+`nonfinite`); everything data dependent is a tensor. So two ranks that encode
+same-shaped gradients produce payloads of the same layout, which is what lets
+the DP hook all-gather them as flat byte buffers of equal size.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class Payload:
+    """What goes on the wire for one gradient: a msgpack-able header plus raw tensors."""
+
+    header: dict = field(default_factory=dict)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        """Bytes of the tensor buffers (the header is a few bytes and shape-determined)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+class Compressor:
+    """Base class: subclasses set `family` and implement `encode`/`decode`.
+
+    `allreduce_safe` says whether the sum over ranks of the payload tensors,
+    decoded once, equals the sum of the ranks' decoded gradients. That holds
+    for casts and for random-k with a shared mask (same indices everywhere);
+    it does not hold for quantized codes with per-rank scales or for top-k with
+    per-rank indices, which must be all-gathered and decoded one by one.
+    """
+
+    family: ClassVar[str] = ""
+    allreduce_safe: ClassVar[bool] = False
+    error_feedback: ClassVar[bool] = False
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    # ------------------------------------------------------------- interface
+    def encode(self, key: str, grad: torch.Tensor) -> Payload:
+        raise NotImplementedError
+
+    def decode(self, payload: Payload, shape, dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def reseed(self, seed: int) -> None:
+        """Choose this worker's random stream (ranks use different seeds so that
+        their stochastic-rounding noise is independent and averages out)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+
+class ErrorFeedback(Compressor):
+    """A compressor that keeps, per key, what it has not yet sent.
+
+    Each `encode(key, g)` compresses `g + residual[key]` and stores the part
+    the decoded payload misses as the new residual. So, summed over steps,
+    sent + residual == sum of the gradients: nothing is dropped, only delayed
+    (Seide et al. 2014; Karimireddy et al. 2019 "EF-SGD").
+    """
+
+    error_feedback: ClassVar[bool] = True
+
+    def __init__(self, spec: str):
+        super().__init__(spec)
+        self.residuals: dict[str, torch.Tensor] = {}
+
+    def _accumulate(self, key: str, grad: torch.Tensor) -> torch.Tensor:
+        acc = grad.detach().reshape(-1).clone()
+        residual = self.residuals.get(key)
+        if residual is not None and residual.shape == acc.shape:
+            acc += residual.to(acc.device, acc.dtype)  # loaded checkpoints arrive on the CPU
+        return acc
+
+    def _remember(self, key: str, acc: torch.Tensor, sent: torch.Tensor) -> None:
+        residual = acc - sent
+        if residual.numel() and not bool(torch.isfinite(residual).all()):
+            # The step that produced this is skipped as a whole (see the DP
+            # strategy); a NaN kept here would poison every later step.
+            residual = torch.zeros_like(residual)
+        self.residuals[key] = residual
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"residual/{k}": v.clone() for k, v in self.residuals.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.residuals = {k[len("residual/"):]: v.clone() for k, v in state.items() if k.startswith("residual/")}
+
+
+def numel_of(shape) -> int:
+    return math.prod(tuple(shape))
+
+
+def value_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute codes in: float64 stays float64, the rest use float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pack_state(state: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Tensors as JSON-able dicts (dtype, shape, base64 of the raw bytes), so a
+    compressor's state can ride in the trainer's per-rank JSON checkpoint file
+    exactly, without pickle."""
+    out = {}
+    for key, t in state.items():
+        t = t.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        out[key] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "b64": base64.b64encode(raw).decode("ascii")}
+    return out
+
+
+def unpack_state(packed: dict[str, dict]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, item in packed.items():
+        dtype = getattr(torch, item["dtype"])
+        raw = bytearray(base64.b64decode(item["b64"]))
+        flat = torch.frombuffer(raw, dtype=torch.uint8).view(dtype) if raw else torch.empty(0, dtype=dtype)
+        out[key] = flat.reshape(item["shape"]).clone()
+    return out

@@ -1,0 +1,261 @@
+"""DDP communication hooks that apply a `Compressor` to each gradient bucket.
+
+One `CompressionHook` per DDP model picks the exchange that is correct for
+its compressor:
+
+- "none": no hook; DDP's own all-reduce (only the bytes are counted).
+- "fp16"/"bf16": torch's `default_hooks.fp16_compress_hook` /
+  `bf16_compress_hook` (cast, all-reduce, cast back).
+- "powersgd": torch's `powerSGD_hook` on a `PowerSGDState` with error
+  feedback and warm start; its two all-reduces (of P and Q) keep one shared
+  factorization on all ranks. Its state is keyed by bucket, so `state_dict`
+  re-keys it by parameter name (see `PowerSGDHook`).
+- random-k (`allreduce_safe`): the positions are the same on every rank
+  (seeded by key and step), so the ranks all-reduce the selected values.
+- int8/qsgd/top-k: each rank's payload has its own scales or indices, which
+  do not add up; ranks all-gather the encoded payloads (as equal-sized byte
+  buffers: same shapes give same layouts) and each decodes all and averages.
+
+Every hook checks the averaged result: a non-finite gradient (fp16
+overflow, a NaN loss) is flagged so the strategy skips the step, as
+mixed-precision training does. `bytes_sent` counts what the bandwidth-optimal
+ring algorithm puts on the wire from this rank: 2(N-1)/N x size for an
+all-reduce, (N-1) x size for an all-gather; both are 1 x size at N = 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, _should_compress, powerSGD_hook
+
+from shoal.compress.base import Compressor
+
+POWERSGD_START_ITER = 2  # torch's minimum with error feedback: one plain all-reduce first
+
+
+def wire_bytes(collective: str, size: int, world: int) -> float:
+    if world <= 1:
+        return 0.0
+    if collective == "all_reduce":
+        return 2.0 * (world - 1) / world * size
+    return float((world - 1) * size)
+
+
+class CompressionHook:
+    """Registers the right hook on `ddp` and keeps this step's byte counts."""
+
+    def __init__(self, compressor: Compressor, ddp, names: dict[int, str], group=None):
+        self.compressor = compressor
+        self.names = names  # id(parameter) -> parameter name
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.params = [p for p in ddp.parameters() if p.requires_grad]
+        self.powersgd: PowerSGDHook | None = None
+        self.reset()
+        family = compressor.family
+        if family == "none":
+            return
+        if family in ("fp16", "bf16"):
+            inner = default_hooks.fp16_compress_hook if family == "fp16" else default_hooks.bf16_compress_hook
+            ddp.register_comm_hook(group, self._cast_hook(inner, 2))
+        elif family == "powersgd":
+            self.powersgd = PowerSGDHook(self, compressor.rank, group)
+            ddp.register_comm_hook(self.powersgd.state, self.powersgd.hook)
+        else:
+            ddp.register_comm_hook(group, self._payload_hook)
+
+    # ------------------------------------------------------------ accounting
+    def reset(self) -> None:
+        self.sent = 0.0
+        self.uncompressed = 0.0
+        self.nonfinite = False
+
+    def take(self) -> dict:
+        """This step's figures; called once per synchronized step."""
+        if self.compressor.family == "none":
+            size = sum(p.numel() * p.element_size() for p in self.params)
+            self.sent = self.uncompressed = wire_bytes("all_reduce", size, self.world)
+        out = {"bytes_sent": self.sent, "uncompressed": self.uncompressed, "nonfinite": self.nonfinite}
+        self.reset()
+        return out
+
+    def count(self, collective: str, nbytes: int, numel: int) -> None:
+        self.sent += wire_bytes(collective, nbytes, self.world)
+        self.uncompressed += wire_bytes("all_reduce", numel * 4, self.world)
+
+    def check(self, result: torch.Tensor) -> torch.Tensor:
+        if result.numel() and not bool(torch.isfinite(result).all()):
+            self.nonfinite = True
+        return result
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.powersgd is not None:
+            return {f"powersgd/{k}": v for k, v in self.powersgd.state_dict().items()}
+        return self.compressor.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.powersgd is not None:
+            self.powersgd.load_state_dict({k[len("powersgd/"):]: v for k, v in state.items() if k.startswith("powersgd/")})
+        else:
+            self.compressor.load_state_dict(state)
+
+    # ------------------------------------------------------------ hooks
+    def _cast_hook(self, inner, element_size: int):
+        def hook(group, bucket):
+            n = bucket.buffer().numel()
+            self.count("all_reduce", n * element_size, n)
+            return inner(group, bucket).then(lambda fut: self.check(fut.value()))
+
+        return hook
+
+    def _payload_hook(self, group, bucket):
+        group = group if group is not None else dist.group.WORLD
+        grads = bucket.gradients()
+        keys = [self.names[id(p)] for p in bucket.parameters()]
+        payloads = [self.compressor.encode(k, g) for k, g in zip(keys, grads)]
+        numel = sum(g.numel() for g in grads)
+        buffer = bucket.buffer()
+
+        def finish(decoded_sums):
+            for g, d in zip(grads, decoded_sums):
+                g.copy_(d.reshape(g.shape).div_(self.world))
+            return self.check(buffer)
+
+        if self.compressor.allreduce_safe:
+            flat = torch.cat([t.reshape(-1) for p in payloads for t in p.tensors])
+            self.count("all_reduce", flat.numel() * flat.element_size(), numel)
+
+            def reduced(fut):
+                summed = fut.value()[0]
+                out, at = [], 0
+                for p, g in zip(payloads, grads):
+                    parts = []
+                    for t in p.tensors:
+                        parts.append(summed[at : at + t.numel()].view(t.shape))
+                        at += t.numel()
+                    p.tensors = parts
+                    out.append(self.compressor.decode(p, g.shape, g.dtype))
+                return finish(out)
+
+            return dist.all_reduce(flat, group=group, async_op=True).get_future().then(reduced)
+
+        layout = [(t.dtype, t.shape, t.numel() * t.element_size()) for p in payloads for t in p.tensors]
+        flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for p in payloads for t in p.tensors])
+        self.count("all_gather", flat.numel(), numel)
+        gathered = [torch.empty_like(flat) for _ in range(self.world)]
+
+        def gathered_all(fut):
+            sums = [torch.zeros(g.shape, dtype=g.dtype, device=g.device) for g in grads]
+            for raw in gathered:
+                tensors, at = [], 0
+                for dtype, shape, nbytes in layout:
+                    tensors.append(raw[at : at + nbytes].clone().view(dtype).view(shape))  # clone: aligned storage
+                    at += nbytes
+                i = 0
+                for p, g, s in zip(payloads, grads, sums):
+                    mine = type(p)(p.header, tensors[i : i + len(p.tensors)])
+                    i += len(p.tensors)
+                    s += self.compressor.decode(mine, g.shape, g.dtype)
+            return finish(sums)
+
+        return dist.all_gather(gathered, flat, group=group, async_op=True).get_future().then(gathered_all)
+
+
+class PowerSGDHook:
+    """torch's PowerSGD hook, plus byte counting and checkpointable state.
+
+    torch keys PowerSGD's residuals and warm-start factors P, Q by bucket
+    index, and DDP's buckets change: a new process's first step has one
+    bucket in parameter order, later steps have buckets rebuilt in gradient
+    order. So this class keeps the state per parameter name whenever the
+    layout is not the one torch's dicts were built for: `state_dict` splits
+    them per parameter, a loaded state waits in `pending`, and each bucket,
+    when the hook sees it, gets its pieces reassembled in its own layout
+    (residual in buffer order; P and Q in torch's order: compressible
+    tensors grouped by matrix shape). A resumed run thus takes exactly the
+    steps of an uninterrupted one.
+    """
+
+    def __init__(self, owner: CompressionHook, rank: int, group):
+        self.owner = owner
+        self.state = PowerSGDState(
+            process_group=group,
+            matrix_approximation_rank=rank,
+            start_powerSGD_iter=POWERSGD_START_ITER,
+            use_error_feedback=True,
+            warm_start=True,
+            random_seed=0,
+        )
+        self.layouts: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
+        self.pending: dict[str, torch.Tensor] = {}
+
+    def hook(self, state: PowerSGDState, bucket):
+        index = bucket.index()
+        layout = [(self.owner.names[id(p)], tuple(g.shape)) for p, g in zip(bucket.parameters(), bucket.gradients())]
+        if self.layouts.get(index, layout) != layout:  # DDP rebuilt its buckets
+            self.pending.update(self._split_all())
+            self.layouts.clear()
+            for d in (state.error_dict, state.p_memory_dict, state.q_memory_dict):
+                d.clear()
+        self.layouts[index] = layout
+        if self.pending:
+            self._install(index, layout, bucket.buffer().device)
+        n = bucket.buffer().numel()
+        before = state.total_numel_after_compression
+        compressing = state.iter >= state.start_powerSGD_iter
+        fut = powerSGD_hook(state, bucket)
+        sent = state.total_numel_after_compression - before if compressing else n
+        self.owner.count("all_reduce", sent * bucket.buffer().element_size(), n)
+        return fut.then(lambda f: self.owner.check(f.value()))
+
+    def _factors(self, layout) -> list[tuple[str, int, int]]:
+        """(name, P length, Q length) of the compressed tensors, in torch's memory order."""
+        groups: dict[tuple[int, int], list] = {}
+        for name, shape in layout:
+            n = shape[0]
+            m = math.prod(shape[1:])
+            r = min(n, m, self.state.matrix_approximation_rank)
+            if _should_compress(n, m, r, self.state.min_compression_rate)[0]:
+                groups.setdefault((n, m), []).append((name, n * r, m * r))
+        return [item for group in groups.values() for item in group]
+
+    def _split_all(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for index, layout in self.layouts.items():
+            if index in self.state.error_dict:
+                pieces = self.state.error_dict[index].split([math.prod(shape) for _, shape in layout])
+                out.update({f"error/{name}": t.clone() for (name, _), t in zip(layout, pieces)})
+            if index in self.state.p_memory_dict:
+                factors = self._factors(layout)
+                ps = self.state.p_memory_dict[index].split([f[1] for f in factors])
+                qs = self.state.q_memory_dict[index].split([f[2] for f in factors])
+                for (name, _, _), p, q in zip(factors, ps, qs):
+                    out[f"p/{name}"], out[f"q/{name}"] = p.clone(), q.clone()
+        return out
+
+    def _install(self, index: int, layout, device: torch.device) -> None:
+        # Loaded tensors arrive on the CPU; torch's hook needs them beside the bucket.
+        errors = [f"error/{name}" for name, _ in layout]
+        if all(k in self.pending for k in errors):
+            self.state.error_dict[index] = torch.cat([self.pending.pop(k).reshape(-1) for k in errors]).to(device)
+        factors = self._factors(layout)
+        if factors and all(f"p/{name}" in self.pending for name, _, _ in factors):
+            self.state.p_memory_dict[index] = torch.cat([self.pending.pop(f"p/{name}") for name, _, _ in factors]).to(device)
+            self.state.q_memory_dict[index] = torch.cat([self.pending.pop(f"q/{name}") for name, _, _ in factors]).to(device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {"iter": torch.tensor(self.state.iter, dtype=torch.int64)}
+        out.update({k: v.clone() for k, v in self.pending.items()})  # loaded, not yet installed
+        out.update(self._split_all())
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.state.iter = int(state.get("iter", 0))
+        for d in (self.state.error_dict, self.state.p_memory_dict, self.state.q_memory_dict):
+            d.clear()
+        self.layouts.clear()
+        self.pending = {k: v.clone() for k, v in state.items() if k != "iter"}

@@ -1,0 +1,105 @@
+"""Low-rank compression: "powersgd:rank=R" (Vogels et al. 2019, "PowerSGD").
+
+Each gradient of shape (n, ...) is viewed as an n x m matrix M (plus the
+residual of earlier steps: error feedback) and approximated by P Q^T with
+P = orth(M Q), Q = M^T P: one step of subspace (power) iteration. Q is kept
+per key and reused as the next step's start (warm start), so successive
+steps refine the same subspace and a rank as small as 1-4 tracks the
+gradient well. The payload is P and Q: (n + m) x R numbers instead of n x m.
+Tensors where that would not save at least 2x (vectors, biases, small
+matrices) are sent dense, as torch's own PowerSGD hook does.
+
+This class is the single-worker form, for pushes to a parameter server.
+Data parallelism uses torch's `powerSGD_hook` instead (see
+`shoal.compress.ddp_hooks`), which all-reduces P and Q between the two
+half-steps so that all ranks share one factorization. Both orthogonalize
+with torch's own `_orthogonalize`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import ClassVar
+
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _orthogonalize, _should_compress
+
+from shoal.compress.base import ErrorFeedback, Payload, numel_of, value_dtype
+
+MIN_COMPRESSION_RATE = 2
+EPSILON = 1e-8
+
+
+def matrix_shape(shape) -> tuple[int, int] | None:
+    """(n, m) for a tensor PowerSGD compresses at `rank`, else None (sent dense)."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        return None
+    n, m = shape[0], numel_of(shape[1:])
+    return (n, m) if n > 0 and m > 0 else None
+
+
+class PowerSGD(ErrorFeedback):
+    family: ClassVar[str] = "powersgd"
+
+    def __init__(self, spec: str, rank: int, seed: int = 0):
+        super().__init__(spec)
+        self.rank = rank
+        self.seed = seed
+        self.q_memory: dict[str, torch.Tensor] = {}
+
+    def _factor_shape(self, shape) -> tuple[int, int, int] | None:
+        nm = matrix_shape(shape)
+        if nm is None:
+            return None
+        n, m = nm
+        r = min(n, m, self.rank)
+        return (n, m, r) if _should_compress(n, m, r, MIN_COMPRESSION_RATE)[0] else None
+
+    def encode(self, key: str, grad: torch.Tensor) -> Payload:
+        acc = self._accumulate(key, grad)
+        dims = self._factor_shape(grad.shape)
+        if dims is None:
+            self._remember(key, acc, acc)
+            return Payload({"dense": True}, [acc.to(grad.dtype)])
+        n, m, r = dims
+        work = value_dtype(grad.dtype)
+        # Normalizing by the largest magnitude keeps tiny and huge gradients
+        # in range, and the epsilon keeps rank-deficient ones free of 0/0.
+        scale = acc.abs().max().to(work)
+        if not bool(torch.isfinite(scale)):
+            self._remember(key, acc, acc)
+            return Payload({"dense": True, "nonfinite": True}, [acc.to(grad.dtype)])
+        if scale == 0:
+            p, q = acc.new_zeros((1, n, r), dtype=work), acc.new_zeros((1, m, r), dtype=work)
+        else:
+            matrix = (acc.to(work) / scale).view(1, n, m)
+            q = self.q_memory.get(key)
+            if q is None or q.shape != (1, m, r) or q.dtype != work:
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
+                q = torch.randn(1, m, r, generator=gen, dtype=work).to(acc.device)
+            q = q.to(acc.device, copy=True)
+            _orthogonalize(q, EPSILON)
+            p = torch.bmm(matrix, q)
+            _orthogonalize(p, EPSILON)
+            q = torch.bmm(matrix.transpose(1, 2), p)
+            self.q_memory[key] = q.clone()
+            q = q * scale
+        approx = torch.bmm(p, q.transpose(1, 2)).reshape(-1).to(acc.dtype)
+        self._remember(key, acc, approx)
+        return Payload({"dense": False}, [p.reshape(n, r), q.reshape(m, r)])
+
+    def decode(self, payload: Payload, shape, dtype) -> torch.Tensor:
+        if payload.header.get("dense", False):
+            return payload.tensors[0].to(dtype).reshape(shape)
+        p, q = payload.tensors
+        return (p @ q.T).to(dtype).reshape(shape)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        state.update({f"q/{k}": v.clone() for k, v in self.q_memory.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        self.q_memory = {k[len("q/"):]: v.clone() for k, v in state.items() if k.startswith("q/")}
