@@ -10,7 +10,8 @@ from shoal.errors import ConfigError, ShoalError
 from shoal.runtime import current, init, shutdown
 from shoal.strategies.base import Strategy
 from shoal.strategies.data_parallel import DataParallel
+from shoal.strategies.parameter_server import ParameterServer
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "DataParallel", "ShoalError", "Strategy", "current", "init", "shutdown"]
+__all__ = ["ConfigError", "DataParallel", "ParameterServer", "ShoalError", "Strategy", "current", "init", "shutdown"]
