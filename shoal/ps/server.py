@@ -171,8 +171,6 @@ class Server:
     def on_push(self, src: int, header: dict, tensors) -> None:
         self.check_joined(src)
         clock, keys, hp = header.get("clock"), header.get("keys"), header.get("hp")
-        if clock != self.gate.pushed[src]:
-            raise WireError("bad_clock", f"worker {src} pushed clock {clock}, expected {self.gate.pushed[src]}")
         if not isinstance(keys, list) or len(keys) != len(tensors) or len(set(map(str, keys))) != len(keys):
             raise WireError("malformed", "keys do not match tensors")
         pieces = []
@@ -183,6 +181,8 @@ class Server:
             if grad.dtype != piece.param.dtype or grad.shape != piece.param.shape:
                 raise WireError("bad_shape", f"{key}: {grad.dtype}{list(grad.shape)}")
             pieces.append(piece)
+        if clock != self.gate.pushed[src]:
+            raise WireError("bad_clock", f"worker {src} pushed clock {clock}, expected {self.gate.pushed[src]}")
         try:
             hps = [optim.check_hyperparameters(self.optim_name, h) for h in hp]
             if len(hps) != len(self.hp):
