@@ -1,7 +1,8 @@
 """Which server holds which slice of which parameter.
 
 A parameter larger than `chunk_bytes` is cut into near-equal chunks of its
-flattened elements; then pieces are placed largest first, each onto the
+flattened elements, as many as a multiple of the server count (so it spreads
+evenly) with none larger than `chunk_bytes`; then pieces are placed largest first, each onto the
 server with the fewest bytes so far (chunks of one tensor prefer servers that
 hold none of its other chunks, so a large tensor's traffic is spread). Ties go
 to the lowest server index, so every worker computes the same plan from the
@@ -63,7 +64,10 @@ def plan(sizes: list[tuple[str, int, int]], servers: int, chunk_bytes: int) -> P
     pieces: list[tuple[str, int, int, int, int]] = []  # name, start, stop, nbytes, chunk count of the tensor
     for name, numel, itemsize in sizes:
         nbytes = numel * itemsize
-        n = max(1, min(numel, math.ceil(nbytes / chunk_bytes))) if chunk_bytes > 0 else 1
+        n = math.ceil(nbytes / chunk_bytes) if chunk_bytes > 0 else 1
+        if n > 1:  # a multiple of the server count, so the tensor spreads evenly over all of them
+            n = math.ceil(n / servers) * servers
+        n = max(1, min(numel, n))
         bounds = [round(i * numel / n) for i in range(n + 1)]
         for i in range(n):
             pieces.append((name, bounds[i], bounds[i + 1], (bounds[i + 1] - bounds[i]) * itemsize, n))
