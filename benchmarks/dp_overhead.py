@@ -1,11 +1,11 @@
 """shoal's DataParallel loop against a raw DistributedDataParallel loop.
 
-Same model, data, batch and 2 ranks, in the same processes, alternating
-between the two (and a third: raw DDP fed by the usual DistributedSampler +
-DataLoader) so that machine noise hits all alike. Reports steps/s and the
+Same model, data, batch and 2 ranks, in the same processes, rotating short
+timed blocks between the two (and a third: raw DDP fed by the usual
+DistributedSampler + DataLoader) so that machine noise hits all alike. Reports steps/s and the
 shoal / raw-DDP ratio for a small (digits) and a medium (>= 5M parameter) MLP.
 
-    python benchmarks/dp_overhead.py [--reps 5]
+    python benchmarks/dp_overhead.py [--reps 15]
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # noqa: E402
 
-MODELS = {  # name: (layer widths, per-rank batch, timed steps)
-    "digits_mlp": ([64, 256, 128, 10], 32, 300),
-    "medium_mlp": ([1024, 2048, 2048, 10], 64, 30),
+MODELS = {  # name: (layer widths, per-rank batch, steps per timed block)
+    "digits_mlp": ([64, 256, 128, 10], 32, 100),
+    "medium_mlp": ([1024, 2048, 2048, 10], 64, 10),
 }
 
 
@@ -110,6 +110,9 @@ VARIANTS = {"shoal": run_shoal, "raw_ddp": run_raw_ddp, "raw_ddp_dataloader": ru
 
 
 def worker(reps: int, out: str) -> None:
+    """Each variant is built once; then short timed blocks rotate between them,
+    `reps` rounds, so that machine noise falls on all variants alike. The
+    ratio is the median of per-round ratios (paired, robust to drift)."""
     import shoal
 
     rt = shoal.init()
@@ -117,22 +120,26 @@ def worker(reps: int, out: str) -> None:
     for name, (widths, batch, steps) in MODELS.items():
         ds = data(widths, batch * 2 * 64)
         params = sum(p.numel() for p in build(widths).parameters())
+        steppers = {v: make(widths, ds, batch) for v, make in VARIANTS.items()}
+        for step in steppers.values():
+            _harness.timed_steps(step, max(3, steps // 5), dist.barrier)  # warm-up
         times = {v: [] for v in VARIANTS}
         for rep in range(reps):
-            order = list(VARIANTS) if rep % 2 == 0 else list(reversed(VARIANTS))
-            for variant in order:
-                step = VARIANTS[variant](widths, ds, batch)
-                _harness.timed_steps(step, max(3, steps // 10), dist.barrier)  # warm-up
-                seconds = _harness.timed_steps(step, steps, dist.barrier)
-                times[variant].append(steps / seconds)
+            names = list(VARIANTS)
+            for variant in names[rep % 3 :] + names[: rep % 3]:
+                times[variant].append(steps / _harness.timed_steps(steppers[variant], steps, dist.barrier))
         median = {v: statistics.median(t) for v, t in times.items()}
+        paired = {
+            other: statistics.median(a / b for a, b in zip(times["shoal"], times[other])) for other in ("raw_ddp", "raw_ddp_dataloader")
+        }
         results[name] = {
             "parameters": params,
             "batch_per_rank": batch,
+            "steps_per_block": steps,
             "steps_per_s": times,
             "median_steps_per_s": median,
-            "ratio_shoal_vs_raw_ddp": median["shoal"] / median["raw_ddp"],
-            "ratio_shoal_vs_raw_ddp_dataloader": median["shoal"] / median["raw_ddp_dataloader"],
+            "ratio_shoal_vs_raw_ddp": paired["raw_ddp"],
+            "ratio_shoal_vs_raw_ddp_dataloader": paired["raw_ddp_dataloader"],
         }
     if rt.is_main:
         Path(out).write_text(json.dumps(results))
@@ -141,7 +148,7 @@ def worker(reps: int, out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=15, help="rounds of timed blocks per variant")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(_harness.RESULTS / "dp_overhead.raw.tmp"))
     args = parser.parse_args()

@@ -38,7 +38,6 @@ class ShardedLoader:
         self.device = torch.device(device)
         self.epoch = 0
         self.index = 0  # next global batch within the epoch
-        self._tensors = getattr(dataset, "tensors", None)
         n = len(dataset)
         if n // self.global_batch == 0:
             raise ShoalError(
@@ -60,13 +59,6 @@ class ShardedLoader:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(n, generator=gen)
 
-    def _fetch(self, idx: torch.Tensor):
-        if self._tensors is not None:
-            batch = [t[idx] for t in self._tensors]
-        else:
-            batch = default_collate([self.dataset[int(i)] for i in idx])
-        non_blocking = self.device.type == "cuda"
-        return [b.to(self.device, non_blocking=non_blocking) for b in batch]
 
     def __iter__(self) -> Iterator:
         """Yield this rank's batches from the current position to the epoch's end.
@@ -81,7 +73,7 @@ class ShardedLoader:
         while self.index < len(self):
             start = self.index * self.global_batch + self.rank * self.batch_size
             self.index += 1
-            yield self._fetch(order[start : start + self.batch_size])
+            yield fetch(self.dataset, order[start : start + self.batch_size], self.device)
 
     def forever(self) -> Iterator:
         """Batches across epochs without end, for step-counted loops."""
@@ -94,6 +86,17 @@ class ShardedLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         self.index = int(state["index"])
+
+
+def fetch(dataset, idx: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """The samples `idx` as a batch on `device`; in-memory tensor data sets are indexed directly."""
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None:
+        batch = [t[idx] for t in tensors]
+    else:
+        batch = default_collate([dataset[int(i)] for i in idx])
+    non_blocking = device.type == "cuda"
+    return [b.to(device, non_blocking=non_blocking) for b in batch]
 
 
 def eval_shard(n: int, rank: int, world: int) -> torch.Tensor:

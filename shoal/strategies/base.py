@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shoal import runtime
-from shoal.data.loader import ShardedLoader, eval_shard
+from shoal.data.loader import ShardedLoader, eval_shard, fetch
 
 
 class Strategy:
@@ -58,12 +58,10 @@ class Strategy:
         rt = runtime.current()
         was_training = model.training
         model.eval()
-        x_all, y_all = dataset.tensors
-        idx = eval_shard(len(x_all), self.data_rank, self.data_world)
+        idx = eval_shard(len(dataset), self.data_rank, self.data_world)
         totals = torch.zeros(3, dtype=torch.float64)
         for start in range(0, len(idx), batch_size):
-            part = idx[start : start + batch_size]
-            x, y = x_all[part].to(rt.device), y_all[part].to(rt.device)
+            x, y = fetch(dataset, idx[start : start + batch_size], rt.device)
             out = model(x)
             totals[0] += float(loss_fn(out, y)) * y.numel()  # per target: samples, or tokens of a language model
             totals[1] += float((out.argmax(-1) == y).sum())
