@@ -102,3 +102,41 @@ def test_asp_and_ssp_train_digits(mode, tmp_path):
     got = np.load(out)
     assert float(got["eval_accuracy"]) >= 0.95, float(got["eval_accuracy"])
     assert float(got["m_ps_bytes_pushed"]) > 0 and float(got["m_ps_bytes_pulled"]) > 0
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose environment holds `marker` (our job key)."""
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_shoal_train_starts_and_stops_the_servers(tmp_path):
+    import os
+    import secrets
+    import signal
+
+    from conftest import shoal
+
+    key = secrets.token_hex(16)
+    result = shoal("train", "--strategy.name=parameter_server", "--strategy.consistency=ssp", "--strategy.staleness=1",
+                   "--strategy.servers=2", "--train.steps=150", "--logging.progress=false", f"--logging.run_dir={tmp_path}",
+                   "--model.hidden=[64]", env={"SHOAL_JOB_KEY": key}, timeout=150)
+    left = [p for p in _processes_with(key) if p != os.getpid()]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not left, "server or worker processes outlived the job"
+    (run,) = tmp_path.iterdir()
+    assert sorted(p.name for p in (run / "logs").glob("server*.log")) == ["server0.log", "server1.log"]
+    summary = __import__("json").loads((run / "summary.json").read_text())
+    assert summary["eval_accuracy"] >= 0.9
+    assert "ps_wait_s" in (run / "metrics.jsonl").read_text()

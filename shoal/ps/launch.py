@@ -15,6 +15,7 @@ and they exit by themselves if this process dies.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -90,6 +91,25 @@ def start_servers(count: int, job_key: str, host: str = "127.0.0.1", timeout_s: 
         if out:
             out.close()
     return ServerGroup(procs, store, address, job_key, env)
+
+
+@contextlib.contextmanager
+def serving(count: int, job_key: str, log_dir: str | None = None, host: str = "127.0.0.1"):
+    """`count` servers for the duration of the block; yields the environment workers need.
+
+    What `shoal run --servers S` and `shoal train` (with a strategy whose
+    `server_processes()` is > 0) wrap around their worker launch.
+    """
+    if count <= 0:
+        yield {}
+        return
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+    group = start_servers(count, job_key, host=host, log_dir=log_dir)
+    try:
+        yield dict(group.env)
+    finally:
+        group.stop()
 
 
 def read_endpoints(store, count: int, timeout_s: float) -> list[str]:
