@@ -159,6 +159,13 @@ class ParameterServer(Strategy):
         self._install(replies)
         self._metrics.staleness.append(max(float(h.get("staleness", 0.0)) for h, _ in replies))
 
+    def refresh(self) -> None:
+        """Pull the newest parameters the consistency rule allows, without pushing (e.g. to evaluate at the end)."""
+        self.sync()
+        self._client.request_pull(self._clock)
+        self._pending = True
+        self.sync()
+
     @torch.no_grad()
     def _install(self, replies) -> None:
         for (header, tensors), pieces in zip(replies, self._pieces):
