@@ -8,8 +8,8 @@ A message is the ZeroMQ frames `[mac, header, buf_0, ..., buf_n-1]`:
 - each `buf_i` is the tensor's raw bytes, sent without a copy where ZeroMQ
   allows and read back without one (`torch.frombuffer` on the received frame);
 - `mac` is HMAC-SHA256 under the job's secret key over the frame count and
-  every frame, each prefixed by its length, so no frame can be added, dropped,
-  cut or moved without the MAC failing.
+  every frame (the buffers, then the header), each prefixed by its length, so
+  no frame can be added, dropped, cut or moved without the MAC failing.
 
 `Codec.decode` checks, in this order and before building anything from the
 data: the total size against the limit, the MAC (so unauthenticated bytes are
@@ -93,24 +93,44 @@ class Codec:
         self._key = key
         self.max_bytes = int(max_bytes)
 
-    def _mac(self, frames) -> bytes:
+    def _buffers_mac(self, bufs):
+        # The buffers first and the header last, so one pass over large buffers
+        # serves many receivers whose headers differ (see `encode_many`).
         m = hmac.new(self._key, digestmod=hashlib.sha256)
-        m.update(struct.pack("<I", len(frames)))
-        for f in frames:
-            m.update(struct.pack("<Q", len(f)))
-            m.update(f)
+        m.update(struct.pack("<I", len(bufs) + 1))
+        for b in bufs:
+            m.update(struct.pack("<Q", len(b)))
+            m.update(b)
+        return m
+
+    @staticmethod
+    def _finish(m, head) -> bytes:
+        m.update(struct.pack("<Q", len(head)))
+        m.update(head)
         return m.digest()
+
+    def _mac(self, frames) -> bytes:
+        """The MAC of [header, *buffers]."""
+        return self._finish(self._buffers_mac(frames[1:]), frames[0])
 
     def encode(self, header: dict, tensors: list[torch.Tensor] = ()) -> list:
         """Frames for `send_multipart`; tensor buffers are views, not copies."""
+        return self.encode_many([header], tensors)[0]
+
+    def encode_many(self, headers: list[dict], tensors: list[torch.Tensor] = ()) -> list[list]:
+        """One message per header, all carrying the same tensors, which are read once."""
         specs = []
         for t in tensors:
             if t.dtype not in DTYPE_NAMES:
                 raise ShoalError(f"tensors of dtype {t.dtype} cannot be sent to the parameter server; use one of {', '.join(DTYPES)}")
             specs.append([DTYPE_NAMES[t.dtype], list(t.shape)])
-        head = msgpack.packb({**header, "tensors": specs}, use_bin_type=True)
         bufs = [tensor_bytes(t) for t in tensors]
-        return [self._mac([head, *bufs]), head, *bufs]
+        base = self._buffers_mac(bufs)
+        out = []
+        for header in headers:
+            head = msgpack.packb({**header, "tensors": specs}, use_bin_type=True)
+            out.append([self._finish(base.copy(), head), head, *bufs])
+        return out
 
     def decode(self, frames: list) -> tuple[dict, list[torch.Tensor]]:
         """(header, tensors) of a received message, or `WireError`.

@@ -231,7 +231,7 @@ class Server:
         self.answer_ready()
 
     def answer_ready(self) -> None:
-        waiting = []
+        waiting, ready = [], []
         for item in self.pending:
             ident, src, clock, _ = item
             if not self.gate.ready(clock):
@@ -239,9 +239,15 @@ class Server:
                 continue
             self.gate.answered(clock)
             self.read_applied[src] = self.applied
-            header = {"op": "params", "clock": clock, "applied": self.applied, "staleness": self.staleness.get(src, 0.0)}
-            self.send(ident, header, [p.param for p in self.pieces.values()])
+            ready.append((ident, {"op": "params", "clock": clock, "applied": self.applied, "staleness": self.staleness.get(src, 0.0)}))
         self.pending = waiting
+        if ready:
+            # One snapshot (the optimizer changes the parameters in place later) and one
+            # MAC pass over it serve every worker answered now, as in BSP all of them.
+            snapshot = [p.param.clone() for p in self.pieces.values()]
+            messages = self.codec.encode_many([h for _, h in ready], snapshot)
+            for (ident, _), frames in zip(ready, messages):
+                self.sock.send_multipart([ident, *frames], copy=False)
 
     # ---------------------------------------------------------------- health
     def check_timeouts(self) -> None:
