@@ -140,18 +140,22 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--steps", type=int, default=0, help="timed steps (throughput) or steps per worker (stragglers)")
     parser.add_argument("--target", type=float, default=0.93)
+    parser.add_argument("--only", choices=["throughput", "stragglers"], default=None, help="run one part (no JSON written)")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
 
     results: dict = {"throughput": {}, "stragglers": {}}
-    for model, steps in (("digits_mlp", args.steps or 100), ("wide_mlp_5m", max(10, (args.steps or 100) // 5))):
+    cases = (("digits_mlp", args.steps or 100), ("wide_mlp_5m", max(10, (args.steps or 100) // 5)))
+    for model, steps in () if args.only == "stragglers" else cases:
         row = {}
         for name, strategy, servers in (("data_parallel", "dp", 0), ("ps_bsp_1_server", "bsp", 1), ("ps_bsp_2_servers", "bsp", 2)):
             row[name] = launch(2, servers, ["--task", "throughput", "--model", model, "--strategy", strategy, "--steps", str(steps)])
             print(f"{model} {name}: {row[name]['steps_per_s']:.1f} steps/s", flush=True)
         results["throughput"][model] = row
 
+    if args.only == "throughput":
+        return
     per_worker = args.steps or 150
     scenarios = {
         "transient": f"*:{BASE_S},*:{3 * BASE_S}@0.1",  # 4x on a random 10% of steps
@@ -172,6 +176,8 @@ def main() -> None:
             row[name]["vs_bsp"] = t / bsp if t is not None and bsp else None
         results["stragglers"][scenario] = {"debug_slowdown": slowdown, "modes": row}
 
+    if args.only:
+        return
     tp = results["throughput"]
     st = results["stragglers"]
 

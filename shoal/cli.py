@@ -102,7 +102,8 @@ def _run(args: list[str]) -> int:
     from shoal.ps.launch import serving
 
     key = os.environ.get("SHOAL_JOB_KEY") or secrets.token_hex(32)
-    with serving(ns.servers, key, log_dir=ns.log_dir) as ps_env:
+    record = os.path.join(ns.log_dir, "ps_events.jsonl") if ns.log_dir else None
+    with serving(ns.servers, key, log_dir=ns.log_dir, record=record, live=sys.stderr.isatty()) as ps_env:
         spec = LaunchSpec(nproc=ns.nproc, nnodes=ns.nnodes, node_rank=ns.node_rank, rdzv_endpoint=ns.rdzv_endpoint, log_dir=ns.log_dir,
                           env={"SHOAL_JOB_KEY": key, **ps_env})
         launch([ns.script, *ns.script_args], spec)

@@ -140,3 +140,8 @@ def test_shoal_train_starts_and_stops_the_servers(tmp_path):
     summary = __import__("json").loads((run / "summary.json").read_text())
     assert summary["eval_accuracy"] >= 0.9
     assert "ps_wait_s" in (run / "metrics.jsonl").read_text()
+    # the launcher's subscriber recorded the servers' events and the workers' live rows
+    events = [__import__("json").loads(line) for line in (run / "ps_events.jsonl").read_text().splitlines()]
+    assert sum(e["topic"] == "event" and "pieces" in e["message"] for e in events) == 2
+    rows = [e for e in events if e["topic"] == "metrics"]
+    assert {e["rank"] for e in rows} == {0, 1} and all(e["samples_per_s"] > 0 for e in rows)

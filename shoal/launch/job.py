@@ -82,7 +82,7 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
     if servers and launch_cfg.nnodes > 1:
         raise ConfigError(f"strategy {cfg.strategy.name!r} starts server processes and runs on one machine (launch.nnodes = 1) for now", "launch.nnodes")
     try:
-        with serving(servers, env["SHOAL_JOB_KEY"], log_dir=str(run_dir / "logs")) as ps_env:
+        with serving(servers, env["SHOAL_JOB_KEY"], log_dir=str(run_dir / "logs"), record=str(run_dir / "ps_events.jsonl")) as ps_env:
             env.update(ps_env)
             launch(["-m", "shoal.train.worker", str(run_dir)], spec)
     finally:

@@ -94,22 +94,34 @@ def start_servers(count: int, job_key: str, host: str = "127.0.0.1", timeout_s: 
 
 
 @contextlib.contextmanager
-def serving(count: int, job_key: str, log_dir: str | None = None, host: str = "127.0.0.1"):
+def serving(count: int, job_key: str, log_dir: str | None = None, host: str = "127.0.0.1",
+            record: str | None = None, live: bool = False):
     """`count` servers for the duration of the block; yields the environment workers need.
 
     What `shoal run --servers S` and `shoal train` (with a strategy whose
-    `server_processes()` is > 0) wrap around their worker launch.
+    `server_processes()` is > 0) wrap around their worker launch. Servers and
+    workers publish events and per-worker metrics to a `Monitor` here, which
+    appends them to `record` (JSON lines) and, with `live`, shows a table.
     """
     if count <= 0:
         yield {}
         return
+    from shoal.comm.pubsub import EVENTS_ENV
+    from shoal.comm.wire import Codec
+    from shoal.ps.monitor import Monitor
+
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
-    group = start_servers(count, job_key, host=host, log_dir=log_dir)
+    monitor = Monitor(Codec(job_key.encode()), record=record, live=live, host=host).start()
+    events = {EVENTS_ENV: monitor.endpoint}
     try:
-        yield dict(group.env)
+        group = start_servers(count, job_key, host=host, log_dir=log_dir, extra_env=events)
+        try:
+            yield {**group.env, **events}
+        finally:
+            group.stop()
     finally:
-        group.stop()
+        monitor.stop()
 
 
 def read_endpoints(store, count: int, timeout_s: float) -> list[str]:

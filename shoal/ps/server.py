@@ -28,6 +28,7 @@ from collections import Counter
 import torch
 import zmq
 
+from shoal.comm.pubsub import EVENTS_ENV, Publisher
 from shoal.comm.wire import Codec, WireError, job_key
 from shoal.ps import optim
 from shoal.ps.consistency import Gate, Mode
@@ -75,6 +76,7 @@ class Server:
         self.first_join = 0.0
         self.error = ""
         self.done = False
+        self.events = None  # a shoal.comm.pubsub.Publisher when the launcher listens
 
     # ------------------------------------------------------------------ loop
     def serve(self) -> int:
@@ -160,6 +162,10 @@ class Server:
         self.order = list(self.pieces)
         self.gate = Gate(self.workers, [p.mode for p in self.pieces.values()])
         self.async_keys = any(p.mode.kind != "bsp" for p in self.pieces.values())
+        if self.events:
+            nbytes = sum(p.param.numel() * p.param.element_size() for p in self.pieces.values())
+            modes = sorted({str(p.mode) for p in self.pieces.values()})
+            self.events.publish("event", {"message": f"server {self.index}: {len(self.pieces)} pieces, {nbytes / 1e6:.2f} MB, {self.optim_name}, {'/'.join(modes)}, {self.workers} workers"})
         for w, (ident, _) in self.joined.items():
             self.read_applied[w] = 0
             self.send(ident, {"op": "params", "clock": 0, "applied": 0}, [p.param for p in self.pieces.values()])
@@ -269,6 +275,8 @@ class Server:
         for ident, _ in self.joined.values():
             self.send(ident, {"op": "error", "message": message})
         print(f"shoal: {message}", file=sys.stderr, flush=True)
+        if self.events:
+            self.events.publish("event", {"message": message, "error": True})
         self.pending = []
         self.done = True
 
@@ -302,6 +310,8 @@ def main() -> int:
     optim.build("SGD", torch.zeros(1), {"lr": 0.1})  # torch imports its compiler stack on the first optimizer: pay it before serving
     codec = Codec(job_key(), int(env.get("SHOAL_PS_MAX_BYTES", str(1 << 30))))
     server = Server(index, codec, env.get("SHOAL_PS_HOST", "127.0.0.1"), float(env.get("SHOAL_PS_TIMEOUT_S", "60")))
+    if env.get(EVENTS_ENV):
+        server.events = Publisher(env[EVENTS_ENV], codec)
     host, _, port = env["SHOAL_PS_STORE"].rpartition(":")
     store = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=60))
     store.set(f"shoal/ps/server/{index}", server.endpoint)

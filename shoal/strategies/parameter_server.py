@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from shoal import runtime
+from shoal.comm.pubsub import EVENTS_ENV, Publisher
 from shoal.config import check_range
 from shoal.errors import ConfigError, ShoalError
 from shoal.ps.consistency import parse_mode, resolve
@@ -70,6 +71,7 @@ class ParameterServer(Strategy):
         self._clock = 0
         self._pending = False
         self._metrics = _Window()
+        self._metrics_wait_total = 0.0
 
     def server_processes(self, workers: int) -> int:
         return self.servers
@@ -116,7 +118,11 @@ class ParameterServer(Strategy):
         self._install(self._client.init(specs, values))
         self._model = model
         self._optimizer = optimizer
-        self._hook = model.register_forward_pre_hook(lambda *_: self.sync())
+        self._hook = model.register_forward_pre_hook(self._before_forward)
+        self._pub = None
+        if os.environ.get(EVENTS_ENV):
+            self._pub = Publisher(os.environ[EVENTS_ENV], codec)
+        self._live = {"t": time.perf_counter(), "steps": 0, "samples": 0, "wait": 0.0, "batch": 0}
         self._rng = random.Random(1000 + rt.rank)
         return model, wrap_optimizer(optimizer, self._step, self._zero_grad)
 
@@ -141,7 +147,32 @@ class ParameterServer(Strategy):
         self._clock += 1
         self._client.request_pull(self._clock)
         self._pending = True
+        if self._pub is not None:
+            self._publish()
         return loss
+
+    def _before_forward(self, module, inputs) -> None:
+        self.sync()
+        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0:
+            self._live["batch"] = inputs[0].shape[0]
+
+    def _publish(self, final: bool = False) -> None:
+        """Every half second (and at the end), this worker's row of the launcher's live table."""
+        live = self._live
+        live["steps"] += 0 if final else 1
+        live["samples"] += 0 if final else live["batch"]
+        now = time.perf_counter()
+        if now - live["t"] < 0.5 and not (final and live["steps"]):
+            return
+        elapsed = now - live["t"]
+        wait = self._metrics_wait_total - live["wait"]
+        self._pub.publish("metrics", {
+            "rank": runtime.current().rank, "step": self._clock, "samples_per_s": live["samples"] / elapsed,
+            "steps_per_s": live["steps"] / elapsed, "wait_frac": wait / elapsed,
+            "staleness": self._metrics.staleness[-1] if self._metrics.staleness else 0.0,
+            "bytes_pushed": self._client.bytes_pushed, "bytes_pulled": self._client.bytes_pulled,
+        })
+        live.update(t=now, steps=0, samples=0, wait=self._metrics_wait_total)
 
     def _zero_grad(self, original_zero_grad, set_to_none: bool = True):
         if not set_to_none:
@@ -154,7 +185,9 @@ class ParameterServer(Strategy):
             return
         start = time.perf_counter()
         replies = self._client.wait_pull(self._clock)
-        self._metrics.wait_s += time.perf_counter() - start
+        waited = time.perf_counter() - start
+        self._metrics.wait_s += waited
+        self._metrics_wait_total += waited
         self._pending = False
         self._install(replies)
         self._metrics.staleness.append(max(float(h.get("staleness", 0.0)) for h, _ in replies))
@@ -213,6 +246,9 @@ class ParameterServer(Strategy):
         if self._client is not None:
             self.sync()
             self._hook.remove()
+            if self._pub is not None:
+                self._publish(final=True)
+                self._pub.close()
             self._client.close()
             self._client = None
 
