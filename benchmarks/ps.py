@@ -12,7 +12,7 @@
    2-core machine 4 workers and a server would otherwise fight over the CPU
    and the measurement would be of the scheduler, not of the consistency.
 
-    python benchmarks/ps.py [--steps 150] [--quick]
+    python benchmarks/ps.py [--reps 3] [--steps N] [--only throughput|stragglers]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--steps", type=int, default=0, help="timed steps (throughput) or steps per worker (stragglers)")
     parser.add_argument("--target", type=float, default=0.93)
+    parser.add_argument("--reps", type=int, default=3, help="throughput runs per variant (the median is reported)")
     parser.add_argument("--only", choices=["throughput", "stragglers"], default=None, help="run one part (no JSON written)")
     args = parser.parse_args()
     if args.worker:
@@ -147,12 +149,19 @@ def main() -> None:
 
     results: dict = {"throughput": {}, "stragglers": {}}
     cases = (("digits_mlp", args.steps or 100), ("wide_mlp_5m", max(10, (args.steps or 100) // 5)))
+    variants = (("data_parallel", "dp", 0), ("ps_bsp_1_server", "bsp", 1), ("ps_bsp_2_servers", "bsp", 2))
     for model, steps in () if args.only == "stragglers" else cases:
-        row = {}
-        for name, strategy, servers in (("data_parallel", "dp", 0), ("ps_bsp_1_server", "bsp", 1), ("ps_bsp_2_servers", "bsp", 2)):
-            row[name] = launch(2, servers, ["--task", "throughput", "--model", model, "--strategy", strategy, "--steps", str(steps)])
-            print(f"{model} {name}: {row[name]['steps_per_s']:.1f} steps/s", flush=True)
-        results["throughput"][model] = row
+        runs: dict = {name: [] for name, _, _ in variants}
+        for _ in range(args.reps):  # interleaved, so drift in the machine's load hits every variant
+            for name, strategy, servers in variants:
+                r = launch(2, servers, ["--task", "throughput", "--model", model, "--strategy", strategy, "--steps", str(steps)])
+                runs[name].append(r)
+                print(f"{model} {name}: {r['steps_per_s']:.1f} steps/s", flush=True)
+        results["throughput"][model] = {
+            name: {"steps_per_s": statistics.median(r["steps_per_s"] for r in rs), "runs": [r["steps_per_s"] for r in rs],
+                   "parameters": rs[0]["parameters"], **{k: v for k, v in rs[-1].items() if k.startswith("ps_bytes")}}
+            for name, rs in runs.items()
+        }
 
     if args.only == "throughput":
         return
@@ -190,7 +199,9 @@ def main() -> None:
         + f" | time to {args.target} vs BSP: transient SSP1 {ratio('transient', 'ssp_1')} SSP3 {ratio('transient', 'ssp_3')} ASP {ratio('transient', 'asp')}"
         + f"; persistent SSP1 {ratio('persistent', 'ssp_1')} SSP3 {ratio('persistent', 'ssp_3')} ASP {ratio('persistent', 'asp')}"
     )
-    _harness.write("ps", {"config": {"base_step_s": BASE_S, "target": args.target, "steps_per_worker": per_worker, "models": MODELS}, **results}, summary)
+    config = {"base_step_s": BASE_S, "target": args.target, "steps_per_worker": per_worker, "models": MODELS, "reps": args.reps,
+              "timed_steps": dict(cases), "command": " ".join(["python", "benchmarks/ps.py", *sys.argv[1:]])}
+    _harness.write("ps", {"config": config, **results}, summary)
 
 
 if __name__ == "__main__":
