@@ -11,7 +11,13 @@ from shoal.runtime import current, init, shutdown
 from shoal.strategies.base import Strategy
 from shoal.strategies.data_parallel import DataParallel
 from shoal.strategies.parameter_server import ParameterServer
+from shoal.strategies.pipeline import Pipeline
+from shoal.strategies.sharded import ShardedDataParallel
+from shoal.strategies.tensor_parallel import TensorParallel
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "DataParallel", "ParameterServer", "ShoalError", "Strategy", "current", "init", "shutdown"]
+__all__ = [
+    "ConfigError", "DataParallel", "ParameterServer", "Pipeline", "ShardedDataParallel", "ShoalError", "Strategy", "TensorParallel",
+    "current", "init", "shutdown",
+]

@@ -8,6 +8,7 @@ DATASETS = Registry(
     {
         "digits": "shoal.data.digits:Digits",
         "synthetic": "shoal.data.synthetic:Synthetic",
+        "stdlib_chars": "shoal.data.chars:StdlibChars",
     },
 )
 

@@ -8,6 +8,7 @@ MODELS = Registry(
     {
         "mlp": "shoal.models.mlp:MLP",
         "cnn": "shoal.models.cnn:CNN",
+        "gpt": "shoal.models.gpt:GPT",
     },
 )
 

@@ -8,6 +8,9 @@ STRATEGIES = Registry(
     {
         "data_parallel": "shoal.strategies.data_parallel:DataParallel",
         "parameter_server": "shoal.strategies.parameter_server:ParameterServer",
+        "pipeline": "shoal.strategies.pipeline:Pipeline",
+        "tensor_parallel": "shoal.strategies.tensor_parallel:TensorParallel",
+        "sharded": "shoal.strategies.sharded:ShardedDataParallel",
     },
 )
 

@@ -60,15 +60,23 @@ class Strategy:
         model.eval()
         idx = eval_shard(len(dataset), self.data_rank, self.data_world)
         totals = torch.zeros(3, dtype=torch.float64)
-        for start in range(0, len(idx), batch_size):
+        # Every rank runs the same number of batches (some may be empty): sharded
+        # and model-parallel forwards are collective.
+        longest = -(-len(dataset) // self.data_world)
+        for start in range(0, longest, batch_size):
             x, y = fetch(dataset, idx[start : start + batch_size], rt.device)
             out = model(x)
-            totals[0] += float(loss_fn(out, y)) * y.numel()  # per target: samples, or tokens of a language model
-            totals[1] += float((out.argmax(-1) == y).sum())
-            totals[2] += y.numel()
+            if y.numel():
+                totals += self.eval_totals(out, y, loss_fn)
         self.all_reduce_sum(totals)
         model.train(was_training)
         return {"eval_loss": totals[0].item() / totals[2].item(), "eval_accuracy": totals[1].item() / totals[2].item()}
+
+    @staticmethod
+    def eval_totals(out: torch.Tensor, y: torch.Tensor, loss_fn: Callable) -> torch.Tensor:
+        """(loss sum, correct, count) per target: samples, or tokens of a language model."""
+        n = y.numel()
+        return torch.tensor([float(loss_fn(out, y)) * n, float((out.argmax(-1) == y).sum()), n], dtype=torch.float64)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a small CPU tensor over the data-parallel ranks (in place)."""
@@ -150,3 +158,46 @@ def raw_optimizer(optimizer: torch.optim.Optimizer):
         yield optimizer
     finally:
         optimizer.__dict__.update(wrapped)
+
+
+def rebind_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], params: dict[str, torch.nn.Parameter]) -> None:
+    """Point `optimizer`'s groups at new parameter objects, by name, in place.
+
+    Sharding (FSDP2, tensor parallel) replaces a module's parameters and a
+    pipeline stage keeps only some: the user's optimizer, built on the
+    original parameters, must follow. `names` maps id(original) -> name. Groups
+    keep their hyperparameters; parameters this rank no longer holds are dropped.
+    """
+    if optimizer.state:
+        raise RuntimeError("prepare() the model before the optimizer's first step")
+    groups = optimizer.param_groups
+    optimizer.param_groups = []
+    for group in groups:
+        kept = [params[names[id(p)]] for p in group["params"] if names.get(id(p)) in params]
+        if kept:
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": kept})
+    if not optimizer.param_groups:
+        raise RuntimeError("after splitting the model this rank holds no parameter of the optimizer")
+
+
+def all_reduce_mean_grads(params, group, world: int) -> None:
+    """Average local gradients over a data-parallel group with one flat all-reduce.
+
+    For model-parallel layouts where DDP cannot wrap the module (pipeline
+    stages driven by a schedule, DTensor parameters): same arithmetic as DDP.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = []
+    for p in params:
+        if p.grad is not None:
+            grads.append(p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad)
+    if not grads or world <= 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat.div_(world)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -7,6 +7,7 @@ update, i.e. `grad_accum` micro-batches.
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
@@ -41,7 +42,11 @@ class Trainer:
         model = cfg.model.options.build(split.input_shape, split.num_classes)
         optimizer = build_optimizer(cfg.optimizer, model.parameters())
         strategy = cfg.strategy.options
-        model, optimizer = strategy.prepare(model, optimizer)
+        extra_args = {}
+        if "example" in inspect.signature(strategy.prepare).parameters:  # e.g. a pipeline split by measured time
+            x, y = split.train.tensors
+            extra_args["example"] = (x[: cfg.data.options.batch_size], y[: cfg.data.options.batch_size])
+        model, optimizer = strategy.prepare(model, optimizer, **extra_args)
         schedule = build_schedule(cfg.optimizer, optimizer, cfg.train.steps)
         loader = strategy.loader(split.train, cfg.data.options.batch_size, shuffle=True, seed=cfg.train.seed)
         loss_fn = loss_for(split.task)
