@@ -156,3 +156,39 @@ def test_unsupported_optimizer_is_a_clear_error_at_prepare():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ConfigError, match="SGD, Adam and AdamW"):
         ParameterServer().prepare(model, torch.optim.RMSprop(model.parameters()))
+
+
+def test_without_servers_prepare_says_how_to_start_them(monkeypatch):
+    from shoal.errors import ShoalError
+    from shoal.strategies.parameter_server import ParameterServer
+
+    monkeypatch.delenv("SHOAL_PS_STORE", raising=False)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ShoalError, match=r"shoal run -n N --servers S"):
+        ParameterServer().prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+# ------------------------------------------------------------------ publish/subscribe
+def test_pubsub_delivers_authenticated_rows_and_drops_strangers():
+    import time
+
+    from shoal.comm.pubsub import Publisher, Subscriber
+
+    sub = Subscriber(Codec(KEY))
+    good, stranger = Publisher(sub.endpoint, Codec(KEY)), Publisher(sub.endpoint, Codec(b"s" * 32))
+    got, deadline = [], time.monotonic() + 10
+    try:
+        while not got and time.monotonic() < deadline:  # PUB drops what it sends before the connection is up
+            stranger.publish("metrics", {"rank": 9})
+            good.publish("metrics", {"rank": 1, "step": 3})
+            got = sub.poll(100)
+        for _ in range(10):  # by now the stranger's connection is up too
+            stranger.publish("metrics", {"rank": 9})
+            time.sleep(0.05)
+        got += sub.poll(200)
+    finally:
+        good.close()
+        stranger.close()
+        sub.close()
+    assert got and all(m == {"rank": 1, "step": 3, "topic": "metrics"} for m in got)
+    assert sub.dropped > 0  # the stranger's rows arrived and were refused
