@@ -17,8 +17,9 @@ USAGE = """usage: shoal <command> ...
 commands:
   train [CONFIG.toml] [--section.key=value ...] [--resume]
         run a complete training job (default: an MLP on scikit-learn's digits, 2 workers)
-  run [-n N] [--nnodes M --node-rank K --rdzv-endpoint HOST:PORT] script.py [args ...]
-        run any script on N local worker processes (the environment torchrun sets)
+  run [-n N] [--servers S] [--nnodes M --node-rank K --rdzv-endpoint HOST:PORT] script.py [args ...]
+        run any script on N local worker processes (the environment torchrun sets),
+        with S parameter-server processes for the parameter_server strategy
 
 `shoal <command> --help` for details.
 """
@@ -79,6 +80,7 @@ def _run(args: list[str]) -> int:
     parser.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
     parser.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of machine 0, the same on every machine")
     parser.add_argument("--log-dir", default=None, help="where each rank's stdout/stderr is kept")
+    parser.add_argument("--servers", type=int, default=0, help="parameter-server processes to start (for the parameter_server strategy)")
     parser.add_argument("script", help="the Python script to run")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     try:
@@ -93,8 +95,18 @@ def _run(args: list[str]) -> int:
 
     if not os.path.isfile(ns.script):
         raise ConfigError(f"script {ns.script!r} does not exist")
-    spec = LaunchSpec(nproc=ns.nproc, nnodes=ns.nnodes, node_rank=ns.node_rank, rdzv_endpoint=ns.rdzv_endpoint, log_dir=ns.log_dir)
-    launch([ns.script, *ns.script_args], spec)
+    if ns.servers < 0 or (ns.servers and ns.nnodes > 1):
+        raise ConfigError(f"--servers must be >= 0 and works on one machine (--nnodes 1) for now, not {ns.servers} with --nnodes {ns.nnodes}")
+    import secrets
+
+    from shoal.ps.launch import serving
+
+    key = os.environ.get("SHOAL_JOB_KEY") or secrets.token_hex(32)
+    record = os.path.join(ns.log_dir, "ps_events.jsonl") if ns.log_dir else None
+    with serving(ns.servers, key, log_dir=ns.log_dir, record=record, live=sys.stderr.isatty()) as ps_env:
+        spec = LaunchSpec(nproc=ns.nproc, nnodes=ns.nnodes, node_rank=ns.node_rank, rdzv_endpoint=ns.rdzv_endpoint, log_dir=ns.log_dir,
+                          env={"SHOAL_JOB_KEY": key, **ps_env})
+        launch([ns.script, *ns.script_args], spec)
     return 0
 
 

@@ -17,8 +17,9 @@ from rich.console import Console
 
 from shoal.train import jobconfig as config
 from shoal.train.jobconfig import JobConfig
-from shoal.errors import CheckpointError
+from shoal.errors import CheckpointError, ConfigError
 from shoal.launch.agent import LaunchSpec, launch
+from shoal.ps.launch import serving
 from shoal.train import checkpoint
 from shoal.train.progress import ProgressMonitor
 
@@ -77,8 +78,13 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
     monitor = ProgressMonitor(run_dir / "metrics.jsonl", cfg.train.steps, console) if cfg.logging.progress else None
     if monitor:
         monitor.start()
+    servers = cfg.strategy.options.server_processes(launch_cfg.workers * launch_cfg.nnodes)
+    if servers and launch_cfg.nnodes > 1:
+        raise ConfigError(f"strategy {cfg.strategy.name!r} starts server processes and runs on one machine (launch.nnodes = 1) for now", "launch.nnodes")
     try:
-        launch(["-m", "shoal.train.worker", str(run_dir)], spec)
+        with serving(servers, env["SHOAL_JOB_KEY"], log_dir=str(run_dir / "logs"), record=str(run_dir / "ps_events.jsonl")) as ps_env:
+            env.update(ps_env)
+            launch(["-m", "shoal.train.worker", str(run_dir)], spec)
     finally:
         if monitor:
             monitor.stop()

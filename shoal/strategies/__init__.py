@@ -7,6 +7,7 @@ STRATEGIES = Registry(
     "strategy",
     {
         "data_parallel": "shoal.strategies.data_parallel:DataParallel",
+        "parameter_server": "shoal.strategies.parameter_server:ParameterServer",
         "pipeline": "shoal.strategies.pipeline:Pipeline",
         "tensor_parallel": "shoal.strategies.tensor_parallel:TensorParallel",
         "sharded": "shoal.strategies.sharded:ShardedDataParallel",

@@ -1,0 +1,208 @@
+"""Parameter server benchmarks, each comparison side by side in one run.
+
+1. Throughput: PS-BSP with 1 and 2 servers against DataParallel (DDP, gloo),
+   2 workers, steps/s, on the digits MLP and on a communication-heavy MLP
+   (>= 5M parameters).
+2. Stragglers: 4 workers, wall time until rank 0's model reaches a target
+   test accuracy under BSP, SSP (s = 1, 3) and ASP, and the final accuracy.
+   - transient: every worker is 4x slower on a random 10% of its steps;
+   - persistent: one worker (rank 3) is always 3x slower.
+   A step's compute is simulated by a sleep (`debug_slowdown`, the documented
+   straggler option), "*:BASE" for everyone plus the extra delays: on a
+   2-core machine 4 workers and a server would otherwise fight over the CPU
+   and the measurement would be of the scheduler, not of the consistency.
+
+    python benchmarks/ps.py [--reps 3] [--steps N] [--only throughput|stragglers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
+
+MODELS = {"digits_mlp": [64, 256, 128, 10], "wide_mlp_5m": [64, 2048, 2048, 512, 10]}
+BASE_S = 0.02  # the simulated compute of one step
+
+
+def build(widths: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+
+    import shoal
+    from shoal.data.digits import Digits
+
+    rt = shoal.init()
+    torch.manual_seed(0)
+    split = Digits().load(seed=0)
+    model = build(MODELS[args.model])
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    if args.strategy == "dp":
+        strategy = shoal.DataParallel()
+    else:
+        strategy = shoal.ParameterServer(consistency=args.strategy, staleness=args.staleness, servers=args.servers,
+                                         chunk_bytes=1 << 20, debug_slowdown=args.slowdown)
+    model, opt = strategy.prepare(model, opt)
+    batches = strategy.loader(split.train, args.batch, seed=0).forever()
+    loss_fn = nn.CrossEntropyLoss()
+    out: dict = {}
+    if args.task == "throughput":
+        def step():
+            strategy.train_step(model, opt, loss_fn, next(batches))
+        for _ in range(3):
+            step()
+        if hasattr(strategy, "sync"):
+            strategy.sync()
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if hasattr(strategy, "sync"):
+            strategy.sync()
+        dist.barrier()
+        out["steps_per_s"] = args.steps / (time.perf_counter() - start)
+        out["parameters"] = sum(p.numel() for p in model.parameters())
+        out.update(strategy.step_metrics())
+    else:
+        # wall time from the common start (every worker has joined the servers) until
+        # rank 0's model, with the parameters it pulls, reaches the target accuracy
+        x_test, y_test = split.test.tensors
+        dist.barrier()
+        start = time.perf_counter()
+        curve = []
+        for step in range(1, args.steps + 1):
+            strategy.train_step(model, opt, loss_fn, next(batches))
+            if rt.rank == 0 and step % 5 == 0:
+                strategy.sync()
+                with torch.no_grad():
+                    acc = float((model(x_test).argmax(-1) == y_test).float().mean())
+                curve.append([round(time.perf_counter() - start, 4), step, round(acc, 4)])
+        strategy.sync()
+        out["wall_s"] = time.perf_counter() - start
+        out["curve"] = curve
+        out.update({k: v for k, v in strategy.step_metrics().items() if k in ("ps_staleness", "ps_wait_frac")})
+        dist.barrier()  # every worker done: rank 0 now evaluates the final parameters
+        strategy.refresh()
+        with torch.no_grad():
+            out["final_accuracy"] = float((model(x_test).argmax(-1) == y_test).float().mean())
+    if rt.rank == 0:
+        Path(args.out).write_text(json.dumps(out))
+    strategy.close()
+    shoal.shutdown()
+
+
+def launch(nproc: int, servers: int, wargs: list[str], timeout: float = 600) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.json")
+        env = {**os.environ, "SHOAL_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "shoal.cli", "run", "-n", str(nproc), "--log-dir", tmp]
+        if servers:
+            cmd += ["--servers", str(servers)]
+        cmd += [__file__, "--worker", "--out", out, "--servers", str(servers), *wargs]
+        proc = subprocess.run(cmd, env=env, timeout=timeout, stdout=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            sys.exit(f"benchmark worker failed: {' '.join(cmd)}")
+        return json.loads(Path(out).read_text())
+
+
+def time_to(curve: list, target: float) -> float | None:
+    return next((t for t, _, acc in curve if acc >= target), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="")
+    parser.add_argument("--task", default="throughput")
+    parser.add_argument("--model", default="digits_mlp")
+    parser.add_argument("--strategy", default="bsp")
+    parser.add_argument("--staleness", type=int, default=0)
+    parser.add_argument("--servers", type=int, default=1)
+    parser.add_argument("--slowdown", default="")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--steps", type=int, default=0, help="timed steps (throughput) or steps per worker (stragglers)")
+    parser.add_argument("--target", type=float, default=0.93)
+    parser.add_argument("--reps", type=int, default=3, help="throughput runs per variant (the median is reported)")
+    parser.add_argument("--only", choices=["throughput", "stragglers"], default=None, help="run one part (no JSON written)")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    results: dict = {"throughput": {}, "stragglers": {}}
+    cases = (("digits_mlp", args.steps or 100), ("wide_mlp_5m", max(10, (args.steps or 100) // 5)))
+    variants = (("data_parallel", "dp", 0), ("ps_bsp_1_server", "bsp", 1), ("ps_bsp_2_servers", "bsp", 2))
+    for model, steps in () if args.only == "stragglers" else cases:
+        runs: dict = {name: [] for name, _, _ in variants}
+        for _ in range(args.reps):  # interleaved, so drift in the machine's load hits every variant
+            for name, strategy, servers in variants:
+                r = launch(2, servers, ["--task", "throughput", "--model", model, "--strategy", strategy, "--steps", str(steps)])
+                runs[name].append(r)
+                print(f"{model} {name}: {r['steps_per_s']:.1f} steps/s", flush=True)
+        results["throughput"][model] = {
+            name: {"steps_per_s": statistics.median(r["steps_per_s"] for r in rs), "runs": [r["steps_per_s"] for r in rs],
+                   "parameters": rs[0]["parameters"], **{k: v for k, v in rs[-1].items() if k.startswith("ps_bytes")}}
+            for name, rs in runs.items()
+        }
+
+    if args.only == "throughput":
+        return
+    per_worker = args.steps or 150
+    scenarios = {
+        "transient": f"*:{BASE_S},*:{3 * BASE_S}@0.1",  # 4x on a random 10% of steps
+        "persistent": f"*:{BASE_S},3:{2 * BASE_S}",     # rank 3 always 3x
+    }
+    modes = (("bsp", 0), ("ssp_1", 1), ("ssp_3", 3), ("asp", 0))
+    for scenario, slowdown in scenarios.items():
+        row = {}
+        for name, s in modes:
+            r = launch(4, 1, ["--task", "stragglers", "--strategy", name.split("_")[0], "--staleness", str(s), "--slowdown", slowdown,
+                              "--batch", "16", "--lr", "0.02", "--steps", str(per_worker), "--model", "digits_mlp"])
+            r["time_to_target_s"] = time_to(r["curve"], args.target)
+            row[name] = r
+            print(f"{scenario} {name}: target {args.target} at {r['time_to_target_s']}s, final accuracy {r['final_accuracy']:.4f}", flush=True)
+        bsp = row["bsp"]["time_to_target_s"]
+        for name in row:
+            t = row[name]["time_to_target_s"]
+            row[name]["vs_bsp"] = t / bsp if t is not None and bsp else None
+        results["stragglers"][scenario] = {"debug_slowdown": slowdown, "modes": row}
+
+    if args.only:
+        return
+    tp = results["throughput"]
+    st = results["stragglers"]
+
+    def ratio(s, m):
+        v = st[s]["modes"][m]["vs_bsp"]
+        return f"{v:.2f}" if v is not None else "n/a"
+
+    summary = (
+        "ps: steps/s DP/PS1/PS2 " + "; ".join(f"{m} {r['data_parallel']['steps_per_s']:.1f}/{r['ps_bsp_1_server']['steps_per_s']:.1f}/{r['ps_bsp_2_servers']['steps_per_s']:.1f}" for m, r in tp.items())
+        + f" | time to {args.target} vs BSP: transient SSP1 {ratio('transient', 'ssp_1')} SSP3 {ratio('transient', 'ssp_3')} ASP {ratio('transient', 'asp')}"
+        + f"; persistent SSP1 {ratio('persistent', 'ssp_1')} SSP3 {ratio('persistent', 'ssp_3')} ASP {ratio('persistent', 'asp')}"
+    )
+    config = {"base_step_s": BASE_S, "target": args.target, "steps_per_worker": per_worker, "models": MODELS, "reps": args.reps,
+              "timed_steps": dict(cases), "command": " ".join(["python", "benchmarks/ps.py", *sys.argv[1:]])}
+    _harness.write("ps", {"config": config, **results}, summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The safe wire codec: a msgpack header plus raw tensor buffers, authenticated.
+
+A message is the ZeroMQ frames `[mac, header, buf_0, ..., buf_n-1]`:
+
+- `header` is msgpack (maps, lists, strings, numbers; never pickle, no
+  extension types) and lists, in `"tensors"`, the dtype and shape of each
+  buffer that follows;
+- each `buf_i` is the tensor's raw bytes, sent without a copy where ZeroMQ
+  allows and read back without one (`torch.frombuffer` on the received frame);
+- `mac` is HMAC-SHA256 under the job's secret key over the frame count and
+  every frame (the buffers, then the header), each prefixed by its length, so
+  no frame can be added, dropped, cut or moved without the MAC failing.
+
+`Codec.decode` checks, in this order and before building anything from the
+data: the total size against the limit, the MAC (so unauthenticated bytes are
+never parsed), the header's shape, the dtype allow-list, and that every
+buffer's length is exactly its dtype's size times its shape's element count.
+Any failure raises `WireError` with a short reason, which a server counts and
+drops; nothing in a message can run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import struct
+import warnings
+
+import msgpack
+import torch
+
+from shoal.errors import ShoalError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAC_BYTES = 32
+MAX_HEADER = 1 << 20
+MAX_DIMS = 8
+
+# Received frames are read-only; we never write into them (the server copies
+# gradients into its own accumulators), so torch's warning is noise here.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+class WireError(Exception):
+    """A message that must be dropped; `reason` is a short counter name."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def job_key(given: str | bytes | None = None) -> bytes:
+    """The job's secret: `given`, else SHOAL_JOB_KEY (set by `shoal run`/`shoal train`)."""
+    key = given if given is not None else os.environ.get("SHOAL_JOB_KEY", "")
+    if isinstance(key, str):
+        key = key.encode()
+    if len(key) < 16:
+        raise ShoalError(
+            "the parameter server needs a job key of at least 16 characters: `shoal run`/`shoal train` set SHOAL_JOB_KEY; "
+            "for processes you start yourself, set SHOAL_JOB_KEY to the same secret everywhere"
+        )
+    return key
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor, without a copy when it is contiguous."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+class Codec:
+    """Encodes and checks messages for one job (one key, one size limit)."""
+
+    def __init__(self, key: bytes, max_bytes: int = 1 << 30):
+        self._key = key
+        self.max_bytes = int(max_bytes)
+
+    def _buffers_mac(self, bufs):
+        # The buffers first and the header last, so one pass over large buffers
+        # serves many receivers whose headers differ (see `encode_many`).
+        m = hmac.new(self._key, digestmod=hashlib.sha256)
+        m.update(struct.pack("<I", len(bufs) + 1))
+        for b in bufs:
+            m.update(struct.pack("<Q", len(b)))
+            m.update(b)
+        return m
+
+    @staticmethod
+    def _finish(m, head) -> bytes:
+        m.update(struct.pack("<Q", len(head)))
+        m.update(head)
+        return m.digest()
+
+    def _mac(self, frames) -> bytes:
+        """The MAC of [header, *buffers]."""
+        return self._finish(self._buffers_mac(frames[1:]), frames[0])
+
+    def encode(self, header: dict, tensors: list[torch.Tensor] = ()) -> list:
+        """Frames for `send_multipart`; tensor buffers are views, not copies."""
+        return self.encode_many([header], tensors)[0]
+
+    def encode_many(self, headers: list[dict], tensors: list[torch.Tensor] = ()) -> list[list]:
+        """One message per header, all carrying the same tensors, which are read once."""
+        specs = []
+        for t in tensors:
+            if t.dtype not in DTYPE_NAMES:
+                raise ShoalError(f"tensors of dtype {t.dtype} cannot be sent to the parameter server; use one of {', '.join(DTYPES)}")
+            specs.append([DTYPE_NAMES[t.dtype], list(t.shape)])
+        bufs = [tensor_bytes(t) for t in tensors]
+        base = self._buffers_mac(bufs)
+        out = []
+        for header in headers:
+            head = msgpack.packb({**header, "tensors": specs}, use_bin_type=True)
+            out.append([self._finish(base.copy(), head), head, *bufs])
+        return out
+
+    def decode(self, frames: list) -> tuple[dict, list[torch.Tensor]]:
+        """(header, tensors) of a received message, or `WireError`.
+
+        `frames` are bytes or `zmq.Frame`s (from `recv_multipart(copy=False)`);
+        the tensors share memory with the frames.
+        """
+        bufs = [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames]
+        if len(bufs) < 2:
+            raise WireError("malformed", "fewer than two frames")
+        if sum(len(b) for b in bufs) > self.max_bytes:
+            raise WireError("oversized", f"over {self.max_bytes} bytes")
+        mac, head, data = bufs[0], bufs[1], bufs[2:]
+        if len(mac) != MAC_BYTES or len(head) > MAX_HEADER:
+            raise WireError("malformed", "bad MAC or header length")
+        if not hmac.compare_digest(self._mac([head, *data]), bytes(mac)):
+            raise WireError("unauthenticated", "MAC does not match the job key")
+        try:
+            header = msgpack.unpackb(
+                head, raw=False, strict_map_key=True, max_str_len=MAX_HEADER, max_bin_len=MAX_HEADER,
+                max_array_len=1 << 20, max_map_len=1 << 16, max_ext_len=0,
+            )
+        except Exception as exc:  # msgpack raises several types for bad input
+            raise WireError("malformed", f"header is not msgpack ({type(exc).__name__})") from None
+        if not isinstance(header, dict):
+            raise WireError("malformed", "header is not a map")
+        specs = header.pop("tensors", None)
+        if not isinstance(specs, list) or len(specs) != len(data):
+            raise WireError("malformed", "tensor list does not match the frames")
+        tensors = []
+        for spec, buf in zip(specs, data):
+            tensors.append(_tensor(spec, buf))
+        return header, tensors
+
+
+def _tensor(spec, buf: memoryview) -> torch.Tensor:
+    if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], list)):
+        raise WireError("malformed", "tensor spec is not [dtype, shape]")
+    name, shape = spec
+    dtype = DTYPES.get(name)
+    if dtype is None:
+        raise WireError("bad_dtype", f"dtype {name!r} is not allowed")
+    if len(shape) > MAX_DIMS or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape):
+        raise WireError("malformed", "bad shape")
+    numel = math.prod(shape)
+    if numel * dtype.itemsize != len(buf):
+        raise WireError("bad_size", f"{len(buf)} bytes for {name}{shape}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)

@@ -1,0 +1,125 @@
+"""The worker's side of the parameter server: one DEALER socket per server.
+
+`push` and `request_pull` only queue messages: ZeroMQ's I/O thread sends them
+while the worker goes on (zero_grad, the next batch), and gradient buffers
+go out without a copy. `wait_pull` blocks until every server has answered
+the pull, which is when the consistency rule allowed it; the time spent
+there is the step's wait time. Replies arrive in order per server, and a
+server always handles a worker's push before its next pull.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import zmq
+
+from shoal.comm.wire import Codec, WireError
+from shoal.errors import ShoalError
+
+
+class Client:
+    def __init__(self, endpoints: list[str], codec: Codec, rank: int, world: int, timeout_s: float):
+        self.codec, self.rank, self.world, self.timeout_s = codec, rank, world, timeout_s
+        self.endpoints = endpoints
+        self.ctx = zmq.Context()
+        self.socks = []
+        for ep in endpoints:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 5000)
+            s.connect(ep)
+            self.socks.append(s)
+        self.seq = 0
+        self.trackers: list = []
+        self.bytes_pushed = 0
+        self.bytes_pulled = 0
+
+    def _send(self, server: int, header: dict, tensors=(), track: bool = False):
+        self.seq += 1
+        frames = self.codec.encode({**header, "src": self.rank, "seq": self.seq}, list(tensors))
+        if track:
+            return self.socks[server].send_multipart(frames, copy=False, track=True)
+        self.socks[server].send_multipart(frames)
+        return None
+
+    def init(self, specs: list[dict], values: list[list[torch.Tensor]]) -> list[tuple[dict, list[torch.Tensor]]]:
+        """Join every server (rank 0 sends the initial values); the servers' answers."""
+        for s, (spec, vals) in enumerate(zip(specs, values)):
+            self._send(s, {"op": "init", "world": self.world, "spec": spec}, vals if self.rank == 0 else ())
+        return self._collect("params", clock=0)
+
+    def push(self, clock: int, per_server: list[tuple[list[str], list[torch.Tensor]]], hp: list[dict]) -> None:
+        """Queue this clock's gradients for every server (every server gets a push, maybe empty)."""
+        self.trackers = []
+        for s, (keys, grads) in enumerate(per_server):
+            self.trackers.append(self._send(s, {"op": "push", "clock": clock, "keys": keys, "hp": hp}, grads, track=True))
+            self.bytes_pushed += sum(g.numel() * g.element_size() for g in grads)
+
+    def wait_sent(self) -> None:
+        """Block until ZeroMQ no longer reads the pushed gradient buffers."""
+        for t in self.trackers:
+            if t is not None and not t.done:
+                t.wait(self.timeout_s)
+        self.trackers = []
+
+    def request_pull(self, clock: int) -> None:
+        for s in range(len(self.socks)):
+            self._send(s, {"op": "pull", "clock": clock})
+
+    def wait_pull(self, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
+        return self._collect("params", clock)
+
+    def _collect(self, op: str, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
+        poller = zmq.Poller()
+        for s in self.socks:
+            poller.register(s, zmq.POLLIN)
+        replies: dict[int, tuple[dict, list]] = {}
+        deadline = time.monotonic() + self.timeout_s
+        while len(replies) < len(self.socks):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = [self.endpoints[i] for i in range(len(self.socks)) if i not in replies]
+                raise ShoalError(
+                    f"worker {self.rank}: no answer from parameter server(s) {missing} within {self.timeout_s:.0f}s "
+                    f"(clock {clock}); a server or another worker may have died"
+                )
+            for sock, _ in poller.poll(min(left, 1.0) * 1000):
+                s = self.socks.index(sock)
+                frames = sock.recv_multipart(copy=False)
+                try:
+                    header, tensors = self.codec.decode(frames)
+                except WireError as err:
+                    raise ShoalError(f"worker {self.rank}: a bad message from parameter server {s} ({err}); do all processes share the job key?") from None
+                if header.get("op") == "error":
+                    raise ShoalError(str(header.get("message", "the parameter server stopped the job")))
+                if header.get("op") != op or header.get("clock") != clock:
+                    raise ShoalError(f"worker {self.rank}: parameter server {s} answered {header.get('op')} for clock {header.get('clock')}, expected clock {clock}")
+                self.bytes_pulled += sum(t.numel() * t.element_size() for t in tensors)
+                replies[s] = (header, tensors)
+        return [replies[s] for s in range(len(self.socks))]
+
+    def stats(self, server: int) -> tuple[dict, list[torch.Tensor]]:
+        return request_stats(self.ctx, self.endpoints[server], self.codec, self.timeout_s)
+
+    def close(self) -> None:
+        for s in range(len(self.socks)):
+            self._send(s, {"op": "bye"})
+        for s in self.socks:
+            s.close()  # LINGER lets the goodbyes go out
+        self.ctx.term()
+
+
+def request_stats(ctx: zmq.Context, endpoint: str, codec: Codec, timeout_s: float = 10.0) -> tuple[dict, list[torch.Tensor]]:
+    """A server's counters and current parameters (read-only; for tools and tests)."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(codec.encode({"op": "stats", "src": -1}))
+        if not sock.poll(timeout_s * 1000):
+            raise ShoalError(f"parameter server {endpoint} did not answer a stats request within {timeout_s:.0f}s")
+        header, tensors = codec.decode(sock.recv_multipart())
+        return header, [t.clone() for t in tensors]
+    finally:
+        sock.close()

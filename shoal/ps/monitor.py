@@ -1,0 +1,75 @@
+"""The launcher's view of a parameter-server job while it runs.
+
+Subscribes to what servers and workers publish (`shoal.comm.pubsub`),
+keeps the newest row per worker (rank, step, samples/s, staleness, wait %),
+shows it as a live table when asked, and appends every message as a JSON
+line to `record` (the run directory's `ps_events.jsonl` under `shoal train`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from shoal.comm.pubsub import Subscriber
+from shoal.comm.wire import Codec
+
+
+class Monitor:
+    def __init__(self, codec: Codec, record: str | None = None, live: bool = False, console: Console | None = None, host: str = "127.0.0.1"):
+        self.sub = Subscriber(codec, host)
+        self.endpoint = self.sub.endpoint
+        self.record = open(record, "a") if record else None
+        self.live = live
+        self.console = console or Console(stderr=True)
+        self.rows: dict[int, dict] = {}
+        self.events: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shoal-ps-monitor", daemon=True)
+
+    def start(self) -> "Monitor":
+        self._thread.start()
+        return self
+
+    def _take(self, messages: list[dict]) -> None:
+        for m in messages:
+            if self.record:
+                self.record.write(json.dumps({"time": round(time.time(), 3), **m}) + "\n")
+            if m.get("topic") == "metrics" and isinstance(m.get("rank"), int):
+                self.rows[m["rank"]] = m
+            elif m.get("topic") == "event":
+                self.events.append(str(m.get("message", ""))[:200])
+        if self.record and messages:
+            self.record.flush()
+
+    def table(self) -> Table:
+        t = Table(title="parameter server: workers", title_justify="left")
+        for col in ("rank", "step", "samples/s", "staleness", "wait %"):
+            t.add_column(col, justify="right")
+        for rank in sorted(self.rows):
+            r = self.rows[rank]
+            t.add_row(str(rank), str(r.get("step", "")), f"{r.get('samples_per_s', 0.0):.0f}", f"{r.get('staleness', 0.0):.2f}", f"{100 * r.get('wait_frac', 0.0):.0f}")
+        return t
+
+    def _run(self) -> None:
+        if not self.live:
+            while not self._stop.is_set():
+                self._take(self.sub.poll(200))
+            return
+        with Live(self.table(), console=self.console, refresh_per_second=2, transient=False) as live:
+            while not self._stop.is_set():
+                self._take(self.sub.poll(200))
+                live.update(self.table())
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._take(self.sub.poll(0))
+        self.sub.close()
+        if self.record:
+            self.record.close()

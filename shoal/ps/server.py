@@ -1,0 +1,323 @@
+"""One parameter-server process: holds its pieces of the parameters, applies
+pushed gradients with the user's optimizer, answers pulls when the
+consistency rule allows.
+
+Single-threaded on purpose: one ZeroMQ ROUTER socket, one loop, so every
+update to a piece happens in one order and no lock is needed. ZeroMQ's own
+I/O thread overlaps the network with the arithmetic.
+
+Guarantees:
+- a message that fails authentication, is malformed or oversized, names an
+  unknown piece, has a wrong shape or dtype, a wrong clock or a replayed
+  sequence number is dropped and counted in `dropped`; it changes nothing;
+- a pull that waits longer than `timeout_s` (a worker died or hangs) stops
+  the server with one sentence naming the workers it waited for, sent to
+  every waiting worker as an error so that the job stops too.
+
+Start with `python -m shoal.ps.server` (see `shoal.ps.launch`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import Counter
+
+import torch
+import zmq
+
+from shoal.comm.pubsub import EVENTS_ENV, Publisher
+from shoal.comm.wire import Codec, WireError, job_key
+from shoal.ps import optim
+from shoal.ps.consistency import Gate, Mode
+
+log = logging.getLogger("shoal.ps.server")
+OBSERVER = -1  # `src` of read-only requests (stats) from tools and tests
+
+
+class Piece:
+    __slots__ = ("key", "param", "opt", "mode", "group", "steps")
+
+    def __init__(self, key: str, param: torch.Tensor, opt, mode: Mode, group: int):
+        self.key, self.param, self.opt, self.mode, self.group = key, param, opt, mode, group
+        self.steps = 0  # optimizer steps applied
+
+
+class Server:
+    def __init__(self, index: int, codec: Codec, host: str = "127.0.0.1", timeout_s: float = 60.0):
+        self.index = index
+        self.codec = codec
+        self.timeout_s = timeout_s
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, codec.max_bytes)  # ZeroMQ drops a bigger frame before we see it
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        port = self.sock.bind_to_random_port(f"tcp://{host}")
+        self.endpoint = f"tcp://{host}:{port}"
+        self.dropped: Counter[str] = Counter()
+        self.workers: int | None = None
+        self.joined: dict[int, tuple[bytes, dict]] = {}
+        self.initial: list[torch.Tensor] | None = None
+        self.pieces: dict[str, Piece] = {}
+        self.order: list[str] = []
+        self.optim_name = ""
+        self.hp: list[dict] = []
+        self.gate: Gate | None = None
+        self.seq: dict[int, int] = {}
+        self.accum: dict[int, dict[str, torch.Tensor]] = {}
+        self.accum_count: Counter[int] = Counter()
+        self.pending: list[tuple[bytes, int, int, float]] = []  # identity, worker, clock, since
+        self.applied = 0  # pushes whose updates are in the parameters
+        self.read_applied: dict[int, int] = {}
+        self.staleness: dict[int, float] = {}
+        self.bye: set[int] = set()
+        self.first_join = 0.0
+        self.error = ""
+        self.done = False
+        self.events = None  # a shoal.comm.pubsub.Publisher when the launcher listens
+
+    # ------------------------------------------------------------------ loop
+    def serve(self) -> int:
+        parent = os.getppid()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self.done:
+            if poller.poll(100):
+                frames = self.sock.recv_multipart(copy=False)
+                self.handle(frames[0].bytes, frames[1:])
+            self.check_timeouts()
+            if os.getppid() != parent:  # the launcher is gone: do not linger
+                self.fail("the process that started this server exited")
+        self.sock.close()
+        self.ctx.term()
+        return 1 if self.error else 0
+
+    def handle(self, ident: bytes, frames) -> None:
+        try:
+            header, tensors = self.codec.decode(frames)
+            op, src = header.get("op"), header.get("src")
+            if not isinstance(src, int) or isinstance(src, bool) or not OBSERVER <= src < (self.workers or 1 << 16):
+                raise WireError("bad_sender")
+            if op == "stats":
+                return self.send(ident, self.stats(), [p.param for p in self.pieces.values()])
+            seq = header.get("seq")
+            if src == OBSERVER or not isinstance(seq, int) or seq <= self.seq.get(src, -1):
+                raise WireError("replayed")
+            if op == "init":
+                self.on_init(ident, src, header, tensors)
+            elif op == "push":
+                self.on_push(src, header, tensors)
+            elif op == "pull":
+                self.on_pull(ident, src, header)
+            elif op == "bye":
+                self.check_joined(src)
+                self.bye.add(src)  # the server stays up for stats until the launcher stops it
+            else:
+                raise WireError("bad_op")
+            self.seq[src] = seq
+        except WireError as err:
+            self.dropped[err.reason] += 1
+            log.debug("server %d dropped a message: %s", self.index, err)
+
+    def send(self, ident: bytes, header: dict, tensors=()) -> None:
+        # copy=True: ZeroMQ takes the bytes now, before the optimizer changes them in place
+        self.sock.send_multipart([ident, *self.codec.encode(header, list(tensors))], copy=True)
+
+    # -------------------------------------------------------------- messages
+    def on_init(self, ident: bytes, src: int, header: dict, tensors) -> None:
+        world, spec = header.get("world"), header.get("spec")
+        if not isinstance(world, int) or world < 1 or not isinstance(spec, dict) or src >= world:
+            raise WireError("malformed", "bad init")
+        if self.workers is not None and (world != self.workers or src in self.joined):
+            raise WireError("bad_init", "world size differs or worker joined twice")
+        if src == 0:
+            self.initial = [t.clone() for t in tensors]
+        self.workers = world
+        self.first_join = self.first_join or time.monotonic()
+        self.joined[src] = (ident, spec)
+        if len(self.joined) == world:
+            self.start()
+
+    def start(self) -> None:
+        spec = self.joined[0][1]
+        for w, (_, other) in self.joined.items():
+            if other != spec:
+                return self.fail(f"worker {w}'s model or optimizer differs from worker 0's (every worker must build the same model)")
+        try:
+            self.optim_name = spec["optim"]
+            self.hp = [optim.check_hyperparameters(self.optim_name, hp) for hp in spec["groups"]]
+            self.timeout_s = float(spec.get("timeout_s", self.timeout_s))
+            keys = spec["keys"]
+            if len(keys) != len(self.initial or []):
+                raise ValueError("worker 0 sent no initial values")
+            for (key, dtype, shape, kind, staleness, group), value in zip(keys, self.initial):
+                if [str(value.dtype).removeprefix("torch."), list(value.shape)] != [dtype, shape]:
+                    raise ValueError(f"initial value of {key} has the wrong shape")
+                param = value.clone()
+                self.pieces[key] = Piece(key, param, optim.build(self.optim_name, param, self.hp[group]), Mode(kind, staleness), group)
+        except (KeyError, TypeError, ValueError) as exc:
+            return self.fail(f"bad initial message from worker 0: {exc}")
+        self.order = list(self.pieces)
+        self.gate = Gate(self.workers, [p.mode for p in self.pieces.values()])
+        self.async_keys = any(p.mode.kind != "bsp" for p in self.pieces.values())
+        if self.events:
+            nbytes = sum(p.param.numel() * p.param.element_size() for p in self.pieces.values())
+            modes = sorted({str(p.mode) for p in self.pieces.values()})
+            self.events.publish("event", {"message": f"server {self.index}: {len(self.pieces)} pieces, {nbytes / 1e6:.2f} MB, {self.optim_name}, {'/'.join(modes)}, {self.workers} workers"})
+        for w, (ident, _) in self.joined.items():
+            self.read_applied[w] = 0
+            self.send(ident, {"op": "params", "clock": 0, "applied": 0}, [p.param for p in self.pieces.values()])
+
+    def check_joined(self, src: int) -> None:
+        if self.gate is None or src not in self.joined:
+            raise WireError("not_joined")
+
+    def on_push(self, src: int, header: dict, tensors) -> None:
+        self.check_joined(src)
+        clock, keys, hp = header.get("clock"), header.get("keys"), header.get("hp")
+        if not isinstance(keys, list) or len(keys) != len(tensors) or len(set(map(str, keys))) != len(keys):
+            raise WireError("malformed", "keys do not match tensors")
+        pieces = []
+        for key, grad in zip(keys, tensors):
+            piece = self.pieces.get(key) if isinstance(key, str) else None
+            if piece is None:
+                raise WireError("unknown_key")
+            if grad.dtype != piece.param.dtype or grad.shape != piece.param.shape:
+                raise WireError("bad_shape", f"{key}: {grad.dtype}{list(grad.shape)}")
+            pieces.append(piece)
+        if clock != self.gate.pushed[src]:
+            raise WireError("bad_clock", f"worker {src} pushed clock {clock}, expected {self.gate.pushed[src]}")
+        try:
+            hps = [optim.check_hyperparameters(self.optim_name, h) for h in hp]
+            if len(hps) != len(self.hp):
+                raise ValueError("group count")
+        except (TypeError, ValueError):
+            raise WireError("malformed", "bad hyperparameters") from None
+        # Checked: from here on the message is applied in full.
+        self.hp = [{**old, **new} for old, new in zip(self.hp, hps)]
+        self.staleness[src] = (self.applied - self.read_applied.get(src, 0)) / self.workers
+        acc = self.accum.setdefault(clock, {}) if self.gate.has_bsp else None
+        for piece, grad in zip(pieces, tensors):
+            if piece.mode.kind == "bsp":
+                if piece.key in acc:
+                    acc[piece.key].add_(grad)
+                else:
+                    acc[piece.key] = grad.clone()
+            else:
+                self.apply(piece, grad)
+        self.gate.pushed[src] += 1
+        if self.async_keys:
+            self.applied += 1
+        if self.gate.has_bsp:
+            self.accum_count[clock] += 1
+            if self.accum_count[clock] == self.workers:
+                for key, total in self.accum.pop(clock).items():
+                    self.apply(self.pieces[key], total.div_(self.workers))
+                del self.accum_count[clock]
+                self.gate.bsp_done += 1
+                if not self.async_keys:
+                    self.applied += self.workers
+        self.answer_ready()
+
+    def apply(self, piece: Piece, grad: torch.Tensor) -> None:
+        piece.opt.param_groups[0].update(self.hp[piece.group])
+        piece.param.grad = grad
+        piece.opt.step()
+        piece.param.grad = None
+        piece.steps += 1
+
+    def on_pull(self, ident: bytes, src: int, header: dict) -> None:
+        self.check_joined(src)
+        clock = header.get("clock")
+        if clock != self.gate.pushed[src]:
+            raise WireError("bad_clock", f"worker {src} pulled clock {clock} after {self.gate.pushed[src]} pushes")
+        self.pending.append((ident, src, clock, time.monotonic()))
+        self.answer_ready()
+
+    def answer_ready(self) -> None:
+        waiting, ready = [], []
+        for item in self.pending:
+            ident, src, clock, _ = item
+            if not self.gate.ready(clock):
+                waiting.append(item)
+                continue
+            self.gate.answered(clock)
+            self.read_applied[src] = self.applied
+            ready.append((ident, {"op": "params", "clock": clock, "applied": self.applied, "staleness": self.staleness.get(src, 0.0)}))
+        self.pending = waiting
+        if ready:
+            # One snapshot (the optimizer changes the parameters in place later) and one
+            # MAC pass over it serve every worker answered now, as in BSP all of them.
+            snapshot = [p.param.clone() for p in self.pieces.values()]
+            messages = self.codec.encode_many([h for _, h in ready], snapshot)
+            for (ident, _), frames in zip(ready, messages):
+                self.sock.send_multipart([ident, *frames], copy=False)
+
+    # ---------------------------------------------------------------- health
+    def check_timeouts(self) -> None:
+        now = time.monotonic()
+        if self.gate is None and self.joined and now - self.first_join > self.timeout_s:
+            missing = sorted(set(range(self.workers)) - set(self.joined))
+            return self.fail(f"worker(s) {missing} did not join within {self.timeout_s:.0f}s (did they start?)")
+        if self.pending and now - min(p[3] for p in self.pending) > self.timeout_s:
+            clock = min(p[2] for p in self.pending)
+            late = self.gate.waiting_on(clock)
+            self.fail(
+                f"parameter server {self.index} waited {self.timeout_s:.0f}s for gradients from worker(s) {late} "
+                f"(they pushed {[self.gate.pushed[w] for w in late]} of the clocks needed for clock {clock}); "
+                f"a worker process probably died, so the job is stopped"
+            )
+
+    def fail(self, message: str) -> None:
+        self.error = message
+        for ident, _ in self.joined.values():
+            self.send(ident, {"op": "error", "message": message})
+        print(f"shoal: {message}", file=sys.stderr, flush=True)
+        if self.events:
+            self.events.publish("event", {"message": message, "error": True})
+        self.pending = []
+        self.done = True
+
+    def stats(self) -> dict:
+        gate = self.gate
+        return {
+            "op": "stats",
+            "index": self.index,
+            "keys": self.order,
+            "dropped": dict(self.dropped),
+            "pushed": gate.pushed if gate else [],
+            "bsp_done": gate.bsp_done if gate else 0,
+            "gaps": {str(k): v for k, v in sorted(gate.gaps.items())} if gate else {},
+            "max_gap": gate.max_gap if gate else 0,
+            "steps": {k: p.steps for k, p in self.pieces.items()},
+            "applied": self.applied,
+            "bye": sorted(self.bye),
+        }
+
+
+def main() -> int:
+    """Entry point: reads the job's environment, publishes the endpoint, serves."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    env = os.environ
+    logging.basicConfig(level=env.get("SHOAL_LOG_LEVEL", "WARNING"), format="%(name)s: %(message)s")
+    torch.set_num_threads(int(env.get("SHOAL_PS_THREADS", "1")))
+    index = int(env["SHOAL_PS_INDEX"])
+    optim.build("SGD", torch.zeros(1), {"lr": 0.1})  # torch imports its compiler stack on the first optimizer: pay it before serving
+    codec = Codec(job_key(), int(env.get("SHOAL_PS_MAX_BYTES", str(1 << 30))))
+    server = Server(index, codec, env.get("SHOAL_PS_HOST", "127.0.0.1"), float(env.get("SHOAL_PS_TIMEOUT_S", "60")))
+    if env.get(EVENTS_ENV):
+        server.events = Publisher(env[EVENTS_ENV], codec)
+    host, _, port = env["SHOAL_PS_STORE"].rpartition(":")
+    store = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=60))
+    store.set(f"shoal/ps/server/{index}", server.endpoint)
+    del store
+    return server.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

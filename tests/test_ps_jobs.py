@@ -1,0 +1,147 @@
+"""Parameter-server jobs on real processes: servers started as the launcher
+starts them, workers as separate Python processes (tests/ps_worker.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ps_procs import run_job, server_stats
+from ps_worker import equiv_batch, equiv_model, make_optimizer, schedule
+
+pytestmark = pytest.mark.slow
+
+
+def _ok(result):
+    assert result.codes == [0] * len(result.codes), "\n----\n".join(result.logs)
+    assert all(c is None for c in result.server_codes), f"a server exited early: {result.server_codes}"
+
+
+def single_process(optim: str, steps: int, world: int) -> dict[str, np.ndarray]:
+    """One process, the combined batch of `world` workers, torch's optimizer and schedule."""
+    model = equiv_model()
+    opt = make_optimizer(optim, model.parameters())
+    sched = schedule(opt)
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(steps):
+        xs, ys = zip(*(equiv_batch(step, r, world) for r in range(world)))
+        loss_fn(model(torch.cat(xs)), torch.cat(ys)).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return {n: p.detach().numpy() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_bsp_equals_single_process_with_combined_batch(optim, tmp_path):
+    out = tmp_path / "final.npz"
+    steps = 6
+    # 0.weight is 64x16 floats = 4 KiB: with 1 KiB chunks it is split in 4 over both servers
+    args = {"task": "equiv", "optim": optim, "steps": steps, "out": str(out),
+            "strategy": {"consistency": "bsp", "servers": 2, "chunk_bytes": 1024}}
+    result = run_job(2, 2, args, before_stop=server_stats)
+    _ok(result)
+    holders = {s: {k.split("#")[0] for k in h["keys"]} for s, (h, _) in enumerate(result.stats)}
+    assert "0.weight" in holders[0] and "0.weight" in holders[1], holders  # the largest tensor is split across servers
+    for h, _ in result.stats:
+        assert h["bsp_done"] == steps and h["max_gap"] == 0 and not h["dropped"]
+        assert set(h["steps"].values()) == {steps}  # one optimizer step per clock, not one per worker
+    got = np.load(out)
+    want = single_process(optim, steps, world=2)
+    moved = max(float(np.abs(want[n] - equiv_model().state_dict()[n].numpy()).max()) for n in want)
+    assert moved > 1e-2  # the comparison is not between two untrained models
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, atol=1e-5, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("s", [0, 1, 3])
+def test_ssp_bounds_how_far_a_worker_runs_ahead(s):
+    steps = 12
+    args = {"task": "linear", "steps": steps, "strategy": {"consistency": "ssp", "staleness": s, "servers": 1, "debug_slowdown": "1:0.15"}}
+    result = run_job(2, 1, args, before_stop=server_stats)
+    _ok(result)
+    (h, _), = result.stats
+    assert h["pushed"] == [steps, steps]
+    gaps = {int(k): v for k, v in h["gaps"].items()}
+    # the server's own record: no pull was answered with the asker more than s clocks ahead of the slowest ...
+    assert h["max_gap"] <= s, gaps
+    # ... and the fast worker did run ahead as far as allowed (rank 1 sleeps 0.15 s per step)
+    assert h["max_gap"] == s, gaps
+
+
+def test_hybrid_asp_group_applies_every_push_bsp_group_averages(tmp_path):
+    """With loss = sum of all weights every gradient is 1: a bsp parameter moves lr per
+    clock (the workers' average), an asp one lr per push (each worker's own)."""
+    out = tmp_path / "final.npz"
+    steps = 5
+    args = {"task": "linear", "steps": steps, "out": str(out), "strategy": {"consistency": "bsp", "overrides": {"1.*": "asp"}, "servers": 1}}
+    result = run_job(2, 1, args, before_stop=server_stats)
+    _ok(result)
+    (h, _), = result.stats
+    assert h["steps"] == {"0.weight": steps, "1.weight": 2 * steps}
+    got = np.load(out)
+    start = _linear_start()
+    np.testing.assert_allclose(start["0.weight"] - got["0.weight"], 0.01 * steps, atol=1e-6)
+    np.testing.assert_allclose(start["1.weight"] - got["1.weight"], 0.01 * 2 * steps, atol=1e-6)
+
+
+def _linear_start() -> dict[str, np.ndarray]:
+    torch.manual_seed(0)  # as ps_worker builds it
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2, bias=False))
+    return {n: p.detach().numpy() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["asp", "ssp"])
+def test_asp_and_ssp_train_digits(mode, tmp_path):
+    out = tmp_path / "final.npz"
+    args = {"task": "digits", "steps": 250, "out": str(out), "strategy": {"consistency": mode, "staleness": 2, "servers": 1}}
+    result = run_job(2, 1, args, timeout=150)
+    _ok(result)
+    got = np.load(out)
+    assert float(got["eval_accuracy"]) >= 0.95, float(got["eval_accuracy"])
+    assert float(got["m_ps_bytes_pushed"]) > 0 and float(got["m_ps_bytes_pulled"]) > 0
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose environment holds `marker` (our job key)."""
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_shoal_train_starts_and_stops_the_servers(tmp_path):
+    import os
+    import secrets
+    import signal
+
+    from conftest import shoal
+
+    key = secrets.token_hex(16)
+    result = shoal("train", "--strategy.name=parameter_server", "--strategy.consistency=ssp", "--strategy.staleness=1",
+                   "--strategy.servers=2", "--train.steps=150", "--logging.progress=false", f"--logging.run_dir={tmp_path}",
+                   "--model.hidden=[64]", env={"SHOAL_JOB_KEY": key}, timeout=150)
+    left = [p for p in _processes_with(key) if p != os.getpid()]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not left, "server or worker processes outlived the job"
+    (run,) = tmp_path.iterdir()
+    assert sorted(p.name for p in (run / "logs").glob("server*.log")) == ["server0.log", "server1.log"]
+    summary = __import__("json").loads((run / "summary.json").read_text())
+    assert summary["eval_accuracy"] >= 0.9
+    assert "ps_wait_s" in (run / "metrics.jsonl").read_text()
+    # the launcher's subscriber recorded the servers' events and the workers' live rows
+    events = [__import__("json").loads(line) for line in (run / "ps_events.jsonl").read_text().splitlines()]
+    assert sum(e["topic"] == "event" and "pieces" in e["message"] for e in events) == 2
+    rows = [e for e in events if e["topic"] == "metrics"]
+    assert {e["rank"] for e in rows} == {0, 1} and all(e["samples_per_s"] > 0 for e in rows)

@@ -1,0 +1,124 @@
+"""A live server process against hostile input and against a dead worker.
+
+The test process plays the workers itself (shoal.ps.client.Client), so only
+the server is a separate process."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import secrets
+import time
+
+import pytest
+import torch
+import zmq
+
+from shoal.comm.wire import Codec
+from shoal.errors import ShoalError
+from shoal.ps.client import Client, request_stats
+from shoal.ps.launch import start_servers
+from ps_procs import ROOT
+
+pytestmark = pytest.mark.slow
+LIMIT = 1 << 20
+
+
+def _spec(timeout_s: float = 30.0) -> dict:
+    return {"optim": "SGD", "timeout_s": timeout_s, "groups": [{"lr": 0.5, "momentum": 0.0}],
+            "keys": [["w", "float32", [8], "bsp", 0, 0], ["b", "float32", [2], "asp", 0, 0]]}
+
+
+@pytest.fixture
+def server():
+    key = secrets.token_hex(16)
+    group = start_servers(1, key, timeout_s=30, extra_env={"PYTHONPATH": str(ROOT), "SHOAL_PS_MAX_BYTES": str(LIMIT)})
+    try:
+        yield group, group.endpoints()[0], key.encode()
+    finally:
+        group.stop()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Evil.marker}",))
+
+
+def test_hostile_messages_are_dropped_and_the_server_keeps_serving(server, tmp_path):
+    group, endpoint, key = server
+    codec = Codec(key, LIMIT)
+    client = Client([endpoint], codec, rank=0, world=1, timeout_s=20)
+    w0, b0 = torch.arange(8, dtype=torch.float32), torch.ones(2)
+    client.init([_spec()], [[w0, b0]])
+    ctx = zmq.Context()
+    evil = ctx.socket(zmq.DEALER)
+    evil.setsockopt(zmq.LINGER, 0)
+    evil.connect(endpoint)
+    rng = random.Random(0)
+
+    def push(src=0, seq=10**6, keys=("w",), grads=(torch.ones(8),), with_codec=codec, clock=0):
+        return with_codec.encode({"op": "push", "src": src, "seq": seq, "clock": clock, "keys": list(keys), "hp": [{}]}, list(grads))
+
+    _Evil.marker = str(tmp_path / "pwned")
+    good = push()
+    sent = []
+    sent += [[rng.randbytes(rng.randint(0, 200))] for _ in range(30)]                      # random single frames
+    sent += [[rng.randbytes(rng.randint(0, 64)) for _ in range(rng.randint(2, 5))] for _ in range(30)]  # random multi-frame
+    sent += [good[:2], good[:-1] + [bytes(good[-1])[:-4]], [good[0][:-1], *good[1:]]]    # truncated frames
+    sent += [push(with_codec=Codec(b"another job's key 123456"))]                           # wrong job key
+    sent += [[b"\0" * 32, *good[1:]], good[1:]]                                             # unauthenticated
+    evil_pickle = pickle.dumps(_Evil())
+    sent += [[b"\0" * 32, evil_pickle], [codec._mac([evil_pickle]), evil_pickle]]          # pickle, even with a valid MAC
+    sent += [push(keys=("nope",)), push(grads=(torch.ones(9),)), push(grads=(torch.ones(8, dtype=torch.float64),))]
+    sent += [push(keys=("w", "w"), grads=(torch.ones(8), torch.ones(8))), push(src=7), push(clock=3)]
+    sent += [[codec._mac([b"\x93\x01\x02\x03"]), b"\x93\x01\x02\x03"]]                      # a header that is not a map
+    big = [b"x" * (LIMIT // 2 + 10)] * 2
+    sent += [[codec._mac([b"h", *big]), b"h", *big]]                                       # oversized in total
+    for frames in sent:
+        evil.send_multipart(frames)
+    client.push(0, [(["w", "b"], [torch.full((8,), 2.0), torch.full((2,), 4.0)])], [{"lr": 0.5}])
+    client.request_pull(1)
+    evil.send_multipart(push(seq=1, clock=1))  # authentic, but sequence number 1 was used by the init: a replay
+    (header, (w1, b1)), = client.wait_pull(1)
+    deadline = time.monotonic() + 10  # the other connection's messages may still be on their way
+    while True:
+        stats, _ = request_stats(ctx, endpoint, codec)
+        if sum(stats["dropped"].values()) >= len(sent) + 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    evil.close()
+    ctx.term()
+
+    assert not os.path.exists(_Evil.marker)
+    # only the one legitimate push changed anything: w - 0.5 * 2, b - 0.5 * 4
+    torch.testing.assert_close(w1, w0 - 1.0, rtol=0, atol=0)
+    torch.testing.assert_close(b1, b0 - 2.0, rtol=0, atol=0)
+    assert stats["pushed"] == [1] and stats["steps"] == {"w": 1, "b": 1}
+    dropped = stats["dropped"]
+    assert sum(dropped.values()) == len(sent) + 1, dropped
+    for reason in ("malformed", "unauthenticated", "oversized", "unknown_key", "bad_shape", "bad_sender", "bad_clock", "replayed"):
+        assert dropped.get(reason), (reason, dropped)
+    assert group.poll() == [None]
+    client.close()
+
+
+def test_bsp_server_names_the_missing_worker_and_stops_the_job(server):
+    group, endpoint, key = server
+    codec = Codec(key, LIMIT)
+    alive = Client([endpoint], codec, rank=0, world=2, timeout_s=20)
+    dead = Client([endpoint], codec, rank=1, world=2, timeout_s=20)
+    spec = _spec(timeout_s=2.0)
+    for c in (alive, dead):  # both join; the server answers once both have
+        c._send(0, {"op": "init", "world": 2, "spec": spec}, [torch.zeros(8), torch.zeros(2)] if c.rank == 0 else [])
+    alive._collect("params", 0)
+    dead._collect("params", 0)
+    dead.socks[0].close(linger=0)  # worker 1 "dies": it never pushes clock 0
+    alive.push(0, [(["w", "b"], [torch.ones(8), torch.ones(2)])], [{}])
+    alive.request_pull(1)
+    start = time.monotonic()
+    with pytest.raises(ShoalError, match=r"worker\(s\) \[1\]"):
+        alive.wait_pull(1)
+    assert time.monotonic() - start < 10
+    group.procs[0].wait(10)
+    assert group.poll() == [1]

@@ -1,0 +1,194 @@
+"""In-process tests of the parameter server's parts: wire codec, placement,
+consistency rules, strategy options."""
+
+from __future__ import annotations
+
+import pickle
+
+import msgpack
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shoal.comm.wire import Codec, WireError
+from shoal.errors import ConfigError
+from shoal.ps.consistency import Gate, Mode, parse_mode, resolve
+from shoal.ps.placement import plan
+
+KEY = b"k" * 32
+
+
+# ------------------------------------------------------------------ wire
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool])
+def test_wire_round_trip_keeps_dtype_shape_and_bytes(dtype):
+    codec = Codec(KEY)
+    tensors = [torch.randn(3, 5).to(dtype), torch.zeros(0, 4, dtype=dtype), torch.tensor(1.5).to(dtype)]
+    header, out = codec.decode(codec.encode({"op": "x", "n": [1, 2]}, tensors))
+    assert header == {"op": "x", "n": [1, 2]}
+    for a, b in zip(tensors, out):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_wire_received_tensors_share_the_frame_memory():
+    codec = Codec(KEY)
+    frames = [bytearray(f) for f in codec.encode({}, [torch.arange(4.0)])]
+    _, (t,) = codec.decode(frames)
+    frames[2][0:4] = torch.tensor([9.0]).numpy().tobytes()
+    assert t[0].item() == 9.0  # no copy was made
+
+
+def test_wire_sends_non_contiguous_tensors_correctly():
+    codec = Codec(KEY)
+    t = torch.arange(12.0).reshape(3, 4).t()
+    _, (out,) = codec.decode(codec.encode({}, [t]))
+    assert torch.equal(out, t)
+
+
+def _mutations(frames):
+    frames = [bytes(f) for f in frames]
+    yield "unauthenticated", [frames[0][:-1] + bytes([frames[0][-1] ^ 1]), *frames[1:]]
+    yield "unauthenticated", [*frames[:-1], frames[-1][:-4]]  # truncated buffer
+    yield "unauthenticated", frames[:-1]  # a frame dropped
+    yield "unauthenticated", [*frames, b"more"]
+    yield "malformed", frames[:1]
+
+
+def test_wire_detects_every_tampering():
+    codec = Codec(KEY)
+    frames = codec.encode({"op": "push"}, [torch.ones(4)])
+    for reason, bad in _mutations(frames):
+        with pytest.raises(WireError) as err:
+            codec.decode(bad)
+        assert err.value.reason == reason
+
+
+def test_wire_rejects_other_keys_size_limit_dtypes_and_pickles():
+    codec = Codec(KEY, max_bytes=1000)
+    with pytest.raises(WireError, match="unauthenticated"):
+        codec.decode(Codec(b"x" * 32).encode({}, [torch.ones(2)]))
+    with pytest.raises(WireError, match="oversized"):
+        codec.decode(Codec(KEY).encode({}, [torch.ones(300)]))
+
+    def signed(header_bytes, *bufs):
+        return [codec._mac([header_bytes, *bufs]), header_bytes, *bufs]
+
+    with pytest.raises(WireError, match="bad_dtype"):
+        codec.decode(signed(msgpack.packb({"tensors": [["object", [1]]]}), b"x" * 8))
+    with pytest.raises(WireError, match="bad_size"):
+        codec.decode(signed(msgpack.packb({"tensors": [["float32", [3]]]}), b"x" * 8))
+    with pytest.raises(WireError, match="malformed"):
+        codec.decode(signed(pickle.dumps({"tensors": []})))
+    with pytest.raises(WireError, match="malformed"):
+        codec.decode(signed(msgpack.packb({"tensors": [["float32", [-1]]]}), b""))
+    with pytest.raises(WireError, match="malformed"):  # msgpack extension types are refused
+        codec.decode(signed(msgpack.packb({"tensors": [], "x": msgpack.ExtType(1, b"abc")})))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=80), min_size=0, max_size=6))
+def test_wire_random_frames_only_ever_raise_wire_error(frames):
+    with pytest.raises(WireError):
+        Codec(KEY).decode(frames)
+
+
+# ------------------------------------------------------------------ placement
+def test_placement_balances_very_uneven_tensors():
+    sizes = [("embed", 1_000_000, 4), ("big", 300_000, 4), *[(f"small{i}", 1000 + 37 * i, 4) for i in range(40)], ("bias", 10, 4)]
+    p = plan(sizes, servers=4, chunk_bytes=1 << 18)
+    assert p.imbalance < 1.05, p.describe()
+    unsplit = plan(sizes, servers=4, chunk_bytes=1 << 40)
+    assert unsplit.imbalance > 2.0  # without chunks the embedding alone overloads one server
+    embed_servers = {pc.server for pc in p.pieces if pc.name == "embed"}
+    assert len(embed_servers) == 4  # its chunks are spread over all servers
+
+
+def test_placement_covers_every_element_once_and_is_deterministic():
+    sizes = [("a", 1001, 4), ("b", 7, 2), ("c", 50_000, 4)]
+    p1, p2 = plan(sizes, 3, 4096), plan(list(sizes), 3, 4096)
+    assert p1.pieces == p2.pieces
+    for name, numel, _ in sizes:
+        ranges = sorted((pc.start, pc.stop) for pc in p1.pieces if pc.name == name)
+        assert ranges[0][0] == 0 and ranges[-1][1] == numel
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert len({pc.key for pc in p1.pieces}) == len(p1.pieces)
+
+
+# ------------------------------------------------------------------ consistency
+def test_modes_parse_and_first_override_wins():
+    assert parse_mode("ssp", 3, "k") == Mode("ssp", 3) and parse_mode("ssp:1", 3, "k") == Mode("ssp", 1)
+    modes = resolve(["embedding.weight", "head.weight", "head.bias"], Mode("bsp"), {"head.b*": "asp", "head.*": "ssp:2"}, 0)
+    assert modes == {"embedding.weight": Mode("bsp"), "head.weight": Mode("ssp", 2), "head.bias": Mode("asp")}
+    for bad in ("sync", "asp:1", "ssp:x"):
+        with pytest.raises(ConfigError):
+            parse_mode(bad, 0, "consistency")
+
+
+def test_gate_rules():
+    bsp = Gate(2, [Mode("bsp")])
+    assert bsp.ready(0) and not bsp.ready(1)
+    bsp.pushed = [1, 0]
+    assert bsp.waiting_on(1) == [1]
+    ssp = Gate(3, [Mode("ssp", 2), Mode("asp")])
+    ssp.pushed = [5, 3, 4]
+    assert ssp.ready(5) and not ssp.ready(6) and ssp.waiting_on(6) == [1]
+    ssp.answered(5)
+    assert ssp.max_gap == 2
+    asp = Gate(2, [Mode("asp")])
+    assert asp.ready(100)
+
+
+# ------------------------------------------------------------------ strategy options
+def test_strategy_options_are_checked_before_anything_starts():
+    from shoal.strategies.parameter_server import ParameterServer
+
+    for kwargs, key in [({"consistency": "eventual"}, "consistency"), ({"overrides": {"a.*": "fast"}}, "overrides.a.*"),
+                        ({"staleness": -1}, "staleness"), ({"compression": "topk:0.01"}, "compression"),
+                        ({"debug_slowdown": "x"}, "debug_slowdown"), ({"servers": 0}, "servers")]:
+        with pytest.raises(ConfigError) as err:
+            ParameterServer(**kwargs)
+        assert err.value.key == key
+
+
+def test_unsupported_optimizer_is_a_clear_error_at_prepare():
+    from shoal.strategies.parameter_server import ParameterServer
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match="SGD, Adam and AdamW"):
+        ParameterServer().prepare(model, torch.optim.RMSprop(model.parameters()))
+
+
+def test_without_servers_prepare_says_how_to_start_them(monkeypatch):
+    from shoal.errors import ShoalError
+    from shoal.strategies.parameter_server import ParameterServer
+
+    monkeypatch.delenv("SHOAL_PS_STORE", raising=False)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ShoalError, match=r"shoal run -n N --servers S"):
+        ParameterServer().prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+# ------------------------------------------------------------------ publish/subscribe
+def test_pubsub_delivers_authenticated_rows_and_drops_strangers():
+    import time
+
+    from shoal.comm.pubsub import Publisher, Subscriber
+
+    sub = Subscriber(Codec(KEY))
+    good, stranger = Publisher(sub.endpoint, Codec(KEY)), Publisher(sub.endpoint, Codec(b"s" * 32))
+    got, deadline = [], time.monotonic() + 10
+    try:
+        while not got and time.monotonic() < deadline:  # PUB drops what it sends before the connection is up
+            stranger.publish("metrics", {"rank": 9})
+            good.publish("metrics", {"rank": 1, "step": 3})
+            got = sub.poll(100)
+        for _ in range(10):  # by now the stranger's connection is up too
+            stranger.publish("metrics", {"rank": 9})
+            time.sleep(0.05)
+        got += sub.poll(200)
+    finally:
+        good.close()
+        stranger.close()
+        sub.close()
+    assert got and all(m == {"rank": 1, "step": 3, "topic": "metrics"} for m in got)
+    assert sub.dropped > 0  # the stranger's rows arrived and were refused
