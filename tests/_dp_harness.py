@@ -13,6 +13,7 @@ import socket
 import tempfile
 import time
 import traceback
+import warnings
 
 import torch.multiprocessing as mp
 
@@ -44,12 +45,19 @@ def _entry(rank, world, port, out_dir, fn, args):
 
 def run_workers(fn, args=(), world: int = 2, timeout_s: float = 150.0) -> list:
     """Results of `fn` by rank; retried once if the chosen port was taken
-    meanwhile (other test runs on the machine pick free ports too)."""
+    meanwhile (other test runs on the machine pick free ports too), or if a
+    worker was killed by a signal (seen once in ~10 full runs: a SIGABRT,
+    "terminate called without an active exception", from a gloo thread; a
+    known-flaky teardown we have not yet pinned down). A failing assertion
+    inside `fn` is never retried."""
     try:
         return _run(fn, args, world, timeout_s)
     except AssertionError as err:
-        if "address already in use" not in str(err).lower() and "EADDRINUSE" not in str(err):
+        text = str(err)
+        transient = "address already in use" in text.lower() or "EADDRINUSE" in text or "terminated with signal" in text
+        if not transient:
             raise
+        warnings.warn(f"retrying a 2-rank run after: {text.splitlines()[0]}")
     return _run(fn, args, world, timeout_s)
 
 
