@@ -130,6 +130,24 @@ class Strategy:
         return 0
 
 
+class MeshStrategy(Strategy):
+    """A strategy laid out on `shoal.mesh.ParallelDims` (set in `prepare` as
+    `self.dims`): data is split over the mesh's data-parallel dimension only."""
+
+    dims = None
+
+    @property
+    def data_rank(self) -> int:
+        return self.dims.dp_rank if self.dims else runtime.current().rank
+
+    @property
+    def data_world(self) -> int:
+        return self.dims.dp if self.dims else runtime.current().world_size
+
+    def data_group(self):
+        return self.dims.group("dp") if self.dims and self.dims.dp > 1 else None
+
+
 def wrap_optimizer(optimizer: torch.optim.Optimizer, step: Callable, zero_grad: Callable) -> torch.optim.Optimizer:
     """Replace the optimizer's `step`/`zero_grad` on this instance only.
 

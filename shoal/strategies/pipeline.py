@@ -31,14 +31,14 @@ from shoal import runtime
 from shoal.config import check_choice, check_range
 from shoal.errors import ConfigError
 from shoal.mesh import ParallelDims
-from shoal.strategies.base import Strategy, all_reduce_mean_grads, rebind_optimizer, wrap_optimizer
+from shoal.strategies.base import MeshStrategy, all_reduce_mean_grads, rebind_optimizer, wrap_optimizer
 
 log = logging.getLogger(__name__)
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 @dataclass
-class Pipeline(Strategy):
+class Pipeline(MeshStrategy):
     stages: int = 2
     """Pipeline ranks (the pipeline degree)."""
     microbatches: int = 4
@@ -68,18 +68,6 @@ class Pipeline(Strategy):
             raise ConfigError(f"'split' must be 'auto', 'time', 'params' or a list of child names, not {self.split!r}", "split")
         self.dims: ParallelDims | None = None
         self.chunks: list[list[str]] = []
-
-    # ------------------------------------------------------------ layout
-    @property
-    def data_rank(self) -> int:
-        return self.dims.dp_rank if self.dims else runtime.current().rank
-
-    @property
-    def data_world(self) -> int:
-        return self.dims.dp if self.dims else runtime.current().world_size
-
-    def data_group(self):
-        return self.dims.group("dp") if self.dims and self.dims.dp > 1 else None
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, example=None, loss_fn: Callable | None = None):
         rt = runtime.current()

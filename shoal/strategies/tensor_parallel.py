@@ -21,13 +21,13 @@ from shoal import runtime
 from shoal.config import check_range
 from shoal.errors import ConfigError
 from shoal.mesh import ParallelDims
-from shoal.strategies.base import Strategy, all_reduce_mean_grads, rebind_optimizer, wrap_optimizer
+from shoal.strategies.base import MeshStrategy, all_reduce_mean_grads, rebind_optimizer, wrap_optimizer
 
 STYLES = ("colwise", "rowwise")
 
 
 @dataclass
-class TensorParallel(Strategy):
+class TensorParallel(MeshStrategy):
     plan: dict[str, str] | str = "auto"
     """"auto", or {module name: "colwise" | "rowwise"} for an explicit plan."""
     dp: int = 1
@@ -45,17 +45,6 @@ class TensorParallel(Strategy):
                     raise ConfigError(f"'plan.{module}' must be 'colwise' or 'rowwise', not {style!r}", "plan")
         self.dims: ParallelDims | None = None
         self._plan_used: dict[str, str] = {}
-
-    @property
-    def data_rank(self) -> int:
-        return self.dims.dp_rank if self.dims else runtime.current().rank
-
-    @property
-    def data_world(self) -> int:
-        return self.dims.dp if self.dims else runtime.current().world_size
-
-    def data_group(self):
-        return self.dims.group("dp") if self.dims and self.dims.dp > 1 else None
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
