@@ -148,8 +148,8 @@ class MeshStrategy(Strategy):
         return self.dims.group("dp") if self.dims and self.dims.dp > 1 else None
 
 
-def wrap_optimizer(optimizer: torch.optim.Optimizer, step: Callable, zero_grad: Callable) -> torch.optim.Optimizer:
-    """Replace the optimizer's `step`/`zero_grad` on this instance only.
+def wrap_optimizer(optimizer: torch.optim.Optimizer, step: Callable, zero_grad: Callable | None = None) -> torch.optim.Optimizer:
+    """Replace the optimizer's `step` (and, if given, `zero_grad`) on this instance only.
 
     `step(original_step, closure)` and `zero_grad(original_zero_grad, set_to_none)`
     receive the class's own bound methods.
@@ -164,7 +164,8 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, step: Callable, zero_grad: 
         return zero_grad(original_zero, set_to_none)
 
     optimizer.step = types.MethodType(new_step, optimizer)
-    optimizer.zero_grad = types.MethodType(new_zero_grad, optimizer)
+    if zero_grad is not None:
+        optimizer.zero_grad = types.MethodType(new_zero_grad, optimizer)
     return optimizer
 
 

@@ -98,7 +98,7 @@ class Pipeline(MeshStrategy):
         self._schedule = None
         self._params = [p for m in self.stage_modules for p in m.parameters() if p.requires_grad]
         wrapped = PipelinedModel(self)
-        return wrapped, wrap_optimizer(optimizer, self._step, lambda zero, set_to_none=True: zero(set_to_none))
+        return wrapped, wrap_optimizer(optimizer, self._step)
 
     def _costs(self, model: nn.Sequential, example) -> tuple[dict[str, float], str]:
         mode = self.split if isinstance(self.split, str) else "params"

@@ -62,7 +62,7 @@ class TensorParallel(MeshStrategy):
             parallelize_module(model, self.dims.mesh["tp"], {k: styles[v]() for k, v in self._plan_used.items()})
             rebind_optimizer(optimizer, names, dict(model.named_parameters()))
         self._params = [p for p in model.parameters() if p.requires_grad]
-        return model, wrap_optimizer(optimizer, self._step, lambda zero, set_to_none=True: zero(set_to_none))
+        return model, wrap_optimizer(optimizer, self._step)
 
     def _step(self, original_step, closure=None):
         if self.dims.dp > 1:
