@@ -145,3 +145,51 @@ def test_shoal_train_starts_and_stops_the_servers(tmp_path):
     assert sum(e["topic"] == "event" and "pieces" in e["message"] for e in events) == 2
     rows = [e for e in events if e["topic"] == "metrics"]
     assert {e["rank"] for e in rows} == {0, 1} and all(e["samples_per_s"] > 0 for e in rows)
+
+
+@pytest.mark.parametrize("optim", ["adam"])
+def test_stop_and_resume_equals_an_uninterrupted_run_and_loads_as_data_parallel(optim, tmp_path):
+    """The servers' values and Adam state go into the checkpoint and come back:
+    a stopped and resumed BSP run ends bit for bit where an uninterrupted one
+    does, on 2 servers with a split tensor; the same checkpoint resumes as
+    data_parallel (no servers) and ends where the parameter-server run does."""
+    from conftest import shoal
+    from test_train import final_params
+
+    common = [f"--logging.run_dir={tmp_path}", "--train.steps=12", "--checkpoint.every=3", f"--optimizer.name={optim}",
+              "--optimizer.lr=0.01", "--optimizer.weight_decay=0.01", "--optimizer.schedule=cosine", "--data.batch_size=16",
+              "--model.hidden=[64]", "--logging.tensorboard=false", "--logging.progress=false"]
+    ps = ["--strategy.name=parameter_server", "--strategy.servers=2", "--strategy.chunk_bytes=4096"]  # 64x64 floats: split in 4
+    whole = shoal("train", *common, *ps, "--logging.name=whole", timeout=150)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = shoal("train", *common, *ps, "--logging.name=split", "--train.stop_at=6", timeout=150)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = shoal("train", *common, *ps, "--logging.name=split", "--resume", timeout=150)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "step-00000006" in second.stdout
+    as_dp = shoal("train", *common, "--strategy.name=data_parallel", "--logging.name=as-dp",
+                  f"--checkpoint.resume_from={tmp_path / 'split' / 'checkpoints' / 'step-00000006'}", timeout=150)
+    assert as_dp.returncode == 0, as_dp.stderr[-3000:]
+
+    (want, want_opt), (got, got_opt) = final_params(tmp_path / "whole"), final_params(tmp_path / "split")
+    earlier = first_checkpoint_params(tmp_path / "split")
+    assert max(float((want[k] - earlier[k]).abs().max()) for k in want) > 1e-2  # it trained
+    assert want.keys() == got.keys() and want_opt["state"].keys() == got_opt["state"].keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
+    for key in want_opt["state"]:
+        assert set(want_opt["state"][key]) == {"step", "exp_avg", "exp_avg_sq"}
+        torch.testing.assert_close(got_opt["state"][key], want_opt["state"][key], atol=0, rtol=0)
+    dp, _ = final_params(tmp_path / "as-dp")
+    for key in want:
+        torch.testing.assert_close(dp[key], want[key], atol=1e-5, rtol=0)
+
+
+def first_checkpoint_params(run_dir):
+    """The parameters of the run's oldest kept checkpoint."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    first = sorted((run_dir / "checkpoints").glob("step-*"))[0]
+    out = run_dir / "first.pt"
+    dcp_to_torch_save(first, out)
+    return torch.load(out, weights_only=False)["model"]

@@ -122,3 +122,45 @@ def test_bsp_server_names_the_missing_worker_and_stops_the_job(server):
     assert time.monotonic() - start < 10
     group.procs[0].wait(10)
     assert group.poll() == [1]
+
+
+def test_checkpoint_state_round_trips_and_bad_restores_change_nothing(server):
+    group, endpoint, key = server
+    codec = Codec(key, LIMIT)
+    client = Client([endpoint], codec, rank=0, world=1, timeout_s=20)
+    spec = {**_spec(), "groups": [{"lr": 0.5, "momentum": 0.9}]}
+    w0, b0 = torch.arange(8, dtype=torch.float32), torch.ones(2)
+    client.init([spec], [[w0, b0]])
+    (header, tensors), = client.state(0)
+    assert header["state"] == [["w", []], ["b", []]]  # no step yet: no momentum
+    torch.testing.assert_close(tensors, [w0, b0], rtol=0, atol=0)
+
+    w, mw, b, mb = torch.full((8,), 5.0), torch.ones(8), torch.full((2,), 3.0), torch.full((2,), 2.0)
+    bad = [
+        ([["w", ["momentum_buffer"]]], [w, mw]),                                                    # a piece missing
+        ([["b", ["momentum_buffer"]], ["w", ["momentum_buffer"]]], [b, mb, w, mw]),                 # wrong order
+        ([["w", ["momentum_buffer"]], ["b", ["momentum_buffer"]]], [w, torch.ones(7), b, mb]),      # wrong shape
+        ([["w", ["momentum_buffer"]], ["b", ["momentum_buffer"]]], [w, mw.double(), b, mb]),        # wrong dtype
+        ([["w", ["exp_avg"]], ["b", []]], [w, mw, b]),                                              # not SGD's state
+        ([["w", ["momentum_buffer"]], ["b", []]], [w, mw, b, mb]),                                  # a tensor too many
+        ([["w", ["momentum_buffer", "momentum_buffer"]], ["b", []]], [w, mw, mw, b]),               # named twice
+        ("not a list", [w, b]),
+    ]
+    for layout, ts in bad:
+        client._send(0, {"op": "restore", "state": layout}, ts)
+    client.restore([[["w", ["momentum_buffer"]], ["b", ["momentum_buffer"]]]], [[w, mw, b, mb]])
+    stats, (ws, bs) = client.stats(0)
+    assert stats["dropped"] == {"malformed": len(bad)}, stats["dropped"]
+    torch.testing.assert_close([ws, bs], [w, b], rtol=0, atol=0)
+
+    # one step with gradient g continues from the restored momentum: m = 0.9 m + g, p -= 0.5 m
+    client.push(0, [(["w", "b"], [torch.ones(8), torch.ones(2)])], [{"lr": 0.5}])
+    (header, tensors), = client.state(1)
+    assert header["state"] == [["w", ["momentum_buffer"]], ["b", ["momentum_buffer"]]]
+    torch.testing.assert_close(tensors, [w - 0.5 * 1.9, torch.full((8,), 1.9), b - 0.5 * 2.8, torch.full((2,), 2.8)], rtol=0, atol=1e-6)
+    client._send(0, {"op": "restore", "state": [["w", []], ["b", []]]}, [w, b])  # after a push: refused
+    stats, (ws, _) = client.stats(0)
+    assert stats["dropped"] == {"malformed": len(bad), "bad_restore": 1}, stats["dropped"]
+    torch.testing.assert_close(ws, w - 0.5 * 1.9, rtol=0, atol=1e-6)
+    assert group.poll() == [None]
+    client.close()

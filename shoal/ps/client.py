@@ -67,6 +67,18 @@ class Client:
         for s in range(len(self.socks)):
             self._send(s, {"op": "pull", "clock": clock})
 
+    def state(self, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
+        """Every server's values and optimizer state once all workers have pushed `clock` times."""
+        for s in range(len(self.socks)):
+            self._send(s, {"op": "state", "clock": clock})
+        return self._collect("state", clock)
+
+    def restore(self, layouts: list[list], tensors: list[list[torch.Tensor]]) -> None:
+        """Worker 0 only, before the first push: put a checkpoint back on every server."""
+        for s, (layout, ts) in enumerate(zip(layouts, tensors)):
+            self._send(s, {"op": "restore", "state": layout}, ts)
+        self._collect("restored", 0)
+
     def wait_pull(self, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
         return self._collect("params", clock)
 

@@ -68,3 +68,36 @@ def check_hyperparameters(name: str, hp) -> dict:
 def build(name: str, param: torch.Tensor, hp: dict) -> torch.optim.Optimizer:
     cls = HYPER[name][0]
     return cls([param], **hp, foreach=False)
+
+
+# What each optimizer keeps per parameter, as torch names it: a checkpoint
+# carries these for every piece, so a resumed server continues exactly.
+STATE: dict[str, tuple[str, ...]] = {
+    "SGD": ("momentum_buffer",),
+    "Adam": ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    "AdamW": ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+}
+SCALARS = ("step",)
+
+
+def export_state(name: str, opt: torch.optim.Optimizer, param: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """One piece's optimizer state as (torch's name, tensor) pairs, in a fixed order."""
+    state = opt.state.get(param, {})
+    return [(k, state[k]) for k in STATE[name] if isinstance(state.get(k), torch.Tensor)]
+
+
+def import_state(name: str, opt: torch.optim.Optimizer, param: torch.Tensor, items: list[tuple[str, torch.Tensor]]) -> None:
+    """Check (ValueError) then install state as `export_state` gives it; nothing changes on error."""
+    state = {}
+    for key, value in items:
+        if key not in STATE[name] or key in state:
+            raise ValueError(f"{name} keeps no state named {key!r}")
+        if key in SCALARS:
+            if value.numel() != 1 or not value.is_floating_point() or not bool(torch.isfinite(value).all()) or float(value) < 0:
+                raise ValueError(f"{key} must be one finite number >= 0")
+            state[key] = value.detach().reshape(()).to(torch.float32).clone()
+        elif value.dtype != param.dtype or value.shape != param.shape:
+            raise ValueError(f"{key} has {value.dtype}{list(value.shape)}, the parameter {param.dtype}{list(param.shape)}")
+        else:
+            state[key] = value.detach().clone()
+    opt.state[param] = state

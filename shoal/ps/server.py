@@ -14,6 +14,12 @@ Guarantees:
   the server with one sentence naming the workers it waited for, sent to
   every waiting worker as an error so that the job stops too.
 
+Checkpoints: `state` answers, once every worker has pushed the asked clock
+and those pushes are applied, with each piece's values and optimizer state;
+`restore` (from worker 0, before any push) puts them back. So a checkpoint
+is one consistent cut of the servers, written by the workers with the rest
+of the run.
+
 Start with `python -m shoal.ps.server` (see `shoal.ps.launch`).
 """
 
@@ -68,7 +74,7 @@ class Server:
         self.seq: dict[int, int] = {}
         self.accum: dict[int, dict[str, torch.Tensor]] = {}
         self.accum_count: Counter[int] = Counter()
-        self.pending: list[tuple[bytes, int, int, float]] = []  # identity, worker, clock, since
+        self.pending: list[tuple[bytes, int, int, float, str]] = []  # identity, worker, clock, since, "params" | "state"
         self.applied = 0  # pushes whose updates are in the parameters
         self.read_applied: dict[int, int] = {}
         self.staleness: dict[int, float] = {}
@@ -109,8 +115,10 @@ class Server:
                 self.on_init(ident, src, header, tensors)
             elif op == "push":
                 self.on_push(src, header, tensors)
-            elif op == "pull":
-                self.on_pull(ident, src, header)
+            elif op in ("pull", "state"):
+                self.on_pull(ident, src, header, op)
+            elif op == "restore":
+                self.on_restore(ident, src, header, tensors)
             elif op == "bye":
                 self.check_joined(src)
                 self.bye.add(src)  # the server stays up for stats until the launcher stops it
@@ -228,18 +236,56 @@ class Server:
         piece.param.grad = None
         piece.steps += 1
 
-    def on_pull(self, ident: bytes, src: int, header: dict) -> None:
+    def on_pull(self, ident: bytes, src: int, header: dict, op: str = "pull") -> None:
         self.check_joined(src)
         clock = header.get("clock")
         if clock != self.gate.pushed[src]:
             raise WireError("bad_clock", f"worker {src} pulled clock {clock} after {self.gate.pushed[src]} pushes")
-        self.pending.append((ident, src, clock, time.monotonic()))
+        self.pending.append((ident, src, clock, time.monotonic(), "params" if op == "pull" else "state"))
         self.answer_ready()
+
+    def on_restore(self, ident: bytes, src: int, header: dict, tensors) -> None:
+        """Worker 0 puts back a checkpoint's values and optimizer state, before any push."""
+        self.check_joined(src)
+        if src != 0 or any(self.gate.pushed) or self.pending:
+            raise WireError("bad_restore", "only worker 0 restores, and only before the first push")
+        layout = header.get("state")
+        if not isinstance(layout, list) or len(layout) != len(self.order):
+            raise WireError("malformed", "restore must name every piece")
+        staged, it = [], iter(tensors)
+        try:
+            for key, entry in zip(self.order, layout):
+                if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == key and isinstance(entry[1], list)):
+                    raise ValueError(f"expected piece {key}")
+                piece = self.pieces[key]
+                value = next(it)
+                if value.dtype != piece.param.dtype or value.shape != piece.param.shape:
+                    raise ValueError(f"{key} has the wrong shape")
+                probe = optim.build(self.optim_name, value.clone(), self.hp[piece.group])
+                optim.import_state(self.optim_name, probe, probe.param_groups[0]["params"][0], [(str(n), next(it)) for n in entry[1]])
+                staged.append((piece, value, probe))
+            if next(it, None) is not None:
+                raise ValueError("more tensors than the layout names")
+        except (StopIteration, ValueError) as exc:
+            raise WireError("malformed", f"restore: {exc}") from None
+        # Checked: from here on the checkpoint is applied in full.
+        for piece, value, probe in staged:
+            piece.param.copy_(value)
+            piece.opt.state.clear()
+            piece.opt.state[piece.param] = probe.state[probe.param_groups[0]["params"][0]]
+        self.send(ident, {"op": "restored", "clock": 0})
 
     def answer_ready(self) -> None:
         waiting, ready = [], []
         for item in self.pending:
-            ident, src, clock, _ = item
+            ident, src, clock, _, kind = item
+            if kind == "state":
+                # A cut: every worker has pushed `clock` times and all of it is applied.
+                if self.gate.slowest < clock or (self.gate.has_bsp and self.gate.bsp_done < clock):
+                    waiting.append(item)
+                else:
+                    self.send_state(ident, clock)
+                continue
             if not self.gate.ready(clock):
                 waiting.append(item)
                 continue
@@ -254,6 +300,14 @@ class Server:
             messages = self.codec.encode_many([h for _, h in ready], snapshot)
             for (ident, _), frames in zip(ready, messages):
                 self.sock.send_multipart([ident, *frames], copy=False)
+
+    def send_state(self, ident: bytes, clock: int) -> None:
+        layout, tensors = [], []
+        for piece in self.pieces.values():
+            items = optim.export_state(self.optim_name, piece.opt, piece.param)
+            layout.append([piece.key, [k for k, _ in items]])
+            tensors += [piece.param, *(t for _, t in items)]
+        self.send(ident, {"op": "state", "clock": clock, "state": layout}, tensors)
 
     # ---------------------------------------------------------------- health
     def check_timeouts(self) -> None:

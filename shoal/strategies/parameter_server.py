@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from shoal import runtime
@@ -233,11 +234,58 @@ class ParameterServer(Strategy):
         return super().evaluate(model, dataset, loss_fn, batch_size)
 
     def checkpoint_state(self, model, optimizer):
+        """The servers' values and optimizer state, as torch's own state dicts.
+
+        Every worker must call this at the same step (the trainer does): the
+        servers answer once all workers have pushed that many clocks, so every
+        worker holds the same cut. The optimizer state is put into the local
+        optimizer in torch's layout, which makes the checkpoint independent of
+        placement: it resumes with other server counts, or as data_parallel.
+        """
         self.sync()
+        replies = self._client.state(self._clock)
+        full: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for s, ((header, tensors), pieces) in enumerate(zip(replies, self._pieces)):
+                layout, it = header.get("state"), iter(tensors)
+                if not isinstance(layout, list) or [e[0] for e in layout] != [k for k, *_ in pieces]:
+                    raise ShoalError(f"parameter server {s} answered a checkpoint request for other pieces; were the servers restarted?")
+                for (_, p, start, stop), (_, names) in zip(pieces, layout):
+                    p.view(-1)[start:stop].copy_(next(it))
+                    state = full.setdefault(p, {})
+                    for name in names:
+                        value = next(it)
+                        if value.dim() == 0:
+                            state[name] = value.clone()
+                        else:
+                            state.setdefault(name, torch.zeros_like(p)).view(-1)[start:stop].copy_(value)
+        full = {p: state for p, state in full.items() if state}
+        if full:  # else torch makes the empty state itself, as for any optimizer before its first step
+            optimizer.state.clear()
+            for p, state in full.items():
+                optimizer.state[p] = state
         return super().checkpoint_state(model, optimizer)
 
     def load_checkpoint_state(self, model, optimizer, state) -> None:
-        raise ShoalError("resuming a parameter_server run is not supported yet (the servers' optimizer state is not checkpointed); start the run fresh")
+        """Load into the local copies, then worker 0 puts them on the servers."""
+        from shoal.ps import optim as ps_optim
+
+        super().load_checkpoint_state(model, optimizer, state)
+        if runtime.current().rank == 0:
+            layouts, tensors = [], []
+            for pieces in self._pieces:
+                layout, ts = [], []
+                for key, p, start, stop in pieces:
+                    items = [(n, t if t.dim() == 0 else t.reshape(-1)[start:stop]) for n, t in ps_optim.export_state(self._optim_name, optimizer, p)]
+                    layout.append([key, [n for n, _ in items]])
+                    ts += [p.detach().reshape(-1)[start:stop].cpu(), *(t.detach().cpu() for _, t in items)]
+                layouts.append(layout)
+                tensors.append(ts)
+            self._client.restore(layouts, tensors)
+        if dist.is_initialized():
+            dist.barrier()  # no worker pulls before the servers hold the checkpoint
+        optimizer.state.clear()  # the servers own it; a checkpoint fetches it again
+        self.refresh()
 
     def state_dict(self):
         return {"clock": self._clock}
