@@ -95,17 +95,20 @@ def _run(args: list[str]) -> int:
 
     if not os.path.isfile(ns.script):
         raise ConfigError(f"script {ns.script!r} does not exist")
-    if ns.servers < 0 or (ns.servers and ns.nnodes > 1):
-        raise ConfigError(f"--servers must be >= 0 and works on one machine (--nnodes 1) for now, not {ns.servers} with --nnodes {ns.nnodes}")
+    if ns.servers < 0:
+        raise ConfigError(f"--servers must be >= 0, not {ns.servers}")
     import secrets
 
     from shoal.ps.launch import serving
 
     key = os.environ.get("SHOAL_JOB_KEY") or secrets.token_hex(32)
     record = os.path.join(ns.log_dir, "ps_events.jsonl") if ns.log_dir else None
-    with serving(ns.servers, key, log_dir=ns.log_dir, record=record, live=sys.stderr.isatty()) as ps_env:
+    if ns.nnodes > 1 and not ns.rdzv_endpoint:
+        raise ConfigError("a job on several machines needs --rdzv-endpoint HOST:PORT (the same on every machine)")
+    with serving(ns.servers, key, log_dir=ns.log_dir, record=record, live=sys.stderr.isatty(),
+                 nnodes=ns.nnodes, node_rank=ns.node_rank, rdzv_endpoint=ns.rdzv_endpoint) as ps_env:
         spec = LaunchSpec(nproc=ns.nproc, nnodes=ns.nnodes, node_rank=ns.node_rank, rdzv_endpoint=ns.rdzv_endpoint, log_dir=ns.log_dir,
-                          env={"SHOAL_JOB_KEY": key, **ps_env})
+                          env={"SHOAL_JOB_KEY": key, **ps_env}, store_open=bool(ns.servers and ns.nnodes > 1))
         launch([ns.script, *ns.script_args], spec)
     return 0
 

@@ -193,3 +193,43 @@ def first_checkpoint_params(run_dir):
     out = run_dir / "first.pt"
     dcp_to_torch_save(first, out)
     return torch.load(out, weights_only=False)["model"]
+
+
+def test_servers_on_two_machines_on_loopback(tmp_path):
+    """`shoal run --nnodes 2 --servers 2` on each "machine": machine k starts
+    server k, everyone finds everyone through machine 0's rendezvous store,
+    and the job trains; a machine that asks for another server count is told."""
+    import os
+    import secrets
+    import subprocess
+
+    from conftest import ROOT, SHOAL, free_port, shoal
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SHOAL_JOB_KEY": secrets.token_hex(16)}
+
+    def args(node: int, servers: int = 2):
+        return ["run", "--nnodes", "2", "--node-rank", str(node), "--rdzv-endpoint", endpoint, "-n", "1", "--servers", str(servers),
+                "--log-dir", str(tmp_path / f"node{node}"), "examples/ps_loop.py", "--epochs", "2", "--servers", "2"]
+
+    other = subprocess.Popen([*SHOAL, *args(1)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        mine = shoal(*args(0), env=env, timeout=150)
+        out, err = other.communicate(timeout=60)
+    finally:
+        if other.poll() is None:
+            os.killpg(other.pid, 9)
+    assert mine.returncode == 0 and other.returncode == 0, mine.stderr[-3000:] + err[-3000:]
+    accuracy = float(mine.stdout.strip().splitlines()[-1].split("test accuracy ")[1].split()[0])
+    assert accuracy >= 0.9, mine.stdout
+    assert [p.name for p in (tmp_path / "node0").glob("server*.log")] == ["server0.log"]
+    assert [p.name for p in (tmp_path / "node1").glob("server*.log")] == ["server1.log"]
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    first = subprocess.Popen([*SHOAL, *args(0)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wrong = shoal(*args(1, servers=3), env=env, timeout=60)
+    finally:
+        os.killpg(first.pid, 9)  # machine 0 would wait for machine 1's workers until its rendezvous timeout
+        first.communicate()
+    assert wrong.returncode == 2 and "pass the same --servers on every machine" in wrong.stderr, wrong.stderr[-2000:]

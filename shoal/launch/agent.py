@@ -35,6 +35,8 @@ class LaunchSpec:
     rdzv_timeout_s: int = 300
     quiet: bool = False
     """Keep workers' output in the log files only (no console tee)."""
+    store_open: bool = False
+    """Machine 0's launcher already hosts the job's store on `rdzv_endpoint` (for parameter servers)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -58,7 +60,7 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     else:
         backend, endpoint, rdzv_configs = "c10d", spec.rdzv_endpoint or f"127.0.0.1:{free_port()}", {}
     if spec.nnodes > 1:
-        _check_endpoint(endpoint, spec.node_rank)
+        check_endpoint(endpoint, spec.node_rank, store_open=spec.store_open)
     log_dir = spec.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-logs")
     logs = DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE if spec.quiet else Std.ALL)
     config = LaunchConfig(
@@ -94,11 +96,12 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
                 os.environ[k] = v
 
 
-def _check_endpoint(endpoint: str, node_rank: int) -> None:
+def check_endpoint(endpoint: str, node_rank: int, store_open: bool = False) -> None:
+    """A HOST:PORT that machine 0 can listen on (unless its launcher already holds the job's store there)."""
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit():
         raise ShoalError(f"--rdzv-endpoint {endpoint!r} must look like HOST:PORT, e.g. 10.0.0.1:29500")
-    if node_rank == 0:
+    if node_rank == 0 and not store_open:
         try:
             with socket.socket() as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -79,10 +79,10 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
     if monitor:
         monitor.start()
     servers = cfg.strategy.options.server_processes(launch_cfg.workers * launch_cfg.nnodes)
-    if servers and launch_cfg.nnodes > 1:
-        raise ConfigError(f"strategy {cfg.strategy.name!r} starts server processes and runs on one machine (launch.nnodes = 1) for now", "launch.nnodes")
+    spec.store_open = bool(servers and launch_cfg.nnodes > 1)
     try:
-        with serving(servers, env["SHOAL_JOB_KEY"], log_dir=str(run_dir / "logs"), record=str(run_dir / "ps_events.jsonl")) as ps_env:
+        with serving(servers, env["SHOAL_JOB_KEY"], log_dir=str(run_dir / "logs"), record=str(run_dir / f"ps_events-node{launch_cfg.node_rank}.jsonl" if launch_cfg.nnodes > 1 else run_dir / "ps_events.jsonl"),
+                     nnodes=launch_cfg.nnodes, node_rank=launch_cfg.node_rank, rdzv_endpoint=launch_cfg.rdzv_endpoint) as ps_env:
             env.update(ps_env)
             launch(["-m", "shoal.train.worker", str(run_dir)], spec)
     finally:

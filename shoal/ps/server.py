@@ -52,7 +52,7 @@ class Piece:
 
 
 class Server:
-    def __init__(self, index: int, codec: Codec, host: str = "127.0.0.1", timeout_s: float = 60.0):
+    def __init__(self, index: int, codec: Codec, host: str = "127.0.0.1", timeout_s: float = 60.0, advertise: str = ""):
         self.index = index
         self.codec = codec
         self.timeout_s = timeout_s
@@ -61,7 +61,7 @@ class Server:
         self.sock.setsockopt(zmq.MAXMSGSIZE, codec.max_bytes)  # ZeroMQ drops a bigger frame before we see it
         self.sock.setsockopt(zmq.LINGER, 2000)
         port = self.sock.bind_to_random_port(f"tcp://{host}")
-        self.endpoint = f"tcp://{host}:{port}"
+        self.endpoint = f"tcp://{advertise or host}:{port}"  # bound to every interface, reached by this machine's address
         self.dropped: Counter[str] = Counter()
         self.workers: int | None = None
         self.joined: dict[int, tuple[bytes, dict]] = {}
@@ -363,7 +363,7 @@ def main() -> int:
     index = int(env["SHOAL_PS_INDEX"])
     optim.build("SGD", torch.zeros(1), {"lr": 0.1})  # torch imports its compiler stack on the first optimizer: pay it before serving
     codec = Codec(job_key(), int(env.get("SHOAL_PS_MAX_BYTES", str(1 << 30))))
-    server = Server(index, codec, env.get("SHOAL_PS_HOST", "127.0.0.1"), float(env.get("SHOAL_PS_TIMEOUT_S", "60")))
+    server = Server(index, codec, env.get("SHOAL_PS_HOST", "127.0.0.1"), float(env.get("SHOAL_PS_TIMEOUT_S", "60")), env.get("SHOAL_PS_ADVERTISE", ""))
     if env.get(EVENTS_ENV):
         server.events = Publisher(env[EVENTS_ENV], codec)
     host, _, port = env["SHOAL_PS_STORE"].rpartition(":")
