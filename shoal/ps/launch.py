@@ -111,10 +111,9 @@ def open_job_store(count: int, nnodes: int, node_rank: int, rdzv_endpoint: str, 
     every machine asks for the same number of servers."""
     from torch.distributed import TCPStore
 
-    from shoal.launch.agent import check_endpoint
-
-    check_endpoint(rdzv_endpoint, node_rank)
     host, _, port = rdzv_endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--rdzv-endpoint {rdzv_endpoint!r} must look like HOST:PORT, e.g. 10.0.0.1:29500")
     try:
         if node_rank == 0:
             store = TCPStore(host, int(port), is_master=True, multi_tenant=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
@@ -123,6 +122,8 @@ def open_job_store(count: int, nnodes: int, node_rank: int, rdzv_endpoint: str, 
             store = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
             asked = int(store.get("shoal/ps/servers"))
     except Exception as exc:
+        if node_rank == 0:
+            raise ShoalError(f"cannot open the job's rendezvous store on port {port} ({_first_line(exc)}); is the port in use? choose another --rdzv-endpoint port on every machine") from None
         raise ShoalError(f"cannot reach the job's rendezvous store at {rdzv_endpoint} ({_first_line(exc)}); is machine 0's launcher running?") from None
     if node_rank and asked != count:
         raise ConfigError(f"machine 0 started the job with --servers {asked}, this machine with {count}; pass the same --servers on every machine")
