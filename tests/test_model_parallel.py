@@ -114,6 +114,8 @@ def test_pipeline_options_are_checked():
         Pipeline(stages=2, microbatches=3, schedule="interleaved")
     with pytest.raises(ConfigError, match="schedule"):
         Pipeline(schedule="zigzag")
+    with pytest.raises(ConfigError, match="1f1b schedule needs 'microbatches' .1. >= 'stages' .2."):
+        Pipeline(stages=2, microbatches=1, schedule="1f1b")
 
 
 def test_auto_plan_pairs_columns_then_rows():

@@ -62,6 +62,8 @@ class Pipeline(MeshStrategy):
             raise ConfigError("'stages_per_rank' must be >= 2 for the interleaved schedule", "stages_per_rank")
         if self.schedule != "interleaved" and self.stages_per_rank != 1:
             raise ConfigError(f"'stages_per_rank' > 1 needs schedule = 'interleaved', not {self.schedule!r}", "stages_per_rank")
+        if self.schedule == "1f1b" and self.microbatches < self.stages:
+            raise ConfigError(f"the 1f1b schedule needs 'microbatches' ({self.microbatches}) >= 'stages' ({self.stages}); use more micro-batches or 'gpipe'", "microbatches")
         if self.schedule == "interleaved" and self.microbatches % self.stages:
             raise ConfigError(f"the interleaved schedule needs 'microbatches' ({self.microbatches}) to be a multiple of 'stages' ({self.stages})", "microbatches")
         if isinstance(self.split, str) and self.split not in ("auto", "params", "time"):
