@@ -82,12 +82,13 @@ def main() -> int:
             torch.manual_seed(0)
             split = Digits(batch_size=32).load(seed=0)
             model = MLP(hidden=[64]).build(split.input_shape, split.num_classes)
-            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            opt = torch.optim.SGD(model.parameters(), **args.get("sgd", {"lr": 0.05, "momentum": 0.9}))
             model, opt = strategy.prepare(model, opt)
             batches = strategy.loader(split.train, 32, seed=0).forever()
             loss_fn = nn.CrossEntropyLoss()
-            for _ in range(args["steps"]):
-                strategy.train_step(model, opt, loss_fn, next(batches))
+            overflow = lambda out, y: loss_fn(out, y) * 1e9  # noqa: E731  (an fp16 overflow on purpose)
+            for step in range(args["steps"]):
+                strategy.train_step(model, opt, overflow if step == args.get("overflow_at") else loss_fn, next(batches))
                 out.update({f"m_{k}": v for k, v in strategy.step_metrics().items()})
             out.update(strategy.evaluate(model, split.test, loss_fn))
         strategy.sync()

@@ -239,3 +239,37 @@ def test_packed_state_is_json_and_exact():
     back = unpack_state(json.loads(json.dumps(pack_state(state))))
     assert state.keys() == back.keys()
     assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in state.items())
+
+
+# ------------------------------------------------------- receiving other processes' payloads
+@pytest.mark.parametrize("spec", [s for s in SPECS if s != "none"])
+def test_receiver_decodes_what_encode_sent_and_refuses_forgeries(spec):
+    from shoal.compress.base import Receiver
+
+    shape, dtype = (17, 40), torch.float32
+    grad = make(shape, dtype, "normal", 3)
+    sender, receiver = parse(spec), Receiver(spec)
+    payload = sender.encode("w", grad)
+    torch.testing.assert_close(receiver.decode(payload.header, payload.tensors, shape, dtype), parse(spec).decode(payload, shape, dtype), rtol=0, atol=0)
+    t0 = payload.tensors[0]
+    forged = [
+        (payload.header, payload.tensors[:-1]),                                                    # a tensor missing
+        (payload.header, [*payload.tensors, t0]),                                                  # one too many
+        (payload.header, [t0[:-1], *payload.tensors[1:]]),                                         # truncated
+        (payload.header, [t0.to(torch.float64 if t0.dtype != torch.float64 else torch.float32), *payload.tensors[1:]]),  # dtype
+        ({**payload.header, "extra": 1}, payload.tensors),                                          # unknown header key
+        ({**payload.header, "nonfinite": True}, payload.tensors),                                   # an overflow is never applied
+        ("not a map", payload.tensors),
+    ]
+    if spec.startswith("topk"):
+        for bad in (-1, 17 * 40):
+            index = t0.clone()
+            index[0] = bad
+            forged.append((payload.header, [index, *payload.tensors[1:]]))                         # index out of range
+    if spec.startswith("randomk"):
+        forged += [({**payload.header, "seed": -5}, payload.tensors), ({**payload.header, "k": 3}, payload.tensors)]
+    if spec.startswith("powersgd"):
+        forged.append(({**payload.header, "dense": True}, payload.tensors))
+    for header, tensors in forged:
+        with pytest.raises(ValueError):
+            receiver.decode(header, tensors, shape, dtype)

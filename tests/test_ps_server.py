@@ -164,3 +164,49 @@ def test_checkpoint_state_round_trips_and_bad_restores_change_nothing(server):
     torch.testing.assert_close(ws, w - 0.5 * 1.9, rtol=0, atol=1e-6)
     assert group.poll() == [None]
     client.close()
+
+
+def test_compressed_pushes_are_checked_decoded_and_skips_drop_the_clock(server):
+    from shoal.compress import parse
+
+    group, endpoint, key = server
+    codec = Codec(key, LIMIT)
+    client = Client([endpoint], codec, rank=0, world=1, timeout_s=20)
+    spec = {**_spec(), "compression": "topk:0.25", "code_shapes": [[2, 4], [2]]}
+    w0, b0 = torch.arange(8, dtype=torch.float32), torch.ones(2)
+    client.init([spec], [[w0, b0]])
+    sender = parse("topk:0.25")
+    gw, gb = torch.tensor([[0.0, 4.0, 0.0, 0.0], [0.0, 0.0, -2.0, 0.0]]), torch.tensor([1.0, 0.0])
+    pw, pb = sender.encode("w", gw), sender.encode("b", gb)
+    (iw, vw), (ib, vb) = pw.tensors, pb.tensors
+
+    def push(codes, tensors, keys=("w", "b"), clock=0, **extra):
+        client._send(0, {"op": "push", "clock": clock, "keys": list(keys), "hp": [{}], "codes": codes, **extra}, tensors)
+
+    bad = [
+        ([pw.header, pb.header], [iw, vw, ib]),                                   # a tensor missing
+        ([pw.header], [iw, vw, ib, vb]),                                          # a code missing
+        (None, [gw.reshape(-1), gb]),                                             # uncompressed to a compressing server
+        ([pw.header, pb.header], [torch.tensor([8, 1], dtype=torch.int32), vw, ib, vb]),   # index past the end
+        ([pw.header, pb.header], [torch.tensor([-1, 1], dtype=torch.int32), vw, ib, vb]),  # negative index
+        ([pw.header, pb.header], [iw, vw.float(), ib, vb]),                       # values in the wrong dtype
+        ([{"nonfinite": True}, pb.header], [iw, vw, ib, vb]),                     # an overflow: must be a skip
+    ]
+    for codes, tensors in bad:
+        push(codes, tensors)
+    client._send(0, {"op": "push", "clock": 0, "keys": ["w"], "hp": [{}], "skip": True}, [])  # a skip carries nothing
+    push([pw.header, pb.header], [iw, vw, ib, vb])
+    client.request_pull(1)
+    (_, (w1, b1)), = client.wait_pull(1)
+    # top-25% of w: 4.0 and -2.0 (bf16-exact); of b: 1.0; SGD lr 0.5
+    torch.testing.assert_close(w1, w0 - 0.5 * gw.reshape(-1), rtol=0, atol=0)
+    torch.testing.assert_close(b1, b0 - 0.5 * gb, rtol=0, atol=0)
+
+    client.push(1, [([], [])], [{}], skip=True)  # worker skipped clock 1 (its gradient overflowed)
+    client.request_pull(2)
+    (_, (w2, b2)), = client.wait_pull(2)
+    torch.testing.assert_close([w2, b2], [w1, b1], rtol=0, atol=0)
+    stats, _ = client.stats(0)
+    assert stats["dropped"] == {"malformed": 4, "bad_payload": 4}, stats["dropped"]
+    assert stats["pushed"] == [2] and stats["bsp_done"] == 2 and stats["skipped"] == 1 and stats["steps"] == {"w": 1, "b": 1}
+    client.close()

@@ -143,7 +143,7 @@ def test_strategy_options_are_checked_before_anything_starts():
     from shoal.strategies.parameter_server import ParameterServer
 
     for kwargs, key in [({"consistency": "eventual"}, "consistency"), ({"overrides": {"a.*": "fast"}}, "overrides.a.*"),
-                        ({"staleness": -1}, "staleness"), ({"compression": "topk:0.01"}, "compression"),
+                        ({"staleness": -1}, "staleness"), ({"compression": "topk:2"}, "compression"), ({"compression": "int3"}, "compression"),
                         ({"debug_slowdown": "x"}, "debug_slowdown"), ({"servers": 0}, "servers")]:
         with pytest.raises(ConfigError) as err:
             ParameterServer(**kwargs)

@@ -53,6 +53,8 @@ class Compressor:
     family: ClassVar[str] = ""
     allreduce_safe: ClassVar[bool] = False
     error_feedback: ClassVar[bool] = False
+    varying_header: ClassVar[tuple[str, ...]] = ()
+    """Header keys whose values are not fixed by the shape (checked by `check_payload`)."""
 
     def __init__(self, spec: str):
         self.spec = spec
@@ -63,6 +65,11 @@ class Compressor:
 
     def decode(self, payload: Payload, shape, dtype) -> torch.Tensor:
         raise NotImplementedError
+
+    def check_payload(self, payload: Payload, shape) -> None:
+        """Raise ValueError if a received payload of the right layout still could not
+        have come from `encode` (e.g. an index out of range): what a receiver that
+        decodes other processes' messages must refuse before `decode`."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
@@ -113,6 +120,47 @@ class ErrorFeedback(Compressor):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.residuals = {k[len("residual/"):]: v.clone() for k, v in state.items() if k.startswith("residual/")}
+
+
+class Receiver:
+    """Checks and decodes payloads from other processes (a parameter server's pushes).
+
+    A payload's layout (header apart from flags and `varying_header`, the
+    tensors' dtypes and shapes) is fixed by the spec, the shape and the dtype,
+    so the receiver learns it once per shape by encoding zeros with a fresh
+    compressor, and refuses anything else with ValueError before decoding.
+    """
+
+    def __init__(self, spec: str):
+        from shoal.compress import parse
+
+        self.spec = spec
+        self.compressor = parse(spec)
+        self._layouts: dict[tuple, tuple[dict, list]] = {}
+
+    def layout(self, shape, dtype: torch.dtype) -> tuple[dict, list[tuple[torch.dtype, tuple]]]:
+        key = (tuple(shape), dtype)
+        if key not in self._layouts:
+            from shoal.compress import parse
+
+            probe = parse(self.spec).encode("probe", torch.zeros(tuple(shape), dtype=dtype))
+            self._layouts[key] = (self._fixed(probe.header), [(t.dtype, tuple(t.shape)) for t in probe.tensors])
+        return self._layouts[key]
+
+    def _fixed(self, header: dict) -> dict:
+        return {k: v for k, v in header.items() if k != "nonfinite" and k not in self.compressor.varying_header}
+
+    def decode(self, header, tensors: list[torch.Tensor], shape, dtype: torch.dtype) -> torch.Tensor:
+        want_header, want = self.layout(shape, dtype)
+        if not isinstance(header, dict) or self._fixed(header) != want_header:
+            raise ValueError("payload header does not match the compressor")
+        if "nonfinite" in header:
+            raise ValueError("a non-finite payload is never applied; its sender skips the step instead")
+        if [(t.dtype, tuple(t.shape)) for t in tensors] != want:
+            raise ValueError("payload tensors do not match the compressor's layout")
+        payload = Payload(dict(header), list(tensors))
+        self.compressor.check_payload(payload, tuple(shape))
+        return self.compressor.decode(payload, tuple(shape), dtype)
 
 
 def numel_of(shape) -> int:

@@ -59,6 +59,12 @@ class TopK(ErrorFeedback):
             header["nonfinite"] = True
         return Payload(header, [index, values])
 
+    def check_payload(self, payload: Payload, shape) -> None:
+        index = payload.tensors[0]
+        n = numel_of(shape)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise ValueError("top-k index out of range")
+
     def decode(self, payload: Payload, shape, dtype) -> torch.Tensor:
         index, values = payload.tensors
         out = torch.zeros(numel_of(shape), dtype=dtype, device=values.device)
@@ -69,6 +75,7 @@ class TopK(ErrorFeedback):
 class RandomK(ErrorFeedback):
     family: ClassVar[str] = "randomk"
     allreduce_safe: ClassVar[bool] = True
+    varying_header: ClassVar[tuple[str, ...]] = ("seed",)
 
     def __init__(self, spec: str, ratio: float, seed: int = 0):
         super().__init__(spec)
@@ -101,6 +108,11 @@ class RandomK(ErrorFeedback):
         if k and not bool(torch.isfinite(values).all()):
             header["nonfinite"] = True
         return Payload(header, [values])
+
+    def check_payload(self, payload: Payload, shape) -> None:
+        seed = payload.header.get("seed")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**62:
+            raise ValueError("random-k seed out of range")
 
     def decode(self, payload: Payload, shape, dtype) -> torch.Tensor:
         (values,) = payload.tensors

@@ -49,11 +49,21 @@ class Client:
             self._send(s, {"op": "init", "world": self.world, "spec": spec}, vals if self.rank == 0 else ())
         return self._collect("params", clock=0)
 
-    def push(self, clock: int, per_server: list[tuple[list[str], list[torch.Tensor]]], hp: list[dict]) -> None:
-        """Queue this clock's gradients for every server (every server gets a push, maybe empty)."""
+    def push(self, clock: int, per_server: list[tuple[list[str], list[torch.Tensor]]], hp: list[dict],
+             codes: list[list[dict]] | None = None, skip: bool = False) -> None:
+        """Queue this clock's gradients for every server (every server gets a push, maybe empty).
+
+        With compression, `codes[s]` holds each key's payload header and the
+        tensors are the payloads' tensors in key order; `skip` pushes nothing
+        but the clock (a step dropped for a non-finite gradient)."""
         self.trackers = []
         for s, (keys, grads) in enumerate(per_server):
-            self.trackers.append(self._send(s, {"op": "push", "clock": clock, "keys": keys, "hp": hp}, grads, track=True))
+            header = {"op": "push", "clock": clock, "keys": keys, "hp": hp}
+            if codes is not None:
+                header["codes"] = codes[s]
+            if skip:
+                header["skip"] = True
+            self.trackers.append(self._send(s, header, grads, track=True))
             self.bytes_pushed += sum(g.numel() * g.element_size() for g in grads)
 
     def wait_sent(self) -> None:

@@ -26,6 +26,7 @@ Start with `python -m shoal.ps.server` (see `shoal.ps.launch`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -44,11 +45,13 @@ OBSERVER = -1  # `src` of read-only requests (stats) from tools and tests
 
 
 class Piece:
-    __slots__ = ("key", "param", "opt", "mode", "group", "steps")
+    __slots__ = ("key", "param", "opt", "mode", "group", "steps", "code_shape", "code_count")
 
     def __init__(self, key: str, param: torch.Tensor, opt, mode: Mode, group: int):
         self.key, self.param, self.opt, self.mode, self.group = key, param, opt, mode, group
         self.steps = 0  # optimizer steps applied
+        self.code_shape: tuple[int, ...] = tuple(param.shape)  # the shape gradients are compressed in
+        self.code_count = 1  # payload tensors per push of this piece
 
 
 class Server:
@@ -74,6 +77,9 @@ class Server:
         self.seq: dict[int, int] = {}
         self.accum: dict[int, dict[str, torch.Tensor]] = {}
         self.accum_count: Counter[int] = Counter()
+        self.skipped_clocks: set[int] = set()  # BSP clocks a worker skipped (non-finite gradient): dropped whole
+        self.skipped = 0
+        self.receiver = None  # a shoal.compress.base.Receiver when pushes are compressed
         self.pending: list[tuple[bytes, int, int, float, str]] = []  # identity, worker, clock, since, "params" | "state"
         self.applied = 0  # pushes whose updates are in the parameters
         self.read_applied: dict[int, int] = {}
@@ -160,12 +166,26 @@ class Server:
             keys = spec["keys"]
             if len(keys) != len(self.initial or []):
                 raise ValueError("worker 0 sent no initial values")
-            for (key, dtype, shape, kind, staleness, group), value in zip(keys, self.initial):
+            compression = spec.get("compression", "none")
+            if compression != "none":
+                from shoal.compress.base import Receiver
+
+                self.receiver = Receiver(compression)
+            code_shapes = spec.get("code_shapes") or [k[2] for k in keys]
+            if len(code_shapes) != len(keys):
+                raise ValueError("one code shape per key")
+            for (key, dtype, shape, kind, staleness, group), value, code_shape in zip(keys, self.initial, code_shapes):
                 if [str(value.dtype).removeprefix("torch."), list(value.shape)] != [dtype, shape]:
                     raise ValueError(f"initial value of {key} has the wrong shape")
                 param = value.clone()
-                self.pieces[key] = Piece(key, param, optim.build(self.optim_name, param, self.hp[group]), Mode(kind, staleness), group)
-        except (KeyError, TypeError, ValueError) as exc:
+                piece = Piece(key, param, optim.build(self.optim_name, param, self.hp[group]), Mode(kind, staleness), group)
+                piece.code_shape = tuple(int(d) for d in code_shape)
+                if math.prod(piece.code_shape) != param.numel():
+                    raise ValueError(f"code shape of {key} does not hold its elements")
+                if self.receiver is not None:
+                    piece.code_count = len(self.receiver.layout(piece.code_shape, param.dtype)[1])
+                self.pieces[key] = piece
+        except (KeyError, TypeError, ValueError) as exc:  # ConfigError (a bad compression spec) is a ValueError too
             return self.fail(f"bad initial message from worker 0: {exc}")
         self.order = list(self.pieces)
         self.gate = Gate(self.workers, [p.mode for p in self.pieces.values()])
@@ -184,17 +204,16 @@ class Server:
 
     def on_push(self, src: int, header: dict, tensors) -> None:
         self.check_joined(src)
-        clock, keys, hp = header.get("clock"), header.get("keys"), header.get("hp")
-        if not isinstance(keys, list) or len(keys) != len(tensors) or len(set(map(str, keys))) != len(keys):
-            raise WireError("malformed", "keys do not match tensors")
+        clock, keys, hp, skip = header.get("clock"), header.get("keys"), header.get("hp"), header.get("skip", False)
+        if not isinstance(keys, list) or len(set(map(str, keys))) != len(keys) or skip not in (True, False) or (skip and (keys or tensors)):
+            raise WireError("malformed", "bad keys or skip flag")
         pieces = []
-        for key, grad in zip(keys, tensors):
+        for key in keys:
             piece = self.pieces.get(key) if isinstance(key, str) else None
             if piece is None:
                 raise WireError("unknown_key")
-            if grad.dtype != piece.param.dtype or grad.shape != piece.param.shape:
-                raise WireError("bad_shape", f"{key}: {grad.dtype}{list(grad.shape)}")
             pieces.append(piece)
+        grads = [] if skip else self.received_gradients(pieces, header.get("codes"), tensors)
         if clock != self.gate.pushed[src]:
             raise WireError("bad_clock", f"worker {src} pushed clock {clock}, expected {self.gate.pushed[src]}")
         try:
@@ -207,7 +226,10 @@ class Server:
         self.hp = [{**old, **new} for old, new in zip(self.hp, hps)]
         self.staleness[src] = (self.applied - self.read_applied.get(src, 0)) / self.workers
         acc = self.accum.setdefault(clock, {}) if self.gate.has_bsp else None
-        for piece, grad in zip(pieces, tensors):
+        if skip and self.gate.has_bsp:
+            self.skipped_clocks.add(clock)
+        self.skipped += skip
+        for piece, grad in zip(pieces, grads):
             if piece.mode.kind == "bsp":
                 if piece.key in acc:
                     acc[piece.key].add_(grad)
@@ -221,13 +243,38 @@ class Server:
         if self.gate.has_bsp:
             self.accum_count[clock] += 1
             if self.accum_count[clock] == self.workers:
-                for key, total in self.accum.pop(clock).items():
+                totals = self.accum.pop(clock)
+                if clock in self.skipped_clocks:  # a worker's gradient overflowed: nobody's is applied, as under DP
+                    self.skipped_clocks.discard(clock)
+                    totals = {}
+                for key, total in totals.items():
                     self.apply(self.pieces[key], total.div_(self.workers))
                 del self.accum_count[clock]
                 self.gate.bsp_done += 1
                 if not self.async_keys:
                     self.applied += self.workers
         self.answer_ready()
+
+    def received_gradients(self, pieces: list[Piece], codes, tensors) -> list[torch.Tensor]:
+        """The pushed gradients, checked (and decoded when compressed); WireError if any is wrong."""
+        if self.receiver is None:
+            if codes is not None or len(tensors) != len(pieces):
+                raise WireError("malformed", "keys do not match tensors")
+            for piece, grad in zip(pieces, tensors):
+                if grad.dtype != piece.param.dtype or grad.shape != piece.param.shape:
+                    raise WireError("bad_shape", f"{piece.key}: {grad.dtype}{list(grad.shape)}")
+            return list(tensors)
+        if not isinstance(codes, list) or len(codes) != len(pieces) or len(tensors) != sum(p.code_count for p in pieces):
+            raise WireError("malformed", "codes do not match keys and tensors")
+        grads, at = [], 0
+        for piece, code in zip(pieces, codes):
+            part = tensors[at : at + piece.code_count]
+            at += piece.code_count
+            try:
+                grads.append(self.receiver.decode(code, part, piece.code_shape, piece.param.dtype).reshape(-1))
+            except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+                raise WireError("bad_payload", f"{piece.key}: {exc}") from None
+        return grads
 
     def apply(self, piece: Piece, grad: torch.Tensor) -> None:
         piece.opt.param_groups[0].update(self.hp[piece.group])
@@ -347,6 +394,7 @@ class Server:
             "max_gap": gate.max_gap if gate else 0,
             "steps": {k: p.steps for k, p in self.pieces.items()},
             "applied": self.applied,
+            "skipped": self.skipped,
             "bye": sorted(self.bye),
         }
 

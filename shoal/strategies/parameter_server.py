@@ -22,6 +22,7 @@ PROB (default 1), e.g. "1:0.05" or "*:0.01,*:0.03@0.1".
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -34,10 +35,14 @@ from torch import nn
 
 from shoal import runtime
 from shoal.comm.pubsub import EVENTS_ENV, Publisher
+from shoal.compress import parse as parse_compression
+from shoal.compress.base import pack_state, unpack_state
 from shoal.config import check_range
 from shoal.errors import ConfigError, ShoalError
 from shoal.ps.consistency import parse_mode, resolve
 from shoal.strategies.base import Strategy, wrap_optimizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,8 +70,9 @@ class ParameterServer(Strategy):
         check_range(self.timeout_s, "timeout_s", low=0.0, low_open=True)
         check_range(self.max_message_mb, "max_message_mb", low=0.0, low_open=True)
         resolve([], self.default_mode, self.overrides, self.staleness)  # validates every override
-        if self.compression != "none":
-            raise ConfigError(f"'compression' for the parameter server is only 'none' for now, not {self.compression!r}", "compression")
+        self._compressor = parse_compression(self.compression)  # ConfigError names the spec
+        self._raw_pushed = 0
+        self._skipped = 0
         self.slowdown = parse_slowdown(os.environ.get("SHOAL_DEBUG_SLOWDOWN") or self.debug_slowdown)
         self._client = None
         self._clock = 0
@@ -105,17 +111,20 @@ class ParameterServer(Strategy):
         self.plan = plan([(n, p.numel(), p.element_size()) for n, p, _ in served], count, self.chunk_bytes)
         by_name = {n: (p, gi) for n, p, gi in served}
         self._pieces: list[list[tuple[str, torch.Tensor, int, int]]] = [[] for _ in range(count)]
-        specs = [{"optim": self._optim_name, "timeout_s": self.timeout_s, "keys": [],
+        specs = [{"optim": self._optim_name, "timeout_s": self.timeout_s, "keys": [], "compression": self.compression, "code_shapes": [],
                   "groups": [ps_optim.hyperparameters(self._optim_name, g) for g in optimizer.param_groups]} for _ in range(count)]
         values: list[list[torch.Tensor]] = [[] for _ in range(count)]
         for piece in self.plan.pieces:
             p, gi = by_name[piece.name]
             mode = modes[piece.name]
             self._pieces[piece.server].append((piece.key, p, piece.start, piece.stop))
+            specs[piece.server]["code_shapes"].append(list(code_shape(p, piece.start, piece.stop)))
             specs[piece.server]["keys"].append([piece.key, str(p.dtype).removeprefix("torch."), [piece.stop - piece.start], mode.kind, mode.staleness, gi])
             values[piece.server].append(p.detach().reshape(-1)[piece.start : piece.stop].cpu())
         codec = Codec(job_key(), int(self.max_message_mb * (1 << 20)))
         self._client = Client(endpoints, codec, rt.rank, rt.world_size, self.timeout_s)
+        self._code_shapes = [spec["code_shapes"] for spec in specs]
+        self._compressor.reseed(1_000 + rt.rank)  # independent rounding noise per worker
         self._install(self._client.init(specs, values))
         self._model = model
         self._optimizer = optimizer
@@ -135,16 +144,33 @@ class ParameterServer(Strategy):
                 loss = closure()
         self.sync()  # a step never starts before the last pull is in
         self._sleep_if_asked()
-        per_server = []
-        for pieces in self._pieces:
-            keys, grads = [], []
-            for key, p, start, stop in pieces:
-                if p.grad is not None:
-                    keys.append(key)
-                    grads.append(p.grad.detach().reshape(-1)[start:stop].cpu())
+        per_server, codes, nonfinite = [], [], False
+        for pieces, shapes in zip(self._pieces, self._code_shapes):
+            keys, grads, headers = [], [], []
+            for (key, p, start, stop), shape in zip(pieces, shapes):
+                if p.grad is None:
+                    continue
+                grad = p.grad.detach().reshape(-1)[start:stop].cpu()
+                keys.append(key)
+                self._raw_pushed += grad.numel() * grad.element_size()
+                if self.compression == "none":
+                    grads.append(grad)  # sent without a copy
+                    continue
+                payload = self._compressor.encode(key, grad.view(shape))
+                nonfinite |= bool(payload.header.get("nonfinite"))
+                headers.append(payload.header)
+                grads += payload.tensors
             per_server.append((keys, grads))
+            codes.append(headers)
         hp = [_hp(self._optim_name, g) for g in self._optimizer.param_groups]
-        self._client.push(self._clock, per_server, hp)
+        if nonfinite:
+            # As mixed precision does: a step with an overflow is not applied
+            # anywhere (in BSP the servers drop the whole clock).
+            self._skipped += 1
+            log.warning("non-finite gradient after %s compression: step skipped (%d so far)", self.compression, self._skipped)
+            self._client.push(self._clock, [([], [])] * len(per_server), hp, skip=True)
+        else:
+            self._client.push(self._clock, per_server, hp, codes if self.compression != "none" else None)
         self._clock += 1
         self._client.request_pull(self._clock)
         self._pending = True
@@ -223,7 +249,12 @@ class ParameterServer(Strategy):
             "ps_staleness": sum(m.staleness) / len(m.staleness) if m.staleness else 0.0,
         }
         if self._client is not None:
-            out["ps_bytes_pushed"] = float(self._client.bytes_pushed - m.pushed0)
+            pushed = self._client.bytes_pushed - m.pushed0
+            out["ps_bytes_pushed"] = float(pushed)
+            if pushed:
+                out["ps_compression_ratio"] = (self._raw_pushed - m.raw0) / pushed
+            out["ps_skipped_steps"] = float(self._skipped)
+            self._metrics.raw0 = self._raw_pushed
             out["ps_bytes_pulled"] = float(self._client.bytes_pulled - m.pulled0)
             self._metrics.pushed0, self._metrics.pulled0 = self._client.bytes_pushed, self._client.bytes_pulled
         return out
@@ -288,7 +319,16 @@ class ParameterServer(Strategy):
         self.refresh()
 
     def state_dict(self):
-        return {"clock": self._clock}
+        """This worker's own state: its clock (informative) and its compressor's (error feedback)."""
+        state = {"clock": self._clock, "skipped_steps": self._skipped}
+        if self.compression != "none":
+            state["compression"] = pack_state(self._compressor.state_dict())
+        return state
+
+    def load_state_dict(self, state):
+        self._skipped = int(state.get("skipped_steps", 0))
+        if "compression" in state:
+            self._compressor.load_state_dict(unpack_state(state["compression"]))
 
     def close(self) -> None:
         if self._client is not None:
@@ -308,6 +348,16 @@ class _Window:
     start: float = field(default_factory=time.perf_counter)
     pushed0: int = 0
     pulled0: int = 0
+    raw0: int = 0
+
+
+def code_shape(p: torch.Tensor, start: int, stop: int) -> tuple[int, ...]:
+    """The shape a piece is compressed in: whole rows of a matrix keep their shape
+    (so PowerSGD sees a matrix), anything else is a flat vector."""
+    row = p[0].numel() if p.dim() >= 2 and p.shape[0] else 0
+    if row and start % row == 0 and stop % row == 0:
+        return ((stop - start) // row, *p.shape[1:])
+    return (stop - start,)
 
 
 def _hp(name: str, group: dict) -> dict:
