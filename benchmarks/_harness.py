@@ -16,10 +16,11 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def launch(script: str, nproc: int, args: list[str], threads: int = 1, timeout: float = 1800) -> None:
-    """Run `script --worker ARGS` on `nproc` processes with `threads` torch threads each."""
+def launch(script: str, nproc: int, args: list[str], threads: int = 1, timeout: float = 1800, servers: int = 0) -> None:
+    """Run `script --worker ARGS` on `nproc` processes with `threads` torch threads each
+    (and `servers` parameter-server processes)."""
     env = {**os.environ, "SHOAL_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "shoal.cli", "run", "-n", str(nproc), script, "--worker", *args]
+    cmd = [sys.executable, "-m", "shoal.cli", "run", "-n", str(nproc), *(["--servers", str(servers)] if servers else []), script, "--worker", *args]
     proc = subprocess.run(cmd, env=env, timeout=timeout)
     if proc.returncode != 0:
         sys.exit(f"benchmark worker failed: {' '.join(cmd)}")

@@ -1,15 +1,17 @@
-"""Gradient compression under data parallelism, side by side with "none".
+"""Gradient compression under data parallelism and on the parameter server,
+side by side with "none".
 
-For each compressor, on 2 ranks in the same processes and run: bytes this
-rank put on the wire per step (for gradients), compression ratio against
-"none", steps/s, and final test accuracy, on scikit-learn's digits (a small
-MLP: compute-bound) and on a communication-heavy MLP (>= 5M parameters,
-synthetic data). Checks the issue's goals and writes
-benchmarks/results/compression.json.
+For each compressor, on 2 workers: bytes this worker put on the wire per
+step for gradients, compression ratio against "none", steps/s, and final
+test accuracy, on scikit-learn's digits (a small MLP: compute-bound) and on
+a communication-heavy MLP (>= 5M parameters, synthetic data).
+- DP: every spec in one `shoal run -n 2` (DDP comm hooks);
+- PS: PS-BSP with 1 server, one `shoal run -n 2 --servers 1` per spec (a
+  server serves one model); pushes are compressed, pulls are not, so the
+  bytes pulled per step are reported beside.
+Checks the issue's goals and writes benchmarks/results/compression.json.
 
-    python benchmarks/compression.py [--digits-steps 300] [--large-steps 60]
-
-The parameter-server path is not measured yet: see `ps_rows` below.
+    python benchmarks/compression.py [--digits-steps 300] [--large-steps 60] [--paths dp,ps]
 """
 
 from __future__ import annotations
@@ -55,29 +57,41 @@ def workloads(digits_steps: int, large_steps: int) -> dict:
     }
 
 
-def train(spec: str, opt_kw: dict, data, model_opts, steps: int, split) -> dict:
+def train(spec: str, opt_kw: dict, data, model_opts, steps: int, split, path: str = "dp") -> dict:
     import shoal
 
     torch.manual_seed(0)
     model = model_opts.build(split.input_shape, split.num_classes)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.SGD(model.parameters(), **opt_kw)
-    strategy = shoal.DataParallel(compression=spec)
+    if path == "dp":
+        strategy = shoal.DataParallel(compression=spec)
+    else:
+        strategy = shoal.ParameterServer(consistency="bsp", servers=1, compression=spec)
     model, opt = strategy.prepare(model, opt)
     batches = strategy.loader(split.train, data.batch_size, shuffle=True, seed=0).forever()
     loss_fn = torch.nn.functional.cross_entropy
-    sent, skipped = [], 0.0
+    sent, pulled, skipped = [], [], 0.0
     dist.barrier()
     start = time.perf_counter()
     for _ in range(steps):
         strategy.train_step(model, opt, loss_fn, next(batches))
         m = strategy.step_metrics()
-        sent.append(m["bytes_sent"])
-        skipped = m["skipped_steps"]
+        if path == "dp":
+            sent.append(m["bytes_sent"])
+            skipped = m["skipped_steps"]
+        else:  # the push of this step (the pull it requested is counted when it arrives)
+            sent.append(m["ps_bytes_pushed"])
+            pulled.append(m["ps_bytes_pulled"])
+            skipped = m["ps_skipped_steps"]
+    if path != "dp":
+        strategy.sync()
     dist.barrier()
     seconds = time.perf_counter() - start
     acc = strategy.evaluate(model, split.test, loss_fn)["eval_accuracy"]
-    return {
+    extra = {"bytes_pulled_per_step": sum(pulled) / steps} if pulled else {}
+    strategy.close()
+    return {**extra,
         "spec": spec, "optimizer": f"sgd lr={opt_kw['lr']} momentum={opt_kw['momentum']}", "parameters": params,
         "steps": steps, "steps_per_s": steps / seconds, "bytes_per_step": sum(sent) / steps,
         "bytes_last_step": sent[-1], "skipped_steps": skipped, "accuracy": acc,
@@ -86,16 +100,8 @@ def train(spec: str, opt_kw: dict, data, model_opts, steps: int, split) -> dict:
     }
 
 
-def ps_rows(*_args) -> list:
-    """TODO(parameter server): run the same specs through
-    `shoal.ParameterServer(compression=spec)` (BSP) once
-    `shoal.strategies.parameter_server` exists; it needs server processes from
-    the launcher (`strategy.server_processes()`), so it belongs in a second
-    `_harness.launch` with those. Until then the JSON says it was skipped."""
-    return []
-
-
-def worker(digits_steps: int, large_steps: int, specs: list[str], only: list[str], out: str) -> None:
+def worker(digits_steps: int, large_steps: int, specs: list[str], only: list[str], out: str, path: str, plain: bool) -> None:
+    """DP: every spec of every workload. PS: the one spec and workload asked (fresh servers)."""
     import shoal
 
     rt = shoal.init()
@@ -104,20 +110,42 @@ def worker(digits_steps: int, large_steps: int, specs: list[str], only: list[str
         if name not in only:
             continue
         split = data.load(seed=0)
-        rows = [train(spec, opt_kw, data, model_opts, steps, split) for spec, opt_kw in runs(name, specs)]
+        chosen = runs(name, specs) if path == "dp" else [(specs[0], OPTIMIZERS[name][1 if plain else 0])]
+        results[name] = [train(spec, opt_kw, data, model_opts, steps, split, path) for spec, opt_kw in chosen]
+    if rt.is_main:
+        Path(out).write_text(json.dumps(results))
+    shoal.shutdown()
+
+
+def compare(results: dict) -> dict:
+    """Each row against "none" with the same optimizer, in the same run."""
+    for rows in results.values():
         for row in rows:
             ref = next(r for r in rows if r["spec"] == "none" and r["optimizer"] == row["optimizer"])
             row["compression_ratio"] = ref["bytes_per_step"] / row["bytes_per_step"]
             row["compression_ratio_last_step"] = ref["bytes_last_step"] / row["bytes_last_step"]
             row["accuracy_vs_none"] = row["accuracy"] - ref["accuracy"]
             row["speedup_vs_none"] = row["steps_per_s"] / ref["steps_per_s"]
-        results[name] = rows
-    if rt.is_main:
-        Path(out).write_text(json.dumps(results))
-    shoal.shutdown()
+    return results
 
 
-def goals(results: dict) -> dict:
+def ps_results(args) -> dict:
+    """One `shoal run -n 2 --servers 1` per (workload, spec, optimizer)."""
+    results: dict = {}
+    for name in args.workloads.split(","):
+        results[name] = []
+        for spec, opt_kw in runs(name, args.specs.split(",")):
+            plain = opt_kw is OPTIMIZERS[name][1]
+            _harness.launch(__file__, 2, ["--path", "ps", "--digits-steps", str(args.digits_steps), "--large-steps", str(args.large_steps),
+                                          "--specs", spec, "--workloads", name, "--out", args.out, *(["--plain"] if plain else [])],
+                            threads=1, servers=1)
+            results[name] += json.loads(Path(args.out).read_text())[name]
+            print(f"ps {name} {spec}: {results[name][-1]['bytes_per_step']:.0f} B/step, accuracy {results[name][-1]['accuracy']:.4f}", flush=True)
+    Path(args.out).unlink()
+    return compare(results)
+
+
+def goals(results: dict, path: str) -> dict:
     def row(workload, spec):
         return next((r for r in results.get(workload, []) if r["spec"] == spec), None)
 
@@ -125,12 +153,12 @@ def goals(results: dict) -> dict:
     for w in results:
         t, i = row(w, "topk:0.01"), row(w, "int8")
         if t:
-            out[f"{w}: topk:0.01 >= 50x fewer bytes, accuracy within 1 point"] = t["compression_ratio"] >= 50 and t["accuracy_vs_none"] >= -0.01
+            out[f"{path} {w}: topk:0.01 >= 50x fewer bytes, accuracy within 1 point"] = t["compression_ratio"] >= 50 and t["accuracy_vs_none"] >= -0.01
         if i:
-            out[f"{w}: int8 >= 3.5x fewer bytes, accuracy within 0.5 point"] = i["compression_ratio"] >= 3.5 and i["accuracy_vs_none"] >= -0.005
+            out[f"{path} {w}: int8 >= 3.5x fewer bytes, accuracy within 0.5 point"] = i["compression_ratio"] >= 3.5 and i["accuracy_vs_none"] >= -0.005
     p = row("large_mlp", "powersgd:rank=4")
     if p:
-        out["large_mlp: powersgd:rank=4 >= 20x fewer bytes"] = p["compression_ratio"] >= 20
+        out[f"{path} large_mlp: powersgd:rank=4 >= 20x fewer bytes"] = p["compression_ratio"] >= 20
     return out
 
 
@@ -140,36 +168,45 @@ def main() -> None:
     parser.add_argument("--large-steps", type=int, default=60)
     parser.add_argument("--specs", default=",".join(SPECS), help="comma-separated; 'none' should be among them")
     parser.add_argument("--workloads", default="digits_mlp,large_mlp")
+    parser.add_argument("--paths", default="dp,ps", help="dp (DataParallel), ps (parameter server, BSP), or both")
     parser.add_argument("--name", default="compression", help="results file name (a subset run should not overwrite the full one)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--path", default="dp", help=argparse.SUPPRESS)
+    parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     specs, only = args.specs.split(","), args.workloads.split(",")
     if args.worker:
-        return worker(args.digits_steps, args.large_steps, specs, only, args.out)
+        return worker(args.digits_steps, args.large_steps, specs, only, args.out, args.path, args.plain)
     for spec in specs:
         from shoal.compress import parse
 
         parse(spec)  # a bad spec fails here, before any process starts
     _harness.RESULTS.mkdir(exist_ok=True)
     args.out = args.out or str(_harness.RESULTS / f"{args.name}.raw.tmp")
-    _harness.launch(__file__, 2, ["--digits-steps", str(args.digits_steps), "--large-steps", str(args.large_steps),
-                                  "--specs", args.specs, "--workloads", args.workloads, "--out", args.out], threads=1)
-    results = json.loads(Path(args.out).read_text())
-    Path(args.out).unlink()
-    checked = goals(results)
+    paths = args.paths.split(",")
+    results = {}
+    if "dp" in paths:
+        _harness.launch(__file__, 2, ["--digits-steps", str(args.digits_steps), "--large-steps", str(args.large_steps),
+                                      "--specs", args.specs, "--workloads", args.workloads, "--out", args.out], threads=1)
+        results["dp"] = compare(json.loads(Path(args.out).read_text()))
+        Path(args.out).unlink()
+    if "ps" in paths:
+        results["ps"] = ps_results(args)
+    checked = {k: v for path, res in results.items() for k, v in goals(res, path).items()}
     parts = []
-    for w, rows in results.items():
-        parts.append(w + ": " + ", ".join(
-            f"{r['spec']} {r['compression_ratio']:.1f}x acc {r['accuracy']:.3f} {r['steps_per_s']:.1f} st/s"
-            for r in rows if r["optimizer"].endswith("momentum=0.9") or r["spec"] != "none"))
+    for path, res in results.items():
+        for w, rows in res.items():
+            parts.append(f"{path} {w}: " + ", ".join(
+                f"{r['spec']} {r['compression_ratio']:.1f}x acc {r['accuracy']:.3f} {r['steps_per_s']:.1f} st/s"
+                for r in rows if r["optimizer"].endswith("momentum=0.9") or r["spec"] != "none"))
     met = sum(checked.values())
-    summary = f"{args.name} (2 ranks DP; ratio vs none, test accuracy, steps/s) {'; '.join(parts)}; goals met {met}/{len(checked)}"
+    summary = f"{args.name} (2 workers; ratio vs none, test accuracy, steps/s) {'; '.join(parts)}; goals met {met}/{len(checked)}"
     _harness.write(args.name, {
         "world_size": 2, "threads_per_rank": 1,
-        "bytes": "per rank per step, as a bandwidth-optimal ring puts them on the wire (2(N-1)/N x all-reduce size, (N-1) x all-gather size)",
-        "workloads": results, "goals": checked,
-        "parameter_server": ps_rows() or "skipped: shoal.strategies.parameter_server does not exist in this branch yet (TODO in ps_rows)",
+        "bytes": {"dp": "per rank per step, as a bandwidth-optimal ring puts them on the wire (2(N-1)/N x all-reduce size, (N-1) x all-gather size)",
+                  "ps": "pushed per worker per step (compressed gradients); bytes_pulled_per_step: the uncompressed parameters it pulls"},
+        "workloads": results.get("dp", {}), "parameter_server": results.get("ps", {}), "goals": checked,
     }, summary)
 
 
