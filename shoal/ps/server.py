@@ -37,6 +37,7 @@ import zmq
 
 from shoal.comm.pubsub import EVENTS_ENV, Publisher
 from shoal.comm.wire import Codec, WireError, job_key
+from shoal.errors import ShoalError
 from shoal.ps import optim
 from shoal.ps.consistency import Gate, Mode
 
@@ -185,7 +186,7 @@ class Server:
                 if self.receiver is not None:
                     piece.code_count = len(self.receiver.layout(piece.code_shape, param.dtype)[1])
                 self.pieces[key] = piece
-        except (KeyError, TypeError, ValueError) as exc:  # ConfigError (a bad compression spec) is a ValueError too
+        except (KeyError, TypeError, ValueError, ShoalError) as exc:  # ShoalError: a bad compression spec
             return self.fail(f"bad initial message from worker 0: {exc}")
         self.order = list(self.pieces)
         self.gate = Gate(self.workers, [p.mode for p in self.pieces.values()])
