@@ -60,7 +60,7 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     else:
         backend, endpoint, rdzv_configs = "c10d", spec.rdzv_endpoint or f"127.0.0.1:{free_port()}", {}
     if spec.nnodes > 1:
-        check_endpoint(endpoint, spec.node_rank, store_open=spec.store_open)
+        _check_endpoint(endpoint, spec.node_rank, store_open=spec.store_open)
     log_dir = spec.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-logs")
     logs = DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE if spec.quiet else Std.ALL)
     config = LaunchConfig(
@@ -96,7 +96,7 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
                 os.environ[k] = v
 
 
-def check_endpoint(endpoint: str, node_rank: int, store_open: bool = False) -> None:
+def _check_endpoint(endpoint: str, node_rank: int, store_open: bool = False) -> None:
     """A HOST:PORT that machine 0 can listen on (unless its launcher already holds the job's store there)."""
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit():

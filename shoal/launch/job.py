@@ -17,7 +17,7 @@ from rich.console import Console
 
 from shoal.train import jobconfig as config
 from shoal.train.jobconfig import JobConfig
-from shoal.errors import CheckpointError, ConfigError
+from shoal.errors import CheckpointError
 from shoal.launch.agent import LaunchSpec, launch
 from shoal.ps.launch import serving
 from shoal.train import checkpoint
