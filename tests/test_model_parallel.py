@@ -125,3 +125,13 @@ def test_auto_plan_pairs_columns_then_rows():
     plan = auto_plan(gpt)
     assert plan["1.attn.q"] == plan["1.attn.k"] == plan["1.attn.v"] == "colwise" and plan["1.attn.out"] == "rowwise"
     assert plan["2.mlp.up"] == "colwise" and plan["2.mlp.down"] == "rowwise"
+
+
+def test_pipelined_model_names_the_loop_it_needs():
+    """`loss_fn(model(x), y)` cannot train a pipeline; one sentence says to write `model(x, y)`."""
+    from shoal.strategies.pipeline import PipelinedModel
+
+    strategy = Pipeline(stages=2, microbatches=2)
+    strategy.holder = nn.ModuleDict()  # what prepare would set; forward fails before using it
+    with pytest.raises(ConfigError, match=r"write `loss = model\(x, y\)`"):
+        PipelinedModel(strategy)(torch.zeros(2, 4))

@@ -222,6 +222,9 @@ class PipelinedModel(nn.Module):
         if self.training and torch.is_grad_enabled() and y is not None:
             loss = s.run_schedule(x, y, loss_fn or s._loss_fn or nn.functional.cross_entropy)
             return loss.detach().requires_grad_()  # backward already ran inside the schedule
+        if self.training and torch.is_grad_enabled():
+            # `loss_fn(model(x), y)` cannot work: the output exists only on the last stage and backward must run in the schedule.
+            raise ConfigError("a pipelined model trains through its schedule: write `loss = model(x, y)` (the loss is computed on the last stage), or call model.eval() / torch.no_grad() to predict with model(x)", "strategy.name")
         return s.forward_through(x)
 
 
