@@ -17,7 +17,8 @@
 - tensor parallel (2 ranks) against one process: the largest difference in
   loss and parameters after K steps, and step time.
 
-    python benchmarks/model_parallel.py [--reps 3] [--tp-steps 10]
+    python benchmarks/model_parallel.py [--reps 3] [--sharded-steps 10] [--tp-steps 10]
+                                        [--parts pipeline,sharded,tp] [--name model_parallel]
 
 Writes benchmarks/results/model_parallel.json and one summary line.
 """

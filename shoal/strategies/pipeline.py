@@ -11,7 +11,8 @@ The prepared model hides the schedule: in training, `model(x, y)` runs the
 whole schedule (forward and backward of all micro-batches) and returns the
 mean loss on every rank; `loss.backward()` is then a no-op and
 `optimizer.step()` applies (after averaging over data-parallel replicas).
-In eval mode `model(x)` is a plain forward through the stages. Guarantee:
+In eval mode `model(x)` is a plain forward through the stages; in training
+it is refused (one sentence), since the output lives on the last stage only. Guarantee:
 gradients are the mean over micro-batches, so a step equals one process
 with the whole batch.
 """
