@@ -238,10 +238,11 @@ def test_servers_on_two_machines_on_loopback(tmp_path):
     assert wrong.returncode == 2 and "pass the same --servers on every machine" in wrong.stderr, wrong.stderr[-2000:]
 
 
-@pytest.mark.parametrize("spec,mode", [("fp16", "bsp"), ("bf16", "bsp"), ("int8", "bsp"), ("qsgd:levels=4", "bsp"), ("topk:0.01", "bsp"),
-                                       ("randomk:0.1", "bsp"), ("powersgd:rank=4", "bsp"), ("topk:0.01", "asp"), ("int8", "ssp")])
+# One spec per compressor class (bf16 and qsgd:levels=N share fp16's and int8's code;
+# benchmarks/compression.py trains every spec on PS-BSP), across the three modes.
+@pytest.mark.parametrize("spec,mode", [("fp16", "bsp"), ("int8", "ssp"), ("topk:0.01", "asp"), ("randomk:0.1", "bsp"), ("powersgd:rank=4", "bsp")])
 def test_compressed_pushes_train_digits(spec, mode, tmp_path):
-    """Every compressor on the push path trains digits, under BSP and two asynchronous modes."""
+    """Each compressor class on the push path trains digits, under BSP and the asynchronous modes."""
     out = tmp_path / "final.npz"
     # random-k's error feedback returns each coordinate in bursts ~1/ratio steps apart,
     # which heavy momentum amplifies: plain SGD, as in the DP test and benchmark
