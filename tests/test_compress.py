@@ -270,6 +270,11 @@ def test_receiver_decodes_what_encode_sent_and_refuses_forgeries(spec):
         forged += [({**payload.header, "seed": -5}, payload.tensors), ({**payload.header, "k": 3}, payload.tensors)]
     if spec.startswith("powersgd"):
         forged.append(({**payload.header, "dense": True}, payload.tensors))
+    at = next(i for i, t in enumerate(payload.tensors) if t.is_floating_point())
+    for bad in (float("inf"), float("nan")):
+        values = payload.tensors[at].clone()
+        values.view(-1)[values.view(-1).abs().argmax()] = bad
+        forged.append((payload.header, [*payload.tensors[:at], values, *payload.tensors[at + 1:]]))  # non-finite, unflagged
     for header, tensors in forged:
         with pytest.raises(ValueError):
             receiver.decode(header, tensors, shape, dtype)
