@@ -164,7 +164,9 @@ class Receiver:
         grad = self.compressor.decode(payload, tuple(shape), dtype)
         # An encoder flags every non-finite payload, so one that decodes to inf or NaN
         # without the flag was forged or corrupted; applied, it would poison the parameters.
-        if grad.numel() and not bool(torch.isfinite(grad).all()):
+        # A sum is ~10x cheaper than isfinite over millions of elements and is finite
+        # whenever every element is; only an inf/NaN (or an overflowing sum) pays for the exact check.
+        if grad.numel() and not math.isfinite(float(grad.sum())) and not bool(torch.isfinite(grad).all()):
             raise ValueError("payload decodes to non-finite values but is not flagged non-finite")
         return grad
 
