@@ -270,6 +270,21 @@ def test_receiver_decodes_what_encode_sent_and_refuses_forgeries(spec):
         forged += [({**payload.header, "seed": -5}, payload.tensors), ({**payload.header, "k": 3}, payload.tensors)]
     if spec.startswith("powersgd"):
         forged.append(({**payload.header, "dense": True}, payload.tensors))
+    at = next(i for i, t in enumerate(payload.tensors) if t.is_floating_point())
+    for bad in (float("inf"), float("nan")):
+        values = payload.tensors[at].clone()
+        values.view(-1)[values.view(-1).abs().argmax()] = bad
+        forged.append((payload.header, [*payload.tensors[:at], values, *payload.tensors[at + 1:]]))  # non-finite, unflagged
     for header, tensors in forged:
         with pytest.raises(ValueError):
             receiver.decode(header, tensors, shape, dtype)
+
+
+def test_receiver_accepts_finite_payloads_whose_sum_overflows():
+    """The receiver's fast finiteness test is a sum; an overflowing sum of finite values is still accepted."""
+    from shoal.compress.base import Receiver
+
+    grad = torch.full((10,), 60000.0, dtype=torch.float16)
+    payload = parse("fp16").encode("w", grad)
+    assert "nonfinite" not in payload.header and not torch.isfinite(grad.sum())
+    assert torch.equal(Receiver("fp16").decode(payload.header, payload.tensors, (10,), torch.float16), grad)

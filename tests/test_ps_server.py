@@ -191,6 +191,7 @@ def test_compressed_pushes_are_checked_decoded_and_skips_drop_the_clock(server):
         ([pw.header, pb.header], [torch.tensor([-1, 1], dtype=torch.int32), vw, ib, vb]),  # negative index
         ([pw.header, pb.header], [iw, vw.float(), ib, vb]),                       # values in the wrong dtype
         ([{"nonfinite": True}, pb.header], [iw, vw, ib, vb]),                     # an overflow: must be a skip
+        ([pw.header, pb.header], [iw, vw, ib, torch.full_like(vb, float("inf"))]),  # non-finite without the flag
     ]
     for codes, tensors in bad:
         push(codes, tensors)
@@ -207,6 +208,6 @@ def test_compressed_pushes_are_checked_decoded_and_skips_drop_the_clock(server):
     (_, (w2, b2)), = client.wait_pull(2)
     torch.testing.assert_close([w2, b2], [w1, b1], rtol=0, atol=0)
     stats, _ = client.stats(0)
-    assert stats["dropped"] == {"malformed": 4, "bad_payload": 4}, stats["dropped"]
+    assert stats["dropped"] == {"malformed": 4, "bad_payload": 5}, stats["dropped"]
     assert stats["pushed"] == [2] and stats["bsp_done"] == 2 and stats["skipped"] == 1 and stats["steps"] == {"w": 1, "b": 1}
     client.close()

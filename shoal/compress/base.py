@@ -128,7 +128,8 @@ class Receiver:
     A payload's layout (header apart from flags and `varying_header`, the
     tensors' dtypes and shapes) is fixed by the spec, the shape and the dtype,
     so the receiver learns it once per shape by encoding zeros with a fresh
-    compressor, and refuses anything else with ValueError before decoding.
+    compressor, and refuses anything else with ValueError before decoding,
+    as well as an unflagged payload that decodes to inf or NaN.
     """
 
     def __init__(self, spec: str):
@@ -160,7 +161,14 @@ class Receiver:
             raise ValueError("payload tensors do not match the compressor's layout")
         payload = Payload(dict(header), list(tensors))
         self.compressor.check_payload(payload, tuple(shape))
-        return self.compressor.decode(payload, tuple(shape), dtype)
+        grad = self.compressor.decode(payload, tuple(shape), dtype)
+        # An encoder flags every non-finite payload, so one that decodes to inf or NaN
+        # without the flag was forged or corrupted; applied, it would poison the parameters.
+        # A sum is ~10x cheaper than isfinite over millions of elements and is finite
+        # whenever every element is; only an inf/NaN (or an overflowing sum) pays for the exact check.
+        if grad.numel() and not math.isfinite(float(grad.sum())) and not bool(torch.isfinite(grad).all()):
+            raise ValueError("payload decodes to non-finite values but is not flagged non-finite")
+        return grad
 
 
 def numel_of(shape) -> int:
