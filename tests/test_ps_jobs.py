@@ -291,7 +291,7 @@ def single_process_compressed(spec: str, steps: int, world: int) -> dict[str, np
     return {n: p.detach().numpy() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("spec", ["fp16", "int8", "topk:0.25"])
+@pytest.mark.parametrize("spec", ["int8", "topk:0.25"])  # stochastic rounding per worker; error feedback
 def test_compressed_bsp_equals_one_process_that_compresses_each_workers_gradient(spec, tmp_path):
     """PS-BSP with compression is exactly: encode each worker's gradient, decode, average,
     step. The reference differs from the uncompressed run, so the compressor mattered."""
