@@ -198,6 +198,32 @@ def test_error_feedback_conserves_the_gradient_sum(spec):
     assert float(residual.abs().max()) > 1e-3  # something really was held back
 
 
+@pytest.mark.parametrize("spec", ["topk:0.05", "randomk:0.1"])
+def test_momentum_correction_matches_a_reference_and_conserves(spec):
+    """DGC momentum correction: u = m u + g locally, the residual accumulates u,
+    and u is cleared where a value was sent; sent + residual == sum of the u's."""
+    m, shape = 0.9, (40, 30)
+    gen = torch.Generator().manual_seed(3)
+    c = parse(spec)
+    c.momentum = m
+    u = torch.zeros(shape)
+    r = torch.zeros(shape)
+    total = torch.zeros(shape, dtype=torch.float64)
+    sent_sum = torch.zeros(shape, dtype=torch.float64)
+    for _ in range(25):
+        g = torch.randn(shape, generator=gen)
+        u = m * u + g
+        total += u.double()
+        sent = c.decode(c.encode("w", g), shape, g.dtype)
+        sent_sum += sent.double()
+        r = r + u - sent
+        u = torch.where(sent != 0, torch.zeros_like(u), u)
+        assert torch.allclose(c.residuals["w"].reshape(shape), r, atol=1e-5)
+        assert torch.allclose(c.velocities["w"].reshape(shape), u, atol=1e-5)
+    assert float((sent_sum + c.residuals["w"].double().reshape(shape) - total).abs().max()) < 1e-3
+    assert "velocity/w" in c.state_dict()
+
+
 # ---------------------------------------------------------------- state
 @pytest.mark.parametrize("spec", ["int8", "qsgd:levels=4"] + EF_SPECS)
 def test_state_dict_resumes_exactly(spec):

@@ -8,8 +8,7 @@ a checkpoint with error-feedback state equals the uninterrupted run.
 
 from __future__ import annotations
 
-import copy
-import json
+import tempfile
 
 import pytest
 import torch
@@ -130,14 +129,16 @@ def test_accumulation_clipping_and_fp16_overflow():
 RESUME_SPECS = ["topk:0.05", "randomk:0.2", "int8", "powersgd:rank=2"]
 
 
-def resume(rank, world, steps, cut):
-    from shoal.compress.base import unpack_state
+def resume(rank, world, steps, cut, root):
+    from pathlib import Path
+
     from shoal.data.digits import Digits
+    from shoal.train import checkpoint
 
     loss_fn = torch.nn.functional.cross_entropy
     split = Digits().load(seed=0)
     out = {}
-    for spec in RESUME_SPECS:
+    for i, spec in enumerate(RESUME_SPECS):
         _, model, opt, strategy = _setup(spec, MOMENTUM)
         loader = strategy.loader(split.train, 32, seed=0)
         batches = [b for b, _ in zip(loader, range(steps))]
@@ -148,23 +149,29 @@ def resume(rank, world, steps, cut):
         _, model, opt, strategy = _setup(spec, MOMENTUM)
         for b in batches[:cut]:
             strategy.train_step(model, opt, loss_fn, b)
-        saved = copy.deepcopy((strategy.unwrap(model).state_dict(), opt.state_dict(), strategy.state_dict()))
-        json.dumps(saved[2])  # the trainer writes it to a per-rank JSON file
-        held = sum(v.abs().sum().item() for k, v in unpack_state(saved[2]["compression"]).items() if {"residual", "error"} & set(k.split("/")))
-        # A fresh process's objects (new DDP, new buckets), restored from the checkpoint.
+        extra = {"strategy": strategy.state_dict()}
+        assert "compression" not in extra["strategy"], "compressor state belongs in DCP, not the JSON"
+        held = sum(v.abs().sum().item() for k, v in strategy.rank_tensors().items() if {"residual", "error"} & set(k.split("/")))
+        path = checkpoint.save(Path(root) / str(i), cut, strategy.checkpoint_state(model, opt), extra, keep=1)
+        json_bytes = (path / f"extra-rank{rank}.json").stat().st_size
+        # A fresh process's objects (new DDP, new buckets, no residuals yet), restored from disk.
         _, model, opt, strategy = _setup(spec, MOMENTUM, seed=123)
-        strategy.unwrap(model).load_state_dict(saved[0])
-        opt.load_state_dict(saved[1])
-        strategy.load_state_dict(saved[2])
+        state = strategy.checkpoint_state(model, opt)
+        loaded = checkpoint.load(path, state)
+        strategy.load_checkpoint_state(model, opt, state)
+        strategy.load_state_dict(loaded["strategy"])
         for b in batches[cut:]:
             strategy.train_step(model, opt, loss_fn, b)
-        out[spec] = {"equal": torch.equal(straight, _flat(model)), "held": held}
+        out[spec] = {"equal": torch.equal(straight, _flat(model)), "held": held, "json_bytes": json_bytes}
     return out
 
 
 def test_resume_with_error_feedback_state_equals_uninterrupted_run():
-    for res in run_workers(resume, (10, 5), timeout_s=150):
+    with tempfile.TemporaryDirectory() as root:
+        results = run_workers(resume, (10, 5, root), timeout_s=150)
+    for res in results:
         for spec in RESUME_SPECS:
             assert res[spec]["equal"], f"{spec}: resumed run differs"
+            assert res[spec]["json_bytes"] < 200, f"{spec}: per-rank JSON still carries tensors"
             if spec != "int8":
                 assert res[spec]["held"] > 0, f"{spec}: no residual was checkpointed"

@@ -90,7 +90,8 @@ class ErrorFeedback(Compressor):
 
     Each `encode(key, g)` compresses `g + residual[key]` and stores the part
     the decoded payload misses as the new residual. So, summed over steps,
-    sent + residual == sum of the gradients: nothing is dropped, only delayed
+    sent + residual == sum of the gradients (of the momentum-corrected
+    updates u when `momentum` is set): nothing is dropped, only delayed
     (Seide et al. 2014; Karimireddy et al. 2019 "EF-SGD").
     """
 
@@ -99,9 +100,21 @@ class ErrorFeedback(Compressor):
     def __init__(self, spec: str):
         super().__init__(spec)
         self.residuals: dict[str, torch.Tensor] = {}
+        # Momentum correction (Lin et al. 2018, "Deep Gradient Compression"):
+        # with momentum > 0 (set by a strategy that then steps the optimizer
+        # without its own momentum) each key keeps a local velocity
+        # u = momentum * u + g, and the residual accumulates u instead of g.
+        # Momentum factor masking clears u where a value was sent.
+        self.momentum = 0.0
+        self.velocities: dict[str, torch.Tensor] = {}
 
     def _accumulate(self, key: str, grad: torch.Tensor) -> torch.Tensor:
         acc = grad.detach().reshape(-1).clone()
+        if self.momentum:
+            velocity = self.velocities.get(key)
+            if velocity is not None and velocity.shape == acc.shape:
+                acc += self.momentum * velocity.to(acc.device, acc.dtype)
+            self.velocities[key] = acc.clone()
         residual = self.residuals.get(key)
         if residual is not None and residual.shape == acc.shape:
             acc += residual.to(acc.device, acc.dtype)  # loaded checkpoints arrive on the CPU
@@ -113,13 +126,20 @@ class ErrorFeedback(Compressor):
             # The step that produced this is skipped as a whole (see the DP
             # strategy); a NaN kept here would poison every later step.
             residual = torch.zeros_like(residual)
+            if key in self.velocities:
+                self.velocities[key].zero_()
         self.residuals[key] = residual
+        if self.momentum and key in self.velocities:
+            self.velocities[key][sent != 0] = 0  # momentum factor masking
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"residual/{k}": v.clone() for k, v in self.residuals.items()}
+        state = {f"residual/{k}": v.clone() for k, v in self.residuals.items()}
+        state.update({f"velocity/{k}": v.clone() for k, v in self.velocities.items()})
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.residuals = {k[len("residual/"):]: v.clone() for k, v in state.items() if k.startswith("residual/")}
+        self.velocities = {k[len("velocity/"):]: v.clone() for k, v in state.items() if k.startswith("velocity/")}
 
 
 class Receiver:

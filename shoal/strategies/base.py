@@ -22,6 +22,14 @@ from shoal import runtime
 from shoal.data.loader import ShardedLoader, eval_shard, fetch
 
 
+RANK_STATE = "rank_state/"
+
+
+def rank_prefix(rank: int) -> str:
+    """The DCP key prefix of one rank's own tensors."""
+    return f"{RANK_STATE}rank{rank}/"
+
+
 class Strategy:
     name: ClassVar[str] = ""
 
@@ -102,13 +110,41 @@ class Strategy:
 
         with raw_optimizer(optimizer):  # torch may call step() to create empty state
             model_sd, optim_sd = get_state_dict(self.unwrap(model), optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        return self.add_rank_tensors({"model": model_sd, "optim": optim_sd})
 
     def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         with raw_optimizer(optimizer):
             set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.take_rank_tensors(state)
+
+    # Per-rank tensors (error-feedback residuals, PowerSGD factors, ...) differ
+    # on every rank, so they go into the DCP checkpoint under a key naming the
+    # rank (`rank_state/rank{r}/{key}`): each rank writes its own, binary, no
+    # JSON/base64. `checkpoint.load` sizes them from the checkpoint's metadata.
+    def rank_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's own tensors to checkpoint (e.g. compressor state)."""
+        return {}
+
+    def load_rank_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what `rank_tensors` returned (called with {} when none were saved)."""
+
+    def add_rank_tensors(self, state: dict[str, Any]) -> dict[str, Any]:
+        """`state` plus this rank's `rank_tensors` under per-rank DCP keys (for
+        strategies that override `checkpoint_state`)."""
+        prefix = rank_prefix(runtime.current().rank)
+        for key, t in self.rank_tensors().items():
+            state[prefix + key] = t.detach().cpu().contiguous()
+        return state
+
+    def take_rank_tensors(self, state: dict[str, Any]) -> None:
+        """Hand the per-rank entries `checkpoint.load` filled in to `load_rank_tensors`."""
+        own = rank_prefix(runtime.current().rank)
+        prefix = own if any(k.startswith(own) for k in state) else rank_prefix(0)  # resumed on more ranks than saved
+        tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if tensors:
+            self.load_rank_tensors(tensors)
 
     def state_dict(self) -> dict[str, Any]:
         """The strategy's own state (e.g. error-feedback residuals), JSON-able or tensors."""

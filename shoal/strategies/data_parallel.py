@@ -13,8 +13,9 @@ micro-step, so an accumulated gradient is compressed once; clipping then
 applies to the decoded, averaged gradient. A non-finite averaged gradient
 (fp16 overflow, a NaN loss) is never applied: the step is skipped, counted in
 `skipped_steps` and logged, as mixed-precision training does. Error-feedback
-residuals are per rank and part of `state_dict()`, which stays JSON-able
-(tensors as base64 of their raw bytes) for the trainer's per-rank file.
+residuals are per rank: `rank_tensors()` hands them to the DCP checkpoint
+under `rank_state/rank{r}/compression/...` (see Strategy.add_rank_tensors),
+so each rank writes its own as binary tensors; `state_dict()` stays small.
 """
 
 from __future__ import annotations
@@ -29,12 +30,27 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shoal import runtime
 from shoal.compress import parse
-from shoal.compress.base import pack_state, unpack_state
+from shoal.compress.base import unpack_state
 from shoal.config import check_range
 from shoal.errors import ConfigError
 from shoal.strategies.base import Strategy, wrap_optimizer
 
 log = logging.getLogger(__name__)
+
+SPARSE = ("topk", "randomk")
+
+
+def sgd_momentum(optimizer: torch.optim.Optimizer) -> float:
+    """The momentum to apply before sparsifying (DGC momentum correction), or
+    0 where it does not apply: only plain SGD (no Nesterov, no dampening) with
+    one momentum value > 0 in every group."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return 0.0
+    groups = optimizer.param_groups
+    values = {float(g.get("momentum", 0.0)) for g in groups}
+    if len(values) != 1 or any(g.get("nesterov") or g.get("dampening", 0.0) for g in groups):
+        return 0.0
+    return values.pop()
 
 
 @dataclass
@@ -70,6 +86,11 @@ class DataParallel(Strategy):
         self._ddp = model
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._set_sync(self.grad_accum == 1)
+        self._correct_momentum = 0.0
+        if self._hook is not None and self._compressor.family in SPARSE:
+            self._correct_momentum = sgd_momentum(optimizer)
+            self._compressor.momentum = self._correct_momentum
+        self._optimizer = optimizer  # its param_groups are replaced by load_state_dict: read them at each step
         return model, wrap_optimizer(optimizer, self._step, self._zero_grad)
 
     def _attach_compression(self, ddp: DDP, rank: int) -> None:
@@ -104,7 +125,18 @@ class DataParallel(Strategy):
                     p.grad.div_(self.grad_accum)
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self._params, self.clip_norm)
-        result = original_step(closure)
+        if self._correct_momentum:  # the compressor applied it before sparsifying
+            groups = self._optimizer.param_groups
+            saved = [g["momentum"] for g in groups]
+            for g in groups:
+                g["momentum"] = 0.0
+            try:
+                result = original_step(closure)
+            finally:
+                for g, m in zip(groups, saved):
+                    g["momentum"] = m
+        else:
+            result = original_step(closure)
         self._set_sync(self.grad_accum == 1)
         return result
 
@@ -133,20 +165,27 @@ class DataParallel(Strategy):
             original_zero_grad(set_to_none)
 
     def state_dict(self):
-        state = {"micro": self._micro, "skipped_steps": self._skipped}
+        return {"micro": self._micro, "skipped_steps": self._skipped}
+
+    def rank_tensors(self) -> dict[str, torch.Tensor]:
         if self._hook is not None:
-            state["compression"] = pack_state(self._hook.state_dict())
-        elif self._pending_compression is not None:
-            state["compression"] = pack_state(self._pending_compression)
-        return state
+            return {f"compression/{k}": v for k, v in self._hook.state_dict().items()}
+        return {f"compression/{k}": v for k, v in (self._pending_compression or {}).items()}
+
+    def load_rank_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        state = {k[len("compression/"):]: v for k, v in tensors.items() if k.startswith("compression/")}
+        if state:
+            self._load_compression(state)
+
+    def _load_compression(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self._hook is not None:
+            self._hook.load_state_dict(tensors)
+        else:  # loaded before prepare(): applied when the hook exists
+            self._pending_compression = tensors
 
     def load_state_dict(self, state):
         self._micro = int(state.get("micro", 0))
         self._skipped = int(state.get("skipped_steps", 0))
-        if "compression" in state:
-            tensors = unpack_state(state["compression"])
-            if self._hook is not None:
-                self._hook.load_state_dict(tensors)
-            else:  # loaded before prepare(): applied when the hook exists
-                self._pending_compression = tensors
+        if "compression" in state:  # checkpoints from before the state moved into DCP
+            self._load_compression(unpack_state(state["compression"]))
         self._set_sync(self._micro == self.grad_accum - 1)

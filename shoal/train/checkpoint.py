@@ -104,11 +104,28 @@ def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     """Load tensors into `state` in place (collective); return this rank's extra (rank 0's if absent)."""
     rt = runtime.current()
     path = Path(path)
+    _size_rank_tensors(path, state, rt.rank)
     dcp.load(state, checkpoint_id=str(path))
     extra_path = path / f"extra-rank{rt.rank}.json"
     if not extra_path.exists():  # resumed on more ranks than saved
         extra_path = path / "extra-rank0.json"
     return json.loads(extra_path.read_text())
+
+
+def _size_rank_tensors(path: Path, state: dict[str, Any], rank: int) -> None:
+    """Per-rank tensors (`rank_state/rank{r}/...`, see Strategy.add_rank_tensors)
+    may not exist yet in a fresh process, so allocate this rank's saved ones
+    (rank 0's when resumed on more ranks) from the checkpoint's metadata."""
+    from shoal.strategies.base import RANK_STATE, rank_prefix
+
+    for key in [k for k in state if k.startswith(RANK_STATE)]:
+        del state[key]
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    own = rank_prefix(rank)
+    prefix = own if any(k.startswith(own) for k in meta) else rank_prefix(0)
+    for key, item in meta.items():
+        if key.startswith(prefix) and hasattr(item, "size"):
+            state[key] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
 
 
 def rng_state() -> str:
