@@ -36,7 +36,6 @@ from torch import nn
 from shoal import runtime
 from shoal.comm.pubsub import EVENTS_ENV, Publisher
 from shoal.compress import parse as parse_compression
-from shoal.compress.base import pack_state, unpack_state
 from shoal.config import check_range
 from shoal.errors import ConfigError, ShoalError
 from shoal.ps.consistency import parse_mode, resolve
@@ -319,16 +318,17 @@ class ParameterServer(Strategy):
         self.refresh()
 
     def state_dict(self):
-        """This worker's own state: its clock (informative) and its compressor's (error feedback)."""
-        state = {"clock": self._clock, "skipped_steps": self._skipped}
-        if self.compression != "none":
-            state["compression"] = pack_state(self._compressor.state_dict())
-        return state
+        return {"clock": self._clock, "skipped_steps": self._skipped}  # the clock is informative: servers restart at 0
 
     def load_state_dict(self, state):
         self._skipped = int(state.get("skipped_steps", 0))
-        if "compression" in state:
-            self._compressor.load_state_dict(unpack_state(state["compression"]))
+
+    def rank_tensors(self) -> dict[str, torch.Tensor]:
+        """This worker's compressor state (error feedback), into the DCP checkpoint under its rank."""
+        return {f"compression/{k}": v for k, v in self._compressor.state_dict().items()}
+
+    def load_rank_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._compressor.load_state_dict({k[len("compression/"):]: v for k, v in tensors.items() if k.startswith("compression/")})
 
     def close(self) -> None:
         if self._client is not None:
