@@ -188,6 +188,14 @@ def _suggest(word: str, choices) -> str:
 # Checks that option dataclasses use in __post_init__
 
 
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """(host, port) of a rendezvous endpoint written HOST:PORT; ConfigError otherwise."""
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--rdzv-endpoint {endpoint!r} must look like HOST:PORT, e.g. 10.0.0.1:29500", "rdzv_endpoint")
+    return host, int(port)
+
+
 def check_range(value, key: str, low=None, high=None, low_open: bool = False) -> None:
     if low is not None and (value < low or (low_open and value == low)):
         bound = f"> {low}" if low_open else f">= {low}"

@@ -39,3 +39,8 @@ class CheckpointError(ShoalError):
 
 class WorkerFailed(ShoalError):
     """A worker process of the job exited with an error."""
+
+
+def first_line(text: str) -> str:
+    """The first non-blank line of a message ('' if none): what a one-sentence report quotes."""
+    return (text.strip().splitlines() or [""])[0]

@@ -19,7 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.errors import ShoalError, WorkerFailed
+from shoal.config import split_endpoint
+from shoal.errors import ShoalError, WorkerFailed, first_line
 
 
 @dataclass
@@ -87,7 +88,7 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     except ChildFailedError as err:
         raise WorkerFailed(_describe_failure(err, log_dir, spec)) from None
     except Exception as err:  # rendezvous timeouts, ports in use, ...
-        raise WorkerFailed(f"the job could not start: {type(err).__name__}: {_first_line(str(err))}") from None
+        raise WorkerFailed(f"the job could not start: {type(err).__name__}: {first_line(str(err))}") from None
     finally:
         for k, v in saved.items():
             if v is None:
@@ -98,14 +99,12 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
 
 def _check_endpoint(endpoint: str, node_rank: int, store_open: bool = False) -> None:
     """A HOST:PORT that machine 0 can listen on (unless its launcher already holds the job's store there)."""
-    host, _, port = endpoint.rpartition(":")
-    if not host or not port.isdigit():
-        raise ShoalError(f"--rdzv-endpoint {endpoint!r} must look like HOST:PORT, e.g. 10.0.0.1:29500")
+    _, port = split_endpoint(endpoint)
     if node_rank == 0 and not store_open:
         try:
             with socket.socket() as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("", int(port)))
+                s.bind(("", port))
         except OSError:
             raise ShoalError(f"port {port} of --rdzv-endpoint is in use on this machine; choose another port on every machine") from None
 
@@ -136,12 +135,8 @@ def _last_error_line(log_dir: str, local_rank: int, pid: int) -> tuple[str, str]
         lines = [ln for ln in lines if ln]
         for line in reversed(lines):
             if not line.startswith(("File ", "^", "~", "Traceback", "[W", "[I")):
-                return _first_line(line)[:300], str(path)
+                return first_line(line)[:300], str(path)
     return None
 
 
 _PREFIX = re.compile(r"^(\[rank\d+\]:\s*)+")
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else text

@@ -31,7 +31,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from shoal.errors import ConfigError, ShoalError
+from shoal.config import split_endpoint
+from shoal.errors import ConfigError, ShoalError, first_line
 
 STORE_ENV = "SHOAL_PS_STORE"
 
@@ -111,20 +112,18 @@ def open_job_store(count: int, nnodes: int, node_rank: int, rdzv_endpoint: str, 
     every machine asks for the same number of servers."""
     from torch.distributed import TCPStore
 
-    host, _, port = rdzv_endpoint.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--rdzv-endpoint {rdzv_endpoint!r} must look like HOST:PORT, e.g. 10.0.0.1:29500")
+    host, port = split_endpoint(rdzv_endpoint)
     try:
         if node_rank == 0:
-            store = TCPStore(host, int(port), is_master=True, multi_tenant=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+            store = TCPStore(host, port, is_master=True, multi_tenant=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
             store.set("shoal/ps/servers", str(count))
         else:
-            store = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
+            store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
             asked = int(store.get("shoal/ps/servers"))
     except Exception as exc:
         if node_rank == 0:
-            raise ShoalError(f"cannot open the job's rendezvous store on port {port} ({_first_line(exc)}); is the port in use? choose another --rdzv-endpoint port on every machine") from None
-        raise ShoalError(f"cannot reach the job's rendezvous store at {rdzv_endpoint} ({_first_line(exc)}); is machine 0's launcher running?") from None
+            raise ShoalError(f"cannot open the job's rendezvous store on port {port} ({first_line(str(exc)) or type(exc).__name__}); is the port in use? choose another --rdzv-endpoint port on every machine") from None
+        raise ShoalError(f"cannot reach the job's rendezvous store at {rdzv_endpoint} ({first_line(str(exc)) or type(exc).__name__}); is machine 0's launcher running?") from None
     if node_rank and asked != count:
         raise ConfigError(f"machine 0 started the job with --servers {asked}, this machine with {count}; pass the same --servers on every machine")
     return store
@@ -138,10 +137,6 @@ def local_address_towards(host: str) -> str:
             return s.getsockname()[0]
         except OSError:
             return socket.gethostbyname(socket.gethostname())
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 @contextlib.contextmanager
@@ -172,7 +167,7 @@ def serving(count: int, job_key: str, log_dir: str | None = None, host: str = "1
         if not os.environ.get("SHOAL_JOB_KEY"):
             raise ConfigError("a parameter-server job on several machines needs the same secret on every machine: "
                              "set SHOAL_JOB_KEY (e.g. to the output of `openssl rand -hex 32`) before `shoal` on each")
-        rdzv_host = rdzv_endpoint.rpartition(":")[0]
+        rdzv_host, _ = split_endpoint(rdzv_endpoint)
         where = {"store": open_job_store(count, nnodes, node_rank, rdzv_endpoint), "address": rdzv_endpoint,
                  "indices": list(range(node_rank, count, nnodes)), "host": "0.0.0.0",
                  "advertise": os.environ.get("SHOAL_PS_ADVERTISE") or local_address_towards(rdzv_host)}
