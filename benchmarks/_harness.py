@@ -20,7 +20,18 @@ def launch(script: str, nproc: int, args: list[str], threads: int = 1, timeout: 
     """Run `script --worker ARGS` on `nproc` processes with `threads` torch threads each
     (and `servers` parameter-server processes)."""
     env = {**os.environ, "SHOAL_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "shoal.cli", "run", "-n", str(nproc), *(["--servers", str(servers)] if servers else []), script, "--worker", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shoal.cli",
+        "run",
+        "-n",
+        str(nproc),
+        *(["--servers", str(servers)] if servers else []),
+        script,
+        "--worker",
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, timeout=timeout)
     if proc.returncode != 0:
         sys.exit(f"benchmark worker failed: {' '.join(cmd)}")
@@ -39,13 +50,24 @@ def timed_steps(step, n: int, barrier=None) -> float:
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+    return {
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
 
 
 def write(name: str, result: dict, summary: str) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    result = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **result, "summary": summary}
+    result = {
+        "benchmark": name,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": machine(),
+        **result,
+        "summary": summary,
+    }
     path.write_text(json.dumps(result, indent=2))
     print(summary)
     return path

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness  # noqa: E402
+import _harness
 
 SPECS = ["none", "fp16", "bf16", "int8", "qsgd:levels=4", "topk:0.01", "powersgd:rank=4", "randomk:0.1"]
 # random-k with error feedback diverges under heavy momentum (each coordinate
@@ -53,7 +53,11 @@ def workloads(digits_steps: int, large_steps: int) -> dict:
 
     return {
         "digits_mlp": (Digits(batch_size=32), MLP(hidden=[256, 128]), digits_steps),
-        "large_mlp": (Synthetic(batch_size=64, samples=16384, features=512, classes=10, noise=8.0), MLP(hidden=[2048, 2048]), large_steps),
+        "large_mlp": (
+            Synthetic(batch_size=64, samples=16384, features=512, classes=10, noise=8.0),
+            MLP(hidden=[2048, 2048]),
+            large_steps,
+        ),
     }
 
 
@@ -91,16 +95,25 @@ def train(spec: str, opt_kw: dict, data, model_opts, steps: int, split, path: st
     acc = strategy.evaluate(model, split.test, loss_fn)["eval_accuracy"]
     extra = {"bytes_pulled_per_step": sum(pulled) / steps} if pulled else {}
     strategy.close()
-    return {**extra,
-        "spec": spec, "optimizer": f"sgd lr={opt_kw['lr']} momentum={opt_kw['momentum']}", "parameters": params,
-        "steps": steps, "steps_per_s": steps / seconds, "bytes_per_step": sum(sent) / steps,
-        "bytes_last_step": sent[-1], "skipped_steps": skipped, "accuracy": acc,
+    return {
+        **extra,
+        "spec": spec,
+        "optimizer": f"sgd lr={opt_kw['lr']} momentum={opt_kw['momentum']}",
+        "parameters": params,
+        "steps": steps,
+        "steps_per_s": steps / seconds,
+        "bytes_per_step": sum(sent) / steps,
+        "bytes_last_step": sent[-1],
+        "skipped_steps": skipped,
+        "accuracy": acc,
         # The mean counts every step (PowerSGD's first two are plain all-reduces);
         # the last step shows the steady state.
     }
 
 
-def worker(digits_steps: int, large_steps: int, specs: list[str], only: list[str], out: str, path: str, plain: bool) -> None:
+def worker(
+    digits_steps: int, large_steps: int, specs: list[str], only: list[str], out: str, path: str, plain: bool
+) -> None:
     """DP: every spec of every workload. PS: the one spec and workload asked (fresh servers)."""
     import shoal
 
@@ -136,11 +149,32 @@ def ps_results(args) -> dict:
         results[name] = []
         for spec, opt_kw in runs(name, args.specs.split(",")):
             plain = opt_kw is OPTIMIZERS[name][1]
-            _harness.launch(__file__, 2, ["--path", "ps", "--digits-steps", str(args.digits_steps), "--large-steps", str(args.large_steps),
-                                          "--specs", spec, "--workloads", name, "--out", args.out, *(["--plain"] if plain else [])],
-                            threads=1, servers=1)
+            _harness.launch(
+                __file__,
+                2,
+                [
+                    "--path",
+                    "ps",
+                    "--digits-steps",
+                    str(args.digits_steps),
+                    "--large-steps",
+                    str(args.large_steps),
+                    "--specs",
+                    spec,
+                    "--workloads",
+                    name,
+                    "--out",
+                    args.out,
+                    *(["--plain"] if plain else []),
+                ],
+                threads=1,
+                servers=1,
+            )
             results[name] += json.loads(Path(args.out).read_text())[name]
-            print(f"ps {name} {spec}: {results[name][-1]['bytes_per_step']:.0f} B/step, accuracy {results[name][-1]['accuracy']:.4f}", flush=True)
+            print(
+                f"ps {name} {spec}: {results[name][-1]['bytes_per_step']:.0f} B/step, accuracy {results[name][-1]['accuracy']:.4f}",
+                flush=True,
+            )
     Path(args.out).unlink()
     return compare(results)
 
@@ -153,9 +187,13 @@ def goals(results: dict, path: str) -> dict:
     for w in results:
         t, i = row(w, "topk:0.01"), row(w, "int8")
         if t:
-            out[f"{path} {w}: topk:0.01 >= 50x fewer bytes, accuracy within 1 point"] = t["compression_ratio"] >= 50 and t["accuracy_vs_none"] >= -0.01
+            out[f"{path} {w}: topk:0.01 >= 50x fewer bytes, accuracy within 1 point"] = (
+                t["compression_ratio"] >= 50 and t["accuracy_vs_none"] >= -0.01
+            )
         if i:
-            out[f"{path} {w}: int8 >= 3.5x fewer bytes, accuracy within 0.5 point"] = i["compression_ratio"] >= 3.5 and i["accuracy_vs_none"] >= -0.005
+            out[f"{path} {w}: int8 >= 3.5x fewer bytes, accuracy within 0.5 point"] = (
+                i["compression_ratio"] >= 3.5 and i["accuracy_vs_none"] >= -0.005
+            )
     p = row("large_mlp", "powersgd:rank=4")
     if p:
         out[f"{path} large_mlp: powersgd:rank=4 >= 20x fewer bytes"] = p["compression_ratio"] >= 20
@@ -169,7 +207,9 @@ def main() -> None:
     parser.add_argument("--specs", default=",".join(SPECS), help="comma-separated; 'none' should be among them")
     parser.add_argument("--workloads", default="digits_mlp,large_mlp")
     parser.add_argument("--paths", default="dp,ps", help="dp (DataParallel), ps (parameter server, BSP), or both")
-    parser.add_argument("--name", default="compression", help="results file name (a subset run should not overwrite the full one)")
+    parser.add_argument(
+        "--name", default="compression", help="results file name (a subset run should not overwrite the full one)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--path", default="dp", help=argparse.SUPPRESS)
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
@@ -187,8 +227,23 @@ def main() -> None:
     paths = args.paths.split(",")
     results = {}
     if "dp" in paths:
-        _harness.launch(__file__, 2, ["--digits-steps", str(args.digits_steps), "--large-steps", str(args.large_steps),
-                                      "--specs", args.specs, "--workloads", args.workloads, "--out", args.out], threads=1)
+        _harness.launch(
+            __file__,
+            2,
+            [
+                "--digits-steps",
+                str(args.digits_steps),
+                "--large-steps",
+                str(args.large_steps),
+                "--specs",
+                args.specs,
+                "--workloads",
+                args.workloads,
+                "--out",
+                args.out,
+            ],
+            threads=1,
+        )
         results["dp"] = compare(json.loads(Path(args.out).read_text()))
         Path(args.out).unlink()
     if "ps" in paths:
@@ -197,17 +252,31 @@ def main() -> None:
     parts = []
     for path, res in results.items():
         for w, rows in res.items():
-            parts.append(f"{path} {w}: " + ", ".join(
-                f"{r['spec']} {r['compression_ratio']:.1f}x acc {r['accuracy']:.3f} {r['steps_per_s']:.1f} st/s"
-                for r in rows if r["optimizer"].endswith("momentum=0.9") or r["spec"] != "none"))
+            parts.append(
+                f"{path} {w}: "
+                + ", ".join(
+                    f"{r['spec']} {r['compression_ratio']:.1f}x acc {r['accuracy']:.3f} {r['steps_per_s']:.1f} st/s"
+                    for r in rows
+                    if r["optimizer"].endswith("momentum=0.9") or r["spec"] != "none"
+                )
+            )
     met = sum(checked.values())
     summary = f"{args.name} (2 workers; ratio vs none, test accuracy, steps/s) {'; '.join(parts)}; goals met {met}/{len(checked)}"
-    _harness.write(args.name, {
-        "world_size": 2, "threads_per_rank": 1,
-        "bytes": {"dp": "per rank per step, as a bandwidth-optimal ring puts them on the wire (2(N-1)/N x all-reduce size, (N-1) x all-gather size)",
-                  "ps": "pushed per worker per step (compressed gradients); bytes_pulled_per_step: the uncompressed parameters it pulls"},
-        "workloads": results.get("dp", {}), "parameter_server": results.get("ps", {}), "goals": checked,
-    }, summary)
+    _harness.write(
+        args.name,
+        {
+            "world_size": 2,
+            "threads_per_rank": 1,
+            "bytes": {
+                "dp": "per rank per step, as a bandwidth-optimal ring puts them on the wire (2(N-1)/N x all-reduce size, (N-1) x all-gather size)",
+                "ps": "pushed per worker per step (compressed gradients); bytes_pulled_per_step: the uncompressed parameters it pulls",
+            },
+            "workloads": results.get("dp", {}),
+            "parameter_server": results.get("ps", {}),
+            "goals": checked,
+        },
+        summary,
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness  # noqa: E402
+import _harness
 
 MODELS = {  # name: (layer widths, per-rank batch, steps per timed block)
     "digits_mlp": ([64, 256, 128, 10], 32, 100),
@@ -41,7 +41,9 @@ def build(widths):
 
 def data(widths, n):
     g = torch.Generator().manual_seed(0)
-    return torch.utils.data.TensorDataset(torch.randn(n, widths[0], generator=g), torch.randint(0, widths[-1], (n,), generator=g))
+    return torch.utils.data.TensorDataset(
+        torch.randn(n, widths[0], generator=g), torch.randint(0, widths[-1], (n,), generator=g)
+    )
 
 
 def run_shoal(widths, ds, batch):
@@ -130,7 +132,8 @@ def worker(reps: int, out: str) -> None:
                 times[variant].append(steps / _harness.timed_steps(steppers[variant], steps, dist.barrier))
         median = {v: statistics.median(t) for v, t in times.items()}
         paired = {
-            other: statistics.median(a / b for a, b in zip(times["shoal"], times[other])) for other in ("raw_ddp", "raw_ddp_dataloader")
+            other: statistics.median(a / b for a, b in zip(times["shoal"], times[other]))
+            for other in ("raw_ddp", "raw_ddp_dataloader")
         }
         results[name] = {
             "parameters": params,

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness  # noqa: E402
+import _harness
 
 WIDTH, BLOCKS, BATCH = 1024, 8, 256  # pipeline model and batch
 MICROBATCHES = (1, 4, 8, 16)
@@ -80,7 +80,7 @@ class SavedBytes:
 
 
 class _Box:
-    __slots__ = ("t", "__weakref__")
+    __slots__ = ("__weakref__", "t")
 
     def __init__(self, t):
         self.t = t
@@ -95,7 +95,9 @@ def pipeline_part(reps: int) -> dict:
     x, y = batch(BATCH, WIDTH, 10)
     out = {"bubble": {}, "memory": {}}
     for m in MICROBATCHES:
-        strategy = shoal.Pipeline(stages=2, microbatches=m, schedule="gpipe", split="params")  # 1F1B needs M >= S; same bubble
+        strategy = shoal.Pipeline(
+            stages=2, microbatches=m, schedule="gpipe", split="params"
+        )  # 1F1B needs M >= S; same bubble
         model = pipeline_model()
         model, opt = strategy.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
         stage = strategy.stage_modules[0]
@@ -186,19 +188,32 @@ def sharded_part(steps: int, reps: int) -> dict:
 
         step(keep=True)  # warm up; Adam's state exists from here on
         rates = [steps / _harness.timed_steps(step, steps, dist.barrier) for _ in range(reps)]
-        out[name] = {"model_state_bytes": memory, "steps_per_s": statistics.median(rates), "parameters": sum(p.numel() for p in model.parameters())}
+        out[name] = {
+            "model_state_bytes": memory,
+            "steps_per_s": statistics.median(rates),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
     return out
 
 
 # ----------------------------------------------------------- tensor parallel
 def tp_model() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 512), nn.ReLU(), nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 10))
+    return nn.Sequential(
+        nn.Linear(512, 2048),
+        nn.ReLU(),
+        nn.Linear(2048, 512),
+        nn.ReLU(),
+        nn.Linear(512, 2048),
+        nn.ReLU(),
+        nn.Linear(2048, 10),
+    )
 
 
 def tp_part(steps: int, reps: int) -> dict:
-    import shoal
     from torch.distributed.tensor import DTensor
+
+    import shoal
 
     rt = shoal.init()
     x, y = batch(128, 512, 10)
@@ -218,8 +233,12 @@ def tp_part(steps: int, reps: int) -> dict:
     model = tp_model()
     model, opt = strategy.prepare(model, torch.optim.SGD(model.parameters(), lr=0.05))
     tp_losses = run(model, opt, steps)
-    tp_params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
-    tp_time = statistics.median(_harness.timed_steps(lambda: run(model, opt, 1), steps, dist.barrier) / steps for _ in range(reps))
+    tp_params = {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()
+    }
+    tp_time = statistics.median(
+        _harness.timed_steps(lambda: run(model, opt, 1), steps, dist.barrier) / steps for _ in range(reps)
+    )
     out = {"tp_step_s": tp_time}
     dist.barrier()
     if rt.rank == 0:
@@ -230,9 +249,13 @@ def tp_part(steps: int, reps: int) -> dict:
             ref_losses = run(ref, ref_opt, steps)
             if threads == 1:
                 out["max_loss_diff"] = max(abs(a - b) for a, b in zip(tp_losses, ref_losses))
-                out["max_param_diff"] = max(float((tp_params[n] - p.detach()).abs().max()) for n, p in ref.named_parameters())
+                out["max_param_diff"] = max(
+                    float((tp_params[n] - p.detach()).abs().max()) for n, p in ref.named_parameters()
+                )
                 out["loss_first_last"] = [ref_losses[0], ref_losses[-1]]
-            out[f"single_step_s_{threads}_threads"] = statistics.median(_harness.timed_steps(lambda: run(ref, ref_opt, 1), steps) / steps for _ in range(reps))
+            out[f"single_step_s_{threads}_threads"] = statistics.median(
+                _harness.timed_steps(lambda: run(ref, ref_opt, 1), steps) / steps for _ in range(reps)
+            )
         torch.set_num_threads(1)
     dist.barrier()
     out["plan"] = strategy._plan_used
@@ -243,9 +266,14 @@ def tp_part(steps: int, reps: int) -> dict:
 def worker(part: str, args) -> None:
     import shoal
 
-    result = {"pipeline": lambda: pipeline_part(args.reps), "sharded": lambda: sharded_part(args.sharded_steps, args.reps),
-              "tp": lambda: tp_part(args.tp_steps, args.reps)}[part]()
-    Path(f"{args.out}.rank{shoal.runtime.current().rank}").write_text(json.dumps(result))  # files, not pickled collectives
+    result = {
+        "pipeline": lambda: pipeline_part(args.reps),
+        "sharded": lambda: sharded_part(args.sharded_steps, args.reps),
+        "tp": lambda: tp_part(args.tp_steps, args.reps),
+    }[part]()
+    Path(f"{args.out}.rank{shoal.runtime.current().rank}").write_text(
+        json.dumps(result)
+    )  # files, not pickled collectives
     shoal.shutdown()
 
 
@@ -266,8 +294,22 @@ def main() -> None:
     tmp = _harness.RESULTS / f"{args.name}.part.tmp"
     raw = {}
     for part in args.parts.split(","):
-        _harness.launch(__file__, 2, ["--part", part, "--out", str(tmp), "--reps", str(args.reps),
-                                      "--sharded-steps", str(args.sharded_steps), "--tp-steps", str(args.tp_steps)])
+        _harness.launch(
+            __file__,
+            2,
+            [
+                "--part",
+                part,
+                "--out",
+                str(tmp),
+                "--reps",
+                str(args.reps),
+                "--sharded-steps",
+                str(args.sharded_steps),
+                "--tp-steps",
+                str(args.tp_steps),
+            ],
+        )
         raw[part] = {}
         for rank in range(2):
             path = Path(f"{tmp}.rank{rank}")
@@ -281,11 +323,24 @@ def report(raw: dict) -> tuple[dict, str]:
     out, parts = {}, []
     if "pipeline" in raw:
         p = raw["pipeline"]
-        bubble = {m: {"measured": statistics.mean(p[r]["bubble"][m]["bubble"] for r in p), "theory": p["rank0"]["bubble"][m]["theory"],
-                      "per_rank": [p[r]["bubble"][m]["bubble"] for r in p], "step_s": p["rank0"]["bubble"][m]["step_s"]} for m in p["rank0"]["bubble"]}
+        bubble = {
+            m: {
+                "measured": statistics.mean(p[r]["bubble"][m]["bubble"] for r in p),
+                "theory": p["rank0"]["bubble"][m]["theory"],
+                "per_rank": [p[r]["bubble"][m]["bubble"] for r in p],
+                "step_s": p["rank0"]["bubble"][m]["step_s"],
+            }
+            for m in p["rank0"]["bubble"]
+        }
         peak = {s: [p[r]["memory"][s]["peak_saved_bytes"] for r in p] for s in ("gpipe", "1f1b")}
-        out["pipeline"] = {"bubble": bubble, "peak_saved_bytes": peak, "gpipe_over_1f1b": [g / f for g, f in zip(peak["gpipe"], peak["1f1b"])]}
-        parts.append("bubble " + ", ".join(f"M={m} {b['measured']:.2f} (theory {b['theory']:.2f})" for m, b in bubble.items()))
+        out["pipeline"] = {
+            "bubble": bubble,
+            "peak_saved_bytes": peak,
+            "gpipe_over_1f1b": [g / f for g, f in zip(peak["gpipe"], peak["1f1b"])],
+        }
+        parts.append(
+            "bubble " + ", ".join(f"M={m} {b['measured']:.2f} (theory {b['theory']:.2f})" for m, b in bubble.items())
+        )
         parts.append(f"activation peak GPipe/1F1B rank0 {out['pipeline']['gpipe_over_1f1b'][0]:.1f}x")
     if "sharded" in raw:
         s = raw["sharded"]["rank0"]
@@ -295,11 +350,16 @@ def report(raw: dict) -> tuple[dict, str]:
         parts.append(f"sharded/DP model state {ratio:.2f}x, steps/s {speed:.2f}x")
     if "tp" in raw:
         t = raw["tp"]["rank0"]
-        out["tp"] = {"max_param_diff": t["max_param_diff"], "max_loss_diff": t["max_loss_diff"],
-                     "step_time_ratio_vs_1_thread": t["tp_step_s"] / t["single_step_s_1_threads"],
-                     "step_time_ratio_vs_2_threads": t["tp_step_s"] / t["single_step_s_2_threads"]}
-        parts.append(f"TP max param diff {t['max_param_diff']:.1e}, step time TP/single {out['tp']['step_time_ratio_vs_1_thread']:.2f}x (1 thread), "
-                     f"{out['tp']['step_time_ratio_vs_2_threads']:.2f}x (2 threads)")
+        out["tp"] = {
+            "max_param_diff": t["max_param_diff"],
+            "max_loss_diff": t["max_loss_diff"],
+            "step_time_ratio_vs_1_thread": t["tp_step_s"] / t["single_step_s_1_threads"],
+            "step_time_ratio_vs_2_threads": t["tp_step_s"] / t["single_step_s_2_threads"],
+        }
+        parts.append(
+            f"TP max param diff {t['max_param_diff']:.1e}, step time TP/single {out['tp']['step_time_ratio_vs_1_thread']:.2f}x (1 thread), "
+            f"{out['tp']['step_time_ratio_vs_2_threads']:.2f}x (2 threads)"
+        )
     return out, "model parallel (2 ranks): " + "; ".join(parts)
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness  # noqa: E402
+import _harness
 
 MODELS = {"digits_mlp": [64, 256, 128, 10], "wide_mlp_5m": [64, 2048, 2048, 512, 10]}
 BASE_S = 0.02  # the simulated compute of one step
@@ -58,15 +58,22 @@ def worker(args) -> None:
     if args.strategy == "dp":
         strategy = shoal.DataParallel()
     else:
-        strategy = shoal.ParameterServer(consistency=args.strategy, staleness=args.staleness, servers=args.servers,
-                                         chunk_bytes=1 << 20, debug_slowdown=args.slowdown)
+        strategy = shoal.ParameterServer(
+            consistency=args.strategy,
+            staleness=args.staleness,
+            servers=args.servers,
+            chunk_bytes=1 << 20,
+            debug_slowdown=args.slowdown,
+        )
     model, opt = strategy.prepare(model, opt)
     batches = strategy.loader(split.train, args.batch, seed=0).forever()
     loss_fn = nn.CrossEntropyLoss()
     out: dict = {}
     if args.task == "throughput":
+
         def step():
             strategy.train_step(model, opt, loss_fn, next(batches))
+
         for _ in range(3):
             step()
         if hasattr(strategy, "sync"):
@@ -139,10 +146,14 @@ def main() -> None:
     parser.add_argument("--slowdown", default="")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--steps", type=int, default=0, help="timed steps (throughput) or steps per worker (stragglers)")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="timed steps (throughput) or steps per worker (stragglers)"
+    )
     parser.add_argument("--target", type=float, default=0.93)
     parser.add_argument("--reps", type=int, default=3, help="throughput runs per variant (the median is reported)")
-    parser.add_argument("--only", choices=["throughput", "stragglers"], default=None, help="run one part (no JSON written)")
+    parser.add_argument(
+        "--only", choices=["throughput", "stragglers"], default=None, help="run one part (no JSON written)"
+    )
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -154,12 +165,20 @@ def main() -> None:
         runs: dict = {name: [] for name, _, _ in variants}
         for _ in range(args.reps):  # interleaved, so drift in the machine's load hits every variant
             for name, strategy, servers in variants:
-                r = launch(2, servers, ["--task", "throughput", "--model", model, "--strategy", strategy, "--steps", str(steps)])
+                r = launch(
+                    2,
+                    servers,
+                    ["--task", "throughput", "--model", model, "--strategy", strategy, "--steps", str(steps)],
+                )
                 runs[name].append(r)
                 print(f"{model} {name}: {r['steps_per_s']:.1f} steps/s", flush=True)
         results["throughput"][model] = {
-            name: {"steps_per_s": statistics.median(r["steps_per_s"] for r in rs), "runs": [r["steps_per_s"] for r in rs],
-                   "parameters": rs[0]["parameters"], **{k: v for k, v in rs[-1].items() if k.startswith("ps_bytes")}}
+            name: {
+                "steps_per_s": statistics.median(r["steps_per_s"] for r in rs),
+                "runs": [r["steps_per_s"] for r in rs],
+                "parameters": rs[0]["parameters"],
+                **{k: v for k, v in rs[-1].items() if k.startswith("ps_bytes")},
+            }
             for name, rs in runs.items()
         }
 
@@ -168,17 +187,40 @@ def main() -> None:
     per_worker = args.steps or 150
     scenarios = {
         "transient": f"*:{BASE_S},*:{3 * BASE_S}@0.1",  # 4x on a random 10% of steps
-        "persistent": f"*:{BASE_S},3:{2 * BASE_S}",     # rank 3 always 3x
+        "persistent": f"*:{BASE_S},3:{2 * BASE_S}",  # rank 3 always 3x
     }
     modes = (("bsp", 0), ("ssp_1", 1), ("ssp_3", 3), ("asp", 0))
     for scenario, slowdown in scenarios.items():
         row = {}
         for name, s in modes:
-            r = launch(4, 1, ["--task", "stragglers", "--strategy", name.split("_")[0], "--staleness", str(s), "--slowdown", slowdown,
-                              "--batch", "16", "--lr", "0.02", "--steps", str(per_worker), "--model", "digits_mlp"])
+            r = launch(
+                4,
+                1,
+                [
+                    "--task",
+                    "stragglers",
+                    "--strategy",
+                    name.split("_")[0],
+                    "--staleness",
+                    str(s),
+                    "--slowdown",
+                    slowdown,
+                    "--batch",
+                    "16",
+                    "--lr",
+                    "0.02",
+                    "--steps",
+                    str(per_worker),
+                    "--model",
+                    "digits_mlp",
+                ],
+            )
             r["time_to_target_s"] = time_to(r["curve"], args.target)
             row[name] = r
-            print(f"{scenario} {name}: target {args.target} at {r['time_to_target_s']}s, final accuracy {r['final_accuracy']:.4f}", flush=True)
+            print(
+                f"{scenario} {name}: target {args.target} at {r['time_to_target_s']}s, final accuracy {r['final_accuracy']:.4f}",
+                flush=True,
+            )
         bsp = row["bsp"]["time_to_target_s"]
         for name in row:
             t = row[name]["time_to_target_s"]
@@ -195,12 +237,23 @@ def main() -> None:
         return f"{v:.2f}" if v is not None else "n/a"
 
     summary = (
-        "ps: steps/s DP/PS1/PS2 " + "; ".join(f"{m} {r['data_parallel']['steps_per_s']:.1f}/{r['ps_bsp_1_server']['steps_per_s']:.1f}/{r['ps_bsp_2_servers']['steps_per_s']:.1f}" for m, r in tp.items())
+        "ps: steps/s DP/PS1/PS2 "
+        + "; ".join(
+            f"{m} {r['data_parallel']['steps_per_s']:.1f}/{r['ps_bsp_1_server']['steps_per_s']:.1f}/{r['ps_bsp_2_servers']['steps_per_s']:.1f}"
+            for m, r in tp.items()
+        )
         + f" | time to {args.target} vs BSP: transient SSP1 {ratio('transient', 'ssp_1')} SSP3 {ratio('transient', 'ssp_3')} ASP {ratio('transient', 'asp')}"
         + f"; persistent SSP1 {ratio('persistent', 'ssp_1')} SSP3 {ratio('persistent', 'ssp_3')} ASP {ratio('persistent', 'asp')}"
     )
-    config = {"base_step_s": BASE_S, "target": args.target, "steps_per_worker": per_worker, "models": MODELS, "reps": args.reps,
-              "timed_steps": dict(cases), "command": " ".join(["python", "benchmarks/ps.py", *sys.argv[1:]])}
+    config = {
+        "base_step_s": BASE_S,
+        "target": args.target,
+        "steps_per_worker": per_worker,
+        "models": MODELS,
+        "reps": args.reps,
+        "timed_steps": dict(cases),
+        "command": " ".join(["python", "benchmarks/ps.py", *sys.argv[1:]]),
+    }
     _harness.write("ps", {"config": config, **results}, summary)
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness  # noqa: E402
+import _harness
 
 CASES = {  # name: (layer widths, per-worker batch, timed steps)
     "wide_mlp": ([512, 4096, 4096, 10], 1024, 6),
@@ -44,7 +44,9 @@ def worker(case: str, reps: int, out: str) -> None:
     model, opt = strategy.prepare(model, opt)
     g = torch.Generator().manual_seed(0)
     n = batch * rt.world_size * 4
-    ds = torch.utils.data.TensorDataset(torch.randn(n, widths[0], generator=g), torch.randint(0, widths[-1], (n,), generator=g))
+    ds = torch.utils.data.TensorDataset(
+        torch.randn(n, widths[0], generator=g), torch.randint(0, widths[-1], (n,), generator=g)
+    )
     batches = strategy.loader(ds, batch_size=batch).forever()
 
     def step():
@@ -57,7 +59,15 @@ def worker(case: str, reps: int, out: str) -> None:
     _harness.timed_steps(step, 2, barrier)
     rates = [steps * batch * rt.world_size / _harness.timed_steps(step, steps, barrier) for _ in range(reps)]
     if rt.is_main:
-        Path(out).write_text(json.dumps({"samples_per_s": rates, "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters())}))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "samples_per_s": rates,
+                    "threads": torch.get_num_threads(),
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                }
+            )
+        )
     shoal.shutdown()
 
 
@@ -80,9 +90,20 @@ def main() -> None:
             runs.setdefault(workers, []).extend(json.loads(tmp.read_text())["samples_per_s"])
         tmp.unlink()
         one, two = statistics.median(runs[1]), statistics.median(runs[2])
-        results[case] = {"samples_per_s": {"1": runs[1], "2": runs[2]}, "median_1": one, "median_2": two, "efficiency": two / (2 * one)}
-    summary = "scaling (1 -> 2 workers, 1 thread each, efficiency): " + ", ".join(f"{c} {r['efficiency']:.2f} ({r['median_1']:.0f} -> {r['median_2']:.0f} samples/s)" for c, r in results.items())
-    _harness.write("scaling", {"cases": {c: {"widths": CASES[c][0], "batch_per_worker": CASES[c][1], **r} for c, r in results.items()}}, summary)
+        results[case] = {
+            "samples_per_s": {"1": runs[1], "2": runs[2]},
+            "median_1": one,
+            "median_2": two,
+            "efficiency": two / (2 * one),
+        }
+    summary = "scaling (1 -> 2 workers, 1 thread each, efficiency): " + ", ".join(
+        f"{c} {r['efficiency']:.2f} ({r['median_1']:.0f} -> {r['median_2']:.0f} samples/s)" for c, r in results.items()
+    )
+    _harness.write(
+        "scaling",
+        {"cases": {c: {"widths": CASES[c][0], "batch_per_worker": CASES[c][1], **r} for c, r in results.items()}},
+        summary,
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Your own training loop, distributed by one constructor.
 
-    shoal run -n 2 examples/own_loop.py            # 2 local processes
-    python examples/own_loop.py                    # 1 process, same code
+shoal run -n 2 examples/own_loop.py            # 2 local processes
+python examples/own_loop.py                    # 1 process, same code
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Your own loop on a parameter server: data on the workers, parameters on servers.
 
-    shoal run -n 2 --servers 2 examples/ps_loop.py --consistency ssp --staleness 2
+shoal run -n 2 --servers 2 examples/ps_loop.py --consistency ssp --staleness 2
 """
 
 import argparse
@@ -27,8 +27,12 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 
-    strategy = shoal.ParameterServer(consistency=args.consistency, staleness=args.staleness, servers=args.servers,
-                                     overrides={"3.*": "asp"} if args.consistency == "bsp" else {})
+    strategy = shoal.ParameterServer(
+        consistency=args.consistency,
+        staleness=args.staleness,
+        servers=args.servers,
+        overrides={"3.*": "asp"} if args.consistency == "bsp" else {},
+    )
     model, optimizer = strategy.prepare(model, optimizer)
     loader = strategy.loader(data.train, batch_size=32, shuffle=True, seed=0)
     for epoch in range(args.epochs):
@@ -40,8 +44,11 @@ def main() -> None:
         result = strategy.evaluate(model, data.test, loss_fn)
         if rt.is_main:
             m = strategy.step_metrics()
-            print(f"epoch {epoch}: loss {loss.item():.4f} test accuracy {result['eval_accuracy']:.4f} "
-                  f"wait {100 * m['ps_wait_frac']:.0f}% staleness {m['ps_staleness']:.2f}", flush=True)
+            print(
+                f"epoch {epoch}: loss {loss.item():.4f} test accuracy {result['eval_accuracy']:.4f} "
+                f"wait {100 * m['ps_wait_frac']:.0f}% staleness {m['ps_staleness']:.2f}",
+                flush=True,
+            )
     strategy.close()
     shoal.shutdown()
 

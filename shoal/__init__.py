@@ -1,9 +1,9 @@
 """shoal: train PyTorch models across many processes and machines.
 
-    import shoal
-    shoal.init()
-    strategy = shoal.DataParallel()
-    model, optimizer = strategy.prepare(model, optimizer)
+import shoal
+shoal.init()
+strategy = shoal.DataParallel()
+model, optimizer = strategy.prepare(model, optimizer)
 """
 
 from shoal.errors import ConfigError, ShoalError
@@ -18,6 +18,15 @@ from shoal.strategies.tensor_parallel import TensorParallel
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "DataParallel", "ParameterServer", "Pipeline", "ShardedDataParallel", "ShoalError", "Strategy", "TensorParallel",
-    "current", "init", "shutdown",
+    "ConfigError",
+    "DataParallel",
+    "ParameterServer",
+    "Pipeline",
+    "ShardedDataParallel",
+    "ShoalError",
+    "Strategy",
+    "TensorParallel",
+    "current",
+    "init",
+    "shutdown",
 ]

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: list[str]) -> int:
-    from shoal.train import jobconfig as config
     from shoal.launch.job import train
+    from shoal.train import jobconfig as config
 
     if any(a in ("-h", "--help") for a in args):
         print(TRAIN_HELP, end="")
@@ -74,13 +74,17 @@ def _train(args: list[str]) -> int:
 def _run(args: list[str]) -> int:
     from shoal.launch.agent import LaunchSpec, launch
 
-    parser = argparse.ArgumentParser(prog="shoal run", description="Run a script on N local worker processes (like torchrun).")
+    parser = argparse.ArgumentParser(
+        prog="shoal run", description="Run a script on N local worker processes (like torchrun)."
+    )
     parser.add_argument("-n", "--nproc", type=int, default=1, help="worker processes on this machine")
     parser.add_argument("--nnodes", type=int, default=1, help="machines in the job")
     parser.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
     parser.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of machine 0, the same on every machine")
     parser.add_argument("--log-dir", default=None, help="where each rank's stdout/stderr is kept")
-    parser.add_argument("--servers", type=int, default=0, help="parameter-server processes to start (for the parameter_server strategy)")
+    parser.add_argument(
+        "--servers", type=int, default=0, help="parameter-server processes to start (for the parameter_server strategy)"
+    )
     parser.add_argument("script", help="the Python script to run")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     try:
@@ -105,10 +109,25 @@ def _run(args: list[str]) -> int:
     record = os.path.join(ns.log_dir, "ps_events.jsonl") if ns.log_dir else None
     if ns.nnodes > 1 and not ns.rdzv_endpoint:
         raise ConfigError("a job on several machines needs --rdzv-endpoint HOST:PORT (the same on every machine)")
-    with serving(ns.servers, key, log_dir=ns.log_dir, record=record, live=sys.stderr.isatty(),
-                 nnodes=ns.nnodes, node_rank=ns.node_rank, rdzv_endpoint=ns.rdzv_endpoint) as ps_env:
-        spec = LaunchSpec(nproc=ns.nproc, nnodes=ns.nnodes, node_rank=ns.node_rank, rdzv_endpoint=ns.rdzv_endpoint, log_dir=ns.log_dir,
-                          env={"SHOAL_JOB_KEY": key, **ps_env}, store_open=bool(ns.servers and ns.nnodes > 1))
+    with serving(
+        ns.servers,
+        key,
+        log_dir=ns.log_dir,
+        record=record,
+        live=sys.stderr.isatty(),
+        nnodes=ns.nnodes,
+        node_rank=ns.node_rank,
+        rdzv_endpoint=ns.rdzv_endpoint,
+    ) as ps_env:
+        spec = LaunchSpec(
+            nproc=ns.nproc,
+            nnodes=ns.nnodes,
+            node_rank=ns.node_rank,
+            rdzv_endpoint=ns.rdzv_endpoint,
+            log_dir=ns.log_dir,
+            env={"SHOAL_JOB_KEY": key, **ps_env},
+            store_open=bool(ns.servers and ns.nnodes > 1),
+        )
         launch([ns.script, *ns.script_args], spec)
     return 0
 

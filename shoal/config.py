@@ -192,7 +192,9 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
     """(host, port) of a rendezvous endpoint written HOST:PORT; ConfigError otherwise."""
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"--rdzv-endpoint {endpoint!r} must look like HOST:PORT, e.g. 10.0.0.1:29500", "rdzv_endpoint")
+        raise ConfigError(
+            f"--rdzv-endpoint {endpoint!r} must look like HOST:PORT, e.g. 10.0.0.1:29500", "rdzv_endpoint"
+        )
     return host, int(port)
 
 
@@ -206,4 +208,6 @@ def check_range(value, key: str, low=None, high=None, low_open: bool = False) ->
 
 def check_choice(value, key: str, choices) -> None:
     if value not in choices:
-        raise ConfigError(f"'{key}' must be one of {', '.join(map(str, choices))}, not {value!r}{_suggest(str(value), choices)}", key)
+        raise ConfigError(
+            f"'{key}' must be one of {', '.join(map(str, choices))}, not {value!r}{_suggest(str(value), choices)}", key
+        )

@@ -23,7 +23,7 @@ class ConfigError(ShoalError):
         self.key = key
         super().__init__(message)
 
-    def under(self, prefix: str) -> "ConfigError":
+    def under(self, prefix: str) -> ConfigError:
         """The same error with its key qualified by a parent section."""
         if self.key is None:
             return self

@@ -22,7 +22,7 @@ class ParallelDims:
     tp: int = 1
 
     @classmethod
-    def for_world(cls, world: int, pp: int = 1, tp: int = 1, dp: int = 0) -> "ParallelDims":
+    def for_world(cls, world: int, pp: int = 1, tp: int = 1, dp: int = 0) -> ParallelDims:
         """Fill in dp (0: whatever is left) and check that the degrees multiply to `world`."""
         for name, value in (("pp", pp), ("tp", tp)):
             if value < 1:
@@ -36,7 +36,10 @@ class ParallelDims:
                 )
             dp = world // (pp * tp)
         if dp * pp * tp != world:
-            raise ConfigError(f"dp x pp x tp = {dp} x {pp} x {tp} = {dp * pp * tp}, but the job has {world} processes; make the product equal the number of workers", "dp")
+            raise ConfigError(
+                f"dp x pp x tp = {dp} x {pp} x {tp} = {dp * pp * tp}, but the job has {world} processes; make the product equal the number of workers",
+                "dp",
+            )
         return cls(dp, pp, tp)
 
     @cached_property

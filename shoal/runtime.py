@@ -40,7 +40,9 @@ class Runtime:
 _current: Runtime | None = None
 
 
-def init(backend: str | None = None, device: str | None = None, timeout_s: float | None = None, threads: int | None = None) -> Runtime:
+def init(
+    backend: str | None = None, device: str | None = None, timeout_s: float | None = None, threads: int | None = None
+) -> Runtime:
     """Join the job's process group (if launched as one) and choose backend and device.
 
     Defaults come from the environment (SHOAL_BACKEND, SHOAL_DEVICE,
@@ -84,7 +86,9 @@ def init(backend: str | None = None, device: str | None = None, timeout_s: float
 
     if world > 1 and not dist.is_initialized():
         if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
-            raise ShoalError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; start the script with `shoal run -n N script.py`")
+            raise ShoalError(
+                "WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; start the script with `shoal run -n N script.py`"
+            )
         kwargs = {}
         if dev.type == "cuda":
             kwargs["device_id"] = dev

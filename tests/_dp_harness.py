@@ -26,8 +26,12 @@ def free_port() -> int:
 
 def _entry(rank, world, port, out_dir, fn, args):
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
     )
     import shoal
 
@@ -35,7 +39,7 @@ def _entry(rank, world, port, out_dir, fn, args):
     try:
         shoal.init(backend="gloo", device="cpu", threads=1, timeout_s=120)
         result = {"ok": fn(rank, world, *args)}
-    except BaseException:  # noqa: BLE001 - reported to the parent
+    except BaseException:
         result = {"error": traceback.format_exc()}
     finally:
         shoal.shutdown()

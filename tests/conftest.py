@@ -15,10 +15,20 @@ ROOT = Path(__file__).resolve().parent.parent
 SHOAL = [sys.executable, "-m", "shoal.cli"]
 
 
-def run(args: list[str], timeout: float = 180, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(
+    args: list[str], timeout: float = 180, cwd: Path | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run a command in its own session; kill the session on timeout or exit."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
-    proc = subprocess.Popen(args, cwd=cwd or ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd or ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

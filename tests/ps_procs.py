@@ -29,8 +29,15 @@ class Result:
     stats: list[dict]
 
 
-def run_job(workers: int, servers: int, args: dict, timeout: float = 90, env: dict | None = None,
-            keep: ServerGroup | None = None, before_stop=None) -> Result:
+def run_job(
+    workers: int,
+    servers: int,
+    args: dict,
+    timeout: float = 90,
+    env: dict | None = None,
+    keep: ServerGroup | None = None,
+    before_stop=None,
+) -> Result:
     """Run the job to the end; `before_stop(group)` runs while the servers are still up."""
     key = secrets.token_hex(16)
     group = start_servers(servers, key, timeout_s=30, extra_env={"PYTHONPATH": str(ROOT)})
@@ -39,11 +46,29 @@ def run_job(workers: int, servers: int, args: dict, timeout: float = 90, env: di
     try:
         for rank in range(workers):
             wenv = {
-                **os.environ, **group.env, **(env or {}), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
-                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(workers), "LOCAL_WORLD_SIZE": str(workers),
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master), "SHOAL_THREADS": "1", "OMP_NUM_THREADS": "1",
+                **os.environ,
+                **group.env,
+                **(env or {}),
+                "PYTHONPATH": str(ROOT),
+                "PYTHONUNBUFFERED": "1",
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(workers),
+                "LOCAL_WORLD_SIZE": str(workers),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(master),
+                "SHOAL_THREADS": "1",
+                "OMP_NUM_THREADS": "1",
             }
-            procs.append(subprocess.Popen([sys.executable, WORKER, json.dumps(args)], env=wenv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, WORKER, json.dumps(args)],
+                    env=wenv,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
         deadline = time.monotonic() + timeout
         logs = []
         for p in procs:

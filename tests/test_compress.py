@@ -15,7 +15,19 @@ from shoal.compress import parse
 from shoal.compress.base import Payload
 from shoal.errors import ConfigError
 
-SPECS = ["none", "fp16", "bf16", "int8", "qsgd:levels=4", "qsgd:levels=16", "topk:0.01", "topk:0.3", "randomk:0.1", "powersgd:rank=1", "powersgd:rank=4"]
+SPECS = [
+    "none",
+    "fp16",
+    "bf16",
+    "int8",
+    "qsgd:levels=4",
+    "qsgd:levels=16",
+    "topk:0.01",
+    "topk:0.3",
+    "randomk:0.1",
+    "powersgd:rank=1",
+    "powersgd:rank=4",
+]
 EF_SPECS = ["topk:0.01", "topk:0.3", "randomk:0.1", "powersgd:rank=1", "powersgd:rank=4"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(), (0,), (1,), (7,), (3, 0), (300,), (17, 40), (4, 3, 2), (64, 1), (1, 50)]
@@ -61,7 +73,11 @@ def from_wire(raw: bytes) -> Payload:
         dtype = getattr(torch, part["dtype"])
         n = math.prod(part["shape"]) * torch.empty(0, dtype=dtype).element_size()
         buf = bytearray(raw[at : at + n])
-        tensors.append(torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(part["shape"]) if n else torch.empty(part["shape"], dtype=dtype))
+        tensors.append(
+            torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(part["shape"])
+            if n
+            else torch.empty(part["shape"], dtype=dtype)
+        )
         at += n
     assert at == len(raw)
     return Payload(meta["header"], tensors)
@@ -75,8 +91,27 @@ def test_valid_specs_parse(spec):
 
 
 @pytest.mark.parametrize(
-    "spec", ["topk:2", "topk:0", "topk", "topk:abc", "randomk:-0.1", "int3", "int8:4", "fp16:1", "qsgd", "qsgd:levels=1",
-             "qsgd:levels=128", "qsgd:8", "qsgd:bits=8", "powersgd:rank=0", "powersgd", "powersgd:rank=1.5", "", "zip"],
+    "spec",
+    [
+        "topk:2",
+        "topk:0",
+        "topk",
+        "topk:abc",
+        "randomk:-0.1",
+        "int3",
+        "int8:4",
+        "fp16:1",
+        "qsgd",
+        "qsgd:levels=1",
+        "qsgd:levels=128",
+        "qsgd:8",
+        "qsgd:bits=8",
+        "powersgd:rank=0",
+        "powersgd",
+        "powersgd:rank=1.5",
+        "",
+        "zip",
+    ],
 )
 def test_malformed_specs_are_config_errors(spec):
     with pytest.raises(ConfigError) as err:
@@ -101,8 +136,11 @@ def test_data_parallel_validates_compression_at_construction():
 # ---------------------------------------------------------------- round trips
 @settings(max_examples=300, deadline=None)
 @given(
-    spec=st.sampled_from(SPECS), shape=st.sampled_from(SHAPES), dtype=st.sampled_from(DTYPES),
-    mode=st.sampled_from(MODES), seed=st.integers(0, 2**31 - 1),
+    spec=st.sampled_from(SPECS),
+    shape=st.sampled_from(SHAPES),
+    dtype=st.sampled_from(DTYPES),
+    mode=st.sampled_from(MODES),
+    seed=st.integers(0, 2**31 - 1),
 )
 def test_round_trip(spec, shape, dtype, mode, seed):
     x = make(shape, dtype, mode, seed)
@@ -250,7 +288,17 @@ def test_state_dict_resumes_exactly(spec):
 
 
 # ---------------------------------------------------------------- sizes
-@pytest.mark.parametrize("spec, at_least", [("fp16", 2.0), ("int8", 3.5), ("qsgd:levels=4", 7.0), ("topk:0.01", 50.0), ("randomk:0.01", 50.0), ("powersgd:rank=4", 20.0)])
+@pytest.mark.parametrize(
+    "spec, at_least",
+    [
+        ("fp16", 2.0),
+        ("int8", 3.5),
+        ("qsgd:levels=4", 7.0),
+        ("topk:0.01", 50.0),
+        ("randomk:0.01", 50.0),
+        ("powersgd:rank=4", 20.0),
+    ],
+)
 def test_payload_sizes(spec, at_least):
     g = torch.randn(512, 1024)
     assert g.numel() * 4 / parse(spec).encode("w", g).nbytes() >= at_least
@@ -261,7 +309,12 @@ def test_packed_state_is_json_and_exact():
 
     from shoal.compress.base import pack_state, unpack_state
 
-    state = {"a": torch.randn(3, 4), "b": torch.tensor(7), "c": torch.zeros(0, 2, dtype=torch.bfloat16), "d": torch.randn(5).half()}
+    state = {
+        "a": torch.randn(3, 4),
+        "b": torch.tensor(7),
+        "c": torch.zeros(0, 2, dtype=torch.bfloat16),
+        "d": torch.randn(5).half(),
+    }
     back = unpack_state(json.loads(json.dumps(pack_state(state))))
     assert state.keys() == back.keys()
     assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in state.items())
@@ -276,22 +329,30 @@ def test_receiver_decodes_what_encode_sent_and_refuses_forgeries(spec):
     grad = make(shape, dtype, "normal", 3)
     sender, receiver = parse(spec), Receiver(spec)
     payload = sender.encode("w", grad)
-    torch.testing.assert_close(receiver.decode(payload.header, payload.tensors, shape, dtype), parse(spec).decode(payload, shape, dtype), rtol=0, atol=0)
+    torch.testing.assert_close(
+        receiver.decode(payload.header, payload.tensors, shape, dtype),
+        parse(spec).decode(payload, shape, dtype),
+        rtol=0,
+        atol=0,
+    )
     t0 = payload.tensors[0]
     forged = [
-        (payload.header, payload.tensors[:-1]),                                                    # a tensor missing
-        (payload.header, [*payload.tensors, t0]),                                                  # one too many
-        (payload.header, [t0[:-1], *payload.tensors[1:]]),                                         # truncated
-        (payload.header, [t0.to(torch.float64 if t0.dtype != torch.float64 else torch.float32), *payload.tensors[1:]]),  # dtype
-        ({**payload.header, "extra": 1}, payload.tensors),                                          # unknown header key
-        ({**payload.header, "nonfinite": True}, payload.tensors),                                   # an overflow is never applied
+        (payload.header, payload.tensors[:-1]),  # a tensor missing
+        (payload.header, [*payload.tensors, t0]),  # one too many
+        (payload.header, [t0[:-1], *payload.tensors[1:]]),  # truncated
+        (
+            payload.header,
+            [t0.to(torch.float64 if t0.dtype != torch.float64 else torch.float32), *payload.tensors[1:]],
+        ),  # dtype
+        ({**payload.header, "extra": 1}, payload.tensors),  # unknown header key
+        ({**payload.header, "nonfinite": True}, payload.tensors),  # an overflow is never applied
         ("not a map", payload.tensors),
     ]
     if spec.startswith("topk"):
         for bad in (-1, 17 * 40):
             index = t0.clone()
             index[0] = bad
-            forged.append((payload.header, [index, *payload.tensors[1:]]))                         # index out of range
+            forged.append((payload.header, [index, *payload.tensors[1:]]))  # index out of range
     if spec.startswith("randomk"):
         forged += [({**payload.header, "seed": -5}, payload.tensors), ({**payload.header, "k": 3}, payload.tensors)]
     if spec.startswith("powersgd"):
@@ -300,7 +361,9 @@ def test_receiver_decodes_what_encode_sent_and_refuses_forgeries(spec):
     for bad in (float("inf"), float("nan")):
         values = payload.tensors[at].clone()
         values.view(-1)[values.view(-1).abs().argmax()] = bad
-        forged.append((payload.header, [*payload.tensors[:at], values, *payload.tensors[at + 1:]]))  # non-finite, unflagged
+        forged.append(
+            (payload.header, [*payload.tensors[:at], values, *payload.tensors[at + 1 :]])
+        )  # non-finite, unflagged
     for header, tensors in forged:
         with pytest.raises(ValueError):
             receiver.decode(header, tensors, shape, dtype)

@@ -12,7 +12,6 @@ import tempfile
 
 import pytest
 import torch
-
 from _dp_harness import run_workers
 
 pytestmark = pytest.mark.slow
@@ -22,8 +21,14 @@ MOMENTUM = dict(lr=0.05, momentum=0.9)
 # momentum turns those bursts into divergence, so it trains with plain SGD.
 PLAIN = dict(lr=0.2, momentum=0.0)
 TRAIN = {
-    "none": MOMENTUM, "fp16": MOMENTUM, "bf16": MOMENTUM, "int8": MOMENTUM, "qsgd:levels=4": MOMENTUM,
-    "topk:0.01": MOMENTUM, "randomk:0.1": PLAIN, "powersgd:rank=4": MOMENTUM,
+    "none": MOMENTUM,
+    "fp16": MOMENTUM,
+    "bf16": MOMENTUM,
+    "int8": MOMENTUM,
+    "qsgd:levels=4": MOMENTUM,
+    "topk:0.01": MOMENTUM,
+    "randomk:0.1": PLAIN,
+    "powersgd:rank=4": MOMENTUM,
 }
 
 
@@ -151,7 +156,11 @@ def resume(rank, world, steps, cut, root):
             strategy.train_step(model, opt, loss_fn, b)
         extra = {"strategy": strategy.state_dict()}
         assert "compression" not in extra["strategy"], "compressor state belongs in DCP, not the JSON"
-        held = sum(v.abs().sum().item() for k, v in strategy.rank_tensors().items() if {"residual", "error"} & set(k.split("/")))
+        held = sum(
+            v.abs().sum().item()
+            for k, v in strategy.rank_tensors().items()
+            if {"residual", "error"} & set(k.split("/"))
+        )
         path = checkpoint.save(Path(root) / str(i), cut, strategy.checkpoint_state(model, opt), extra, keep=1)
         json_bytes = (path / f"extra-rank{rank}.json").stat().st_size
         # A fresh process's objects (new DDP, new buckets, no residuals yet), restored from disk.

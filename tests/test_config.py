@@ -6,12 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import shoal
 
 from shoal import cli
-from shoal.train import jobconfig as config
 from shoal.errors import ConfigError
-
-from conftest import shoal
+from shoal.train import jobconfig as config
 
 
 def load(*overrides: str):
@@ -27,7 +26,12 @@ def test_defaults_are_the_digits_job():
 def test_overrides_parse_types_and_lists(tmp_path):
     path = tmp_path / "job.toml"
     path.write_text('[train]\nsteps = 7\n[model]\nname = "mlp"\nhidden = [16]\n')
-    cfg = config.load(path, config.parse_overrides(["--train.steps", "9", "--model.hidden=[8,4]", "--optimizer.lr=1", "--checkpoint.resume"]))
+    cfg = config.load(
+        path,
+        config.parse_overrides(
+            ["--train.steps", "9", "--model.hidden=[8,4]", "--optimizer.lr=1", "--checkpoint.resume"]
+        ),
+    )
     assert cfg.train.steps == 9 and cfg.model.options.hidden == [8, 4]
     assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
     assert cfg.checkpoint.resume is True
@@ -87,7 +91,9 @@ def test_cli_bad_toml_and_process_exit(tmp_path):
     assert result.stderr.count("\n") == 1, result.stderr
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.toml")), ids=lambda p: p.name
+)
 def test_example_configs_validate(path):
     config.load(path)
 

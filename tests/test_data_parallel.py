@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shoal
 from torch import nn
 
 from shoal.data.loader import ShardedLoader
 
-from conftest import shoal
-
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
-import dp_equivalence as worker  # noqa: E402
+import dp_equivalence as worker
 
 
 def single_process(batch: int, clip: float | None) -> dict:

@@ -1,10 +1,9 @@
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from shoal.data.loader import ShardedLoader, eval_shard
 from shoal.errors import ShoalError
-
-import pytest
 
 
 def dataset(n=100):

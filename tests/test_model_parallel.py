@@ -8,18 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shoal
 from torch import nn
 
+from shoal.data.loader import ShardedLoader
 from shoal.errors import ConfigError
 from shoal.mesh import ParallelDims
 from shoal.strategies.pipeline import Pipeline, measure_block_times, split_balanced
 from shoal.strategies.tensor_parallel import auto_plan
-from shoal.data.loader import ShardedLoader
-
-from conftest import shoal
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
-import mp_equivalence as worker  # noqa: E402
+import mp_equivalence as worker
 
 
 def reference(kind: str, dp: int):
@@ -80,7 +79,9 @@ def test_pipeline_checkpoint_loads_into_a_plain_model(four_ranks):
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     for (name, p), q in zip(model.named_parameters(), want.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=name)
-        torch.testing.assert_close(opt.state[p]["momentum_buffer"], want_opt.state[q]["momentum_buffer"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            opt.state[p]["momentum_buffer"], want_opt.state[q]["momentum_buffer"], atol=1e-5, rtol=0
+        )
 
 
 def test_split_balances_uneven_blocks_by_parameters():
@@ -90,14 +91,22 @@ def test_split_balances_uneven_blocks_by_parameters():
     sums = [sum(sizes[int(n)] for n in c) for c in chunks]
     assert [n for c in chunks for n in c] == names  # contiguous, complete, in order
     assert max(sums) == 10  # the best cut; an equal-count split gives 11 | 7
-    assert split_balanced(names, dict(zip(names, map(float, sizes))), 3, starts=["2", "6"]) == [["0", "1"], ["2", "3", "4", "5"], ["6", "7"]]
+    assert split_balanced(names, dict(zip(names, map(float, sizes))), 3, starts=["2", "6"]) == [
+        ["0", "1"],
+        ["2", "3", "4", "5"],
+        ["6", "7"],
+    ]
 
 
 def test_measured_split_follows_compute_not_block_count():
-    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 64))
+    model = nn.Sequential(
+        nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 64)
+    )
     times = measure_block_times(model, torch.randn(256, 64))
     chunks = split_balanced(list(times), times, 2)
-    assert chunks[0] == ["0", "1", "2", "3"] or chunks[0] == ["0", "1", "2"], chunks  # the 1024x1024 block is the weight
+    assert chunks[0] == ["0", "1", "2", "3"] or chunks[0] == ["0", "1", "2"], (
+        chunks
+    )  # the 1024x1024 block is the weight
 
 
 def test_degrees_must_divide_the_world():

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from ps_procs import run_job, server_stats
 from ps_worker import equiv_batch, equiv_model, make_optimizer, schedule
+from torch import nn
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +38,13 @@ def test_bsp_equals_single_process_with_combined_batch(optim, tmp_path):
     out = tmp_path / "final.npz"
     steps = 6
     # 0.weight is 64x16 floats = 4 KiB: with 1 KiB chunks it is split in 4 over both servers
-    args = {"task": "equiv", "optim": optim, "steps": steps, "out": str(out),
-            "strategy": {"consistency": "bsp", "servers": 2, "chunk_bytes": 1024}}
+    args = {
+        "task": "equiv",
+        "optim": optim,
+        "steps": steps,
+        "out": str(out),
+        "strategy": {"consistency": "bsp", "servers": 2, "chunk_bytes": 1024},
+    }
     result = run_job(2, 2, args, before_stop=server_stats)
     _ok(result)
     holders = {s: {k.split("#")[0] for k in h["keys"]} for s, (h, _) in enumerate(result.stats)}
@@ -59,10 +63,14 @@ def test_bsp_equals_single_process_with_combined_batch(optim, tmp_path):
 @pytest.mark.parametrize("s", [0, 1, 3])
 def test_ssp_bounds_how_far_a_worker_runs_ahead(s):
     steps = 12
-    args = {"task": "linear", "steps": steps, "strategy": {"consistency": "ssp", "staleness": s, "servers": 1, "debug_slowdown": "1:0.15"}}
+    args = {
+        "task": "linear",
+        "steps": steps,
+        "strategy": {"consistency": "ssp", "staleness": s, "servers": 1, "debug_slowdown": "1:0.15"},
+    }
     result = run_job(2, 1, args, before_stop=server_stats)
     _ok(result)
-    (h, _), = result.stats
+    ((h, _),) = result.stats
     assert h["pushed"] == [steps, steps]
     gaps = {int(k): v for k, v in h["gaps"].items()}
     # the server's own record: no pull was answered with the asker more than s clocks ahead of the slowest ...
@@ -76,10 +84,15 @@ def test_hybrid_asp_group_applies_every_push_bsp_group_averages(tmp_path):
     clock (the workers' average), an asp one lr per push (each worker's own)."""
     out = tmp_path / "final.npz"
     steps = 5
-    args = {"task": "linear", "steps": steps, "out": str(out), "strategy": {"consistency": "bsp", "overrides": {"1.*": "asp"}, "servers": 1}}
+    args = {
+        "task": "linear",
+        "steps": steps,
+        "out": str(out),
+        "strategy": {"consistency": "bsp", "overrides": {"1.*": "asp"}, "servers": 1},
+    }
     result = run_job(2, 1, args, before_stop=server_stats)
     _ok(result)
-    (h, _), = result.stats
+    ((h, _),) = result.stats
     assert h["steps"] == {"0.weight": steps, "1.weight": 2 * steps}
     got = np.load(out)
     start = _linear_start()
@@ -96,7 +109,12 @@ def _linear_start() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("mode", ["asp", "ssp"])
 def test_asp_and_ssp_train_digits(mode, tmp_path):
     out = tmp_path / "final.npz"
-    args = {"task": "digits", "steps": 250, "out": str(out), "strategy": {"consistency": mode, "staleness": 2, "servers": 1}}
+    args = {
+        "task": "digits",
+        "steps": 250,
+        "out": str(out),
+        "strategy": {"consistency": mode, "staleness": 2, "servers": 1},
+    }
     result = run_job(2, 1, args, timeout=150)
     _ok(result)
     got = np.load(out)
@@ -127,9 +145,19 @@ def test_shoal_train_starts_and_stops_the_servers(tmp_path):
     from conftest import shoal
 
     key = secrets.token_hex(16)
-    result = shoal("train", "--strategy.name=parameter_server", "--strategy.consistency=ssp", "--strategy.staleness=1",
-                   "--strategy.servers=2", "--train.steps=150", "--logging.progress=false", f"--logging.run_dir={tmp_path}",
-                   "--model.hidden=[64]", env={"SHOAL_JOB_KEY": key}, timeout=150)
+    result = shoal(
+        "train",
+        "--strategy.name=parameter_server",
+        "--strategy.consistency=ssp",
+        "--strategy.staleness=1",
+        "--strategy.servers=2",
+        "--train.steps=150",
+        "--logging.progress=false",
+        f"--logging.run_dir={tmp_path}",
+        "--model.hidden=[64]",
+        env={"SHOAL_JOB_KEY": key},
+        timeout=150,
+    )
     left = [p for p in _processes_with(key) if p != os.getpid()]
     for pid in left:
         os.kill(pid, signal.SIGKILL)
@@ -157,11 +185,25 @@ def test_stop_and_resume_equals_an_uninterrupted_run_and_loads_as_data_parallel(
     from conftest import shoal
     from test_train import final_params
 
-    common = [f"--logging.run_dir={tmp_path}", "--train.steps=12", "--checkpoint.every=3", "--optimizer.name=adam",
-              "--optimizer.lr=0.01", "--optimizer.weight_decay=0.01", "--optimizer.schedule=cosine", "--data.batch_size=16",
-              "--model.hidden=[64]", "--logging.tensorboard=false", "--logging.progress=false"]
-    ps = ["--strategy.name=parameter_server", "--strategy.servers=2", "--strategy.chunk_bytes=4096",  # 64x64 floats: split in 4
-          f"--strategy.compression={compression}"]
+    common = [
+        f"--logging.run_dir={tmp_path}",
+        "--train.steps=12",
+        "--checkpoint.every=3",
+        "--optimizer.name=adam",
+        "--optimizer.lr=0.01",
+        "--optimizer.weight_decay=0.01",
+        "--optimizer.schedule=cosine",
+        "--data.batch_size=16",
+        "--model.hidden=[64]",
+        "--logging.tensorboard=false",
+        "--logging.progress=false",
+    ]
+    ps = [
+        "--strategy.name=parameter_server",
+        "--strategy.servers=2",
+        "--strategy.chunk_bytes=4096",  # 64x64 floats: split in 4
+        f"--strategy.compression={compression}",
+    ]
     whole = shoal("train", *common, *ps, "--logging.name=whole", timeout=150)
     assert whole.returncode == 0, whole.stderr[-3000:]
     first = shoal("train", *common, *ps, "--logging.name=split", "--train.stop_at=6", timeout=150)
@@ -180,8 +222,14 @@ def test_stop_and_resume_equals_an_uninterrupted_run_and_loads_as_data_parallel(
         assert set(want_opt["state"][key]) == {"step", "exp_avg", "exp_avg_sq"}
         torch.testing.assert_close(got_opt["state"][key], want_opt["state"][key], atol=0, rtol=0)
     if compression == "none":
-        as_dp = shoal("train", *common, "--strategy.name=data_parallel", "--logging.name=as-dp",
-                      f"--checkpoint.resume_from={tmp_path / 'split' / 'checkpoints' / 'step-00000006'}", timeout=150)
+        as_dp = shoal(
+            "train",
+            *common,
+            "--strategy.name=data_parallel",
+            "--logging.name=as-dp",
+            f"--checkpoint.resume_from={tmp_path / 'split' / 'checkpoints' / 'step-00000006'}",
+            timeout=150,
+        )
         assert as_dp.returncode == 0, as_dp.stderr[-3000:]
         dp, _ = final_params(tmp_path / "as-dp")
         for key in want:
@@ -212,10 +260,36 @@ def test_servers_on_two_machines_on_loopback(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SHOAL_JOB_KEY": secrets.token_hex(16)}
 
     def args(node: int, servers: int = 2):
-        return ["run", "--nnodes", "2", "--node-rank", str(node), "--rdzv-endpoint", endpoint, "-n", "1", "--servers", str(servers),
-                "--log-dir", str(tmp_path / f"node{node}"), "examples/ps_loop.py", "--epochs", "2", "--servers", "2"]
+        return [
+            "run",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(node),
+            "--rdzv-endpoint",
+            endpoint,
+            "-n",
+            "1",
+            "--servers",
+            str(servers),
+            "--log-dir",
+            str(tmp_path / f"node{node}"),
+            "examples/ps_loop.py",
+            "--epochs",
+            "2",
+            "--servers",
+            "2",
+        ]
 
-    other = subprocess.Popen([*SHOAL, *args(1)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    other = subprocess.Popen(
+        [*SHOAL, *args(1)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         mine = shoal(*args(0), env=env, timeout=150)
         out, err = other.communicate(timeout=60)
@@ -229,7 +303,15 @@ def test_servers_on_two_machines_on_loopback(tmp_path):
     assert [p.name for p in (tmp_path / "node1").glob("server*.log")] == ["server1.log"]
 
     endpoint = f"127.0.0.1:{free_port()}"
-    first = subprocess.Popen([*SHOAL, *args(0)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = subprocess.Popen(
+        [*SHOAL, *args(0)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         wrong = shoal(*args(1, servers=3), env=env, timeout=60)
     finally:
@@ -240,7 +322,10 @@ def test_servers_on_two_machines_on_loopback(tmp_path):
 
 # One spec per compressor class (bf16 and qsgd:levels=N share fp16's and int8's code;
 # benchmarks/compression.py trains every spec on PS-BSP), across the three modes.
-@pytest.mark.parametrize("spec,mode", [("fp16", "bsp"), ("int8", "ssp"), ("topk:0.01", "asp"), ("randomk:0.1", "bsp"), ("powersgd:rank=4", "bsp")])
+@pytest.mark.parametrize(
+    "spec,mode",
+    [("fp16", "bsp"), ("int8", "ssp"), ("topk:0.01", "asp"), ("randomk:0.1", "bsp"), ("powersgd:rank=4", "bsp")],
+)
 def test_compressed_pushes_train_digits(spec, mode, tmp_path):
     """Each compressor class on the push path trains digits, under BSP and the asynchronous modes."""
     out = tmp_path / "final.npz"
@@ -248,13 +333,30 @@ def test_compressed_pushes_train_digits(spec, mode, tmp_path):
     # which heavy momentum amplifies: plain SGD, as in the DP test and benchmark
     sgd = {"lr": 0.2, "momentum": 0.0} if spec.startswith("randomk") else {"lr": 0.05, "momentum": 0.9}
     overflow_at = 5 if spec == "fp16" else None  # that step's loss x 1e9: every worker skips it
-    args = {"task": "digits", "steps": 300, "out": str(out), "sgd": sgd, "overflow_at": overflow_at,
-            "strategy": {"consistency": mode, "staleness": 2, "servers": 2, "compression": spec}}
+    args = {
+        "task": "digits",
+        "steps": 300,
+        "out": str(out),
+        "sgd": sgd,
+        "overflow_at": overflow_at,
+        "strategy": {"consistency": mode, "staleness": 2, "servers": 2, "compression": spec},
+    }
     result = run_job(2, 2, args, timeout=150, before_stop=server_stats)
     _ok(result)
     got = np.load(out)
     assert float(got["eval_accuracy"]) >= 0.95, (spec, mode, float(got["eval_accuracy"]))
-    assert float(got["m_ps_compression_ratio"]) >= {"fp16": 1.9, "bf16": 1.9, "int8": 3.5, "qsgd:levels=4": 6, "topk:0.01": 20, "randomk:0.1": 5, "powersgd:rank=4": 3}[spec]
+    assert (
+        float(got["m_ps_compression_ratio"])
+        >= {
+            "fp16": 1.9,
+            "bf16": 1.9,
+            "int8": 3.5,
+            "qsgd:levels=4": 6,
+            "topk:0.01": 20,
+            "randomk:0.1": 5,
+            "powersgd:rank=4": 3,
+        }[spec]
+    )
     assert float(got["m_ps_skipped_steps"]) == (1 if overflow_at else 0)
     for h, _ in result.stats:
         assert not h["dropped"] and h["pushed"] == [300, 300] and h["skipped"] == (2 if overflow_at else 0)
@@ -297,8 +399,13 @@ def test_compressed_bsp_equals_one_process_that_compresses_each_workers_gradient
     step. The reference differs from the uncompressed run, so the compressor mattered."""
     out = tmp_path / "final.npz"
     steps = 6
-    args = {"task": "equiv", "optim": "sgd", "steps": steps, "out": str(out),
-            "strategy": {"consistency": "bsp", "servers": 2, "compression": spec}}
+    args = {
+        "task": "equiv",
+        "optim": "sgd",
+        "steps": steps,
+        "out": str(out),
+        "strategy": {"consistency": "bsp", "servers": 2, "compression": spec},
+    }
     result = run_job(2, 2, args, before_stop=server_stats)
     _ok(result)
     for h, _ in result.stats:

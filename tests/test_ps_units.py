@@ -20,7 +20,9 @@ KEY = b"k" * 32
 
 
 # ------------------------------------------------------------------ wire
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool]
+)
 def test_wire_round_trip_keeps_dtype_shape_and_bytes(dtype):
     codec = Codec(KEY)
     tensors = [torch.randn(3, 5).to(dtype), torch.zeros(0, 4, dtype=dtype), torch.tensor(1.5).to(dtype)]
@@ -94,7 +96,12 @@ def test_wire_random_frames_only_ever_raise_wire_error(frames):
 
 # ------------------------------------------------------------------ placement
 def test_placement_balances_very_uneven_tensors():
-    sizes = [("embed", 1_000_000, 4), ("big", 300_000, 4), *[(f"small{i}", 1000 + 37 * i, 4) for i in range(40)], ("bias", 10, 4)]
+    sizes = [
+        ("embed", 1_000_000, 4),
+        ("big", 300_000, 4),
+        *[(f"small{i}", 1000 + 37 * i, 4) for i in range(40)],
+        ("bias", 10, 4),
+    ]
     p = plan(sizes, servers=4, chunk_bytes=1 << 18)
     assert p.imbalance < 1.05, p.describe()
     unsplit = plan(sizes, servers=4, chunk_bytes=1 << 40)
@@ -117,7 +124,9 @@ def test_placement_covers_every_element_once_and_is_deterministic():
 # ------------------------------------------------------------------ consistency
 def test_modes_parse_and_first_override_wins():
     assert parse_mode("ssp", 3, "k") == Mode("ssp", 3) and parse_mode("ssp:1", 3, "k") == Mode("ssp", 1)
-    modes = resolve(["embedding.weight", "head.weight", "head.bias"], Mode("bsp"), {"head.b*": "asp", "head.*": "ssp:2"}, 0)
+    modes = resolve(
+        ["embedding.weight", "head.weight", "head.bias"], Mode("bsp"), {"head.b*": "asp", "head.*": "ssp:2"}, 0
+    )
     assert modes == {"embedding.weight": Mode("bsp"), "head.weight": Mode("ssp", 2), "head.bias": Mode("asp")}
     for bad in ("sync", "asp:1", "ssp:x"):
         with pytest.raises(ConfigError):
@@ -142,9 +151,15 @@ def test_gate_rules():
 def test_strategy_options_are_checked_before_anything_starts():
     from shoal.strategies.parameter_server import ParameterServer
 
-    for kwargs, key in [({"consistency": "eventual"}, "consistency"), ({"overrides": {"a.*": "fast"}}, "overrides.a.*"),
-                        ({"staleness": -1}, "staleness"), ({"compression": "topk:2"}, "compression"), ({"compression": "int3"}, "compression"),
-                        ({"debug_slowdown": "x"}, "debug_slowdown"), ({"servers": 0}, "servers")]:
+    for kwargs, key in [
+        ({"consistency": "eventual"}, "consistency"),
+        ({"overrides": {"a.*": "fast"}}, "overrides.a.*"),
+        ({"staleness": -1}, "staleness"),
+        ({"compression": "topk:2"}, "compression"),
+        ({"compression": "int3"}, "compression"),
+        ({"debug_slowdown": "x"}, "debug_slowdown"),
+        ({"servers": 0}, "servers"),
+    ]:
         with pytest.raises(ConfigError) as err:
             ParameterServer(**kwargs)
         assert err.value.key == key

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import SHOAL, ROOT, free_port, pid_alive, shoal
+from conftest import ROOT, SHOAL, free_port, pid_alive, shoal
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +44,14 @@ def test_default_job_reaches_accuracy(tmp_path):
 def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
     # dropout (RNG), a cosine schedule, momentum and accumulation all have to survive the restart
     common = [
-        f"--logging.run_dir={tmp_path}", "--train.steps=20", "--checkpoint.every=4", "--model.dropout=0.2",
-        "--optimizer.schedule=cosine", "--strategy.grad_accum=2", "--data.batch_size=16", "--logging.tensorboard=false",
+        f"--logging.run_dir={tmp_path}",
+        "--train.steps=20",
+        "--checkpoint.every=4",
+        "--model.dropout=0.2",
+        "--optimizer.schedule=cosine",
+        "--strategy.grad_accum=2",
+        "--data.batch_size=16",
+        "--logging.tensorboard=false",
     ]
     whole = shoal("train", *common, "--logging.name=whole")
     assert whole.returncode == 0, whole.stderr
@@ -65,7 +70,13 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_damaged_or_missing_checkpoint_is_a_clear_error(tmp_path):
-    common = [f"--logging.run_dir={tmp_path}", "--logging.name=r", "--train.steps=4", "--checkpoint.every=0", "--logging.tensorboard=false"]
+    common = [
+        f"--logging.run_dir={tmp_path}",
+        "--logging.name=r",
+        "--train.steps=4",
+        "--checkpoint.every=0",
+        "--logging.tensorboard=false",
+    ]
     missing = shoal("train", *common, "--resume", timeout=60)
     assert missing.returncode == 2 and "no checkpoint found" in missing.stderr and "Traceback" not in missing.stderr
     assert shoal("train", *common).returncode == 0
@@ -86,7 +97,9 @@ def test_a_crashing_worker_stops_the_job_and_leaves_no_process(tmp_path):
     result = shoal("run", "-n", "2", "tests/workers/crash.py", tmp_path, timeout=90)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("shoal: worker rank 1 exited with code 1: RuntimeError: disk quota exceeded (injected)"), last
+    assert last.startswith("shoal: worker rank 1 exited with code 1: RuntimeError: disk quota exceeded (injected)"), (
+        last
+    )
     pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(2)]
     deadline = time.time() + 10
     while any(pid_alive(p) for p in pids) and time.time() < deadline:
@@ -98,7 +111,15 @@ def test_two_machines_on_loopback_train_together(tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"
     args = ["run", "--nnodes", "2", "--rdzv-endpoint", endpoint, "-n", "1", "tests/workers/world.py"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    other = subprocess.Popen([*SHOAL, *args[:1], "--node-rank", "1", *args[1:]], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    other = subprocess.Popen(
+        [*SHOAL, *args[:1], "--node-rank", "1", *args[1:]],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         mine = shoal(*args[:1], "--node-rank", "0", *args[1:], timeout=120)
         out, err = other.communicate(timeout=60)

@@ -29,7 +29,9 @@ class Publisher:
 
     def publish(self, topic: str, header: dict) -> None:
         try:
-            self.sock.send_multipart([topic.encode(), *self.codec.encode({**header, "topic": topic})], flags=zmq.NOBLOCK)
+            self.sock.send_multipart(
+                [topic.encode(), *self.codec.encode({**header, "topic": topic})], flags=zmq.NOBLOCK
+            )
         except zmq.Again:
             self.dropped += 1
 

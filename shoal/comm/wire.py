@@ -122,7 +122,9 @@ class Codec:
         specs = []
         for t in tensors:
             if t.dtype not in DTYPE_NAMES:
-                raise ShoalError(f"tensors of dtype {t.dtype} cannot be sent to the parameter server; use one of {', '.join(DTYPES)}")
+                raise ShoalError(
+                    f"tensors of dtype {t.dtype} cannot be sent to the parameter server; use one of {', '.join(DTYPES)}"
+                )
             specs.append([DTYPE_NAMES[t.dtype], list(t.shape)])
         bufs = [tensor_bytes(t) for t in tensors]
         base = self._buffers_mac(bufs)
@@ -150,8 +152,14 @@ class Codec:
             raise WireError("unauthenticated", "MAC does not match the job key")
         try:
             header = msgpack.unpackb(
-                head, raw=False, strict_map_key=True, max_str_len=MAX_HEADER, max_bin_len=MAX_HEADER,
-                max_array_len=1 << 20, max_map_len=1 << 16, max_ext_len=0,
+                head,
+                raw=False,
+                strict_map_key=True,
+                max_str_len=MAX_HEADER,
+                max_bin_len=MAX_HEADER,
+                max_array_len=1 << 20,
+                max_map_len=1 << 16,
+                max_ext_len=0,
             )
         except Exception as exc:  # msgpack raises several types for bad input
             raise WireError("malformed", f"header is not msgpack ({type(exc).__name__})") from None
@@ -173,7 +181,9 @@ def _tensor(spec, buf: memoryview) -> torch.Tensor:
     dtype = DTYPES.get(name)
     if dtype is None:
         raise WireError("bad_dtype", f"dtype {name!r} is not allowed")
-    if len(shape) > MAX_DIMS or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape):
+    if len(shape) > MAX_DIMS or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape
+    ):
         raise WireError("malformed", "bad shape")
     numel = math.prod(shape)
     if numel * dtype.itemsize != len(buf):

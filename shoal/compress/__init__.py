@@ -12,7 +12,7 @@ one sentence that says what is allowed.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from shoal.compress.base import Compressor, ErrorFeedback, Payload
 from shoal.errors import ConfigError
@@ -35,7 +35,9 @@ def _ratio(family: str, arg: str | None, spec: str) -> float:
     except ValueError:
         ratio = float("nan")
     if not 0.0 < ratio <= 1.0:
-        raise _fail(spec, f"{family!r} needs the fraction of elements to send, a number in (0, 1], e.g. '{family}:0.01'")
+        raise _fail(
+            spec, f"{family!r} needs the fraction of elements to send, a number in (0, 1], e.g. '{family}:0.01'"
+        )
     return ratio
 
 
@@ -116,7 +118,9 @@ FAMILIES: dict[str, Callable[[str | None, str], Compressor]] = {
 def parse(spec: str) -> Compressor:
     """A fresh compressor for `spec`; `ConfigError` (key "compression") if malformed."""
     if not isinstance(spec, str):
-        raise ConfigError(f"'{KEY}' must be a string such as 'none', 'int8' or 'topk:0.01', not {type(spec).__name__} {spec!r}", KEY)
+        raise ConfigError(
+            f"'{KEY}' must be a string such as 'none', 'int8' or 'topk:0.01', not {type(spec).__name__} {spec!r}", KEY
+        )
     family, sep, arg = spec.strip().partition(":")
     family = family.strip().lower()
     if family not in FAMILIES:
@@ -128,4 +132,4 @@ def names() -> list[str]:
     return ["none", "fp16", "bf16", "int8", "qsgd:levels=N", "topk:RATIO", "randomk:RATIO", "powersgd:rank=R"]
 
 
-__all__ = ["Compressor", "ErrorFeedback", "FAMILIES", "Payload", "names", "parse"]
+__all__ = ["FAMILIES", "Compressor", "ErrorFeedback", "Payload", "names", "parse"]

@@ -138,8 +138,8 @@ class ErrorFeedback(Compressor):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.residuals = {k[len("residual/"):]: v.clone() for k, v in state.items() if k.startswith("residual/")}
-        self.velocities = {k[len("velocity/"):]: v.clone() for k, v in state.items() if k.startswith("velocity/")}
+        self.residuals = {k[len("residual/") :]: v.clone() for k, v in state.items() if k.startswith("residual/")}
+        self.velocities = {k[len("velocity/") :]: v.clone() for k, v in state.items() if k.startswith("velocity/")}
 
 
 class Receiver:
@@ -208,7 +208,11 @@ def pack_state(state: dict[str, torch.Tensor]) -> dict[str, dict]:
     for key, t in state.items():
         t = t.detach().cpu().contiguous()
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        out[key] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "b64": base64.b64encode(raw).decode("ascii")}
+        out[key] = {
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "shape": list(t.shape),
+            "b64": base64.b64encode(raw).decode("ascii"),
+        }
     return out
 
 

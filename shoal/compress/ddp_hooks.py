@@ -99,7 +99,9 @@ class CompressionHook:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.powersgd is not None:
-            self.powersgd.load_state_dict({k[len("powersgd/"):]: v for k, v in state.items() if k.startswith("powersgd/")})
+            self.powersgd.load_state_dict(
+                {k[len("powersgd/") :]: v for k, v in state.items() if k.startswith("powersgd/")}
+            )
         else:
             self.compressor.load_state_dict(state)
 
@@ -244,8 +246,12 @@ class PowerSGDHook:
             self.state.error_dict[index] = torch.cat([self.pending.pop(k).reshape(-1) for k in errors]).to(device)
         factors = self._factors(layout)
         if factors and all(f"p/{name}" in self.pending for name, _, _ in factors):
-            self.state.p_memory_dict[index] = torch.cat([self.pending.pop(f"p/{name}") for name, _, _ in factors]).to(device)
-            self.state.q_memory_dict[index] = torch.cat([self.pending.pop(f"q/{name}") for name, _, _ in factors]).to(device)
+            self.state.p_memory_dict[index] = torch.cat([self.pending.pop(f"p/{name}") for name, _, _ in factors]).to(
+                device
+            )
+            self.state.q_memory_dict[index] = torch.cat([self.pending.pop(f"q/{name}") for name, _, _ in factors]).to(
+                device
+            )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {"iter": torch.tensor(self.state.iter, dtype=torch.int64)}

@@ -102,4 +102,4 @@ class PowerSGD(ErrorFeedback):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         super().load_state_dict(state)
-        self.q_memory = {k[len("q/"):]: v.clone() for k, v in state.items() if k.startswith("q/")}
+        self.q_memory = {k[len("q/") :]: v.clone() for k, v in state.items() if k.startswith("q/")}

@@ -45,7 +45,9 @@ class Quantizer(Compressor):
         # changes after the first step, and after a restart).
         count = self.counts.get(key, 0)
         self.counts[key] = count + 1
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(key.encode()) * 65_537 + count) % 2**62)
+        return torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + zlib.crc32(key.encode()) * 65_537 + count) % 2**62
+        )
 
     def encode(self, key: str, grad: torch.Tensor) -> Payload:
         work = value_dtype(grad.dtype)
@@ -98,4 +100,4 @@ class Quantizer(Compressor):
         return {f"count/{k}": torch.tensor(v, dtype=torch.int64) for k, v in self.counts.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.counts = {k[len("count/"):]: int(v) for k, v in state.items() if k.startswith("count/")}
+        self.counts = {k[len("count/") :]: int(v) for k, v in state.items() if k.startswith("count/")}

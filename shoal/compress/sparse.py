@@ -129,4 +129,4 @@ class RandomK(ErrorFeedback):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         super().load_state_dict(state)
-        self.counts = {k[len("count/"):]: int(v) for k, v in state.items() if k.startswith("count/")}
+        self.counts = {k[len("count/") :]: int(v) for k, v in state.items() if k.startswith("count/")}

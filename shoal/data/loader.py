@@ -59,7 +59,6 @@ class ShardedLoader:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(n, generator=gen)
 
-
     def __iter__(self) -> Iterator:
         """Yield this rank's batches from the current position to the epoch's end.
 

@@ -23,4 +23,6 @@ def split_tensors(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: 
     perm = torch.randperm(len(x), generator=gen)
     n_test = max(1, int(round(len(x) * test_fraction)))
     test, train = perm[:n_test], perm[n_test:]
-    return DataSplit(TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test]), tuple(x.shape[1:]), num_classes)
+    return DataSplit(
+        TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test]), tuple(x.shape[1:]), num_classes
+    )

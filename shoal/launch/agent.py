@@ -106,7 +106,9 @@ def _check_endpoint(endpoint: str, node_rank: int, store_open: bool = False) -> 
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("", port))
         except OSError:
-            raise ShoalError(f"port {port} of --rdzv-endpoint is in use on this machine; choose another port on every machine") from None
+            raise ShoalError(
+                f"port {port} of --rdzv-endpoint is in use on this machine; choose another port on every machine"
+            ) from None
 
 
 def _describe_failure(err, log_dir: str, spec: LaunchSpec) -> str:
@@ -129,7 +131,9 @@ def _describe_failure(err, log_dir: str, spec: LaunchSpec) -> str:
 
 def _last_error_line(log_dir: str, local_rank: int, pid: int) -> tuple[str, str] | None:
     """The last meaningful line of the failed worker's stderr log, newest run first."""
-    candidates = sorted(Path(log_dir).glob(f"*/attempt_*/{local_rank}/stderr.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = sorted(
+        Path(log_dir).glob(f"*/attempt_*/{local_rank}/stderr.log"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
     for path in candidates[:1]:
         lines = [_PREFIX.sub("", ln).strip() for ln in path.read_text(errors="replace").splitlines()]
         lines = [ln for ln in lines if ln]

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from shoal.train import jobconfig as config
-from shoal.train.jobconfig import JobConfig
 from shoal.errors import CheckpointError
 from shoal.launch.agent import LaunchSpec, launch
 from shoal.ps.launch import serving
 from shoal.train import checkpoint
+from shoal.train import jobconfig as config
+from shoal.train.jobconfig import JobConfig
 from shoal.train.progress import ProgressMonitor
 
 
@@ -30,9 +30,13 @@ def run_directory(cfg: JobConfig) -> Path:
         return root / cfg.logging.name
     prefix = f"{cfg.data.name}-{cfg.strategy.name}-"
     if cfg.checkpoint.resume and not cfg.checkpoint.resume_from:
-        earlier = sorted((p for p in root.glob(prefix + "*") if (p / "checkpoints").is_dir()), key=lambda p: p.stat().st_mtime)
+        earlier = sorted(
+            (p for p in root.glob(prefix + "*") if (p / "checkpoints").is_dir()), key=lambda p: p.stat().st_mtime
+        )
         if not earlier:
-            raise CheckpointError(f"no earlier run of {prefix.rstrip('-')!r} with checkpoints in {str(root)!r}; run without --resume to start fresh, or name the run with --logging.name")
+            raise CheckpointError(
+                f"no earlier run of {prefix.rstrip('-')!r} with checkpoints in {str(root)!r}; run without --resume to start fresh, or name the run with --logging.name"
+            )
         return earlier[-1]
     return root / (prefix + time.strftime("%Y%m%d-%H%M%S"))
 
@@ -55,7 +59,9 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
     run_dir = run_directory(cfg)
     resume_from = resolve_resume(cfg, run_dir, console)
     if not resume_from and cfg.launch.node_rank == 0 and (run_dir / "checkpoints").exists():
-        raise CheckpointError(f"run directory {str(run_dir)!r} already has checkpoints; pass --resume to continue it, or choose another --logging.name")
+        raise CheckpointError(
+            f"run directory {str(run_dir)!r} already has checkpoints; pass --resume to continue it, or choose another --logging.name"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.checkpoint.resume_from = resume_from
     (run_dir / "config.toml").write_text(config.dump_toml(cfg))
@@ -81,8 +87,19 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
     servers = cfg.strategy.options.server_processes(launch_cfg.workers * launch_cfg.nnodes)
     spec.store_open = bool(servers and launch_cfg.nnodes > 1)
     try:
-        with serving(servers, env["SHOAL_JOB_KEY"], log_dir=str(run_dir / "logs"), record=str(run_dir / f"ps_events-node{launch_cfg.node_rank}.jsonl" if launch_cfg.nnodes > 1 else run_dir / "ps_events.jsonl"),
-                     nnodes=launch_cfg.nnodes, node_rank=launch_cfg.node_rank, rdzv_endpoint=launch_cfg.rdzv_endpoint) as ps_env:
+        with serving(
+            servers,
+            env["SHOAL_JOB_KEY"],
+            log_dir=str(run_dir / "logs"),
+            record=str(
+                run_dir / f"ps_events-node{launch_cfg.node_rank}.jsonl"
+                if launch_cfg.nnodes > 1
+                else run_dir / "ps_events.jsonl"
+            ),
+            nnodes=launch_cfg.nnodes,
+            node_rank=launch_cfg.node_rank,
+            rdzv_endpoint=launch_cfg.rdzv_endpoint,
+        ) as ps_env:
             env.update(ps_env)
             launch(["-m", "shoal.train.worker", str(run_dir)], spec)
     finally:
@@ -92,12 +109,17 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary["run_dir"] = str(run_dir)
     if summary.get("stopped_early"):
-        console.print(f"stopped at step {summary['step']} as asked (train.stop_at); resume with --resume --logging.name={run_dir.name}", highlight=False)
+        console.print(
+            f"stopped at step {summary['step']} as asked (train.stop_at); resume with --resume --logging.name={run_dir.name}",
+            highlight=False,
+        )
     if "eval_accuracy" in summary:
         console.print(
             f"test accuracy {summary['eval_accuracy']:.4f}  |  {summary['samples_per_s']:.0f} samples/s on "
             f"{summary['world_size']} workers  |  {summary['step']} steps in {summary['wall_s']:.1f}s",
             highlight=False,
         )
-    console.print(f"run directory: {run_dir}  (config.toml, metrics.jsonl, tensorboard/, checkpoints/, logs/)", highlight=False)
+    console.print(
+        f"run directory: {run_dir}  (config.toml, metrics.jsonl, tensorboard/, checkpoints/, logs/)", highlight=False
+    )
     return summary

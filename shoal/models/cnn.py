@@ -20,11 +20,20 @@ class CNN:
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
         if len(input_shape) != 3:
-            raise ConfigError(f"model 'cnn' needs image input (channels, height, width), but the data set gives shape {input_shape}; use model.name = 'mlp'", "model.name")
+            raise ConfigError(
+                f"model 'cnn' needs image input (channels, height, width), but the data set gives shape {input_shape}; use model.name = 'mlp'",
+                "model.name",
+            )
         layers: list[nn.Module] = []
         c_in = input_shape[0]
         for c in self.channels:
             layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU()]
             c_in = c
-        layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(c_in * 4, self.hidden), nn.ReLU(), nn.Linear(self.hidden, num_classes)]
+        layers += [
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(c_in * 4, self.hidden),
+            nn.ReLU(),
+            nn.Linear(self.hidden, num_classes),
+        ]
         return nn.Sequential(*layers)

@@ -33,7 +33,10 @@ class GPT:
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
         if len(input_shape) != 1:
-            raise ConfigError(f"model 'gpt' needs token sequences, but the data set gives shape {input_shape}; use a language-model data set such as 'stdlib_chars'", "model.name")
+            raise ConfigError(
+                f"model 'gpt' needs token sequences, but the data set gives shape {input_shape}; use a language-model data set such as 'stdlib_chars'",
+                "model.name",
+            )
         context, vocab = input_shape[0], num_classes
         blocks = [Block(self.dim, self.dim // self.heads) for _ in range(self.layers)]
         return nn.Sequential(Embedding(vocab, self.dim, context), *blocks, Head(self.dim, vocab))

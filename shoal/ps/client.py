@@ -49,8 +49,14 @@ class Client:
             self._send(s, {"op": "init", "world": self.world, "spec": spec}, vals if self.rank == 0 else ())
         return self._collect("params", clock=0)
 
-    def push(self, clock: int, per_server: list[tuple[list[str], list[torch.Tensor]]], hp: list[dict],
-             codes: list[list[dict]] | None = None, skip: bool = False) -> None:
+    def push(
+        self,
+        clock: int,
+        per_server: list[tuple[list[str], list[torch.Tensor]]],
+        hp: list[dict],
+        codes: list[list[dict]] | None = None,
+        skip: bool = False,
+    ) -> None:
         """Queue this clock's gradients for every server (every server gets a push, maybe empty).
 
         With compression, `codes[s]` holds each key's payload header and the
@@ -112,11 +118,15 @@ class Client:
                 try:
                     header, tensors = self.codec.decode(frames)
                 except WireError as err:
-                    raise ShoalError(f"worker {self.rank}: a bad message from parameter server {s} ({err}); do all processes share the job key?") from None
+                    raise ShoalError(
+                        f"worker {self.rank}: a bad message from parameter server {s} ({err}); do all processes share the job key?"
+                    ) from None
                 if header.get("op") == "error":
                     raise ShoalError(str(header.get("message", "the parameter server stopped the job")))
                 if header.get("op") != op or header.get("clock") != clock:
-                    raise ShoalError(f"worker {self.rank}: parameter server {s} answered {header.get('op')} for clock {header.get('clock')}, expected clock {clock}")
+                    raise ShoalError(
+                        f"worker {self.rank}: parameter server {s} answered {header.get('op')} for clock {header.get('clock')}, expected clock {clock}"
+                    )
                 self.bytes_pulled += sum(t.numel() * t.element_size() for t in tensors)
                 replies[s] = (header, tensors)
         return [replies[s] for s in range(len(self.socks))]
@@ -132,7 +142,9 @@ class Client:
         self.ctx.term()
 
 
-def request_stats(ctx: zmq.Context, endpoint: str, codec: Codec, timeout_s: float = 10.0) -> tuple[dict, list[torch.Tensor]]:
+def request_stats(
+    ctx: zmq.Context, endpoint: str, codec: Codec, timeout_s: float = 10.0
+) -> tuple[dict, list[torch.Tensor]]:
     """A server's counters and current parameters (read-only; for tools and tests)."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

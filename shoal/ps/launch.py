@@ -78,9 +78,18 @@ class ServerGroup:
         return self.poll()
 
 
-def start_servers(count: int, job_key: str, host: str = "127.0.0.1", timeout_s: float = 60.0,
-                  extra_env: dict[str, str] | None = None, log_dir: str | None = None,
-                  store=None, address: str = "", indices: list[int] | None = None, advertise: str = "") -> ServerGroup:
+def start_servers(
+    count: int,
+    job_key: str,
+    host: str = "127.0.0.1",
+    timeout_s: float = 60.0,
+    extra_env: dict[str, str] | None = None,
+    log_dir: str | None = None,
+    store=None,
+    address: str = "",
+    indices: list[int] | None = None,
+    advertise: str = "",
+) -> ServerGroup:
     """Start servers `indices` (default: all `count`) of a job, and the store through
     which workers find them unless one is given with its `address`."""
     from torch.distributed import TCPStore
@@ -97,11 +106,25 @@ def start_servers(count: int, job_key: str, host: str = "127.0.0.1", timeout_s: 
     env = {STORE_ENV: address, "SHOAL_JOB_KEY": job_key}
     procs = []
     for i in range(count) if indices is None else indices:
-        penv = {**os.environ, **(extra_env or {}), **env, "SHOAL_PS_INDEX": str(i), "SHOAL_PS_HOST": host, "PYTHONUNBUFFERED": "1"}
+        penv = {
+            **os.environ,
+            **(extra_env or {}),
+            **env,
+            "SHOAL_PS_INDEX": str(i),
+            "SHOAL_PS_HOST": host,
+            "PYTHONUNBUFFERED": "1",
+        }
         if advertise:
             penv["SHOAL_PS_ADVERTISE"] = advertise
         out = open(os.path.join(log_dir, f"server{i}.log"), "w") if log_dir else None
-        procs.append(subprocess.Popen([sys.executable, "-m", "shoal.ps.server"], env=penv, stdout=out, stderr=subprocess.STDOUT if out else None))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "shoal.ps.server"],
+                env=penv,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+            )
+        )
         if out:
             out.close()
     return ServerGroup(procs, store, address, job_key, env)
@@ -115,17 +138,30 @@ def open_job_store(count: int, nnodes: int, node_rank: int, rdzv_endpoint: str, 
     host, port = split_endpoint(rdzv_endpoint)
     try:
         if node_rank == 0:
-            store = TCPStore(host, port, is_master=True, multi_tenant=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+            store = TCPStore(
+                host,
+                port,
+                is_master=True,
+                multi_tenant=True,
+                wait_for_workers=False,
+                timeout=timedelta(seconds=timeout_s),
+            )
             store.set("shoal/ps/servers", str(count))
         else:
             store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
             asked = int(store.get("shoal/ps/servers"))
     except Exception as exc:
         if node_rank == 0:
-            raise ShoalError(f"cannot open the job's rendezvous store on port {port} ({first_line(str(exc)) or type(exc).__name__}); is the port in use? choose another --rdzv-endpoint port on every machine") from None
-        raise ShoalError(f"cannot reach the job's rendezvous store at {rdzv_endpoint} ({first_line(str(exc)) or type(exc).__name__}); is machine 0's launcher running?") from None
+            raise ShoalError(
+                f"cannot open the job's rendezvous store on port {port} ({first_line(str(exc)) or type(exc).__name__}); is the port in use? choose another --rdzv-endpoint port on every machine"
+            ) from None
+        raise ShoalError(
+            f"cannot reach the job's rendezvous store at {rdzv_endpoint} ({first_line(str(exc)) or type(exc).__name__}); is machine 0's launcher running?"
+        ) from None
     if node_rank and asked != count:
-        raise ConfigError(f"machine 0 started the job with --servers {asked}, this machine with {count}; pass the same --servers on every machine")
+        raise ConfigError(
+            f"machine 0 started the job with --servers {asked}, this machine with {count}; pass the same --servers on every machine"
+        )
     return store
 
 
@@ -140,9 +176,17 @@ def local_address_towards(host: str) -> str:
 
 
 @contextlib.contextmanager
-def serving(count: int, job_key: str, log_dir: str | None = None, host: str = "127.0.0.1",
-            record: str | None = None, live: bool = False,
-            nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = ""):
+def serving(
+    count: int,
+    job_key: str,
+    log_dir: str | None = None,
+    host: str = "127.0.0.1",
+    record: str | None = None,
+    live: bool = False,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str = "",
+):
     """`count` servers for the duration of the block; yields the environment workers need.
 
     What `shoal run --servers S` and `shoal train` (with a strategy whose
@@ -165,12 +209,18 @@ def serving(count: int, job_key: str, log_dir: str | None = None, host: str = "1
     where: dict = {}
     if nnodes > 1:
         if not os.environ.get("SHOAL_JOB_KEY"):
-            raise ConfigError("a parameter-server job on several machines needs the same secret on every machine: "
-                             "set SHOAL_JOB_KEY (e.g. to the output of `openssl rand -hex 32`) before `shoal` on each")
+            raise ConfigError(
+                "a parameter-server job on several machines needs the same secret on every machine: "
+                "set SHOAL_JOB_KEY (e.g. to the output of `openssl rand -hex 32`) before `shoal` on each"
+            )
         rdzv_host, _ = split_endpoint(rdzv_endpoint)
-        where = {"store": open_job_store(count, nnodes, node_rank, rdzv_endpoint), "address": rdzv_endpoint,
-                 "indices": list(range(node_rank, count, nnodes)), "host": "0.0.0.0",
-                 "advertise": os.environ.get("SHOAL_PS_ADVERTISE") or local_address_towards(rdzv_host)}
+        where = {
+            "store": open_job_store(count, nnodes, node_rank, rdzv_endpoint),
+            "address": rdzv_endpoint,
+            "indices": list(range(node_rank, count, nnodes)),
+            "host": "0.0.0.0",
+            "advertise": os.environ.get("SHOAL_PS_ADVERTISE") or local_address_towards(rdzv_host),
+        }
     monitor = Monitor(Codec(job_key.encode()), record=record, live=live, host=host).start()
     events = {EVENTS_ENV: monitor.endpoint}
     try:
@@ -188,7 +238,9 @@ def read_endpoints(store, count: int, timeout_s: float) -> list[str]:
     try:
         store.wait(keys, timedelta(seconds=timeout_s))
     except Exception:
-        raise ShoalError(f"the {count} parameter server(s) did not publish their addresses within {timeout_s:.0f}s; see the servers' logs") from None
+        raise ShoalError(
+            f"the {count} parameter server(s) did not publish their addresses within {timeout_s:.0f}s; see the servers' logs"
+        ) from None
     return [store.get(k).decode() for k in keys]
 
 
@@ -207,5 +259,7 @@ def connect_store(timeout_s: float = 60.0):
         store = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
         count = int(store.get("shoal/ps/servers"))
     except Exception as exc:
-        raise ShoalError(f"cannot reach the parameter-server store at {address} ({exc}); is the launcher still running?") from None
+        raise ShoalError(
+            f"cannot reach the parameter-server store at {address} ({exc}); is the launcher still running?"
+        ) from None
     return store, count

@@ -21,7 +21,14 @@ from shoal.comm.wire import Codec
 
 
 class Monitor:
-    def __init__(self, codec: Codec, record: str | None = None, live: bool = False, console: Console | None = None, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        codec: Codec,
+        record: str | None = None,
+        live: bool = False,
+        console: Console | None = None,
+        host: str = "127.0.0.1",
+    ):
         self.sub = Subscriber(codec, host)
         self.endpoint = self.sub.endpoint
         self.record = open(record, "a") if record else None
@@ -32,7 +39,7 @@ class Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shoal-ps-monitor", daemon=True)
 
-    def start(self) -> "Monitor":
+    def start(self) -> Monitor:
         self._thread.start()
         return self
 
@@ -53,7 +60,13 @@ class Monitor:
             t.add_column(col, justify="right")
         for rank in sorted(self.rows):
             r = self.rows[rank]
-            t.add_row(str(rank), str(r.get("step", "")), f"{r.get('samples_per_s', 0.0):.0f}", f"{r.get('staleness', 0.0):.2f}", f"{100 * r.get('wait_frac', 0.0):.0f}")
+            t.add_row(
+                str(rank),
+                str(r.get("step", "")),
+                f"{r.get('samples_per_s', 0.0):.0f}",
+                f"{r.get('staleness', 0.0):.2f}",
+                f"{100 * r.get('wait_frac', 0.0):.0f}",
+            )
         return t
 
     def _run(self) -> None:

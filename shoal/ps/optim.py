@@ -86,18 +86,27 @@ def export_state(name: str, opt: torch.optim.Optimizer, param: torch.Tensor) -> 
     return [(k, state[k]) for k in STATE[name] if isinstance(state.get(k), torch.Tensor)]
 
 
-def import_state(name: str, opt: torch.optim.Optimizer, param: torch.Tensor, items: list[tuple[str, torch.Tensor]]) -> None:
+def import_state(
+    name: str, opt: torch.optim.Optimizer, param: torch.Tensor, items: list[tuple[str, torch.Tensor]]
+) -> None:
     """Check (ValueError) then install state as `export_state` gives it; nothing changes on error."""
     state = {}
     for key, value in items:
         if key not in STATE[name] or key in state:
             raise ValueError(f"{name} keeps no state named {key!r}")
         if key in SCALARS:
-            if value.numel() != 1 or not value.is_floating_point() or not bool(torch.isfinite(value).all()) or float(value) < 0:
+            if (
+                value.numel() != 1
+                or not value.is_floating_point()
+                or not bool(torch.isfinite(value).all())
+                or float(value) < 0
+            ):
                 raise ValueError(f"{key} must be one finite number >= 0")
             state[key] = value.detach().reshape(()).to(torch.float32).clone()
         elif value.dtype != param.dtype or value.shape != param.shape:
-            raise ValueError(f"{key} has {value.dtype}{list(value.shape)}, the parameter {param.dtype}{list(param.shape)}")
+            raise ValueError(
+                f"{key} has {value.dtype}{list(value.shape)}, the parameter {param.dtype}{list(param.shape)}"
+            )
         else:
             state[key] = value.detach().clone()
     opt.state[param] = state

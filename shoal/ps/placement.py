@@ -54,7 +54,9 @@ class Plan:
     def describe(self) -> str:
         load = self.load()
         rows = [f"server {s}: {load[s] / 1e6:.3f} MB in {len(self.on(s))} pieces" for s in range(self.servers)]
-        return f"placement over {self.servers} servers, imbalance (max/mean bytes) {self.imbalance:.3f}; " + "; ".join(rows)
+        return f"placement over {self.servers} servers, imbalance (max/mean bytes) {self.imbalance:.3f}; " + "; ".join(
+            rows
+        )
 
 
 def plan(sizes: list[tuple[str, int, int]], servers: int, chunk_bytes: int) -> Plan:

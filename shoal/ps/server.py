@@ -46,7 +46,7 @@ OBSERVER = -1  # `src` of read-only requests (stats) from tools and tests
 
 
 class Piece:
-    __slots__ = ("key", "param", "opt", "mode", "group", "steps", "code_shape", "code_count")
+    __slots__ = ("code_count", "code_shape", "group", "key", "mode", "opt", "param", "steps")
 
     def __init__(self, key: str, param: torch.Tensor, opt, mode: Mode, group: int):
         self.key, self.param, self.opt, self.mode, self.group = key, param, opt, mode, group
@@ -65,7 +65,9 @@ class Server:
         self.sock.setsockopt(zmq.MAXMSGSIZE, codec.max_bytes)  # ZeroMQ drops a bigger frame before we see it
         self.sock.setsockopt(zmq.LINGER, 2000)
         port = self.sock.bind_to_random_port(f"tcp://{host}")
-        self.endpoint = f"tcp://{advertise or host}:{port}"  # bound to every interface, reached by this machine's address
+        self.endpoint = (
+            f"tcp://{advertise or host}:{port}"  # bound to every interface, reached by this machine's address
+        )
         self.dropped: Counter[str] = Counter()
         self.workers: int | None = None
         self.joined: dict[int, tuple[bytes, dict]] = {}
@@ -81,7 +83,9 @@ class Server:
         self.skipped_clocks: set[int] = set()  # BSP clocks a worker skipped (non-finite gradient): dropped whole
         self.skipped = 0
         self.receiver = None  # a shoal.compress.base.Receiver when pushes are compressed
-        self.pending: list[tuple[bytes, int, int, float, str]] = []  # identity, worker, clock, since, "params" | "state"
+        self.pending: list[
+            tuple[bytes, int, int, float, str]
+        ] = []  # identity, worker, clock, since, "params" | "state"
         self.applied = 0  # pushes whose updates are in the parameters
         self.read_applied: dict[int, int] = {}
         self.staleness: dict[int, float] = {}
@@ -159,7 +163,9 @@ class Server:
         spec = self.joined[0][1]
         for w, (_, other) in self.joined.items():
             if other != spec:
-                return self.fail(f"worker {w}'s model or optimizer differs from worker 0's (every worker must build the same model)")
+                return self.fail(
+                    f"worker {w}'s model or optimizer differs from worker 0's (every worker must build the same model)"
+                )
         try:
             self.optim_name = spec["optim"]
             self.hp = [optim.check_hyperparameters(self.optim_name, hp) for hp in spec["groups"]]
@@ -179,7 +185,9 @@ class Server:
                 if [str(value.dtype).removeprefix("torch."), list(value.shape)] != [dtype, shape]:
                     raise ValueError(f"initial value of {key} has the wrong shape")
                 param = value.clone()
-                piece = Piece(key, param, optim.build(self.optim_name, param, self.hp[group]), Mode(kind, staleness), group)
+                piece = Piece(
+                    key, param, optim.build(self.optim_name, param, self.hp[group]), Mode(kind, staleness), group
+                )
                 piece.code_shape = tuple(int(d) for d in code_shape)
                 if math.prod(piece.code_shape) != param.numel():
                     raise ValueError(f"code shape of {key} does not hold its elements")
@@ -194,7 +202,12 @@ class Server:
         if self.events:
             nbytes = sum(p.param.numel() * p.param.element_size() for p in self.pieces.values())
             modes = sorted({str(p.mode) for p in self.pieces.values()})
-            self.events.publish("event", {"message": f"server {self.index}: {len(self.pieces)} pieces, {nbytes / 1e6:.2f} MB, {self.optim_name}, {'/'.join(modes)}, {self.workers} workers"})
+            self.events.publish(
+                "event",
+                {
+                    "message": f"server {self.index}: {len(self.pieces)} pieces, {nbytes / 1e6:.2f} MB, {self.optim_name}, {'/'.join(modes)}, {self.workers} workers"
+                },
+            )
         for w, (ident, _) in self.joined.items():
             self.read_applied[w] = 0
             self.send(ident, {"op": "params", "clock": 0, "applied": 0}, [p.param for p in self.pieces.values()])
@@ -206,7 +219,12 @@ class Server:
     def on_push(self, src: int, header: dict, tensors) -> None:
         self.check_joined(src)
         clock, keys, hp, skip = header.get("clock"), header.get("keys"), header.get("hp"), header.get("skip", False)
-        if not isinstance(keys, list) or len(set(map(str, keys))) != len(keys) or skip not in (True, False) or (skip and (keys or tensors)):
+        if (
+            not isinstance(keys, list)
+            or len(set(map(str, keys))) != len(keys)
+            or skip not in (True, False)
+            or (skip and (keys or tensors))
+        ):
             raise WireError("malformed", "bad keys or skip flag")
         pieces = []
         for key in keys:
@@ -265,7 +283,11 @@ class Server:
                 if grad.dtype != piece.param.dtype or grad.shape != piece.param.shape:
                     raise WireError("bad_shape", f"{piece.key}: {grad.dtype}{list(grad.shape)}")
             return list(tensors)
-        if not isinstance(codes, list) or len(codes) != len(pieces) or len(tensors) != sum(p.code_count for p in pieces):
+        if (
+            not isinstance(codes, list)
+            or len(codes) != len(pieces)
+            or len(tensors) != sum(p.code_count for p in pieces)
+        ):
             raise WireError("malformed", "codes do not match keys and tensors")
         grads, at = [], 0
         for piece, code in zip(pieces, codes):
@@ -310,7 +332,9 @@ class Server:
                 if value.dtype != piece.param.dtype or value.shape != piece.param.shape:
                     raise ValueError(f"{key} has the wrong shape")
                 probe = optim.build(self.optim_name, value.clone(), self.hp[piece.group])
-                optim.import_state(self.optim_name, probe, probe.param_groups[0]["params"][0], [(str(n), next(it)) for n in entry[1]])
+                optim.import_state(
+                    self.optim_name, probe, probe.param_groups[0]["params"][0], [(str(n), next(it)) for n in entry[1]]
+                )
                 staged.append((piece, value, probe))
             if next(it, None) is not None:
                 raise ValueError("more tensors than the layout names")
@@ -339,7 +363,17 @@ class Server:
                 continue
             self.gate.answered(clock)
             self.read_applied[src] = self.applied
-            ready.append((ident, {"op": "params", "clock": clock, "applied": self.applied, "staleness": self.staleness.get(src, 0.0)}))
+            ready.append(
+                (
+                    ident,
+                    {
+                        "op": "params",
+                        "clock": clock,
+                        "applied": self.applied,
+                        "staleness": self.staleness.get(src, 0.0),
+                    },
+                )
+            )
         self.pending = waiting
         if ready:
             # One snapshot (the optimizer changes the parameters in place later) and one
@@ -410,9 +444,17 @@ def main() -> int:
     logging.basicConfig(level=env.get("SHOAL_LOG_LEVEL", "WARNING"), format="%(name)s: %(message)s")
     torch.set_num_threads(int(env.get("SHOAL_PS_THREADS", "1")))
     index = int(env["SHOAL_PS_INDEX"])
-    optim.build("SGD", torch.zeros(1), {"lr": 0.1})  # torch imports its compiler stack on the first optimizer: pay it before serving
+    optim.build(
+        "SGD", torch.zeros(1), {"lr": 0.1}
+    )  # torch imports its compiler stack on the first optimizer: pay it before serving
     codec = Codec(job_key(), int(env.get("SHOAL_PS_MAX_BYTES", str(1 << 30))))
-    server = Server(index, codec, env.get("SHOAL_PS_HOST", "127.0.0.1"), float(env.get("SHOAL_PS_TIMEOUT_S", "60")), env.get("SHOAL_PS_ADVERTISE", ""))
+    server = Server(
+        index,
+        codec,
+        env.get("SHOAL_PS_HOST", "127.0.0.1"),
+        float(env.get("SHOAL_PS_TIMEOUT_S", "60")),
+        env.get("SHOAL_PS_ADVERTISE", ""),
+    )
     if env.get(EVENTS_ENV):
         server.events = Publisher(env[EVENTS_ENV], codec)
     host, _, port = env["SHOAL_PS_STORE"].rpartition(":")

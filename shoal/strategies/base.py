@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,6 @@ from torch import nn
 
 from shoal import runtime
 from shoal.data.loader import ShardedLoader, eval_shard, fetch
-
 
 RANK_STATE = "rank_state/"
 
@@ -48,7 +48,9 @@ class Strategy:
 
     def loader(self, dataset, batch_size: int, shuffle: bool = True, seed: int = 0) -> ShardedLoader:
         """This rank's shard of `dataset`, `batch_size` samples per rank per step."""
-        return ShardedLoader(dataset, batch_size, self.data_rank, self.data_world, shuffle, seed, runtime.current().device)
+        return ShardedLoader(
+            dataset, batch_size, self.data_rank, self.data_world, shuffle, seed, runtime.current().device
+        )
 
     # ------------------------------------------------------------------ steps
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, batch) -> torch.Tensor:
@@ -116,7 +118,9 @@ class Strategy:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         with raw_optimizer(optimizer):
-            set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_state_dict(
+                self.unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            )
         self.take_rank_tensors(state)
 
     # Per-rank tensors (error-feedback residuals, PowerSGD factors, ...) differ
@@ -142,7 +146,7 @@ class Strategy:
         """Hand the per-rank entries `checkpoint.load` filled in to `load_rank_tensors`."""
         own = rank_prefix(runtime.current().rank)
         prefix = own if any(k.startswith(own) for k in state) else rank_prefix(0)  # resumed on more ranks than saved
-        tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        tensors = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if tensors:
             self.load_rank_tensors(tensors)
 
@@ -184,7 +188,9 @@ class MeshStrategy(Strategy):
         return self.dims.group("dp") if self.dims and self.dims.dp > 1 else None
 
 
-def wrap_optimizer(optimizer: torch.optim.Optimizer, step: Callable, zero_grad: Callable | None = None) -> torch.optim.Optimizer:
+def wrap_optimizer(
+    optimizer: torch.optim.Optimizer, step: Callable, zero_grad: Callable | None = None
+) -> torch.optim.Optimizer:
     """Replace the optimizer's `step` (and, if given, `zero_grad`) on this instance only.
 
     `step(original_step, closure)` and `zero_grad(original_zero_grad, set_to_none)`
@@ -215,7 +221,9 @@ def raw_optimizer(optimizer: torch.optim.Optimizer):
         optimizer.__dict__.update(wrapped)
 
 
-def rebind_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], params: dict[str, torch.nn.Parameter]) -> None:
+def rebind_optimizer(
+    optimizer: torch.optim.Optimizer, names: dict[int, str], params: dict[str, torch.nn.Parameter]
+) -> None:
     """Point `optimizer`'s groups at new parameter objects, by name, in place.
 
     Sharding (FSDP2, tensor parallel) replaces a module's parameters and a

@@ -81,7 +81,9 @@ class DataParallel(Strategy):
         model.to(rt.device)
         if rt.distributed:
             ids = [rt.device] if rt.device.type == "cuda" else None
-            model = DDP(model, device_ids=ids, bucket_cap_mb=self.bucket_mb, find_unused_parameters=self.find_unused_parameters)
+            model = DDP(
+                model, device_ids=ids, bucket_cap_mb=self.bucket_mb, find_unused_parameters=self.find_unused_parameters
+            )
             self._attach_compression(model, rt.rank)
         self._ddp = model
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -144,7 +146,8 @@ class DataParallel(Strategy):
         self._skipped += 1
         log.warning(
             "non-finite gradient after %s compression and averaging: step skipped (%d so far)",
-            self.compression, self._skipped,
+            self.compression,
+            self._skipped,
         )
         for p in self._params:
             p.grad = None
@@ -173,7 +176,7 @@ class DataParallel(Strategy):
         return {f"compression/{k}": v for k, v in (self._pending_compression or {}).items()}
 
     def load_rank_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        state = {k[len("compression/"):]: v for k, v in tensors.items() if k.startswith("compression/")}
+        state = {k[len("compression/") :]: v for k, v in tensors.items() if k.startswith("compression/")}
         if state:
             self._load_compression(state)
 

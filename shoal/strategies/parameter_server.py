@@ -98,27 +98,53 @@ class ParameterServer(Strategy):
         for gi, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if p not in names:
-                    raise ConfigError("the optimizer holds a parameter that is not in the model; build the optimizer from model.parameters()", "optimizer")
+                    raise ConfigError(
+                        "the optimizer holds a parameter that is not in the model; build the optimizer from model.parameters()",
+                        "optimizer",
+                    )
                 if p.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-                    raise ConfigError(f"parameter {names[p]} has dtype {p.dtype}; the parameter server trains floating-point parameters only", "optimizer")
+                    raise ConfigError(
+                        f"parameter {names[p]} has dtype {p.dtype}; the parameter server trains floating-point parameters only",
+                        "optimizer",
+                    )
                 served.append((names[p], p, gi))
         modes = resolve([n for n, _, _ in served], self.default_mode, self.overrides, self.staleness)
         store, count = connect_store(self.timeout_s)
         if count != self.servers:
-            raise ShoalError(f"the launcher started {count} parameter server(s) but the strategy asks for servers={self.servers}; make them agree (shoal run --servers {self.servers})")
+            raise ShoalError(
+                f"the launcher started {count} parameter server(s) but the strategy asks for servers={self.servers}; make them agree (shoal run --servers {self.servers})"
+            )
         endpoints = read_endpoints(store, count, self.timeout_s)
         self.plan = plan([(n, p.numel(), p.element_size()) for n, p, _ in served], count, self.chunk_bytes)
         by_name = {n: (p, gi) for n, p, gi in served}
         self._pieces: list[list[tuple[str, torch.Tensor, int, int]]] = [[] for _ in range(count)]
-        specs = [{"optim": self._optim_name, "timeout_s": self.timeout_s, "keys": [], "compression": self.compression, "code_shapes": [],
-                  "groups": [ps_optim.hyperparameters(self._optim_name, g) for g in optimizer.param_groups]} for _ in range(count)]
+        specs = [
+            {
+                "optim": self._optim_name,
+                "timeout_s": self.timeout_s,
+                "keys": [],
+                "compression": self.compression,
+                "code_shapes": [],
+                "groups": [ps_optim.hyperparameters(self._optim_name, g) for g in optimizer.param_groups],
+            }
+            for _ in range(count)
+        ]
         values: list[list[torch.Tensor]] = [[] for _ in range(count)]
         for piece in self.plan.pieces:
             p, gi = by_name[piece.name]
             mode = modes[piece.name]
             self._pieces[piece.server].append((piece.key, p, piece.start, piece.stop))
             specs[piece.server]["code_shapes"].append(list(code_shape(p, piece.start, piece.stop)))
-            specs[piece.server]["keys"].append([piece.key, str(p.dtype).removeprefix("torch."), [piece.stop - piece.start], mode.kind, mode.staleness, gi])
+            specs[piece.server]["keys"].append(
+                [
+                    piece.key,
+                    str(p.dtype).removeprefix("torch."),
+                    [piece.stop - piece.start],
+                    mode.kind,
+                    mode.staleness,
+                    gi,
+                ]
+            )
             values[piece.server].append(p.detach().reshape(-1)[piece.start : piece.stop].cpu())
         codec = Codec(job_key(), int(self.max_message_mb * (1 << 20)))
         self._client = Client(endpoints, codec, rt.rank, rt.world_size, self.timeout_s)
@@ -166,7 +192,9 @@ class ParameterServer(Strategy):
             # As mixed precision does: a step with an overflow is not applied
             # anywhere (in BSP the servers drop the whole clock).
             self._skipped += 1
-            log.warning("non-finite gradient after %s compression: step skipped (%d so far)", self.compression, self._skipped)
+            log.warning(
+                "non-finite gradient after %s compression: step skipped (%d so far)", self.compression, self._skipped
+            )
             self._client.push(self._clock, [([], [])] * len(per_server), hp, skip=True)
         else:
             self._client.push(self._clock, per_server, hp, codes if self.compression != "none" else None)
@@ -192,12 +220,19 @@ class ParameterServer(Strategy):
             return
         elapsed = now - live["t"]
         wait = self._metrics_wait_total - live["wait"]
-        self._pub.publish("metrics", {
-            "rank": runtime.current().rank, "step": self._clock, "samples_per_s": live["samples"] / elapsed,
-            "steps_per_s": live["steps"] / elapsed, "wait_frac": wait / elapsed,
-            "staleness": self._metrics.staleness[-1] if self._metrics.staleness else 0.0,
-            "bytes_pushed": self._client.bytes_pushed, "bytes_pulled": self._client.bytes_pulled,
-        })
+        self._pub.publish(
+            "metrics",
+            {
+                "rank": runtime.current().rank,
+                "step": self._clock,
+                "samples_per_s": live["samples"] / elapsed,
+                "steps_per_s": live["steps"] / elapsed,
+                "wait_frac": wait / elapsed,
+                "staleness": self._metrics.staleness[-1] if self._metrics.staleness else 0.0,
+                "bytes_pushed": self._client.bytes_pushed,
+                "bytes_pulled": self._client.bytes_pulled,
+            },
+        )
         live.update(t=now, steps=0, samples=0, wait=self._metrics_wait_total)
 
     def _zero_grad(self, original_zero_grad, set_to_none: bool = True):
@@ -229,7 +264,9 @@ class ParameterServer(Strategy):
     def _install(self, replies) -> None:
         for (header, tensors), pieces in zip(replies, self._pieces):
             if len(tensors) != len(pieces):
-                raise ShoalError(f"parameter server {header.get('index', '?')} sent {len(tensors)} pieces, expected {len(pieces)}; were the servers restarted?")
+                raise ShoalError(
+                    f"parameter server {header.get('index', '?')} sent {len(tensors)} pieces, expected {len(pieces)}; were the servers restarted?"
+                )
             for (_, p, start, stop), value in zip(pieces, tensors):
                 p.view(-1)[start:stop].copy_(value)
 
@@ -279,7 +316,9 @@ class ParameterServer(Strategy):
             for s, ((header, tensors), pieces) in enumerate(zip(replies, self._pieces)):
                 layout, it = header.get("state"), iter(tensors)
                 if not isinstance(layout, list) or [e[0] for e in layout] != [k for k, *_ in pieces]:
-                    raise ShoalError(f"parameter server {s} answered a checkpoint request for other pieces; were the servers restarted?")
+                    raise ShoalError(
+                        f"parameter server {s} answered a checkpoint request for other pieces; were the servers restarted?"
+                    )
                 for (_, p, start, stop), (_, names) in zip(pieces, layout):
                     p.view(-1)[start:stop].copy_(next(it))
                     state = full.setdefault(p, {})
@@ -306,7 +345,10 @@ class ParameterServer(Strategy):
             for pieces in self._pieces:
                 layout, ts = [], []
                 for key, p, start, stop in pieces:
-                    items = [(n, t if t.dim() == 0 else t.reshape(-1)[start:stop]) for n, t in ps_optim.export_state(self._optim_name, optimizer, p)]
+                    items = [
+                        (n, t if t.dim() == 0 else t.reshape(-1)[start:stop])
+                        for n, t in ps_optim.export_state(self._optim_name, optimizer, p)
+                    ]
                     layout.append([key, [n for n, _ in items]])
                     ts += [p.detach().reshape(-1)[start:stop].cpu(), *(t.detach().cpu() for _, t in items)]
                 layouts.append(layout)
@@ -328,7 +370,9 @@ class ParameterServer(Strategy):
         return {f"compression/{k}": v for k, v in self._compressor.state_dict().items()}
 
     def load_rank_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._compressor.load_state_dict({k[len("compression/"):]: v for k, v in tensors.items() if k.startswith("compression/")})
+        self._compressor.load_state_dict(
+            {k[len("compression/") :]: v for k, v in tensors.items() if k.startswith("compression/")}
+        )
 
     def close(self) -> None:
         if self._client is not None:
@@ -377,6 +421,9 @@ def parse_slowdown(text: str) -> list[tuple[int | None, float, float]]:
             if entry[1] < 0 or not 0 <= entry[2] <= 1:
                 raise ValueError
         except ValueError:
-            raise ConfigError(f"'debug_slowdown' entries look like RANK:SECONDS[@PROB] (RANK may be *), e.g. 1:0.05 or *:0.03@0.1, not {item!r}", "debug_slowdown") from None
+            raise ConfigError(
+                f"'debug_slowdown' entries look like RANK:SECONDS[@PROB] (RANK may be *), e.g. 1:0.05 or *:0.03@0.1, not {item!r}",
+                "debug_slowdown",
+            ) from None
         out.append(entry)
     return out

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -62,32 +63,58 @@ class Pipeline(MeshStrategy):
         if self.schedule == "interleaved" and self.stages_per_rank < 2:
             raise ConfigError("'stages_per_rank' must be >= 2 for the interleaved schedule", "stages_per_rank")
         if self.schedule != "interleaved" and self.stages_per_rank != 1:
-            raise ConfigError(f"'stages_per_rank' > 1 needs schedule = 'interleaved', not {self.schedule!r}", "stages_per_rank")
+            raise ConfigError(
+                f"'stages_per_rank' > 1 needs schedule = 'interleaved', not {self.schedule!r}", "stages_per_rank"
+            )
         if self.schedule == "1f1b" and self.microbatches < self.stages:
-            raise ConfigError(f"the 1f1b schedule needs 'microbatches' ({self.microbatches}) >= 'stages' ({self.stages}); use more micro-batches or 'gpipe'", "microbatches")
+            raise ConfigError(
+                f"the 1f1b schedule needs 'microbatches' ({self.microbatches}) >= 'stages' ({self.stages}); use more micro-batches or 'gpipe'",
+                "microbatches",
+            )
         if self.schedule == "interleaved" and self.microbatches % self.stages:
-            raise ConfigError(f"the interleaved schedule needs 'microbatches' ({self.microbatches}) to be a multiple of 'stages' ({self.stages})", "microbatches")
+            raise ConfigError(
+                f"the interleaved schedule needs 'microbatches' ({self.microbatches}) to be a multiple of 'stages' ({self.stages})",
+                "microbatches",
+            )
         if isinstance(self.split, str) and self.split not in ("auto", "params", "time"):
-            raise ConfigError(f"'split' must be 'auto', 'time', 'params' or a list of child names, not {self.split!r}", "split")
+            raise ConfigError(
+                f"'split' must be 'auto', 'time', 'params' or a list of child names, not {self.split!r}", "split"
+            )
         self.dims: ParallelDims | None = None
         self.chunks: list[list[str]] = []
 
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, example=None, loss_fn: Callable | None = None):
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, example=None, loss_fn: Callable | None = None
+    ):
         rt = runtime.current()
         if not isinstance(model, nn.Sequential):
-            raise ConfigError("the pipeline strategy splits an nn.Sequential (a sequence of blocks); wrap your blocks in one", "strategy.name")
+            raise ConfigError(
+                "the pipeline strategy splits an nn.Sequential (a sequence of blocks); wrap your blocks in one",
+                "strategy.name",
+            )
         self.dims = ParallelDims.for_world(rt.world_size, pp=self.stages, dp=self.dp)
         total = self.stages * self.stages_per_rank
         children = list(model.named_children())
         if len(children) < total:
-            raise ConfigError(f"the model has {len(children)} top-level blocks, fewer than the {total} pipeline chunks asked for", "strategy.stages")
+            raise ConfigError(
+                f"the model has {len(children)} top-level blocks, fewer than the {total} pipeline chunks asked for",
+                "strategy.stages",
+            )
         model.to(rt.device)
         costs, how = self._costs(model, example)
-        self.chunks = split_balanced([n for n, _ in children], costs, total, self.split if isinstance(self.split, list) else None)
+        self.chunks = split_balanced(
+            [n for n, _ in children], costs, total, self.split if isinstance(self.split, list) else None
+        )
         sums = [sum(costs[n] for n in chunk) for chunk in self.chunks]
         self.imbalance = max(sums) / (sum(sums) / len(sums))
         if rt.is_main:
-            log.warning("pipeline split by %s into %d chunks: %s (imbalance max/mean %.3f)", how, total, [f"{c[0]}..{c[-1]}" for c in self.chunks], self.imbalance)
+            log.warning(
+                "pipeline split by %s into %d chunks: %s (imbalance max/mean %.3f)",
+                how,
+                total,
+                [f"{c[0]}..{c[-1]}" for c in self.chunks],
+                self.imbalance,
+            )
 
         names = {id(p): n for n, p in model.named_parameters()}
         mine = [c for c in range(total) if c % self.stages == self.dims.pp_rank]  # looped placement
@@ -113,8 +140,12 @@ class Pipeline(MeshStrategy):
                 dist.all_reduce(summed)
             return dict(zip(times, summed.tolist())), "measured forward+backward time"
         if mode == "time":
-            raise ConfigError("split = 'time' needs an example batch: prepare(model, optimizer, example=(x, y))", "split")
-        return {n: float(sum(p.numel() for p in m.parameters())) or 1.0 for n, m in model.named_children()}, "parameter count"
+            raise ConfigError(
+                "split = 'time' needs an example batch: prepare(model, optimizer, example=(x, y))", "split"
+            )
+        return {
+            n: float(sum(p.numel() for p in m.parameters())) or 1.0 for n, m in model.named_children()
+        }, "parameter count"
 
     # ------------------------------------------------------------ training
     def _build_schedule(self, loss_fn: Callable):
@@ -122,7 +153,9 @@ class Pipeline(MeshStrategy):
 
         rt = runtime.current()
         group = self.dims.group("pp")
-        stages = [PipelineStage(m, c, self._total, rt.device, group=group) for c, m in zip(self._mine, self.stage_modules)]
+        stages = [
+            PipelineStage(m, c, self._total, rt.device, group=group) for c, m in zip(self._mine, self.stage_modules)
+        ]
         if self.schedule == "interleaved":
             return ScheduleInterleaved1F1B(stages, n_microbatches=self.microbatches, loss_fn=loss_fn)
         cls = ScheduleGPipe if self.schedule == "gpipe" else Schedule1F1B
@@ -130,7 +163,10 @@ class Pipeline(MeshStrategy):
 
     def run_schedule(self, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable) -> torch.Tensor:
         if len(x) % self.microbatches:
-            raise ConfigError(f"the per-rank batch ({len(x)}) must be a multiple of 'microbatches' ({self.microbatches})", "data.batch_size")
+            raise ConfigError(
+                f"the per-rank batch ({len(x)}) must be a multiple of 'microbatches' ({self.microbatches})",
+                "data.batch_size",
+            )
         if self._schedule is None:
             self._schedule = self._build_schedule(loss_fn)
         first, last = 0 in self._mine, self._total - 1 in self._mine
@@ -225,7 +261,10 @@ class PipelinedModel(nn.Module):
             return loss.detach().requires_grad_()  # backward already ran inside the schedule
         if self.training and torch.is_grad_enabled():
             # `loss_fn(model(x), y)` cannot work: the output exists only on the last stage and backward must run in the schedule.
-            raise ConfigError("a pipelined model trains through its schedule: write `loss = model(x, y)` (the loss is computed on the last stage), or call model.eval() / torch.no_grad() to predict with model(x)", "strategy.name")
+            raise ConfigError(
+                "a pipelined model trains through its schedule: write `loss = model(x, y)` (the loss is computed on the last stage), or call model.eval() / torch.no_grad() to predict with model(x)",
+                "strategy.name",
+            )
         return s.forward_through(x)
 
 
@@ -245,12 +284,17 @@ def measure_block_times(model: nn.Sequential, x: torch.Tensor, repeats: int = 3)
     return {n: sorted(t)[len(t) // 2] for n, t in times.items()}
 
 
-def split_balanced(names: list[str], costs: dict[str, float], parts: int, starts: list[str] | None = None) -> list[list[str]]:
+def split_balanced(
+    names: list[str], costs: dict[str, float], parts: int, starts: list[str] | None = None
+) -> list[list[str]]:
     """Contiguous chunks minimizing the largest chunk's cost (or starting at the given names)."""
     if starts is not None:
         unknown = [s for s in starts if s not in names]
         if unknown or len(starts) != parts - 1:
-            raise ConfigError(f"'split' must name {parts - 1} children of the model where stages 2..{parts} start; got {starts} (children: {names})", "split")
+            raise ConfigError(
+                f"'split' must name {parts - 1} children of the model where stages 2..{parts} start; got {starts} (children: {names})",
+                "split",
+            )
         cuts = [0] + sorted(names.index(s) for s in starts) + [len(names)]
         return [names[a:b] for a, b in zip(cuts, cuts[1:])]
     n = len(names)

@@ -38,7 +38,9 @@ class TensorParallel(MeshStrategy):
     def __post_init__(self):
         check_range(self.dp, "dp", low=1)
         if isinstance(self.plan, str) and self.plan != "auto":
-            raise ConfigError(f"'plan' must be 'auto' or a table of module name = 'colwise' | 'rowwise', not {self.plan!r}", "plan")
+            raise ConfigError(
+                f"'plan' must be 'auto' or a table of module name = 'colwise' | 'rowwise', not {self.plan!r}", "plan"
+            )
         if isinstance(self.plan, dict):
             for module, style in self.plan.items():
                 if style not in STYLES:
@@ -56,7 +58,9 @@ class TensorParallel(MeshStrategy):
         self._plan_used = dict(self.plan) if isinstance(self.plan, dict) else auto_plan(model)
         unknown = set(self._plan_used) - {n for n, _ in model.named_modules()}
         if unknown:
-            raise ConfigError(f"'strategy.plan' names module(s) {sorted(unknown)} that the model does not have", "strategy.plan")
+            raise ConfigError(
+                f"'strategy.plan' names module(s) {sorted(unknown)} that the model does not have", "strategy.plan"
+            )
         if self.dims.tp > 1:
             styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
             parallelize_module(model, self.dims.mesh["tp"], {k: styles[v]() for k, v in self._plan_used.items()})

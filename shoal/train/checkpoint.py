@@ -61,7 +61,9 @@ def list_checkpoints(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp"))
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")
+    )
 
 
 def verify(path: Path) -> int:
@@ -75,13 +77,19 @@ def verify(path: Path) -> int:
         files = manifest["files"]
         step = int(manifest["step"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete or damaged: {str(manifest_path)!r} is missing or unreadable; resume from an earlier checkpoint or start fresh") from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is incomplete or damaged: {str(manifest_path)!r} is missing or unreadable; resume from an earlier checkpoint or start fresh"
+        ) from None
     for name, digest in files.items():
         file = path / name
         if not file.is_file():
-            raise CheckpointError(f"checkpoint {str(path)!r} is damaged: file {str(file)!r} is missing; resume from an earlier checkpoint or start fresh")
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is damaged: file {str(file)!r} is missing; resume from an earlier checkpoint or start fresh"
+            )
         if _sha256(file) != digest:
-            raise CheckpointError(f"checkpoint {str(path)!r} is damaged: file {str(file)!r} does not match its checksum; resume from an earlier checkpoint or start fresh")
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is damaged: file {str(file)!r} does not match its checksum; resume from an earlier checkpoint or start fresh"
+            )
     return step
 
 
@@ -97,7 +105,9 @@ def newest_valid(root: Path) -> tuple[Path, list[str]]:
             return path, warnings
         except CheckpointError as err:
             warnings.append(f"skipping damaged checkpoint: {err}")
-    raise CheckpointError(f"every checkpoint in {str(root)!r} is damaged ({warnings[0].removeprefix('skipping damaged checkpoint: ')}); start fresh without --resume")
+    raise CheckpointError(
+        f"every checkpoint in {str(root)!r} is damaged ({warnings[0].removeprefix('skipping damaged checkpoint: ')}); start fresh without --resume"
+    )
 
 
 def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:
@@ -160,4 +170,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-

@@ -94,7 +94,9 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; give the path of a TOML file, e.g. examples/digits.toml")
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist; give the path of a TOML file, e.g. examples/digits.toml"
+            )
         try:
             table = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
@@ -150,7 +152,9 @@ def from_dict(table: dict) -> JobConfig:
     known = set(FIXED_SECTIONS) | set(DEFAULT_NAMES)
     for key, value in table.items():
         if key not in known:
-            raise ConfigError(f"unknown config section {key!r}{_suggest(key, known)}; sections are {', '.join(sorted(known))}", key)
+            raise ConfigError(
+                f"unknown config section {key!r}{_suggest(key, known)}; sections are {', '.join(sorted(known))}", key
+            )
         if not isinstance(value, dict):
             raise ConfigError(f"{key!r} must be a section ([{key}]), not a single value", key)
     sections: dict[str, Any] = {}

@@ -34,8 +34,12 @@ class ProgressMonitor(threading.Thread):
     def run(self) -> None:
         if self.console.is_terminal:
             columns = [
-                TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn("[bold]training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
             ]
             with Progress(*columns, console=self.console, transient=False) as bar:
                 task = bar.add_task("train", total=self.total, info="starting workers")

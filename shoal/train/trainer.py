@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from shoal import runtime
-from shoal.train.jobconfig import JobConfig
 from shoal.train import checkpoint
+from shoal.train.jobconfig import JobConfig
 from shoal.train.metrics import MetricsWriter
 from shoal.train.optim import build_optimizer, build_schedule
 
@@ -113,7 +113,9 @@ class Trainer:
                     "strategy": strategy.state_dict(),
                     "rng": checkpoint.rng_state(),
                 }
-                checkpoint.save(ckpt_root, step, strategy.checkpoint_state(model, optimizer), extra, cfg.checkpoint.keep)
+                checkpoint.save(
+                    ckpt_root, step, strategy.checkpoint_state(model, optimizer), extra, cfg.checkpoint.keep
+                )
             if stop_now:
                 stopped = True
                 break
@@ -133,4 +135,3 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         strategy.close()
         return summary
-

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from shoal import runtime
-from shoal.train import jobconfig as config
 from shoal.errors import ShoalError
+from shoal.train import jobconfig as config
 from shoal.train.trainer import Trainer
 
 
@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(run_dir / "config.toml")
         launch = cfg.launch
-        runtime.init(backend=launch.backend, device=launch.device, timeout_s=launch.timeout_s, threads=launch.threads or None)
+        runtime.init(
+            backend=launch.backend, device=launch.device, timeout_s=launch.timeout_s, threads=launch.threads or None
+        )
         Trainer(cfg, run_dir).run()
     except ShoalError as err:
         print(f"shoal: {err}", file=sys.stderr, flush=True)

@@ -18,9 +18,21 @@ from shoal.models.gpt import GPT
 STEPS = 6
 BATCH = 8  # per data-parallel rank
 SCENARIOS = {  # name: (model kind, strategy factory, data-parallel degree)
-    "pipeline_gpipe": ("mlp", lambda: shoal.Pipeline(stages=2, microbatches=4, schedule="gpipe", dp=2, split="params"), 2),
-    "pipeline_1f1b": ("mlp", lambda: shoal.Pipeline(stages=2, microbatches=4, schedule="1f1b", dp=2, split="params"), 2),
-    "pipeline_interleaved": ("mlp", lambda: shoal.Pipeline(stages=2, microbatches=4, schedule="interleaved", dp=2, split="params"), 2),
+    "pipeline_gpipe": (
+        "mlp",
+        lambda: shoal.Pipeline(stages=2, microbatches=4, schedule="gpipe", dp=2, split="params"),
+        2,
+    ),
+    "pipeline_1f1b": (
+        "mlp",
+        lambda: shoal.Pipeline(stages=2, microbatches=4, schedule="1f1b", dp=2, split="params"),
+        2,
+    ),
+    "pipeline_interleaved": (
+        "mlp",
+        lambda: shoal.Pipeline(stages=2, microbatches=4, schedule="interleaved", dp=2, split="params"),
+        2,
+    ),
     "tensor_mlp": ("mlp", lambda: shoal.TensorParallel(dp=2), 2),
     "tensor_gpt": ("gpt", lambda: shoal.TensorParallel(dp=2), 2),
     "sharded": ("mlp", lambda: shoal.ShardedDataParallel(), 4),
@@ -31,7 +43,16 @@ def build(kind: str) -> nn.Sequential:
     torch.manual_seed(0)
     if kind == "gpt":
         return GPT(layers=2, dim=32, heads=4).build((8,), 16)
-    return nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 4))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(16, 32),
+        nn.Tanh(),
+        nn.Linear(32, 32),
+        nn.Tanh(),
+        nn.Linear(32, 16),
+        nn.Tanh(),
+        nn.Linear(16, 4),
+    )
 
 
 def data(kind: str):
@@ -65,7 +86,10 @@ def main(out: Path) -> None:
                 opt.zero_grad()
             else:
                 loss = strategy.train_step(model, opt, loss_fn(kind), next(batches))
-        params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in strategy.unwrap(model).named_parameters()}
+        params = {
+            n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in strategy.unwrap(model).named_parameters()
+        }
         torch.save({"params": params, "loss": float(loss)}, out / f"{name}.rank{rt.rank}.pt")
         if name == "pipeline_1f1b":
             dcp.save(strategy.checkpoint_state(model, opt), checkpoint_id=str(out / "ckpt_pipeline"))
