@@ -1,0 +1,48 @@
+"""Every environment variable shoal reads, named once.
+
+User settings are read by a process the user starts; launcher-to-child
+variables are set by `shoal run`/`shoal train` for the processes they start
+and are not meant to be set by hand. docs/environment.md lists them all.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------- for users
+BACKEND = "SHOAL_BACKEND"
+"""Process-group backend: 'gloo', 'nccl' or 'auto' (NCCL where CUDA is available)."""
+DEVICE = "SHOAL_DEVICE"
+"""'cpu', 'cuda' or 'auto'."""
+THREADS = "SHOAL_THREADS"
+"""torch intra-op threads per worker (0: torch's default)."""
+TIMEOUT_S = "SHOAL_TIMEOUT_S"
+"""Collective timeout in seconds."""
+JOB_KEY = "SHOAL_JOB_KEY"
+"""The job's shared secret (>= 16 characters); the launcher makes one when unset."""
+PS_ADVERTISE = "SHOAL_PS_ADVERTISE"
+"""The address a parameter server publishes for other machines to reach it."""
+LOG_LEVEL = "SHOAL_LOG_LEVEL"
+"""Python logging level of shoal's processes (default WARNING)."""
+
+# ----------------------------------------------- launcher -> its children
+LAUNCHED = "SHOAL_LAUNCHED"
+"""Set to 1 in processes a shoal launcher started."""
+RUN_DIR = "SHOAL_RUN_DIR"
+"""The run directory of a `shoal train` job."""
+PS_STORE = "SHOAL_PS_STORE"
+"""host:port of the store where parameter servers publish their endpoints."""
+PS_EVENTS = "SHOAL_PS_EVENTS"
+"""Endpoint of the launcher's event subscriber (live table, event log)."""
+PS_INDEX = "SHOAL_PS_INDEX"
+"""A server process's index among the job's servers."""
+PS_HOST = "SHOAL_PS_HOST"
+"""The interface a server binds."""
+PS_THREADS = "SHOAL_PS_THREADS"
+"""torch threads of a server process."""
+PS_MAX_BYTES = "SHOAL_PS_MAX_BYTES"
+"""The largest message a server accepts."""
+PS_TIMEOUT_S = "SHOAL_PS_TIMEOUT_S"
+"""How long a server waits for a late worker."""
+
+# ------------------------------------------------------------- tests only
+FAULTS = "SHOAL_FAULTS"
+"""A fault schedule (JSON) for tests and benchmarks; see `shoal.faults`."""
