@@ -35,6 +35,7 @@ from collections import Counter
 import torch
 import zmq
 
+from shoal import faults
 from shoal.comm.pubsub import EVENTS_ENV, Publisher
 from shoal.comm.wire import Codec, WireError, job_key
 from shoal.errors import ShoalError
@@ -94,6 +95,7 @@ class Server:
         self.error = ""
         self.done = False
         self.events = None  # a shoal.comm.pubsub.Publisher when the launcher listens
+        self.clocks_seen = 0
 
     # ------------------------------------------------------------------ loop
     def serve(self) -> int:
@@ -235,6 +237,9 @@ class Server:
         grads = [] if skip else self.received_gradients(pieces, header.get("codes"), tensors)
         if clock != self.gate.pushed[src]:
             raise WireError("bad_clock", f"worker {src} pushed clock {clock}, expected {self.gate.pushed[src]}")
+        if clock >= self.clocks_seen:  # the first push of the workers' (clock+1)-th step
+            self.clocks_seen = clock + 1
+            faults.at_step("server", self.index, self.clocks_seen)
         try:
             hps = [optim.check_hyperparameters(self.optim_name, h) for h in hp]
             if len(hps) != len(self.hp):

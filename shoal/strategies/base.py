@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shoal import runtime
+from shoal import faults, runtime
 from shoal.data.loader import ShardedLoader, eval_shard, fetch
 
 RANK_STATE = "rank_state/"
@@ -199,7 +199,12 @@ def wrap_optimizer(
     original_step = types.MethodType(type(optimizer).step, optimizer)
     original_zero = types.MethodType(type(optimizer).zero_grad, optimizer)
 
+    calls = 0
+
     def new_step(self, closure=None):
+        nonlocal calls
+        calls += 1
+        faults.at_step("worker", runtime.current().rank, calls)
         return step(original_step, closure)
 
     def new_zero_grad(self, set_to_none: bool = True):

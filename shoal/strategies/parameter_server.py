@@ -13,18 +13,12 @@ waits for them at its next forward pass (a forward pre-hook), so the push
 and the pull overlap with whatever the loop does in between. Guarantees per
 mode are in `shoal.ps.consistency` and docs/consistency.md; with `bsp` the
 run equals one process with the combined batch.
-
-`debug_slowdown` (or the SHOAL_DEBUG_SLOWDOWN environment variable) injects
-stragglers for tests and benchmarks: comma-separated `RANK:SECONDS[@PROB]`
-entries (RANK may be `*`), each a sleep before the push with probability
-PROB (default 1), e.g. "1:0.05" or "*:0.01,*:0.03@0.1".
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -57,7 +51,6 @@ class ParameterServer(Strategy):
     """How long a server waits for a late worker (and a worker for a server) before stopping the job."""
     compression: str = "none"
     max_message_mb: float = 1024.0
-    debug_slowdown: str = ""
 
     name: ClassVar[str] = "parameter_server"
 
@@ -72,7 +65,6 @@ class ParameterServer(Strategy):
         self._compressor = parse_compression(self.compression)  # ConfigError names the spec
         self._raw_pushed = 0
         self._skipped = 0
-        self.slowdown = parse_slowdown(os.environ.get("SHOAL_DEBUG_SLOWDOWN") or self.debug_slowdown)
         self._client = None
         self._clock = 0
         self._pending = False
@@ -158,7 +150,6 @@ class ParameterServer(Strategy):
         if os.environ.get(EVENTS_ENV):
             self._pub = Publisher(os.environ[EVENTS_ENV], codec)
         self._live = {"t": time.perf_counter(), "steps": 0, "samples": 0, "wait": 0.0, "batch": 0}
-        self._rng = random.Random(1000 + rt.rank)
         return model, wrap_optimizer(optimizer, self._step, self._zero_grad)
 
     # ------------------------------------------------------------------ steps
@@ -168,7 +159,6 @@ class ParameterServer(Strategy):
             with torch.enable_grad():
                 loss = closure()
         self.sync()  # a step never starts before the last pull is in
-        self._sleep_if_asked()
         per_server, codes, nonfinite = [], [], False
         for pieces, shapes in zip(self._pieces, self._code_shapes):
             keys, grads, headers = [], [], []
@@ -269,12 +259,6 @@ class ParameterServer(Strategy):
                 )
             for (_, p, start, stop), value in zip(pieces, tensors):
                 p.view(-1)[start:stop].copy_(value)
-
-    def _sleep_if_asked(self) -> None:
-        rank = runtime.current().rank
-        for who, seconds, prob in self.slowdown:
-            if who in (None, rank) and (prob >= 1.0 or self._rng.random() < prob):
-                time.sleep(seconds)
 
     def step_metrics(self) -> dict[str, float]:
         m, self._metrics = self._metrics, _Window()
@@ -408,22 +392,3 @@ def _hp(name: str, group: dict) -> dict:
     from shoal.ps.optim import hyperparameters
 
     return hyperparameters(name, group)
-
-
-def parse_slowdown(text: str) -> list[tuple[int | None, float, float]]:
-    """'RANK:SECONDS[@PROB],...' -> [(rank or None for '*', seconds, probability)]."""
-    out = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        try:
-            who, _, rest = item.partition(":")
-            seconds, _, prob = rest.partition("@")
-            entry = (None if who == "*" else int(who), float(seconds), float(prob) if prob else 1.0)
-            if entry[1] < 0 or not 0 <= entry[2] <= 1:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(
-                f"'debug_slowdown' entries look like RANK:SECONDS[@PROB] (RANK may be *), e.g. 1:0.05 or *:0.03@0.1, not {item!r}",
-                "debug_slowdown",
-            ) from None
-        out.append(entry)
-    return out
