@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup lint train test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -12,6 +12,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+# ruff (lint + format check) and pyright (basic) over shoal/, as configured in pyproject.toml.
+lint: $(VENV)/.lint-installed
+	$(VENV)/bin/ruff check shoal
+	$(VENV)/bin/ruff format --check shoal
+	$(VENV)/bin/pyright
+
+$(VENV)/.lint-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -c constraints.txt -e '.[lint]'
 	touch $@
 
 train: setup
