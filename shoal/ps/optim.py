@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from shoal.errors import ConfigError
+from shoal.finite import all_finite
 
 _ADAM = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 HYPER: dict[str, tuple[type, tuple[str, ...]]] = {
@@ -95,12 +96,7 @@ def import_state(
         if key not in STATE[name] or key in state:
             raise ValueError(f"{name} keeps no state named {key!r}")
         if key in SCALARS:
-            if (
-                value.numel() != 1
-                or not value.is_floating_point()
-                or not bool(torch.isfinite(value).all())
-                or float(value) < 0
-            ):
+            if value.numel() != 1 or not value.is_floating_point() or not all_finite(value) or float(value) < 0:
                 raise ValueError(f"{key} must be one finite number >= 0")
             state[key] = value.detach().reshape(()).to(torch.float32).clone()
         elif value.dtype != param.dtype or value.shape != param.shape:
