@@ -188,13 +188,12 @@ def _suggest(word: str, choices) -> str:
 # Checks that option dataclasses use in __post_init__
 
 
-def split_endpoint(endpoint: str) -> tuple[str, int]:
-    """(host, port) of a rendezvous endpoint written HOST:PORT; ConfigError otherwise."""
+def split_endpoint(endpoint: str, what: str = "--rdzv-endpoint", key: str = "rdzv_endpoint") -> tuple[str, int]:
+    """(host, port) of an endpoint written HOST:PORT; otherwise ConfigError naming `what`
+    (the option or environment variable it came from)."""
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(
-            f"--rdzv-endpoint {endpoint!r} must look like HOST:PORT, e.g. 10.0.0.1:29500", "rdzv_endpoint"
-        )
+        raise ConfigError(f"{what} {endpoint!r} must look like HOST:PORT, e.g. 10.0.0.1:29500", key)
     return host, int(port)
 
 

@@ -28,8 +28,9 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     name = type(optimizer).__name__
     if name not in HYPER or type(optimizer) is not HYPER[name][0]:
         raise ConfigError(
-            f"the parameter server runs the optimizer on its servers and supports torch.optim.SGD, Adam and AdamW, "
-            f"not {type(optimizer).__module__}.{type(optimizer).__qualname__}; use one of those or strategy 'data_parallel'",
+            "the parameter server runs the optimizer on its servers and supports torch.optim.SGD, Adam and AdamW, "
+            f"not {type(optimizer).__module__}.{type(optimizer).__qualname__}; "
+            "use one of those or strategy 'data_parallel'",
             "optimizer",
         )
     return name
@@ -48,7 +49,7 @@ def hyperparameters(name: str, group: dict) -> dict:
     return out
 
 
-def check_hyperparameters(name: str, hp) -> dict:
+def check_hyperparameters(name: str, hp: object) -> dict:
     """The received hyperparameters if they are well formed, else ValueError."""
     allowed = HYPER[name][1]
     if not isinstance(hp, dict) or not set(hp) <= set(allowed):
@@ -59,7 +60,7 @@ def check_hyperparameters(name: str, hp) -> dict:
             if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v)):
                 raise ValueError("bad betas")
             out[k] = tuple(v)
-        elif isinstance(v, bool) or isinstance(v, (int, float)):
+        elif isinstance(v, (bool, int, float)):
             out[k] = v
         else:
             raise ValueError(f"bad {k}")
