@@ -31,6 +31,8 @@ import torch
 from shoal.finite import all_finite
 from shoal.state import sub_state, with_prefix
 
+NONFINITE = "nonfinite"
+"""Header flag of a payload whose values are not all finite: whoever applies it skips the step."""
 RESIDUAL = "residual/"
 VELOCITY = "velocity/"
 
@@ -41,6 +43,11 @@ class Payload:
 
     header: dict = field(default_factory=dict)
     tensors: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def nonfinite(self) -> bool:
+        """Whether the encoder flagged the payload as holding an inf or NaN."""
+        return bool(self.header.get(NONFINITE))
 
     def nbytes(self) -> int:
         """Bytes of the tensor buffers (the header is a few bytes and shape-determined)."""
@@ -174,7 +181,7 @@ class Receiver:
         return self._layouts[key]
 
     def _fixed(self, header: dict) -> dict:
-        return {k: v for k, v in header.items() if k != "nonfinite" and k not in self.compressor.varying_header}
+        return {k: v for k, v in header.items() if k != NONFINITE and k not in self.compressor.varying_header}
 
     def decode(
         self, header: object, tensors: list[torch.Tensor], shape: Sequence[int], dtype: torch.dtype
@@ -182,7 +189,7 @@ class Receiver:
         want_header, want = self.layout(shape, dtype)
         if not isinstance(header, dict) or self._fixed(header) != want_header:
             raise ValueError("payload header does not match the compressor")
-        if "nonfinite" in header:
+        if NONFINITE in header:
             raise ValueError("a non-finite payload is never applied; its sender skips the step instead")
         if [(t.dtype, tuple(t.shape)) for t in tensors] != want:
             raise ValueError("payload tensors do not match the compressor's layout")

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from shoal.compress.base import Compressor, Payload
+from shoal.compress.base import NONFINITE, Compressor, Payload
 from shoal.finite import all_finite
 
 
@@ -43,7 +43,7 @@ class Cast(Compressor):
 
     def encode(self, key: str, grad: torch.Tensor) -> Payload:
         wire = grad.detach().reshape(-1).to(self.wire_dtype)
-        return Payload({} if all_finite(wire) else {"nonfinite": True}, [wire])
+        return Payload({} if all_finite(wire) else {NONFINITE: True}, [wire])
 
     def decode(self, payload: Payload, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return payload.tensors[0].to(dtype).reshape(shape)

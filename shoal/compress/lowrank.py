@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _orthogonalize, _should_compress
 
-from shoal.compress.base import ErrorFeedback, Payload, numel_of, value_dtype
+from shoal.compress.base import NONFINITE, ErrorFeedback, Payload, numel_of, value_dtype
 from shoal.compress.seeds import key_seed
 from shoal.finite import all_finite
 from shoal.state import sub_state, with_prefix
@@ -78,7 +78,7 @@ class PowerSGD(ErrorFeedback):
         scale = acc.abs().max().to(work)
         if not all_finite(scale):
             self._remember(key, acc, acc)
-            return Payload({"dense": True, "nonfinite": True}, [acc.to(grad.dtype)])
+            return Payload({"dense": True, NONFINITE: True}, [acc.to(grad.dtype)])
         if scale == 0:
             p, q = acc.new_zeros((1, n, r), dtype=work), acc.new_zeros((1, m, r), dtype=work)
         else:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from shoal.compress.base import Compressor, Payload, numel_of, value_dtype
+from shoal.compress.base import NONFINITE, Compressor, Payload, numel_of, value_dtype
 from shoal.compress.seeds import counts_state, load_counts, next_seed
 from shoal.finite import all_finite
 
@@ -56,7 +56,7 @@ class Quantizer(Compressor):
         noise = torch.rand(level.shape, generator=gen, dtype=work).to(flat.device)
         code = torch.floor(level + noise).clamp_(max=self.levels) * torch.sign(padded)
         code = code.to(torch.int8).reshape(-1)[:n]
-        header = {} if all_finite(scale) else {"nonfinite": True}
+        header = {} if all_finite(scale) else {NONFINITE: True}
         return Payload(header, [self._pack(code), scale.reshape(-1)])
 
     def decode(self, payload: Payload, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from shoal.compress.base import ErrorFeedback, Payload, numel_of
+from shoal.compress.base import NONFINITE, ErrorFeedback, Payload, numel_of
 from shoal.compress.seeds import counts_state, load_counts, next_seed
 from shoal.finite import all_finite
 
@@ -56,7 +56,7 @@ class TopK(ErrorFeedback):
         sent = torch.zeros_like(acc)
         sent[index.long()] = values.to(acc.dtype)
         self._remember(key, acc, sent)
-        return Payload({} if all_finite(values) else {"nonfinite": True}, [index, values])
+        return Payload({} if all_finite(values) else {NONFINITE: True}, [index, values])
 
     def check_payload(self, payload: Payload, shape: Sequence[int]) -> None:
         index = payload.tensors[0]
@@ -99,7 +99,7 @@ class RandomK(ErrorFeedback):
         self._remember(key, acc, sent)
         header = {"seed": seed, "k": k}
         if not all_finite(values):
-            header["nonfinite"] = True
+            header[NONFINITE] = True
         return Payload(header, [values])
 
     def check_payload(self, payload: Payload, shape: Sequence[int]) -> None:

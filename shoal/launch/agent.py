@@ -20,7 +20,7 @@ from pathlib import Path
 
 from shoal import env, logs
 from shoal.config import split_endpoint
-from shoal.errors import ShoalError, WorkerFailed, first_line
+from shoal.errors import ShoalError, WorkerError, first_line
 
 TORCH_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
 """Silenced while workers run: we report a failure ourselves, in one line."""
@@ -50,7 +50,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def launch(argv: list[str], spec: LaunchSpec) -> None:
-    """Run `python argv...` on `spec.nproc` local workers; raise `WorkerFailed` on a failure."""
+    """Run `python argv...` on `spec.nproc` local workers; raise `WorkerError` on a failure."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -88,9 +88,9 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
         with logs.quiet(*TORCH_LOGGERS):
             elastic_launch(config, entrypoint=sys.executable)(*["-u", *argv])
     except ChildFailedError as err:
-        raise WorkerFailed(_describe_failure(err, log_dir, spec)) from None
+        raise WorkerError(_describe_failure(err, log_dir, spec)) from None
     except Exception as err:  # rendezvous timeouts, ports in use, ...
-        raise WorkerFailed(f"the job could not start: {type(err).__name__}: {first_line(str(err))}") from None
+        raise WorkerError(f"the job could not start: {type(err).__name__}: {first_line(str(err))}") from None
     finally:
         for k, v in saved.items():
             if v is None:
