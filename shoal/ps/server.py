@@ -27,7 +27,6 @@ are listed in `shoal.ps.protocol`.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -44,35 +43,11 @@ from shoal.compress.base import Receiver
 from shoal.errors import ShoalError
 from shoal.ps import optim
 from shoal.ps import store as ps_store
-from shoal.ps.consistency import Gate, Mode
-from shoal.ps.protocol import (
-    BYE,
-    ERROR,
-    INIT,
-    OBSERVER,
-    PARAMS,
-    PULL,
-    PUSH,
-    RESTORE,
-    RESTORED,
-    STATE,
-    STATS,
-)
+from shoal.ps.consistency import Gate
+from shoal.ps.pieces import PieceState, build_piece, pushed_pieces, received_gradients
+from shoal.ps.protocol import BYE, ERROR, INIT, OBSERVER, PARAMS, PULL, PUSH, RESTORE, RESTORED, STATE, STATS
 
 log = logging.getLogger("shoal.ps.server")
-
-
-class PieceState:
-    """What a server keeps for one piece (`shoal.ps.placement.Piece`): its values,
-    its optimizer and consistency mode, and how its gradients arrive."""
-
-    __slots__ = ("code_count", "code_shape", "group", "key", "mode", "opt", "param", "steps")
-
-    def __init__(self, key: str, param: torch.Tensor, opt: torch.optim.Optimizer, mode: Mode, group: int):
-        self.key, self.param, self.opt, self.mode, self.group = key, param, opt, mode, group
-        self.steps = 0  # optimizer steps applied
-        self.code_shape: tuple[int, ...] = tuple(param.shape)  # the shape gradients are compressed in
-        self.code_count = 1  # payload tensors per push of this piece
 
 
 class PendingRead(NamedTuple):
@@ -211,7 +186,7 @@ class Server:
             if len(code_shapes) != len(keys):
                 raise ValueError("one code shape per key")
             for key_spec, value, code_shape in zip(keys, self.initial, code_shapes, strict=True):
-                piece = self.build_piece(key_spec, value, code_shape)
+                piece = build_piece(key_spec, value, code_shape, self.optim_name, self.hp, self.receiver)
                 self.pieces[piece.key] = piece
         except (KeyError, TypeError, ValueError, ShoalError) as exc:  # ShoalError: a bad compression spec
             return self.fail(f"bad initial message from worker 0: {exc}")
@@ -222,22 +197,6 @@ class Server:
         for w, (ident, _) in self.joined.items():
             self.read_applied[w] = 0
             self.send(ident, {"op": PARAMS, "clock": 0, "applied": 0}, [p.param for p in self.pieces.values()])
-
-    def build_piece(self, key_spec: list, value: torch.Tensor, code_shape: list[int]) -> PieceState:
-        """One piece from worker 0's description and initial value; ValueError if they disagree."""
-        key, dtype, shape, kind, staleness, group = key_spec
-        if [str(value.dtype).removeprefix("torch."), list(value.shape)] != [dtype, shape]:
-            raise ValueError(f"initial value of {key} has the wrong shape")
-        param = value.clone()
-        piece = PieceState(
-            key, param, optim.build(self.optim_name, param, self.hp[group]), Mode(kind, staleness), group
-        )
-        piece.code_shape = tuple(int(d) for d in code_shape)
-        if math.prod(piece.code_shape) != param.numel():
-            raise ValueError(f"code shape of {key} does not hold its elements")
-        if self.receiver is not None:
-            piece.code_count = len(self.receiver.layout(piece.code_shape, param.dtype)[1])
-        return piece
 
     def announce(self, workers: int) -> None:
         """One event line for the launcher's log: what this server holds."""
@@ -262,8 +221,8 @@ class Server:
     def on_push(self, src: int, header: dict, tensors: list[torch.Tensor]) -> None:
         gate = self.joined_gate(src)
         skip = header.get("skip", False)
-        pieces = self.pushed_pieces(header.get("keys"), skip, tensors)
-        grads = [] if skip else self.received_gradients(pieces, header.get("codes"), tensors)
+        pieces = pushed_pieces(self.pieces, header.get("keys"), skip, tensors)
+        grads = [] if skip else received_gradients(pieces, header.get("codes"), tensors, self.receiver)
         if header.get("clock") != gate.pushed[src]:
             raise WireError(
                 "bad_clock", f"worker {src} pushed clock {header.get('clock')}, expected {gate.pushed[src]}"
@@ -282,7 +241,7 @@ class Server:
         self.skipped += skip
         for piece, grad in zip(pieces, grads, strict=True):
             if piece.mode.kind != "bsp":
-                self.apply(piece, grad)
+                piece.apply(grad, self.hp[piece.group])
             elif piece.key in acc:
                 acc[piece.key].add_(grad)
             else:
@@ -303,23 +262,6 @@ class Server:
         except (TypeError, ValueError):
             raise WireError("malformed", "bad hyperparameters") from None
 
-    def pushed_pieces(self, keys: object, skip: object, tensors: list[torch.Tensor]) -> list[PieceState]:
-        """The pieces a push names; WireError if the list is malformed or names an unknown piece."""
-        if (
-            not isinstance(keys, list)
-            or len(set(map(str, keys))) != len(keys)
-            or skip not in (True, False)
-            or (skip and (keys or tensors))
-        ):
-            raise WireError("malformed", "bad keys or skip flag")
-        pieces = []
-        for key in keys:
-            piece = self.pieces.get(key) if isinstance(key, str) else None
-            if piece is None:
-                raise WireError("unknown_key")
-            pieces.append(piece)
-        return pieces
-
     def count_bsp_push(self, gate: Gate, clock: int) -> None:
         """Count a push to a BSP clock; the last one applies the clock's average."""
         self.accum_count[clock] += 1
@@ -330,45 +272,12 @@ class Server:
             self.skipped_clocks.discard(clock)
             totals = {}
         for key, total in totals.items():
-            self.apply(self.pieces[key], total.div_(gate.workers))
+            piece = self.pieces[key]
+            piece.apply(total.div_(gate.workers), self.hp[piece.group])
         del self.accum_count[clock]
         gate.bsp_done += 1
         if not self.async_keys:
             self.applied += gate.workers
-
-    def received_gradients(
-        self, pieces: list[PieceState], codes: object, tensors: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """The pushed gradients, checked (and decoded when compressed); WireError if any is wrong."""
-        if self.receiver is None:
-            if codes is not None or len(tensors) != len(pieces):
-                raise WireError("malformed", "keys do not match tensors")
-            for piece, grad in zip(pieces, tensors, strict=True):
-                if grad.dtype != piece.param.dtype or grad.shape != piece.param.shape:
-                    raise WireError("bad_shape", f"{piece.key}: {grad.dtype}{list(grad.shape)}")
-            return list(tensors)
-        if (
-            not isinstance(codes, list)
-            or len(codes) != len(pieces)
-            or len(tensors) != sum(p.code_count for p in pieces)
-        ):
-            raise WireError("malformed", "codes do not match keys and tensors")
-        grads, at = [], 0
-        for piece, code in zip(pieces, codes, strict=True):
-            part = tensors[at : at + piece.code_count]
-            at += piece.code_count
-            try:
-                grads.append(self.receiver.decode(code, part, piece.code_shape, piece.param.dtype).reshape(-1))
-            except (ValueError, TypeError, IndexError, RuntimeError) as exc:
-                raise WireError("bad_payload", f"{piece.key}: {exc}") from None
-        return grads
-
-    def apply(self, piece: PieceState, grad: torch.Tensor) -> None:
-        piece.opt.param_groups[0].update(self.hp[piece.group])
-        piece.param.grad = grad
-        piece.opt.step()
-        piece.param.grad = None
-        piece.steps += 1
 
     def on_pull(self, ident: bytes, src: int, header: dict, op: str = PULL) -> None:
         gate = self.joined_gate(src)
