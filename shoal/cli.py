@@ -8,8 +8,11 @@ failed worker); no traceback.
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
 
+from shoal import env, logs
 from shoal.errors import ConfigError, ShoalError
 
 USAGE = """usage: shoal <command> ...
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     try:
+        logs.setup()
         if command == "train":
             return _train(rest)
         if command == "run":
@@ -95,17 +99,13 @@ def _run(args: list[str]) -> int:
         raise ConfigError(f"-n must be >= 1, not {ns.nproc}")
     if ns.nnodes < 1 or not 0 <= ns.node_rank < ns.nnodes:
         raise ConfigError(f"--node-rank must be in 0..{ns.nnodes - 1} for --nnodes {ns.nnodes}, not {ns.node_rank}")
-    import os
-
     if not os.path.isfile(ns.script):
         raise ConfigError(f"script {ns.script!r} does not exist")
     if ns.servers < 0:
         raise ConfigError(f"--servers must be >= 0, not {ns.servers}")
-    import secrets
+    from shoal.ps.servers import serving
 
-    from shoal.ps.launch import serving
-
-    key = os.environ.get("SHOAL_JOB_KEY") or secrets.token_hex(32)
+    key = os.environ.get(env.JOB_KEY) or secrets.token_hex(32)
     record = os.path.join(ns.log_dir, "ps_events.jsonl") if ns.log_dir else None
     if ns.nnodes > 1 and not ns.rdzv_endpoint:
         raise ConfigError("a job on several machines needs --rdzv-endpoint HOST:PORT (the same on every machine)")
@@ -125,7 +125,7 @@ def _run(args: list[str]) -> int:
             node_rank=ns.node_rank,
             rdzv_endpoint=ns.rdzv_endpoint,
             log_dir=ns.log_dir,
-            env={"SHOAL_JOB_KEY": key, **ps_env},
+            env={env.JOB_KEY: key, **ps_env},
             store_open=bool(ns.servers and ns.nnodes > 1),
         )
         launch([ns.script, *ns.script_args], spec)

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,17 +136,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
+        return _coerce_union(value, args, key)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"'{key}' must be a list, not {_describe(value)}", key)
@@ -154,32 +145,51 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}' must be a table of key = value, not {_describe(value)}", key)
         return {str(k): coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if hint is Any:
-        return value
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"'{key}' must be a number, not {_describe(value)}", key)
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"'{key}' must be an integer, not {_describe(value)}", key)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"'{key}' must be true or false, not {_describe(value)}", key)
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"'{key}' must be a string, not {_describe(value)}", key)
+    if hint in _SCALARS:
+        accepts, convert, what = _SCALARS[hint]
+        if not accepts(value):
+            raise ConfigError(f"'{key}' must be {what}, not {_describe(value)}", key)
+        return convert(value)
     return value
+
+
+def _coerce_union(value: Any, args: tuple, key: str) -> Any:
+    """The first member of a union (Optional included) that `value` fits."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return coerce(value, arg, key)
+        except ConfigError as err:
+            errors.append(err)
+    raise errors[0]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_SCALARS: dict[Any, tuple[Callable[[Any], bool], Callable[[Any], Any], str]] = {
+    float: (_is_number, float, "a number"),
+    int: (_is_int, lambda v: v, "an integer"),
+    bool: (lambda v: isinstance(v, bool), lambda v: v, "true or false"),
+    str: (lambda v: isinstance(v, str), lambda v: v, "a string"),
+}
+"""Per scalar type hint: what is accepted, how it is converted, and its name in an error."""
 
 
 def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _suggest(word: str, choices) -> str:
+def _suggest(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -188,17 +198,18 @@ def _suggest(word: str, choices) -> str:
 # Checks that option dataclasses use in __post_init__
 
 
-def split_endpoint(endpoint: str) -> tuple[str, int]:
-    """(host, port) of a rendezvous endpoint written HOST:PORT; ConfigError otherwise."""
+def split_endpoint(endpoint: str, what: str = "--rdzv-endpoint", key: str = "rdzv_endpoint") -> tuple[str, int]:
+    """(host, port) of an endpoint written HOST:PORT; otherwise ConfigError naming `what`
+    (the option or environment variable it came from)."""
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(
-            f"--rdzv-endpoint {endpoint!r} must look like HOST:PORT, e.g. 10.0.0.1:29500", "rdzv_endpoint"
-        )
+        raise ConfigError(f"{what} {endpoint!r} must look like HOST:PORT, e.g. 10.0.0.1:29500", key)
     return host, int(port)
 
 
-def check_range(value, key: str, low=None, high=None, low_open: bool = False) -> None:
+def check_range(
+    value: float, key: str, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> None:
     if low is not None and (value < low or (low_open and value == low)):
         bound = f"> {low}" if low_open else f">= {low}"
         raise ConfigError(f"'{key}' must be {bound}, not {value!r}", key)
@@ -206,7 +217,7 @@ def check_range(value, key: str, low=None, high=None, low_open: bool = False) ->
         raise ConfigError(f"'{key}' must be <= {high}, not {value!r}", key)
 
 
-def check_choice(value, key: str, choices) -> None:
+def check_choice(value: object, key: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(
             f"'{key}' must be one of {', '.join(map(str, choices))}, not {value!r}{_suggest(str(value), choices)}", key

@@ -1,8 +1,9 @@
 """Every environment variable shoal reads, named once.
 
-User settings are read by a process the user starts; launcher-to-child
-variables are set by `shoal run`/`shoal train` for the processes they start
-and are not meant to be set by hand. docs/environment.md lists them all.
+User settings may be set before `shoal run`/`shoal train` (which pass their
+environment down) or a script; launcher-to-child variables are set by the
+launchers for the processes they start and are not meant to be set by hand.
+docs/environment.md lists them all.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ BACKEND = "SHOAL_BACKEND"
 DEVICE = "SHOAL_DEVICE"
 """'cpu', 'cuda' or 'auto'."""
 THREADS = "SHOAL_THREADS"
-"""torch intra-op threads per worker (0: torch's default)."""
+"""torch intra-op threads per worker (0: the machine's cores divided among the local workers)."""
 TIMEOUT_S = "SHOAL_TIMEOUT_S"
 """Collective timeout in seconds."""
 JOB_KEY = "SHOAL_JOB_KEY"
@@ -21,7 +22,13 @@ JOB_KEY = "SHOAL_JOB_KEY"
 PS_ADVERTISE = "SHOAL_PS_ADVERTISE"
 """The address a parameter server publishes for other machines to reach it."""
 LOG_LEVEL = "SHOAL_LOG_LEVEL"
-"""Python logging level of shoal's processes (default WARNING)."""
+"""Level of shoal's log records in the processes shoal starts (default WARNING); see `shoal.logs`."""
+PS_THREADS = "SHOAL_PS_THREADS"
+"""torch threads of a parameter-server process (default 1)."""
+PS_MAX_BYTES = "SHOAL_PS_MAX_BYTES"
+"""The largest message a parameter server accepts (default 2^30)."""
+PS_TIMEOUT_S = "SHOAL_PS_TIMEOUT_S"
+"""How long a parameter server waits for the workers to join (default 60)."""
 
 # ----------------------------------------------- launcher -> its children
 LAUNCHED = "SHOAL_LAUNCHED"
@@ -36,12 +43,6 @@ PS_INDEX = "SHOAL_PS_INDEX"
 """A server process's index among the job's servers."""
 PS_HOST = "SHOAL_PS_HOST"
 """The interface a server binds."""
-PS_THREADS = "SHOAL_PS_THREADS"
-"""torch threads of a server process."""
-PS_MAX_BYTES = "SHOAL_PS_MAX_BYTES"
-"""The largest message a server accepts."""
-PS_TIMEOUT_S = "SHOAL_PS_TIMEOUT_S"
-"""How long a server waits for a late worker."""
 
 # ------------------------------------------------------------- tests only
 FAULTS = "SHOAL_FAULTS"

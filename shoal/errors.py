@@ -37,7 +37,7 @@ class CheckpointError(ShoalError):
     exit_code = 2
 
 
-class WorkerFailed(ShoalError):
+class WorkerError(ShoalError):
     """A worker process of the job exited with an error."""
 
 

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from shoal import runtime
 from shoal.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass(frozen=True)
@@ -30,20 +35,22 @@ class ParallelDims:
         if dp == 0:
             if world % (pp * tp):
                 raise ConfigError(
-                    f"{world} processes cannot be split into {pp} pipeline stage group(s) x {tp} tensor-parallel rank(s): "
-                    f"{pp * tp} does not divide {world}; choose degrees whose product divides the number of workers",
+                    f"{world} processes cannot be split into {pp} pipeline stage group(s) x {tp} "
+                    f"tensor-parallel rank(s): {pp * tp} does not divide {world}; "
+                    "choose degrees whose product divides the number of workers",
                     "dp",
                 )
             dp = world // (pp * tp)
         if dp * pp * tp != world:
             raise ConfigError(
-                f"dp x pp x tp = {dp} x {pp} x {tp} = {dp * pp * tp}, but the job has {world} processes; make the product equal the number of workers",
+                f"dp x pp x tp = {dp} x {pp} x {tp} = {dp * pp * tp}, but the job has {world} processes; "
+                "make the product equal the number of workers",
                 "dp",
             )
         return cls(dp, pp, tp)
 
     @cached_property
-    def mesh(self):
+    def mesh(self) -> DeviceMesh:
         """The `DeviceMesh` with dimensions named dp, pp, tp (built on first use; collective)."""
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -66,6 +73,6 @@ class ParallelDims:
     def tp_rank(self) -> int:
         return self.coords()[2]
 
-    def group(self, dim: str):
+    def group(self, dim: str) -> ProcessGroup:
         """The process group of this rank along `dim` ("dp", "pp" or "tp")."""
         return self.mesh[dim].get_group()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from shoal import env
 from shoal.errors import ShoalError
 
 
@@ -52,14 +53,14 @@ def init(
     global _current
     if _current is not None:
         return _current
-    env = os.environ
-    rank = int(env.get("RANK", "0"))
-    world = int(env.get("WORLD_SIZE", "1"))
-    local_rank = int(env.get("LOCAL_RANK", "0"))
-    local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
-    backend = backend or env.get("SHOAL_BACKEND", "auto")
-    device_kind = device or env.get("SHOAL_DEVICE", "auto")
-    timeout = float(timeout_s or env.get("SHOAL_TIMEOUT_S", "300"))
+    environ = os.environ
+    rank = int(environ.get("RANK", "0"))
+    world = int(environ.get("WORLD_SIZE", "1"))
+    local_rank = int(environ.get("LOCAL_RANK", "0"))
+    local_world = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+    backend = backend or environ.get(env.BACKEND, "auto")
+    device_kind = device or environ.get(env.DEVICE, "auto")
+    timeout = float(timeout_s or environ.get(env.TIMEOUT_S, "300"))
 
     cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
     if device_kind == "auto":
@@ -78,23 +79,24 @@ def init(
     if backend == "nccl" and dev.type != "cuda":
         raise ShoalError("backend 'nccl' needs CUDA devices; use backend = 'gloo' on the CPU")
 
-    n_threads = int(threads or env.get("SHOAL_THREADS", "0"))
+    n_threads = int(threads or environ.get(env.THREADS, "0"))
     if n_threads <= 0 and world > 1:
         n_threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
     if n_threads > 0:
         torch.set_num_threads(n_threads)
 
     if world > 1 and not dist.is_initialized():
-        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        if "MASTER_ADDR" not in environ or "MASTER_PORT" not in environ:
             raise ShoalError(
-                "WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; start the script with `shoal run -n N script.py`"
+                "WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; "
+                "start the script with `shoal run -n N script.py`"
             )
         kwargs = {}
         if dev.type == "cuda":
             kwargs["device_id"] = dev
         hook = sys.excepthook
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), **kwargs)
-        if env.get("SHOAL_LAUNCHED"):
+        if environ.get(env.LAUNCHED):
             sys.excepthook = hook  # the launcher prefixes every line with the rank already
     _current = Runtime(rank, world, local_rank, local_world, backend, dev)
     return _current

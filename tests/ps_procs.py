@@ -1,5 +1,5 @@
 """Start a real parameter-server job for a test: S servers (through
-`shoal.ps.launch.start_servers`, as the launcher does) and W workers running
+`shoal.ps.servers.start_servers`, as the launcher does) and W workers running
 tests/ps_worker.py; every process gets a deadline and is stopped by pid."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.launch.agent import free_port
-from shoal.ps.launch import ServerGroup, start_servers
+from shoal.ps.servers import ServerGroup, start_servers
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(Path(__file__).resolve().parent / "ps_worker.py")

@@ -19,7 +19,7 @@ from ps_procs import ROOT
 from shoal.comm.wire import Codec
 from shoal.errors import ShoalError
 from shoal.ps.client import Client, request_stats
-from shoal.ps.launch import start_servers
+from shoal.ps.servers import start_servers
 
 pytestmark = pytest.mark.slow
 LIMIT = 1 << 20

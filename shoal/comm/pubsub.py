@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import zmq
 
+from shoal import env
 from shoal.comm.wire import Codec, WireError
 
-EVENTS_ENV = "SHOAL_PS_EVENTS"
+EVENTS_ENV = env.PS_EVENTS  # transitional: strategies.parameter_server imports it; use env.PS_EVENTS
 
 
 class Publisher:

@@ -27,10 +27,12 @@ import math
 import os
 import struct
 import warnings
+from collections.abc import Sequence
 
 import msgpack
 import torch
 
+from shoal import env
 from shoal.errors import ShoalError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -50,10 +52,6 @@ MAC_BYTES = 32
 MAX_HEADER = 1 << 20
 MAX_DIMS = 8
 
-# Received frames are read-only; we never write into them (the server copies
-# gradients into its own accumulators), so torch's warning is noise here.
-warnings.filterwarnings("ignore", message="The given buffer is not writable")
-
 
 class WireError(Exception):
     """A message that must be dropped; `reason` is a short counter name."""
@@ -65,13 +63,13 @@ class WireError(Exception):
 
 def job_key(given: str | bytes | None = None) -> bytes:
     """The job's secret: `given`, else SHOAL_JOB_KEY (set by `shoal run`/`shoal train`)."""
-    key = given if given is not None else os.environ.get("SHOAL_JOB_KEY", "")
+    key = given if given is not None else os.environ.get(env.JOB_KEY, "")
     if isinstance(key, str):
         key = key.encode()
     if len(key) < 16:
         raise ShoalError(
-            "the parameter server needs a job key of at least 16 characters: `shoal run`/`shoal train` set SHOAL_JOB_KEY; "
-            "for processes you start yourself, set SHOAL_JOB_KEY to the same secret everywhere"
+            f"the parameter server needs a job key of at least 16 characters: `shoal run`/`shoal train` set "
+            f"{env.JOB_KEY}; for processes you start yourself, set {env.JOB_KEY} to the same secret everywhere"
         )
     return key
 
@@ -83,7 +81,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         t = t.cpu()
     if not t.is_contiguous():
         t = t.contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    return t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
 
 
 class Codec:
@@ -113,11 +111,11 @@ class Codec:
         """The MAC of [header, *buffers]."""
         return self._finish(self._buffers_mac(frames[1:]), frames[0])
 
-    def encode(self, header: dict, tensors: list[torch.Tensor] = ()) -> list:
+    def encode(self, header: dict, tensors: Sequence[torch.Tensor] = ()) -> list:
         """Frames for `send_multipart`; tensor buffers are views, not copies."""
         return self.encode_many([header], tensors)[0]
 
-    def encode_many(self, headers: list[dict], tensors: list[torch.Tensor] = ()) -> list[list]:
+    def encode_many(self, headers: list[dict], tensors: Sequence[torch.Tensor] = ()) -> list[list]:
         """One message per header, all carrying the same tensors, which are read once."""
         specs = []
         for t in tensors:
@@ -168,9 +166,11 @@ class Codec:
         specs = header.pop("tensors", None)
         if not isinstance(specs, list) or len(specs) != len(data):
             raise WireError("malformed", "tensor list does not match the frames")
-        tensors = []
-        for spec, buf in zip(specs, data):
-            tensors.append(_tensor(spec, buf))
+        with warnings.catch_warnings():
+            # Received frames are read-only and nothing writes into these tensors (the
+            # server copies gradients into its own accumulators): torch's warning is noise.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            tensors = [_tensor(spec, buf) for spec, buf in zip(specs, data, strict=True)]
         return header, tensors
 
 

@@ -74,9 +74,7 @@ def _int8(arg, spec):
     from shoal.compress.quantize import Quantizer
 
     _no_arg("int8", arg, spec)
-    q = Quantizer(spec, levels=127)
-    q.family = "int8"
-    return q
+    return Quantizer(spec, levels=127, family="int8")
 
 
 def _qsgd(arg, spec):

@@ -22,10 +22,19 @@ from __future__ import annotations
 
 import base64
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+
+from shoal.finite import all_finite
+from shoal.state import sub_state, with_prefix
+
+NONFINITE = "nonfinite"
+"""Header flag of a payload whose values are not all finite: whoever applies it skips the step."""
+RESIDUAL = "residual/"
+VELOCITY = "velocity/"
 
 
 @dataclass
@@ -34,6 +43,11 @@ class Payload:
 
     header: dict = field(default_factory=dict)
     tensors: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def nonfinite(self) -> bool:
+        """Whether the encoder flagged the payload as holding an inf or NaN."""
+        return bool(self.header.get(NONFINITE))
 
     def nbytes(self) -> int:
         """Bytes of the tensor buffers (the header is a few bytes and shape-determined)."""
@@ -50,9 +64,9 @@ class Compressor:
     per-rank indices, which must be all-gathered and decoded one by one.
     """
 
-    family: ClassVar[str] = ""
+    family: str = ""
+    """The spec's family name ("topk", ...); a class default that one class may set per instance."""
     allreduce_safe: ClassVar[bool] = False
-    error_feedback: ClassVar[bool] = False
     varying_header: ClassVar[tuple[str, ...]] = ()
     """Header keys whose values are not fixed by the shape (checked by `check_payload`)."""
 
@@ -63,10 +77,10 @@ class Compressor:
     def encode(self, key: str, grad: torch.Tensor) -> Payload:
         raise NotImplementedError
 
-    def decode(self, payload: Payload, shape, dtype) -> torch.Tensor:
+    def decode(self, payload: Payload, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
-    def check_payload(self, payload: Payload, shape) -> None:
+    def check_payload(self, payload: Payload, shape: Sequence[int]) -> None:
         """Raise ValueError if a received payload of the right layout still could not
         have come from `encode` (e.g. an index out of range): what a receiver that
         decodes other processes' messages must refuse before `decode`."""
@@ -95,8 +109,6 @@ class ErrorFeedback(Compressor):
     (Seide et al. 2014; Karimireddy et al. 2019 "EF-SGD").
     """
 
-    error_feedback: ClassVar[bool] = True
-
     def __init__(self, spec: str):
         super().__init__(spec)
         self.residuals: dict[str, torch.Tensor] = {}
@@ -122,7 +134,7 @@ class ErrorFeedback(Compressor):
 
     def _remember(self, key: str, acc: torch.Tensor, sent: torch.Tensor) -> None:
         residual = acc - sent
-        if residual.numel() and not bool(torch.isfinite(residual).all()):
+        if not all_finite(residual):
             # The step that produced this is skipped as a whole (see the DP
             # strategy); a NaN kept here would poison every later step.
             residual = torch.zeros_like(residual)
@@ -133,13 +145,13 @@ class ErrorFeedback(Compressor):
             self.velocities[key][sent != 0] = 0  # momentum factor masking
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"residual/{k}": v.clone() for k, v in self.residuals.items()}
-        state.update({f"velocity/{k}": v.clone() for k, v in self.velocities.items()})
+        state = with_prefix({k: v.clone() for k, v in self.residuals.items()}, RESIDUAL)
+        state.update(with_prefix({k: v.clone() for k, v in self.velocities.items()}, VELOCITY))
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.residuals = {k[len("residual/") :]: v.clone() for k, v in state.items() if k.startswith("residual/")}
-        self.velocities = {k[len("velocity/") :]: v.clone() for k, v in state.items() if k.startswith("velocity/")}
+        self.residuals = {k: v.clone() for k, v in sub_state(state, RESIDUAL).items()}
+        self.velocities = {k: v.clone() for k, v in sub_state(state, VELOCITY).items()}
 
 
 class Receiver:
@@ -159,7 +171,7 @@ class Receiver:
         self.compressor = parse(spec)
         self._layouts: dict[tuple, tuple[dict, list]] = {}
 
-    def layout(self, shape, dtype: torch.dtype) -> tuple[dict, list[tuple[torch.dtype, tuple]]]:
+    def layout(self, shape: Sequence[int], dtype: torch.dtype) -> tuple[dict, list[tuple[torch.dtype, tuple]]]:
         key = (tuple(shape), dtype)
         if key not in self._layouts:
             from shoal.compress import parse
@@ -169,13 +181,15 @@ class Receiver:
         return self._layouts[key]
 
     def _fixed(self, header: dict) -> dict:
-        return {k: v for k, v in header.items() if k != "nonfinite" and k not in self.compressor.varying_header}
+        return {k: v for k, v in header.items() if k != NONFINITE and k not in self.compressor.varying_header}
 
-    def decode(self, header, tensors: list[torch.Tensor], shape, dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, header: object, tensors: list[torch.Tensor], shape: Sequence[int], dtype: torch.dtype
+    ) -> torch.Tensor:
         want_header, want = self.layout(shape, dtype)
         if not isinstance(header, dict) or self._fixed(header) != want_header:
             raise ValueError("payload header does not match the compressor")
-        if "nonfinite" in header:
+        if NONFINITE in header:
             raise ValueError("a non-finite payload is never applied; its sender skips the step instead")
         if [(t.dtype, tuple(t.shape)) for t in tensors] != want:
             raise ValueError("payload tensors do not match the compressor's layout")
@@ -184,14 +198,12 @@ class Receiver:
         grad = self.compressor.decode(payload, tuple(shape), dtype)
         # An encoder flags every non-finite payload, so one that decodes to inf or NaN
         # without the flag was forged or corrupted; applied, it would poison the parameters.
-        # A sum is ~10x cheaper than isfinite over millions of elements and is finite
-        # whenever every element is; only an inf/NaN (or an overflowing sum) pays for the exact check.
-        if grad.numel() and not math.isfinite(float(grad.sum())) and not bool(torch.isfinite(grad).all()):
+        if not all_finite(grad):
             raise ValueError("payload decodes to non-finite values but is not flagged non-finite")
         return grad
 
 
-def numel_of(shape) -> int:
+def numel_of(shape: Sequence[int]) -> int:
     return math.prod(tuple(shape))
 
 

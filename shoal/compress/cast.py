@@ -10,21 +10,23 @@ range, so it overflows only where fp32 would.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 
-from shoal.compress.base import Compressor, Payload
+from shoal.compress.base import NONFINITE, Compressor, Payload
+from shoal.finite import all_finite
 
 
 class NoCompression(Compressor):
-    family: ClassVar[str] = "none"
+    family = "none"
     allreduce_safe: ClassVar[bool] = True
 
     def encode(self, key: str, grad: torch.Tensor) -> Payload:
         return Payload({}, [grad.detach().reshape(-1)])
 
-    def decode(self, payload: Payload, shape, dtype) -> torch.Tensor:
+    def decode(self, payload: Payload, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return payload.tensors[0].to(dtype).reshape(shape)
 
 
@@ -41,10 +43,7 @@ class Cast(Compressor):
 
     def encode(self, key: str, grad: torch.Tensor) -> Payload:
         wire = grad.detach().reshape(-1).to(self.wire_dtype)
-        header = {}
-        if wire.numel() and not bool(torch.isfinite(wire).all()):
-            header["nonfinite"] = True
-        return Payload(header, [wire])
+        return Payload({} if all_finite(wire) else {NONFINITE: True}, [wire])
 
-    def decode(self, payload: Payload, shape, dtype) -> torch.Tensor:
+    def decode(self, payload: Payload, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return payload.tensors[0].to(dtype).reshape(shape)

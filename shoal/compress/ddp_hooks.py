@@ -23,18 +23,26 @@ ring algorithm puts on the wire from this rank: 2(N-1)/N x size for an
 all-reduce, (N-1) x size for an all-gather; both are 1 x size at N = 2.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: DDP compares a comm hook's
+# annotations with its own classes (`dist.GradBucket`, `Future[Tensor]`),
+# which postponed annotations would turn into strings.
 import math
 
 import torch
 import torch.distributed as dist
+from torch.distributed import GradBucket  # pyright: ignore[reportPrivateImportUsage] -- documented, not in torch's stubs
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, _should_compress, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel
 
-from shoal.compress.base import Compressor
+from shoal.compress.base import Compressor, Payload
+from shoal.compress.lowrank import PowerSGD
+from shoal.finite import all_finite
+from shoal.state import sub_state, with_prefix
 
 POWERSGD_START_ITER = 2  # torch's minimum with error feedback: one plain all-reduce first
+POWERSGD = "powersgd/"
+"""Prefix of torch's PowerSGD state (re-keyed by parameter name) in the hook's state dict."""
 
 
 def wire_bytes(collective: str, size: int, world: int) -> float:
@@ -45,10 +53,22 @@ def wire_bytes(collective: str, size: int, world: int) -> float:
     return float((world - 1) * size)
 
 
+def _future(work: dist.Work | None) -> torch.futures.Future:
+    """The future of a collective started with `async_op=True` (torch types its handle as optional)."""
+    assert work is not None, "an async collective returns its handle"
+    return work.get_future()
+
+
 class CompressionHook:
     """Registers the right hook on `ddp` and keeps this step's byte counts."""
 
-    def __init__(self, compressor: Compressor, ddp, names: dict[int, str], group=None):
+    def __init__(
+        self,
+        compressor: Compressor,
+        ddp: DistributedDataParallel,
+        names: dict[int, str],
+        group: dist.ProcessGroup | None = None,
+    ):
         self.compressor = compressor
         self.names = names  # id(parameter) -> parameter name
         self.group = group
@@ -62,7 +82,7 @@ class CompressionHook:
         if family in ("fp16", "bf16"):
             inner = default_hooks.fp16_compress_hook if family == "fp16" else default_hooks.bf16_compress_hook
             ddp.register_comm_hook(group, self._cast_hook(inner, 2))
-        elif family == "powersgd":
+        elif isinstance(compressor, PowerSGD):
             self.powersgd = PowerSGDHook(self, compressor.rank, group)
             ddp.register_comm_hook(self.powersgd.state, self.powersgd.hook)
         else:
@@ -88,20 +108,18 @@ class CompressionHook:
         self.uncompressed += wire_bytes("all_reduce", numel * 4, self.world)
 
     def check(self, result: torch.Tensor) -> torch.Tensor:
-        if result.numel() and not bool(torch.isfinite(result).all()):
+        if not all_finite(result):
             self.nonfinite = True
         return result
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.powersgd is not None:
-            return {f"powersgd/{k}": v for k, v in self.powersgd.state_dict().items()}
+            return with_prefix(self.powersgd.state_dict(), POWERSGD)
         return self.compressor.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.powersgd is not None:
-            self.powersgd.load_state_dict(
-                {k[len("powersgd/") :]: v for k, v in state.items() if k.startswith("powersgd/")}
-            )
+            self.powersgd.load_state_dict(sub_state(state, POWERSGD))
         else:
             self.compressor.load_state_dict(state)
 
@@ -118,12 +136,12 @@ class CompressionHook:
         group = group if group is not None else dist.group.WORLD
         grads = bucket.gradients()
         keys = [self.names[id(p)] for p in bucket.parameters()]
-        payloads = [self.compressor.encode(k, g) for k, g in zip(keys, grads)]
+        payloads = [self.compressor.encode(k, g) for k, g in zip(keys, grads, strict=True)]
         numel = sum(g.numel() for g in grads)
         buffer = bucket.buffer()
 
         def finish(decoded_sums):
-            for g, d in zip(grads, decoded_sums):
+            for g, d in zip(grads, decoded_sums, strict=True):
                 g.copy_(d.reshape(g.shape).div_(self.world))
             return self.check(buffer)
 
@@ -134,7 +152,7 @@ class CompressionHook:
             def reduced(fut):
                 summed = fut.value()[0]
                 out, at = [], 0
-                for p, g in zip(payloads, grads):
+                for p, g in zip(payloads, grads, strict=True):
                     parts = []
                     for t in p.tensors:
                         parts.append(summed[at : at + t.numel()].view(t.shape))
@@ -143,7 +161,7 @@ class CompressionHook:
                     out.append(self.compressor.decode(p, g.shape, g.dtype))
                 return finish(out)
 
-            return dist.all_reduce(flat, group=group, async_op=True).get_future().then(reduced)
+            return _future(dist.all_reduce(flat, group=group, async_op=True)).then(reduced)
 
         layout = [(t.dtype, t.shape, t.numel() * t.element_size()) for p in payloads for t in p.tensors]
         flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for p in payloads for t in p.tensors])
@@ -158,13 +176,13 @@ class CompressionHook:
                     tensors.append(raw[at : at + nbytes].clone().view(dtype).view(shape))  # clone: aligned storage
                     at += nbytes
                 i = 0
-                for p, g, s in zip(payloads, grads, sums):
-                    mine = type(p)(p.header, tensors[i : i + len(p.tensors)])
+                for p, g, s in zip(payloads, grads, sums, strict=True):
+                    received = Payload(p.header, tensors[i : i + len(p.tensors)])
                     i += len(p.tensors)
-                    s += self.compressor.decode(mine, g.shape, g.dtype)
+                    s += self.compressor.decode(received, g.shape, g.dtype)
             return finish(sums)
 
-        return dist.all_gather(gathered, flat, group=group, async_op=True).get_future().then(gathered_all)
+        return _future(dist.all_gather(gathered, flat, group=group, async_op=True)).then(gathered_all)
 
 
 class PowerSGDHook:
@@ -182,7 +200,7 @@ class PowerSGDHook:
     steps of an uninterrupted one.
     """
 
-    def __init__(self, owner: CompressionHook, rank: int, group):
+    def __init__(self, owner: CompressionHook, rank: int, group: dist.ProcessGroup | None):
         self.owner = owner
         self.state = PowerSGDState(
             process_group=group,
@@ -195,9 +213,12 @@ class PowerSGDHook:
         self.layouts: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
         self.pending: dict[str, torch.Tensor] = {}
 
-    def hook(self, state: PowerSGDState, bucket):
+    def hook(self, state: PowerSGDState, bucket: GradBucket) -> torch.futures.Future[torch.Tensor]:
         index = bucket.index()
-        layout = [(self.owner.names[id(p)], tuple(g.shape)) for p, g in zip(bucket.parameters(), bucket.gradients())]
+        layout = [
+            (self.owner.names[id(p)], tuple(g.shape))
+            for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True)
+        ]
         if self.layouts.get(index, layout) != layout:  # DDP rebuilt its buckets
             self.pending.update(self._split_all())
             self.layouts.clear()
@@ -230,12 +251,12 @@ class PowerSGDHook:
         for index, layout in self.layouts.items():
             if index in self.state.error_dict:
                 pieces = self.state.error_dict[index].split([math.prod(shape) for _, shape in layout])
-                out.update({f"error/{name}": t.clone() for (name, _), t in zip(layout, pieces)})
+                out.update({f"error/{name}": t.clone() for (name, _), t in zip(layout, pieces, strict=True)})
             if index in self.state.p_memory_dict:
                 factors = self._factors(layout)
                 ps = self.state.p_memory_dict[index].split([f[1] for f in factors])
                 qs = self.state.q_memory_dict[index].split([f[2] for f in factors])
-                for (name, _, _), p, q in zip(factors, ps, qs):
+                for (name, _, _), p, q in zip(factors, ps, qs, strict=True):
                     out[f"p/{name}"], out[f"q/{name}"] = p.clone(), q.clone()
         return out
 

@@ -18,19 +18,23 @@ with torch's own `_orthogonalize`.
 
 from __future__ import annotations
 
-import zlib
-from typing import ClassVar
+from collections.abc import Sequence
 
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _orthogonalize, _should_compress
 
-from shoal.compress.base import ErrorFeedback, Payload, numel_of, value_dtype
+from shoal.compress.base import NONFINITE, ErrorFeedback, Payload, numel_of, value_dtype
+from shoal.compress.seeds import key_seed
+from shoal.finite import all_finite
+from shoal.state import sub_state, with_prefix
 
 MIN_COMPRESSION_RATE = 2
 EPSILON = 1e-8
+Q = "q/"
+"""Prefix of the warm-start factors in the state dict."""
 
 
-def matrix_shape(shape) -> tuple[int, int] | None:
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int] | None:
     """(n, m) for a tensor PowerSGD compresses at `rank`, else None (sent dense)."""
     shape = tuple(shape)
     if len(shape) < 2:
@@ -39,8 +43,13 @@ def matrix_shape(shape) -> tuple[int, int] | None:
     return (n, m) if n > 0 and m > 0 else None
 
 
+def _orthonormalize(matrices: torch.Tensor) -> None:
+    """In place, with torch's own routine, as its PowerSGD hook does (the epsilon avoids 0/0)."""
+    _orthogonalize(matrices, EPSILON)  # pyright: ignore[reportArgumentType] -- torch infers int from the default 0
+
+
 class PowerSGD(ErrorFeedback):
-    family: ClassVar[str] = "powersgd"
+    family = "powersgd"
 
     def __init__(self, spec: str, rank: int, seed: int = 0):
         super().__init__(spec)
@@ -48,7 +57,7 @@ class PowerSGD(ErrorFeedback):
         self.seed = seed
         self.q_memory: dict[str, torch.Tensor] = {}
 
-    def _factor_shape(self, shape) -> tuple[int, int, int] | None:
+    def _factor_shape(self, shape: Sequence[int]) -> tuple[int, int, int] | None:
         nm = matrix_shape(shape)
         if nm is None:
             return None
@@ -67,21 +76,21 @@ class PowerSGD(ErrorFeedback):
         # Normalizing by the largest magnitude keeps tiny and huge gradients
         # in range, and the epsilon keeps rank-deficient ones free of 0/0.
         scale = acc.abs().max().to(work)
-        if not bool(torch.isfinite(scale)):
+        if not all_finite(scale):
             self._remember(key, acc, acc)
-            return Payload({"dense": True, "nonfinite": True}, [acc.to(grad.dtype)])
+            return Payload({"dense": True, NONFINITE: True}, [acc.to(grad.dtype)])
         if scale == 0:
             p, q = acc.new_zeros((1, n, r), dtype=work), acc.new_zeros((1, m, r), dtype=work)
         else:
             matrix = (acc.to(work) / scale).view(1, n, m)
             q = self.q_memory.get(key)
             if q is None or q.shape != (1, m, r) or q.dtype != work:
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
+                gen = torch.Generator().manual_seed(key_seed(self.seed, key))
                 q = torch.randn(1, m, r, generator=gen, dtype=work).to(acc.device)
             q = q.to(acc.device, copy=True)
-            _orthogonalize(q, EPSILON)
+            _orthonormalize(q)
             p = torch.bmm(matrix, q)
-            _orthogonalize(p, EPSILON)
+            _orthonormalize(p)
             q = torch.bmm(matrix.transpose(1, 2), p)
             self.q_memory[key] = q.clone()
             q = q * scale
@@ -89,17 +98,15 @@ class PowerSGD(ErrorFeedback):
         self._remember(key, acc, approx)
         return Payload({"dense": False}, [p.reshape(n, r), q.reshape(m, r)])
 
-    def decode(self, payload: Payload, shape, dtype) -> torch.Tensor:
+    def decode(self, payload: Payload, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         if payload.header.get("dense", False):
             return payload.tensors[0].to(dtype).reshape(shape)
         p, q = payload.tensors
         return (p @ q.T).to(dtype).reshape(shape)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = super().state_dict()
-        state.update({f"q/{k}": v.clone() for k, v in self.q_memory.items()})
-        return state
+        return {**super().state_dict(), **with_prefix({k: v.clone() for k, v in self.q_memory.items()}, Q)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         super().load_state_dict(state)
-        self.q_memory = {k[len("q/") :]: v.clone() for k, v in state.items() if k.startswith("q/")}
+        self.q_memory = {k: v.clone() for k, v in sub_state(state, Q).items()}

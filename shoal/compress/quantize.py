@@ -16,21 +16,23 @@ float64 for float64 gradients, so huge float64 values keep their range).
 
 from __future__ import annotations
 
-import zlib
-from typing import ClassVar
+from collections.abc import Sequence
 
 import torch
 
-from shoal.compress.base import Compressor, Payload, numel_of, value_dtype
+from shoal.compress.base import NONFINITE, Compressor, Payload, numel_of, value_dtype
+from shoal.compress.seeds import counts_state, load_counts, next_seed
+from shoal.finite import all_finite
 
 BLOCK = 256
 
 
 class Quantizer(Compressor):
-    family: ClassVar[str] = "qsgd"
+    family = "qsgd"
 
-    def __init__(self, spec: str, levels: int, seed: int = 0):
+    def __init__(self, spec: str, levels: int, seed: int = 0, family: str = "qsgd"):
         super().__init__(spec)
+        self.family = family
         self.levels = levels
         self.bits = 4 if levels <= 7 else 8
         self.seed = seed
@@ -38,16 +40,6 @@ class Quantizer(Compressor):
 
     def reseed(self, seed: int) -> None:
         self.seed = seed
-
-    def _generator(self, key: str) -> torch.Generator:
-        # Noise drawn per (seed, key, encode count), not from one stream, so it
-        # does not depend on the order keys are encoded in (DDP's bucket order
-        # changes after the first step, and after a restart).
-        count = self.counts.get(key, 0)
-        self.counts[key] = count + 1
-        return torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + zlib.crc32(key.encode()) * 65_537 + count) % 2**62
-        )
 
     def encode(self, key: str, grad: torch.Tensor) -> Payload:
         work = value_dtype(grad.dtype)
@@ -60,15 +52,14 @@ class Quantizer(Compressor):
         scale = padded.abs().amax(dim=1, keepdim=True)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         level = padded.abs() / safe * self.levels  # in [0, s]
-        noise = torch.rand(level.shape, generator=self._generator(key), dtype=work).to(flat.device)
+        gen = torch.Generator().manual_seed(next_seed(self.seed, key, self.counts))
+        noise = torch.rand(level.shape, generator=gen, dtype=work).to(flat.device)
         code = torch.floor(level + noise).clamp_(max=self.levels) * torch.sign(padded)
         code = code.to(torch.int8).reshape(-1)[:n]
-        header = {}
-        if n and not bool(torch.isfinite(scale).all()):
-            header["nonfinite"] = True
+        header = {} if all_finite(scale) else {NONFINITE: True}
         return Payload(header, [self._pack(code), scale.reshape(-1)])
 
-    def decode(self, payload: Payload, shape, dtype) -> torch.Tensor:
+    def decode(self, payload: Payload, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         packed, scale = payload.tensors
         n = numel_of(shape)
         code = self._unpack(packed, n).to(scale.dtype)
@@ -97,7 +88,7 @@ class Quantizer(Compressor):
         return (nib - 8).to(torch.int8)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"count/{k}": torch.tensor(v, dtype=torch.int64) for k, v in self.counts.items()}
+        return counts_state(self.counts)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.counts = {k[len("count/") :]: int(v) for k, v in state.items() if k.startswith("count/")}
+        self.counts = load_counts(state)

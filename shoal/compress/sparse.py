@@ -21,12 +21,14 @@ al. 2018, "Sparsified SGD with memory").
 from __future__ import annotations
 
 import math
-import zlib
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 
-from shoal.compress.base import ErrorFeedback, Payload, numel_of
+from shoal.compress.base import NONFINITE, ErrorFeedback, Payload, numel_of
+from shoal.compress.seeds import counts_state, load_counts, next_seed
+from shoal.finite import all_finite
 
 
 def count_kept(ratio: float, n: int) -> int:
@@ -34,7 +36,7 @@ def count_kept(ratio: float, n: int) -> int:
 
 
 class TopK(ErrorFeedback):
-    family: ClassVar[str] = "topk"
+    family = "topk"
 
     def __init__(self, spec: str, ratio: float):
         super().__init__(spec)
@@ -54,18 +56,15 @@ class TopK(ErrorFeedback):
         sent = torch.zeros_like(acc)
         sent[index.long()] = values.to(acc.dtype)
         self._remember(key, acc, sent)
-        header = {}
-        if k and not bool(torch.isfinite(values).all()):
-            header["nonfinite"] = True
-        return Payload(header, [index, values])
+        return Payload({} if all_finite(values) else {NONFINITE: True}, [index, values])
 
-    def check_payload(self, payload: Payload, shape) -> None:
+    def check_payload(self, payload: Payload, shape: Sequence[int]) -> None:
         index = payload.tensors[0]
         n = numel_of(shape)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
             raise ValueError("top-k index out of range")
 
-    def decode(self, payload: Payload, shape, dtype) -> torch.Tensor:
+    def decode(self, payload: Payload, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         index, values = payload.tensors
         out = torch.zeros(numel_of(shape), dtype=dtype, device=values.device)
         out[index.long()] = values.to(dtype)
@@ -73,7 +72,7 @@ class TopK(ErrorFeedback):
 
 
 class RandomK(ErrorFeedback):
-    family: ClassVar[str] = "randomk"
+    family = "randomk"
     allreduce_safe: ClassVar[bool] = True
     varying_header: ClassVar[tuple[str, ...]] = ("seed",)
 
@@ -88,33 +87,27 @@ class RandomK(ErrorFeedback):
         gen = torch.Generator().manual_seed(seed)
         return torch.randperm(n, generator=gen)[:k]
 
-    def _seed_for(self, key: str) -> int:
-        count = self.counts.get(key, 0)
-        self.counts[key] = count + 1
-        # Same on every rank (key and count agree); < 2^63 so msgpack keeps it.
-        return (self.seed * 1_000_003 + zlib.crc32(key.encode()) * 65_537 + count) % (2**62)
-
     def encode(self, key: str, grad: torch.Tensor) -> Payload:
         acc = self._accumulate(key, grad)
         n = acc.numel()
         k = count_kept(self.ratio, n)
-        seed = self._seed_for(key)
+        seed = next_seed(self.seed, key, self.counts)  # the same on every rank: key and count agree
         index = self.positions(seed, n, k).to(acc.device)
         values = acc[index].to(grad.dtype)
         sent = torch.zeros_like(acc)
         sent[index] = values.to(acc.dtype)
         self._remember(key, acc, sent)
         header = {"seed": seed, "k": k}
-        if k and not bool(torch.isfinite(values).all()):
-            header["nonfinite"] = True
+        if not all_finite(values):
+            header[NONFINITE] = True
         return Payload(header, [values])
 
-    def check_payload(self, payload: Payload, shape) -> None:
+    def check_payload(self, payload: Payload, shape: Sequence[int]) -> None:
         seed = payload.header.get("seed")
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**62:
             raise ValueError("random-k seed out of range")
 
-    def decode(self, payload: Payload, shape, dtype) -> torch.Tensor:
+    def decode(self, payload: Payload, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         (values,) = payload.tensors
         n = numel_of(shape)
         index = self.positions(int(payload.header["seed"]), n, int(payload.header["k"])).to(values.device)
@@ -123,10 +116,8 @@ class RandomK(ErrorFeedback):
         return out.reshape(shape)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = super().state_dict()
-        state.update({f"count/{k}": torch.tensor(v, dtype=torch.int64) for k, v in self.counts.items()})
-        return state
+        return {**super().state_dict(), **counts_state(self.counts)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         super().load_state_dict(state)
-        self.counts = {k[len("count/") :]: int(v) for k, v in state.items() if k.startswith("count/")}
+        self.counts = load_counts(state)

@@ -24,8 +24,8 @@ class Digits:
     def load(self, seed: int = 0) -> DataSplit:
         from sklearn.datasets import load_digits
 
-        raw = load_digits()
-        x = torch.tensor(raw.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+        images, labels = load_digits(return_X_y=True)
+        x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
         x = (x - 0.3) / 0.4  # roughly zero mean, unit variance
-        y = torch.tensor(raw.target, dtype=torch.long)
+        y = torch.tensor(labels, dtype=torch.long)
         return split_tensors(x, y, self.test_fraction, seed, num_classes=10)

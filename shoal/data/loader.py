@@ -87,13 +87,10 @@ class ShardedLoader:
         self.index = int(state["index"])
 
 
-def fetch(dataset, idx: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+def fetch(dataset: Sequence, idx: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
     """The samples `idx` as a batch on `device`; in-memory tensor data sets are indexed directly."""
     tensors = getattr(dataset, "tensors", None)
-    if tensors is not None:
-        batch = [t[idx] for t in tensors]
-    else:
-        batch = default_collate([dataset[int(i)] for i in idx])
+    batch = default_collate([dataset[int(i)] for i in idx]) if tensors is None else [t[idx] for t in tensors]
     non_blocking = device.type == "cuda"
     return [b.to(device, non_blocking=non_blocking) for b in batch]
 

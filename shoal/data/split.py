@@ -21,7 +21,7 @@ def split_tensors(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: 
     """A seeded random split of in-memory tensors."""
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=gen)
-    n_test = max(1, int(round(len(x) * test_fraction)))
+    n_test = max(1, round(len(x) * test_fraction))
     test, train = perm[:n_test], perm[n_test:]
     return DataSplit(
         TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test]), tuple(x.shape[1:]), num_classes

@@ -10,7 +10,6 @@ a one-line reason with the failing rank and its last error line.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import socket
@@ -19,8 +18,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shoal import env, logs
 from shoal.config import split_endpoint
-from shoal.errors import ShoalError, WorkerFailed, first_line
+from shoal.errors import ShoalError, WorkerError, first_line
+
+TORCH_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
+"""Silenced while workers run: we report a failure ourselves, in one line."""
 
 
 @dataclass
@@ -47,13 +50,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def launch(argv: list[str], spec: LaunchSpec) -> None:
-    """Run `python argv...` on `spec.nproc` local workers; raise `WorkerFailed` on a failure."""
+    """Run `python argv...` on `spec.nproc` local workers; raise `WorkerError` on a failure."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # we report failures ourselves
     if spec.nnodes > 1:
         if not spec.rdzv_endpoint:
             raise ShoalError("a job on several machines needs --rdzv-endpoint HOST:PORT (the same on every machine)")
@@ -63,7 +64,7 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     if spec.nnodes > 1:
         _check_endpoint(endpoint, spec.node_rank, store_open=spec.store_open)
     log_dir = spec.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-logs")
-    logs = DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE if spec.quiet else Std.ALL)
+    logs_spec = DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE if spec.quiet else Std.ALL)
     config = LaunchConfig(
         min_nodes=spec.nnodes,
         max_nodes=spec.nnodes,
@@ -77,18 +78,19 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
         max_restarts=0,
         monitor_interval=0.1,
         start_method="spawn",
-        logs_specs=logs,
+        logs_specs=logs_spec,
         log_line_prefix_template="[rank${rank}]: ",
         shutdown_timeout=5,
     )
-    saved = {k: os.environ.get(k) for k in [*spec.env, "SHOAL_LAUNCHED"]}
-    os.environ.update({**spec.env, "SHOAL_LAUNCHED": "1"})
+    saved = {k: os.environ.get(k) for k in [*spec.env, env.LAUNCHED]}
+    os.environ.update({**spec.env, env.LAUNCHED: "1"})
     try:
-        elastic_launch(config, entrypoint=sys.executable)(*["-u", *argv])
+        with logs.quiet(*TORCH_LOGGERS):
+            elastic_launch(config, entrypoint=sys.executable)(*["-u", *argv])
     except ChildFailedError as err:
-        raise WorkerFailed(_describe_failure(err, log_dir, spec)) from None
+        raise WorkerError(_describe_failure(err, log_dir, spec)) from None
     except Exception as err:  # rendezvous timeouts, ports in use, ...
-        raise WorkerFailed(f"the job could not start: {type(err).__name__}: {first_line(str(err))}") from None
+        raise WorkerError(f"the job could not start: {type(err).__name__}: {first_line(str(err))}") from None
     finally:
         for k, v in saved.items():
             if v is None:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from shoal import env
 from shoal.errors import CheckpointError
 from shoal.launch.agent import LaunchSpec, launch
-from shoal.ps.launch import serving
+from shoal.ps.servers import serving
 from shoal.train import checkpoint
 from shoal.train import jobconfig as config
 from shoal.train.jobconfig import JobConfig
@@ -35,7 +36,8 @@ def run_directory(cfg: JobConfig) -> Path:
         )
         if not earlier:
             raise CheckpointError(
-                f"no earlier run of {prefix.rstrip('-')!r} with checkpoints in {str(root)!r}; run without --resume to start fresh, or name the run with --logging.name"
+                f"no earlier run of {prefix.rstrip('-')!r} with checkpoints in {str(root)!r}; "
+                "run without --resume to start fresh, or name the run with --logging.name"
             )
         return earlier[-1]
     return root / (prefix + time.strftime("%Y%m%d-%H%M%S"))
@@ -60,7 +62,8 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
     resume_from = resolve_resume(cfg, run_dir, console)
     if not resume_from and cfg.launch.node_rank == 0 and (run_dir / "checkpoints").exists():
         raise CheckpointError(
-            f"run directory {str(run_dir)!r} already has checkpoints; pass --resume to continue it, or choose another --logging.name"
+            f"run directory {str(run_dir)!r} already has checkpoints; "
+            "pass --resume to continue it, or choose another --logging.name"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.checkpoint.resume_from = resume_from
@@ -71,14 +74,15 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
         (run_dir / "summary.json").unlink()
 
     launch_cfg = cfg.launch
-    env = {"SHOAL_RUN_DIR": str(run_dir), "SHOAL_JOB_KEY": os.environ.get("SHOAL_JOB_KEY") or secrets.token_hex(32)}
+    job_key = os.environ.get(env.JOB_KEY) or secrets.token_hex(32)
+    workers_env = {env.RUN_DIR: str(run_dir), env.JOB_KEY: job_key}
     spec = LaunchSpec(
         nproc=launch_cfg.workers,
         nnodes=launch_cfg.nnodes,
         node_rank=launch_cfg.node_rank,
         rdzv_endpoint=launch_cfg.rdzv_endpoint,
         log_dir=str(run_dir / "logs"),
-        env=env,
+        env=workers_env,
         run_id=run_dir.name,
     )
     monitor = ProgressMonitor(run_dir / "metrics.jsonl", cfg.train.steps, console) if cfg.logging.progress else None
@@ -89,7 +93,7 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
     try:
         with serving(
             servers,
-            env["SHOAL_JOB_KEY"],
+            job_key,
             log_dir=str(run_dir / "logs"),
             record=str(
                 run_dir / f"ps_events-node{launch_cfg.node_rank}.jsonl"
@@ -100,7 +104,7 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
             node_rank=launch_cfg.node_rank,
             rdzv_endpoint=launch_cfg.rdzv_endpoint,
         ) as ps_env:
-            env.update(ps_env)
+            workers_env.update(ps_env)
             launch(["-m", "shoal.train.worker", str(run_dir)], spec)
     finally:
         if monitor:
@@ -110,7 +114,8 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
     summary["run_dir"] = str(run_dir)
     if summary.get("stopped_early"):
         console.print(
-            f"stopped at step {summary['step']} as asked (train.stop_at); resume with --resume --logging.name={run_dir.name}",
+            f"stopped at step {summary['step']} as asked (train.stop_at); "
+            f"resume with --resume --logging.name={run_dir.name}",
             highlight=False,
         )
     if "eval_accuracy" in summary:

@@ -21,7 +21,8 @@ class CNN:
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
         if len(input_shape) != 3:
             raise ConfigError(
-                f"model 'cnn' needs image input (channels, height, width), but the data set gives shape {input_shape}; use model.name = 'mlp'",
+                "model 'cnn' needs image input (channels, height, width), "
+                f"but the data set gives shape {input_shape}; use model.name = 'mlp'",
                 "model.name",
             )
         layers: list[nn.Module] = []

@@ -34,7 +34,8 @@ class GPT:
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
         if len(input_shape) != 1:
             raise ConfigError(
-                f"model 'gpt' needs token sequences, but the data set gives shape {input_shape}; use a language-model data set such as 'stdlib_chars'",
+                f"model 'gpt' needs token sequences, but the data set gives shape {input_shape}; "
+                "use a language-model data set such as 'stdlib_chars'",
                 "model.name",
             )
         context, vocab = input_shape[0], num_classes

@@ -17,6 +17,7 @@ import zmq
 
 from shoal.comm.wire import Codec, WireError
 from shoal.errors import ShoalError
+from shoal.ps.protocol import BYE, ERROR, INIT, OBSERVER, PARAMS, PULL, PUSH, RESTORE, RESTORED, STATE, STATS
 
 
 class Client:
@@ -45,9 +46,9 @@ class Client:
 
     def init(self, specs: list[dict], values: list[list[torch.Tensor]]) -> list[tuple[dict, list[torch.Tensor]]]:
         """Join every server (rank 0 sends the initial values); the servers' answers."""
-        for s, (spec, vals) in enumerate(zip(specs, values)):
-            self._send(s, {"op": "init", "world": self.world, "spec": spec}, vals if self.rank == 0 else ())
-        return self._collect("params", clock=0)
+        for s, (spec, vals) in enumerate(zip(specs, values, strict=True)):
+            self._send(s, {"op": INIT, "world": self.world, "spec": spec}, vals if self.rank == 0 else ())
+        return self._collect(PARAMS, clock=0)
 
     def push(
         self,
@@ -64,7 +65,7 @@ class Client:
         but the clock (a step dropped for a non-finite gradient)."""
         self.trackers = []
         for s, (keys, grads) in enumerate(per_server):
-            header = {"op": "push", "clock": clock, "keys": keys, "hp": hp}
+            header = {"op": PUSH, "clock": clock, "keys": keys, "hp": hp}
             if codes is not None:
                 header["codes"] = codes[s]
             if skip:
@@ -81,22 +82,22 @@ class Client:
 
     def request_pull(self, clock: int) -> None:
         for s in range(len(self.socks)):
-            self._send(s, {"op": "pull", "clock": clock})
+            self._send(s, {"op": PULL, "clock": clock})
 
     def state(self, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
         """Every server's values and optimizer state once all workers have pushed `clock` times."""
         for s in range(len(self.socks)):
-            self._send(s, {"op": "state", "clock": clock})
-        return self._collect("state", clock)
+            self._send(s, {"op": STATE, "clock": clock})
+        return self._collect(STATE, clock)
 
     def restore(self, layouts: list[list], tensors: list[list[torch.Tensor]]) -> None:
         """Worker 0 only, before the first push: put a checkpoint back on every server."""
-        for s, (layout, ts) in enumerate(zip(layouts, tensors)):
-            self._send(s, {"op": "restore", "state": layout}, ts)
-        self._collect("restored", 0)
+        for s, (layout, ts) in enumerate(zip(layouts, tensors, strict=True)):
+            self._send(s, {"op": RESTORE, "state": layout}, ts)
+        self._collect(RESTORED, 0)
 
     def wait_pull(self, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
-        return self._collect("params", clock)
+        return self._collect(PARAMS, clock)
 
     def _collect(self, op: str, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
         poller = zmq.Poller()
@@ -112,20 +113,22 @@ class Client:
                     f"worker {self.rank}: no answer from parameter server(s) {missing} within {self.timeout_s:.0f}s "
                     f"(clock {clock}); a server or another worker may have died"
                 )
-            for sock, _ in poller.poll(min(left, 1.0) * 1000):
+            for sock, _ in poller.poll(int(min(left, 1.0) * 1000)):
                 s = self.socks.index(sock)
                 frames = sock.recv_multipart(copy=False)
                 try:
                     header, tensors = self.codec.decode(frames)
                 except WireError as err:
                     raise ShoalError(
-                        f"worker {self.rank}: a bad message from parameter server {s} ({err}); do all processes share the job key?"
+                        f"worker {self.rank}: a bad message from parameter server {s} ({err}); "
+                        "do all processes share the job key?"
                     ) from None
-                if header.get("op") == "error":
+                if header.get("op") == ERROR:
                     raise ShoalError(str(header.get("message", "the parameter server stopped the job")))
                 if header.get("op") != op or header.get("clock") != clock:
                     raise ShoalError(
-                        f"worker {self.rank}: parameter server {s} answered {header.get('op')} for clock {header.get('clock')}, expected clock {clock}"
+                        f"worker {self.rank}: parameter server {s} answered {header.get('op')} "
+                        f"for clock {header.get('clock')}, expected clock {clock}"
                     )
                 self.bytes_pulled += sum(t.numel() * t.element_size() for t in tensors)
                 replies[s] = (header, tensors)
@@ -136,7 +139,7 @@ class Client:
 
     def close(self) -> None:
         for s in range(len(self.socks)):
-            self._send(s, {"op": "bye"})
+            self._send(s, {"op": BYE})
         for s in self.socks:
             s.close()  # LINGER lets the goodbyes go out
         self.ctx.term()
@@ -150,7 +153,7 @@ def request_stats(
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     try:
-        sock.send_multipart(codec.encode({"op": "stats", "src": -1}))
+        sock.send_multipart(codec.encode({"op": STATS, "src": OBSERVER}))
         if not sock.poll(timeout_s * 1000):
             raise ShoalError(f"parameter server {endpoint} did not answer a stats request within {timeout_s:.0f}s")
         header, tensors = codec.decode(sock.recv_multipart())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from shoal.errors import ConfigError
@@ -62,7 +63,7 @@ def resolve(names: list[str], default: Mode, overrides: dict[str, str], stalenes
 class Gate:
     """A server's clocks and the rule for answering pulls."""
 
-    def __init__(self, workers: int, modes):
+    def __init__(self, workers: int, modes: Iterable[Mode]):
         modes = list(modes)
         self.workers = workers
         self.pushed = [0] * workers
@@ -77,11 +78,9 @@ class Gate:
         return min(self.pushed)
 
     def ready(self, clock: int) -> bool:
-        if self.has_bsp and self.bsp_done < clock:
-            return False
-        if self.ssp_bound is not None and self.slowest < clock - self.ssp_bound:
-            return False
-        return True
+        bsp_behind = self.has_bsp and self.bsp_done < clock
+        ssp_behind = self.ssp_bound is not None and self.slowest < clock - self.ssp_bound
+        return not (bsp_behind or ssp_behind)
 
     def waiting_on(self, clock: int) -> list[int]:
         """The workers whose missing pushes hold back a pull for `clock`."""

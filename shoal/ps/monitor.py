@@ -31,7 +31,10 @@ class Monitor:
     ):
         self.sub = Subscriber(codec, host)
         self.endpoint = self.sub.endpoint
-        self.record = open(record, "a") if record else None
+        self.record = record
+        if record:
+            with open(record, "a"):  # the file exists from the start, as the run directory promises
+                pass
         self.live = live
         self.console = console or Console(stderr=True)
         self.rows: dict[int, dict] = {}
@@ -44,15 +47,15 @@ class Monitor:
         return self
 
     def _take(self, messages: list[dict]) -> None:
+        if self.record and messages:
+            now = round(time.time(), 3)
+            with open(self.record, "a") as out:
+                out.writelines(json.dumps({"time": now, **m}) + "\n" for m in messages)
         for m in messages:
-            if self.record:
-                self.record.write(json.dumps({"time": round(time.time(), 3), **m}) + "\n")
             if m.get("topic") == "metrics" and isinstance(m.get("rank"), int):
                 self.rows[m["rank"]] = m
             elif m.get("topic") == "event":
                 self.events.append(str(m.get("message", ""))[:200])
-        if self.record and messages:
-            self.record.flush()
 
     def table(self) -> Table:
         t = Table(title="parameter server: workers", title_justify="left")
@@ -84,5 +87,3 @@ class Monitor:
         self._thread.join(5)
         self._take(self.sub.poll(0))
         self.sub.close()
-        if self.record:
-            self.record.close()

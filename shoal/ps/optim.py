@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from shoal.errors import ConfigError
+from shoal.finite import all_finite
 
 _ADAM = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 HYPER: dict[str, tuple[type, tuple[str, ...]]] = {
@@ -27,8 +28,9 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     name = type(optimizer).__name__
     if name not in HYPER or type(optimizer) is not HYPER[name][0]:
         raise ConfigError(
-            f"the parameter server runs the optimizer on its servers and supports torch.optim.SGD, Adam and AdamW, "
-            f"not {type(optimizer).__module__}.{type(optimizer).__qualname__}; use one of those or strategy 'data_parallel'",
+            "the parameter server runs the optimizer on its servers and supports torch.optim.SGD, Adam and AdamW, "
+            f"not {type(optimizer).__module__}.{type(optimizer).__qualname__}; "
+            "use one of those or strategy 'data_parallel'",
             "optimizer",
         )
     return name
@@ -47,7 +49,7 @@ def hyperparameters(name: str, group: dict) -> dict:
     return out
 
 
-def check_hyperparameters(name: str, hp) -> dict:
+def check_hyperparameters(name: str, hp: object) -> dict:
     """The received hyperparameters if they are well formed, else ValueError."""
     allowed = HYPER[name][1]
     if not isinstance(hp, dict) or not set(hp) <= set(allowed):
@@ -58,7 +60,7 @@ def check_hyperparameters(name: str, hp) -> dict:
             if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v)):
                 raise ValueError("bad betas")
             out[k] = tuple(v)
-        elif isinstance(v, bool) or isinstance(v, (int, float)):
+        elif isinstance(v, (bool, int, float)):
             out[k] = v
         else:
             raise ValueError(f"bad {k}")
@@ -95,12 +97,7 @@ def import_state(
         if key not in STATE[name] or key in state:
             raise ValueError(f"{name} keeps no state named {key!r}")
         if key in SCALARS:
-            if (
-                value.numel() != 1
-                or not value.is_floating_point()
-                or not bool(torch.isfinite(value).all())
-                or float(value) < 0
-            ):
+            if value.numel() != 1 or not value.is_floating_point() or not all_finite(value) or float(value) < 0:
                 raise ValueError(f"{key} must be one finite number >= 0")
             state[key] = value.detach().reshape(()).to(torch.float32).clone()
         elif value.dtype != param.dtype or value.shape != param.shape:

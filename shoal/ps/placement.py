@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 log = logging.getLogger("shoal.ps.placement")
 
@@ -59,11 +60,17 @@ class Plan:
         )
 
 
-def plan(sizes: list[tuple[str, int, int]], servers: int, chunk_bytes: int) -> Plan:
-    """Place parameters given as (name, numel, element_size) on `servers` servers."""
-    if servers < 1:
-        raise ValueError("servers must be >= 1")
-    pieces: list[tuple[str, int, int, int, int]] = []  # name, start, stop, nbytes, chunk count of the tensor
+class _Chunk(NamedTuple):
+    name: str
+    start: int
+    stop: int
+    nbytes: int
+    chunks: int
+    """How many chunks the tensor `name` is cut into."""
+
+
+def _chunks(sizes: list[tuple[str, int, int]], servers: int, chunk_bytes: int) -> list[_Chunk]:
+    out = []
     for name, numel, itemsize in sizes:
         nbytes = numel * itemsize
         n = math.ceil(nbytes / chunk_bytes) if chunk_bytes > 0 else 1
@@ -72,23 +79,30 @@ def plan(sizes: list[tuple[str, int, int]], servers: int, chunk_bytes: int) -> P
         n = max(1, min(numel, n))
         bounds = [round(i * numel / n) for i in range(n + 1)]
         for i in range(n):
-            pieces.append((name, bounds[i], bounds[i + 1], (bounds[i + 1] - bounds[i]) * itemsize, n))
-    order = sorted(range(len(pieces)), key=lambda i: (-pieces[i][3], i))
+            out.append(_Chunk(name, bounds[i], bounds[i + 1], (bounds[i + 1] - bounds[i]) * itemsize, n))
+    return out
+
+
+def plan(sizes: list[tuple[str, int, int]], servers: int, chunk_bytes: int) -> Plan:
+    """Place parameters given as (name, numel, element_size) on `servers` servers."""
+    if servers < 1:
+        raise ValueError("servers must be >= 1")
+    chunks = _chunks(sizes, servers, chunk_bytes)
     load = [0] * servers
-    holds: dict[str, set[int]] = {}
+    holders: dict[str, set[int]] = {}  # the servers holding a chunk of each tensor
     placed: dict[int, int] = {}
-    for i in order:
-        name, _, _, nbytes, n = pieces[i]
-        mine = holds.setdefault(name, set())
-        spread = n > 1 and n <= servers
-        server = min(range(servers), key=lambda s: (spread and s in mine, load[s], s))
-        load[server] += nbytes
-        mine.add(server)
+    for i in sorted(range(len(chunks)), key=lambda i: (-chunks[i].nbytes, i)):
+        chunk = chunks[i]
+        holding = holders.setdefault(chunk.name, set())
+        spread = 1 < chunk.chunks <= servers
+        server = min(range(servers), key=lambda s: (spread and s in holding, load[s], s))
+        load[server] += chunk.nbytes
+        holding.add(server)
         placed[i] = server
     out = []
-    for i, (name, start, stop, nbytes, n) in enumerate(pieces):
-        key = name if n == 1 else f"{name}#{start}"
-        out.append(Piece(key, name, start, stop, nbytes, placed[i]))
+    for i, c in enumerate(chunks):
+        key = c.name if c.chunks == 1 else f"{c.name}#{c.start}"
+        out.append(Piece(key, c.name, c.start, c.stop, c.nbytes, placed[i]))
     result = Plan(out, servers)
     log.info(result.describe())
     return result

@@ -20,40 +20,45 @@ and those pushes are applied, with each piece's values and optimizer state;
 is one consistent cut of the servers, written by the workers with the rest
 of the run.
 
-Start with `python -m shoal.ps.server` (see `shoal.ps.launch`).
+Start with `python -m shoal.ps.server` (see `shoal.ps.servers`); the messages
+are listed in `shoal.ps.protocol`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 import zmq
 
-from shoal import faults
-from shoal.comm.pubsub import EVENTS_ENV, Publisher
+from shoal import env, faults, logs
+from shoal.comm.pubsub import Publisher
 from shoal.comm.wire import Codec, WireError, job_key
+from shoal.compress.base import Receiver
 from shoal.errors import ShoalError
 from shoal.ps import optim
-from shoal.ps.consistency import Gate, Mode
+from shoal.ps import store as ps_store
+from shoal.ps.consistency import Gate
+from shoal.ps.pieces import PieceState, build_piece, pushed_pieces, received_gradients
+from shoal.ps.protocol import BYE, ERROR, INIT, OBSERVER, PARAMS, PULL, PUSH, RESTORE, RESTORED, STATE, STATS
 
 log = logging.getLogger("shoal.ps.server")
-OBSERVER = -1  # `src` of read-only requests (stats) from tools and tests
 
 
-class Piece:
-    __slots__ = ("code_count", "code_shape", "group", "key", "mode", "opt", "param", "steps")
+class PendingRead(NamedTuple):
+    """A pull or state request the consistency rule does not allow yet."""
 
-    def __init__(self, key: str, param: torch.Tensor, opt, mode: Mode, group: int):
-        self.key, self.param, self.opt, self.mode, self.group = key, param, opt, mode, group
-        self.steps = 0  # optimizer steps applied
-        self.code_shape: tuple[int, ...] = tuple(param.shape)  # the shape gradients are compressed in
-        self.code_count = 1  # payload tensors per push of this piece
+    ident: bytes
+    worker: int
+    clock: int
+    since: float
+    reply: str
+    """PARAMS for a pull, STATE for a checkpoint."""
 
 
 class Server:
@@ -72,21 +77,20 @@ class Server:
         self.dropped: Counter[str] = Counter()
         self.workers: int | None = None
         self.joined: dict[int, tuple[bytes, dict]] = {}
-        self.initial: list[torch.Tensor] | None = None
-        self.pieces: dict[str, Piece] = {}
+        self.initial: list[torch.Tensor] = []
+        self.pieces: dict[str, PieceState] = {}
         self.order: list[str] = []
         self.optim_name = ""
         self.hp: list[dict] = []
         self.gate: Gate | None = None
+        self.async_keys = False
         self.seq: dict[int, int] = {}
         self.accum: dict[int, dict[str, torch.Tensor]] = {}
         self.accum_count: Counter[int] = Counter()
         self.skipped_clocks: set[int] = set()  # BSP clocks a worker skipped (non-finite gradient): dropped whole
         self.skipped = 0
-        self.receiver = None  # a shoal.compress.base.Receiver when pushes are compressed
-        self.pending: list[
-            tuple[bytes, int, int, float, str]
-        ] = []  # identity, worker, clock, since, "params" | "state"
+        self.receiver: Receiver | None = None  # when pushes are compressed
+        self.pending: list[PendingRead] = []
         self.applied = 0  # pushes whose updates are in the parameters
         self.read_applied: dict[int, int] = {}
         self.staleness: dict[int, float] = {}
@@ -94,7 +98,7 @@ class Server:
         self.first_join = 0.0
         self.error = ""
         self.done = False
-        self.events = None  # a shoal.comm.pubsub.Publisher when the launcher listens
+        self.events: Publisher | None = None  # when the launcher listens
         self.clocks_seen = 0
 
     # ------------------------------------------------------------------ loop
@@ -113,27 +117,27 @@ class Server:
         self.ctx.term()
         return 1 if self.error else 0
 
-    def handle(self, ident: bytes, frames) -> None:
+    def handle(self, ident: bytes, frames: list[zmq.Frame]) -> None:
         try:
             header, tensors = self.codec.decode(frames)
             op, src = header.get("op"), header.get("src")
             if not isinstance(src, int) or isinstance(src, bool) or not OBSERVER <= src < (self.workers or 1 << 16):
                 raise WireError("bad_sender")
-            if op == "stats":
+            if op == STATS:
                 return self.send(ident, self.stats(), [p.param for p in self.pieces.values()])
             seq = header.get("seq")
             if src == OBSERVER or not isinstance(seq, int) or seq <= self.seq.get(src, -1):
                 raise WireError("replayed")
-            if op == "init":
+            if op == INIT:
                 self.on_init(ident, src, header, tensors)
-            elif op == "push":
+            elif op == PUSH:
                 self.on_push(src, header, tensors)
-            elif op in ("pull", "state"):
+            elif op in (PULL, STATE):
                 self.on_pull(ident, src, header, op)
-            elif op == "restore":
+            elif op == RESTORE:
                 self.on_restore(ident, src, header, tensors)
-            elif op == "bye":
-                self.check_joined(src)
+            elif op == BYE:
+                self.joined_gate(src)
                 self.bye.add(src)  # the server stays up for stats until the launcher stops it
             else:
                 raise WireError("bad_op")
@@ -142,12 +146,12 @@ class Server:
             self.dropped[err.reason] += 1
             log.debug("server %d dropped a message: %s", self.index, err)
 
-    def send(self, ident: bytes, header: dict, tensors=()) -> None:
+    def send(self, ident: bytes, header: dict, tensors: list[torch.Tensor] | tuple = ()) -> None:
         # copy=True: ZeroMQ takes the bytes now, before the optimizer changes them in place
         self.sock.send_multipart([ident, *self.codec.encode(header, list(tensors))], copy=True)
 
     # -------------------------------------------------------------- messages
-    def on_init(self, ident: bytes, src: int, header: dict, tensors) -> None:
+    def on_init(self, ident: bytes, src: int, header: dict, tensors: list[torch.Tensor]) -> None:
         world, spec = header.get("world"), header.get("spec")
         if not isinstance(world, int) or world < 1 or not isinstance(spec, dict) or src >= world:
             raise WireError("malformed", "bad init")
@@ -159,9 +163,9 @@ class Server:
         self.first_join = self.first_join or time.monotonic()
         self.joined[src] = (ident, spec)
         if len(self.joined) == world:
-            self.start()
+            self.start(world)
 
-    def start(self) -> None:
+    def start(self, workers: int) -> None:
         spec = self.joined[0][1]
         for w, (_, other) in self.joined.items():
             if other != spec:
@@ -173,163 +177,127 @@ class Server:
             self.hp = [optim.check_hyperparameters(self.optim_name, hp) for hp in spec["groups"]]
             self.timeout_s = float(spec.get("timeout_s", self.timeout_s))
             keys = spec["keys"]
-            if len(keys) != len(self.initial or []):
+            if len(keys) != len(self.initial):
                 raise ValueError("worker 0 sent no initial values")
             compression = spec.get("compression", "none")
             if compression != "none":
-                from shoal.compress.base import Receiver
-
                 self.receiver = Receiver(compression)
             code_shapes = spec.get("code_shapes") or [k[2] for k in keys]
             if len(code_shapes) != len(keys):
                 raise ValueError("one code shape per key")
-            for (key, dtype, shape, kind, staleness, group), value, code_shape in zip(keys, self.initial, code_shapes):
-                if [str(value.dtype).removeprefix("torch."), list(value.shape)] != [dtype, shape]:
-                    raise ValueError(f"initial value of {key} has the wrong shape")
-                param = value.clone()
-                piece = Piece(
-                    key, param, optim.build(self.optim_name, param, self.hp[group]), Mode(kind, staleness), group
-                )
-                piece.code_shape = tuple(int(d) for d in code_shape)
-                if math.prod(piece.code_shape) != param.numel():
-                    raise ValueError(f"code shape of {key} does not hold its elements")
-                if self.receiver is not None:
-                    piece.code_count = len(self.receiver.layout(piece.code_shape, param.dtype)[1])
-                self.pieces[key] = piece
+            for key_spec, value, code_shape in zip(keys, self.initial, code_shapes, strict=True):
+                piece = build_piece(key_spec, value, code_shape, self.optim_name, self.hp, self.receiver)
+                self.pieces[piece.key] = piece
         except (KeyError, TypeError, ValueError, ShoalError) as exc:  # ShoalError: a bad compression spec
             return self.fail(f"bad initial message from worker 0: {exc}")
         self.order = list(self.pieces)
-        self.gate = Gate(self.workers, [p.mode for p in self.pieces.values()])
+        self.gate = Gate(workers, [p.mode for p in self.pieces.values()])
         self.async_keys = any(p.mode.kind != "bsp" for p in self.pieces.values())
-        if self.events:
-            nbytes = sum(p.param.numel() * p.param.element_size() for p in self.pieces.values())
-            modes = sorted({str(p.mode) for p in self.pieces.values()})
-            self.events.publish(
-                "event",
-                {
-                    "message": f"server {self.index}: {len(self.pieces)} pieces, {nbytes / 1e6:.2f} MB, {self.optim_name}, {'/'.join(modes)}, {self.workers} workers"
-                },
-            )
+        self.announce(workers)
         for w, (ident, _) in self.joined.items():
             self.read_applied[w] = 0
-            self.send(ident, {"op": "params", "clock": 0, "applied": 0}, [p.param for p in self.pieces.values()])
+            self.send(ident, {"op": PARAMS, "clock": 0, "applied": 0}, [p.param for p in self.pieces.values()])
 
-    def check_joined(self, src: int) -> None:
+    def announce(self, workers: int) -> None:
+        """One event line for the launcher's log: what this server holds."""
+        if not self.events:
+            return
+        nbytes = sum(p.param.numel() * p.param.element_size() for p in self.pieces.values())
+        modes = "/".join(sorted({str(p.mode) for p in self.pieces.values()}))
+        self.events.publish(
+            "event",
+            {
+                "message": f"server {self.index}: {len(self.pieces)} pieces, {nbytes / 1e6:.2f} MB, "
+                f"{self.optim_name}, {modes}, {workers} workers"
+            },
+        )
+
+    def joined_gate(self, src: int) -> Gate:
+        """The gate, once every worker joined and `src` is one of them; WireError otherwise."""
         if self.gate is None or src not in self.joined:
             raise WireError("not_joined")
+        return self.gate
 
-    def on_push(self, src: int, header: dict, tensors) -> None:
-        self.check_joined(src)
-        clock, keys, hp, skip = header.get("clock"), header.get("keys"), header.get("hp"), header.get("skip", False)
-        if (
-            not isinstance(keys, list)
-            or len(set(map(str, keys))) != len(keys)
-            or skip not in (True, False)
-            or (skip and (keys or tensors))
-        ):
-            raise WireError("malformed", "bad keys or skip flag")
-        pieces = []
-        for key in keys:
-            piece = self.pieces.get(key) if isinstance(key, str) else None
-            if piece is None:
-                raise WireError("unknown_key")
-            pieces.append(piece)
-        grads = [] if skip else self.received_gradients(pieces, header.get("codes"), tensors)
-        if clock != self.gate.pushed[src]:
-            raise WireError("bad_clock", f"worker {src} pushed clock {clock}, expected {self.gate.pushed[src]}")
+    def on_push(self, src: int, header: dict, tensors: list[torch.Tensor]) -> None:
+        gate = self.joined_gate(src)
+        skip = header.get("skip", False)
+        pieces = pushed_pieces(self.pieces, header.get("keys"), skip, tensors)
+        grads = [] if skip else received_gradients(pieces, header.get("codes"), tensors, self.receiver)
+        if header.get("clock") != gate.pushed[src]:
+            raise WireError(
+                "bad_clock", f"worker {src} pushed clock {header.get('clock')}, expected {gate.pushed[src]}"
+            )
+        clock: int = gate.pushed[src]
         if clock >= self.clocks_seen:  # the first push of the workers' (clock+1)-th step
             self.clocks_seen = clock + 1
             faults.at_step("server", self.index, self.clocks_seen)
-        try:
-            hps = [optim.check_hyperparameters(self.optim_name, h) for h in hp]
-            if len(hps) != len(self.hp):
-                raise ValueError("group count")
-        except (TypeError, ValueError):
-            raise WireError("malformed", "bad hyperparameters") from None
+        hps = self.pushed_hyperparameters(header.get("hp"))
         # Checked: from here on the message is applied in full.
-        self.hp = [{**old, **new} for old, new in zip(self.hp, hps)]
-        self.staleness[src] = (self.applied - self.read_applied.get(src, 0)) / self.workers
-        acc = self.accum.setdefault(clock, {}) if self.gate.has_bsp else None
-        if skip and self.gate.has_bsp:
+        self.hp = [{**old, **new} for old, new in zip(self.hp, hps, strict=True)]
+        self.staleness[src] = (self.applied - self.read_applied.get(src, 0)) / gate.workers
+        acc = self.accum.setdefault(clock, {}) if gate.has_bsp else {}
+        if skip and gate.has_bsp:
             self.skipped_clocks.add(clock)
         self.skipped += skip
-        for piece, grad in zip(pieces, grads):
-            if piece.mode.kind == "bsp":
-                if piece.key in acc:
-                    acc[piece.key].add_(grad)
-                else:
-                    acc[piece.key] = grad.clone()
+        for piece, grad in zip(pieces, grads, strict=True):
+            if piece.mode.kind != "bsp":
+                piece.apply(grad, self.hp[piece.group])
+            elif piece.key in acc:
+                acc[piece.key].add_(grad)
             else:
-                self.apply(piece, grad)
-        self.gate.pushed[src] += 1
+                acc[piece.key] = grad.clone()
+        gate.pushed[src] += 1
         if self.async_keys:
             self.applied += 1
-        if self.gate.has_bsp:
-            self.accum_count[clock] += 1
-            if self.accum_count[clock] == self.workers:
-                totals = self.accum.pop(clock)
-                if clock in self.skipped_clocks:  # a worker's gradient overflowed: nobody's is applied, as under DP
-                    self.skipped_clocks.discard(clock)
-                    totals = {}
-                for key, total in totals.items():
-                    self.apply(self.pieces[key], total.div_(self.workers))
-                del self.accum_count[clock]
-                self.gate.bsp_done += 1
-                if not self.async_keys:
-                    self.applied += self.workers
+        if gate.has_bsp:
+            self.count_bsp_push(gate, clock)
         self.answer_ready()
 
-    def received_gradients(self, pieces: list[Piece], codes, tensors) -> list[torch.Tensor]:
-        """The pushed gradients, checked (and decoded when compressed); WireError if any is wrong."""
-        if self.receiver is None:
-            if codes is not None or len(tensors) != len(pieces):
-                raise WireError("malformed", "keys do not match tensors")
-            for piece, grad in zip(pieces, tensors):
-                if grad.dtype != piece.param.dtype or grad.shape != piece.param.shape:
-                    raise WireError("bad_shape", f"{piece.key}: {grad.dtype}{list(grad.shape)}")
-            return list(tensors)
-        if (
-            not isinstance(codes, list)
-            or len(codes) != len(pieces)
-            or len(tensors) != sum(p.code_count for p in pieces)
-        ):
-            raise WireError("malformed", "codes do not match keys and tensors")
-        grads, at = [], 0
-        for piece, code in zip(pieces, codes):
-            part = tensors[at : at + piece.code_count]
-            at += piece.code_count
-            try:
-                grads.append(self.receiver.decode(code, part, piece.code_shape, piece.param.dtype).reshape(-1))
-            except (ValueError, TypeError, IndexError, RuntimeError) as exc:
-                raise WireError("bad_payload", f"{piece.key}: {exc}") from None
-        return grads
+    def pushed_hyperparameters(self, hp: object) -> list[dict]:
+        """Every param group's hyperparameters a push carries; WireError unless well formed."""
+        try:
+            if not isinstance(hp, list) or len(hp) != len(self.hp):
+                raise ValueError("group count")
+            return [optim.check_hyperparameters(self.optim_name, h) for h in hp]
+        except (TypeError, ValueError):
+            raise WireError("malformed", "bad hyperparameters") from None
 
-    def apply(self, piece: Piece, grad: torch.Tensor) -> None:
-        piece.opt.param_groups[0].update(self.hp[piece.group])
-        piece.param.grad = grad
-        piece.opt.step()
-        piece.param.grad = None
-        piece.steps += 1
+    def count_bsp_push(self, gate: Gate, clock: int) -> None:
+        """Count a push to a BSP clock; the last one applies the clock's average."""
+        self.accum_count[clock] += 1
+        if self.accum_count[clock] < gate.workers:
+            return
+        totals = self.accum.pop(clock)
+        if clock in self.skipped_clocks:  # a worker's gradient overflowed: nobody's is applied, as under DP
+            self.skipped_clocks.discard(clock)
+            totals = {}
+        for key, total in totals.items():
+            piece = self.pieces[key]
+            piece.apply(total.div_(gate.workers), self.hp[piece.group])
+        del self.accum_count[clock]
+        gate.bsp_done += 1
+        if not self.async_keys:
+            self.applied += gate.workers
 
-    def on_pull(self, ident: bytes, src: int, header: dict, op: str = "pull") -> None:
-        self.check_joined(src)
-        clock = header.get("clock")
-        if clock != self.gate.pushed[src]:
-            raise WireError("bad_clock", f"worker {src} pulled clock {clock} after {self.gate.pushed[src]} pushes")
-        self.pending.append((ident, src, clock, time.monotonic(), "params" if op == "pull" else "state"))
+    def on_pull(self, ident: bytes, src: int, header: dict, op: str = PULL) -> None:
+        gate = self.joined_gate(src)
+        clock = gate.pushed[src]
+        if header.get("clock") != clock:
+            raise WireError("bad_clock", f"worker {src} pulled clock {header.get('clock')} after {clock} pushes")
+        self.pending.append(PendingRead(ident, src, clock, time.monotonic(), PARAMS if op == PULL else STATE))
         self.answer_ready()
 
-    def on_restore(self, ident: bytes, src: int, header: dict, tensors) -> None:
+    def on_restore(self, ident: bytes, src: int, header: dict, tensors: list[torch.Tensor]) -> None:
         """Worker 0 puts back a checkpoint's values and optimizer state, before any push."""
-        self.check_joined(src)
-        if src != 0 or any(self.gate.pushed) or self.pending:
+        gate = self.joined_gate(src)
+        if src != 0 or any(gate.pushed) or self.pending:
             raise WireError("bad_restore", "only worker 0 restores, and only before the first push")
         layout = header.get("state")
         if not isinstance(layout, list) or len(layout) != len(self.order):
             raise WireError("malformed", "restore must name every piece")
         staged, it = [], iter(tensors)
         try:
-            for key, entry in zip(self.order, layout):
+            for key, entry in zip(self.order, layout, strict=True):
                 if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == key and isinstance(entry[1], list)):
                     raise ValueError(f"expected piece {key}")
                 piece = self.pieces[key]
@@ -350,42 +318,40 @@ class Server:
             piece.param.copy_(value)
             piece.opt.state.clear()
             piece.opt.state[piece.param] = probe.state[probe.param_groups[0]["params"][0]]
-        self.send(ident, {"op": "restored", "clock": 0})
+        self.send(ident, {"op": RESTORED, "clock": 0})
 
     def answer_ready(self) -> None:
+        gate = self.gate
+        if gate is None:
+            return
         waiting, ready = [], []
-        for item in self.pending:
-            ident, src, clock, _, kind = item
-            if kind == "state":
+        for read in self.pending:
+            if read.reply == STATE:
                 # A cut: every worker has pushed `clock` times and all of it is applied.
-                if self.gate.slowest < clock or (self.gate.has_bsp and self.gate.bsp_done < clock):
-                    waiting.append(item)
+                if gate.slowest < read.clock or (gate.has_bsp and gate.bsp_done < read.clock):
+                    waiting.append(read)
                 else:
-                    self.send_state(ident, clock)
+                    self.send_state(read.ident, read.clock)
                 continue
-            if not self.gate.ready(clock):
-                waiting.append(item)
+            if not gate.ready(read.clock):
+                waiting.append(read)
                 continue
-            self.gate.answered(clock)
-            self.read_applied[src] = self.applied
-            ready.append(
-                (
-                    ident,
-                    {
-                        "op": "params",
-                        "clock": clock,
-                        "applied": self.applied,
-                        "staleness": self.staleness.get(src, 0.0),
-                    },
-                )
-            )
+            gate.answered(read.clock)
+            self.read_applied[read.worker] = self.applied
+            header = {
+                "op": PARAMS,
+                "clock": read.clock,
+                "applied": self.applied,
+                "staleness": self.staleness.get(read.worker, 0.0),
+            }
+            ready.append((read.ident, header))
         self.pending = waiting
         if ready:
             # One snapshot (the optimizer changes the parameters in place later) and one
             # MAC pass over it serve every worker answered now, as in BSP all of them.
             snapshot = [p.param.clone() for p in self.pieces.values()]
             messages = self.codec.encode_many([h for _, h in ready], snapshot)
-            for (ident, _), frames in zip(ready, messages):
+            for (ident, _), frames in zip(ready, messages, strict=True):
                 self.sock.send_multipart([ident, *frames], copy=False)
 
     def send_state(self, ident: bytes, clock: int) -> None:
@@ -394,16 +360,18 @@ class Server:
             items = optim.export_state(self.optim_name, piece.opt, piece.param)
             layout.append([piece.key, [k for k, _ in items]])
             tensors += [piece.param, *(t for _, t in items)]
-        self.send(ident, {"op": "state", "clock": clock, "state": layout}, tensors)
+        self.send(ident, {"op": STATE, "clock": clock, "state": layout}, tensors)
 
     # ---------------------------------------------------------------- health
     def check_timeouts(self) -> None:
         now = time.monotonic()
-        if self.gate is None and self.joined and now - self.first_join > self.timeout_s:
-            missing = sorted(set(range(self.workers)) - set(self.joined))
-            return self.fail(f"worker(s) {missing} did not join within {self.timeout_s:.0f}s (did they start?)")
-        if self.pending and now - min(p[3] for p in self.pending) > self.timeout_s:
-            clock = min(p[2] for p in self.pending)
+        if self.gate is None:
+            if self.joined and self.workers and now - self.first_join > self.timeout_s:
+                missing = sorted(set(range(self.workers)) - set(self.joined))
+                self.fail(f"worker(s) {missing} did not join within {self.timeout_s:.0f}s (did they start?)")
+            return
+        if self.pending and now - min(r.since for r in self.pending) > self.timeout_s:
+            clock = min(r.clock for r in self.pending)
             late = self.gate.waiting_on(clock)
             self.fail(
                 f"parameter server {self.index} waited {self.timeout_s:.0f}s for gradients from worker(s) {late} "
@@ -414,7 +382,7 @@ class Server:
     def fail(self, message: str) -> None:
         self.error = message
         for ident, _ in self.joined.values():
-            self.send(ident, {"op": "error", "message": message})
+            self.send(ident, {"op": ERROR, "message": message})
         print(f"shoal: {message}", file=sys.stderr, flush=True)
         if self.events:
             self.events.publish("event", {"message": message, "error": True})
@@ -424,7 +392,7 @@ class Server:
     def stats(self) -> dict:
         gate = self.gate
         return {
-            "op": "stats",
+            "op": STATS,
             "index": self.index,
             "keys": self.order,
             "dropped": dict(self.dropped),
@@ -441,30 +409,24 @@ class Server:
 
 def main() -> int:
     """Entry point: reads the job's environment, publishes the endpoint, serves."""
-    from datetime import timedelta
-
-    from torch.distributed import TCPStore
-
-    env = os.environ
-    logging.basicConfig(level=env.get("SHOAL_LOG_LEVEL", "WARNING"), format="%(name)s: %(message)s")
-    torch.set_num_threads(int(env.get("SHOAL_PS_THREADS", "1")))
-    index = int(env["SHOAL_PS_INDEX"])
-    optim.build(
-        "SGD", torch.zeros(1), {"lr": 0.1}
-    )  # torch imports its compiler stack on the first optimizer: pay it before serving
-    codec = Codec(job_key(), int(env.get("SHOAL_PS_MAX_BYTES", str(1 << 30))))
+    logs.setup()
+    environ = os.environ
+    torch.set_num_threads(int(environ.get(env.PS_THREADS, "1")))
+    index = int(environ[env.PS_INDEX])
+    # torch imports its compiler stack on the first optimizer: pay for it before serving
+    optim.build("SGD", torch.zeros(1), {"lr": 0.1})
+    codec = Codec(job_key(), int(environ.get(env.PS_MAX_BYTES, str(1 << 30))))
     server = Server(
         index,
         codec,
-        env.get("SHOAL_PS_HOST", "127.0.0.1"),
-        float(env.get("SHOAL_PS_TIMEOUT_S", "60")),
-        env.get("SHOAL_PS_ADVERTISE", ""),
+        environ.get(env.PS_HOST, "127.0.0.1"),
+        float(environ.get(env.PS_TIMEOUT_S, "60")),
+        environ.get(env.PS_ADVERTISE, ""),
     )
-    if env.get(EVENTS_ENV):
-        server.events = Publisher(env[EVENTS_ENV], codec)
-    host, _, port = env["SHOAL_PS_STORE"].rpartition(":")
-    store = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=60))
-    store.set(f"shoal/ps/server/{index}", server.endpoint)
+    if environ.get(env.PS_EVENTS):
+        server.events = Publisher(environ[env.PS_EVENTS], codec)
+    store = ps_store.connect(environ[env.PS_STORE], timeout_s=60)
+    store.set(ps_store.server_key(index), server.endpoint)
     del store
     return server.serve()
 

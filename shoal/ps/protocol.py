@@ -1,0 +1,31 @@
+"""The parameter server's messages, named once: op names and the observer id.
+
+Every message is a `shoal.comm.wire` message whose header has `op`, `src`
+(the sender's worker rank, or `OBSERVER`) and, from workers, `seq` (per
+sender, increasing; a replayed or reordered one is dropped).
+
+Worker to server: `INIT` (join; worker 0 also sends the initial values),
+`PUSH` (one clock's gradients), `PULL` (the parameters for a clock),
+`STATE` (values and optimizer state at a clock, for a checkpoint),
+`RESTORE` (worker 0, before any push: put a checkpoint back), `BYE`.
+Server to worker: `PARAMS` (answers `INIT` and `PULL`), `STATE`, `RESTORED`,
+`ERROR` (the server stopped the job; `message` says why).
+Anyone to server: `STATS` (read-only counters and parameters), answered with
+`STATS`; tools and tests send it as `OBSERVER`.
+"""
+
+from __future__ import annotations
+
+OBSERVER = -1
+"""The `src` of read-only requests (stats) from tools and tests."""
+
+INIT = "init"
+PUSH = "push"
+PULL = "pull"
+STATE = "state"
+RESTORE = "restore"
+BYE = "bye"
+STATS = "stats"
+PARAMS = "params"
+RESTORED = "restored"
+ERROR = "error"

@@ -1,0 +1,188 @@
+"""Start and stop a job's parameter-server processes: what a launcher calls.
+
+    with serving(2, job_key) as ps_env:         # SHOAL_PS_STORE, SHOAL_JOB_KEY, SHOAL_PS_EVENTS
+        ...run the workers with ps_env...       # the servers are stopped when the block ends
+
+`start_servers` is the lower level (tests use it): it returns a
+`ServerGroup` to stop in a `finally`. Servers find each other and workers
+find them through the rendezvous store (`shoal.ps.store`). On one machine
+the store is hosted here; across machines, machine k of M starts servers k,
+k + M, k + 2M, ... of the job's S, which bind every interface and publish
+the address by which this machine reaches machine 0 (or SHOAL_PS_ADVERTISE).
+Servers are children of the launcher on their machine, stopped by pid
+(SIGTERM, then SIGKILL), and they exit by themselves if it dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage] -- documented, not in torch's stubs
+
+from shoal import env
+from shoal.config import split_endpoint
+from shoal.errors import ConfigError, ShoalError
+from shoal.ps import store as ps_store
+
+
+@dataclass
+class ServerGroup:
+    procs: list[subprocess.Popen]
+    store: TCPStore
+    address: str
+    job_key: str
+    env: dict[str, str] = field(default_factory=dict)
+    """What workers need: the store address and the job key."""
+
+    def endpoints(self, timeout_s: float = 60.0) -> list[str]:
+        """Every server's endpoint (this machine's and the others')."""
+        return ps_store.read_endpoints(self.store, int(self.store.get(ps_store.SERVER_COUNT_KEY)), timeout_s)
+
+    def poll(self) -> list[int | None]:
+        return [p.poll() for p in self.procs]
+
+    def stop(self, grace_s: float = 5.0) -> list[int]:
+        """Stop every server (by pid); their exit codes."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in self.procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        return [p.returncode for p in self.procs]
+
+
+@dataclass
+class Share:
+    """This machine's share of a job on several machines: which servers it
+    starts, the job's store, and how its servers are bound and reached."""
+
+    store: TCPStore
+    address: str
+    """HOST:PORT of the store, for servers and workers."""
+    indices: list[int]
+    host: str = "0.0.0.0"
+    """The interface servers bind (every one: other machines reach them)."""
+    advertise: str = ""
+    """The address servers publish (how other machines reach this one)."""
+
+
+def start_servers(
+    count: int,
+    job_key: str,
+    host: str = "127.0.0.1",
+    timeout_s: float = 60.0,
+    extra_env: dict[str, str] | None = None,
+    log_dir: str | None = None,
+    share: Share | None = None,
+) -> ServerGroup:
+    """Start the job's `count` servers on `host` with a store of their own, or,
+    with `share`, this machine's share of them."""
+    if count < 1:
+        raise ShoalError(f"--servers must be >= 1, not {count}")
+    if share is None:
+        store, address = ps_store.open_local_store(host, count, timeout_s)
+        share = Share(store, address, list(range(count)), host)
+    workers_env = {env.PS_STORE: share.address, env.JOB_KEY: job_key}
+    procs = []
+    for i in share.indices:
+        server_env = {
+            **os.environ,
+            **(extra_env or {}),
+            **workers_env,
+            env.PS_INDEX: str(i),
+            env.PS_HOST: share.host,
+            "PYTHONUNBUFFERED": "1",
+        }
+        if share.advertise:
+            server_env[env.PS_ADVERTISE] = share.advertise
+        procs.append(_start_server(server_env, os.path.join(log_dir, f"server{i}.log") if log_dir else None))
+    return ServerGroup(procs, share.store, share.address, job_key, workers_env)
+
+
+def _start_server(server_env: dict[str, str], log_path: str | None) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "shoal.ps.server"]
+    if log_path is None:
+        return subprocess.Popen(argv, env=server_env)
+    with open(log_path, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(argv, env=server_env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def local_address_towards(host: str) -> str:
+    """This machine's address on the route to `host` (how other machines reach it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))  # no packet is sent: this only picks the route
+            return s.getsockname()[0]
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
+
+
+def machine_share(count: int, nnodes: int, node_rank: int, rdzv_endpoint: str) -> Share:
+    """This machine's share of a job's `count` servers on `nnodes` machines."""
+    if not os.environ.get(env.JOB_KEY):
+        raise ConfigError(
+            "a parameter-server job on several machines needs the same secret on every machine: "
+            f"set {env.JOB_KEY} (e.g. to the output of `openssl rand -hex 32`) before `shoal` on each"
+        )
+    rdzv_host, _ = split_endpoint(rdzv_endpoint)
+    return Share(
+        store=ps_store.open_job_store(count, nnodes, node_rank, rdzv_endpoint),
+        address=rdzv_endpoint,
+        indices=list(range(node_rank, count, nnodes)),
+        advertise=os.environ.get(env.PS_ADVERTISE) or local_address_towards(rdzv_host),
+    )
+
+
+@contextlib.contextmanager
+def serving(
+    count: int,
+    job_key: str,
+    log_dir: str | None = None,
+    record: str | None = None,
+    live: bool = False,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str = "",
+) -> Iterator[dict[str, str]]:
+    """`count` servers for the duration of the block; yields the environment workers need.
+
+    What `shoal run --servers S` and `shoal train` (with a strategy whose
+    `server_processes()` is > 0) wrap around their worker launch. Servers and
+    workers publish events and per-worker metrics to a `Monitor` here, which
+    appends them to `record` (JSON lines) and, with `live`, shows a table.
+    With `nnodes` > 1 every machine's launcher calls this with the same
+    `count` and `rdzv_endpoint`; each starts its share of the servers and
+    shows its own machine's rows.
+    """
+    if count <= 0:
+        yield {}
+        return
+    from shoal.comm.wire import Codec
+    from shoal.ps.monitor import Monitor
+
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+    share = machine_share(count, nnodes, node_rank, rdzv_endpoint) if nnodes > 1 else None
+    monitor = Monitor(Codec(job_key.encode()), record=record, live=live).start()
+    events = {env.PS_EVENTS: monitor.endpoint}
+    try:
+        group = start_servers(count, job_key, log_dir=log_dir, extra_env=events, share=share)
+        try:
+            yield {**group.env, **events}
+        finally:
+            group.stop()
+    finally:
+        monitor.stop()
