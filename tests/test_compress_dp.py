@@ -102,7 +102,7 @@ def accum_clip_overflow(rank, world):
     for _ in range(6):
         strategy.train_step(model, opt, loss_fn, (x, y))
         metrics.append(strategy.step_metrics().get("bytes_sent", 0.0))
-    res["encodes"] = sorted(set(strategy._compressor.counts.values()))
+    res["encodes"] = sorted(set(strategy.compressor.counts.values()))
     res["metrics_nonzero_at"] = [i for i, m in enumerate(metrics) if m > 0]
 
     # Clipping acts on the decoded, averaged gradient: the update's norm is lr x clip.
@@ -154,21 +154,20 @@ def resume(rank, world, steps, cut, root):
         _, model, opt, strategy = _setup(spec, MOMENTUM)
         for b in batches[:cut]:
             strategy.train_step(model, opt, loss_fn, b)
-        extra = {"strategy": strategy.state_dict()}
-        assert "compression" not in extra["strategy"], "compressor state belongs in DCP, not the JSON"
-        held = sum(
-            v.abs().sum().item()
-            for k, v in strategy.rank_tensors().items()
-            if {"residual", "error"} & set(k.split("/"))
-        )
-        path = checkpoint.save(Path(root) / str(i), cut, strategy.checkpoint_state(model, opt), extra, keep=1)
+        own = strategy.state_dict()
+        tensors = {k: v for k, v in own.items() if isinstance(v, torch.Tensor)}
+        extra = {"strategy": {k: v for k, v in own.items() if k not in tensors}}
+        assert not any(k.startswith("compression") for k in extra["strategy"]), "compressor state belongs in DCP"
+        held = sum(v.abs().sum().item() for k, v in tensors.items() if {"residual", "error"} & set(k.split("/")))
+        state = checkpoint.with_rank_tensors(strategy.checkpoint_state(model, opt), tensors)
+        path = checkpoint.save(Path(root) / str(i), cut, state, extra, keep=1)
         json_bytes = (path / f"extra-rank{rank}.json").stat().st_size
         # A fresh process's objects (new DDP, new buckets, no residuals yet), restored from disk.
         _, model, opt, strategy = _setup(spec, MOMENTUM, seed=123)
         state = strategy.checkpoint_state(model, opt)
         loaded = checkpoint.load(path, state)
         strategy.load_checkpoint_state(model, opt, state)
-        strategy.load_state_dict(loaded["strategy"])
+        strategy.load_state_dict({**loaded["strategy"], **checkpoint.rank_tensors(state)})
         for b in batches[cut:]:
             strategy.train_step(model, opt, loss_fn, b)
         out[spec] = {"equal": torch.equal(straight, _flat(model)), "held": held, "json_bytes": json_bytes}

@@ -25,6 +25,27 @@ from shoal import runtime
 from shoal.errors import CheckpointError
 
 MANIFEST = "manifest.json"
+RANK_STATE = "rank_state/"
+
+
+def rank_prefix(rank: int) -> str:
+    """The DCP key prefix of one rank's own tensors."""
+    return f"{RANK_STATE}rank{rank}/"
+
+
+def with_rank_tensors(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """`state` plus this rank's own tensors under its per-rank keys."""
+    prefix = rank_prefix(runtime.current().rank)
+    for key, t in tensors.items():
+        state[prefix + key] = t.detach().cpu().contiguous()
+    return state
+
+
+def rank_tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """This rank's own tensors that `load` filled in (rank 0's when resumed on more ranks)."""
+    own = rank_prefix(runtime.current().rank)
+    prefix = own if any(k.startswith(own) for k in state) else rank_prefix(0)
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -123,11 +144,9 @@ def load(path: Path, state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _size_rank_tensors(path: Path, state: dict[str, Any], rank: int) -> None:
-    """Per-rank tensors (`rank_state/rank{r}/...`, see Strategy.add_rank_tensors)
-    may not exist yet in a fresh process, so allocate this rank's saved ones
-    (rank 0's when resumed on more ranks) from the checkpoint's metadata."""
-    from shoal.strategies.base import RANK_STATE, rank_prefix
-
+    """Per-rank tensors (`rank_state/rank{r}/...`) may not exist yet in a fresh
+    process, so allocate this rank's saved ones (rank 0's when resumed on more
+    ranks) from the checkpoint's metadata."""
     for key in [k for k in state if k.startswith(RANK_STATE)]:
         del state[key]
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata

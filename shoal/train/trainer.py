@@ -7,7 +7,6 @@ update, i.e. `grad_accum` micro-batches.
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from pathlib import Path
@@ -41,16 +40,14 @@ class Trainer:
         split = cfg.data.options.load(seed=cfg.train.seed)
         model = cfg.model.options.build(split.input_shape, split.num_classes)
         optimizer = build_optimizer(cfg.optimizer, model.parameters())
-        strategy = cfg.strategy.options
-        extra_args = {}
-        if "example" in inspect.signature(strategy.prepare).parameters:  # e.g. a pipeline split by measured time
-            x, y = split.train.tensors
-            extra_args["example"] = (x[: cfg.data.options.batch_size], y[: cfg.data.options.batch_size])
-        model, optimizer = strategy.prepare(model, optimizer, **extra_args)
+        strategy = cfg.strategy.options.build()
+        x, y = split.train.tensors
+        example = (x[: cfg.data.options.batch_size], y[: cfg.data.options.batch_size])  # e.g. to time a pipeline
+        model, optimizer = strategy.prepare(model, optimizer, example=example)
         schedule = build_schedule(cfg.optimizer, optimizer, cfg.train.steps)
         loader = strategy.loader(split.train, cfg.data.options.batch_size, shuffle=True, seed=cfg.train.seed)
         loss_fn = loss_for(split.task)
-        accum = getattr(strategy, "grad_accum", 1)
+        accum = strategy.grad_accum
         ckpt_root = self.run_dir / "checkpoints"
 
         step = 0
@@ -62,7 +59,7 @@ class Trainer:
             step = int(extra["step"])
             loader.load_state_dict(extra["loader"])
             schedule.load_state_dict(extra["schedule"])
-            strategy.load_state_dict(extra.get("strategy", {}))
+            strategy.load_state_dict({**extra.get("strategy", {}), **checkpoint.rank_tensors(state)})
             if "rng" in extra:
                 checkpoint.set_rng_state(extra["rng"])
 
@@ -106,16 +103,17 @@ class Trainer:
                     metrics.log(step, kind="eval", **last_eval)
             stop_now = cfg.train.stop_at and step == cfg.train.stop_at and not last
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last or stop_now:
+                own = strategy.state_dict()
+                tensors = {k: v for k, v in own.items() if isinstance(v, torch.Tensor)}
                 extra = {
                     "step": step,
                     "loader": loader.state_dict(),
                     "schedule": schedule.state_dict(),
-                    "strategy": strategy.state_dict(),
+                    "strategy": {k: v for k, v in own.items() if k not in tensors},
                     "rng": checkpoint.rng_state(),
                 }
-                checkpoint.save(
-                    ckpt_root, step, strategy.checkpoint_state(model, optimizer), extra, cfg.checkpoint.keep
-                )
+                state = checkpoint.with_rank_tensors(strategy.checkpoint_state(model, optimizer), tensors)
+                checkpoint.save(ckpt_root, step, state, extra, cfg.checkpoint.keep)
             if stop_now:
                 stopped = True
                 break
