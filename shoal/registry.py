@@ -32,6 +32,6 @@ class Registry:
         """The dataclass that holds this component's options: its nested `Options`, else the component itself."""
         obj = self.get(name)
         cls = getattr(obj, "Options", obj)
-        if not dataclasses.is_dataclass(cls):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
             raise TypeError(f"{self.kind} {name!r} declares no options dataclass")
         return cls
