@@ -258,7 +258,7 @@ def tp_part(steps: int, reps: int) -> dict:
             )
         torch.set_num_threads(1)
     dist.barrier()
-    out["plan"] = strategy._plan_used
+    out["plan"] = strategy.plan_used
     return out if rt.rank == 0 else {}
 
 

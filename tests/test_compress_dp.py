@@ -102,7 +102,7 @@ def accum_clip_overflow(rank, world):
     for _ in range(6):
         strategy.train_step(model, opt, loss_fn, (x, y))
         metrics.append(strategy.step_metrics().get("bytes_sent", 0.0))
-    res["encodes"] = sorted(set(strategy._compressor.counts.values()))
+    res["encodes"] = sorted(set(strategy.compressor.counts.values()))
     res["metrics_nonzero_at"] = [i for i, m in enumerate(metrics) if m > 0]
 
     # Clipping acts on the decoded, averaged gradient: the update's norm is lr x clip.
@@ -135,10 +135,19 @@ RESUME_SPECS = ["topk:0.05", "randomk:0.2", "int8", "powersgd:rank=2"]
 
 
 def resume(rank, world, steps, cut, root):
+    import json
     from pathlib import Path
 
+    from shoal.config import CheckpointConfig
     from shoal.data.digits import Digits
-    from shoal.train import checkpoint
+    from shoal.train.checkpoint import Checkpointer, state_file
+    from shoal.train.trainer import ModelState
+
+    def checkpointer(i, model, opt, strategy):
+        shared = ModelState(strategy, model, opt)
+        return Checkpointer(
+            Path(root) / str(i), CheckpointConfig(keep=1), shared=shared, parts={"strategy": strategy}, last_step=steps
+        )
 
     loss_fn = torch.nn.functional.cross_entropy
     split = Digits().load(seed=0)
@@ -154,21 +163,18 @@ def resume(rank, world, steps, cut, root):
         _, model, opt, strategy = _setup(spec, MOMENTUM)
         for b in batches[:cut]:
             strategy.train_step(model, opt, loss_fn, b)
-        extra = {"strategy": strategy.state_dict()}
-        assert "compression" not in extra["strategy"], "compressor state belongs in DCP, not the JSON"
         held = sum(
             v.abs().sum().item()
-            for k, v in strategy.rank_tensors().items()
-            if {"residual", "error"} & set(k.split("/"))
+            for k, v in strategy.state_dict().items()
+            if isinstance(v, torch.Tensor) and {"residual", "error"} & set(k.split("/"))
         )
-        path = checkpoint.save(Path(root) / str(i), cut, strategy.checkpoint_state(model, opt), extra, keep=1)
-        json_bytes = (path / f"extra-rank{rank}.json").stat().st_size
+        path = checkpointer(i, model, opt, strategy).save(cut, force=True)
+        plain = json.loads((path / state_file(rank)).read_text())["parts"]["strategy"]
+        assert not any(k.startswith("compression") for k in plain), "compressor state belongs in DCP, not the JSON"
+        json_bytes = (path / state_file(rank)).stat().st_size
         # A fresh process's objects (new DDP, new buckets, no residuals yet), restored from disk.
         _, model, opt, strategy = _setup(spec, MOMENTUM, seed=123)
-        state = strategy.checkpoint_state(model, opt)
-        loaded = checkpoint.load(path, state)
-        strategy.load_checkpoint_state(model, opt, state)
-        strategy.load_state_dict(loaded["strategy"])
+        checkpointer(i, model, opt, strategy).resume(path)
         for b in batches[cut:]:
             strategy.train_step(model, opt, loss_fn, b)
         out[spec] = {"equal": torch.equal(straight, _flat(model)), "held": held, "json_bytes": json_bytes}

@@ -141,6 +141,5 @@ def test_pipelined_model_names_the_loop_it_needs():
     from shoal.strategies.pipeline import PipelinedModel
 
     strategy = Pipeline(stages=2, microbatches=2)
-    strategy.holder = nn.ModuleDict()  # what prepare would set; forward fails before using it
     with pytest.raises(ConfigError, match=r"write `loss = model\(x, y\)`"):
-        PipelinedModel(strategy)(torch.zeros(2, 4))
+        PipelinedModel(strategy, nn.ModuleDict())(torch.zeros(2, 4))  # forward fails before using the chunks

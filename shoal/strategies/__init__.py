@@ -1,5 +1,6 @@
-"""Distribution strategies by name. Each is a dataclass of its options that
-implements `shoal.strategies.base.Strategy`; construction only validates."""
+"""Distribution strategies by name. Each implements `shoal.strategies.base.Strategy`
+and nests its options as a frozen `Options` dataclass (what `STRATEGIES.options`
+returns and a config binds); `Options.build()` makes the strategy."""
 
 from shoal.registry import Registry
 

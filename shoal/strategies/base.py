@@ -1,41 +1,108 @@
-"""The one interface every strategy implements.
+"""The one interface every strategy implements, and the options every strategy has.
 
-The trainer, the CLI and a user's own loop know only this: `prepare` the
-model and optimizer, take this rank's `loader`, run steps, `evaluate`, save
-and restore `checkpoint_state`, `close`. A strategy's `optimizer.step()` does
-whatever the strategy needs (all-reduce, push/pull, pipeline schedule): the
-user's optimizer object is returned with its `step`/`zero_grad` wrapped, so
-it stays a real `torch.optim.Optimizer` (LR schedulers keep working).
+A strategy's options are a frozen, comparable dataclass nested in it
+(`DataParallel.Options`): the config binds them, `build()` makes the
+strategy, and constructing the strategy (`DataParallel(grad_accum=2)`)
+only validates them. Live state (DDP, clients, pipeline stages) is built by
+`prepare(model, optimizer, *, example=None)`, the same signature for all.
+
+The trainer, the CLI and a user's own loop know only this: `prepare`, take
+this rank's `loader`, run steps, `evaluate`, `state_dict`/`checkpoint_state`
+for checkpoints, `close`. The prepared optimizer's `step()` does whatever the
+strategy needs (see `shoal.strategies.optimizer`); `synchronize()` finishes
+the gradient averaging early, for users who clip or inspect by hand.
 """
 
 from __future__ import annotations
 
-import contextlib
-import types
-from collections.abc import Callable
-from typing import Any, ClassVar
+import abc
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from shoal import faults, runtime
+from shoal import runtime
 from shoal.data.loader import ShardedLoader, eval_shard, fetch
+from shoal.mesh import ParallelDims
+from shoal.strategies.optimizer import Closure, PreparedOptimizer, local_only
 
-RANK_STATE = "rank_state/"
-
-
-def rank_prefix(rank: int) -> str:
-    """The DCP key prefix of one rank's own tensors."""
-    return f"{RANK_STATE}rank{rank}/"
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
-class Strategy:
+class Samples(Protocol):
+    """A data set: its length and its samples by index (a TensorDataset, a list, ...)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StrategyOptions:
+    """A strategy's options: plain values, checked when made, compared by value.
+
+    Each strategy nests its own subclass as `Options`; `build()` makes that strategy.
+    """
+
+    _owner: ClassVar[type[Strategy] | None] = None
+
+    def build(self, **extra: Any) -> Strategy:
+        """The strategy with these options (`extra`: run-time objects that are not options)."""
+        if self._owner is None:
+            raise TypeError(f"{type(self).__qualname__} belongs to no strategy; nest it in one as `Options`")
+        return self._owner(self, **extra)
+
+    def server_processes(self, workers: int) -> int:
+        """How many non-worker (server) processes the launcher must start."""
+        return 0
+
+
+class Strategy(abc.ABC):
+    """A way to split training over processes: options in, `prepare` builds the rest."""
+
     name: ClassVar[str] = ""
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+
+    def __init__(self, options: StrategyOptions | None = None, /, **kwargs: Any) -> None:
+        if options is None:
+            options = self.Options(**kwargs)  # ConfigError naming the key, if a value is wrong
+        elif kwargs:
+            raise TypeError(f"{type(self).__name__}() takes options or keyword arguments, not both")
+        if not isinstance(options, self.Options):
+            raise TypeError(f"{type(self).__name__}() needs {self.Options.__qualname__}, not {type(options).__name__}")
+        self.options = options
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Options" in cls.__dict__:
+            cls.Options._owner = cls
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(self.options))
+        return f"{type(self).__name__}({shown})"
+
+    def not_prepared(self) -> RuntimeError:
+        return RuntimeError(f"{type(self).__name__}: call prepare(model, optimizer) first")
 
     # ------------------------------------------------------------------ setup
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, example: tuple[Any, Any] | None = None
+    ) -> tuple[nn.Module, PreparedOptimizer]:
+        """Build the live state: wrap or split the model, prepare the optimizer.
+
+        `example`, a batch (x, y), lets a strategy measure the model (a
+        pipeline balances its stages by time); every strategy accepts it.
+        """
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches (calls of `optimizer.step()`) per applied update."""
+        return 1
 
     @property
     def data_rank(self) -> int:
@@ -46,26 +113,58 @@ class Strategy:
     def data_world(self) -> int:
         return runtime.current().world_size
 
-    def loader(self, dataset, batch_size: int, shuffle: bool = True, seed: int = 0) -> ShardedLoader:
+    def data_group(self) -> dist.ProcessGroup | None:
+        """The process group over which data is split (None: the world)."""
+        return None
+
+    def loader(self, dataset: Samples, batch_size: int, shuffle: bool = True, seed: int = 0) -> ShardedLoader:
         """This rank's shard of `dataset`, `batch_size` samples per rank per step."""
-        return ShardedLoader(
-            dataset, batch_size, self.data_rank, self.data_world, shuffle, seed, runtime.current().device
-        )
+        device = runtime.current().device
+        samples = cast(Sequence[Any], dataset)  # the loader needs only len() and items
+        return ShardedLoader(samples, batch_size, self.data_rank, self.data_world, shuffle, seed, device)
 
     # ------------------------------------------------------------------ steps
-    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, batch) -> torch.Tensor:
+    def compute_loss(self, model: nn.Module, loss_fn: LossFn, x: Any, y: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch, ready for `backward()`."""
+        return loss_fn(model(x), y)
+
+    def train_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: tuple[Any, torch.Tensor]
+    ) -> torch.Tensor:
         """One micro-step of the ordinary loop; returns the detached loss."""
         x, y = batch
-        loss = loss_fn(model(x), y)
+        loss = self.compute_loss(model, loss_fn, x, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         return loss.detach()
 
+    def synchronize(self) -> bool:
+        """Average the gradients now, before `optimizer.step()` (to clip or inspect them by hand).
+
+        The following `step()` applies them without averaging again. True if
+        that step applies the gradients now in `.grad`; False if it will not
+        (an accumulating micro-step, or a step to be skipped).
+        """
+        return True  # the gradients are final after backward
+
+    def optimizer_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
+        """What the prepared optimizer's `step()` does (here: the optimizer's own step)."""
+        return optimizer.local_step(closure)
+
+    def optimizer_zero_grad(self, optimizer: PreparedOptimizer, set_to_none: bool) -> None:
+        """What the prepared optimizer's `zero_grad()` does."""
+        optimizer.local_zero_grad(set_to_none)
+
+    def step_metrics(self) -> dict[str, float]:
+        """Strategy-specific figures for the last step (bytes sent, wait time, ...)."""
+        return {}
+
+    # ------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, dataset, loss_fn: Callable, batch_size: int = 512) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, dataset: Samples, loss_fn: LossFn, batch_size: int = 512) -> dict[str, float]:
         """Accuracy and mean loss over the whole held-out set, each rank taking a share."""
-        rt = runtime.current()
+        device = runtime.current().device
         was_training = model.training
         model.eval()
         idx = eval_shard(len(dataset), self.data_rank, self.data_world)
@@ -74,107 +173,87 @@ class Strategy:
         # and model-parallel forwards are collective.
         longest = -(-len(dataset) // self.data_world)
         for start in range(0, longest, batch_size):
-            x, y = fetch(dataset, idx[start : start + batch_size], rt.device)
+            x, y = fetch(dataset, idx[start : start + batch_size], device)
             out = model(x)
-            if y.numel():
-                totals += self.eval_totals(out, y, loss_fn)
-        self.all_reduce_sum(totals)
+            if out is not None and y.numel():  # None: the output is on another pipeline stage
+                totals += eval_totals(out, y, loss_fn)
+        self.reduce_eval_totals(totals)
         model.train(was_training)
         return {"eval_loss": totals[0].item() / totals[2].item(), "eval_accuracy": totals[1].item() / totals[2].item()}
 
-    @staticmethod
-    def eval_totals(out: torch.Tensor, y: torch.Tensor, loss_fn: Callable) -> torch.Tensor:
-        """(loss sum, correct, count) per target: samples, or tokens of a language model."""
-        n = y.numel()
-        return torch.tensor([float(loss_fn(out, y)) * n, float((out.argmax(-1) == y).sum()), n], dtype=torch.float64)
+    def reduce_eval_totals(self, totals: torch.Tensor) -> None:
+        """Sum the evaluation totals over the ranks that hold some."""
+        self.all_reduce_sum(totals)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a small CPU tensor over the data-parallel ranks (in place)."""
         if dist.is_initialized() and self.data_world > 1:
-            dev = runtime.current().device
-            moved = t.to(dev)
+            moved = t.to(runtime.current().device)
             dist.all_reduce(moved, group=self.data_group())
             t.copy_(moved.cpu())
         return t
 
-    def data_group(self):
-        """The process group over which data is split (None: the world)."""
-        return None
-
-    def step_metrics(self) -> dict[str, float]:
-        """Strategy-specific figures for the last step (bytes sent, wait time, ...)."""
-        return {}
-
     # ------------------------------------------------------------- checkpoints
     def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """A state dict for `torch.distributed.checkpoint`, keyed by parameter names."""
+        """Model and optimizer state for `torch.distributed.checkpoint`, keyed by parameter names.
+
+        Collective. The same keys on every rank hold one tensor (replicated or
+        sharded), so a checkpoint loads into another layout.
+        """
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        with raw_optimizer(optimizer):  # torch may call step() to create empty state
+        with local_only(optimizer):  # torch steps the optimizer to create empty state
             model_sd, optim_sd = get_state_dict(self.unwrap(model), optimizer)
-        return self.add_rank_tensors({"model": model_sd, "optim": optim_sd})
+        return {"model": model_sd, "optim": optim_sd}
 
     def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Put what `checkpoint_state` made (filled from a checkpoint) into the model and optimizer."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        with raw_optimizer(optimizer):
+        with local_only(optimizer):
             set_state_dict(
                 self.unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
             )
-        self.take_rank_tensors(state)
-
-    # Per-rank tensors (error-feedback residuals, PowerSGD factors, ...) differ
-    # on every rank, so they go into the DCP checkpoint under a key naming the
-    # rank (`rank_state/rank{r}/{key}`): each rank writes its own, binary, no
-    # JSON/base64. `checkpoint.load` sizes them from the checkpoint's metadata.
-    def rank_tensors(self) -> dict[str, torch.Tensor]:
-        """This rank's own tensors to checkpoint (e.g. compressor state)."""
-        return {}
-
-    def load_rank_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore what `rank_tensors` returned (called with {} when none were saved)."""
-
-    def add_rank_tensors(self, state: dict[str, Any]) -> dict[str, Any]:
-        """`state` plus this rank's `rank_tensors` under per-rank DCP keys (for
-        strategies that override `checkpoint_state`)."""
-        prefix = rank_prefix(runtime.current().rank)
-        for key, t in self.rank_tensors().items():
-            state[prefix + key] = t.detach().cpu().contiguous()
-        return state
-
-    def take_rank_tensors(self, state: dict[str, Any]) -> None:
-        """Hand the per-rank entries `checkpoint.load` filled in to `load_rank_tensors`."""
-        own = rank_prefix(runtime.current().rank)
-        prefix = own if any(k.startswith(own) for k in state) else rank_prefix(0)  # resumed on more ranks than saved
-        tensors = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if tensors:
-            self.load_rank_tensors(tensors)
 
     def state_dict(self) -> dict[str, Any]:
-        """The strategy's own state (e.g. error-feedback residuals), JSON-able or tensors."""
+        """This rank's own state: plain JSON values and tensors (e.g. error-feedback residuals)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore what `state_dict` returned (keys it does not know are ignored)."""
+        return None
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The user's module inside whatever wrapper `prepare` put around it."""
-        return getattr(model, "module", model)
+        return model
 
     def close(self) -> None:
-        pass
+        """Release what `prepare` opened (connections, hooks)."""
+        return None
 
-    # ------------------------------------------------------------- launching
-    def server_processes(self, workers: int) -> int:
-        """How many non-worker (server) processes the launcher must start."""
-        return 0
+
+def eval_totals(out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    """(loss sum, correct, count) per target: samples, or tokens of a language model."""
+    n = y.numel()
+    return torch.tensor([float(loss_fn(out, y)) * n, float((out.argmax(-1) == y).sum()), n], dtype=torch.float64)
 
 
 class MeshStrategy(Strategy):
-    """A strategy laid out on `shoal.mesh.ParallelDims` (set in `prepare` as
-    `self.dims`): data is split over the mesh's data-parallel dimension only."""
+    """A strategy laid out on `shoal.mesh.ParallelDims` (built by `prepare`):
+    data is split over the mesh's data-parallel dimension only, and gradients
+    are averaged over it at `step()` (or at `synchronize()`, then not again)."""
 
-    dims = None
+    def __init__(self, options: StrategyOptions | None = None, /, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
+        self.dims: ParallelDims | None = None
+        self._params: list[nn.Parameter] = []
+        self._synchronized = False
+
+    @property
+    def mesh(self) -> ParallelDims:
+        if self.dims is None:
+            raise self.not_prepared()
+        return self.dims
 
     @property
     def data_rank(self) -> int:
@@ -184,71 +263,30 @@ class MeshStrategy(Strategy):
     def data_world(self) -> int:
         return self.dims.dp if self.dims else runtime.current().world_size
 
-    def data_group(self):
+    def data_group(self) -> dist.ProcessGroup | None:
         return self.dims.group("dp") if self.dims and self.dims.dp > 1 else None
 
+    def synchronize(self) -> bool:
+        if not self._synchronized:
+            if self.mesh.dp > 1:
+                all_reduce_mean_grads(self._params, self.mesh.group("dp"), self.mesh.dp)
+            self._synchronized = True
+        return True
 
-def wrap_optimizer(
-    optimizer: torch.optim.Optimizer, step: Callable, zero_grad: Callable | None = None
-) -> torch.optim.Optimizer:
-    """Replace the optimizer's `step` (and, if given, `zero_grad`) on this instance only.
+    @property
+    def clip_norm(self) -> float | None:
+        """Clip the averaged gradients to this global norm before applying (None: no clipping)."""
+        return None
 
-    `step(original_step, closure)` and `zero_grad(original_zero_grad, set_to_none)`
-    receive the class's own bound methods.
-    """
-    original_step = types.MethodType(type(optimizer).step, optimizer)
-    original_zero = types.MethodType(type(optimizer).zero_grad, optimizer)
-
-    calls = 0
-
-    def new_step(self, closure=None):
-        nonlocal calls
-        calls += 1
-        faults.at_step("worker", runtime.current().rank, calls)
-        return step(original_step, closure)
-
-    def new_zero_grad(self, set_to_none: bool = True):
-        return zero_grad(original_zero, set_to_none)
-
-    optimizer.step = types.MethodType(new_step, optimizer)
-    if zero_grad is not None:
-        optimizer.zero_grad = types.MethodType(new_zero_grad, optimizer)
-    return optimizer
+    def optimizer_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
+        self.synchronize()
+        self._synchronized = False
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self._params, self.clip_norm)
+        return optimizer.local_step(closure)
 
 
-@contextlib.contextmanager
-def raw_optimizer(optimizer: torch.optim.Optimizer):
-    """Within the block, `step`/`zero_grad` are the optimizer class's own (no strategy work)."""
-    wrapped = {k: optimizer.__dict__.pop(k) for k in ("step", "zero_grad") if k in optimizer.__dict__}
-    try:
-        yield optimizer
-    finally:
-        optimizer.__dict__.update(wrapped)
-
-
-def rebind_optimizer(
-    optimizer: torch.optim.Optimizer, names: dict[int, str], params: dict[str, torch.nn.Parameter]
-) -> None:
-    """Point `optimizer`'s groups at new parameter objects, by name, in place.
-
-    Sharding (FSDP2, tensor parallel) replaces a module's parameters and a
-    pipeline stage keeps only some: the user's optimizer, built on the
-    original parameters, must follow. `names` maps id(original) -> name. Groups
-    keep their hyperparameters; parameters this rank no longer holds are dropped.
-    """
-    if optimizer.state:
-        raise RuntimeError("prepare() the model before the optimizer's first step")
-    groups = optimizer.param_groups
-    optimizer.param_groups = []
-    for group in groups:
-        kept = [params[names[id(p)]] for p in group["params"] if names.get(id(p)) in params]
-        if kept:
-            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": kept})
-    if not optimizer.param_groups:
-        raise RuntimeError("after splitting the model this rank holds no parameter of the optimizer")
-
-
-def all_reduce_mean_grads(params, group, world: int) -> None:
+def all_reduce_mean_grads(params: list[nn.Parameter], group: dist.ProcessGroup | None, world: int) -> None:
     """Average local gradients over a data-parallel group with one flat all-reduce.
 
     For model-parallel layouts where DDP cannot wrap the module (pipeline

@@ -6,6 +6,8 @@ batch, DDP averages gradients). Gradient accumulation over k calls of
 `optimizer.step()` all-reduces once and applies the mean of the k micro
 batches, so it equals one step with the k-times batch; clipping is applied to
 the averaged gradient, as the single process with the combined batch would.
+`synchronize()` finishes that averaging before `step()`, so a user who clips
+by hand gets the same.
 
 `compression` (see `shoal.compress`) swaps DDP's all-reduce for a comm hook
 that compresses each bucket. The hook runs only on the synchronizing
@@ -13,31 +15,34 @@ micro-step, so an accumulated gradient is compressed once; clipping then
 applies to the decoded, averaged gradient. A non-finite averaged gradient
 (fp16 overflow, a NaN loss) is never applied: the step is skipped, counted in
 `skipped_steps` and logged, as mixed-precision training does. Error-feedback
-residuals are per rank: `rank_tensors()` hands them to the DCP checkpoint
-under `rank_state/rank{r}/compression/...` (see Strategy.add_rank_tensors),
-so each rank writes its own as binary tensors; `state_dict()` stays small.
+residuals are this rank's own tensors in `state_dict()` (under
+`compression/...`), which the checkpoint keeps per rank.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817  (torch's own abbreviation)
 
 from shoal import runtime
-from shoal.compress import parse
-from shoal.compress.base import unpack_state
+from shoal.compress import Compressor, ErrorFeedback, parse
 from shoal.config import check_range
 from shoal.errors import ConfigError
-from shoal.strategies.base import Strategy, wrap_optimizer
+from shoal.strategies.base import Strategy, StrategyOptions
+from shoal.strategies.optimizer import Closure, PreparedOptimizer, prepare_optimizer
+
+if TYPE_CHECKING:
+    from shoal.compress.ddp_hooks import CompressionHook
 
 log = logging.getLogger(__name__)
 
 SPARSE = ("topk", "randomk")
+COMPRESSION = "compression/"
 
 
 def sgd_momentum(optimizer: torch.optim.Optimizer) -> float:
@@ -54,141 +59,190 @@ def sgd_momentum(optimizer: torch.optim.Optimizer) -> float:
 
 
 @dataclass
+class _Replica:
+    """What `prepare` builds: the DDP module and where this rank is in a step."""
+
+    model: nn.Module
+    params: list[nn.Parameter]
+    compressor: Compressor
+    hook: CompressionHook | None
+    momentum: float
+    """Momentum the compressor applied before sparsifying (the step then runs without it)."""
+    micro: int = 0
+    synchronized: bool | None = None
+    """After `synchronize()`: whether the coming step applies (None: not synchronized)."""
+    last: dict[str, Any] = field(default_factory=dict)
+
+
 class DataParallel(Strategy):
-    grad_accum: int = 1
-    clip_norm: float | None = None
-    bucket_mb: float = 25.0
-    find_unused_parameters: bool = False
-    compression: str = "none"
+    """Data parallelism on DDP: `DataParallel(grad_accum=1, clip_norm=None, compression="none", ...)`."""
 
-    name: ClassVar[str] = "data_parallel"
+    name = "data_parallel"
 
-    def __post_init__(self):
-        check_range(self.grad_accum, "grad_accum", low=1)
-        check_range(self.bucket_mb, "bucket_mb", low=0.0, low_open=True)
-        if self.clip_norm is not None and self.clip_norm <= 0:
-            raise ConfigError(f"'clip_norm' must be > 0 (or unset for no clipping), not {self.clip_norm}", "clip_norm")
-        self._compressor = parse(self.compression)  # ConfigError (key "compression") if malformed
-        self._ddp: nn.Module | None = None
-        self._micro = 0
-        self._hook = None
-        self._pending_compression: dict | None = None
-        self._last: dict = {}
+    @dataclass(frozen=True, kw_only=True, slots=True)
+    class Options(StrategyOptions):
+        grad_accum: int = 1
+        clip_norm: float | None = None
+        bucket_mb: float = 25.0
+        find_unused_parameters: bool = False
+        compression: str = "none"
+
+        def __post_init__(self) -> None:
+            check_range(self.grad_accum, "grad_accum", low=1)
+            check_range(self.bucket_mb, "bucket_mb", low=0.0, low_open=True)
+            if self.clip_norm is not None and self.clip_norm <= 0:
+                raise ConfigError(
+                    f"'clip_norm' must be > 0 (or unset for no clipping), not {self.clip_norm}", "clip_norm"
+                )
+            parse(self.compression)  # ConfigError (key "compression") if malformed
+
+    options: Options
+
+    def __init__(self, options: Options | None = None, /, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
+        self._replica: _Replica | None = None
+        self._restored: dict[str, Any] = {}  # loaded before prepare(): applied by it
         self._skipped = 0
 
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+    @property
+    def grad_accum(self) -> int:
+        return self.options.grad_accum
+
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, example: tuple[Any, Any] | None = None
+    ) -> tuple[nn.Module, PreparedOptimizer]:
         rt = runtime.current()
         model.to(rt.device)
+        compressor = parse(self.options.compression)
+        hook = None
         if rt.distributed:
-            ids = [rt.device] if rt.device.type == "cuda" else None
+            from shoal.compress.ddp_hooks import CompressionHook
+
             model = DDP(
-                model, device_ids=ids, bucket_cap_mb=self.bucket_mb, find_unused_parameters=self.find_unused_parameters
+                model,
+                device_ids=[rt.device] if rt.device.type == "cuda" else None,
+                bucket_cap_mb=self.options.bucket_mb,
+                find_unused_parameters=self.options.find_unused_parameters,
             )
-            self._attach_compression(model, rt.rank)
-        self._ddp = model
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        self._set_sync(self.grad_accum == 1)
-        self._correct_momentum = 0.0
-        if self._hook is not None and self._compressor.family in SPARSE:
-            self._correct_momentum = sgd_momentum(optimizer)
-            self._compressor.momentum = self._correct_momentum
-        self._optimizer = optimizer  # its param_groups are replaced by load_state_dict: read them at each step
-        return model, wrap_optimizer(optimizer, self._step, self._zero_grad)
+            names = {id(p): name for name, p in model.module.named_parameters()}
+            compressor.reseed(1_000 + rt.rank)  # independent rounding noise per rank
+            hook = CompressionHook(compressor, model, names, self.data_group())
+        momentum = 0.0
+        if hook is not None and compressor.family in SPARSE and isinstance(compressor, ErrorFeedback):
+            momentum = compressor.momentum = sgd_momentum(optimizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self._replica = _Replica(model, params, compressor, hook, momentum)
+        self.load_state_dict(self._restored)
+        return model, prepare_optimizer(optimizer, self)
 
-    def _attach_compression(self, ddp: DDP, rank: int) -> None:
-        from shoal.compress.ddp_hooks import CompressionHook
+    @property
+    def replica(self) -> _Replica:
+        if self._replica is None:
+            raise self.not_prepared()
+        return self._replica
 
-        names = {id(p): name for name, p in ddp.module.named_parameters()}
-        self._compressor.reseed(1_000 + rank)  # independent rounding noise per rank
-        self._hook = CompressionHook(self._compressor, ddp, names, self.data_group())
-        if self._pending_compression is not None:
-            self._hook.load_state_dict(self._pending_compression)
-            self._pending_compression = None
+    @property
+    def compressor(self) -> Compressor:
+        """The live compressor (after `prepare`)."""
+        return self.replica.compressor
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, DDP) else model
 
     def _set_sync(self, sync: bool) -> None:
         # What DDP.no_sync() toggles; set here because the user's loop runs the
         # forward pass before optimizer.step() tells us where we are.
-        if isinstance(self._ddp, DDP):
-            self._ddp.require_backward_grad_sync = sync
+        if isinstance(self.replica.model, DDP):
+            self.replica.model.require_backward_grad_sync = sync
 
-    def _step(self, original_step, closure=None):
-        self._micro += 1
-        if self._micro < self.grad_accum:
-            self._set_sync(self._micro == self.grad_accum - 1)
-            return None
-        self._micro = 0
-        if self._hook is not None:
-            self._last = self._hook.take()
-            if self._last["nonfinite"]:
-                return self._skip()
+    # ------------------------------------------------------------------ steps
+    def synchronize(self) -> bool:
+        r = self.replica
+        if r.micro < self.grad_accum - 1:
+            return False  # an accumulating micro-step: the gradients are partial sums
+        if r.synchronized is None:
+            r.synchronized = self._average(r)
+        return r.synchronized
+
+    def _average(self, r: _Replica) -> bool:
+        """Finish what DDP's backward began: the mean over micro-batches; False for a non-finite gradient."""
+        if r.hook is not None:
+            r.last = r.hook.take()
+            if r.last["nonfinite"]:
+                return False
         if self.grad_accum > 1:
-            for p in self._params:
+            for p in r.params:
                 if p.grad is not None:
                     p.grad.div_(self.grad_accum)
-        if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self._params, self.clip_norm)
-        if self._correct_momentum:  # the compressor applied it before sparsifying
-            groups = self._optimizer.param_groups
-            saved = [g["momentum"] for g in groups]
-            for g in groups:
-                g["momentum"] = 0.0
-            try:
-                result = original_step(closure)
-            finally:
-                for g, m in zip(groups, saved):
-                    g["momentum"] = m
-        else:
-            result = original_step(closure)
-        self._set_sync(self.grad_accum == 1)
-        return result
+        return True
 
-    def _skip(self):
+    def optimizer_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
+        r = self.replica
+        r.micro += 1
+        if r.micro < self.grad_accum:
+            self._set_sync(r.micro == self.grad_accum - 1)
+            return None
+        r.micro = 0
+        applies = self._average(r) if r.synchronized is None else r.synchronized
+        r.synchronized = None
+        self._set_sync(self.grad_accum == 1)
+        if not applies:
+            return self._skip(r)
+        if self.options.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(r.params, self.options.clip_norm)
+        if not r.momentum:
+            return optimizer.local_step(closure)
+        # The compressor applied the momentum before sparsifying: step without it.
+        groups = optimizer.param_groups  # replaced by load_state_dict: read them at each step
+        saved = [g["momentum"] for g in groups]
+        for g in groups:
+            g["momentum"] = 0.0
+        try:
+            return optimizer.local_step(closure)
+        finally:
+            for g, m in zip(groups, saved, strict=True):
+                g["momentum"] = m
+
+    def _skip(self, r: _Replica) -> None:
         self._skipped += 1
         log.warning(
             "non-finite gradient after %s compression and averaging: step skipped (%d so far)",
-            self.compression,
+            self.options.compression,
             self._skipped,
         )
-        for p in self._params:
+        for p in r.params:
             p.grad = None
-        self._set_sync(self.grad_accum == 1)
-        return None
+
+    def optimizer_zero_grad(self, optimizer: PreparedOptimizer, set_to_none: bool) -> None:
+        if self.replica.micro == 0:  # gradients of an unfinished accumulation are kept
+            optimizer.local_zero_grad(set_to_none)
 
     def step_metrics(self) -> dict[str, float]:
-        if not self._last:
+        last = self.replica.last if self._replica else {}
+        if not last:
             return {}
-        sent = self._last["bytes_sent"]
+        sent = last["bytes_sent"]
         out = {"bytes_sent": sent, "skipped_steps": float(self._skipped)}
         if sent > 0:
-            out["compression_ratio"] = self._last["uncompressed"] / sent
+            out["compression_ratio"] = last["uncompressed"] / sent
         return out
 
-    def _zero_grad(self, original_zero_grad, set_to_none: bool = True):
-        if self._micro == 0:  # gradients of an unfinished accumulation are kept
-            original_zero_grad(set_to_none)
+    # ------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self._replica is None:
+            return dict(self._restored)
+        state: dict[str, Any] = {"micro": self._replica.micro, "skipped_steps": self._skipped}
+        if self._replica.hook is not None:
+            state.update({COMPRESSION + k: v for k, v in self._replica.hook.state_dict().items()})
+        return state
 
-    def state_dict(self):
-        return {"micro": self._micro, "skipped_steps": self._skipped}
-
-    def rank_tensors(self) -> dict[str, torch.Tensor]:
-        if self._hook is not None:
-            return {f"compression/{k}": v for k, v in self._hook.state_dict().items()}
-        return {f"compression/{k}": v for k, v in (self._pending_compression or {}).items()}
-
-    def load_rank_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        state = {k[len("compression/") :]: v for k, v in tensors.items() if k.startswith("compression/")}
-        if state:
-            self._load_compression(state)
-
-    def _load_compression(self, tensors: dict[str, torch.Tensor]) -> None:
-        if self._hook is not None:
-            self._hook.load_state_dict(tensors)
-        else:  # loaded before prepare(): applied when the hook exists
-            self._pending_compression = tensors
-
-    def load_state_dict(self, state):
-        self._micro = int(state.get("micro", 0))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self._skipped = int(state.get("skipped_steps", 0))
-        if "compression" in state:  # checkpoints from before the state moved into DCP
-            self._load_compression(unpack_state(state["compression"]))
-        self._set_sync(self._micro == self.grad_accum - 1)
+        if self._replica is None:  # applied by prepare()
+            self._restored = dict(state)
+            return
+        self._replica.micro = int(state.get("micro", 0))
+        compression = {k.removeprefix(COMPRESSION): v for k, v in state.items() if k.startswith(COMPRESSION)}
+        if compression and self._replica.hook is not None:
+            self._replica.hook.load_state_dict(compression)
+        self._set_sync(self._replica.micro == self.grad_accum - 1)

@@ -12,7 +12,7 @@ Guarantee: the same arithmetic as one process (up to summation order).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,63 +21,76 @@ from shoal import runtime
 from shoal.config import check_range
 from shoal.errors import ConfigError
 from shoal.mesh import ParallelDims
-from shoal.strategies.base import MeshStrategy, all_reduce_mean_grads, rebind_optimizer, wrap_optimizer
+from shoal.strategies.base import MeshStrategy, StrategyOptions
+from shoal.strategies.optimizer import PreparedOptimizer, prepare_optimizer, rebind_optimizer
 
 STYLES = ("colwise", "rowwise")
 
 
-@dataclass
 class TensorParallel(MeshStrategy):
-    plan: dict[str, str] | str = "auto"
-    """"auto", or {module name: "colwise" | "rowwise"} for an explicit plan."""
-    dp: int = 1
-    clip_norm: float | None = None
+    """Megatron-style layer splits: `TensorParallel(plan="auto", dp=1, clip_norm=None)`."""
 
-    name: ClassVar[str] = "tensor_parallel"
+    name = "tensor_parallel"
 
-    def __post_init__(self):
-        check_range(self.dp, "dp", low=1)
-        if isinstance(self.plan, str) and self.plan != "auto":
-            raise ConfigError(
-                f"'plan' must be 'auto' or a table of module name = 'colwise' | 'rowwise', not {self.plan!r}", "plan"
-            )
-        if isinstance(self.plan, dict):
-            for module, style in self.plan.items():
-                if style not in STYLES:
-                    raise ConfigError(f"'plan.{module}' must be 'colwise' or 'rowwise', not {style!r}", "plan")
-        self.dims: ParallelDims | None = None
-        self._plan_used: dict[str, str] = {}
+    @dataclass(frozen=True, kw_only=True, slots=True)
+    class Options(StrategyOptions):
+        plan: dict[str, str] | str = "auto"
+        """"auto", or {module name: "colwise" | "rowwise"} for an explicit plan."""
+        dp: int = 1
+        clip_norm: float | None = None
 
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        def __post_init__(self) -> None:
+            check_range(self.dp, "dp", low=1)
+            if isinstance(self.plan, str) and self.plan != "auto":
+                raise ConfigError(
+                    f"'plan' must be 'auto' or a table of module name = 'colwise' | 'rowwise', not {self.plan!r}",
+                    "plan",
+                )
+            if isinstance(self.plan, dict):
+                for module, style in self.plan.items():
+                    if style not in STYLES:
+                        raise ConfigError(f"'plan.{module}' must be 'colwise' or 'rowwise', not {style!r}", "plan")
+
+    options: Options
+
+    def __init__(self, options: Options | None = None, /, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
+        self.plan_used: dict[str, str] = {}
+        """The plan `prepare` applied (the options' or the automatic one)."""
+
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, example: tuple[Any, Any] | None = None
+    ) -> tuple[nn.Module, PreparedOptimizer]:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         rt = runtime.current()
-        self.dims = ParallelDims.for_world(rt.world_size, tp=rt.world_size // self.dp, dp=self.dp)
+        self.dims = dims = ParallelDims.for_world(
+            rt.world_size, tp=rt.world_size // self.options.dp, dp=self.options.dp
+        )
         model.to(rt.device)
         names = {id(p): n for n, p in model.named_parameters()}
-        self._plan_used = dict(self.plan) if isinstance(self.plan, dict) else auto_plan(model)
-        unknown = set(self._plan_used) - {n for n, _ in model.named_modules()}
+        plan = self.options.plan
+        self.plan_used = dict(plan) if isinstance(plan, dict) else auto_plan(model)
+        unknown = set(self.plan_used) - {n for n, _ in model.named_modules()}
         if unknown:
             raise ConfigError(
                 f"'strategy.plan' names module(s) {sorted(unknown)} that the model does not have", "strategy.plan"
             )
-        if self.dims.tp > 1:
+        if dims.tp > 1:
             styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-            parallelize_module(model, self.dims.mesh["tp"], {k: styles[v]() for k, v in self._plan_used.items()})
+            parallelize_module(model, dims.mesh["tp"], {k: styles[v]() for k, v in self.plan_used.items()})
             rebind_optimizer(optimizer, names, dict(model.named_parameters()))
         self._params = [p for p in model.parameters() if p.requires_grad]
-        return model, wrap_optimizer(optimizer, self._step)
+        return model, prepare_optimizer(optimizer, self)
 
-    def _step(self, original_step, closure=None):
-        if self.dims.dp > 1:
-            all_reduce_mean_grads(self._params, self.dims.group("dp"), self.dims.dp)
-        if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self._params, self.clip_norm)
-        return original_step(closure)
+    @property
+    def clip_norm(self) -> float | None:
+        return self.options.clip_norm
 
 
 def auto_plan(model: nn.Module) -> dict[str, str]:
-    """Column-then-row pairs: attention (q, k, v | out), feed-forward (up | down), and consecutive Linear layers of a Sequential."""
+    """Column-then-row pairs: attention (q, k, v | out), feed-forward (up | down),
+    and consecutive Linear layers of a Sequential."""
     plan: dict[str, str] = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -88,16 +101,23 @@ def auto_plan(model: nn.Module) -> dict[str, str]:
         elif all(isinstance(children.get(k), nn.Linear) for k in ("up", "down")):
             plan.update({f"{prefix}up": "colwise", f"{prefix}down": "rowwise"})
         elif isinstance(module, nn.Sequential):
-            pending = None  # a Linear waiting for its row-wise partner
-            for key, child in children.items():
-                if isinstance(child, nn.Linear):
-                    if pending is None:
-                        pending = key
-                    else:
-                        plan.update({f"{prefix}{pending}": "colwise", f"{prefix}{key}": "rowwise"})
-                        pending = None
-                elif not isinstance(child, ELEMENTWISE):
-                    pending = None  # only element-wise layers may sit inside a pair
+            plan.update(_sequential_pairs(prefix, children))
+    return plan
+
+
+def _sequential_pairs(prefix: str, children: dict[str, nn.Module]) -> dict[str, str]:
+    """Consecutive Linear layers, with only element-wise layers between them, as column/row pairs."""
+    plan: dict[str, str] = {}
+    waiting = None  # a Linear waiting for its row-wise partner
+    for key, child in children.items():
+        if isinstance(child, nn.Linear):
+            if waiting is None:
+                waiting = key
+            else:
+                plan.update({f"{prefix}{waiting}": "colwise", f"{prefix}{key}": "rowwise"})
+                waiting = None
+        elif not isinstance(child, ELEMENTWISE):
+            waiting = None  # only element-wise layers may sit inside a pair
     return plan
 
 

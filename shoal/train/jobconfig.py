@@ -34,7 +34,7 @@ from shoal.strategies import STRATEGIES
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    import tomli as tomllib  # pyright: ignore[reportMissingImports]  # a dependency on Python 3.10 only
 
 
 # --------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def from_dict(table: dict) -> JobConfig:
 def dump_toml(cfg: JobConfig) -> str:
     import tomli_w
 
-    def clean(obj):
+    def clean(obj: Any) -> Any:
         if isinstance(obj, dict):
             return {k: clean(v) for k, v in obj.items() if v is not None}
         return obj

@@ -84,7 +84,8 @@ class ProgressMonitor(threading.Thread):
 
 def _describe(rec: dict) -> str:
     if rec["kind"] == "eval":
-        return f"eval accuracy {rec.get('eval_accuracy', float('nan')):.4f}  eval loss {rec.get('eval_loss', float('nan')):.4f}"
+        accuracy, loss = rec.get("eval_accuracy", float("nan")), rec.get("eval_loss", float("nan"))
+        return f"eval accuracy {accuracy:.4f}  eval loss {loss:.4f}"
     if rec["kind"] == "train":
         return f"loss {rec['loss']:.4f}  {rec['samples_per_s']:.0f} samples/s"
     return rec["kind"]

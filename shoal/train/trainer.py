@@ -2,136 +2,164 @@
 
 It knows only the strategy interface: the same loop serves data parallel,
 parameter server and model-parallel strategies. One "step" is one optimizer
-update, i.e. `grad_accum` micro-batches.
+update, i.e. `strategy.grad_accum` micro-batches. The loop decides nothing
+itself: it calls named parts (`train_step`, `log`, `evaluate`, the
+`Checkpointer`), each of which knows its own cadence.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from shoal import runtime
-from shoal.train import checkpoint
+from shoal.strategies.base import LossFn, Strategy
+from shoal.train.checkpoint import Checkpointer
 from shoal.train.jobconfig import JobConfig
-from shoal.train.metrics import MetricsWriter
+from shoal.train.metrics import MetricsWriter, StepLog
 from shoal.train.optim import build_optimizer, build_schedule
+from shoal.train.rng import RNGState
 
 
-def loss_for(task: str):
+def loss_for(task: str) -> LossFn:
+    """Cross-entropy over classes, or over the tokens of a language model."""
     if task == "language_model":
         ce = nn.CrossEntropyLoss()
         return lambda logits, target: ce(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
     return nn.CrossEntropyLoss()
 
 
+@dataclass
+class ModelState:
+    """The model and optimizer as one checkpoint component: the strategy knows their layout."""
+
+    strategy: Strategy
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.strategy.checkpoint_state(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict[str, Any], /) -> None:
+        self.strategy.load_checkpoint_state(self.model, self.optimizer, state)
+
+
 class Trainer:
-    def __init__(self, cfg: JobConfig, run_dir: Path):
+    """One worker's part of a job: built from the config, then `run()`."""
+
+    def __init__(self, cfg: JobConfig, run_dir: Path) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.rt = runtime.current()
-
-    def run(self) -> dict:
-        cfg, rt = self.cfg, self.rt
+        self.batch_size: int = cfg.data.options.batch_size
         torch.manual_seed(cfg.train.seed)  # same initial parameters on every rank
-        split = cfg.data.options.load(seed=cfg.train.seed)
-        model = cfg.model.options.build(split.input_shape, split.num_classes)
-        optimizer = build_optimizer(cfg.optimizer, model.parameters())
-        strategy = cfg.strategy.options
-        extra_args = {}
-        if "example" in inspect.signature(strategy.prepare).parameters:  # e.g. a pipeline split by measured time
-            x, y = split.train.tensors
-            extra_args["example"] = (x[: cfg.data.options.batch_size], y[: cfg.data.options.batch_size])
-        model, optimizer = strategy.prepare(model, optimizer, **extra_args)
-        schedule = build_schedule(cfg.optimizer, optimizer, cfg.train.steps)
-        loader = strategy.loader(split.train, cfg.data.options.batch_size, shuffle=True, seed=cfg.train.seed)
-        loss_fn = loss_for(split.task)
-        accum = getattr(strategy, "grad_accum", 1)
-        ckpt_root = self.run_dir / "checkpoints"
+        self.data = cfg.data.options.load(seed=cfg.train.seed)
+        self.strategy: Strategy = cfg.strategy.options.build()
+        self.model, self.optimizer = self._prepare()
+        self.schedule = build_schedule(cfg.optimizer, self.optimizer, cfg.train.steps)
+        self.loader = self.strategy.loader(self.data.train, self.batch_size, shuffle=True, seed=cfg.train.seed)
+        self.batches = self.loader.forever()
+        self.loss_fn = loss_for(self.data.task)
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints",
+            cfg.checkpoint,
+            shared=ModelState(self.strategy, self.model, self.optimizer),
+            parts={"strategy": self.strategy, "loader": self.loader, "schedule": self.schedule, "rng": RNGState()},
+            last_step=cfg.train.steps,
+            stop_at=cfg.train.stop_at,
+        )
+        self.step = 0
+        self.stopped = False
+        self.last_eval: dict[str, float] = {}
+        self.writer: MetricsWriter | None = None  # the main rank's, opened by resume()
+        self.steplog = StepLog(None, self.samples_per_step, self.strategy.all_reduce_sum)
 
-        step = 0
-        resume_from = cfg.checkpoint.resume_from
-        if resume_from:
-            state = strategy.checkpoint_state(model, optimizer)
-            extra = checkpoint.load(Path(resume_from), state)
-            strategy.load_checkpoint_state(model, optimizer, state)
-            step = int(extra["step"])
-            loader.load_state_dict(extra["loader"])
-            schedule.load_state_dict(extra["schedule"])
-            strategy.load_state_dict(extra.get("strategy", {}))
-            if "rng" in extra:
-                checkpoint.set_rng_state(extra["rng"])
+    def _prepare(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = self.cfg.model.options.build(self.data.input_shape, self.data.num_classes)
+        optimizer = build_optimizer(self.cfg.optimizer, model.parameters())
+        x, y = self.data.train.tensors
+        example = (x[: self.batch_size], y[: self.batch_size])  # e.g. to balance a pipeline by time
+        return self.strategy.prepare(model, optimizer, example=example)
 
-        metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, append=bool(resume_from)) if rt.is_main else None
-        if metrics and resume_from:
-            metrics.log(step, kind="resume", checkpoint=str(resume_from))
-        batches = loader.forever()
-        model.train()
-        window_loss = torch.zeros(2, dtype=torch.float64)  # loss sum, count
-        window_start, window_steps = time.perf_counter(), 0
-        samples_per_step = cfg.data.options.batch_size * strategy.data_world * accum
-        run_start, run_start_step = time.perf_counter(), step
-        last_eval: dict = {}
-        stopped = False
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size * self.strategy.data_world * self.strategy.grad_accum
 
-        while step < cfg.train.steps:
-            for _ in range(accum):
-                loss = strategy.train_step(model, optimizer, loss_fn, next(batches))
-                window_loss[0] += float(loss)
-                window_loss[1] += 1
-            schedule.step()
-            step += 1
-            window_steps += 1
-            last = step == cfg.train.steps
-            if step % cfg.train.log_every == 0 or last:
-                strategy.all_reduce_sum(window_loss)
-                elapsed = time.perf_counter() - window_start
-                if metrics:
-                    metrics.log(
-                        step,
-                        loss=window_loss[0].item() / max(1.0, window_loss[1].item()),
-                        samples_per_s=samples_per_step * window_steps / max(elapsed, 1e-9),
-                        lr=schedule.get_last_lr()[0],
-                        **strategy.step_metrics(),
-                    )
-                window_loss.zero_()
-                window_start, window_steps = time.perf_counter(), 0
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
-                last_eval = strategy.evaluate(model, split.test, loss_fn)
-                if metrics:
-                    metrics.log(step, kind="eval", **last_eval)
-            stop_now = cfg.train.stop_at and step == cfg.train.stop_at and not last
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last or stop_now:
-                extra = {
-                    "step": step,
-                    "loader": loader.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "strategy": strategy.state_dict(),
-                    "rng": checkpoint.rng_state(),
-                }
-                checkpoint.save(
-                    ckpt_root, step, strategy.checkpoint_state(model, optimizer), extra, cfg.checkpoint.keep
-                )
-            if stop_now:
-                stopped = True
+    def stop_early(self) -> bool:
+        """At `train.stop_at` (before the last step): stop as if the job were interrupted."""
+        stop_at = self.cfg.train.stop_at
+        self.stopped = bool(stop_at) and self.step == stop_at and self.step < self.cfg.train.steps
+        return self.stopped
+
+    def run(self) -> dict[str, Any]:
+        """Train to the last step (or `train.stop_at`), resuming first if asked; the run's summary."""
+        first = self.resume()
+        started = time.perf_counter()
+        while self.step < self.cfg.train.steps:
+            self.train_step()
+            self.log()
+            self.evaluate()
+            self.checkpointer.save(self.step)
+            if self.stop_early():
                 break
+        return self.finish(first, time.perf_counter() - started)
 
-        wall = time.perf_counter() - run_start
+    def resume(self) -> int:
+        """Load the checkpoint the launcher chose (if any) and open the metrics; the step to start from."""
+        resume_from = self.cfg.checkpoint.resume_from
+        self.step = self.checkpointer.resume(resume_from)
+        if self.rt.is_main:
+            self.writer = MetricsWriter(self.run_dir, self.cfg.logging.tensorboard, append=bool(resume_from))
+            if resume_from:
+                self.writer.log(self.step, "resume", checkpoint=str(resume_from))
+        self.steplog.writer = self.writer
+        self.model.train()
+        return self.step
+
+    def train_step(self) -> None:
+        """One optimizer update: `grad_accum` micro-batches, then the LR schedule's step."""
+        for _ in range(self.strategy.grad_accum):
+            loss = self.strategy.train_step(self.model, self.optimizer, self.loss_fn, next(self.batches))
+            self.steplog.add(loss)
+        self.schedule.step()
+        self.step += 1
+        self.steplog.step_done()
+
+    def log(self) -> None:
+        """Every `train.log_every` steps and at the last: the window's loss, throughput, LR, strategy figures."""
+        if self.step % self.cfg.train.log_every and self.step != self.cfg.train.steps:
+            return
+        figures = self.strategy.step_metrics() if self.rt.is_main else {}
+        self.steplog.write(self.step, lr=float(self.schedule.get_last_lr()[0]), **figures)
+
+    def evaluate(self) -> None:
+        """Every `train.eval_every` steps (0: never) and at the last: accuracy and loss on the held-out set."""
+        every = self.cfg.train.eval_every
+        if self.step != self.cfg.train.steps and not (every and self.step % every == 0):
+            return
+        self.last_eval = self.strategy.evaluate(self.model, self.data.test, self.loss_fn)
+        if self.writer is not None:
+            self.writer.log(self.step, "eval", **self.last_eval)
+
+    def finish(self, first: int, wall: float) -> dict[str, Any]:
+        """Write summary.json (main rank), close the strategy; the summary."""
         summary = {
-            "step": step,
-            "steps": cfg.train.steps,
-            "stopped_early": stopped,
-            "samples_per_s": samples_per_step * (step - run_start_step) / max(wall, 1e-9),
+            "step": self.step,
+            "steps": self.cfg.train.steps,
+            "stopped_early": self.stopped,
+            "samples_per_s": self.samples_per_step * (self.step - first) / max(wall, 1e-9),
             "wall_s": wall,
-            "world_size": rt.world_size,
-            **last_eval,
+            "world_size": self.rt.world_size,
+            **self.last_eval,
         }
-        if metrics:
-            metrics.close()
+        if self.writer is not None:
+            self.writer.close()
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        strategy.close()
+        self.strategy.close()
         return summary

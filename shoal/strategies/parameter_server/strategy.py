@@ -1,0 +1,348 @@
+"""The parameter-server strategy: data split over workers, parameters sharded
+over server processes, consistency chosen per run or per parameter.
+
+    strategy = ParameterServer(consistency="ssp", staleness=3, overrides={"embedding.*": "asp"})
+    model, optimizer = strategy.prepare(model, optimizer)
+    # loss.backward(); optimizer.step()   # pushes gradients, asks for fresh parameters
+    # optimizer.zero_grad()
+
+`optimizer.step()` does not update parameters locally: it queues the
+gradients for the servers that hold each piece (the user's optimizer runs
+there, see `shoal.ps.optim`) and requests the next parameters. The model
+waits for them at its next forward pass (a forward pre-hook), so the push
+and the pull overlap with whatever the loop does in between. Guarantees per
+mode are in `shoal.ps.consistency` and docs/consistency.md; with `bsp` the
+run equals one process with the combined batch. The servers average the
+gradients, so a worker has no averaged gradient: `synchronize()` is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shoal import runtime
+from shoal.comm.pubsub import EVENTS_ENV, Publisher
+from shoal.compress import Compressor
+from shoal.compress import parse as parse_compression
+from shoal.config import check_range
+from shoal.errors import ShoalError
+from shoal.ps.client import Client
+from shoal.ps.consistency import Mode, parse_mode, resolve
+from shoal.strategies.base import LossFn, Samples, Strategy, StrategyOptions
+from shoal.strategies.optimizer import Closure, PreparedOptimizer, prepare_optimizer
+from shoal.strategies.parameter_server import checkpoint
+from shoal.strategies.parameter_server.layout import Layout, Placement, lay_out, served_parameters
+from shoal.strategies.parameter_server.live import LiveRow, StepWindow, Totals
+
+log = logging.getLogger(__name__)
+COMPRESSION = "compression/"
+Replies = list[tuple[dict[str, Any], list[torch.Tensor]]]
+
+
+@dataclass
+class _Session:
+    """What `prepare` builds: the connection to the servers and where this worker is."""
+
+    client: Client
+    layout: Layout
+    optimizer: torch.optim.Optimizer
+    optim: str
+    compressor: Compressor
+    hook: torch.utils.hooks.RemovableHandle | None = None
+    live: LiveRow | None = None
+    clock: int = 0
+    pending: bool = False
+    """A pull was requested and its parameters are not yet in the model."""
+    window: StepWindow = field(default_factory=StepWindow)
+    totals: Totals = field(default_factory=Totals)
+
+
+class ParameterServer(Strategy):
+    """Parameters on server processes: `ParameterServer(consistency="bsp", staleness=0, servers=1, ...)`."""
+
+    name = "parameter_server"
+
+    @dataclass(frozen=True, kw_only=True, slots=True)
+    class Options(StrategyOptions):
+        consistency: str = "bsp"
+        staleness: int = 0
+        overrides: dict[str, str] = field(default_factory=dict)
+        """Glob on parameter names -> 'bsp' | 'asp' | 'ssp' | 'ssp:N'; first match wins."""
+        servers: int = 1
+        chunk_bytes: int = 4 << 20
+        """A parameter bigger than this is split into chunks placed on different servers."""
+        timeout_s: float = 60.0
+        """How long a server waits for a late worker (and a worker for a server) before stopping the job."""
+        compression: str = "none"
+        max_message_mb: float = 1024.0
+
+        def __post_init__(self) -> None:
+            check_range(self.staleness, "staleness", low=0)
+            check_range(self.servers, "servers", low=1)
+            check_range(self.chunk_bytes, "chunk_bytes", low=1)
+            check_range(self.timeout_s, "timeout_s", low=0.0, low_open=True)
+            check_range(self.max_message_mb, "max_message_mb", low=0.0, low_open=True)
+            resolve([], self.mode, self.overrides, self.staleness)  # validates every override
+            parse_compression(self.compression)  # ConfigError names the spec
+
+        @property
+        def mode(self) -> Mode:
+            """The run's consistency mode (`consistency` with `staleness`)."""
+            return parse_mode(self.consistency, self.staleness, "consistency")
+
+        def server_processes(self, workers: int) -> int:
+            return self.servers
+
+    options: Options
+
+    def __init__(self, options: Options | None = None, /, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
+        self._session: _Session | None = None
+        self._skipped_before = 0  # restored before prepare()
+
+    @property
+    def session(self) -> _Session:
+        if self._session is None:
+            raise self.not_prepared()
+        return self._session
+
+    # ------------------------------------------------------------------ setup
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, example: tuple[Any, Any] | None = None
+    ) -> tuple[nn.Module, PreparedOptimizer]:
+        from shoal.comm.wire import Codec, job_key
+        from shoal.ps import optim as ps_optim
+
+        o, rt = self.options, runtime.current()
+        optim = ps_optim.optimizer_name(optimizer)
+        model.to(rt.device)
+        served = served_parameters(model, optimizer)
+        modes = resolve([s.name for s in served], o.mode, o.overrides, o.staleness)
+        endpoints = self._endpoints()
+        how = Placement(len(endpoints), o.chunk_bytes, modes, optim, o.timeout_s, o.compression)
+        layout = lay_out(served, optimizer, how)
+        codec = Codec(job_key(), int(o.max_message_mb * (1 << 20)))
+        client = Client(endpoints, codec, rt.rank, rt.world_size, o.timeout_s)
+        compressor = parse_compression(o.compression)
+        compressor.reseed(1_000 + rt.rank)  # independent rounding noise per worker
+        s = self._session = _Session(client, layout, optimizer, optim, compressor)
+        s.totals.skipped = self._skipped_before
+        self._install(client.init(layout.specs, layout.values))
+        s.hook = model.register_forward_pre_hook(self._before_forward)
+        if os.environ.get(EVENTS_ENV):
+            s.live = LiveRow(Publisher(os.environ[EVENTS_ENV], codec), rt.rank)
+        return model, prepare_optimizer(optimizer, self)
+
+    def _endpoints(self) -> list[str]:
+        """The servers' endpoints from the job's store; ShoalError if the launcher started another count."""
+        from shoal.ps.launch import connect_store, read_endpoints
+
+        store, count = connect_store(self.options.timeout_s)
+        if count != self.options.servers:
+            raise ShoalError(
+                f"the launcher started {count} parameter server(s) but the strategy asks for "
+                f"servers={self.options.servers}; make them agree (shoal run --servers {self.options.servers})"
+            )
+        return read_endpoints(store, count, self.options.timeout_s)
+
+    # ------------------------------------------------------------------ steps
+    def synchronize(self) -> bool:
+        raise ShoalError(
+            "the parameter server averages gradients on its servers, so a worker has no averaged gradient "
+            "to clip or inspect; use data_parallel for that, or work on this worker's own gradient"
+        )
+
+    def optimizer_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.sync()  # a step never starts before the last pull is in
+        s = self.session
+        pushes, codes, nonfinite = self._encode(s)
+        hp = [_hyperparameters(s.optim, g) for g in optimizer.param_groups]
+        if nonfinite:
+            # As mixed precision does: a step with an overflow is not applied
+            # anywhere (in BSP the servers drop the whole clock).
+            s.totals.skipped += 1
+            log.warning(
+                "non-finite gradient after %s compression: step skipped (%d so far)",
+                self.options.compression,
+                s.totals.skipped,
+            )
+            s.client.push(s.clock, [([], [])] * len(pushes), hp, skip=True)
+        else:
+            s.client.push(s.clock, pushes, hp, codes if self.options.compression != "none" else None)
+        s.clock += 1
+        s.client.request_pull(s.clock)
+        s.pending = True
+        if s.live is not None:
+            self._publish(s)
+        return loss
+
+    def _encode(self, s: _Session) -> tuple[list[tuple[list[str], list[torch.Tensor]]], list[list[dict]], bool]:
+        """Per server: the keys and (compressed) gradient tensors to push, their headers, and
+        whether any gradient was not finite."""
+        pushes, codes, nonfinite = [], [], False
+        for slices, shapes in zip(s.layout.slices, s.layout.code_shapes, strict=True):
+            keys, grads, headers = [], [], []
+            for held, shape in zip(slices, shapes, strict=True):
+                if held.param.grad is None:
+                    continue
+                grad = held.flat(held.param.grad.detach()).cpu()
+                keys.append(held.key)
+                s.totals.raw_pushed += grad.numel() * grad.element_size()
+                if self.options.compression == "none":
+                    grads.append(grad)  # sent without a copy
+                    continue
+                payload = s.compressor.encode(held.key, grad.view(shape))
+                nonfinite |= bool(payload.header.get("nonfinite"))
+                headers.append(payload.header)
+                grads += payload.tensors
+            pushes.append((keys, grads))
+            codes.append(headers)
+        return pushes, codes, nonfinite
+
+    def _before_forward(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        self.sync()
+        live = self.session.live
+        if live is not None and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0:
+            live.batch = inputs[0].shape[0]
+
+    def _publish(self, s: _Session, final: bool = False) -> None:
+        if s.live is not None:
+            staleness = s.window.staleness[-1] if s.window.staleness else 0.0
+            s.live.step(s.clock, s.totals, staleness, s.client.bytes_pushed, s.client.bytes_pulled, final)
+
+    def optimizer_zero_grad(self, optimizer: PreparedOptimizer, set_to_none: bool) -> None:
+        if not set_to_none:
+            self.session.client.wait_sent()  # ZeroMQ may still be reading the gradients in place
+        optimizer.local_zero_grad(set_to_none)
+
+    def sync(self) -> None:
+        """Wait for the parameters of the current clock and put them into the model."""
+        s = self.session
+        if not s.pending:
+            return
+        start = time.perf_counter()
+        replies = s.client.wait_pull(s.clock)
+        waited = time.perf_counter() - start
+        s.window.wait_s += waited
+        s.totals.wait_s += waited
+        s.pending = False
+        self._install(replies)
+        s.window.staleness.append(max(float(h.get("staleness", 0.0)) for h, _ in replies))
+
+    def refresh(self) -> None:
+        """Pull the newest parameters the consistency rule allows, without pushing (e.g. to evaluate at the end)."""
+        self.sync()
+        self.session.client.request_pull(self.session.clock)
+        self.session.pending = True
+        self.sync()
+
+    @torch.no_grad()
+    def _install(self, replies: Replies) -> None:
+        for (header, tensors), slices in zip(replies, self.session.layout.slices, strict=True):
+            if len(tensors) != len(slices):
+                raise ShoalError(
+                    f"parameter server {header.get('index', '?')} sent {len(tensors)} pieces, "
+                    f"expected {len(slices)}; were the servers restarted?"
+                )
+            for held, value in zip(slices, tensors, strict=True):
+                held.flat(held.param).copy_(value)
+
+    def step_metrics(self) -> dict[str, float]:
+        s = self.session
+        m, s.window = s.window, StepWindow()
+        pushed, pulled = s.client.bytes_pushed, s.client.bytes_pulled
+        out = {
+            "ps_wait_s": m.wait_s,
+            "ps_wait_frac": m.wait_s / max(time.perf_counter() - m.start, 1e-9),
+            "ps_staleness": sum(m.staleness) / len(m.staleness) if m.staleness else 0.0,
+            "ps_bytes_pushed": float(pushed - m.pushed0),
+            "ps_skipped_steps": float(s.totals.skipped),
+            "ps_bytes_pulled": float(pulled - m.pulled0),
+        }
+        if pushed - m.pushed0:
+            out["ps_compression_ratio"] = (s.totals.raw_pushed - m.raw0) / (pushed - m.pushed0)
+        s.window.raw0, s.window.pushed0, s.window.pulled0 = s.totals.raw_pushed, pushed, pulled
+        return out
+
+    # ------------------------------------------------------------- the rest
+    def evaluate(self, model: nn.Module, dataset: Samples, loss_fn: LossFn, batch_size: int = 512) -> dict[str, float]:
+        self.sync()
+        return super().evaluate(model, dataset, loss_fn, batch_size)
+
+    def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The servers' values and optimizer state, as torch's own state dicts.
+
+        Every worker must call this at the same step (the trainer does): the
+        servers answer once all workers have pushed that many clocks, so every
+        worker holds the same cut. The optimizer state is put into the local
+        optimizer in torch's layout, which makes the checkpoint independent of
+        placement: it resumes with other server counts, or as data_parallel.
+        """
+        self.sync()
+        s = self.session
+        checkpoint.take_server_state(s.client.state(s.clock), s.layout.slices, optimizer)
+        return super().checkpoint_state(model, optimizer)
+
+    def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load into the local copies, then worker 0 puts them on the servers."""
+        super().load_checkpoint_state(model, optimizer, state)
+        s = self.session
+        if runtime.current().rank == 0:
+            s.client.restore(*checkpoint.server_state(s.layout.slices, s.optim, optimizer))
+        if dist.is_initialized():
+            dist.barrier()  # no worker pulls before the servers hold the checkpoint
+        optimizer.state.clear()  # the servers own it; a checkpoint fetches it again
+        self.refresh()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._session is None:
+            return {"skipped_steps": self._skipped_before}
+        s = self._session
+        state: dict[str, Any] = {"clock": s.clock, "skipped_steps": s.totals.skipped}  # clock: informative only
+        state.update({COMPRESSION + k: v for k, v in s.compressor.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the skipped-step count and this worker's compressor state (error feedback).
+
+        The clock is not restored: the servers restart at 0.
+        """
+        skipped = int(state.get("skipped_steps", 0))
+        if self._session is None:
+            self._skipped_before = skipped
+            return
+        self._session.totals.skipped = skipped
+        compression = {k.removeprefix(COMPRESSION): v for k, v in state.items() if k.startswith(COMPRESSION)}
+        if compression:
+            self._session.compressor.load_state_dict(compression)
+
+    def close(self) -> None:
+        s = self._session
+        if s is None:
+            return
+        self.sync()
+        if s.hook is not None:
+            s.hook.remove()
+        if s.live is not None:
+            self._publish(s, final=True)
+            s.live.close()
+        s.client.close()
+        self._session = None
+
+
+def _hyperparameters(name: str, group: dict[str, Any]) -> dict[str, Any]:
+    from shoal.ps.optim import hyperparameters
+
+    return hyperparameters(name, group)
