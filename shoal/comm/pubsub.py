@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import zmq
 
-from shoal import env
 from shoal.comm.wire import Codec, WireError
-
-EVENTS_ENV = env.PS_EVENTS  # transitional: strategies.parameter_server imports it; use env.PS_EVENTS
 
 
 class Publisher:

@@ -10,7 +10,8 @@ Its position (epoch, batch) is part of every checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import default_collate
@@ -18,10 +19,18 @@ from torch.utils.data import default_collate
 from shoal.errors import ShoalError
 
 
+class Samples(Protocol):
+    """A data set: its length and its samples by index (a TensorDataset, a list, ...)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
 class ShardedLoader:
     def __init__(
         self,
-        dataset: Sequence,
+        dataset: Samples,
         batch_size: int,
         rank: int = 0,
         world: int = 1,
@@ -87,7 +96,7 @@ class ShardedLoader:
         self.index = int(state["index"])
 
 
-def fetch(dataset: Sequence, idx: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+def fetch(dataset: Samples, idx: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
     """The samples `idx` as a batch on `device`; in-memory tensor data sets are indexed directly."""
     tensors = getattr(dataset, "tensors", None)
     batch = default_collate([dataset[int(i)] for i in idx]) if tensors is None else [t[idx] for t in tensors]

@@ -19,26 +19,18 @@ import abc
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from shoal import runtime
-from shoal.data.loader import ShardedLoader, eval_shard, fetch
+from shoal.data.loader import Samples, ShardedLoader, eval_shard, fetch
 from shoal.mesh import ParallelDims
 from shoal.strategies.optimizer import Closure, PreparedOptimizer, local_only
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
-
-
-class Samples(Protocol):
-    """A data set: its length and its samples by index (a TensorDataset, a list, ...)."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int, /) -> Any: ...
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -33,6 +33,7 @@ from shoal import runtime
 from shoal.compress import Compressor, ErrorFeedback, parse
 from shoal.config import check_range
 from shoal.errors import ConfigError
+from shoal.state import sub_state, with_prefix
 from shoal.strategies.base import Strategy, StrategyOptions
 from shoal.strategies.optimizer import Closure, PreparedOptimizer, prepare_optimizer
 
@@ -233,7 +234,7 @@ class DataParallel(Strategy):
             return dict(self._restored)
         state: dict[str, Any] = {"micro": self._replica.micro, "skipped_steps": self._skipped}
         if self._replica.hook is not None:
-            state.update({COMPRESSION + k: v for k, v in self._replica.hook.state_dict().items()})
+            state.update(with_prefix(self._replica.hook.state_dict(), COMPRESSION))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -242,7 +243,7 @@ class DataParallel(Strategy):
             self._restored = dict(state)
             return
         self._replica.micro = int(state.get("micro", 0))
-        compression = {k.removeprefix(COMPRESSION): v for k, v in state.items() if k.startswith(COMPRESSION)}
+        compression = sub_state(state, COMPRESSION)
         if compression and self._replica.hook is not None:
             self._replica.hook.load_state_dict(compression)
         self._set_sync(self._replica.micro == self.grad_accum - 1)

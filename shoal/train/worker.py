@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from shoal import runtime
+from shoal import logs, runtime
 from shoal.errors import ShoalError
 from shoal.train import jobconfig as config
 from shoal.train.trainer import Trainer
@@ -14,6 +14,7 @@ from shoal.train.trainer import Trainer
 def main(argv: list[str] | None = None) -> int:
     run_dir = Path((argv or sys.argv[1:])[0])
     try:
+        logs.setup()
         cfg = config.load(run_dir / "config.toml")
         launch = cfg.launch
         runtime.init(

@@ -28,15 +28,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shoal import runtime
-from shoal.comm.pubsub import EVENTS_ENV, Publisher
+from shoal import env, runtime
+from shoal.comm.pubsub import Publisher
 from shoal.compress import Compressor
 from shoal.compress import parse as parse_compression
 from shoal.config import check_range
+from shoal.data.loader import Samples
 from shoal.errors import ShoalError
 from shoal.ps.client import Client
 from shoal.ps.consistency import Mode, parse_mode, resolve
-from shoal.strategies.base import LossFn, Samples, Strategy, StrategyOptions
+from shoal.state import sub_state, with_prefix
+from shoal.strategies.base import LossFn, Strategy, StrategyOptions
 from shoal.strategies.optimizer import Closure, PreparedOptimizer, prepare_optimizer
 from shoal.strategies.parameter_server import checkpoint
 from shoal.strategies.parameter_server.layout import Layout, Placement, lay_out, served_parameters
@@ -137,13 +139,13 @@ class ParameterServer(Strategy):
         s.totals.skipped = self._skipped_before
         self._install(client.init(layout.specs, layout.values))
         s.hook = model.register_forward_pre_hook(self._before_forward)
-        if os.environ.get(EVENTS_ENV):
-            s.live = LiveRow(Publisher(os.environ[EVENTS_ENV], codec), rt.rank)
+        if os.environ.get(env.PS_EVENTS):
+            s.live = LiveRow(Publisher(os.environ[env.PS_EVENTS], codec), rt.rank)
         return model, prepare_optimizer(optimizer, self)
 
     def _endpoints(self) -> list[str]:
         """The servers' endpoints from the job's store; ShoalError if the launcher started another count."""
-        from shoal.ps.launch import connect_store, read_endpoints
+        from shoal.ps.store import connect_store, read_endpoints
 
         store, count = connect_store(self.options.timeout_s)
         if count != self.options.servers:
@@ -204,7 +206,7 @@ class ParameterServer(Strategy):
                     grads.append(grad)  # sent without a copy
                     continue
                 payload = s.compressor.encode(held.key, grad.view(shape))
-                nonfinite |= bool(payload.header.get("nonfinite"))
+                nonfinite |= payload.nonfinite
                 headers.append(payload.header)
                 grads += payload.tensors
             pushes.append((keys, grads))
@@ -311,7 +313,7 @@ class ParameterServer(Strategy):
             return {"skipped_steps": self._skipped_before}
         s = self._session
         state: dict[str, Any] = {"clock": s.clock, "skipped_steps": s.totals.skipped}  # clock: informative only
-        state.update({COMPRESSION + k: v for k, v in s.compressor.state_dict().items()})
+        state.update(with_prefix(s.compressor.state_dict(), COMPRESSION))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -324,7 +326,7 @@ class ParameterServer(Strategy):
             self._skipped_before = skipped
             return
         self._session.totals.skipped = skipped
-        compression = {k.removeprefix(COMPRESSION): v for k, v in state.items() if k.startswith(COMPRESSION)}
+        compression = sub_state(state, COMPRESSION)
         if compression:
             self._session.compressor.load_state_dict(compression)
 
