@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import shoal
 from torch import nn
 
 from shoal.data.loader import ShardedLoader
-
-sys.path.insert(0, str(Path(__file__).parent / "workers"))
-import dp_equivalence as worker
+from tests.helpers.cli import shoal
+from tests.workers import dp_equivalence as worker
 
 
 def single_process(batch: int, clip: float | None) -> dict:
@@ -44,17 +39,14 @@ def assert_same(got: dict, want: dict) -> None:
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow
 def test_two_ranks_equal_one_process_with_the_combined_batch(two_rank_results):
     assert_same(two_rank_results["plain"], single_process(batch=16, clip=None))
 
 
-@pytest.mark.slow
 def test_grad_accum_equals_one_step_with_the_k_times_batch(two_rank_results):
     assert_same(two_rank_results["accum"], single_process(batch=64, clip=None))
 
 
-@pytest.mark.slow
 def test_clipping_equals_single_process_clipping_of_the_combined_batch(two_rank_results):
     want = single_process(batch=16, clip=0.05)
     assert_same(two_rank_results["clip"], want)
