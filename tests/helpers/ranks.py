@@ -98,8 +98,9 @@ class RanksFailedError(AssertionError):
 
 
 def collect(ranks: list[Finished], out_dir: Path) -> list:
-    """Results by rank, or RanksFailedError naming each failed rank with its error,
-    the one that failed by itself first (the others were stopped by SIGKILL)."""
+    """Results by rank, or RanksFailedError naming each failed rank with its error:
+    first the one whose error came first (the others mostly fail because of it:
+    a closed connection, or SIGKILL from `wait_all`)."""
     results, errors = [], []
     for rank, done in enumerate(ranks):
         path = out_dir / f"rank{rank}.json"
@@ -107,7 +108,8 @@ def collect(ranks: list[Finished], out_dir: Path) -> list:
         if "ok" not in res or done.returncode != 0:
             detail = res.get("error") or done.stderr[-3000:] or "(no output)"
             when = " after returning its result (at teardown)" if "ok" in res else ""
-            errors.append((done.returncode == -signal.SIGKILL, done, f"rank {rank} {how(done)}{when}:\n{detail}"))
+            order = (done.returncode == -signal.SIGKILL, res.get("at", float("inf")))
+            errors.append((order, done, f"rank {rank} {how(done)}{when}:\n{detail}"))
         results.append(res.get("ok"))
     if errors:
         errors.sort(key=lambda e: e[0])

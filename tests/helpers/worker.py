@@ -4,16 +4,20 @@
 
 Joins the job's process group (gloo on the CPU, one torch thread, from the
 RANK/WORLD_SIZE/MASTER_* the starter set), calls FUNCTION(rank, world, *ARGS)
-and writes {"ok": result} or {"error": traceback} to OUT_DIR/rank<R>.json;
-exits 0 or 1. The result must be JSON.
+and writes {"ok": result} or {"error": traceback, "at": time} to
+OUT_DIR/rank<R>.json; exits 0 or 1. The result must be JSON. What FUNCTION
+made is collected before the process group is destroyed: a DDP model that
+outlives it makes gloo abort the process at teardown.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -37,9 +41,10 @@ def main(argv: list[str]) -> int:
         shoal.init(backend="gloo", device="cpu", threads=1, timeout_s=float(timeout_s))
         result = {"ok": resolve(target)(rank, world, *json.loads(args))}
     except BaseException:
-        result = {"error": traceback.format_exc()}
+        result = {"error": traceback.format_exc(), "at": time.time()}
         print(result["error"], file=sys.stderr, flush=True)
     finally:
+        gc.collect()
         shoal.shutdown()
     path = Path(out_dir) / f"rank{rank}.json"
     path.with_suffix(".tmp").write_text(json.dumps(result))

