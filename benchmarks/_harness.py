@@ -1,40 +1,54 @@
 """Shared by the benchmark scripts: launch a worker function on N processes
-through `shoal run`, time steps, and write results as JSON plus one line."""
+through `shoal run` (with the tests' process helpers, `tests.helpers`), time
+steps, and write results as JSON plus one line.
+
+Run the scripts from the repository root with the root on the path, e.g.
+`PYTHONPATH=. python benchmarks/ps.py`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+try:
+    from tests.helpers.cli import start_shoal
+    from tests.helpers.procs import Processes
+except ImportError:
+    sys.exit("benchmarks use the tests' process helpers: run them from the repository root with PYTHONPATH=.")
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def launch(script: str, nproc: int, args: list[str], threads: int = 1, timeout: float = 1800, servers: int = 0) -> None:
+def launch(
+    script: str,
+    nproc: int,
+    args: list[str],
+    threads: int = 1,
+    timeout: float = 1800,
+    servers: int = 0,
+    env: Mapping[str, str] | None = None,
+    quiet: bool = False,
+) -> None:
     """Run `script --worker ARGS` on `nproc` processes with `threads` torch threads each
-    (and `servers` parameter-server processes)."""
-    env = {**os.environ, "SHOAL_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "shoal.cli",
-        "run",
-        "-n",
-        str(nproc),
-        *(["--servers", str(servers)] if servers else []),
-        script,
-        "--worker",
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, timeout=timeout)
-    if proc.returncode != 0:
-        sys.exit(f"benchmark worker failed: {' '.join(cmd)}")
+    (and `servers` parameter-server processes), with `env` added; every process is
+    stopped at the end, whatever happens. `quiet` keeps the workers' output off the
+    console (it is shown if the run fails)."""
+    options = ["-n", str(nproc), *(["--servers", str(servers)] if servers else [])]
+    extra = {**(env or {}), "SHOAL_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    with Processes() as procs:
+        proc = start_shoal(procs, "run", *options, script, "--worker", *args, timeout=timeout, env=extra, capture=quiet)
+        done = proc.wait()
+    if done.returncode != 0 or done.timed_out:
+        why = "ran past its deadline" if done.timed_out else f"exited with code {done.returncode}"
+        sys.exit(f"{done.stderr[-3000:]}benchmark worker {why}: {' '.join(done.args)}")
 
 
 def timed_steps(step, n: int, barrier=None) -> float:

@@ -7,21 +7,22 @@
    test accuracy under BSP, SSP (s = 1, 3) and ASP, and the final accuracy.
    - transient: every worker is 4x slower on a random 10% of its steps;
    - persistent: one worker (rank 3) is always 3x slower.
-   A step's compute is simulated by a sleep (`debug_slowdown`, the documented
-   straggler option), "*:BASE" for everyone plus the extra delays: on a
-   2-core machine 4 workers and a server would otherwise fight over the CPU
-   and the measurement would be of the scheduler, not of the consistency.
+   A step's compute is simulated by sleep faults of the fault schedule
+   (`shoal.faults`, SHOAL_FAULTS): BASE seconds for everyone at every step
+   plus the scenario's extra delays. On a 2-core machine 4 workers and a
+   server would otherwise fight over the CPU and the measurement would be of
+   the scheduler, not of the consistency.
 
-    python benchmarks/ps.py [--reps 3] [--steps N] [--only throughput|stragglers]
+    PYTHONPATH=. python benchmarks/ps.py [--reps 3] [--steps N] [--only throughput|stragglers]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,20 +34,20 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness
 
+from shoal import env
+
 MODELS = {"digits_mlp": [64, 256, 128, 10], "wide_mlp_5m": [64, 2048, 2048, 512, 10]}
 BASE_S = 0.02  # the simulated compute of one step
 
 
 def build(widths: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Flatten()]
-    for a, b in zip(widths, widths[1:]):
+    for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 
 
 def worker(args) -> None:
-    import torch.distributed as dist
-
     import shoal
     from shoal.data.digits import Digits
 
@@ -63,71 +64,83 @@ def worker(args) -> None:
             staleness=args.staleness,
             servers=args.servers,
             chunk_bytes=1 << 20,
-            debug_slowdown=args.slowdown,
         )
     model, opt = strategy.prepare(model, opt)
     batches = strategy.loader(split.train, args.batch, seed=0).forever()
-    loss_fn = nn.CrossEntropyLoss()
-    out: dict = {}
-    if args.task == "throughput":
-
-        def step():
-            strategy.train_step(model, opt, loss_fn, next(batches))
-
-        for _ in range(3):
-            step()
-        if hasattr(strategy, "sync"):
-            strategy.sync()
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        if hasattr(strategy, "sync"):
-            strategy.sync()
-        dist.barrier()
-        out["steps_per_s"] = args.steps / (time.perf_counter() - start)
-        out["parameters"] = sum(p.numel() for p in model.parameters())
-        out.update(strategy.step_metrics())
-    else:
-        # wall time from the common start (every worker has joined the servers) until
-        # rank 0's model, with the parameters it pulls, reaches the target accuracy
-        x_test, y_test = split.test.tensors
-        dist.barrier()
-        start = time.perf_counter()
-        curve = []
-        for step in range(1, args.steps + 1):
-            strategy.train_step(model, opt, loss_fn, next(batches))
-            if rt.rank == 0 and step % 5 == 0:
-                strategy.sync()
-                with torch.no_grad():
-                    acc = float((model(x_test).argmax(-1) == y_test).float().mean())
-                curve.append([round(time.perf_counter() - start, 4), step, round(acc, 4)])
-        strategy.sync()
-        out["wall_s"] = time.perf_counter() - start
-        out["curve"] = curve
-        out.update({k: v for k, v in strategy.step_metrics().items() if k in ("ps_staleness", "ps_wait_frac")})
-        dist.barrier()  # every worker done: rank 0 now evaluates the final parameters
-        strategy.refresh()
-        with torch.no_grad():
-            out["final_accuracy"] = float((model(x_test).argmax(-1) == y_test).float().mean())
+    measure = throughput if args.task == "throughput" else stragglers
+    out = measure(args, strategy, model, opt, batches, split)
     if rt.rank == 0:
         Path(args.out).write_text(json.dumps(out))
     strategy.close()
     shoal.shutdown()
 
 
-def launch(nproc: int, servers: int, wargs: list[str], timeout: float = 600) -> dict:
+def throughput(args, strategy, model, opt, batches, split) -> dict:
+    """Steps/s over `args.steps` steps after 3 warm-up steps, bracketed by barriers."""
+    import torch.distributed as dist
+
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        strategy.train_step(model, opt, loss_fn, next(batches))
+
+    for _ in range(3):
+        step()
+    if hasattr(strategy, "sync"):
+        strategy.sync()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if hasattr(strategy, "sync"):
+        strategy.sync()
+    dist.barrier()
+    out = {"steps_per_s": args.steps / (time.perf_counter() - start)}
+    out["parameters"] = sum(p.numel() for p in model.parameters())
+    return {**out, **strategy.step_metrics()}
+
+
+def stragglers(args, strategy, model, opt, batches, split) -> dict:
+    """Wall time from the common start (every worker has joined the servers) until
+    rank 0's model, with the parameters it pulls, reaches the target accuracy."""
+    import torch.distributed as dist
+
+    loss_fn = nn.CrossEntropyLoss()
+    x_test, y_test = split.test.tensors
+    dist.barrier()
+    start = time.perf_counter()
+    curve = []
+    for step in range(1, args.steps + 1):
+        strategy.train_step(model, opt, loss_fn, next(batches))
+        if dist.get_rank() == 0 and step % 5 == 0:
+            strategy.sync()
+            with torch.no_grad():
+                acc = float((model(x_test).argmax(-1) == y_test).float().mean())
+            curve.append([round(time.perf_counter() - start, 4), step, round(acc, 4)])
+    strategy.sync()
+    out = {"wall_s": time.perf_counter() - start, "curve": curve}
+    out.update({k: v for k, v in strategy.step_metrics().items() if k in ("ps_staleness", "ps_wait_frac")})
+    dist.barrier()  # every worker done: rank 0 now evaluates the final parameters
+    strategy.refresh()
+    with torch.no_grad():
+        out["final_accuracy"] = float((model(x_test).argmax(-1) == y_test).float().mean())
+    return out
+
+
+def launch(nproc: int, servers: int, wargs: list[str], faults: list[dict] | None = None, timeout: float = 600) -> dict:
+    """One run of this script's worker on `nproc` workers and `servers` servers, under
+    the fault schedule `faults`; rank 0's figures."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
-        env = {**os.environ, "SHOAL_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "shoal.cli", "run", "-n", str(nproc), "--log-dir", tmp]
-        if servers:
-            cmd += ["--servers", str(servers)]
-        cmd += [__file__, "--worker", "--out", out, "--servers", str(servers), *wargs]
-        proc = subprocess.run(cmd, env=env, timeout=timeout, stdout=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            sys.exit(f"benchmark worker failed: {' '.join(cmd)}")
+        schedule = {env.FAULTS: json.dumps({"seed": 0, "faults": faults})} if faults else {}
+        wargs = ["--out", out, "--servers", str(servers), *wargs]
+        _harness.launch(__file__, nproc, wargs, servers=servers, timeout=timeout, env=schedule, quiet=True)
         return json.loads(Path(out).read_text())
+
+
+def sleeps(rank: int | str, seconds: float, prob: float = 1.0) -> dict:
+    """A straggler: worker `rank` ("*": every worker) sleeps `seconds` at each step, with probability `prob`."""
+    return {"role": "worker", "rank": rank, "step": "*", "action": "sleep", "seconds": seconds, "prob": prob}
 
 
 def time_to(curve: list, target: float) -> float | None:
@@ -143,7 +156,6 @@ def main() -> None:
     parser.add_argument("--strategy", default="bsp")
     parser.add_argument("--staleness", type=int, default=0)
     parser.add_argument("--servers", type=int, default=1)
-    parser.add_argument("--slowdown", default="")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument(
@@ -186,11 +198,11 @@ def main() -> None:
         return
     per_worker = args.steps or 150
     scenarios = {
-        "transient": f"*:{BASE_S},*:{3 * BASE_S}@0.1",  # 4x on a random 10% of steps
-        "persistent": f"*:{BASE_S},3:{2 * BASE_S}",  # rank 3 always 3x
+        "transient": [sleeps("*", BASE_S), sleeps("*", 3 * BASE_S, prob=0.1)],  # 4x on a random 10% of steps
+        "persistent": [sleeps("*", BASE_S), sleeps(3, 2 * BASE_S)],  # rank 3 always 3x
     }
     modes = (("bsp", 0), ("ssp_1", 1), ("ssp_3", 3), ("asp", 0))
-    for scenario, slowdown in scenarios.items():
+    for scenario, faults in scenarios.items():
         row = {}
         for name, s in modes:
             r = launch(
@@ -203,8 +215,6 @@ def main() -> None:
                     name.split("_")[0],
                     "--staleness",
                     str(s),
-                    "--slowdown",
-                    slowdown,
                     "--batch",
                     "16",
                     "--lr",
@@ -214,18 +224,17 @@ def main() -> None:
                     "--model",
                     "digits_mlp",
                 ],
+                faults,
             )
             r["time_to_target_s"] = time_to(r["curve"], args.target)
             row[name] = r
-            print(
-                f"{scenario} {name}: target {args.target} at {r['time_to_target_s']}s, final accuracy {r['final_accuracy']:.4f}",
-                flush=True,
-            )
+            reached, final = r["time_to_target_s"], r["final_accuracy"]
+            print(f"{scenario} {name}: target {args.target} at {reached}s, final accuracy {final:.4f}", flush=True)
         bsp = row["bsp"]["time_to_target_s"]
         for name in row:
             t = row[name]["time_to_target_s"]
             row[name]["vs_bsp"] = t / bsp if t is not None and bsp else None
-        results["stragglers"][scenario] = {"debug_slowdown": slowdown, "modes": row}
+        results["stragglers"][scenario] = {"faults": faults, "modes": row}
 
     if args.only:
         return
@@ -236,14 +245,16 @@ def main() -> None:
         v = st[s]["modes"][m]["vs_bsp"]
         return f"{v:.2f}" if v is not None else "n/a"
 
+    def ratios(s):
+        return f"SSP1 {ratio(s, 'ssp_1')} SSP3 {ratio(s, 'ssp_3')} ASP {ratio(s, 'asp')}"
+
+    def rates(r):
+        return "/".join(f"{r[v]['steps_per_s']:.1f}" for v in ("data_parallel", "ps_bsp_1_server", "ps_bsp_2_servers"))
+
     summary = (
         "ps: steps/s DP/PS1/PS2 "
-        + "; ".join(
-            f"{m} {r['data_parallel']['steps_per_s']:.1f}/{r['ps_bsp_1_server']['steps_per_s']:.1f}/{r['ps_bsp_2_servers']['steps_per_s']:.1f}"
-            for m, r in tp.items()
-        )
-        + f" | time to {args.target} vs BSP: transient SSP1 {ratio('transient', 'ssp_1')} SSP3 {ratio('transient', 'ssp_3')} ASP {ratio('transient', 'asp')}"
-        + f"; persistent SSP1 {ratio('persistent', 'ssp_1')} SSP3 {ratio('persistent', 'ssp_3')} ASP {ratio('persistent', 'asp')}"
+        + "; ".join(f"{m} {rates(r)}" for m, r in tp.items())
+        + f" | time to {args.target} vs BSP: transient {ratios('transient')}; persistent {ratios('persistent')}"
     )
     config = {
         "base_step_s": BASE_S,

@@ -3,7 +3,7 @@
 The schedule is JSON in the `SHOAL_FAULTS` environment variable, read here
 and nowhere else:
 
-    {"record": "/tmp/faults.jsonl",
+    {"record": "/tmp/faults.jsonl", "seed": 0,
      "faults": [{"role": "worker", "rank": 1, "step": 5, "action": "kill"},
                 {"role": "server", "rank": 0, "step": 3, "action": "stop", "seconds": 2},
                 {"role": "worker", "rank": "*", "step": "*", "action": "sleep", "seconds": 0.02, "prob": 0.1}]}
@@ -15,13 +15,17 @@ every step) and an `action`:
 - `raise`: raise `InjectedFaultError` (a RuntimeError) in the process;
 - `kill`: SIGKILL the process itself;
 - `stop`: SIGSTOP itself for `seconds` (a detached `sh` sends SIGCONT);
-- `sleep`: sleep `seconds` (a straggler), with probability `prob` (default 1).
+- `sleep`: sleep `seconds` (a straggler).
 
-A worker's step N is the start of its N-th call of the prepared
-optimizer's `step()` (each micro-step counts under `grad_accum`); a server's
-step N is the arrival of the first push of the workers' N-th step. Before acting, each
-fired fault except `sleep` is appended to `record` (one JSON line, fsynced),
-so a test can assert that the failure really fired.
+A fault fires with probability `prob` (default 1), drawn from a generator
+seeded by the schedule's `seed`, the role and the rank, so a run's
+stragglers are reproducible. A worker's step N is the start of its N-th call
+of the prepared optimizer's `step()` (each micro-step counts under
+`grad_accum`); a server's step N is the arrival of the first push of the
+workers' N-th step. Before acting, each fired fault is appended to `record`
+(one JSON line; fsynced before `raise`, `kill` and `stop`), so a test can
+assert that the failure really fired. A schedule that does not parse stops
+the process at its first step with a ValueError naming the entry.
 """
 
 from __future__ import annotations
@@ -61,37 +65,67 @@ class Fault:
 class Schedule:
     faults: tuple[Fault, ...] = ()
     record: str = ""
+    seed: int = 0
+
+
+KEYS = ("role", "rank", "step", "action", "seconds", "prob")
 
 
 def parse(text: str) -> Schedule:
     """The schedule in `text` (JSON); ValueError naming the entry that is wrong."""
-    raw = json.loads(text) if text.strip() else []
+    try:
+        raw = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{env.FAULTS} is not valid JSON ({err})") from None
     if isinstance(raw, list):
         raw = {"faults": raw}
-    if not isinstance(raw, dict) or not isinstance(raw.get("faults", []), list):
-        raise ValueError(f"{env.FAULTS} must be a JSON list of faults or an object with 'faults' and 'record'")
-    faults = tuple(_fault(entry) for entry in raw.get("faults", []))
-    return Schedule(faults, str(raw.get("record") or ""))
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("faults", []), list)
+        or set(raw) - {"faults", "record", "seed"}
+        or not _is_int(raw.get("seed", 0))
+    ):
+        raise ValueError(
+            f"{env.FAULTS} must be a JSON list of faults or an object with 'faults', 'record' and 'seed' (an integer)"
+        )
+    faults = tuple(_fault(i, entry) for i, entry in enumerate(raw.get("faults", [])))
+    return Schedule(faults, str(raw.get("record") or ""), raw.get("seed", 0))
 
 
-def _fault(entry: object) -> Fault:
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fault(index: int, entry: object) -> Fault:
+    where = f"{env.FAULTS} fault {index} ({json.dumps(entry)})"
     if not isinstance(entry, dict):
-        raise ValueError(f"a fault must be a JSON object, not {entry!r}")
+        raise ValueError(f"{where} must be a JSON object with keys {', '.join(KEYS)}")
+    unknown = sorted(set(entry) - set(KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a fault has {', '.join(KEYS)}")
     role, action = entry.get("role"), entry.get("action")
-    if role not in ROLES or action not in ACTIONS:
-        raise ValueError(f"fault {entry!r}: role must be one of {ROLES} and action one of {ACTIONS}")
+    if role not in ROLES:
+        raise ValueError(f"{where}: 'role' must be one of {', '.join(ROLES)}")
+    if action not in ACTIONS:
+        raise ValueError(f"{where}: 'action' must be one of {', '.join(ACTIONS)}")
     rank, step = entry.get("rank", "*"), entry.get("step", "*")
     for name, value in (("rank", rank), ("step", step)):
-        if value != "*" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise ValueError(f"fault {entry!r}: {name} must be an integer >= 0 or '*'")
-    seconds, prob = float(entry.get("seconds", 0.0)), float(entry.get("prob", 1.0))
+        if value != "*" and (not _is_int(value) or value < (1 if name == "step" else 0)):
+            low = 1 if name == "step" else 0
+            raise ValueError(f"{where}: '{name}' must be an integer >= {low} or '*'")
+    seconds, prob = entry.get("seconds", 0.0), entry.get("prob", 1.0)
+    for name, value in (("seconds", seconds), ("prob", prob)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: '{name}' must be a number")
+    if action in ("stop", "sleep") and not seconds > 0:
+        raise ValueError(f"{where}: '{action}' needs 'seconds' > 0")
     if seconds < 0 or not 0.0 <= prob <= 1.0:
-        raise ValueError(f"fault {entry!r}: seconds must be >= 0 and prob in [0, 1]")
-    return Fault(role, None if rank == "*" else rank, None if step == "*" else step, action, seconds, prob)
+        raise ValueError(f"{where}: 'seconds' must be >= 0 and 'prob' in [0, 1]")
+    return Fault(role, None if rank == "*" else rank, None if step == "*" else step, action, float(seconds), prob)
 
 
 _schedule: Schedule | None = None
-_rng = random.Random()
+_rngs: dict[tuple[str, int], random.Random] = {}
 
 
 def schedule() -> Schedule:
@@ -99,7 +133,6 @@ def schedule() -> Schedule:
     global _schedule
     if _schedule is None:
         _schedule = parse(os.environ.get(env.FAULTS, ""))
-        _rng.seed(os.getpid())
     return _schedule
 
 
@@ -107,21 +140,27 @@ def at_step(role: str, rank: int, step: int) -> None:
     """Fire every fault scheduled for this role, rank and step (no-op without a schedule)."""
     sched = schedule()
     for fault in sched.faults:
-        if fault.matches(role, rank, step):
+        if fault.matches(role, rank, step) and _draw(fault.prob, sched.seed, role, rank):
             _fire(fault, sched.record, role, rank, step)
 
 
+def _draw(prob: float, seed: int, role: str, rank: int) -> bool:
+    if prob >= 1.0:
+        return True
+    rng = _rngs.setdefault((role, rank), random.Random(f"{seed}:{role}:{rank}"))
+    return rng.random() < prob
+
+
 def _fire(fault: Fault, record: str, role: str, rank: int, step: int) -> None:
-    if fault.action == "sleep":
-        if fault.prob >= 1.0 or _rng.random() < fault.prob:
-            time.sleep(fault.seconds)
-        return
     if record:
         line = json.dumps({"role": role, "rank": rank, "step": step, "action": fault.action, "pid": os.getpid()})
         with open(record, "a") as f:
             f.write(line + "\n")
             f.flush()
-            os.fsync(f.fileno())
+            if fault.action != "sleep":  # the process may end or stop next: the line must be on disk
+                os.fsync(f.fileno())
+    if fault.action == "sleep":
+        time.sleep(fault.seconds)
     if fault.action == "raise":
         raise InjectedFaultError(f"injected fault: {role} {rank} at step {step}")
     if fault.action == "kill":

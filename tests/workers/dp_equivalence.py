@@ -1,6 +1,7 @@
 """Run under `shoal run -n 2`: train three scenarios with DataParallel and save
 the final parameters (rank 0) for comparison with a single process."""
 
+import gc
 import sys
 
 import torch
@@ -44,7 +45,33 @@ def main(out: str) -> None:
         results[name] = {k: v.detach().clone() for k, v in strategy.unwrap(model).state_dict().items()}
     if rt.is_main:
         torch.save(results, out)
+    # Release the DDP-wrapped models before the process group goes: one destroyed after
+    # shoal.shutdown() makes gloo abort the process ("terminate called without an active
+    # exception") in about a third of runs (a shoal bug, reported with issue 9's harness work).
+    del model, opt, strategy, loader, it
+    gc.collect()
     shoal.shutdown()
+
+
+def clip_by_hand(rank, world, accum, clip):
+    """A user's loop that clips the averaged gradient itself: synchronize(), clip, step()."""
+    from shoal.strategies.data_parallel import DataParallel
+
+    model, opt = model_and_optimizer()
+    strategy = DataParallel(grad_accum=accum)
+    model, opt = strategy.prepare(model, opt)
+    it = strategy.loader(data(), batch_size=8, shuffle=True, seed=7).forever()
+    synced = []
+    for _ in range(STEPS * accum):
+        x, y = next(it)
+        nn.functional.cross_entropy(model(x), y).backward()
+        synced.append(strategy.synchronize())
+        if synced[-1]:  # the averaged gradient of the whole step: clip it as one process would
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+    params = {k: v.tolist() for k, v in strategy.unwrap(model).state_dict().items()}
+    return {"params": params, "synced": synced[: 2 * accum]}
 
 
 if __name__ == "__main__":

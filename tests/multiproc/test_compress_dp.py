@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import tempfile
 
-import pytest
 import torch
-from _dp_harness import run_workers
 
-pytestmark = pytest.mark.slow
+from tests.helpers.ranks import run_workers
 
-MOMENTUM = dict(lr=0.05, momentum=0.9)
+MOMENTUM = {"lr": 0.05, "momentum": 0.9}
 # random-k with error feedback delays each coordinate ~1/ratio steps; heavy
 # momentum turns those bursts into divergence, so it trains with plain SGD.
-PLAIN = dict(lr=0.2, momentum=0.0)
+PLAIN = {"lr": 0.2, "momentum": 0.0}
 TRAIN = {
     "none": MOMENTUM,
     "fp16": MOMENTUM,
@@ -97,7 +95,7 @@ def accum_clip_overflow(rank, world):
     res = {}
 
     # Accumulation: the hook (one encode per key) runs on the sync micro-step only.
-    _, model, opt, strategy = _setup("randomk:0.5", dict(lr=0.1), grad_accum=3)
+    _, model, opt, strategy = _setup("randomk:0.5", {"lr": 0.1}, grad_accum=3)
     metrics = []
     for _ in range(6):
         strategy.train_step(model, opt, loss_fn, (x, y))
@@ -106,13 +104,13 @@ def accum_clip_overflow(rank, world):
     res["metrics_nonzero_at"] = [i for i, m in enumerate(metrics) if m > 0]
 
     # Clipping acts on the decoded, averaged gradient: the update's norm is lr x clip.
-    _, model, opt, strategy = _setup("topk:0.3", dict(lr=1.0), clip_norm=1e-3)
+    _, model, opt, strategy = _setup("topk:0.3", {"lr": 1.0}, clip_norm=1e-3)
     before = _flat(model).clone()
     strategy.train_step(model, opt, loss_fn, (x, y))
     res["clipped_update_norm"] = (_flat(model) - before).norm().item()
 
     # fp16 overflow: the step is skipped (and counted), the next normal step applies.
-    _, model, opt, strategy = _setup("fp16", dict(lr=0.1))
+    _, model, opt, strategy = _setup("fp16", {"lr": 0.1})
     before = _flat(model).clone()
     strategy.train_step(model, opt, lambda out, t: loss_fn(out, t) * 1e9, (x, y))
     res["overflow_changed"] = not torch.equal(before, _flat(model))
@@ -155,7 +153,7 @@ def resume(rank, world, steps, cut, root):
     for i, spec in enumerate(RESUME_SPECS):
         _, model, opt, strategy = _setup(spec, MOMENTUM)
         loader = strategy.loader(split.train, 32, seed=0)
-        batches = [b for b, _ in zip(loader, range(steps))]
+        batches = [b for b, _ in zip(loader, range(steps), strict=False)]
         for b in batches:
             strategy.train_step(model, opt, loss_fn, b)
         straight = _flat(model).clone()

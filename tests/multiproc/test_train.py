@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import time
-from pathlib import Path
 
-import pytest
 import torch
-from conftest import ROOT, SHOAL, free_port, pid_alive, shoal
 
-pytestmark = pytest.mark.slow
-
-
-def final_params(run_dir: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
-    out = run_dir / "final.pt"
-    dcp_to_torch_save(newest, out)
-    state = torch.load(out, weights_only=False)
-    return {k: v for k, v in state["model"].items()}, state["optim"]
+from tests.helpers.cli import finish, shoal, start_shoal
+from tests.helpers.procs import Processes, free_port
+from tests.helpers.runs import final_params
 
 
 def test_default_job_reaches_accuracy(tmp_path):
@@ -93,39 +79,13 @@ def test_damaged_or_missing_checkpoint_is_a_clear_error(tmp_path):
     assert sorted((tmp_path / "r" / "logs").iterdir()) == attempts, "no worker may start"
 
 
-def test_a_crashing_worker_stops_the_job_and_leaves_no_process(tmp_path):
-    result = shoal("run", "-n", "2", "tests/workers/crash.py", tmp_path, timeout=90)
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("shoal: worker rank 1 exited with code 1: RuntimeError: disk quota exceeded (injected)"), (
-        last
-    )
-    pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(2)]
-    deadline = time.time() + 10
-    while any(pid_alive(p) for p in pids) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not any(pid_alive(p) for p in pids)
-
-
 def test_two_machines_on_loopback_train_together(tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"
     args = ["run", "--nnodes", "2", "--rdzv-endpoint", endpoint, "-n", "1", "tests/workers/world.py"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    other = subprocess.Popen(
-        [*SHOAL, *args[:1], "--node-rank", "1", *args[1:]],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        mine = shoal(*args[:1], "--node-rank", "0", *args[1:], timeout=120)
-        out, err = other.communicate(timeout=60)
-    finally:
-        if other.poll() is None:
-            os.killpg(other.pid, 9)
-    assert mine.returncode == 0 and other.returncode == 0, mine.stderr + err
+    with Processes() as procs:
+        other = start_shoal(procs, *args[:1], "--node-rank", "1", *args[1:], timeout=180)
+        mine = finish(start_shoal(procs, *args[:1], "--node-rank", "0", *args[1:], timeout=120))
+        other = finish(other)
+    assert mine.returncode == 0 and other.returncode == 0, mine.stderr + other.stderr
     assert "rank 0 of 2 sum 3" in mine.stdout
-    assert "rank 1 of 2 sum 3" in out
+    assert "rank 1 of 2 sum 3" in other.stdout

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from _dp_harness import run_workers
-from conftest import shoal
 from torch import nn
 
 from shoal.data.loader import ShardedLoader
-
-sys.path.insert(0, str(Path(__file__).parent / "workers"))
-import dp_equivalence as worker
+from tests.helpers.cli import shoal
+from tests.helpers.ranks import run_workers
+from tests.workers import dp_equivalence as worker
 
 
 def single_process(batch: int, clip: float | None) -> dict:
@@ -45,17 +40,14 @@ def assert_same(got: dict, want: dict) -> None:
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow
 def test_two_ranks_equal_one_process_with_the_combined_batch(two_rank_results):
     assert_same(two_rank_results["plain"], single_process(batch=16, clip=None))
 
 
-@pytest.mark.slow
 def test_grad_accum_equals_one_step_with_the_k_times_batch(two_rank_results):
     assert_same(two_rank_results["accum"], single_process(batch=64, clip=None))
 
 
-@pytest.mark.slow
 def test_clipping_equals_single_process_clipping_of_the_combined_batch(two_rank_results):
     want = single_process(batch=16, clip=0.05)
     assert_same(two_rank_results["clip"], want)
@@ -63,31 +55,10 @@ def test_clipping_equals_single_process_clipping_of_the_combined_batch(two_rank_
     assert not torch.allclose(want["0.weight"], unclipped["0.weight"], atol=1e-3), "the clip norm must actually clip"
 
 
-def clip_by_hand(rank, world, accum, clip):
-    """A user's loop that clips the averaged gradient itself: synchronize(), clip, step()."""
-    from shoal.strategies.data_parallel import DataParallel
-
-    model, opt = worker.model_and_optimizer()
-    strategy = DataParallel(grad_accum=accum)
-    model, opt = strategy.prepare(model, opt)
-    it = strategy.loader(worker.data(), batch_size=8, shuffle=True, seed=7).forever()
-    synced = []
-    for _ in range(worker.STEPS * accum):
-        x, y = next(it)
-        nn.functional.cross_entropy(model(x), y).backward()
-        synced.append(strategy.synchronize())
-        if synced[-1]:  # the averaged gradient of the whole step: clip it as one process would
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        opt.zero_grad()
-    params = {k: v.tolist() for k, v in strategy.unwrap(model).state_dict().items()}
-    return {"params": params, "synced": synced[: 2 * accum]}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_clipping_by_hand_after_synchronize_equals_single_process(accum):
-    ranks = run_workers(clip_by_hand, (accum, 0.05))
+    ranks = run_workers(worker.clip_by_hand, (accum, 0.05))
     assert ranks[0]["synced"] == ([False, True] * 2 if accum == 2 else [True, True])
     want = single_process(batch=16 * accum, clip=0.05)
     for res in ranks:

@@ -8,20 +8,19 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import secrets
 import time
 
 import pytest
 import torch
 import zmq
-from ps_procs import ROOT
 
+from shoal import env
 from shoal.comm.wire import Codec
 from shoal.errors import ShoalError
 from shoal.ps.client import Client, request_stats
-from shoal.ps.servers import start_servers
+from tests.helpers.procs import Processes
+from tests.helpers.ps import servers
 
-pytestmark = pytest.mark.slow
 LIMIT = 1 << 20
 
 
@@ -36,12 +35,12 @@ def _spec(timeout_s: float = 30.0) -> dict:
 
 @pytest.fixture
 def server():
-    key = secrets.token_hex(16)
-    group = start_servers(1, key, timeout_s=30, extra_env={"PYTHONPATH": str(ROOT), "SHOAL_PS_MAX_BYTES": str(LIMIT)})
-    try:
-        yield group, group.endpoints()[0], key.encode()
-    finally:
-        group.stop()
+    with Processes() as procs:
+        group = servers(procs, 1, {env.PS_MAX_BYTES: str(LIMIT)})
+        try:
+            yield group, group.endpoints()[0], group.job_key.encode()
+        finally:
+            group.stop()
 
 
 class _Evil:
@@ -61,9 +60,10 @@ def test_hostile_messages_are_dropped_and_the_server_keeps_serving(server, tmp_p
     evil.connect(endpoint)
     rng = random.Random(0)
 
-    def push(src=0, seq=10**6, keys=("w",), grads=(torch.ones(8),), with_codec=codec, clock=0):
+    def push(src=0, seq=10**6, keys=("w",), grads=None, with_codec=codec, clock=0):
+        grads = [torch.ones(8)] if grads is None else list(grads)
         return with_codec.encode(
-            {"op": "push", "src": src, "seq": seq, "clock": clock, "keys": list(keys), "hp": [{}]}, list(grads)
+            {"op": "push", "src": src, "seq": seq, "clock": clock, "keys": list(keys), "hp": [{}]}, grads
         )
 
     _Evil.marker = str(tmp_path / "pwned")
@@ -73,7 +73,7 @@ def test_hostile_messages_are_dropped_and_the_server_keeps_serving(server, tmp_p
     sent += [
         [rng.randbytes(rng.randint(0, 64)) for _ in range(rng.randint(2, 5))] for _ in range(30)
     ]  # random multi-frame
-    sent += [good[:2], good[:-1] + [bytes(good[-1])[:-4]], [good[0][:-1], *good[1:]]]  # truncated frames
+    sent += [good[:2], [*good[:-1], bytes(good[-1])[:-4]], [good[0][:-1], *good[1:]]]  # truncated frames
     sent += [push(with_codec=Codec(b"another job's key 123456"))]  # wrong job key
     sent += [[b"\0" * 32, *good[1:]], good[1:]]  # unauthenticated
     evil_pickle = pickle.dumps(_Evil())
@@ -88,7 +88,7 @@ def test_hostile_messages_are_dropped_and_the_server_keeps_serving(server, tmp_p
     client.push(0, [(["w", "b"], [torch.full((8,), 2.0), torch.full((2,), 4.0)])], [{"lr": 0.5}])
     client.request_pull(1)
     evil.send_multipart(push(seq=1, clock=1))  # authentic, but sequence number 1 was used by the init: a replay
-    ((header, (w1, b1)),) = client.wait_pull(1)
+    ((_, (w1, b1)),) = client.wait_pull(1)
     deadline = time.monotonic() + 10  # the other connection's messages may still be on their way
     while True:
         stats, _ = request_stats(ctx, endpoint, codec)
@@ -188,7 +188,7 @@ def test_checkpoint_state_round_trips_and_bad_restores_change_nothing(server):
 def test_compressed_pushes_are_checked_decoded_and_skips_drop_the_clock(server):
     from shoal.compress import parse
 
-    group, endpoint, key = server
+    _, endpoint, key = server
     codec = Codec(key, LIMIT)
     client = Client([endpoint], codec, rank=0, world=1, timeout_s=20)
     spec = {**_spec(), "compression": "topk:0.25", "code_shapes": [[2, 4], [2]]}

@@ -84,7 +84,7 @@ def from_wire(raw: bytes) -> Payload:
 
 
 # ---------------------------------------------------------------- specs
-@pytest.mark.parametrize("spec", SPECS + ["qsgd:levels=127", "topk:1", "randomk:1.0", " int8 ", "TOPK:0.5"])
+@pytest.mark.parametrize("spec", [*SPECS, "qsgd:levels=127", "topk:1", "randomk:1.0", " int8 ", "TOPK:0.5"])
 def test_valid_specs_parse(spec):
     c = parse(spec)
     assert c.spec == spec and c.family in spec.strip().lower()
@@ -263,7 +263,7 @@ def test_momentum_correction_matches_a_reference_and_conserves(spec):
 
 
 # ---------------------------------------------------------------- state
-@pytest.mark.parametrize("spec", ["int8", "qsgd:levels=4"] + EF_SPECS)
+@pytest.mark.parametrize("spec", ["int8", "qsgd:levels=4", *EF_SPECS])
 def test_state_dict_resumes_exactly(spec):
     gen = torch.Generator().manual_seed(3)
     grads = [{"a": torch.randn(20, 30, generator=gen), "b": torch.randn(7, generator=gen)} for _ in range(6)]
@@ -284,7 +284,7 @@ def test_state_dict_resumes_exactly(spec):
         for k, g in step.items():
             a, b = straight.encode(k, g), resumed.encode(k, g)
             assert a.header == b.header
-            assert all(torch.equal(s, t) for s, t in zip(a.tensors, b.tensors))
+            assert all(torch.equal(s, t) for s, t in zip(a.tensors, b.tensors, strict=True))
 
 
 # ---------------------------------------------------------------- sizes

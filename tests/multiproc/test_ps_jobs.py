@@ -1,16 +1,23 @@
 """Parameter-server jobs on real processes: servers started as the launcher
-starts them, workers as separate Python processes (tests/ps_worker.py)."""
+starts them, workers running `tests.workers.ps_tasks.run` on each rank."""
 
 from __future__ import annotations
+
+import json
+import secrets
 
 import numpy as np
 import pytest
 import torch
-from ps_procs import run_job, server_stats
-from ps_worker import equiv_batch, equiv_model, make_optimizer, schedule
 from torch import nn
 
-pytestmark = pytest.mark.slow
+from tests.helpers.cli import finish, shoal, start_shoal
+from tests.helpers.faults import Faults
+from tests.helpers.procs import Processes, free_port
+from tests.helpers.ps import run_ps_job, server_stats
+from tests.helpers.runs import final_params, first_checkpoint_params
+from tests.workers import ps_tasks
+from tests.workers.ps_tasks import equiv_batch, equiv_model, make_optimizer, schedule, single_process
 
 
 def _ok(result):
@@ -18,31 +25,19 @@ def _ok(result):
     assert all(c is None for c in result.server_codes), f"a server exited early: {result.server_codes}"
 
 
-def single_process(optim: str, steps: int, world: int) -> dict[str, np.ndarray]:
-    """One process, the combined batch of `world` workers, torch's optimizer and schedule."""
-    model = equiv_model()
-    opt = make_optimizer(optim, model.parameters())
-    sched = schedule(opt)
-    loss_fn = nn.CrossEntropyLoss()
-    for step in range(steps):
-        xs, ys = zip(*(equiv_batch(step, r, world) for r in range(world)))
-        loss_fn(model(torch.cat(xs)), torch.cat(ys)).backward()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-    return {n: p.detach().numpy() for n, p in model.named_parameters()}
+def run_job(workers: int, servers: int, args: dict, **kw):
+    return run_ps_job(workers, servers, ps_tasks.run, args, **kw)
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adam"])
-def test_bsp_equals_single_process_with_combined_batch(optim, tmp_path):
-    out = tmp_path / "final.npz"
+def test_bsp_equals_single_process_with_combined_batch(optim):
     steps = 6
     # 0.weight is 64x16 floats = 4 KiB: with 1 KiB chunks it is split in 4 over both servers
     args = {
         "task": "equiv",
         "optim": optim,
         "steps": steps,
-        "out": str(out),
+        "params": True,
         "strategy": {"consistency": "bsp", "servers": 2, "chunk_bytes": 1024},
     }
     result = run_job(2, 2, args, before_stop=server_stats)
@@ -52,7 +47,7 @@ def test_bsp_equals_single_process_with_combined_batch(optim, tmp_path):
     for h, _ in result.stats:
         assert h["bsp_done"] == steps and h["max_gap"] == 0 and not h["dropped"]
         assert set(h["steps"].values()) == {steps}  # one optimizer step per clock, not one per worker
-    got = np.load(out)
+    got = result.arrays()
     want = single_process(optim, steps, world=2)
     moved = max(float(np.abs(want[n] - equiv_model().state_dict()[n].numpy()).max()) for n in want)
     assert moved > 1e-2  # the comparison is not between two untrained models
@@ -61,15 +56,17 @@ def test_bsp_equals_single_process_with_combined_batch(optim, tmp_path):
 
 
 @pytest.mark.parametrize("s", [0, 1, 3])
-def test_ssp_bounds_how_far_a_worker_runs_ahead(s):
+def test_ssp_bounds_how_far_a_worker_runs_ahead(s, tmp_path):
     steps = 12
     args = {
         "task": "linear",
         "steps": steps,
-        "strategy": {"consistency": "ssp", "staleness": s, "servers": 1, "debug_slowdown": "1:0.15"},
+        "strategy": {"consistency": "ssp", "staleness": s, "servers": 1},
     }
-    result = run_job(2, 1, args, before_stop=server_stats)
+    slow = Faults(tmp_path).sleep("worker", rank=1, step="*", seconds=0.15)  # a straggler
+    result = run_job(2, 1, args, before_stop=server_stats, env=slow.env())
     _ok(result)
+    assert [(f["rank"], f["step"]) for f in slow.fired()] == [(1, step) for step in range(1, steps + 1)]
     ((h, _),) = result.stats
     assert h["pushed"] == [steps, steps]
     gaps = {int(k): v for k, v in h["gaps"].items()}
@@ -79,72 +76,42 @@ def test_ssp_bounds_how_far_a_worker_runs_ahead(s):
     assert h["max_gap"] == s, gaps
 
 
-def test_hybrid_asp_group_applies_every_push_bsp_group_averages(tmp_path):
+def test_hybrid_asp_group_applies_every_push_bsp_group_averages():
     """With loss = sum of all weights every gradient is 1: a bsp parameter moves lr per
     clock (the workers' average), an asp one lr per push (each worker's own)."""
-    out = tmp_path / "final.npz"
     steps = 5
     args = {
         "task": "linear",
         "steps": steps,
-        "out": str(out),
+        "params": True,
         "strategy": {"consistency": "bsp", "overrides": {"1.*": "asp"}, "servers": 1},
     }
     result = run_job(2, 1, args, before_stop=server_stats)
     _ok(result)
     ((h, _),) = result.stats
     assert h["steps"] == {"0.weight": steps, "1.weight": 2 * steps}
-    got = np.load(out)
-    start = _linear_start()
+    got = result.arrays()
+    start = {n: p.detach().numpy() for n, p in ps_tasks.linear_model().named_parameters()}
     np.testing.assert_allclose(start["0.weight"] - got["0.weight"], 0.01 * steps, atol=1e-6)
     np.testing.assert_allclose(start["1.weight"] - got["1.weight"], 0.01 * 2 * steps, atol=1e-6)
 
 
-def _linear_start() -> dict[str, np.ndarray]:
-    torch.manual_seed(0)  # as ps_worker builds it
-    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2, bias=False))
-    return {n: p.detach().numpy() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("mode", ["asp", "ssp"])
-def test_asp_and_ssp_train_digits(mode, tmp_path):
-    out = tmp_path / "final.npz"
+def test_asp_and_ssp_train_digits(mode):
     args = {
         "task": "digits",
         "steps": 250,
-        "out": str(out),
+        "params": True,
         "strategy": {"consistency": mode, "staleness": 2, "servers": 1},
     }
     result = run_job(2, 1, args, timeout=150)
     _ok(result)
-    got = np.load(out)
+    got = result.arrays()
     assert float(got["eval_accuracy"]) >= 0.95, float(got["eval_accuracy"])
     assert float(got["m_ps_bytes_pushed"]) > 0 and float(got["m_ps_bytes_pulled"]) > 0
 
 
-def _processes_with(marker: str) -> list[int]:
-    """Pids of live processes whose environment holds `marker` (our job key)."""
-    import os
-
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
 def test_shoal_train_starts_and_stops_the_servers(tmp_path):
-    import os
-    import secrets
-    import signal
-
-    from conftest import shoal
-
-    key = secrets.token_hex(16)
     result = shoal(
         "train",
         "--strategy.name=parameter_server",
@@ -155,21 +122,17 @@ def test_shoal_train_starts_and_stops_the_servers(tmp_path):
         "--logging.progress=false",
         f"--logging.run_dir={tmp_path}",
         "--model.hidden=[64]",
-        env={"SHOAL_JOB_KEY": key},
         timeout=150,
     )
-    left = [p for p in _processes_with(key) if p != os.getpid()]
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert not left, "server or worker processes outlived the job"
+    assert not result.survivors, "server or worker processes outlived the job"
     (run,) = tmp_path.iterdir()
     assert sorted(p.name for p in (run / "logs").glob("server*.log")) == ["server0.log", "server1.log"]
-    summary = __import__("json").loads((run / "summary.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["eval_accuracy"] >= 0.9
     assert "ps_wait_s" in (run / "metrics.jsonl").read_text()
     # the launcher's subscriber recorded the servers' events and the workers' live rows
-    events = [__import__("json").loads(line) for line in (run / "ps_events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (run / "ps_events.jsonl").read_text().splitlines()]
     assert sum(e["topic"] == "event" and "pieces" in e["message"] for e in events) == 2
     rows = [e for e in events if e["topic"] == "metrics"]
     assert {e["rank"] for e in rows} == {0, 1} and all(e["samples_per_s"] > 0 for e in rows)
@@ -182,9 +145,6 @@ def test_stop_and_resume_equals_an_uninterrupted_run_and_loads_as_data_parallel(
     does, on 2 servers with a split tensor; the same checkpoint resumes as
     data_parallel (no servers) and ends where the parameter-server run does.
     With top-k, the workers' error-feedback residuals come back too."""
-    from conftest import shoal
-    from test_train import final_params
-
     common = [
         f"--logging.run_dir={tmp_path}",
         "--train.steps=12",
@@ -236,28 +196,12 @@ def test_stop_and_resume_equals_an_uninterrupted_run_and_loads_as_data_parallel(
             torch.testing.assert_close(dp[key], want[key], atol=1e-5, rtol=0)
 
 
-def first_checkpoint_params(run_dir):
-    """The parameters of the run's oldest kept checkpoint."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    first = sorted((run_dir / "checkpoints").glob("step-*"))[0]
-    out = run_dir / "first.pt"
-    dcp_to_torch_save(first, out)
-    return torch.load(out, weights_only=False)["model"]
-
-
 def test_servers_on_two_machines_on_loopback(tmp_path):
     """`shoal run --nnodes 2 --servers 2` on each "machine": machine k starts
     server k, everyone finds everyone through machine 0's rendezvous store,
     and the job trains; a machine that asks for another server count is told."""
-    import os
-    import secrets
-    import subprocess
-
-    from conftest import ROOT, SHOAL, free_port, shoal
-
     endpoint = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SHOAL_JOB_KEY": secrets.token_hex(16)}
+    env = {"SHOAL_JOB_KEY": secrets.token_hex(16)}
 
     def args(node: int, servers: int = 2):
         return [
@@ -281,42 +225,20 @@ def test_servers_on_two_machines_on_loopback(tmp_path):
             "2",
         ]
 
-    other = subprocess.Popen(
-        [*SHOAL, *args(1)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        mine = shoal(*args(0), env=env, timeout=150)
-        out, err = other.communicate(timeout=60)
-    finally:
-        if other.poll() is None:
-            os.killpg(other.pid, 9)
-    assert mine.returncode == 0 and other.returncode == 0, mine.stderr[-3000:] + err[-3000:]
+    with Processes() as procs:
+        other = start_shoal(procs, *args(1), env=env, timeout=210)
+        mine = finish(start_shoal(procs, *args(0), env=env, timeout=150))
+        other = finish(other)
+    assert mine.returncode == 0 and other.returncode == 0, mine.stderr[-3000:] + other.stderr[-3000:]
     accuracy = float(mine.stdout.strip().splitlines()[-1].split("test accuracy ")[1].split()[0])
     assert accuracy >= 0.9, mine.stdout
     assert [p.name for p in (tmp_path / "node0").glob("server*.log")] == ["server0.log"]
     assert [p.name for p in (tmp_path / "node1").glob("server*.log")] == ["server1.log"]
 
     endpoint = f"127.0.0.1:{free_port()}"
-    first = subprocess.Popen(
-        [*SHOAL, *args(0)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        wrong = shoal(*args(1, servers=3), env=env, timeout=60)
-    finally:
-        os.killpg(first.pid, 9)  # machine 0 would wait for machine 1's workers until its rendezvous timeout
-        first.communicate()
+    with Processes() as procs:  # on leaving, machine 0 is killed: it would wait for machine 1's workers
+        start_shoal(procs, *args(0), env=env, timeout=60)
+        wrong = finish(start_shoal(procs, *args(1, servers=3), env=env, timeout=60))
     assert wrong.returncode == 2 and "pass the same --servers on every machine" in wrong.stderr, wrong.stderr[-2000:]
 
 
@@ -326,9 +248,8 @@ def test_servers_on_two_machines_on_loopback(tmp_path):
     "spec,mode",
     [("fp16", "bsp"), ("int8", "ssp"), ("topk:0.01", "asp"), ("randomk:0.1", "bsp"), ("powersgd:rank=4", "bsp")],
 )
-def test_compressed_pushes_train_digits(spec, mode, tmp_path):
+def test_compressed_pushes_train_digits(spec, mode):
     """Each compressor class on the push path trains digits, under BSP and the asynchronous modes."""
-    out = tmp_path / "final.npz"
     # random-k's error feedback returns each coordinate in bursts ~1/ratio steps apart,
     # which heavy momentum amplifies: plain SGD, as in the DP test and benchmark
     sgd = {"lr": 0.2, "momentum": 0.0} if spec.startswith("randomk") else {"lr": 0.05, "momentum": 0.9}
@@ -336,14 +257,14 @@ def test_compressed_pushes_train_digits(spec, mode, tmp_path):
     args = {
         "task": "digits",
         "steps": 300,
-        "out": str(out),
+        "params": True,
         "sgd": sgd,
         "overflow_at": overflow_at,
         "strategy": {"consistency": mode, "staleness": 2, "servers": 2, "compression": spec},
     }
     result = run_job(2, 2, args, timeout=150, before_stop=server_stats)
     _ok(result)
-    got = np.load(out)
+    got = result.arrays()
     assert float(got["eval_accuracy"]) >= 0.95, (spec, mode, float(got["eval_accuracy"]))
     assert (
         float(got["m_ps_compression_ratio"])
@@ -394,23 +315,22 @@ def single_process_compressed(spec: str, steps: int, world: int) -> dict[str, np
 
 
 @pytest.mark.parametrize("spec", ["int8", "topk:0.25"])  # stochastic rounding per worker; error feedback
-def test_compressed_bsp_equals_one_process_that_compresses_each_workers_gradient(spec, tmp_path):
+def test_compressed_bsp_equals_one_process_that_compresses_each_workers_gradient(spec):
     """PS-BSP with compression is exactly: encode each worker's gradient, decode, average,
     step. The reference differs from the uncompressed run, so the compressor mattered."""
-    out = tmp_path / "final.npz"
     steps = 6
     args = {
         "task": "equiv",
         "optim": "sgd",
         "steps": steps,
-        "out": str(out),
+        "params": True,
         "strategy": {"consistency": "bsp", "servers": 2, "compression": spec},
     }
     result = run_job(2, 2, args, before_stop=server_stats)
     _ok(result)
     for h, _ in result.stats:
         assert h["bsp_done"] == steps and not h["dropped"] and set(h["steps"].values()) == {steps}
-    got = np.load(out)
+    got = result.arrays()
     want = single_process_compressed(spec, steps, world=2)
     plain = single_process("sgd", steps, world=2)
     assert max(float(np.abs(want[n] - plain[n]).max()) for n in want) > 1e-6  # compression changed the result

@@ -15,7 +15,7 @@ def test_ranks_together_take_the_single_process_batch():
     single = ShardedLoader(ds, batch_size=8, world=1, seed=3)
     ranks = [ShardedLoader(ds, batch_size=4, rank=r, world=2, seed=3) for r in range(2)]
     for _epoch in range(3):
-        for whole, *parts in zip(single, *ranks):
+        for whole, *parts in zip(single, *ranks, strict=True):
             assert torch.equal(whole[1], torch.cat([p[1] for p in parts]))
     assert single.state_dict() == {"epoch": 2, "index": len(single)}
 
@@ -41,7 +41,7 @@ def test_resume_mid_epoch_continues_the_same_sequence():
     resumed.load_state_dict(state)
     got += [y for _, y in resumed]
     got += [y for _, y in resumed][:5]
-    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=False)) and len(got) == len(expected)
 
 
 def test_too_small_data_set_is_a_clear_error():

@@ -1,0 +1,75 @@
+"""Model-parallel pieces in one process: splits balance, degrees and options
+are checked, tensor-parallel plans pair columns and rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from shoal.errors import ConfigError
+from shoal.mesh import ParallelDims
+from shoal.strategies.pipeline import Pipeline, measure_block_times, split_balanced
+from shoal.strategies.tensor_parallel import auto_plan
+from tests.workers import mp_equivalence as worker
+
+
+def test_split_balances_uneven_blocks_by_parameters():
+    sizes = [1, 1, 8, 1, 1, 1, 4, 1]
+    names = [str(i) for i in range(len(sizes))]
+    chunks = split_balanced(names, dict(zip(names, map(float, sizes), strict=True)), 2)
+    sums = [sum(sizes[int(n)] for n in c) for c in chunks]
+    assert [n for c in chunks for n in c] == names  # contiguous, complete, in order
+    assert max(sums) == 10  # the best cut; an equal-count split gives 11 | 7
+    assert split_balanced(names, dict(zip(names, map(float, sizes), strict=True)), 3, starts=["2", "6"]) == [
+        ["0", "1"],
+        ["2", "3", "4", "5"],
+        ["6", "7"],
+    ]
+
+
+def test_measured_split_follows_compute_not_block_count():
+    model = nn.Sequential(
+        nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 64)
+    )
+    times = measure_block_times(model, torch.randn(256, 64))
+    chunks = split_balanced(list(times), times, 2)
+    assert chunks[0] == ["0", "1", "2", "3"] or chunks[0] == ["0", "1", "2"], (
+        chunks
+    )  # the 1024x1024 block is the weight
+
+
+def test_degrees_must_divide_the_world():
+    with pytest.raises(ConfigError, match="does not divide"):
+        ParallelDims.for_world(4, pp=3)
+    with pytest.raises(ConfigError, match="make the product equal"):
+        ParallelDims.for_world(4, pp=2, dp=3)
+    assert ParallelDims.for_world(8, pp=2, tp=2) == ParallelDims(2, 2, 2)
+    assert ParallelDims(2, 2, 2).coords(5) == (1, 0, 1)
+
+
+def test_pipeline_options_are_checked():
+    with pytest.raises(ConfigError, match="multiple of 'stages'"):
+        Pipeline(stages=2, microbatches=3, schedule="interleaved")
+    with pytest.raises(ConfigError, match="schedule"):
+        Pipeline(schedule="zigzag")
+    with pytest.raises(ConfigError, match=r"1f1b schedule needs 'microbatches' .1. >= 'stages' .2."):
+        Pipeline(stages=2, microbatches=1, schedule="1f1b")
+
+
+def test_auto_plan_pairs_columns_then_rows():
+    mlp = worker.build("mlp")
+    assert auto_plan(mlp) == {"1": "colwise", "3": "rowwise", "5": "colwise", "7": "rowwise"}
+    gpt = worker.build("gpt")
+    plan = auto_plan(gpt)
+    assert plan["1.attn.q"] == plan["1.attn.k"] == plan["1.attn.v"] == "colwise" and plan["1.attn.out"] == "rowwise"
+    assert plan["2.mlp.up"] == "colwise" and plan["2.mlp.down"] == "rowwise"
+
+
+def test_pipelined_model_names_the_loop_it_needs():
+    """`loss_fn(model(x), y)` cannot train a pipeline; one sentence says to write `model(x, y)`."""
+    from shoal.strategies.pipeline import PipelinedModel
+
+    strategy = Pipeline(stages=2, microbatches=2)
+    with pytest.raises(ConfigError, match=r"write `loss = model\(x, y\)`"):
+        PipelinedModel(strategy, nn.ModuleDict())(torch.zeros(2, 4))  # forward fails before using the chunks
