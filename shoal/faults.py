@@ -37,6 +37,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from shoal import env
 
@@ -77,22 +78,22 @@ def parse(text: str) -> Schedule:
         raw = json.loads(text) if text.strip() else []
     except json.JSONDecodeError as err:
         raise ValueError(f"{env.FAULTS} is not valid JSON ({err})") from None
-    if isinstance(raw, list):
-        raw = {"faults": raw}
+    table: object = {"faults": raw} if isinstance(raw, list) else raw
+    seed = table.get("seed", 0) if isinstance(table, dict) else None
     if (
-        not isinstance(raw, dict)
-        or not isinstance(raw.get("faults", []), list)
-        or set(raw) - {"faults", "record", "seed"}
-        or not _is_int(raw.get("seed", 0))
+        not isinstance(table, dict)
+        or not isinstance(table.get("faults", []), list)
+        or set(table) - {"faults", "record", "seed"}
+        or not _is_int(seed)
     ):
         raise ValueError(
             f"{env.FAULTS} must be a JSON list of faults or an object with 'faults', 'record' and 'seed' (an integer)"
         )
-    faults = tuple(_fault(i, entry) for i, entry in enumerate(raw.get("faults", [])))
-    return Schedule(faults, str(raw.get("record") or ""), raw.get("seed", 0))
+    faults = tuple(_fault(i, entry) for i, entry in enumerate(table.get("faults", [])))
+    return Schedule(faults, str(table.get("record") or ""), seed)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
