@@ -7,6 +7,8 @@ its message alone, without a traceback, and exits with its `exit_code`.
 
 from __future__ import annotations
 
+import re
+
 
 class ShoalError(Exception):
     """A problem the user can act on; `str(err)` names it and the fix."""
@@ -44,3 +46,17 @@ class WorkerError(ShoalError):
 def first_line(text: str) -> str:
     """The first non-blank line of a message ('' if none): what a one-sentence report quotes."""
     return (text.strip().splitlines() or [""])[0]
+
+
+# What a worker prints when it fails because another one did: its connection
+# closed, a collective timed out, the launcher stopped it, gloo aborted.
+_SECONDARY = re.compile(
+    r"connection (closed|reset) by peer|broken pipe|socket timeout|timed out|connection refused"
+    r"|got signal: \d+|SignalException|terminate called|communicator was aborted",
+    re.IGNORECASE,
+)
+
+
+def caused_by_peer(error_line: str) -> bool:
+    """True if a worker's last error line says it failed because of another process."""
+    return bool(_SECONDARY.search(error_line))

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shoal import env, logs
 from shoal.config import split_endpoint
-from shoal.errors import ShoalError, WorkerError, first_line
+from shoal.errors import ShoalError, WorkerError, caused_by_peer, first_line
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 TORCH_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
 """Silenced while workers run: we report a failure ourselves, in one line."""
@@ -88,7 +93,7 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
         with logs.quiet(*TORCH_LOGGERS):
             elastic_launch(config, entrypoint=sys.executable)(*["-u", *argv])
     except ChildFailedError as err:
-        raise WorkerError(_describe_failure(err, log_dir, spec)) from None
+        raise WorkerError(_describe_failure(err, log_dir)) from None
     except Exception as err:  # rendezvous timeouts, ports in use, ...
         raise WorkerError(f"the job could not start: {type(err).__name__}: {first_line(str(err))}") from None
     finally:
@@ -113,22 +118,30 @@ def _check_endpoint(endpoint: str, node_rank: int, store_open: bool = False) -> 
             ) from None
 
 
-def _describe_failure(err, log_dir: str, spec: LaunchSpec) -> str:
-    # The root cause is the first worker that failed by itself, not one the agent then stopped.
-    rank, failure = min(err.failures.items(), key=lambda kv: (kv[1].exitcode <= 0, kv[1].timestamp, kv[0]))
+def _describe_failure(err: ChildFailedError, log_dir: str) -> str:
+    """One sentence naming the worker that failed by itself, not one that failed because of it."""
+    described = []
+    for rank, failure in err.failures.items():
+        last = _last_error_line(log_dir, failure.local_rank, failure.pid)
+        described.append((_is_secondary(failure.exitcode, last), failure.timestamp, rank, failure, last))
+    _, _, rank, failure, last = min(described, key=lambda d: d[:3])
     if failure.exitcode < 0:
-        import signal
-
         try:
             how = f"was killed by {signal.Signals(-failure.exitcode).name}"
         except ValueError:
             how = f"was killed by signal {-failure.exitcode}"
     else:
         how = f"exited with code {failure.exitcode}"
-    last = _last_error_line(log_dir, failure.local_rank, failure.pid)
     where = f" (full log: {last[1]})" if last else ""
     reason = f": {last[0]}" if last else ""
     return f"worker rank {rank} {how}{reason}{where}"
+
+
+def _is_secondary(exitcode: int, last: tuple[str, str] | None) -> bool:
+    """A rank stopped by the agent (SIGTERM), aborted by gloo (SIGABRT) or failing on a dead peer."""
+    if last is not None:
+        return caused_by_peer(last[0])
+    return exitcode in (-signal.SIGTERM, -signal.SIGABRT)
 
 
 def _last_error_line(log_dir: str, local_rank: int, pid: int) -> tuple[str, str] | None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal import env as shoal_env
+from shoal.errors import caused_by_peer
 from tests.helpers.procs import Finished, Proc, Processes, free_port
 
 
@@ -99,8 +100,8 @@ class RanksFailedError(AssertionError):
 
 def collect(ranks: list[Finished], out_dir: Path) -> list:
     """Results by rank, or RanksFailedError naming each failed rank with its error:
-    first the one whose error came first (the others mostly fail because of it:
-    a closed connection, or SIGKILL from `wait_all`)."""
+    first the one that failed by itself (not killed by `wait_all`, not failing on
+    a closed connection: `shoal.errors.caused_by_peer`), then by time."""
     results, errors = [], []
     for rank, done in enumerate(ranks):
         path = out_dir / f"rank{rank}.json"
@@ -108,7 +109,8 @@ def collect(ranks: list[Finished], out_dir: Path) -> list:
         if "ok" not in res or done.returncode != 0:
             detail = res.get("error") or done.stderr[-3000:] or "(no output)"
             when = " after returning its result (at teardown)" if "ok" in res else ""
-            order = (done.returncode == -signal.SIGKILL, res.get("at", float("inf")))
+            last = (detail.strip().splitlines() or [""])[-1]
+            order = (done.returncode == -signal.SIGKILL, caused_by_peer(last), res.get("at", float("inf")))
             errors.append((order, done, f"rank {rank} {how(done)}{when}:\n{detail}"))
         results.append(res.get("ok"))
     if errors:

@@ -51,12 +51,6 @@ def test_a_worker_that_dies_at_a_step_stops_the_job_with_one_sentence(tmp_path, 
     assert result.returncode == 1, result.stderr[-3000:]
     assert_all_gone(result, pids)
     last = result.stderr.strip().splitlines()[-1]
-    if re.match(r"shoal: worker rank 0 was killed by (SIGTERM|SIGABRT)", last):
-        pytest.xfail(
-            "known bug in shoal/launch/agent.py::_describe_failure: the healthy rank 0 is named, not rank 1 "
-            "that died: rank 0 dies too (SIGABRT from gloo when its peer's connection closes, or SIGTERM from "
-            "the agent), and the failures tie (exit codes < 0, timestamps in whole seconds), so the lowest rank wins"
-        )
     assert last.startswith(f"shoal: worker rank 1 {how}"), last
 
 

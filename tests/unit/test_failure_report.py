@@ -1,0 +1,47 @@
+"""The launcher names the worker that failed by itself, not those that failed because of it."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from shoal.errors import caused_by_peer
+from shoal.launch.agent import _describe_failure
+
+
+def failures(tmp_path: Path, ranks: dict[int, tuple[int, str]]) -> SimpleNamespace:
+    """A ChildFailedError's `failures`, each rank with its exit code and the stderr it left, all at one second."""
+    out = {}
+    for rank, (code, stderr) in ranks.items():
+        log = tmp_path / "job" / "attempt_0" / str(rank) / "stderr.log"
+        log.parent.mkdir(parents=True)
+        log.write_text(stderr)
+        out[rank] = SimpleNamespace(exitcode=code, timestamp=1000, local_rank=rank, pid=100 + rank)
+    return SimpleNamespace(failures=out)
+
+
+TERMINATED = "[rank0]: torch.distributed.elastic.multiprocessing.api.SignalException: Process 100 got signal: 15\n"
+ABORTED = "terminate called without an active exception\n"
+PEER_CLOSED = "[rank0]: RuntimeError: [../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5123\n"
+
+
+@pytest.mark.parametrize("secondary", [(-signal.SIGTERM, TERMINATED), (-signal.SIGABRT, ABORTED), (1, PEER_CLOSED)])
+def test_a_killed_worker_is_named_not_the_one_that_lost_its_peer(tmp_path, secondary):
+    err = failures(tmp_path, {0: secondary, 1: (-signal.SIGKILL, "")})
+    assert _describe_failure(err, str(tmp_path)).startswith("worker rank 1 was killed by SIGKILL")
+
+
+def test_a_worker_that_raised_is_named_even_when_the_agent_then_stopped_it(tmp_path):
+    raised = 'Traceback (most recent call last):\n  File "x.py"\nValueError: bad batch\n'
+    err = failures(tmp_path, {0: (-signal.SIGABRT, ABORTED), 1: (-signal.SIGTERM, raised)})
+    assert _describe_failure(err, str(tmp_path)).startswith(
+        "worker rank 1 was killed by SIGTERM: ValueError: bad batch"
+    )
+
+
+def test_peer_failures_are_recognised():
+    assert caused_by_peer(PEER_CLOSED) and caused_by_peer(TERMINATED) and caused_by_peer(ABORTED)
+    assert not caused_by_peer("ValueError: bad batch")
