@@ -9,9 +9,13 @@ torch.distributed for ranks itself.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import sys
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -107,10 +111,26 @@ def current() -> Runtime:
     return _current or init()
 
 
+# Objects that hold the process group and must let go of it before it is
+# destroyed: DDP's reducer, destroyed after the group (when the user's model
+# goes, at interpreter exit), makes gloo abort the process ("terminate called
+# without an active exception", about 1 run in 4 of examples/own_loop.py).
+_group_holders: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
+
+
+def release_before_shutdown(holder: Any, release: Callable[[Any], None]) -> None:
+    """Have `shutdown()` call `release(holder)` before it destroys the group, if `holder` is still alive then."""
+    _group_holders[holder] = release
+
+
 def shutdown() -> None:
     """Leave the process group; safe to call twice."""
     global _current
     if dist.is_initialized():
+        for holder, release in list(_group_holders.items()):
+            release(holder)
+        _group_holders.clear()
+        gc.collect()  # what was released may sit in reference cycles
         dist.destroy_process_group()
     _current = None
 

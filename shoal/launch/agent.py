@@ -137,11 +137,11 @@ def _describe_failure(err: ChildFailedError, log_dir: str) -> str:
     return f"worker rank {rank} {how}{reason}{where}"
 
 
-def _is_secondary(exitcode: int, last: tuple[str, str] | None) -> bool:
-    """A rank stopped by the agent (SIGTERM), aborted by gloo (SIGABRT) or failing on a dead peer."""
-    if last is not None:
-        return caused_by_peer(last[0])
-    return exitcode in (-signal.SIGTERM, -signal.SIGABRT)
+def _is_secondary(exitcode: int, last: tuple[str, str] | None) -> int:
+    """0: failed by itself; 1: failed on a dead peer or aborted by gloo; 2: stopped by the agent (SIGTERM)."""
+    if last is not None:  # what the worker said decides, whatever ended it
+        return (2 if "got signal: 15" in last[0] else 1) if caused_by_peer(last[0]) else 0
+    return {-signal.SIGTERM: 2, -signal.SIGABRT: 1}.get(exitcode, 0)
 
 
 def _last_error_line(log_dir: str, local_rank: int, pid: int) -> tuple[str, str] | None:

@@ -125,6 +125,7 @@ class DataParallel(Strategy):
                 bucket_cap_mb=self.options.bucket_mb,
                 find_unused_parameters=self.options.find_unused_parameters,
             )
+            runtime.release_before_shutdown(model, _drop_reducer)
             names = {id(p): name for name, p in model.module.named_parameters()}
             compressor.reseed(1_000 + rt.rank)  # independent rounding noise per rank
             hook = CompressionHook(compressor, model, names, self.data_group())
@@ -247,3 +248,10 @@ class DataParallel(Strategy):
         if compression and self._replica.hook is not None:
             self._replica.hook.load_state_dict(compression)
         self._set_sync(self._replica.micro == self.grad_accum - 1)
+
+
+def _drop_reducer(ddp: DDP) -> None:
+    """Let DDP's reducer go while the process group still exists (see `runtime.release_before_shutdown`);
+    the module inside (`ddp.module`) stays usable."""
+    if hasattr(ddp, "reducer"):
+        del ddp.reducer

@@ -120,10 +120,9 @@ def collect(ranks: list[Finished], out_dir: Path) -> list:
 
 
 def _transient(err: RanksFailedError) -> bool:
-    """A port taken meanwhile by another process, or a rank killed by a signal we did not send."""
+    """A port taken meanwhile by another process."""
     text = err.message.lower()
-    killed = err.first.returncode is not None and err.first.returncode < 0 and not err.first.timed_out
-    return "address already in use" in text or "eaddrinuse" in text or killed
+    return "address already in use" in text or "eaddrinuse" in text
 
 
 def run_workers(
@@ -136,11 +135,10 @@ def run_workers(
     """`fn(rank, world, *args)` on `world` processes; its JSON results by rank.
 
     Retried once if the chosen port was taken meanwhile (other test runs on
-    the machine pick free ports too), or if a rank was killed by a signal
-    (seen about once in ten full runs: a SIGABRT, "terminate called without an
-    active exception", from a gloo thread at teardown, not yet pinned down).
-    Never retried with a fault schedule in `env`, nor for a failing assertion
-    inside `fn`.
+    the machine pick free ports too); never with a fault schedule in `env`,
+    nor for any other failure. (A rank killed by SIGABRT at teardown, "terminate
+    called without an active exception", was a shoal bug: a DDP reducer that
+    outlived the process group; `runtime.release_before_shutdown` fixed it.)
     """
     try:
         return _run_once(fn, args, world, timeout_s, env)

@@ -5,14 +5,11 @@
 Joins the job's process group (gloo on the CPU, one torch thread, from the
 RANK/WORLD_SIZE/MASTER_* the starter set), calls FUNCTION(rank, world, *ARGS)
 and writes {"ok": result} or {"error": traceback, "at": time} to
-OUT_DIR/rank<R>.json; exits 0 or 1. The result must be JSON. What FUNCTION
-made is collected before the process group is destroyed: a DDP model that
-outlives it makes gloo abort the process at teardown.
+OUT_DIR/rank<R>.json; exits 0 or 1. The result must be JSON.
 """
 
 from __future__ import annotations
 
-import gc
 import importlib
 import json
 import os
@@ -44,7 +41,6 @@ def main(argv: list[str]) -> int:
         result = {"error": traceback.format_exc(), "at": time.time()}
         print(result["error"], file=sys.stderr, flush=True)
     finally:
-        gc.collect()
         shoal.shutdown()
     path = Path(out_dir) / f"rank{rank}.json"
     path.with_suffix(".tmp").write_text(json.dumps(result))

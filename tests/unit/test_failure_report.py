@@ -45,3 +45,8 @@ def test_a_worker_that_raised_is_named_even_when_the_agent_then_stopped_it(tmp_p
 def test_peer_failures_are_recognised():
     assert caused_by_peer(PEER_CLOSED) and caused_by_peer(TERMINATED) and caused_by_peer(ABORTED)
     assert not caused_by_peer("ValueError: bad batch")
+
+
+def test_a_gloo_abort_is_named_before_a_rank_the_agent_stopped(tmp_path):
+    err = failures(tmp_path, {0: (-signal.SIGTERM, TERMINATED), 1: (-signal.SIGABRT, ABORTED)})
+    assert _describe_failure(err, str(tmp_path)).startswith("worker rank 1 was killed by SIGABRT")
