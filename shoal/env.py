@@ -44,6 +44,12 @@ PS_INDEX = "SHOAL_PS_INDEX"
 PS_HOST = "SHOAL_PS_HOST"
 """The interface a server binds."""
 
+# -------------------------------- other libraries' variables shoal sets
+GLOO_SOCKET_IFNAME = "GLOO_SOCKET_IFNAME"
+"""Gloo's interface; on several machines the launcher sets it to the one that routes to the rendezvous host."""
+NCCL_SOCKET_IFNAME = "NCCL_SOCKET_IFNAME"
+"""NCCL's bootstrap interface, chosen likewise."""
+
 # ------------------------------------------------------------- tests only
 FAULTS = "SHOAL_FAULTS"
 """A fault schedule (JSON) for tests and benchmarks; see `shoal.faults`."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shoal import env, logs
+from shoal.comm.netif import interface_towards
 from shoal.config import split_endpoint
 from shoal.errors import ShoalError, WorkerError, caused_by_peer, first_line
 
@@ -87,8 +88,9 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
         log_line_prefix_template="[rank${rank}]: ",
         shutdown_timeout=5,
     )
-    saved = {k: os.environ.get(k) for k in [*spec.env, env.LAUNCHED]}
-    os.environ.update({**spec.env, env.LAUNCHED: "1"})
+    worker_env = {**_interfaces(spec), **spec.env, env.LAUNCHED: "1"}
+    saved = {k: os.environ.get(k) for k in worker_env}
+    os.environ.update(worker_env)
     try:
         with logs.quiet(*TORCH_LOGGERS):
             elastic_launch(config, entrypoint=sys.executable)(*["-u", *argv])
@@ -102,6 +104,15 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _interfaces(spec: LaunchSpec) -> dict[str, str]:
+    """On several machines, the interface that reaches machine 0, for gloo and NCCL (unless the user chose)."""
+    if spec.nnodes <= 1:
+        return {}
+    wanted = [k for k in (env.GLOO_SOCKET_IFNAME, env.NCCL_SOCKET_IFNAME) if not os.environ.get(k)]
+    name = interface_towards(split_endpoint(spec.rdzv_endpoint)[0]) if wanted else None
+    return dict.fromkeys(wanted, name) if name else {}
 
 
 def _check_endpoint(endpoint: str, node_rank: int, store_open: bool = False) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage] -- documented, not in torch's stubs
 
 from shoal import env
+from shoal.comm.netif import address_towards
 from shoal.config import split_endpoint
 from shoal.errors import ConfigError, ShoalError
 from shoal.ps import store as ps_store
@@ -120,16 +120,6 @@ def _start_server(server_env: dict[str, str], log_path: str | None) -> subproces
         return subprocess.Popen(argv, env=server_env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def local_address_towards(host: str) -> str:
-    """This machine's address on the route to `host` (how other machines reach it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((host, 9))  # no packet is sent: this only picks the route
-            return s.getsockname()[0]
-        except OSError:
-            return socket.gethostbyname(socket.gethostname())
-
-
 def machine_share(count: int, nnodes: int, node_rank: int, rdzv_endpoint: str) -> Share:
     """This machine's share of a job's `count` servers on `nnodes` machines."""
     if not os.environ.get(env.JOB_KEY):
@@ -142,7 +132,7 @@ def machine_share(count: int, nnodes: int, node_rank: int, rdzv_endpoint: str) -
         store=ps_store.open_job_store(count, nnodes, node_rank, rdzv_endpoint),
         address=rdzv_endpoint,
         indices=list(range(node_rank, count, nnodes)),
-        advertise=os.environ.get(env.PS_ADVERTISE) or local_address_towards(rdzv_host),
+        advertise=os.environ.get(env.PS_ADVERTISE) or address_towards(rdzv_host),
     )
 
 

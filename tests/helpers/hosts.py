@@ -8,7 +8,9 @@ each host's egress with `tc`: netem (rate, delay, loss) where the kernel has
 it, else a token bucket (rate only; `Link.applied` says which).
 
 Everything is named with a per-instance tag and removed on `close()`, also
-after a failed test; processes started in a host are killed by pid first.
+after a failed test, after killing (by pid) whatever still runs in a host.
+Processes are started with the one harness (`tests.helpers.procs`), each
+command wrapped by `Host.argv`.
 Needs root (CAP_NET_ADMIN); `require_root()` skips a test with the reason.
 """
 
@@ -83,7 +85,6 @@ class TestHosts:
         self.subnet = subnet if subnet is not None else secrets.randbelow(250) + 1
         self.bridge = f"shb{self.tag}"
         self.hosts: list[Host] = []
-        self.procs: list[subprocess.Popen] = []
         self._count = count
 
     # ------------------------------------------------------------ lifecycle
@@ -120,10 +121,6 @@ class TestHosts:
 
     def close(self) -> None:
         """Kill what runs in the hosts (by pid), then remove namespaces and links."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                _kill_group(proc.pid)
-                proc.wait(timeout=10)
         for host in self.hosts:
             listed = _ip("netns", "pids", host.netns, check=False).stdout.split()
             for pid in map(int, listed):
@@ -168,15 +165,3 @@ class TestHosts:
     def heal(self, a: int, b: int) -> None:
         for src, dst in ((a, b), (b, a)):
             _ip("route", "del", "blackhole", f"{self.hosts[dst].address}/32", netns=self.hosts[src].netns, check=False)
-
-    # ------------------------------------------------------------- processes
-    def popen(self, i: int, command: list[str], **kwargs: object) -> subprocess.Popen:
-        """Start `command` in host i, in its own session; `close()` kills it by pid."""
-        proc = subprocess.Popen(self.hosts[i].argv(command), start_new_session=True, **kwargs)  # type: ignore[arg-type]  # Popen's overloads
-        self.procs.append(proc)
-        return proc
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)

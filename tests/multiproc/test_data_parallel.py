@@ -4,27 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from shoal.data.loader import ShardedLoader
 from tests.helpers.cli import shoal
 from tests.helpers.ranks import run_workers
 from tests.workers import dp_equivalence as worker
-
-
-def single_process(batch: int, clip: float | None) -> dict:
-    """The reference: plain PyTorch, one process, the combined batch."""
-    model, opt = worker.model_and_optimizer()
-    loader = ShardedLoader(worker.data(), batch_size=batch, shuffle=True, seed=7)
-    it = loader.forever()
-    for _ in range(worker.STEPS):
-        x, y = next(it)
-        nn.functional.cross_entropy(model(x), y).backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        opt.zero_grad()
-    return model.state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +24,17 @@ def assert_same(got: dict, want: dict) -> None:
 
 
 def test_two_ranks_equal_one_process_with_the_combined_batch(two_rank_results):
-    assert_same(two_rank_results["plain"], single_process(batch=16, clip=None))
+    assert_same(two_rank_results["plain"], worker.single_process(batch=16, clip=None))
 
 
 def test_grad_accum_equals_one_step_with_the_k_times_batch(two_rank_results):
-    assert_same(two_rank_results["accum"], single_process(batch=64, clip=None))
+    assert_same(two_rank_results["accum"], worker.single_process(batch=64, clip=None))
 
 
 def test_clipping_equals_single_process_clipping_of_the_combined_batch(two_rank_results):
-    want = single_process(batch=16, clip=0.05)
+    want = worker.single_process(batch=16, clip=0.05)
     assert_same(two_rank_results["clip"], want)
-    unclipped = single_process(batch=16, clip=None)
+    unclipped = worker.single_process(batch=16, clip=None)
     assert not torch.allclose(want["0.weight"], unclipped["0.weight"], atol=1e-3), "the clip norm must actually clip"
 
 
@@ -60,6 +43,6 @@ def test_clipping_equals_single_process_clipping_of_the_combined_batch(two_rank_
 def test_clipping_by_hand_after_synchronize_equals_single_process(accum):
     ranks = run_workers(worker.clip_by_hand, (accum, 0.05))
     assert ranks[0]["synced"] == ([False, True] * 2 if accum == 2 else [True, True])
-    want = single_process(batch=16 * accum, clip=0.05)
+    want = worker.single_process(batch=16 * accum, clip=0.05)
     for res in ranks:
         assert_same({k: torch.tensor(v) for k, v in res["params"].items()}, want)

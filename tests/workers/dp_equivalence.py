@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import shoal
+from shoal.data.loader import ShardedLoader
 from shoal.data.synthetic import Synthetic
 
 SCENARIOS = {  # name: (per-rank batch, grad_accum, clip_norm)
@@ -25,6 +26,21 @@ def model_and_optimizer():
 
 def data():
     return Synthetic(samples=512 + 64, features=16, classes=4, test_fraction=64 / 576).load(seed=0).train
+
+
+def single_process(batch: int, clip: float | None) -> dict:
+    """The reference: plain PyTorch, one process, the combined batch."""
+    model, opt = model_and_optimizer()
+    loader = ShardedLoader(data(), batch_size=batch, shuffle=True, seed=7)
+    it = loader.forever()
+    for _ in range(STEPS):
+        x, y = next(it)
+        nn.functional.cross_entropy(model(x), y).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+    return model.state_dict()
 
 
 def main(out: str) -> None:

@@ -1,0 +1,85 @@
+"""Jobs across test hosts (network namespaces joined by a bridge): each host runs
+its own `shoal run` launcher with --nnodes/--node-rank/--rdzv-endpoint, and
+every byte between them crosses a veth link, from an address of its own."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from shoal import env
+from tests.helpers.cli import SHOAL, finish
+from tests.helpers.hosts import TestHosts, can_make_hosts
+from tests.helpers.procs import Processes
+from tests.workers import dp_equivalence as worker
+
+pytestmark = pytest.mark.skipif(bool(can_make_hosts()), reason=can_make_hosts() or "test hosts can be made")
+PORT = 29400  # any port: the hosts' namespaces are the test's own
+
+
+def launchers(hosts: TestHosts, procs: Processes, script: list[str], *flags: str, timeout: float = 150) -> list:
+    """One `shoal run` per host, host 0 holding the rendezvous; their results."""
+    job = {env.JOB_KEY: secrets.token_hex(16)}
+    started = []
+    for host in hosts.hosts:
+        argv = [*SHOAL, "run", "-n", "1", "--nnodes", str(len(hosts)), "--node-rank", str(host.index)]
+        argv += ["--rdzv-endpoint", f"{hosts[0].address}:{PORT}", *flags, *script]
+        started.append(procs.start(host.argv(argv), timeout=timeout, env=job))
+    return [finish(p) for p in started]
+
+
+def test_data_parallel_on_two_hosts_equals_one_process(tmp_path):
+    out = tmp_path / "params.pt"
+    with TestHosts(2) as hosts, Processes() as procs:
+        done = launchers(hosts, procs, ["tests/workers/dp_equivalence.py", str(out)])
+    assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    for name, batch in (("plain", 16), ("accum", 64)):
+        want = worker.single_process(batch=batch, clip=None)
+        for key in want:
+            torch.testing.assert_close(got[name][key], want[key], atol=1e-5, rtol=0)
+
+
+def test_parameter_servers_on_two_hosts_serve_workers_on_both(tmp_path):
+    """Host k starts server k; each worker pushes to a server on the other host too."""
+    with TestHosts(2) as hosts, Processes() as procs:
+        hosts.shape(1, rate="1gbit")  # a real link between the hosts, not loopback speed
+        script = ["examples/ps_loop.py", "--epochs", "2", "--servers", "2", "--consistency", "ssp"]
+        done = launchers(hosts, procs, script, "--servers", "2", "--log-dir", str(tmp_path / "logs"))
+    assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    accuracy = float(done[0].stdout.strip().splitlines()[-1].split("test accuracy ")[1].split()[0])
+    assert accuracy >= 0.9, done[0].stdout
+
+
+LISTEN = """
+import socket, sys
+s = socket.create_server((sys.argv[1], 5000))
+print("ready", flush=True)
+while True:
+    s.accept()[0].close()
+"""
+CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], 5000), timeout=2); print('reached')"
+
+
+def test_hosts_reach_each_other_until_cut_and_are_removed_afterwards():
+    with TestHosts(3) as hosts, Processes() as procs:
+        names = [h.netns for h in hosts.hosts]
+        server = procs.start(hosts[0].argv([sys.executable, "-c", LISTEN, hosts[0].address]), timeout=60)
+        while "ready" not in server.stdout():
+            assert server.poll() is None, server.stderr()
+            time.sleep(0.05)
+        hosts.cut(0, 2)
+        reach = [
+            procs.start(hosts[i].argv([sys.executable, "-c", CONNECT, hosts[0].address]), timeout=30) for i in (1, 2)
+        ]
+        done = [p.wait() for p in reach]
+        assert "reached" in done[0].stdout and done[0].returncode == 0
+        assert done[1].returncode != 0 and "reached" not in done[1].stdout
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    links = subprocess.run(["ip", "link"], capture_output=True, text=True, check=True).stdout
+    assert not any(name in listed for name in names) and hosts.bridge not in links
