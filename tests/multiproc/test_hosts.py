@@ -4,6 +4,7 @@ every byte between them crosses a veth link, from an address of its own."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import sys
@@ -83,3 +84,28 @@ def test_hosts_reach_each_other_until_cut_and_are_removed_afterwards():
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     links = subprocess.run(["ip", "link"], capture_output=True, text=True, check=True).stdout
     assert not any(name in listed for name in names) and hosts.bridge not in links
+
+
+def test_shoal_train_pipeline_on_two_hosts_equals_one_host(tmp_path):
+    """A pipeline with one stage per host, `shoal train` on each host into one shared
+    run directory, ends where the same job on one host ends."""
+    args = ["examples/lm-pipeline.toml", "--train.steps=12", "--train.eval_every=12", "--train.log_every=4"]
+    args += ["--strategy.split=params", "--data.batch_size=8", "--logging.progress=false", "--launch.threads=1"]
+    args += ["--logging.tensorboard=false", f"--logging.run_dir={tmp_path}"]
+    with Processes() as procs:
+        one = finish(procs.start([*SHOAL, "train", *args, "--logging.name=one"], timeout=240))
+    assert one.returncode == 0, one.stderr[-3000:]
+    with TestHosts(2) as hosts, Processes() as procs:
+        job = {env.JOB_KEY: secrets.token_hex(16)}
+        started = []
+        for host in hosts.hosts:
+            node = ["--logging.name=two", "--launch.workers=1", "--launch.nnodes=2", f"--launch.node_rank={host.index}"]
+            node += [f"--launch.rdzv_endpoint={hosts[0].address}:{PORT}"]
+            started.append(procs.start(host.argv([*SHOAL, "train", *args, *node]), timeout=240, env=job))
+        two = [finish(p) for p in started]
+    assert [d.returncode for d in two] == [0, 0], two[0].stderr[-3000:] + two[1].stderr[-3000:]
+    want = json.loads((tmp_path / "one" / "summary.json").read_text())
+    got = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert got["world_size"] == 2 and got["step"] == want["step"] == 12
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-6)
+    assert (tmp_path / "two" / "checkpoints").is_dir()
