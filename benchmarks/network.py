@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -117,6 +118,10 @@ def main() -> None:
         return worker(spec, int(steps), int(every), out)
 
     from tests.helpers.hosts import TestHosts, can_make_hosts
+
+    # Stopped by a signal, leave through the `with` blocks: they remove the hosts and their processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     if can_make_hosts():
         sys.exit(f"benchmarks/network.py: {can_make_hosts()}")
