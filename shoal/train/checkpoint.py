@@ -332,13 +332,11 @@ def read_metadata(path: Path, digests: dict[str, str]) -> Metadata:
         raise refuse(f"is not readable checkpoint metadata ({type(err).__name__})") from None
     if not isinstance(meta, Metadata) or not isinstance(meta.state_dict_metadata, dict):
         raise refuse("does not hold checkpoint metadata")
+    stored = sum((path / name).stat().st_size for name in digests if name.endswith(".distcp"))
     for key, item in meta.state_dict_metadata.items():
-        if not isinstance(item, TensorStorageMetadata):
-            raise refuse(f"declares the non-tensor entry {str(key)!r} (shoal checkpoints hold only tensors)")
-        if not isinstance(item.properties, metadata.TensorProperties) or not isinstance(
-            item.properties.dtype, torch.dtype
-        ):
-            raise refuse(f"declares the entry {str(key)!r} without a tensor type")
+        problem = _entry_problem(item, stored)
+        if problem:
+            raise refuse(f"declares the {problem} entry {str(key)!r} (shoal checkpoints hold only tensors it wrote)")
     storage = meta.storage_data
     if not isinstance(storage, dict):
         raise refuse("does not say where its tensors are stored")
@@ -349,6 +347,20 @@ def read_metadata(path: Path, digests: dict[str, str]) -> Metadata:
         if not isinstance(where, str) or where not in digests or where in (MANIFEST, DCP_METADATA):
             raise refuse(f"stores {str(index.fqn)!r} in {where!r}, which is not a data file of the manifest")
     return meta
+
+
+def _entry_problem(item: Any, stored: int) -> str:
+    """What is wrong with one entry of DCP metadata ('' if nothing): the adjective the refusal uses."""
+    if not isinstance(item, TensorStorageMetadata):
+        return "non-tensor"
+    if not isinstance(item.properties, metadata.TensorProperties) or not isinstance(item.properties.dtype, torch.dtype):
+        return "untyped"
+    size = item.size
+    if not isinstance(size, torch.Size) or not all(isinstance(d, int) and d >= 0 for d in size):
+        return "malformed"
+    if size.numel() * item.properties.dtype.itemsize > stored:
+        return "larger-than-its-data-files"
+    return ""
 
 
 class _CheckedReader(filesystem.FileSystemReader):

@@ -170,3 +170,12 @@ def test_a_damaged_file_is_refused_where_the_worker_loads(saved):
     data.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="does not match its checksum"):
         _resume(saved)
+
+
+def test_metadata_declaring_a_huge_tensor_is_refused_before_allocating(saved):
+    meta = pickle.loads((saved / ".metadata").read_bytes())
+    meta.state_dict_metadata["model.w"].size = torch.Size([1 << 40, 1 << 20])
+    (saved / ".metadata").write_bytes(pickle.dumps(meta))
+    _reseal(saved)
+    with pytest.raises(CheckpointError, match=r"larger-than-its-data-files entry 'model\.w'"):
+        _resume(saved)
