@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 
 import pytest
 
 from shoal.ps import store as ps_store
+from tests.helpers.cli import shoal
 from tests.helpers.procs import Processes
 from tests.helpers.ps import servers
 from tests.helpers.ranks import start_ranks, wait_all
@@ -51,3 +53,14 @@ def test_a_rewritten_server_endpoint_stops_the_worker_before_it_connects(signatu
     # the harness prints the traceback; the error itself is one sentence naming the key
     (sentence,) = [line for line in done.stderr.splitlines() if line.startswith("shoal.errors.ShoalError: ")]
     assert "'shoal/ps/server/0'" in sentence and "is not signed with this job's key" in sentence
+
+
+def test_a_local_job_listens_on_loopback_only_but_for_torchs_worker_store(tmp_path):
+    out = tmp_path / "listeners.json"
+    result = shoal("run", "-n", "2", "--servers", "1", "tests/workers/listeners.py", out, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    # the parameter-server store, the rendezvous store, the event monitor: loopback only;
+    # torch's elastic agent opens the workers' bootstrap store (MASTER_PORT) itself, on every interface
+    others = [(addr, port) for addr, port in seen["launcher"] if port != seen["master_port"]]
+    assert len(others) >= 2 and all(addr == "127.0.0.1" for addr, _ in others), seen
