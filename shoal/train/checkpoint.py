@@ -332,11 +332,6 @@ def read_metadata(path: Path, digests: dict[str, str]) -> Metadata:
         raise refuse(f"is not readable checkpoint metadata ({type(err).__name__})") from None
     if not isinstance(meta, Metadata) or not isinstance(meta.state_dict_metadata, dict):
         raise refuse("does not hold checkpoint metadata")
-    stored = sum((path / name).stat().st_size for name in digests if name.endswith(".distcp"))
-    for key, item in meta.state_dict_metadata.items():
-        problem = _entry_problem(item, stored)
-        if problem:
-            raise refuse(f"declares the {problem} entry {str(key)!r} (shoal checkpoints hold only tensors it wrote)")
     storage = meta.storage_data
     if not isinstance(storage, dict):
         raise refuse("does not say where its tensors are stored")
@@ -346,6 +341,14 @@ def read_metadata(path: Path, digests: dict[str, str]) -> Metadata:
         where = info.relative_path
         if not isinstance(where, str) or where not in digests or where in (MANIFEST, DCP_METADATA):
             raise refuse(f"stores {str(index.fqn)!r} in {where!r}, which is not a data file of the manifest")
+    try:
+        stored = sum((path / name).stat().st_size for name in {info.relative_path for info in storage.values()})
+    except OSError:
+        stored = -1
+    for key, item in meta.state_dict_metadata.items():
+        problem = "unnamed" if not isinstance(key, str) else _entry_problem(item, stored)
+        if problem:
+            raise refuse(f"declares the {problem} entry {str(key)!r} (shoal checkpoints hold only tensors it wrote)")
     return meta
 
 
@@ -408,7 +411,9 @@ def load_tensors(path: str | Path) -> dict[str, Any]:
     mappings = meta.planner_data if isinstance(meta.planner_data, dict) else {}
     out: dict[str, Any] = {}
     for key, tensor in flat.items():
-        keys = mappings.get(key, (key,))
+        keys = mappings.get(key)
+        if not isinstance(keys, tuple) or not keys or not all(isinstance(k, str | int) for k in keys):
+            keys = (key,)
         _put(out, list(keys), tensor)
     return out
 
@@ -446,6 +451,7 @@ def checked(path: Path) -> tuple[int, dict[str, str]]:
         step = int(manifest["step"])
         if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
             raise TypeError
+        files = {str(k): v for k, v in files.items()}
     except (OSError, ValueError, KeyError, TypeError):
         raise CheckpointError(
             f"checkpoint {str(path)!r} is incomplete or damaged: {str(manifest_path)!r} is missing or unreadable; "
@@ -457,9 +463,10 @@ def checked(path: Path) -> tuple[int, dict[str, str]]:
             "resume from an earlier checkpoint or start fresh"
         )
     present = {p.name for p in path.iterdir()} - {MANIFEST}
-    for name in sorted(present - set(files)):
+    extra = sorted(present - set(files))
+    if extra:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is refused: {str(path / name)!r} is not in its manifest "
+            f"checkpoint {str(path)!r} is refused: {str(path / extra[0])!r} is not in its manifest "
             "(added after the checkpoint was written); remove it, or resume from another checkpoint"
         )
     for name, digest in files.items():
