@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import secrets
 import socket
@@ -101,11 +102,15 @@ class SignedStore:
 
 
 def listen(host: str, port: int, timeout_s: float, multi_tenant: bool = False) -> TCPStore:
-    """A store server listening on `host` only (torch's own would listen on every interface)."""
+    """A store server listening on `host` only (torch's own would listen on every interface);
+    with `multi_tenant`, the job's store that other machines reach, so a host *name* that
+    resolves only to loopback here (Debian's 127.0.1.1 for the machine's name) is refused."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise OSError(f"cannot resolve {host!r} ({exc.strerror})") from None
+    if multi_tenant and not _is_ip(host) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos):
+        raise OSError(f"{host!r} resolves only to loopback {infos[0][4][0]} here, which other machines cannot reach")
     last: OSError | None = None
     for family, kind, proto, _, addr in infos:
         sock = socket.socket(family, kind, proto)
@@ -135,6 +140,14 @@ def listen(host: str, port: int, timeout_s: float, multi_tenant: bool = False) -
             raise
     why = last.strerror if last is not None and last.strerror else "no address"
     raise OSError(f"cannot listen on {host}:{port}: {why}")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def open_local_store(host: str, count: int, timeout_s: float, key: bytes) -> tuple[SignedStore, str]:

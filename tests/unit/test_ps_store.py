@@ -84,3 +84,8 @@ def test_the_job_store_listens_on_the_endpoint_address_only():
     assert other.session == store.session
     with pytest.raises(ShoalError, match="not signed"):
         ps_store.open_job_store(2, 2, 1, f"127.0.0.1:{port}", b"y" * 32, timeout_s=10)
+
+
+def test_a_host_name_that_resolves_only_to_loopback_is_refused_for_other_machines():
+    with pytest.raises(ShoalError, match="resolves only to loopback"):
+        ps_store.open_job_store(2, 2, 0, "localhost:29999", KEY, timeout_s=5)
