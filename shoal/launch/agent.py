@@ -5,7 +5,12 @@ runs the rendezvous (c10d on one machine, static with a node rank across
 machines), sets the environment torchrun sets, tees each rank's output with a
 `[rankN]:` prefix into the console and into log files, and on the first
 failure stops every other worker (by pid, SIGTERM then SIGKILL). What we add:
-a one-line reason with the failing rank and its last error line.
+a one-line reason with the failing rank and its last error line, and the
+rendezvous store itself, opened here on the asked address only
+(`shoal.ps.store.listen`; torch's server would listen on every interface),
+which torch's rendezvous then shares (`multi_tenant`). The workers' bootstrap
+store that torch's agent opens on a free port (MASTER_PORT) is torch's own and
+still listens on every interface.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from shoal.config import split_endpoint
 from shoal.errors import ShoalError, WorkerError, caused_by_peer, first_line
 
 if TYPE_CHECKING:
+    from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage]
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 TORCH_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
@@ -49,26 +55,27 @@ class LaunchSpec:
     """Machine 0's launcher already hosts the job's store on `rdzv_endpoint` (for parameter servers)."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def launch(argv: list[str], spec: LaunchSpec) -> None:
     """Run `python argv...` on `spec.nproc` local workers; raise `WorkerError` on a failure."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # The job's store, held here so that it listens only where asked (torch's own
+    # server listens on every interface); torch's rendezvous shares it (multi_tenant).
+    held = None
     if spec.nnodes > 1:
         if not spec.rdzv_endpoint:
             raise ShoalError("a job on several machines needs --rdzv-endpoint HOST:PORT (the same on every machine)")
         backend, endpoint, rdzv_configs = "static", spec.rdzv_endpoint, {"rank": spec.node_rank}
-    else:
-        backend, endpoint, rdzv_configs = "c10d", spec.rdzv_endpoint or f"127.0.0.1:{free_port()}", {}
-    if spec.nnodes > 1:
         _check_endpoint(endpoint, spec.node_rank, store_open=spec.store_open)
+        if spec.node_rank == 0 and not spec.store_open:
+            held = _hold_store(*split_endpoint(endpoint), spec.rdzv_timeout_s)
+    elif spec.rdzv_endpoint:
+        backend, endpoint, rdzv_configs = "c10d", spec.rdzv_endpoint, {}
+    else:
+        held = _hold_store("127.0.0.1", 0, spec.rdzv_timeout_s)
+        backend, endpoint, rdzv_configs = "c10d", f"127.0.0.1:{held.port}", {}
     log_dir = spec.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-logs")
     logs_spec = DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE if spec.quiet else Std.ALL)
     config = LaunchConfig(
@@ -99,6 +106,7 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     except Exception as err:  # rendezvous timeouts, ports in use, ...
         raise WorkerError(f"the job could not start: {type(err).__name__}: {first_line(str(err))}") from None
     finally:
+        del held
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -113,6 +121,18 @@ def _interfaces(spec: LaunchSpec) -> dict[str, str]:
     wanted = [k for k in (env.GLOO_SOCKET_IFNAME, env.NCCL_SOCKET_IFNAME) if not os.environ.get(k)]
     name = interface_towards(split_endpoint(spec.rdzv_endpoint)[0]) if wanted else None
     return dict.fromkeys(wanted, name) if name else {}
+
+
+def _hold_store(host: str, port: int, timeout_s: float) -> TCPStore:
+    from shoal.ps.store import listen
+
+    try:
+        return listen(host, port, timeout_s, multi_tenant=True)
+    except (OSError, RuntimeError) as exc:
+        raise ShoalError(
+            f"cannot open the job's rendezvous store on {host}:{port} ({first_line(str(exc))}); give "
+            "--rdzv-endpoint this machine's own address and a free port"
+        ) from None
 
 
 def _check_endpoint(endpoint: str, node_rank: int, store_open: bool = False) -> None:

@@ -24,8 +24,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage] -- documented, not in torch's stubs
-
 from shoal import env
 from shoal.comm.netif import address_towards
 from shoal.config import split_endpoint
@@ -36,11 +34,11 @@ from shoal.ps import store as ps_store
 @dataclass
 class ServerGroup:
     procs: list[subprocess.Popen]
-    store: TCPStore
+    store: ps_store.SignedStore
     address: str
     job_key: str
     env: dict[str, str] = field(default_factory=dict)
-    """What workers need: the store address and the job key."""
+    """What workers need: the store address, the session and the job key."""
 
     def endpoints(self, timeout_s: float = 60.0) -> list[str]:
         """Every server's endpoint (this machine's and the others')."""
@@ -69,7 +67,7 @@ class Share:
     """This machine's share of a job on several machines: which servers it
     starts, the job's store, and how its servers are bound and reached."""
 
-    store: TCPStore
+    store: ps_store.SignedStore
     address: str
     """HOST:PORT of the store, for servers and workers."""
     indices: list[int]
@@ -93,9 +91,9 @@ def start_servers(
     if count < 1:
         raise ShoalError(f"--servers must be >= 1, not {count}")
     if share is None:
-        store, address = ps_store.open_local_store(host, count, timeout_s)
+        store, address = ps_store.open_local_store(host, count, timeout_s, job_key.encode())
         share = Share(store, address, list(range(count)), host)
-    workers_env = {env.PS_STORE: share.address, env.JOB_KEY: job_key}
+    workers_env = {env.PS_STORE: share.address, env.PS_SESSION: share.store.session, env.JOB_KEY: job_key}
     procs = []
     for i in share.indices:
         server_env = {
@@ -122,14 +120,15 @@ def _start_server(server_env: dict[str, str], log_path: str | None) -> subproces
 
 def machine_share(count: int, nnodes: int, node_rank: int, rdzv_endpoint: str) -> Share:
     """This machine's share of a job's `count` servers on `nnodes` machines."""
-    if not os.environ.get(env.JOB_KEY):
+    key = os.environ.get(env.JOB_KEY, "")
+    if not key:
         raise ConfigError(
             "a parameter-server job on several machines needs the same secret on every machine: "
             f"set {env.JOB_KEY} (e.g. to the output of `openssl rand -hex 32`) before `shoal` on each"
         )
     rdzv_host, _ = split_endpoint(rdzv_endpoint)
     return Share(
-        store=ps_store.open_job_store(count, nnodes, node_rank, rdzv_endpoint),
+        store=ps_store.open_job_store(count, nnodes, node_rank, rdzv_endpoint, key.encode()),
         address=rdzv_endpoint,
         indices=list(range(node_rank, count, nnodes)),
         advertise=os.environ.get(env.PS_ADVERTISE) or address_towards(rdzv_host),

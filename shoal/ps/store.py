@@ -1,22 +1,45 @@
 """The rendezvous store through which a job's parameter servers are found.
 
-A torch `TCPStore` holds two kinds of keys, named here and nowhere else:
+A torch `TCPStore` holds these keys, named here and nowhere else:
 
 - `SERVER_COUNT_KEY` (`shoal/ps/servers`): how many servers the job has,
   set by the launcher of machine 0 when it opens the store;
 - `server_key(i)` (`shoal/ps/server/<i>`): server i's ZeroMQ endpoint, set
-  by server i once it is bound.
+  by server i once it is bound;
+- `SESSION_KEY` (`shoal/ps/session`), across machines only: the job's
+  session, which machine 0's launcher draws and the others read.
 
 Nothing is hard-coded but the store's own address, which the launcher hands
 to servers and workers in SHOAL_PS_STORE. On one machine the launcher hosts
 the store on a free port; across machines it is the job's rendezvous store
 on `--rdzv-endpoint`, hosted by machine 0's launcher before torch's static
 rendezvous, which shares it (`multi_tenant`).
+
+A TCPStore has no credentials, so anyone who reaches it can rewrite a key.
+Two defences:
+
+- it listens only where asked: torch's own server binds every interface
+  whatever host it is given, so `listen` binds the socket itself, to that
+  host, and hands torch the descriptor (`master_listen_fd`);
+- every value shoal writes is signed (`SignedStore`): HMAC-SHA256 under the
+  job key over the session, the key's name and the value, checked on every
+  read. A forged, unsigned or moved value stops the reader with one sentence
+  instead of being trusted. The session (SHOAL_PS_SESSION, drawn by the
+  launcher for each job) makes a value recorded in an earlier run with the
+  same SHOAL_JOB_KEY fail too; across machines, machines other than 0 learn
+  the session from the store, so for them that holds only with a fresh
+  SHOAL_JOB_KEY per run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
 import os
+import secrets
+import socket
+from collections.abc import Sequence
 from datetime import timedelta
 
 from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage] -- documented, not in torch's stubs
@@ -27,6 +50,9 @@ from shoal.errors import ConfigError, ShoalError, first_line
 
 SERVER_COUNT_KEY = "shoal/ps/servers"
 """How many servers the job has."""
+SESSION_KEY = "shoal/ps/session"
+"""The job's session, for the machines that did not draw it."""
+_DOMAIN = b"shoal-store-v1"
 
 
 def server_key(index: int) -> str:
@@ -34,40 +60,134 @@ def server_key(index: int) -> str:
     return f"shoal/ps/server/{index}"
 
 
-def open_local_store(host: str, count: int, timeout_s: float) -> tuple[TCPStore, str]:
-    """A store for a job on this machine, on a free port of `host`; (store, its HOST:PORT)."""
+class SignedStore:
+    """The job's store as shoal uses it: `set` signs with the job key, `get` checks the signature."""
+
+    def __init__(self, store: TCPStore, key: bytes, session: str, address: str) -> None:
+        self.raw = store
+        self._key = key
+        self.session = session
+        self.address = address
+
+    @property
+    def port(self) -> int:
+        return self.raw.port
+
+    def _mac(self, name: str, value: bytes, session: str) -> str:
+        message = b"\0".join([_DOMAIN, session.encode(), name.encode(), value])
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def set(self, name: str, value: str, *, session: str | None = None) -> None:
+        mac = self._mac(name, value.encode(), self.session if session is None else session)
+        self.raw.set(name, f"{mac} {value}")
+
+    def get(self, name: str, *, session: str | None = None) -> str:
+        """The value under `name`, or ShoalError if it is not signed by this job."""
+        raw = self.raw.get(name)
+        mac, _, value = raw.partition(b" ")
+        want = self._mac(name, value, self.session if session is None else session).encode()
+        if not hmac.compare_digest(mac, want):
+            raise ShoalError(
+                f"the value under {name!r} in the parameter-server store at {self.address} is not signed with this "
+                f"job's key, so it is not trusted: another process rewrote it, or this process has another "
+                f"{env.JOB_KEY} than the launcher; keep the store's port closed to others and restart the job"
+            )
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            raise ShoalError(f"the value under {name!r} in the parameter-server store is not text") from None
+
+    def wait(self, names: Sequence[str], timeout: timedelta) -> None:
+        self.raw.wait(list(names), timeout)
+
+
+def listen(host: str, port: int, timeout_s: float, multi_tenant: bool = False) -> TCPStore:
+    """A store server listening on `host` only (torch's own would listen on every interface);
+    with `multi_tenant`, the job's store that other machines reach, so a host *name* that
+    resolves only to loopback here (Debian's 127.0.1.1 for the machine's name) is refused."""
     try:
-        store = TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
-    except RuntimeError as exc:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise OSError(f"cannot resolve {host!r} ({exc.strerror})") from None
+    if multi_tenant and not _is_ip(host) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos):
+        raise OSError(f"{host!r} resolves only to loopback {infos[0][4][0]} here, which other machines cannot reach")
+    last: OSError | None = None
+    for family, kind, proto, _, addr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(socket.SOMAXCONN)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        bound = sock.getsockname()[1]
+        fd = sock.detach()  # the store owns the descriptor from here on
+        try:
+            return TCPStore(
+                host,
+                bound,
+                is_master=True,
+                wait_for_workers=False,
+                multi_tenant=multi_tenant,
+                timeout=timedelta(seconds=timeout_s),
+                master_listen_fd=fd,
+                use_libuv=True,
+            )
+        except Exception:
+            os.close(fd)
+            raise
+    why = last.strerror if last is not None and last.strerror else "no address"
+    raise OSError(f"cannot listen on {host}:{port}: {why}")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def open_local_store(host: str, count: int, timeout_s: float, key: bytes) -> tuple[SignedStore, str]:
+    """A store for a job on this machine, on a free port of `host` and no other interface; (store, its HOST:PORT)."""
+    try:
+        raw = listen(host, 0, timeout_s)
+    except (OSError, RuntimeError) as exc:
         raise ShoalError(f"could not open the parameter-server rendezvous store on {host}: {exc}") from None
+    address = f"{host}:{raw.port}"
+    store = SignedStore(raw, key, secrets.token_hex(16), address)
     store.set(SERVER_COUNT_KEY, str(count))
-    return store, f"{host}:{store.port}"
+    return store, address
 
 
-def open_job_store(count: int, nnodes: int, node_rank: int, rdzv_endpoint: str, timeout_s: float = 300.0) -> TCPStore:
-    """The job's rendezvous store across machines (machine 0 hosts it); checks that
-    every machine asks for the same number of servers."""
+def open_job_store(
+    count: int, nnodes: int, node_rank: int, rdzv_endpoint: str, key: bytes, timeout_s: float = 300.0
+) -> SignedStore:
+    """The job's rendezvous store across machines (machine 0 hosts it, on the endpoint's address only);
+    checks that every machine asks for the same number of servers."""
     host, port = split_endpoint(rdzv_endpoint)
     try:
         if node_rank == 0:
-            store = TCPStore(
-                host,
-                port,
-                is_master=True,
-                multi_tenant=True,
-                wait_for_workers=False,
-                timeout=timedelta(seconds=timeout_s),
-            )
+            raw = listen(host, port, timeout_s, multi_tenant=True)  # torch's static rendezvous shares it
+            store = SignedStore(raw, key, secrets.token_hex(16), rdzv_endpoint)
+            store.set(SESSION_KEY, store.session, session="")
             store.set(SERVER_COUNT_KEY, str(count))
             return store
-        store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+        raw = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+        store = SignedStore(raw, key, "", rdzv_endpoint)
+        store.session = store.get(SESSION_KEY, session="")
         asked = int(store.get(SERVER_COUNT_KEY))
+    except ShoalError:
+        raise
     except Exception as exc:
         why = first_line(str(exc)) or type(exc).__name__
         if node_rank == 0:
             raise ShoalError(
-                f"cannot open the job's rendezvous store on port {port} ({why}); is the port in use? "
-                "choose another --rdzv-endpoint port on every machine"
+                f"cannot open the job's rendezvous store on {host}:{port} ({why}); is the port in use, or is "
+                f"{host} not an address of this machine? choose another --rdzv-endpoint port on every machine, "
+                "or give machine 0's own address"
             ) from None
         raise ShoalError(
             f"cannot reach the job's rendezvous store at {rdzv_endpoint} ({why}); is machine 0's launcher running?"
@@ -80,14 +200,24 @@ def open_job_store(count: int, nnodes: int, node_rank: int, rdzv_endpoint: str, 
     return store
 
 
-def connect(address: str, timeout_s: float) -> TCPStore:
-    """A client of the store at `address` (HOST:PORT, as in SHOAL_PS_STORE)."""
+def connect(address: str, timeout_s: float) -> SignedStore:
+    """A client of the store at `address` (HOST:PORT, as in SHOAL_PS_STORE), signing and checking
+    with the job key and session of this process's environment."""
+    from shoal.comm.wire import job_key
+
     host, port = split_endpoint(address, what=env.PS_STORE, key=env.PS_STORE)
-    return TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    session = os.environ.get(env.PS_SESSION, "")
+    if not session:
+        raise ShoalError(
+            f"{env.PS_STORE} is set but {env.PS_SESSION} is not; start servers and workers with "
+            "`shoal run --servers S` or `shoal train`, which set both"
+        )
+    raw = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    return SignedStore(raw, job_key(), session, address)
 
 
-def read_endpoints(store: TCPStore, count: int, timeout_s: float) -> list[str]:
-    """Every server's endpoint, once all `count` have published theirs."""
+def read_endpoints(store: SignedStore, count: int, timeout_s: float) -> list[str]:
+    """Every server's endpoint, once all `count` have published theirs; ShoalError for one not signed by the job."""
     keys = [server_key(i) for i in range(count)]
     try:
         store.wait(keys, timedelta(seconds=timeout_s))
@@ -96,10 +226,10 @@ def read_endpoints(store: TCPStore, count: int, timeout_s: float) -> list[str]:
             f"the {count} parameter server(s) did not publish their addresses within {timeout_s:.0f}s; "
             "see the servers' logs"
         ) from None
-    return [store.get(k).decode() for k in keys]
+    return [store.get(k) for k in keys]
 
 
-def connect_store(timeout_s: float = 60.0) -> tuple[TCPStore, int]:
+def connect_store(timeout_s: float = 60.0) -> tuple[SignedStore, int]:
     """The job's parameter-server store, from SHOAL_PS_STORE; (store, server count)."""
     address = os.environ.get(env.PS_STORE, "")
     if not address:
