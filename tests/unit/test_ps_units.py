@@ -167,6 +167,14 @@ def test_strategy_options_are_checked_before_anything_starts():
         ParameterServer(debug_slowdown="1:0.1")
 
 
+def test_servers_default_to_the_launchers_count():
+    from shoal.strategies.parameter_server import ParameterServer
+
+    assert ParameterServer().options.servers is None  # resolved at prepare, from the launcher
+    assert ParameterServer().options.server_processes(2) == 1  # what `shoal train` starts without the key
+    assert ParameterServer(servers=3).options.server_processes(2) == 3
+
+
 def test_unsupported_optimizer_is_a_clear_error_at_prepare():
     from shoal.strategies.parameter_server import ParameterServer
 

@@ -6,14 +6,16 @@ over server processes, consistency chosen per run or per parameter.
     # loss.backward(); optimizer.step()   # pushes gradients, asks for fresh parameters
     # optimizer.zero_grad()
 
-`optimizer.step()` does not update parameters locally: it queues the
-gradients for the servers that hold each piece (the user's optimizer runs
-there, see `shoal.ps.optim`) and requests the next parameters. The model
-waits for them at its next forward pass (a forward pre-hook), so the push
-and the pull overlap with whatever the loop does in between. Guarantees per
-mode are in `shoal.ps.consistency` and docs/consistency.md; with `bsp` the
-run equals one process with the combined batch. The servers average the
-gradients, so a worker has no averaged gradient: `synchronize()` is refused.
+`optimizer.step()` does not update parameters locally: it sends the
+gradients to the servers that hold each piece (the user's optimizer runs
+there, see `shoal.ps.optim`), asks for the next parameters and puts them
+into the model before it returns, as a local step would: right after
+`step()`, `model.state_dict()`, a hand-written evaluation or a comparison
+with one process see the new values, in every mode. When the pull is
+answered is the consistency rule's business (`shoal.ps.consistency`,
+docs/consistency.md); with `bsp` the run equals one process with the
+combined batch. The servers average the gradients, so a worker has no
+averaged gradient: `synchronize()` is refused.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class _Session:
 
 
 class ParameterServer(Strategy):
-    """Parameters on server processes: `ParameterServer(consistency="bsp", staleness=0, servers=1, ...)`."""
+    """Parameters on server processes: `ParameterServer(consistency="bsp", staleness=0, servers=None, ...)`."""
 
     name = "parameter_server"
 
@@ -78,7 +80,9 @@ class ParameterServer(Strategy):
         staleness: int = 0
         overrides: dict[str, str] = field(default_factory=dict)
         """Glob on parameter names -> 'bsp' | 'asp' | 'ssp' | 'ssp:N'; first match wins."""
-        servers: int = 1
+        servers: int | None = None
+        """How many server processes; None: as many as the launcher started (`shoal run --servers S`),
+        1 under `shoal train`. A number that differs from the launcher's stops the job."""
         chunk_bytes: int = 4 << 20
         """A parameter bigger than this is split into chunks placed on different servers."""
         timeout_s: float = 60.0
@@ -88,7 +92,8 @@ class ParameterServer(Strategy):
 
         def __post_init__(self) -> None:
             check_range(self.staleness, "staleness", low=0)
-            check_range(self.servers, "servers", low=1)
+            if self.servers is not None:
+                check_range(self.servers, "servers", low=1)
             check_range(self.chunk_bytes, "chunk_bytes", low=1)
             check_range(self.timeout_s, "timeout_s", low=0.0, low_open=True)
             check_range(self.max_message_mb, "max_message_mb", low=0.0, low_open=True)
@@ -101,9 +106,13 @@ class ParameterServer(Strategy):
             return parse_mode(self.consistency, self.staleness, "consistency")
 
         def server_processes(self, workers: int) -> int:
-            return self.servers
+            return 1 if self.servers is None else self.servers
 
     options: Options
+    install_at_forward = False
+    """Benchmarks only (benchmarks/ps.py --only pull): leave the pulled parameters out of the model
+    until its next forward pass, as shoal did before issue 11, to measure what installing them in
+    `optimizer.step()` costs. With it, `step()` leaves the model one step behind."""
 
     def __init__(self, options: Options | None = None, /, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
@@ -144,14 +153,17 @@ class ParameterServer(Strategy):
         return model, prepare_optimizer(optimizer, self)
 
     def _endpoints(self) -> list[str]:
-        """The servers' endpoints from the job's store; ShoalError if the launcher started another count."""
+        """The servers' endpoints from the job's store; ShoalError if the strategy asks for
+        another count than the launcher started (without `servers`, the launcher's count is taken)."""
         from shoal.ps.store import connect_store, read_endpoints
 
         store, count = connect_store(self.options.timeout_s)
-        if count != self.options.servers:
+        asked = self.options.servers
+        if asked is not None and count != asked:
             raise ShoalError(
                 f"the launcher started {count} parameter server(s) but the strategy asks for "
-                f"servers={self.options.servers}; make them agree (shoal run --servers {self.options.servers})"
+                f"servers={asked}; make them agree (shoal run --servers {asked}), "
+                "or leave servers out to use what the launcher started"
             )
         return read_endpoints(store, count, self.options.timeout_s)
 
@@ -186,6 +198,8 @@ class ParameterServer(Strategy):
         s.clock += 1
         s.client.request_pull(s.clock)
         s.pending = True
+        if not self.install_at_forward:
+            self.sync()  # step() leaves the new parameters in the model, as a local step does
         if s.live is not None:
             self._publish(s)
         return loss
@@ -214,7 +228,8 @@ class ParameterServer(Strategy):
         return pushes, codes, nonfinite
 
     def _before_forward(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        self.sync()
+        if self.install_at_forward:
+            self.sync()
         live = self.session.live
         if live is not None and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0:
             live.batch = inputs[0].shape[0]
@@ -230,7 +245,9 @@ class ParameterServer(Strategy):
         optimizer.local_zero_grad(set_to_none)
 
     def sync(self) -> None:
-        """Wait for the parameters of the current clock and put them into the model."""
+        """Wait for the parameters of the current clock and put them into the model.
+
+        `optimizer.step()` does this itself; an explicit call is never needed (and then does nothing)."""
         s = self.session
         if not s.pending:
             return
