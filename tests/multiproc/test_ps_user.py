@@ -94,6 +94,18 @@ def test_hybrid_both_workers_hold_the_servers_final_state_after_step():
     _assert_same(job.results[0]["after_step"], job.results[1]["after_step"], what="rank 0 vs rank 1:")
 
 
+def test_asp_evaluate_scores_one_model_the_servers_current_one():
+    """Under asp each worker holds what its own last pull returned; `strategy.evaluate`
+    scores the same parameters on every rank, the ones a user then holds."""
+    args = {"steps": 30, "strategy": {"consistency": "asp", "servers": 2}}
+    job = run_ps_job(2, 2, ps_user.evaluate, args)
+    _ok(job)
+    first, second = job.results
+    _assert_same(first["state"], second["state"], what="rank 0 vs rank 1 after evaluate:")
+    assert first["evaluate"] == second["evaluate"]
+    assert abs(first["by_hand"] - first["evaluate"]) < 1e-6 and first["by_hand"] == second["by_hand"]
+
+
 def test_the_launchers_server_count_is_the_default(tmp_path):
     result = shoal("run", "-n", "2", "--servers", "2", "--log-dir", tmp_path / "logs", "tests/workers/ps_servers.py")
     assert result.returncode == 0, result.stderr[-3000:]

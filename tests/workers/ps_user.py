@@ -51,3 +51,31 @@ def train(rank: int, world: int, args: dict) -> dict:
         return out
     finally:
         strategy.close()
+
+
+def evaluate(rank: int, world: int, args: dict) -> dict:
+    """Train side by side, then `strategy.evaluate`, then score the whole test set by hand."""
+    import torch
+
+    from shoal.data.digits import Digits
+
+    strategy = shoal.ParameterServer(**args["strategy"])
+    try:
+        torch.manual_seed(0)
+        data = Digits().load(seed=0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        model, optimizer = strategy.prepare(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+        loss_fn = nn.CrossEntropyLoss()
+        batches = strategy.loader(data.train, batch_size=32, shuffle=True, seed=0).forever()
+        for _ in range(args["steps"]):
+            x, y = next(batches)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        result = strategy.evaluate(model, data.test, loss_fn)
+        x, y = data.test.tensors
+        with torch.no_grad():
+            by_hand = (model(x).argmax(-1) == y).float().mean().item()
+        return {"evaluate": result["eval_accuracy"], "by_hand": by_hand, "state": _state(model)}
+    finally:
+        strategy.close()

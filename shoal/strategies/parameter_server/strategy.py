@@ -20,6 +20,7 @@ averaged gradient: `synchronize()` is refused.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import time
@@ -36,7 +37,7 @@ from shoal.compress import Compressor
 from shoal.compress import parse as parse_compression
 from shoal.config import check_range
 from shoal.data.loader import Samples
-from shoal.errors import ShoalError
+from shoal.errors import ConfigError, ShoalError
 from shoal.ps.client import Client
 from shoal.ps.consistency import Mode, parse_mode, resolve
 from shoal.state import sub_state, with_prefix
@@ -137,6 +138,7 @@ class ParameterServer(Strategy):
         model.to(rt.device)
         served = served_parameters(model, optimizer)
         modes = resolve([s.name for s in served], o.mode, o.overrides, o.staleness)
+        _check_overrides_match([s.name for s in served], o.overrides)
         endpoints = self._endpoints()
         how = Placement(len(endpoints), o.chunk_bytes, modes, optim, o.timeout_s, o.compression)
         layout = lay_out(served, optimizer, how)
@@ -297,7 +299,15 @@ class ParameterServer(Strategy):
 
     # ------------------------------------------------------------- the rest
     def evaluate(self, model: nn.Module, dataset: Samples, loss_fn: LossFn, batch_size: int = 512) -> dict[str, float]:
+        """Every rank evaluates the same parameters: the servers' once every worker got here.
+
+        Collective, like every strategy's. Under `asp`/`ssp` each worker holds what its
+        last pull returned, which differs between workers; without this the ranks' shares
+        of the held-out set would be scored with different models."""
         self.sync()
+        if dist.is_initialized():
+            dist.barrier()  # each worker's step() returned, so its pushes are applied
+        self.refresh()
         return super().evaluate(model, dataset, loss_fn, batch_size)
 
     def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -359,6 +369,19 @@ class ParameterServer(Strategy):
             s.live.close()
         s.client.close()
         self._session = None
+
+
+def _check_overrides_match(names: list[str], overrides: dict[str, str]) -> None:
+    """ConfigError for an override glob that matches none of the model's parameters (a typo
+    would otherwise leave those parameters in the run's mode without a word)."""
+    for glob in overrides:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ConfigError(
+                f"override '{glob}' matches no parameter of the model; patterns match the names of "
+                f"model.named_parameters(): {shown}",
+                f"overrides.{glob}",
+            )
 
 
 def _hyperparameters(name: str, group: dict[str, Any]) -> dict[str, Any]:
