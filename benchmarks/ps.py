@@ -13,7 +13,11 @@
    server would otherwise fight over the CPU and the measurement would be of
    the scheduler, not of the consistency.
 
-    PYTHONPATH=. python benchmarks/ps.py [--reps 3] [--steps N] [--only throughput|stragglers]
+3. Pull (`--only pull`): what installing the pulled parameters inside
+   `optimizer.step()` costs against installing them at the next forward
+   pass (shoal before issue 11), steps/s, 2 workers, 1 server, per mode.
+
+    PYTHONPATH=. python benchmarks/ps.py [--reps 3] [--steps N] [--only throughput|stragglers|pull]
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ def worker(args) -> None:
             servers=args.servers,
             chunk_bytes=1 << 20,
         )
+    if args.install_at_forward:
+        strategy.install_at_forward = True  # pyright: ignore[reportAttributeAccessIssue] -- ps only
     model, opt = strategy.prepare(model, opt)
     batches = strategy.loader(split.train, args.batch, seed=0).forever()
     measure = throughput if args.task == "throughput" else stragglers
@@ -147,6 +153,33 @@ def time_to(curve: list, target: float) -> float | None:
     return next((t for t, _, acc in curve if acc >= target), None)
 
 
+def pull_cost(args) -> None:
+    """Steps/s with the pull installed in `step()` against at the next forward, interleaved, per mode;
+    prints the medians and writes benchmarks/results/ps_pull.json."""
+    cases = {}
+    steps = str(args.steps or 200)
+    for model in ("digits_mlp", "wide_mlp_5m"):
+        for mode, s in (("bsp", 0), ("ssp", 1), ("asp", 0)):
+            base = ["--task", "throughput", "--model", model, "--strategy", mode, "--staleness", str(s)]
+            base += ["--steps", steps if model == "digits_mlp" else str(max(10, int(steps) // 5))]
+            runs: dict[str, list[float]] = {"in_step": [], "at_forward": []}
+            for _ in range(args.reps):
+                for name, extra in (("in_step", []), ("at_forward", ["--install-at-forward"])):
+                    runs[name].append(launch(2, 1, [*base, *extra])["steps_per_s"])
+            row = {k: {"steps_per_s": statistics.median(v), "runs": v} for k, v in runs.items()}
+            row["ratio"] = row["in_step"]["steps_per_s"] / row["at_forward"]["steps_per_s"]
+            cases[f"{model}/{mode}"] = row
+            print(
+                f"{model} {mode}: in step() {row['in_step']['steps_per_s']:.1f} steps/s {runs['in_step']}, "
+                f"at forward {row['at_forward']['steps_per_s']:.1f} {runs['at_forward']}, "
+                f"ratio {row['ratio']:.2f}",
+                flush=True,
+            )
+    config = {"reps": args.reps, "steps": steps, "command": " ".join(["python", "benchmarks/ps.py", *sys.argv[1:]])}
+    summary = "ps pull in step() vs at forward: " + "; ".join(f"{k} {v['ratio']:.2f}" for k, v in cases.items())
+    _harness.write("ps_pull", {"config": config, "cases": cases}, summary)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -161,14 +194,17 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=0, help="timed steps (throughput) or steps per worker (stragglers)"
     )
+    parser.add_argument("--install-at-forward", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--target", type=float, default=0.93)
     parser.add_argument("--reps", type=int, default=3, help="throughput runs per variant (the median is reported)")
     parser.add_argument(
-        "--only", choices=["throughput", "stragglers"], default=None, help="run one part (no JSON written)"
+        "--only", choices=["throughput", "stragglers", "pull"], default=None, help="run one part (no JSON written)"
     )
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.only == "pull":
+        return pull_cost(args)
 
     results: dict = {"throughput": {}, "stragglers": {}}
     cases = (("digits_mlp", args.steps or 100), ("wide_mlp_5m", max(10, (args.steps or 100) // 5)))

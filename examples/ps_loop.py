@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--consistency", default="bsp", choices=["bsp", "asp", "ssp"])
     parser.add_argument("--staleness", type=int, default=0)
-    parser.add_argument("--servers", type=int, default=2, help="as given to shoal run --servers")
+    parser.add_argument("--servers", type=int, default=None, help="default: as many as shoal run --servers started")
     args = parser.parse_args()
 
     rt = shoal.init()

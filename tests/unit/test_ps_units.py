@@ -167,6 +167,24 @@ def test_strategy_options_are_checked_before_anything_starts():
         ParameterServer(debug_slowdown="1:0.1")
 
 
+def test_servers_default_to_the_launchers_count():
+    from shoal.strategies.parameter_server import ParameterServer
+
+    assert ParameterServer().options.servers is None  # resolved at prepare, from the launcher
+    assert ParameterServer().options.server_processes(2) == 1  # what `shoal train` starts without the key
+    assert ParameterServer(servers=3).options.server_processes(2) == 3
+
+
+def test_an_override_that_matches_no_parameter_is_a_clear_error_at_prepare():
+    from shoal.strategies.parameter_server import ParameterServer
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    strategy = ParameterServer(overrides={"embedding.*": "asp"})
+    with pytest.raises(ConfigError, match=r"override 'embedding.\*' matches no parameter.*0.weight, 0.bias") as err:
+        strategy.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert err.value.key == "overrides.embedding.*"
+
+
 def test_unsupported_optimizer_is_a_clear_error_at_prepare():
     from shoal.strategies.parameter_server import ParameterServer
 

@@ -6,18 +6,21 @@ over server processes, consistency chosen per run or per parameter.
     # loss.backward(); optimizer.step()   # pushes gradients, asks for fresh parameters
     # optimizer.zero_grad()
 
-`optimizer.step()` does not update parameters locally: it queues the
-gradients for the servers that hold each piece (the user's optimizer runs
-there, see `shoal.ps.optim`) and requests the next parameters. The model
-waits for them at its next forward pass (a forward pre-hook), so the push
-and the pull overlap with whatever the loop does in between. Guarantees per
-mode are in `shoal.ps.consistency` and docs/consistency.md; with `bsp` the
-run equals one process with the combined batch. The servers average the
-gradients, so a worker has no averaged gradient: `synchronize()` is refused.
+`optimizer.step()` does not update parameters locally: it sends the
+gradients to the servers that hold each piece (the user's optimizer runs
+there, see `shoal.ps.optim`), asks for the next parameters and puts them
+into the model before it returns, as a local step would: right after
+`step()`, `model.state_dict()`, a hand-written evaluation or a comparison
+with one process see the new values, in every mode. When the pull is
+answered is the consistency rule's business (`shoal.ps.consistency`,
+docs/consistency.md); with `bsp` the run equals one process with the
+combined batch. The servers average the gradients, so a worker has no
+averaged gradient: `synchronize()` is refused.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import time
@@ -34,7 +37,7 @@ from shoal.compress import Compressor
 from shoal.compress import parse as parse_compression
 from shoal.config import check_range
 from shoal.data.loader import Samples
-from shoal.errors import ShoalError
+from shoal.errors import ConfigError, ShoalError
 from shoal.ps.client import Client
 from shoal.ps.consistency import Mode, parse_mode, resolve
 from shoal.state import sub_state, with_prefix
@@ -68,7 +71,7 @@ class _Session:
 
 
 class ParameterServer(Strategy):
-    """Parameters on server processes: `ParameterServer(consistency="bsp", staleness=0, servers=1, ...)`."""
+    """Parameters on server processes: `ParameterServer(consistency="bsp", staleness=0, servers=None, ...)`."""
 
     name = "parameter_server"
 
@@ -78,7 +81,9 @@ class ParameterServer(Strategy):
         staleness: int = 0
         overrides: dict[str, str] = field(default_factory=dict)
         """Glob on parameter names -> 'bsp' | 'asp' | 'ssp' | 'ssp:N'; first match wins."""
-        servers: int = 1
+        servers: int | None = None
+        """How many server processes; None: as many as the launcher started (`shoal run --servers S`),
+        1 under `shoal train`. A number that differs from the launcher's stops the job."""
         chunk_bytes: int = 4 << 20
         """A parameter bigger than this is split into chunks placed on different servers."""
         timeout_s: float = 60.0
@@ -88,7 +93,8 @@ class ParameterServer(Strategy):
 
         def __post_init__(self) -> None:
             check_range(self.staleness, "staleness", low=0)
-            check_range(self.servers, "servers", low=1)
+            if self.servers is not None:
+                check_range(self.servers, "servers", low=1)
             check_range(self.chunk_bytes, "chunk_bytes", low=1)
             check_range(self.timeout_s, "timeout_s", low=0.0, low_open=True)
             check_range(self.max_message_mb, "max_message_mb", low=0.0, low_open=True)
@@ -101,9 +107,13 @@ class ParameterServer(Strategy):
             return parse_mode(self.consistency, self.staleness, "consistency")
 
         def server_processes(self, workers: int) -> int:
-            return self.servers
+            return 1 if self.servers is None else self.servers
 
     options: Options
+    install_at_forward = False
+    """Benchmarks only (benchmarks/ps.py --only pull): leave the pulled parameters out of the model
+    until its next forward pass, as shoal did before issue 11, to measure what installing them in
+    `optimizer.step()` costs. With it, `step()` leaves the model one step behind."""
 
     def __init__(self, options: Options | None = None, /, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
@@ -128,6 +138,7 @@ class ParameterServer(Strategy):
         model.to(rt.device)
         served = served_parameters(model, optimizer)
         modes = resolve([s.name for s in served], o.mode, o.overrides, o.staleness)
+        _check_overrides_match([s.name for s in served], o.overrides)
         endpoints = self._endpoints()
         how = Placement(len(endpoints), o.chunk_bytes, modes, optim, o.timeout_s, o.compression)
         layout = lay_out(served, optimizer, how)
@@ -144,14 +155,17 @@ class ParameterServer(Strategy):
         return model, prepare_optimizer(optimizer, self)
 
     def _endpoints(self) -> list[str]:
-        """The servers' endpoints from the job's store; ShoalError if the launcher started another count."""
+        """The servers' endpoints from the job's store; ShoalError if the strategy asks for
+        another count than the launcher started (without `servers`, the launcher's count is taken)."""
         from shoal.ps.store import connect_store, read_endpoints
 
         store, count = connect_store(self.options.timeout_s)
-        if count != self.options.servers:
+        asked = self.options.servers
+        if asked is not None and count != asked:
             raise ShoalError(
                 f"the launcher started {count} parameter server(s) but the strategy asks for "
-                f"servers={self.options.servers}; make them agree (shoal run --servers {self.options.servers})"
+                f"servers={asked}; make them agree (shoal run --servers {asked}), "
+                "or leave servers out to use what the launcher started"
             )
         return read_endpoints(store, count, self.options.timeout_s)
 
@@ -186,6 +200,8 @@ class ParameterServer(Strategy):
         s.clock += 1
         s.client.request_pull(s.clock)
         s.pending = True
+        if not self.install_at_forward:
+            self.sync()  # step() leaves the new parameters in the model, as a local step does
         if s.live is not None:
             self._publish(s)
         return loss
@@ -214,7 +230,8 @@ class ParameterServer(Strategy):
         return pushes, codes, nonfinite
 
     def _before_forward(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        self.sync()
+        if self.install_at_forward:
+            self.sync()
         live = self.session.live
         if live is not None and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0:
             live.batch = inputs[0].shape[0]
@@ -230,7 +247,9 @@ class ParameterServer(Strategy):
         optimizer.local_zero_grad(set_to_none)
 
     def sync(self) -> None:
-        """Wait for the parameters of the current clock and put them into the model."""
+        """Wait for the parameters of the current clock and put them into the model.
+
+        `optimizer.step()` does this itself; an explicit call is never needed (and then does nothing)."""
         s = self.session
         if not s.pending:
             return
@@ -280,7 +299,15 @@ class ParameterServer(Strategy):
 
     # ------------------------------------------------------------- the rest
     def evaluate(self, model: nn.Module, dataset: Samples, loss_fn: LossFn, batch_size: int = 512) -> dict[str, float]:
+        """Every rank evaluates the same parameters: the servers' once every worker got here.
+
+        Collective, like every strategy's. Under `asp`/`ssp` each worker holds what its
+        last pull returned, which differs between workers; without this the ranks' shares
+        of the held-out set would be scored with different models."""
         self.sync()
+        if dist.is_initialized():
+            dist.barrier()  # each worker's step() returned, so its pushes are applied
+        self.refresh()
         return super().evaluate(model, dataset, loss_fn, batch_size)
 
     def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -342,6 +369,19 @@ class ParameterServer(Strategy):
             s.live.close()
         s.client.close()
         self._session = None
+
+
+def _check_overrides_match(names: list[str], overrides: dict[str, str]) -> None:
+    """ConfigError for an override glob that matches none of the model's parameters (a typo
+    would otherwise leave those parameters in the run's mode without a word)."""
+    for glob in overrides:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ConfigError(
+                f"override '{glob}' matches no parameter of the model; patterns match the names of "
+                f"model.named_parameters(): {shown}",
+                f"overrides.{glob}",
+            )
 
 
 def _hyperparameters(name: str, group: dict[str, Any]) -> dict[str, Any]:
