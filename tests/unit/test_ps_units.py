@@ -209,3 +209,93 @@ def test_pubsub_delivers_authenticated_rows_and_drops_strangers():
         sub.close()
     assert got and all(m == {"rank": 1, "step": 3, "topic": "metrics"} for m in got)
     assert sub.dropped > 0  # the stranger's rows arrived and were refused
+
+
+# ------------------------------------------------------------------ non-finite and out-of-range values
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"timeout_s": float("inf")}, "timeout_s"),
+        ({"timeout_s": float("nan")}, "timeout_s"),
+        ({"max_message_mb": float("inf")}, "max_message_mb"),
+        ({"max_message_mb": float("nan")}, "max_message_mb"),
+        ({"max_message_mb": 1e-9}, "max_message_mb"),
+    ],
+)
+def test_strategy_refuses_non_finite_limits(kwargs, key):
+    from shoal.strategies.parameter_server import ParameterServer
+
+    with pytest.raises(ConfigError) as err:
+        ParameterServer(**kwargs)
+    assert err.value.key == key and str(err.value).startswith(f"'{key}' must be")
+
+
+def test_hyperparameters_out_of_range_are_refused_on_both_sides():
+    from shoal.errors import ShoalError
+    from shoal.ps import optim
+
+    ok = optim.check_hyperparameters("Adam", {"lr": 1, "betas": [0.9, 0.999], "amsgrad": False})
+    assert ok == {"lr": 1.0, "betas": (0.9, 0.999), "amsgrad": False}
+    fixed = optim.flags("Adam", ok)
+    assert fixed["amsgrad"] is False
+    for hp in (
+        {"lr": float("nan")},
+        {"lr": -1.0},
+        {"lr": float("inf")},
+        {"lr": True},
+        {"eps": -1e-8},
+        {"weight_decay": float("nan")},
+        {"betas": [1.0, 0.9]},
+        {"betas": [0.9, float("nan")]},
+        {"amsgrad": 1},
+        {"foreach": True},
+    ):
+        with pytest.raises(ValueError):
+            optim.check_hyperparameters("Adam", hp, fixed)
+    with pytest.raises(ValueError, match="amsgrad cannot change"):
+        optim.check_hyperparameters("Adam", {"amsgrad": True}, fixed)
+    # the worker names the problem before it sends anything
+    p = torch.zeros(2, requires_grad=True)
+    sgd = torch.optim.SGD([p], lr=0.1)
+    sgd.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ShoalError, match="lr must be a finite number, not nan"):
+        optim.hyperparameters("SGD", sgd.param_groups[0])
+
+
+def test_restored_optimizer_state_must_be_complete_and_finite():
+    from shoal.ps import optim
+
+    p = torch.zeros(3)
+    opt = optim.build("Adam", p, {"lr": 0.1, "amsgrad": True})
+    step, m = torch.tensor(2.0), torch.ones(3)
+    for items in (
+        [("step", step)],
+        [("step", step), ("exp_avg", m), ("exp_avg_sq", m)],  # amsgrad needs max_exp_avg_sq too
+        [("step", step), ("exp_avg", m * float("nan")), ("exp_avg_sq", m), ("max_exp_avg_sq", m)],
+    ):
+        with pytest.raises(ValueError):
+            optim.import_state("Adam", opt, p, items)
+    optim.import_state("Adam", opt, p, [("step", step), ("exp_avg", m), ("exp_avg_sq", m), ("max_exp_avg_sq", m)])
+    p.grad = torch.ones(3)
+    opt.step()  # torch steps from it
+    optim.import_state("Adam", opt, p, [])  # no state at all is a fresh start
+
+
+def test_server_limits_from_the_environment_are_checked_before_any_server_starts():
+    from shoal.ps.servers import server_limits, start_servers
+
+    assert server_limits({}) == (1 << 30, 60.0)
+    assert server_limits({"SHOAL_PS_MAX_BYTES": "4096", "SHOAL_PS_TIMEOUT_S": "2.5"}) == (4096, 2.5)
+    for environ, key in [
+        ({"SHOAL_PS_MAX_BYTES": "1e6"}, "SHOAL_PS_MAX_BYTES"),
+        ({"SHOAL_PS_MAX_BYTES": "0"}, "SHOAL_PS_MAX_BYTES"),
+        ({"SHOAL_PS_TIMEOUT_S": "inf"}, "SHOAL_PS_TIMEOUT_S"),
+        ({"SHOAL_PS_TIMEOUT_S": "nan"}, "SHOAL_PS_TIMEOUT_S"),
+        ({"SHOAL_PS_TIMEOUT_S": "-1"}, "SHOAL_PS_TIMEOUT_S"),
+        ({"SHOAL_PS_TIMEOUT_S": "soon"}, "SHOAL_PS_TIMEOUT_S"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            server_limits(environ)
+        assert err.value.key == key and str(err.value).startswith(key)
+    with pytest.raises(ConfigError, match="SHOAL_PS_TIMEOUT_S"):  # raised before a store or a process
+        start_servers(1, "k" * 32, extra_env={"SHOAL_PS_TIMEOUT_S": "inf"})
