@@ -7,12 +7,20 @@ update to a piece happens in one order and no lock is needed. ZeroMQ's own
 I/O thread overlaps the network with the arithmetic.
 
 Guarantees:
-- a message that fails authentication, is malformed or oversized, names an
-  unknown piece, has a wrong shape or dtype, a wrong clock or a replayed
-  sequence number is dropped and counted in `dropped`; it changes nothing;
-- a pull that waits longer than `timeout_s` (a worker died or hangs) stops
-  the server with one sentence naming the workers it waited for, sent to
-  every waiting worker as an error so that the job stops too.
+- a message that fails authentication, is malformed or oversized (over the
+  workers' `max_bytes` once they joined, `SHOAL_PS_MAX_BYTES` before), names
+  an unknown piece or param group, has a field of the wrong type or range
+  (hyperparameters included: finite, >= 0 where torch requires it, the
+  optimizer's switches as they were at start), a wrong shape or dtype, a
+  wrong clock or a replayed sequence number is dropped and counted in
+  `dropped`; it changes nothing;
+- a gradient with inf or NaN is applied as a skip (counted in `nonfinite`),
+  as a worker skips a compressed step that overflowed, so a BSP clock is
+  dropped for every worker and never waits for the refused push;
+- a pull that waits longer than `timeout_s` (a worker died or hangs), or a
+  join that does, stops the server with one sentence naming the workers it
+  waited for, sent to every waiting worker as an error so that the job
+  stops too; any exception no check foresaw does the same at once.
 
 Checkpoints: `state` answers, once every worker has pushed the asked clock
 and those pushes are applied, with each piece's values and optimizer state;
