@@ -299,3 +299,63 @@ def test_server_limits_from_the_environment_are_checked_before_any_server_starts
         assert err.value.key == key and str(err.value).startswith(key)
     with pytest.raises(ConfigError, match="SHOAL_PS_TIMEOUT_S"):  # raised before a store or a process
         start_servers(1, "k" * 32, extra_env={"SHOAL_PS_TIMEOUT_S": "inf"})
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"keys": [["w", "float32", [4], "ssp", "3", 0]]}, "staleness '3'"),
+        ({"keys": [["w", "float32", [4], "bsp", 0, 1]]}, "param group 1 does not exist"),
+        ({"keys": [["w", "float32", [4], "bsp", 0, -1]]}, "param group -1 does not exist"),
+        ({"keys": [["w", "float32", [4], "eventual", 0, 0]]}, "mode 'eventual'"),
+        ({"keys": [["w", "float32", [4], "bsp", 0]]}, "a key is [name"),
+        ({"keys": [["w", "float32", [4], "bsp", 0, 0], ["w", "float32", [4], "bsp", 0, 0]]}, "named twice"),
+        ({"code_shapes": [[-2, -2]]}, "is not a list of sizes"),
+        ({"optim": "LBFGS"}, "optimizer 'LBFGS' is not one of SGD, Adam, AdamW"),
+        ({"groups": {"lr": 0.1}}, "groups must list"),
+        ({"groups": [{"lr": float("nan")}]}, "lr must be a finite number"),
+        ({"groups": [{"lr": 0.1, "nesterov": True}]}, "Nesterov"),
+        ({"compression": 3}, "compression 3 is not a spec"),
+        ({"compression": "topk:7"}, "topk"),
+    ],
+)
+def test_a_bad_init_spec_stops_the_server_in_one_sentence(change, words, capsys):
+    from shoal.ps.server import Server
+
+    codec = Codec(KEY)
+    server = Server(0, codec)
+    try:
+        spec = {"optim": "SGD", "timeout_s": 5.0, "groups": [{"lr": 0.1}], "keys": [["w", "float32", [4], "bsp", 0, 0]]}
+        spec.update(change)
+        values = [torch.zeros(4)] * len(spec["keys"])
+        server.handle(b"w0", codec.encode({"op": "init", "src": 0, "seq": 1, "world": 1, "spec": spec}, values))
+        assert server.done, (server.dropped, server.last_drop)
+        assert server.error.startswith("bad initial message from worker 0: ")
+        assert words in server.error and "\n" not in server.error, server.error
+        assert capsys.readouterr().err == f"shoal: {server.error}\n"
+    finally:
+        server.sock.close(linger=0)
+        server.ctx.term()
+
+
+def test_init_timeout_and_size_must_be_finite_and_positive():
+    from shoal.ps.server import Server
+
+    codec = Codec(KEY)
+    server = Server(0, codec)
+    try:
+        for field, value in [
+            ("timeout_s", float("inf")),
+            ("timeout_s", float("nan")),
+            ("timeout_s", 0),
+            ("timeout_s", "60"),
+            ("max_bytes", 0),
+            ("max_bytes", 1.5),
+            ("max_bytes", True),
+        ]:
+            spec = {"optim": "SGD", "groups": [{"lr": 0.1}], "keys": [], field: value}
+            server.handle(b"w0", codec.encode({"op": "init", "src": 0, "seq": 1, "world": 2, "spec": spec}))
+        assert server.dropped == {"malformed": 7} and not server.joined and not server.done
+    finally:
+        server.sock.close(linger=0)
+        server.ctx.term()
