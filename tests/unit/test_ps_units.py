@@ -359,3 +359,27 @@ def test_init_timeout_and_size_must_be_finite_and_positive():
     finally:
         server.sock.close(linger=0)
         server.ctx.term()
+
+
+def test_a_bsp_average_that_overflows_drops_its_clock():
+    from shoal.ps.server import Server
+
+    codec = Codec(KEY)
+    server = Server(0, codec)
+    try:
+        spec = {"optim": "SGD", "timeout_s": 5.0, "groups": [{"lr": 1.0}], "keys": [["w", "float16", [2], "bsp", 0, 0]]}
+        w0 = torch.ones(2, dtype=torch.float16)
+        for src in (0, 1):
+            init = {"op": "init", "src": src, "seq": 1, "world": 2, "spec": spec}
+            server.handle(b"w%d" % src, codec.encode(init, [w0] if src == 0 else []))
+        big = torch.full((2,), 60000.0, dtype=torch.float16)  # finite, but two of them sum past float16's 65504
+        for clock, grad in enumerate((big, torch.ones(2, dtype=torch.float16))):
+            for src in (0, 1):
+                push = {"op": "push", "src": src, "seq": 2 + clock, "clock": clock, "keys": ["w"], "hp": [{}]}
+                server.handle(b"w%d" % src, codec.encode(push, [grad]))
+        assert server.nonfinite == 1 and server.skipped == 0 and not server.dropped
+        assert server.gate is not None and server.gate.bsp_done == 2 and server.pieces["w"].steps == 1
+        torch.testing.assert_close(server.pieces["w"].param, w0 - 1, rtol=0, atol=0)
+    finally:
+        server.sock.close(linger=0)
+        server.ctx.term()
