@@ -154,7 +154,8 @@ class Server:
             except Exception as exc:  # a bug, or input no check foresaw: stop the job now, in one sentence
                 log.exception("parameter server %d: unexpected error while %s", self.index, self.handling)
                 self.fail(
-                    f"parameter server {self.index} stopped on an unexpected {type(exc).__name__} ({exc}) while "
+                    f"parameter server {self.index} stopped on an unexpected {type(exc).__name__} "
+                    f"({' '.join(str(exc).split())[:300]}) while "
                     f"{self.handling}; its state can no longer be trusted, so the job is stopped "
                     f"(this is a bug: please report it with the server's log)"
                 )
@@ -191,6 +192,7 @@ class Server:
             else:
                 raise WireError("bad_op")
             self.seq[src] = seq
+            self.last_drop.pop(src, None)
         except WireError as err:
             self.dropped[err.reason] += 1
             if _whole(src) and 0 <= src < (self.workers or 0):

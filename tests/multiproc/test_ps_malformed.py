@@ -53,14 +53,31 @@ def server(tmp_path):
                 group.stop()
 
 
+@pytest.fixture
+def connect():
+    """Clients that are closed at once when the test ends (a context left to the garbage collector may block)."""
+    made: list[Client] = []
+
+    def make(endpoint: str, codec: Codec, rank: int, world: int) -> Client:
+        made.append(Client([endpoint], codec, rank=rank, world=world, timeout_s=20))
+        return made[-1]
+
+    yield make
+    for c in made:
+        if not c.ctx.closed:
+            for sock in c.socks:
+                sock.close(linger=0)
+            c.ctx.term()
+
+
 def _push(client: Client, clock: int, grads, hp=None, **extra) -> None:
     header = {"op": "push", "clock": clock, "keys": ["w", "b"], "hp": [{"lr": 0.1}] if hp is None else hp, **extra}
     client._send(0, header, grads)
 
 
-def test_malformed_but_signed_requests_are_dropped_and_the_server_keeps_serving(server):
+def test_malformed_but_signed_requests_are_dropped_and_the_server_keeps_serving(server, connect):
     group, endpoint, codec = server()
-    client = Client([endpoint], codec, rank=0, world=1, timeout_s=20)
+    client = connect(endpoint, codec, 0, 1)
     w0, b0 = torch.arange(8, dtype=torch.float32), torch.ones(2)
     client.init([_spec(max_bytes=64 << 10)], [[w0, b0]])
     g = [torch.full((8,), 0.5), torch.full((2,), -1.0)]
@@ -144,12 +161,11 @@ def test_malformed_but_signed_requests_are_dropped_and_the_server_keeps_serving(
     assert stats["pushed"] == [3] and stats["skipped"] == 1 and stats["nonfinite"] == 1
     assert stats["steps"] == {"w": 2, "b": 2}
     assert group.poll() == [None]
-    client.close()
 
 
-def test_a_non_finite_push_under_bsp_drops_the_clock_without_a_stall(server):
+def test_a_non_finite_push_under_bsp_drops_the_clock_without_a_stall(server, connect):
     _, endpoint, codec = server()
-    workers = [Client([endpoint], codec, rank=r, world=2, timeout_s=20) for r in range(2)]
+    workers = [connect(endpoint, codec, r, 2) for r in range(2)]
     spec = {**_spec(), "optim": "SGD", "groups": [{"lr": 0.5}]}
     w0, b0 = torch.arange(8, dtype=torch.float32), torch.ones(2)
     for c in workers:
@@ -174,13 +190,11 @@ def test_a_non_finite_push_under_bsp_drops_the_clock_without_a_stall(server):
         torch.testing.assert_close(w2, w0 - 0.5 * 3.0, rtol=0, atol=0)
     stats, _ = workers[0].stats(0)
     assert stats["nonfinite"] == 1 and stats["bsp_done"] == 2 and stats["steps"]["w"] == 1
-    for c in workers:
-        c.close()
 
 
-def test_the_join_phase_waits_only_timeout_s(server):
+def test_the_join_phase_waits_only_timeout_s(server, connect):
     group, endpoint, codec = server()
-    alone = Client([endpoint], codec, rank=0, world=2, timeout_s=20)
+    alone = connect(endpoint, codec, 0, 2)
     start = time.monotonic()
     with pytest.raises(ShoalError, match=r"worker\(s\) \[1\] did not join within 1.5s"):
         alone.init([_spec(timeout_s=1.5)], [[torch.zeros(8), torch.zeros(2)]])
@@ -189,19 +203,19 @@ def test_the_join_phase_waits_only_timeout_s(server):
     assert group.poll() == [1]
 
 
-def test_max_message_mb_above_the_servers_ceiling_stops_the_job_in_one_sentence(server):
+def test_max_message_mb_above_the_servers_ceiling_stops_the_job_in_one_sentence(server, connect):
     group, endpoint, codec = server()
-    client = Client([endpoint], codec, rank=0, world=1, timeout_s=20)
+    client = connect(endpoint, codec, 0, 1)
     with pytest.raises(ShoalError, match=r"max_message_mb \(2\) is above parameter server 0's limit of 1 MB; .*"):
         client.init([_spec(max_bytes=2 * LIMIT)], [[torch.zeros(8), torch.zeros(2)]])
     group.procs[0].wait(10)
     assert group.poll() == [1]
 
 
-def test_an_unexpected_error_in_the_server_stops_the_job_at_once_in_one_sentence(server, tmp_path):
+def test_an_unexpected_error_in_the_server_stops_the_job_at_once_in_one_sentence(server, connect, tmp_path):
     faults = Faults(tmp_path).raise_at("server", 0, 1)
     group, endpoint, codec = server(faults.env())
-    client = Client([endpoint], codec, rank=0, world=1, timeout_s=30)
+    client = connect(endpoint, codec, 0, 1)
     client.init([_spec()], [[torch.zeros(8), torch.zeros(2)]])
     start = time.monotonic()
     client.push(0, [(["w", "b"], [torch.ones(8), torch.ones(2)])], [{"lr": 0.1}])
@@ -215,3 +229,21 @@ def test_an_unexpected_error_in_the_server_stops_the_job_at_once_in_one_sentence
     assert "\n" not in message and "so the job is stopped" in message
     group.procs[0].wait(10)
     assert group.poll() == [1]
+
+
+def test_a_timeout_names_the_refused_message_that_held_the_clock_back(server, connect):
+    _, endpoint, codec = server()
+    workers = [connect(endpoint, codec, r, 2) for r in range(2)]
+    spec = _spec(timeout_s=2.0)
+    for c in workers:
+        c._send(0, {"op": "init", "world": 2, "spec": spec}, [torch.zeros(8), torch.zeros(2)] if c.rank == 0 else [])
+    for c in workers:
+        c._collect("params", 0)
+    g = [(["w", "b"], [torch.ones(8), torch.ones(2)])]
+    workers[0].push(0, g, [{"lr": 0.1}])
+    workers[1].push(0, g, [{"lr": 0.1, "amsgrad": True}])  # turned on after prepare: refused
+    workers[0].request_pull(1)
+    with pytest.raises(ShoalError) as err:
+        workers[0].wait_pull(1)
+    assert "worker(s) [1]" in str(err.value)
+    assert "worker 1's last refused message: bad_hyperparameters: amsgrad cannot change" in str(err.value)
