@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -210,6 +211,9 @@ def split_endpoint(endpoint: str, what: str = "--rdzv-endpoint", key: str = "rdz
 def check_range(
     value: float, key: str, low: float | None = None, high: float | None = None, low_open: bool = False
 ) -> None:
+    """ConfigError naming `key` unless `value` is finite and within [low, high] ((low, high] with `low_open`)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"'{key}' must be a finite number, not {value!r}", key)
     if low is not None and (value < low or (low_open and value == low)):
         bound = f"> {low}" if low_open else f">= {low}"
         raise ConfigError(f"'{key}' must be {bound}, not {value!r}", key)

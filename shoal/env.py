@@ -26,9 +26,9 @@ LOG_LEVEL = "SHOAL_LOG_LEVEL"
 PS_THREADS = "SHOAL_PS_THREADS"
 """torch threads of a parameter-server process (default 1)."""
 PS_MAX_BYTES = "SHOAL_PS_MAX_BYTES"
-"""The largest message a parameter server accepts (default 2^30)."""
+"""The ceiling on a message a parameter server accepts (default 2^30); the workers' max_message_mb governs below it."""
 PS_TIMEOUT_S = "SHOAL_PS_TIMEOUT_S"
-"""How long a parameter server waits for the workers to join (default 60)."""
+"""How long a parameter server waits for the other workers to join if the first init does not say (default 60)."""
 
 # ----------------------------------------------- launcher -> its children
 LAUNCHED = "SHOAL_LAUNCHED"

@@ -11,9 +11,11 @@ every push, so LR schedulers on the worker's optimizer drive the servers.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from shoal.errors import ConfigError
+from shoal.errors import ConfigError, ShoalError
 from shoal.finite import all_finite
 
 _ADAM = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
@@ -36,8 +38,15 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     return name
 
 
+FLAGS = ("nesterov", "maximize", "amsgrad", "decoupled_weight_decay")
+"""Switches that shape an optimizer's state and arithmetic: fixed when the servers start."""
+NONNEGATIVE = ("lr", "momentum", "weight_decay", "eps")
+"""Numbers that must be finite and >= 0 (as torch's constructors require); `dampening` is any finite number."""
+
+
 def hyperparameters(name: str, group: dict) -> dict:
-    """A param group's hyperparameters as plain numbers (for the wire)."""
+    """A param group's hyperparameters as plain numbers (for the wire); ShoalError naming
+    the first one the servers would refuse (a NaN or negative learning rate, ...)."""
     out = {}
     for k in HYPER[name][1]:
         if k not in group:
@@ -46,30 +55,65 @@ def hyperparameters(name: str, group: dict) -> dict:
         if isinstance(v, torch.Tensor):
             v = v.item()
         out[k] = [float(x) for x in v] if isinstance(v, (tuple, list)) else v
+    try:
+        check_hyperparameters(name, out)
+    except ValueError as exc:
+        raise ShoalError(
+            f"the parameter server cannot apply this {name} param group: {exc} "
+            "(check the LR schedule or whatever changes the optimizer's param_groups)"
+        ) from None
     return out
 
 
-def check_hyperparameters(name: str, hp: object) -> dict:
-    """The received hyperparameters if they are well formed, else ValueError."""
+def _number(key: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{key} must be a finite number, not {v!r}")
+    v = float(v)
+    if key in NONNEGATIVE and v < 0:
+        raise ValueError(f"{key} must be >= 0, not {v!r}")
+    return v
+
+
+def check_hyperparameters(name: str, hp: object, fixed: dict | None = None) -> dict:
+    """The received hyperparameters if every one is well formed and in range, else ValueError.
+
+    With `fixed` (the group's hyperparameters when the servers started), a
+    switch in `FLAGS` must keep its value: changing e.g. `amsgrad` mid-run
+    would need optimizer state the servers do not have.
+    """
     allowed = HYPER[name][1]
     if not isinstance(hp, dict) or not set(hp) <= set(allowed):
-        raise ValueError("unknown hyperparameters")
-    out = {}
+        raise ValueError(f"hyperparameters must be some of {', '.join(allowed)}")
+    out: dict = {}
     for k, v in hp.items():
         if k == "betas":
-            if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v)):
-                raise ValueError("bad betas")
-            out[k] = tuple(v)
-        elif isinstance(v, (bool, int, float)):
+            if not (isinstance(v, (list, tuple)) and len(v) == 2):
+                raise ValueError(f"betas must be two numbers in [0, 1), not {v!r}")
+            betas = tuple(_number(k, x) for x in v)
+            if not all(0.0 <= b < 1.0 for b in betas):
+                raise ValueError(f"betas must be two numbers in [0, 1), not {v!r}")
+            out[k] = betas
+        elif k in FLAGS:
+            if not isinstance(v, bool):
+                raise ValueError(f"{k} must be true or false, not {v!r}")
+            if fixed is not None and v != fixed.get(k, v):
+                raise ValueError(f"{k} cannot change after the servers started (it was {fixed[k]})")
             out[k] = v
         else:
-            raise ValueError(f"bad {k}")
+            out[k] = _number(k, v)
     return out
 
 
 def build(name: str, param: torch.Tensor, hp: dict) -> torch.optim.Optimizer:
     cls = HYPER[name][0]
     return cls([param], **hp, foreach=False)
+
+
+def flags(name: str, hp: dict) -> dict:
+    """The `FLAGS` an optimizer built with `hp` runs with (torch's defaults filled in);
+    ValueError if torch refuses `hp`."""
+    group = build(name, torch.zeros(1), hp).param_groups[0]
+    return {k: group[k] for k in FLAGS if k in group and k in HYPER[name][1]}
 
 
 # What each optimizer keeps per parameter, as torch names it: a checkpoint
@@ -80,6 +124,12 @@ STATE: dict[str, tuple[str, ...]] = {
     "AdamW": ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
 }
 SCALARS = ("step",)
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "SGD": (),
+    "Adam": ("step", "exp_avg", "exp_avg_sq"),
+    "AdamW": ("step", "exp_avg", "exp_avg_sq"),
+}
+"""What a piece's state must hold if it holds anything (torch's step needs all of it; amsgrad adds max_exp_avg_sq)."""
 
 
 def export_state(name: str, opt: torch.optim.Optimizer, param: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -96,6 +146,8 @@ def import_state(
     for key, value in items:
         if key not in STATE[name] or key in state:
             raise ValueError(f"{name} keeps no state named {key!r}")
+        if not all_finite(value):
+            raise ValueError(f"{key} holds inf or NaN")
         if key in SCALARS:
             if value.numel() != 1 or not value.is_floating_point() or not all_finite(value) or float(value) < 0:
                 raise ValueError(f"{key} must be one finite number >= 0")
@@ -106,4 +158,7 @@ def import_state(
             )
         else:
             state[key] = value.detach().clone()
+    need = set(REQUIRED[name]) | ({"max_exp_avg_sq"} if opt.param_groups[0].get("amsgrad") else set())
+    if state and not need <= set(state):
+        raise ValueError(f"{name}'s state needs {', '.join(sorted(need))} together, not only {', '.join(state)}")
     opt.state[param] = state

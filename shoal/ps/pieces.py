@@ -16,8 +16,9 @@ import torch
 
 from shoal.comm.wire import WireError
 from shoal.compress.base import Receiver
+from shoal.finite import all_finite
 from shoal.ps import optim
-from shoal.ps.consistency import Mode
+from shoal.ps.consistency import KINDS, Mode
 
 
 class PieceState:
@@ -38,21 +39,43 @@ class PieceState:
         self.steps += 1
 
 
+FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
+MAX_STALENESS = 1 << 31
+MAX_DIMS = 8
+
+
+def _whole(v: object, low: int = 0, high: int = 1 << 62) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v < high
+
+
 def build_piece(
-    key_spec: list,
+    key_spec: object,
     value: torch.Tensor,
-    code_shape: list[int],
+    code_shape: object,
     optim_name: str,
     hp: list[dict],
     receiver: Receiver | None,
 ) -> PieceState:
-    """One piece from worker 0's description and initial value; ValueError if they disagree."""
+    """One piece from worker 0's description and initial value; ValueError if the
+    description is malformed (every field's type and range) or disagrees with the value."""
+    if not (isinstance(key_spec, list) and len(key_spec) == 6):
+        raise ValueError("a key is [name, dtype, shape, mode, staleness, group]")
     key, dtype, shape, kind, staleness, group = key_spec
+    if not (isinstance(key, str) and key):
+        raise ValueError(f"a piece's name must be a string, not {key!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{key}: the servers train {', '.join(FLOAT_DTYPES)} pieces, not {dtype!r}")
     if [str(value.dtype).removeprefix("torch."), list(value.shape)] != [dtype, shape]:
         raise ValueError(f"initial value of {key} has the wrong shape")
+    if kind not in KINDS or not _whole(staleness, 0, MAX_STALENESS):
+        raise ValueError(f"{key}: mode {kind!r} with staleness {staleness!r} (bsp, asp or ssp; 0 <= staleness < 2^31)")
+    if not _whole(group, 0, len(hp)):
+        raise ValueError(f"{key}: param group {group!r} does not exist ({len(hp)} groups)")
+    if not (isinstance(code_shape, list) and len(code_shape) <= MAX_DIMS and all(_whole(d) for d in code_shape)):
+        raise ValueError(f"{key}: code shape {code_shape!r} is not a list of sizes")
     param = value.clone()
     piece = PieceState(key, param, optim.build(optim_name, param, hp[group]), Mode(kind, staleness), group)
-    piece.code_shape = tuple(int(d) for d in code_shape)
+    piece.code_shape = tuple(code_shape)
     if math.prod(piece.code_shape) != param.numel():
         raise ValueError(f"code shape of {key} does not hold its elements")
     if receiver is not None:
@@ -67,7 +90,7 @@ def pushed_pieces(
     if (
         not isinstance(keys, list)
         or len(set(map(str, keys))) != len(keys)
-        or skip not in (True, False)
+        or not isinstance(skip, bool)
         or (skip and (keys or tensors))
     ):
         raise WireError("malformed", "bad keys or skip flag")
@@ -102,3 +125,8 @@ def received_gradients(
         except (ValueError, TypeError, IndexError, RuntimeError) as exc:
             raise WireError("bad_payload", f"{piece.key}: {exc}") from None
     return grads
+
+
+def all_gradients_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether no gradient holds an inf or NaN (what an uncompressed push is checked for)."""
+    return all(all_finite(g) for g in grads)

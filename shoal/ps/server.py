@@ -7,12 +7,20 @@ update to a piece happens in one order and no lock is needed. ZeroMQ's own
 I/O thread overlaps the network with the arithmetic.
 
 Guarantees:
-- a message that fails authentication, is malformed or oversized, names an
-  unknown piece, has a wrong shape or dtype, a wrong clock or a replayed
-  sequence number is dropped and counted in `dropped`; it changes nothing;
-- a pull that waits longer than `timeout_s` (a worker died or hangs) stops
-  the server with one sentence naming the workers it waited for, sent to
-  every waiting worker as an error so that the job stops too.
+- a message that fails authentication, is malformed or oversized (over the
+  workers' `max_bytes` once they joined, `SHOAL_PS_MAX_BYTES` before), names
+  an unknown piece or param group, has a field of the wrong type or range
+  (hyperparameters included: finite, >= 0 where torch requires it, the
+  optimizer's switches as they were at start), a wrong shape or dtype, a
+  wrong clock or a replayed sequence number is dropped and counted in
+  `dropped`; it changes nothing;
+- a gradient with inf or NaN is applied as a skip (counted in `nonfinite`),
+  as a worker skips a compressed step that overflowed, so a BSP clock is
+  dropped for every worker and never waits for the refused push;
+- a pull that waits longer than `timeout_s` (a worker died or hangs), or a
+  join that does, stops the server with one sentence naming the workers it
+  waited for, sent to every waiting worker as an error so that the job
+  stops too; any exception no check foresaw does the same at once.
 
 Checkpoints: `state` answers, once every worker has pushed the asked clock
 and those pushes are applied, with each piece's values and optimizer state;
@@ -27,11 +35,12 @@ are listed in `shoal.ps.protocol`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
 from collections import Counter
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 import torch
 import zmq
@@ -40,14 +49,37 @@ from shoal import env, faults, logs
 from shoal.comm.pubsub import Publisher
 from shoal.comm.wire import Codec, WireError, job_key
 from shoal.compress.base import Receiver
-from shoal.errors import ShoalError
+from shoal.errors import ConfigError, ShoalError
 from shoal.ps import optim
 from shoal.ps import store as ps_store
 from shoal.ps.consistency import Gate
-from shoal.ps.pieces import PieceState, build_piece, pushed_pieces, received_gradients
+from shoal.ps.pieces import PieceState, all_gradients_finite, build_piece, pushed_pieces, received_gradients
 from shoal.ps.protocol import BYE, ERROR, INIT, OBSERVER, PARAMS, PULL, PUSH, RESTORE, RESTORED, STATE, STATS
+from shoal.ps.servers import server_limits
 
 log = logging.getLogger("shoal.ps.server")
+
+MAX_WORKERS = 1 << 16
+"""The largest world size an init may announce (and the bound on `src` before one has)."""
+MAX_GROUPS = 1 << 12
+
+
+def positive_seconds(value: object, what: str) -> float:
+    """`value` as a finite number of seconds > 0; ValueError naming `what` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a finite number of seconds > 0, not {value!r}")
+    return float(value)
+
+
+def positive_bytes(value: object, what: str) -> int:
+    """`value` as a whole number of bytes >= 1; ValueError naming `what` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 62:
+        raise ValueError(f"{what} must be a whole number of bytes >= 1, not {value!r}")
+    return value
+
+
+def _whole(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class PendingRead(NamedTuple):
@@ -75,6 +107,11 @@ class Server:
             f"tcp://{advertise or host}:{port}"  # bound to every interface, reached by this machine's address
         )
         self.dropped: Counter[str] = Counter()
+        self.last_drop: dict[int, str] = {}  # per worker: why its last refused message was refused
+        self.ceiling = codec.max_bytes  # SHOAL_PS_MAX_BYTES; the workers' max_message_mb governs below it
+        self.flags: list[dict] = []  # per param group: the optimizer switches fixed at start
+        self.nonfinite = 0  # pushes or BSP averages with inf/NaN, skipped
+        self.handling = ""  # what the loop is doing, for an unexpected error's sentence
         self.workers: int | None = None
         self.joined: dict[int, tuple[bytes, dict]] = {}
         self.initial: list[torch.Tensor] = []
@@ -107,10 +144,21 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         while not self.done:
-            if poller.poll(100):
-                frames = self.sock.recv_multipart(copy=False)
-                self.handle(frames[0].bytes, frames[1:])
-            self.check_timeouts()
+            try:
+                self.handling = "waiting for messages"
+                if poller.poll(100):
+                    frames = self.sock.recv_multipart(copy=False)
+                    self.handle(frames[0].bytes, frames[1:])
+                self.handling = "checking timeouts"
+                self.check_timeouts()
+            except Exception as exc:  # a bug, or input no check foresaw: stop the job now, in one sentence
+                log.exception("parameter server %d: unexpected error while %s", self.index, self.handling)
+                self.fail(
+                    f"parameter server {self.index} stopped on an unexpected {type(exc).__name__} "
+                    f"({' '.join(str(exc).split())[:300]}) while "
+                    f"{self.handling}; its state can no longer be trusted, so the job is stopped "
+                    f"(this is a bug: please report it with the server's log)"
+                )
             if os.getppid() != parent:  # the launcher is gone: do not linger
                 self.fail("the process that started this server exited")
         self.sock.close()
@@ -118,15 +166,17 @@ class Server:
         return 1 if self.error else 0
 
     def handle(self, ident: bytes, frames: list[zmq.Frame]) -> None:
+        src: object = None
         try:
             header, tensors = self.codec.decode(frames)
             op, src = header.get("op"), header.get("src")
-            if not isinstance(src, int) or isinstance(src, bool) or not OBSERVER <= src < (self.workers or 1 << 16):
+            if not _whole(src) or not OBSERVER <= src < (self.workers or MAX_WORKERS):
                 raise WireError("bad_sender")
+            self.handling = f"handling a {str(op)[:20]!r} message from worker {src}"
             if op == STATS:
                 return self.send(ident, self.stats(), [p.param for p in self.pieces.values()])
             seq = header.get("seq")
-            if src == OBSERVER or not isinstance(seq, int) or seq <= self.seq.get(src, -1):
+            if src == OBSERVER or not _whole(seq) or seq <= self.seq.get(src, -1):
                 raise WireError("replayed")
             if op == INIT:
                 self.on_init(ident, src, header, tensors)
@@ -142,8 +192,11 @@ class Server:
             else:
                 raise WireError("bad_op")
             self.seq[src] = seq
+            self.last_drop.pop(src, None)
         except WireError as err:
             self.dropped[err.reason] += 1
+            if _whole(src) and 0 <= src < (self.workers or 0):
+                self.last_drop[src] = str(err)
             log.debug("server %d dropped a message: %s", self.index, err)
 
     def send(self, ident: bytes, header: dict, tensors: list[torch.Tensor] | tuple = ()) -> None:
@@ -153,12 +206,19 @@ class Server:
     # -------------------------------------------------------------- messages
     def on_init(self, ident: bytes, src: int, header: dict, tensors: list[torch.Tensor]) -> None:
         world, spec = header.get("world"), header.get("spec")
-        if not isinstance(world, int) or world < 1 or not isinstance(spec, dict) or src >= world:
-            raise WireError("malformed", "bad init")
+        if not _whole(world) or not 1 <= world <= MAX_WORKERS or not isinstance(spec, dict) or src >= world:
+            raise WireError("malformed", f"bad init (world size {world!r}, at most {MAX_WORKERS})")
         if self.workers is not None and (world != self.workers or src in self.joined):
             raise WireError("bad_init", "world size differs or worker joined twice")
+        try:
+            timeout_s = positive_seconds(spec.get("timeout_s", self.timeout_s), "timeout_s")
+            positive_bytes(spec.get("max_bytes", self.ceiling), "max_bytes")
+        except ValueError as exc:
+            raise WireError("malformed", f"bad init: {exc}") from None
         if src == 0:
             self.initial = [t.clone() for t in tensors]
+        if not self.joined:  # the join phase waits as long as the workers' own timeout_s
+            self.timeout_s = timeout_s
         self.workers = world
         self.first_join = self.first_join or time.monotonic()
         self.joined[src] = (ident, spec)
@@ -173,23 +233,49 @@ class Server:
                     f"worker {w}'s model or optimizer differs from worker 0's (every worker must build the same model)"
                 )
         try:
-            self.optim_name = spec["optim"]
-            self.hp = [optim.check_hyperparameters(self.optim_name, hp) for hp in spec["groups"]]
-            self.timeout_s = float(spec.get("timeout_s", self.timeout_s))
-            keys = spec["keys"]
-            if len(keys) != len(self.initial):
+            name = spec.get("optim")
+            if not isinstance(name, str) or name not in optim.HYPER:
+                raise ValueError(f"optimizer {name!r} is not one of {', '.join(optim.HYPER)}")
+            self.optim_name = name
+            groups = spec.get("groups")
+            if not isinstance(groups, list) or not 1 <= len(groups) <= MAX_GROUPS:
+                raise ValueError("groups must list every param group's hyperparameters")
+            self.hp = [optim.check_hyperparameters(self.optim_name, hp) for hp in groups]
+            self.flags = [optim.flags(self.optim_name, hp) for hp in self.hp]
+            self.timeout_s = positive_seconds(spec.get("timeout_s", self.timeout_s), "timeout_s")
+            max_bytes = positive_bytes(spec.get("max_bytes", self.ceiling), "max_bytes")
+            keys = spec.get("keys")
+            if not isinstance(keys, list) or len(keys) != len(self.initial):
                 raise ValueError("worker 0 sent no initial values")
             compression = spec.get("compression", "none")
+            if not isinstance(compression, str):
+                raise ValueError(f"compression {compression!r} is not a spec")
             if compression != "none":
                 self.receiver = Receiver(compression)
-            code_shapes = spec.get("code_shapes") or [k[2] for k in keys]
-            if len(code_shapes) != len(keys):
+            code_shapes = spec.get("code_shapes") or [k[2] if isinstance(k, list) and len(k) == 6 else 0 for k in keys]
+            if not isinstance(code_shapes, list) or len(code_shapes) != len(keys):
                 raise ValueError("one code shape per key")
             for key_spec, value, code_shape in zip(keys, self.initial, code_shapes, strict=True):
                 piece = build_piece(key_spec, value, code_shape, self.optim_name, self.hp, self.receiver)
+                if piece.key in self.pieces:
+                    raise ValueError(f"piece {piece.key} is named twice")
                 self.pieces[piece.key] = piece
-        except (KeyError, TypeError, ValueError, ShoalError) as exc:  # ShoalError: a bad compression spec
+        except (KeyError, TypeError, ValueError, RuntimeError, ShoalError) as exc:  # ShoalError: bad compression
             return self.fail(f"bad initial message from worker 0: {exc}")
+        if max_bytes > self.ceiling:
+            return self.fail(
+                f"the workers' max_message_mb ({max_bytes / (1 << 20):g}) is above parameter server {self.index}'s "
+                f"limit of {self.ceiling / (1 << 20):g} MB; lower max_message_mb or raise {env.PS_MAX_BYTES} "
+                "before the launcher starts the servers"
+            )
+        held = sum(p.param.numel() * p.param.element_size() for p in self.pieces.values())
+        if held > max_bytes:
+            return self.fail(
+                f"parameter server {self.index} holds {held / (1 << 20):.1f} MB of parameters, more than one "
+                f"message may carry (max_message_mb = {max_bytes / (1 << 20):g}); "
+                "raise max_message_mb or start more servers"
+            )
+        self.codec.max_bytes = max_bytes
         self.order = list(self.pieces)
         self.gate = Gate(workers, [p.mode for p in self.pieces.values()])
         self.async_keys = any(p.mode.kind != "bsp" for p in self.pieces.values())
@@ -223,16 +309,27 @@ class Server:
         skip = header.get("skip", False)
         pieces = pushed_pieces(self.pieces, header.get("keys"), skip, tensors)
         grads = [] if skip else received_gradients(pieces, header.get("codes"), tensors, self.receiver)
-        if header.get("clock") != gate.pushed[src]:
+        if not _whole(header.get("clock")) or header.get("clock") != gate.pushed[src]:
             raise WireError(
-                "bad_clock", f"worker {src} pushed clock {header.get('clock')}, expected {gate.pushed[src]}"
+                "bad_clock", f"worker {src} pushed clock {header.get('clock')!r}, expected {gate.pushed[src]}"
             )
+        hps = self.pushed_hyperparameters(header.get("hp"))
+        if self.receiver is None and not all_gradients_finite(grads):
+            # As a worker skips a compressed step that overflowed: applied as a skip, so the
+            # clock moves on (a BSP clock is dropped for every worker) and nothing is poisoned.
+            skip, pieces, grads = True, [], []
+            self.nonfinite += 1
+            log.warning(
+                "server %d: worker %d's gradient for clock %d holds inf or NaN: skipped",
+                self.index,
+                src,
+                gate.pushed[src],
+            )
+        # Checked: from here on the message is applied in full.
         clock: int = gate.pushed[src]
         if clock >= self.clocks_seen:  # the first push of the workers' (clock+1)-th step
             self.clocks_seen = clock + 1
             faults.at_step("server", self.index, self.clocks_seen)
-        hps = self.pushed_hyperparameters(header.get("hp"))
-        # Checked: from here on the message is applied in full.
         self.hp = [{**old, **new} for old, new in zip(self.hp, hps, strict=True)]
         self.staleness[src] = (self.applied - self.read_applied.get(src, 0)) / gate.workers
         acc = self.accum.setdefault(clock, {}) if gate.has_bsp else {}
@@ -257,10 +354,10 @@ class Server:
         """Every param group's hyperparameters a push carries; WireError unless well formed."""
         try:
             if not isinstance(hp, list) or len(hp) != len(self.hp):
-                raise ValueError("group count")
-            return [optim.check_hyperparameters(self.optim_name, h) for h in hp]
-        except (TypeError, ValueError):
-            raise WireError("malformed", "bad hyperparameters") from None
+                raise ValueError(f"{len(self.hp)} param groups expected")
+            return [optim.check_hyperparameters(self.optim_name, h, f) for h, f in zip(hp, self.flags, strict=True)]
+        except (TypeError, ValueError) as exc:
+            raise WireError("bad_hyperparameters", str(exc)) from None
 
     def count_bsp_push(self, gate: Gate, clock: int) -> None:
         """Count a push to a BSP clock; the last one applies the clock's average."""
@@ -268,12 +365,18 @@ class Server:
         if self.accum_count[clock] < gate.workers:
             return
         totals = self.accum.pop(clock)
+        for total in totals.values():
+            total.div_(gate.workers)
+        if clock not in self.skipped_clocks and not all_gradients_finite(list(totals.values())):
+            self.nonfinite += 1  # finite gradients whose sum overflowed (e.g. in float16)
+            self.skipped_clocks.add(clock)
+            log.warning("server %d: the average gradient of clock %d holds inf or NaN: skipped", self.index, clock)
         if clock in self.skipped_clocks:  # a worker's gradient overflowed: nobody's is applied, as under DP
             self.skipped_clocks.discard(clock)
             totals = {}
         for key, total in totals.items():
             piece = self.pieces[key]
-            piece.apply(total.div_(gate.workers), self.hp[piece.group])
+            piece.apply(total, self.hp[piece.group])
         del self.accum_count[clock]
         gate.bsp_done += 1
         if not self.async_keys:
@@ -282,7 +385,7 @@ class Server:
     def on_pull(self, ident: bytes, src: int, header: dict, op: str = PULL) -> None:
         gate = self.joined_gate(src)
         clock = gate.pushed[src]
-        if header.get("clock") != clock:
+        if not _whole(header.get("clock")) or header.get("clock") != clock:
             raise WireError("bad_clock", f"worker {src} pulled clock {header.get('clock')} after {clock} pushes")
         self.pending.append(PendingRead(ident, src, clock, time.monotonic(), PARAMS if op == PULL else STATE))
         self.answer_ready()
@@ -304,6 +407,8 @@ class Server:
                 value = next(it)
                 if value.dtype != piece.param.dtype or value.shape != piece.param.shape:
                     raise ValueError(f"{key} has the wrong shape")
+                if not all_gradients_finite([value]):
+                    raise ValueError(f"{key} holds inf or NaN")
                 probe = optim.build(self.optim_name, value.clone(), self.hp[piece.group])
                 optim.import_state(
                     self.optim_name, probe, probe.param_groups[0]["params"][0], [(str(n), next(it)) for n in entry[1]]
@@ -360,6 +465,13 @@ class Server:
             items = optim.export_state(self.optim_name, piece.opt, piece.param)
             layout.append([piece.key, [k for k, _ in items]])
             tensors += [piece.param, *(t for _, t in items)]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        if nbytes > self.codec.max_bytes:
+            return self.fail(
+                f"parameter server {self.index}'s checkpoint state is {nbytes / (1 << 20):.1f} MB, more than one "
+                f"message may carry (max_message_mb = {self.codec.max_bytes / (1 << 20):g}); "
+                "raise max_message_mb or start more servers"
+            )
         self.send(ident, {"op": STATE, "clock": clock, "state": layout}, tensors)
 
     # ---------------------------------------------------------------- health
@@ -368,15 +480,17 @@ class Server:
         if self.gate is None:
             if self.joined and self.workers and now - self.first_join > self.timeout_s:
                 missing = sorted(set(range(self.workers)) - set(self.joined))
-                self.fail(f"worker(s) {missing} did not join within {self.timeout_s:.0f}s (did they start?)")
+                self.fail(f"worker(s) {missing} did not join within {self.timeout_s:g}s (did they start?)")
             return
         if self.pending and now - min(r.since for r in self.pending) > self.timeout_s:
             clock = min(r.clock for r in self.pending)
             late = self.gate.waiting_on(clock)
+            refused = [f"worker {w}'s last refused message: {self.last_drop[w]}" for w in late if w in self.last_drop]
+            why = "; ".join(refused) if refused else "a worker process probably died"
             self.fail(
-                f"parameter server {self.index} waited {self.timeout_s:.0f}s for gradients from worker(s) {late} "
+                f"parameter server {self.index} waited {self.timeout_s:g}s for gradients from worker(s) {late} "
                 f"(they pushed {[self.gate.pushed[w] for w in late]} of the clocks needed for clock {clock}); "
-                f"a worker process probably died, so the job is stopped"
+                f"{why}, so the job is stopped"
             )
 
     def fail(self, message: str) -> None:
@@ -403,6 +517,7 @@ class Server:
             "steps": {k: p.steps for k, p in self.pieces.items()},
             "applied": self.applied,
             "skipped": self.skipped,
+            "nonfinite": self.nonfinite,
             "bye": sorted(self.bye),
         }
 
@@ -415,14 +530,13 @@ def main() -> int:
     index = int(environ[env.PS_INDEX])
     # torch imports its compiler stack on the first optimizer: pay for it before serving
     optim.build("SGD", torch.zeros(1), {"lr": 0.1})
-    codec = Codec(job_key(), int(environ.get(env.PS_MAX_BYTES, str(1 << 30))))
-    server = Server(
-        index,
-        codec,
-        environ.get(env.PS_HOST, "127.0.0.1"),
-        float(environ.get(env.PS_TIMEOUT_S, "60")),
-        environ.get(env.PS_ADVERTISE, ""),
-    )
+    try:
+        max_bytes, timeout_s = server_limits(environ)
+    except ConfigError as err:
+        print(f"shoal: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    codec = Codec(job_key(), max_bytes)
+    server = Server(index, codec, environ.get(env.PS_HOST, "127.0.0.1"), timeout_s, environ.get(env.PS_ADVERTISE, ""))
     if environ.get(env.PS_EVENTS):
         server.events = Publisher(environ[env.PS_EVENTS], codec)
     store = ps_store.connect(environ[env.PS_STORE], timeout_s=60)

@@ -16,12 +16,13 @@ Servers are children of the launcher on their machine, stopped by pid
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from shoal import env
@@ -29,6 +30,29 @@ from shoal.comm.netif import address_towards
 from shoal.config import split_endpoint
 from shoal.errors import ConfigError, ShoalError
 from shoal.ps import store as ps_store
+
+DEFAULT_MAX_BYTES = 1 << 30
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def server_limits(environ: Mapping[str, str]) -> tuple[int, float]:
+    """The servers' message-size ceiling and join timeout from `SHOAL_PS_MAX_BYTES` and
+    `SHOAL_PS_TIMEOUT_S`; ConfigError (one sentence naming the variable) for a bad value.
+
+    The ceiling is what ZeroMQ admits before anything is authenticated; the
+    workers' `max_message_mb` governs below it once they have joined.
+    """
+    raw = environ.get(env.PS_MAX_BYTES, str(DEFAULT_MAX_BYTES)).strip()
+    if not raw.isdigit() or not 1 <= int(raw) <= 1 << 62:
+        raise ConfigError(f"{env.PS_MAX_BYTES} must be a whole number of bytes >= 1, not {raw!r}", env.PS_MAX_BYTES)
+    text = environ.get(env.PS_TIMEOUT_S, str(DEFAULT_TIMEOUT_S)).strip()
+    try:
+        timeout_s = float(text)
+    except ValueError:
+        timeout_s = math.nan
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise ConfigError(f"{env.PS_TIMEOUT_S} must be a finite number of seconds > 0, not {text!r}", env.PS_TIMEOUT_S)
+    return int(raw), timeout_s
 
 
 @dataclass
@@ -90,6 +114,7 @@ def start_servers(
     with `share`, this machine's share of them."""
     if count < 1:
         raise ShoalError(f"--servers must be >= 1, not {count}")
+    server_limits({**os.environ, **(extra_env or {})})  # a bad value stops here, before any process starts
     if share is None:
         store, address = ps_store.open_local_store(host, count, timeout_s, job_key.encode())
         share = Share(store, address, list(range(count)), host)

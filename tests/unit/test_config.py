@@ -59,6 +59,9 @@ def test_dump_round_trips(tmp_path):
         (["--model.hidden=12"], "'model.hidden' must be a list, not int 12"),
         (["--trian.steps=3"], "unknown config section 'trian' (did you mean 'train'?)"),
         (["--launch.nnodes=2"], "'launch.rdzv_endpoint' (HOST:PORT) is needed when nnodes > 1"),
+        (["--launch.timeout_s=inf"], "'launch.timeout_s' must be a finite number, not inf"),
+        (["--strategy.name=parameter_server", "--strategy.timeout_s=nan"], "'strategy.timeout_s' must be a finite"),
+        (["--optimizer.lr=nan"], "'optimizer.lr' must be a finite number, not nan"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):

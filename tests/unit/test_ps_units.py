@@ -227,3 +227,177 @@ def test_pubsub_delivers_authenticated_rows_and_drops_strangers():
         sub.close()
     assert got and all(m == {"rank": 1, "step": 3, "topic": "metrics"} for m in got)
     assert sub.dropped > 0  # the stranger's rows arrived and were refused
+
+
+# ------------------------------------------------------------------ non-finite and out-of-range values
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"timeout_s": float("inf")}, "timeout_s"),
+        ({"timeout_s": float("nan")}, "timeout_s"),
+        ({"max_message_mb": float("inf")}, "max_message_mb"),
+        ({"max_message_mb": float("nan")}, "max_message_mb"),
+        ({"max_message_mb": 1e-9}, "max_message_mb"),
+    ],
+)
+def test_strategy_refuses_non_finite_limits(kwargs, key):
+    from shoal.strategies.parameter_server import ParameterServer
+
+    with pytest.raises(ConfigError) as err:
+        ParameterServer(**kwargs)
+    assert err.value.key == key and str(err.value).startswith(f"'{key}' must be")
+
+
+def test_hyperparameters_out_of_range_are_refused_on_both_sides():
+    from shoal.errors import ShoalError
+    from shoal.ps import optim
+
+    ok = optim.check_hyperparameters("Adam", {"lr": 1, "betas": [0.9, 0.999], "amsgrad": False})
+    assert ok == {"lr": 1.0, "betas": (0.9, 0.999), "amsgrad": False}
+    fixed = optim.flags("Adam", ok)
+    assert fixed["amsgrad"] is False
+    for hp in (
+        {"lr": float("nan")},
+        {"lr": -1.0},
+        {"lr": float("inf")},
+        {"lr": True},
+        {"eps": -1e-8},
+        {"weight_decay": float("nan")},
+        {"betas": [1.0, 0.9]},
+        {"betas": [0.9, float("nan")]},
+        {"amsgrad": 1},
+        {"foreach": True},
+    ):
+        with pytest.raises(ValueError):
+            optim.check_hyperparameters("Adam", hp, fixed)
+    with pytest.raises(ValueError, match="amsgrad cannot change"):
+        optim.check_hyperparameters("Adam", {"amsgrad": True}, fixed)
+    # the worker names the problem before it sends anything
+    p = torch.zeros(2, requires_grad=True)
+    sgd = torch.optim.SGD([p], lr=0.1)
+    sgd.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ShoalError, match="lr must be a finite number, not nan"):
+        optim.hyperparameters("SGD", sgd.param_groups[0])
+
+
+def test_restored_optimizer_state_must_be_complete_and_finite():
+    from shoal.ps import optim
+
+    p = torch.zeros(3)
+    opt = optim.build("Adam", p, {"lr": 0.1, "amsgrad": True})
+    step, m = torch.tensor(2.0), torch.ones(3)
+    for items in (
+        [("step", step)],
+        [("step", step), ("exp_avg", m), ("exp_avg_sq", m)],  # amsgrad needs max_exp_avg_sq too
+        [("step", step), ("exp_avg", m * float("nan")), ("exp_avg_sq", m), ("max_exp_avg_sq", m)],
+    ):
+        with pytest.raises(ValueError):
+            optim.import_state("Adam", opt, p, items)
+    optim.import_state("Adam", opt, p, [("step", step), ("exp_avg", m), ("exp_avg_sq", m), ("max_exp_avg_sq", m)])
+    p.grad = torch.ones(3)
+    opt.step()  # torch steps from it
+    optim.import_state("Adam", opt, p, [])  # no state at all is a fresh start
+
+
+def test_server_limits_from_the_environment_are_checked_before_any_server_starts():
+    from shoal.ps.servers import server_limits, start_servers
+
+    assert server_limits({}) == (1 << 30, 60.0)
+    assert server_limits({"SHOAL_PS_MAX_BYTES": "4096", "SHOAL_PS_TIMEOUT_S": "2.5"}) == (4096, 2.5)
+    for environ, key in [
+        ({"SHOAL_PS_MAX_BYTES": "1e6"}, "SHOAL_PS_MAX_BYTES"),
+        ({"SHOAL_PS_MAX_BYTES": "0"}, "SHOAL_PS_MAX_BYTES"),
+        ({"SHOAL_PS_TIMEOUT_S": "inf"}, "SHOAL_PS_TIMEOUT_S"),
+        ({"SHOAL_PS_TIMEOUT_S": "nan"}, "SHOAL_PS_TIMEOUT_S"),
+        ({"SHOAL_PS_TIMEOUT_S": "-1"}, "SHOAL_PS_TIMEOUT_S"),
+        ({"SHOAL_PS_TIMEOUT_S": "soon"}, "SHOAL_PS_TIMEOUT_S"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            server_limits(environ)
+        assert err.value.key == key and str(err.value).startswith(key)
+    with pytest.raises(ConfigError, match="SHOAL_PS_TIMEOUT_S"):  # raised before a store or a process
+        start_servers(1, "k" * 32, extra_env={"SHOAL_PS_TIMEOUT_S": "inf"})
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"keys": [["w", "float32", [4], "ssp", "3", 0]]}, "staleness '3'"),
+        ({"keys": [["w", "float32", [4], "bsp", 0, 1]]}, "param group 1 does not exist"),
+        ({"keys": [["w", "float32", [4], "bsp", 0, -1]]}, "param group -1 does not exist"),
+        ({"keys": [["w", "float32", [4], "eventual", 0, 0]]}, "mode 'eventual'"),
+        ({"keys": [["w", "float32", [4], "bsp", 0]]}, "a key is [name"),
+        ({"keys": [["w", "float32", [4], "bsp", 0, 0], ["w", "float32", [4], "bsp", 0, 0]]}, "named twice"),
+        ({"code_shapes": [[-2, -2]]}, "is not a list of sizes"),
+        ({"optim": "LBFGS"}, "optimizer 'LBFGS' is not one of SGD, Adam, AdamW"),
+        ({"groups": {"lr": 0.1}}, "groups must list"),
+        ({"groups": [{"lr": float("nan")}]}, "lr must be a finite number"),
+        ({"groups": [{"lr": 0.1, "nesterov": True}]}, "Nesterov"),
+        ({"compression": 3}, "compression 3 is not a spec"),
+        ({"compression": "topk:7"}, "topk"),
+    ],
+)
+def test_a_bad_init_spec_stops_the_server_in_one_sentence(change, words, capsys):
+    from shoal.ps.server import Server
+
+    codec = Codec(KEY)
+    server = Server(0, codec)
+    try:
+        spec = {"optim": "SGD", "timeout_s": 5.0, "groups": [{"lr": 0.1}], "keys": [["w", "float32", [4], "bsp", 0, 0]]}
+        spec.update(change)
+        values = [torch.zeros(4)] * len(spec["keys"])
+        server.handle(b"w0", codec.encode({"op": "init", "src": 0, "seq": 1, "world": 1, "spec": spec}, values))
+        assert server.done, (server.dropped, server.last_drop)
+        assert server.error.startswith("bad initial message from worker 0: ")
+        assert words in server.error and "\n" not in server.error, server.error
+        assert capsys.readouterr().err == f"shoal: {server.error}\n"
+    finally:
+        server.sock.close(linger=0)
+        server.ctx.term()
+
+
+def test_init_timeout_and_size_must_be_finite_and_positive():
+    from shoal.ps.server import Server
+
+    codec = Codec(KEY)
+    server = Server(0, codec)
+    try:
+        for field, value in [
+            ("timeout_s", float("inf")),
+            ("timeout_s", float("nan")),
+            ("timeout_s", 0),
+            ("timeout_s", "60"),
+            ("max_bytes", 0),
+            ("max_bytes", 1.5),
+            ("max_bytes", True),
+        ]:
+            spec = {"optim": "SGD", "groups": [{"lr": 0.1}], "keys": [], field: value}
+            server.handle(b"w0", codec.encode({"op": "init", "src": 0, "seq": 1, "world": 2, "spec": spec}))
+        assert server.dropped == {"malformed": 7} and not server.joined and not server.done
+    finally:
+        server.sock.close(linger=0)
+        server.ctx.term()
+
+
+def test_a_bsp_average_that_overflows_drops_its_clock():
+    from shoal.ps.server import Server
+
+    codec = Codec(KEY)
+    server = Server(0, codec)
+    try:
+        spec = {"optim": "SGD", "timeout_s": 5.0, "groups": [{"lr": 1.0}], "keys": [["w", "float16", [2], "bsp", 0, 0]]}
+        w0 = torch.ones(2, dtype=torch.float16)
+        for src in (0, 1):
+            init = {"op": "init", "src": src, "seq": 1, "world": 2, "spec": spec}
+            server.handle(b"w%d" % src, codec.encode(init, [w0] if src == 0 else []))
+        big = torch.full((2,), 60000.0, dtype=torch.float16)  # finite, but two of them sum past float16's 65504
+        for clock, grad in enumerate((big, torch.ones(2, dtype=torch.float16))):
+            for src in (0, 1):
+                push = {"op": "push", "src": src, "seq": 2 + clock, "clock": clock, "keys": ["w"], "hp": [{}]}
+                server.handle(b"w%d" % src, codec.encode(push, [grad]))
+        assert server.nonfinite == 1 and server.skipped == 0 and not server.dropped
+        assert server.gate is not None and server.gate.bsp_done == 2 and server.pieces["w"].steps == 1
+        torch.testing.assert_close(server.pieces["w"].param, w0 - 1, rtol=0, atol=0)
+    finally:
+        server.sock.close(linger=0)
+        server.ctx.term()

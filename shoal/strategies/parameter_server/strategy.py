@@ -87,9 +87,11 @@ class ParameterServer(Strategy):
         chunk_bytes: int = 4 << 20
         """A parameter bigger than this is split into chunks placed on different servers."""
         timeout_s: float = 60.0
-        """How long a server waits for a late worker (and a worker for a server) before stopping the job."""
+        """How long a server waits for a late worker, or for all to join (and a worker for a server), before
+        stopping the job."""
         compression: str = "none"
         max_message_mb: float = 1024.0
+        """The largest message a worker or server accepts; servers cap it at SHOAL_PS_MAX_BYTES (2^30)."""
 
         def __post_init__(self) -> None:
             check_range(self.staleness, "staleness", low=0)
@@ -97,7 +99,7 @@ class ParameterServer(Strategy):
                 check_range(self.servers, "servers", low=1)
             check_range(self.chunk_bytes, "chunk_bytes", low=1)
             check_range(self.timeout_s, "timeout_s", low=0.0, low_open=True)
-            check_range(self.max_message_mb, "max_message_mb", low=0.0, low_open=True)
+            check_range(self.max_message_mb, "max_message_mb", low=0.001)
             resolve([], self.mode, self.overrides, self.staleness)  # validates every override
             parse_compression(self.compression)  # ConfigError names the spec
 
@@ -143,6 +145,8 @@ class ParameterServer(Strategy):
         how = Placement(len(endpoints), o.chunk_bytes, modes, optim, o.timeout_s, o.compression)
         layout = lay_out(served, optimizer, how)
         codec = Codec(job_key(), int(o.max_message_mb * (1 << 20)))
+        for spec in layout.specs:  # the servers refuse bigger messages too (below SHOAL_PS_MAX_BYTES)
+            spec["max_bytes"] = codec.max_bytes
         client = Client(endpoints, codec, rt.rank, rt.world_size, o.timeout_s)
         compressor = parse_compression(o.compression)
         compressor.reseed(1_000 + rt.rank)  # independent rounding noise per worker
