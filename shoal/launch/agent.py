@@ -156,7 +156,9 @@ def _describe_failure(err: ChildFailedError, log_dir: str) -> str:
         last = _last_error_line(log_dir, failure.local_rank, failure.pid)
         described.append((_is_secondary(failure.exitcode, last), failure.timestamp, rank, failure, last))
     _, _, rank, failure, last = min(described, key=lambda d: d[:3])
-    if failure.exitcode < 0:
+    if failure.exitcode == -signal.SIGTERM and last is not None:
+        how = "failed"  # its own error, then the launcher stopped it while it was shutting down
+    elif failure.exitcode < 0:
         try:
             how = f"was killed by {signal.Signals(-failure.exitcode).name}"
         except ValueError:

@@ -41,7 +41,8 @@ def assert_all_gone(result, pids: list[int]) -> None:
     "action, how",
     [
         ("kill", "was killed by SIGKILL"),
-        ("raise", "exited with code 1: shoal.faults.InjectedFaultError: injected fault: worker 1 at step 3"),
+        # "failed" when the launcher stopped rank 1 while it was still shutting down after raising
+        ("raise", r"(exited with code 1|failed): shoal.faults.InjectedFaultError: injected fault: worker 1 at step 3"),
     ],
 )
 def test_a_worker_that_dies_at_a_step_stops_the_job_with_one_sentence(tmp_path, action, how):
@@ -51,7 +52,7 @@ def test_a_worker_that_dies_at_a_step_stops_the_job_with_one_sentence(tmp_path, 
     assert result.returncode == 1, result.stderr[-3000:]
     assert_all_gone(result, pids)
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"shoal: worker rank 1 {how}"), last
+    assert re.match(f"shoal: worker rank 1 {how}", last), last
 
 
 def test_a_server_killed_at_a_step_stops_the_workers_with_one_sentence(tmp_path):

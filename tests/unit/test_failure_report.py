@@ -37,9 +37,7 @@ def test_a_killed_worker_is_named_not_the_one_that_lost_its_peer(tmp_path, secon
 def test_a_worker_that_raised_is_named_even_when_the_agent_then_stopped_it(tmp_path):
     raised = 'Traceback (most recent call last):\n  File "x.py"\nValueError: bad batch\n'
     err = failures(tmp_path, {0: (-signal.SIGABRT, ABORTED), 1: (-signal.SIGTERM, raised)})
-    assert _describe_failure(err, str(tmp_path)).startswith(
-        "worker rank 1 was killed by SIGTERM: ValueError: bad batch"
-    )
+    assert _describe_failure(err, str(tmp_path)).startswith("worker rank 1 failed: ValueError: bad batch")
 
 
 def test_peer_failures_are_recognised():
