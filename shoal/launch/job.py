@@ -57,7 +57,15 @@ def resolve_resume(cfg: JobConfig, run_dir: Path, console: Console) -> str:
 
 
 def train(cfg: JobConfig, console: Console | None = None) -> dict:
+    """Run the job `cfg` describes on this machine's workers (and servers); its summary."""
     console = console or Console(soft_wrap=True)
+    run_dir = prepare_run_dir(cfg, console)
+    run_workers(cfg, run_dir, console)
+    return report(run_dir, console)
+
+
+def prepare_run_dir(cfg: JobConfig, console: Console) -> Path:
+    """The run directory, with the config the workers read; refuses to overwrite checkpoints unasked."""
     run_dir = run_directory(cfg)
     resume_from = resolve_resume(cfg, run_dir, console)
     if not resume_from and cfg.launch.node_rank == 0 and (run_dir / "checkpoints").exists():
@@ -72,7 +80,11 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
         console.print(f"resuming from {resume_from}", highlight=False)
     elif (run_dir / "summary.json").exists():
         (run_dir / "summary.json").unlink()
+    return run_dir
 
+
+def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
+    """This machine's workers, and its share of the parameter servers, to the end, with progress."""
     launch_cfg = cfg.launch
     job_key = os.environ.get(env.JOB_KEY) or secrets.token_hex(32)
     workers_env = {env.RUN_DIR: str(run_dir), env.JOB_KEY: job_key}
@@ -85,21 +97,18 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
         env=workers_env,
         run_id=run_dir.name,
     )
+    servers = cfg.strategy.options.server_processes(launch_cfg.workers * launch_cfg.nnodes)
+    spec.store_open = bool(servers and launch_cfg.nnodes > 1)
+    events = f"ps_events-node{launch_cfg.node_rank}.jsonl" if launch_cfg.nnodes > 1 else "ps_events.jsonl"
     monitor = ProgressMonitor(run_dir / "metrics.jsonl", cfg.train.steps, console) if cfg.logging.progress else None
     if monitor:
         monitor.start()
-    servers = cfg.strategy.options.server_processes(launch_cfg.workers * launch_cfg.nnodes)
-    spec.store_open = bool(servers and launch_cfg.nnodes > 1)
     try:
         with serving(
             servers,
             job_key,
             log_dir=str(run_dir / "logs"),
-            record=str(
-                run_dir / f"ps_events-node{launch_cfg.node_rank}.jsonl"
-                if launch_cfg.nnodes > 1
-                else run_dir / "ps_events.jsonl"
-            ),
+            record=str(run_dir / events),
             nnodes=launch_cfg.nnodes,
             node_rank=launch_cfg.node_rank,
             rdzv_endpoint=launch_cfg.rdzv_endpoint,
@@ -109,6 +118,10 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
     finally:
         if monitor:
             monitor.stop()
+
+
+def report(run_dir: Path, console: Console) -> dict:
+    """The run's summary (what rank 0 wrote), told in a few lines."""
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary["run_dir"] = str(run_dir)
