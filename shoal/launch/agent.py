@@ -83,8 +83,8 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
         max_nodes=spec.nnodes,
         nproc_per_node=spec.nproc,
         # Every machine must name the same rendezvous; the endpoint is the job's own.
-        run_id="shoal-job" if spec.nnodes > 1 else (spec.run_id or uuid.uuid4().hex[:12]),
-        role="worker",
+        run_id="shoal-job" if spec.nnodes > 1 else (spec.run_id or str(uuid.uuid4())),
+        role="default",  # torchrun's ROLE_NAME
         rdzv_endpoint=endpoint,
         rdzv_backend=backend,
         rdzv_configs={**rdzv_configs, "timeout": spec.rdzv_timeout_s},
@@ -95,7 +95,7 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
         log_line_prefix_template="[rank${rank}]: ",
         shutdown_timeout=5,
     )
-    worker_env = {**_interfaces(spec), **spec.env, env.LAUNCHED: "1"}
+    worker_env = {**_interfaces(spec), **_threads(spec), **spec.env, env.LAUNCHED: "1"}
     saved = {k: os.environ.get(k) for k in worker_env}
     os.environ.update(worker_env)
     try:
@@ -121,6 +121,17 @@ def _interfaces(spec: LaunchSpec) -> dict[str, str]:
     wanted = [k for k in (env.GLOO_SOCKET_IFNAME, env.NCCL_SOCKET_IFNAME) if not os.environ.get(k)]
     name = interface_towards(split_endpoint(spec.rdzv_endpoint)[0]) if wanted else None
     return dict.fromkeys(wanted, name) if name else {}
+
+
+def _threads(spec: LaunchSpec) -> dict[str, str]:
+    """torchrun's default: one OpenMP thread per worker when several share the machine, unless the user chose.
+
+    Without it an unmodified torchrun script runs 3x slower here (every worker
+    takes every core). The mark lets `shoal.init()` still size the threads itself.
+    """
+    if spec.nproc <= 1 or env.OMP_NUM_THREADS in os.environ:
+        return {}
+    return {env.OMP_NUM_THREADS: "1", env.THREADS_DEFAULTED: "1"}
 
 
 def _hold_store(host: str, port: int, timeout_s: float) -> TCPStore:
@@ -178,17 +189,46 @@ def _is_secondary(exitcode: int, last: tuple[str, str] | None) -> int:
 
 
 def _last_error_line(log_dir: str, local_rank: int, pid: int) -> tuple[str, str] | None:
-    """The last meaningful line of the failed worker's stderr log, newest run first."""
+    """What the failed worker's stderr log says went wrong (newest run first): the exception
+    line of its last traceback, else its last meaningful line."""
     candidates = sorted(
         Path(log_dir).glob(f"*/attempt_*/{local_rank}/stderr.log"), key=lambda p: p.stat().st_mtime, reverse=True
     )
     for path in candidates[:1]:
-        lines = [_PREFIX.sub("", ln).strip() for ln in path.read_text(errors="replace").splitlines()]
-        lines = [ln for ln in lines if ln]
-        for line in reversed(lines):
-            if not line.startswith(("File ", "^", "~", "Traceback", "[W", "[I")):
-                return first_line(line)[:300], str(path)
+        lines = [_PREFIX.sub("", ln).rstrip() for ln in path.read_text(errors="replace").splitlines()]
+        said = exception_line(lines)
+        if said is None:
+            kept = [ln.strip() for ln in lines if ln.strip()]
+            said = next((ln for ln in reversed(kept) if not ln.startswith(_NOT_A_REASON)), None)
+        if said is not None:
+            return first_line(said)[:300], str(path)
     return None
 
 
-_PREFIX = re.compile(r"^(\[rank\d+\]:\s*)+")
+_NOT_A_REASON = ("File ", "^", "~", "Traceback", "[W", "[I")
+
+
+def exception_line(lines: list[str]) -> str | None:
+    """The exception a Python traceback ends with, e.g. 'ValueError: bad batch' (None: no traceback).
+
+    The last traceback wins (a chained exception, or the one raised while shutting
+    down). Its frames are indented; the first unindented line after them is the
+    exception. Text printed after it (hydra's "Set the environment variable
+    HYDRA_FULL_ERROR=1 ...") is not the reason. A message that ends with ':' (torch's
+    "Error(s) in loading state_dict for Net:") is followed by its first detail line.
+    """
+    starts = [i for i, ln in enumerate(lines) if ln.strip() == "Traceback (most recent call last):"]
+    if not starts:
+        return None
+    rest = iter(lines[starts[-1] + 1 :])
+    for line in rest:
+        if line and not line[0].isspace():
+            if line.endswith(":"):
+                detail = next((ln.strip() for ln in rest if ln.strip()), "")
+                return f"{line} {detail}".rstrip()
+            return line
+    return None
+
+
+_PREFIX = re.compile(r"^(\[rank\d+\]: ?)+")
+"""torch's `[rankN]: ` prefix; the indentation after it is kept (it tells frames from the exception)."""

@@ -48,3 +48,55 @@ def test_peer_failures_are_recognised():
 def test_a_gloo_abort_is_named_before_a_rank_the_agent_stopped(tmp_path):
     err = failures(tmp_path, {0: (-signal.SIGTERM, TERMINATED), 1: (-signal.SIGABRT, ABORTED)})
     assert _describe_failure(err, str(tmp_path)).startswith("worker rank 1 was killed by SIGABRT")
+
+
+HYDRA = """[rank1]: Error executing job with overrides: ['lr=0.1']
+[rank1]: Traceback (most recent call last):
+[rank1]:   File "/app/train.py", line 40, in main
+[rank1]:     trainer.fit()
+[rank1]:   File "/app/train.py", line 21, in fit
+[rank1]:     raise RuntimeError("the data set is empty")
+[rank1]: RuntimeError: the data set is empty
+[rank1]:
+[rank1]: Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.
+"""
+
+LOAD_STATE = """Traceback (most recent call last):
+  File "/app/mnist.py", line 120, in <module>
+    model.load_state_dict(torch.load("mnist_cnn.pt"))
+    ~~~~~~~~~~~~~~~~~~~~~^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  File "/venv/torch/nn/modules/module.py", line 2624, in load_state_dict
+    raise RuntimeError(
+RuntimeError: Error(s) in loading state_dict for Net:
+\tMissing key(s) in state_dict: "conv1.weight", "conv1.bias".
+\tUnexpected key(s) in state_dict: "module.conv1.weight", "module.conv1.bias".
+"""
+
+CHAINED = """Traceback (most recent call last):
+  File "a.py", line 3, in <module>
+    open("missing.csv")
+FileNotFoundError: [Errno 2] No such file or directory: 'missing.csv'
+
+During handling of the above exception, another exception occurred:
+
+Traceback (most recent call last):
+  File "a.py", line 5, in <module>
+    raise ValueError("no training data: give --data")
+ValueError: no training data: give --data
+"""
+
+
+@pytest.mark.parametrize(
+    ("stderr", "reason"),
+    [
+        (HYDRA, "RuntimeError: the data set is empty"),
+        (LOAD_STATE, "RuntimeError: Error(s) in loading state_dict for Net: Missing key(s) in state_dict: "),
+        (CHAINED, "ValueError: no training data: give --data"),
+        ("warming up\nsomething went wrong without a traceback\n", "something went wrong without a traceback"),
+    ],
+)
+def test_the_summary_quotes_the_exception_not_the_last_line(tmp_path, stderr, reason):
+    err = failures(tmp_path, {1: (1, stderr)})
+    said = _describe_failure(err, str(tmp_path))
+    assert said.startswith(f"worker rank 1 exited with code 1: {reason}"), said
+    assert "(full log: " in said and said.endswith("stderr.log)")
