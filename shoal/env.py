@@ -45,8 +45,13 @@ PS_INDEX = "SHOAL_PS_INDEX"
 """A server process's index among the job's servers."""
 PS_HOST = "SHOAL_PS_HOST"
 """The interface a server binds."""
+THREADS_DEFAULTED = "SHOAL_THREADS_DEFAULTED"
+"""Set to 1 where `shoal run` put torchrun's default OMP_NUM_THREADS=1 (the user did not choose it), so that
+`shoal.init()` may still choose the threads."""
 
 # -------------------------------- other libraries' variables shoal sets
+OMP_NUM_THREADS = "OMP_NUM_THREADS"
+"""Threads per worker: `shoal run` sets 1 for several local workers, as torchrun does, unless already set."""
 GLOO_SOCKET_IFNAME = "GLOO_SOCKET_IFNAME"
 """Gloo's interface; on several machines the launcher sets it to the one that routes to the rendezvous host."""
 NCCL_SOCKET_IFNAME = "NCCL_SOCKET_IFNAME"

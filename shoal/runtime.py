@@ -13,7 +13,7 @@ import gc
 import os
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,17 @@ class Runtime:
 _current: Runtime | None = None
 
 
+def choose_threads(environ: Mapping[str, str], world: int, local_world: int, cpus: int) -> int:
+    """torch threads for this worker (0: leave torch's choice): SHOAL_THREADS, else none where the
+    user set OMP_NUM_THREADS, else the cores divided among the local workers (not torchrun's 1)."""
+    asked = int(environ.get(env.THREADS, "0"))
+    if asked > 0 or world <= 1:
+        return max(asked, 0)
+    if env.OMP_NUM_THREADS in environ and not environ.get(env.THREADS_DEFAULTED):
+        return 0
+    return max(1, cpus // max(1, local_world))
+
+
 def init(
     backend: str | None = None, device: str | None = None, timeout_s: float | None = None, threads: int | None = None
 ) -> Runtime:
@@ -53,6 +64,8 @@ def init(
     Defaults come from the environment (SHOAL_BACKEND, SHOAL_DEVICE,
     SHOAL_THREADS, SHOAL_TIMEOUT_S, set by the launcher) and then "auto":
     NCCL and this rank's GPU where CUDA is available, gloo and the CPU otherwise.
+    Threads: SHOAL_THREADS, else an OMP_NUM_THREADS the user set, else the
+    machine's cores divided among its workers (replacing torchrun's default of 1).
     """
     global _current
     if _current is not None:
@@ -83,9 +96,7 @@ def init(
     if backend == "nccl" and dev.type != "cuda":
         raise ShoalError("backend 'nccl' needs CUDA devices; use backend = 'gloo' on the CPU")
 
-    n_threads = int(threads or environ.get(env.THREADS, "0"))
-    if n_threads <= 0 and world > 1:
-        n_threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
+    n_threads = threads or choose_threads(environ, world, local_world, os.cpu_count() or 1)
     if n_threads > 0:
         torch.set_num_threads(n_threads)
 
