@@ -22,8 +22,9 @@ Guarantee: the same arithmetic as one process (up to summation order).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,9 @@ from shoal.errors import ConfigError, ShoalError
 from shoal.mesh import ParallelDims
 from shoal.strategies.base import MeshStrategy, StrategyOptions
 from shoal.strategies.optimizer import PreparedOptimizer, prepare_optimizer, rebind_optimizer
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 STYLES = ("colwise", "rowwise")
 
@@ -92,8 +96,9 @@ class TensorParallel(MeshStrategy):
             styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
             tp_mesh = dims.mesh["tp"]
             parallelize_module(model, tp_mesh, {k: styles[v]() for k, v in self.plan_used.items()})
-            for module in replicated:
-                distribute_module(module, tp_mesh, None, _replicated_inputs, _local_outputs)  # pyright: ignore[reportArgumentType]  (torch types the hooks as returning None)
+            for module in replicated:  # Replicate DTensor parameters; plain tensors in and out
+                distribute_module(module, tp_mesh, None, None, _local_outputs)  # pyright: ignore[reportArgumentType]
+                module.register_forward_pre_hook(functools.partial(_replicated_inputs, tp_mesh), with_kwargs=True)
             share_rng_state(dims.group("tp"), rt.device)
             self._batch_checks_left = BATCH_CHECKS
             self._batch_check = model.register_forward_pre_hook(self._check_same_batch, with_kwargs=True)
@@ -199,15 +204,21 @@ def replicated_regions(model: nn.Module, plan: dict[str, str]) -> list[nn.Module
     return regions
 
 
-def _replicated_inputs(module: nn.Module, inputs: tuple[Any, ...], mesh: Any) -> tuple[Any, ...]:
+def _replicated_inputs(
+    mesh: DeviceMesh, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A replicated region's tensor arguments (positional or keyword, e.g. an attention mask) as
+    `Replicate` DTensors: every tensor its parameters meet must be one."""
     from torch.distributed.tensor import DTensor, Replicate
 
-    return tuple(
-        DTensor.from_local(x, mesh, [Replicate()], run_check=False)
-        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor)
-        else x
-        for x in inputs
-    )
+    def convert(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+            return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        if isinstance(x, tuple | list):
+            return type(x)(convert(item) for item in x)
+        return x
+
+    return convert(args), {k: convert(v) for k, v in kwargs.items()}
 
 
 def _local_outputs(module: nn.Module, outputs: Any, mesh: Any) -> Any:

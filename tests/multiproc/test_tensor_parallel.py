@@ -47,6 +47,23 @@ def test_layers_outside_the_plan_stay_bitwise_identical(two_ranks, name):
         assert first["params"][key] == second["params"][key], key
 
 
+def test_a_mingpt_shaped_model_equals_one_process_and_its_replicas_agree(two_ranks):
+    """minGPT-ddp's shape: a stem holding a parameter beside its children, torch's MultiheadAttention
+    given its mask by keyword, dropout after the row-wise layer, the loss inside the model."""
+    torch.manual_seed(100)
+    model = worker.MiniGPT()
+    want_norms = worker.train_gpt(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for rank in range(2):
+        got = two_ranks[rank]["mingpt_0.0"]
+        for key, value in model.named_parameters():
+            torch.testing.assert_close(torch.tensor(got["params"][key]), value.detach(), atol=1e-5, rtol=0, msg=key)
+        assert got["norms"] == pytest.approx(want_norms, abs=1e-5)
+    assert "stem.pos" in two_ranks[0]["mingpt_0.0"]["replicated"]
+    for name in ("mingpt_0.0", "mingpt_0.1"):
+        first, second = (two_ranks[rank][name] for rank in range(2))
+        assert all(first["params"][key] == second["params"][key] for key in first["replicated"]), name
+
+
 def test_dropout_draws_one_mask_over_the_tensor_parallel_group(two_ranks):
     """With p=0.3 the model trains differently from p=0, yet its replicas agree (previous test)."""
     dropped, plain = two_ranks[0]["dropout"]["params"], two_ranks[0]["user_clip"]["params"]
