@@ -84,6 +84,20 @@ class RaftControl(ControlPlane):
     def revoke(self, lease: int) -> bool:
         return self._call({"op": "revoke", "lease": lease})
 
+    def local(self, member: int, prefix: str = "", timeout: float = 2.0) -> dict:
+        """Member `member`'s own applied keys under `prefix` (`items`), whether it leads, its term.
+
+        Not linearizable (a follower applies a commit one heartbeat later); for checks
+        that every member holds a write, and for monitoring.
+        """
+        with self.lock:
+            self.seq += 1
+            answer = self._try(member, self.codec.encode({"local": prefix, "seq": self.seq}), self.seq, timeout)
+        if answer is None:
+            self._drop(member)
+            raise ControlError(f"control member {self.members[member]} did not answer within {timeout:g} s")
+        return answer["result"]
+
     def close(self) -> None:
         for sock in self.socks.values():
             sock.close(linger=0)

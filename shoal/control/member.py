@@ -130,6 +130,9 @@ class Member:
         ident, body = frames[0], frames[1:]
         try:
             req = self.codec.decode(body)
+            if req.get("local") is not None:
+                self.reply(ident, {"seq": req.get("seq"), "ok": True, "result": self.local(str(req["local"]))})
+                return
             client, seq, op = req["client"], req["seq"], req["op"]
             if not (isinstance(client, str) and client and isinstance(seq, int) and isinstance(op, dict)):
                 raise FrameError("malformed request")
@@ -143,6 +146,11 @@ class Member:
             self.reply(ident, {"seq": seq, "ok": False, "leader": hint, "why": "not the leader"})
             return
         self.store.submit(client, seq, op, partial(self.done, ident, seq))
+
+    def local(self, prefix: str) -> dict:
+        """This member's own applied state under `prefix`, without Raft: possibly stale, for checks and tests."""
+        items = {k: v[0] for k, v in self.store.state["kv"].items() if k.startswith(prefix)}
+        return {"items": items, "leader": self.raft._isLeader(), "term": self.raft.raftCurrentTerm}
 
     def done(self, ident: bytes, seq: int, result: object, err: int) -> None:
         if err == FAIL_REASON.SUCCESS:
