@@ -60,3 +60,5 @@ NCCL_SOCKET_IFNAME = "NCCL_SOCKET_IFNAME"
 # ------------------------------------------------------------- tests only
 FAULTS = "SHOAL_FAULTS"
 """A fault schedule (JSON) for tests and benchmarks; see `shoal.faults`."""
+CONTROL_TIMING = "SHOAL_CONTROL_TIMING"
+"""`MIN,MAX,HEARTBEAT` seconds: a control-plane member's election timeouts and heartbeat (benchmarks)."""

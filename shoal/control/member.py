@@ -32,6 +32,7 @@ import zmq
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.node import TCPNode
 
+from shoal import env
 from shoal.control import auth
 from shoal.control.frames import FrameError, Frames
 from shoal.control.launch import client_address
@@ -83,15 +84,28 @@ class Store(SyncObjConsumer):
         self.execute(client, seq, op, callback=callback)  # pyright: ignore[reportCallIssue] (added by @replicated)
 
 
+def timing() -> tuple[float, float, float]:
+    """(election min, election max, heartbeat): the constants, or SHOAL_CONTROL_TIMING for a benchmark."""
+    given = os.environ.get(env.CONTROL_TIMING, "")
+    if not given:
+        return ELECTION_MIN_S, ELECTION_MAX_S, HEARTBEAT_S
+    try:
+        low, high, beat = (float(x) for x in given.split(","))
+    except ValueError:
+        raise ShoalError(f"{env.CONTROL_TIMING}={given!r} is not MIN,MAX,HEARTBEAT in seconds; unset it") from None
+    return low, high, beat
+
+
 def conf(directory: Path, password: str) -> SyncObjConf:
+    low, high, beat = timing()
     return SyncObjConf(
         password=password,
         autoTick=False,
         journalFile=str(directory / "journal.bin"),
         fullDumpFile=str(directory / "dump.bin"),
-        raftMinTimeout=ELECTION_MIN_S,
-        raftMaxTimeout=ELECTION_MAX_S,
-        appendEntriesPeriod=HEARTBEAT_S,
+        raftMinTimeout=low,
+        raftMaxTimeout=high,
+        appendEntriesPeriod=beat,
         leaderFallbackTimeout=LEADER_FALLBACK_S,
         connectionRetryTime=RECONNECT_S,
         connectionTimeout=1.0,
@@ -184,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", required=True, help="every member's host:port, same order everywhere")
     parser.add_argument("--dir", type=Path, required=True, help="this member's private directory (journal, snapshot)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("SHOAL_LOG_LEVEL", "WARNING"))
+    logging.basicConfig(level=os.environ.get(env.LOG_LEVEL, "WARNING"))
     members = [m.strip() for m in args.members.split(",") if m.strip()]
     try:
         if not 0 <= args.index < len(members):

@@ -39,17 +39,19 @@ class Cluster:
     dirs: list[Path]
     argv_wrap: list = field(default_factory=list)
     running: list[Proc | None] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, procs: Processes, tmp: Path, hosts=None, port: int = 7400) -> Cluster:
-        """Three members on 127.0.0.1 (free ports), or one on each of `hosts` (same port, own address)."""
+    def start(cls, procs: Processes, tmp: Path, hosts=None, port: int = 7400, env: dict | None = None) -> Cluster:
+        """Three members on 127.0.0.1 (free ports), or one on each of `hosts` (same port, own address);
+        `env` is added to the members' environment."""
         if hosts is None:
             members = [f"127.0.0.1:{p}" for p in member_ports()]
             wrap = [lambda argv: argv] * 3
         else:
             members = [f"{hosts[i].address}:{port}" for i in range(3)]
             wrap = [hosts[i].argv for i in range(3)]
-        cluster = cls(procs, members, [tmp / f"member{i}" for i in range(3)], wrap)
+        cluster = cls(procs, members, [tmp / f"member{i}" for i in range(3)], wrap, env=dict(env or {}))
         cluster.running = [None] * 3
         for i in range(3):
             cluster.restart(i)
@@ -58,7 +60,8 @@ class Cluster:
     def restart(self, i: int) -> Proc:
         """(Re)start member i on its own directory (its journal: term, vote, log)."""
         argv = self.argv_wrap[i](member_argv(i, self.members, self.dirs[i]))
-        proc = self.procs.start(argv, timeout=600, env={"SHOAL_JOB_KEY": KEY}, name=f"member{i}-{time.monotonic_ns()}")
+        name = f"member{i}-{time.monotonic_ns()}"
+        proc = self.procs.start(argv, timeout=600, env={"SHOAL_JOB_KEY": KEY, **self.env}, name=name)
         self.running[i] = proc
         return proc
 
