@@ -30,6 +30,9 @@ PS_MAX_BYTES = "SHOAL_PS_MAX_BYTES"
 PS_TIMEOUT_S = "SHOAL_PS_TIMEOUT_S"
 """How long a parameter server waits for the other workers to join if the first init does not say (default 60)."""
 
+CONTROL = "SHOAL_CONTROL"
+"""The job's control plane (`shoal.control.connect`): raft://H:P,H:P,H:P or etcd://HOST:PORT; `shoal run --control`."""
+
 # ----------------------------------------------- launcher -> its children
 LAUNCHED = "SHOAL_LAUNCHED"
 """Set to 1 in processes a shoal launcher started."""

@@ -108,7 +108,7 @@ def conf(directory: Path, password: str) -> SyncObjConf:
         appendEntriesPeriod=beat,
         leaderFallbackTimeout=LEADER_FALLBACK_S,
         connectionRetryTime=RECONNECT_S,
-        connectionTimeout=1.0,
+        connectionTimeout=max(1.0, high),  # pysyncobj requires it >= the longest election timeout
         commandsWaitLeader=False,
         dynamicMembershipChange=False,
         useFork=False,

@@ -5,11 +5,13 @@ compare-and-set is atomic under racing clients; a lease's keys go when it
 expires; after the leader is SIGKILLed writes succeed again within seconds,
 and with two of three gone nothing is acknowledged and the client stops in
 time with one sentence; without the job key nothing changes the state and no
-byte reaches pysyncobj's unpickler.
+byte reaches pysyncobj's unpickler; `shoal run --control raft` serves its
+workers and takes its members along when it ends.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import socket
 import struct
@@ -122,7 +124,7 @@ class _Exploit:
 
 
 def test_the_leader_killed_then_a_second_member_lost(cluster):
-    """Last in this module: it leaves the module's cluster with one member."""
+    """The last test of the module's cluster: it leaves it with one member."""
     with cluster.client(timeout=2.0) as ctl:
         for i in range(20):
             ctl.put(f"acked/{i}", i)
@@ -143,3 +145,13 @@ def test_the_leader_killed_then_a_second_member_lost(cluster):
         message = str(err.value)
         assert "did not acknowledge put within 2 s" in message and "2 of 3" in message
         assert "\n" not in message
+
+
+def test_shoal_run_control_raft_serves_the_workers_and_stops_its_members(tmp_path):
+    from tests.helpers.cli import shoal
+
+    done = shoal("run", "-n", "1", "--control", "raft", "tests/workers/control_user.py", timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line.split("RESULT ", 1)[1]) for line in done.stdout.splitlines() if "RESULT " in line]
+    assert [r["generation"] for r in rows] == [1] and rows[0]["spec"].startswith("raft://")
+    assert not done.survivors  # the members went with the launcher
