@@ -96,7 +96,7 @@ class RaftControl(ControlPlane):
         if answer is None:
             self._drop(member)
             raise ControlError(f"control member {self.members[member]} did not answer within {timeout:g} s")
-        return answer["result"]
+        return answer["result"][1]
 
     def close(self) -> None:
         for sock in self.socks.values():
@@ -120,10 +120,15 @@ class RaftControl(ControlPlane):
         if sock is not None:
             sock.close(linger=0)
 
-    def _call(self, op: dict) -> Any:
+    def _poll(self, prefix: str) -> dict[str, Any]:
+        """`watch`'s reads: the leader's applied state, without a log entry per poll (see `local`)."""
+        return self._call({"op": "range"}, {"local": prefix, "leader_only": True})["items"]
+
+    def _call(self, op: dict, local: dict | None = None) -> Any:
         with self.lock:
             self.seq += 1
-            frames = self.codec.encode({"client": self.session, "seq": self.seq, "op": op})
+            header = {**local, "seq": self.seq} if local else {"client": self.session, "seq": self.seq, "op": op}
+            frames = self.codec.encode(header)
             end = time.monotonic() + self.timeout
             while time.monotonic() < end:
                 answer = self._try(self.leader, frames, self.seq, min(TRY_S, end - time.monotonic()))

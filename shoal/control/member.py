@@ -145,7 +145,7 @@ class Member:
         try:
             req = self.codec.decode(body)
             if req.get("local") is not None:
-                self.reply(ident, {"seq": req.get("seq"), "ok": True, "result": self.local(str(req["local"]))})
+                self.answer_local(ident, req)
                 return
             client, seq, op = req["client"], req["seq"], req["op"]
             if not (isinstance(client, str) and client and isinstance(seq, int) and isinstance(op, dict)):
@@ -155,11 +155,21 @@ class Member:
             log.warning("control member %d dropped a request: %s", self.index, exc)
             return
         if not self.raft._isLeader():
-            leader = self.raft._getLeader()
-            hint = client_address(cast(TCPNode, leader).address) if leader is not None else None
-            self.reply(ident, {"seq": seq, "ok": False, "leader": hint, "why": "not the leader"})
+            self.reply(ident, self.not_leader(seq))
             return
         self.store.submit(client, seq, op, partial(self.done, ident, seq))
+
+    def not_leader(self, seq: object) -> dict:
+        leader = self.raft._getLeader()
+        hint = client_address(cast(TCPNode, leader).address) if leader is not None else None
+        return {"seq": seq, "ok": False, "leader": hint, "why": "not the leader"}
+
+    def answer_local(self, ident: bytes, req: dict) -> None:
+        """A read of this member's applied state; with `leader_only`, only while it believes it leads."""
+        if req.get("leader_only") and not self.raft._isLeader():
+            self.reply(ident, self.not_leader(req.get("seq")))
+        else:
+            self.reply(ident, {"seq": req.get("seq"), "ok": True, "result": ["ok", self.local(str(req["local"]))]})
 
     def local(self, prefix: str) -> dict:
         """This member's own applied state under `prefix`, without Raft: possibly stale, for checks and tests."""
