@@ -1,8 +1,8 @@
 """The embedded control plane across test hosts: a leader cut off by a partition cannot act.
 
 Members on hosts 0-2 (network namespaces), a writing client on host 3. The
-leader is cut from both other members (the client still reaches it): a write
-sent through it alone is not acknowledged, the other two elect a leader and
+leader is cut from both other members (the client still reaches it): no two
+members lead in one term, a write sent through it alone is not acknowledged, the other two elect a leader and
 writes go on, and after healing no acknowledged write is missing anywhere.
 """
 
@@ -47,6 +47,7 @@ def test_a_leader_cut_off_cannot_acknowledge_and_no_acknowledged_write_is_lost(t
         for other in others:
             hosts.cut(leader, other)
         (tmp_path / "cut").touch()
+        leaders = wait_line(client, "leaders")["leaders"]
         during = wait_line(client, "acked_during_cut")
         for other in others:
             hosts.heal(leader, other)
@@ -54,6 +55,8 @@ def test_a_leader_cut_off_cannot_acknowledge_and_no_acknowledged_write_is_lost(t
         final = wait_line(client, "acked", timeout=60)
         cut_off = wait_line(client, "cut_off_put")["cut_off_put"]
         assert "did not acknowledge put" in cut_off  # the isolated leader acknowledged nothing
+        terms = [term for term, _ in leaders]
+        assert len(terms) == len(set(terms)), f"two leaders in one term: {leaders}"  # [term, member] pairs
         assert during["acked_during_cut"] > 0, "the majority side did not take writes during the cut"
         assert final["acked"] and final["lost"] == []
         assert final["missing_per_member"] == [0, 0, 0]

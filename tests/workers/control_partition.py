@@ -3,9 +3,10 @@
     python -m tests.workers.control_partition RAFT_MEMBERS DIR
 
 Prints JSON lines: {"leader": i} once a write commits; then writes w/0, w/1, ...
-in a thread (1 s per try), and when DIR/cut appears tries a write through the
-old leader alone; when DIR/healed appears, stops writing and prints what was
-acknowledged and what every member holds.
+in a thread (1 s per try), and when DIR/cut appears samples which members say
+they lead (and in which term) and tries a write through the old leader alone;
+when DIR/healed appears, stops writing and prints what was acknowledged and
+what every member holds.
 """
 
 from __future__ import annotations
@@ -42,6 +43,23 @@ def leader_of(ctl: RaftControl) -> int:
         time.sleep(0.05)
 
 
+def sample_leaders(members: list[str], seconds: float) -> list[list[int]]:
+    """[term, member] of every member that said it leads, sampled for `seconds` (right after the cut)."""
+    seen: set[tuple[int, int]] = set()
+    end = time.monotonic() + seconds
+    with RaftControl(members) as ctl:
+        while time.monotonic() < end:
+            for i in range(len(members)):
+                try:
+                    state = ctl.local(i, "\0", timeout=0.2)
+                except ControlError:
+                    continue
+                if state["leader"]:
+                    seen.add((state["term"], i))
+            time.sleep(0.02)
+    return sorted([term, i] for term, i in seen)
+
+
 def main(members: list[str], folder: Path) -> None:
     with RaftControl(members, timeout=60) as ctl:
         ctl.put("ready", True)
@@ -65,6 +83,7 @@ def main(members: list[str], folder: Path) -> None:
     writer.start()
     wait_for(folder / "cut")
     at_cut = len(acked)
+    say(leaders=sample_leaders(members, seconds=1.5))
     with RaftControl([members[leader]], timeout=2.0) as alone:
         try:
             alone.put("through-the-cut-off-leader", True)
