@@ -26,6 +26,12 @@ from shoal.control.state import check_value
 
 T = TypeVar("T")
 RETRY_PAUSE_S = 0.1
+LEASE_GONE = "requested lease not found"
+"""etcd's words for a lease that expired or was revoked."""
+
+
+class LeaseGoneError(ControlError):
+    """A lease that etcd no longer has."""
 
 
 def _b64(data: str) -> str:
@@ -61,7 +67,11 @@ class EtcdControl(ControlPlane):
                     ) from None
                 time.sleep(RETRY_PAUSE_S)
             except etcd_exceptions.Etcd3Exception as exc:
-                raise ControlError(f"etcd at {self.address} refused {what}: {exc.detail_text or exc}") from None
+                detail = str(exc.detail_text or exc)
+                if LEASE_GONE in detail:
+                    why = "the lease has expired or was revoked; grant a new one"
+                    raise LeaseGoneError(f"the control plane refused {what}: {why}") from None
+                raise ControlError(f"etcd at {self.address} refused {what}: {detail}") from None
 
     def get(self, key: str) -> Any:
         found = self._retry("get", lambda: self.etcd.get(self.prefix + key))
@@ -112,7 +122,10 @@ class EtcdControl(ControlPlane):
         return self._retry("keep_alive", lambda: Lease(lease, self.etcd).refresh()) > 0
 
     def revoke(self, lease: int) -> bool:
-        return bool(self._retry("revoke", lambda: Lease(lease, self.etcd).revoke()))
+        try:
+            return bool(self._retry("revoke", lambda: Lease(lease, self.etcd).revoke()))
+        except LeaseGoneError:
+            return False
 
     def close(self) -> None:
         self.etcd.session.close()

@@ -66,7 +66,9 @@ def test_etcd_backend_lease_expiry_is_seen_by_watch(etcd):
         assert ctl.keep_alive(lease) and ctl.alive() == {"worker0": {"pid": 1}}
         event = next(ctl.watch("members/", interval=0.1, timeout=10))
         assert event.key == "members/worker0" and event.value is None
-        assert not ctl.keep_alive(lease)
+        assert not ctl.keep_alive(lease) and not ctl.revoke(lease)
+        with pytest.raises(ControlError, match="expired or was revoked"):
+            ctl.put("members/late", 1, lease=lease)
         other = ctl.grant(30)
         ctl.put("held", 1, lease=other)
         assert ctl.revoke(other) and ctl.get("held") is None
