@@ -5,13 +5,13 @@ compare-and-set is atomic under racing clients; a lease's keys go when it
 expires; after the leader is SIGKILLed writes succeed again within seconds,
 and with two of three gone nothing is acknowledged and the client stops in
 time with one sentence; without the job key nothing changes the state and no
-byte reaches pysyncobj's unpickler; `shoal run --control raft` serves its
-workers and takes its members along when it ends.
+byte reaches pysyncobj's unpickler; the members `shoal run --control raft`
+starts serve the job and are killed when it ends.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import pickle
 import socket
 import struct
@@ -21,10 +21,10 @@ import zlib
 
 import pytest
 
-from shoal.control import ControlError, Event
+from shoal.control import GENERATION, ControlError, Event, connect
 from shoal.control.auth import raft_password
-from tests.helpers.control import Cluster
-from tests.helpers.procs import Processes
+from tests.helpers.control import KEY, Cluster
+from tests.helpers.procs import MARK, Processes
 
 
 @pytest.fixture(scope="module")
@@ -147,11 +147,20 @@ def test_the_leader_killed_then_a_second_member_lost(cluster):
         assert "\n" not in message
 
 
-def test_shoal_run_control_raft_serves_the_workers_and_stops_its_members(tmp_path):
-    from tests.helpers.cli import shoal
+def test_the_launchers_members_serve_the_job_and_go_with_it():
+    """What `shoal run --control raft` wraps around its workers (`shoal.control.launch.serving`)."""
+    from shoal import env
+    from shoal.control.launch import serving
+    from tests.helpers.procs import marked_pids
 
-    done = shoal("run", "-n", "1", "--control", "raft", "tests/workers/control_user.py", timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line.split("RESULT ", 1)[1]) for line in done.stdout.splitlines() if "RESULT " in line]
-    assert [r["generation"] for r in rows] == [1] and rows[0]["spec"].startswith("raft://")
-    assert not done.survivors  # the members went with the launcher
+    with Processes() as procs:  # marks the members, so that none can outlive the test
+        os.environ[MARK] = f"{procs.token}.members"
+        try:
+            with serving("raft", KEY) as job_env:
+                spec = job_env[env.CONTROL]
+                assert len(marked_pids(f"{procs.token}.members")) == 3
+                with connect(spec, key=KEY) as ctl:
+                    assert ctl.incr(GENERATION) == 1
+        finally:
+            del os.environ[MARK]
+        assert marked_pids(f"{procs.token}.members") == []  # killed by pid when the job ended

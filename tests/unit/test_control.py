@@ -91,3 +91,12 @@ def test_specs_and_member_commands():
     assert client_address("10.0.0.1:7400") == "10.0.0.1:7401"
     argv = member_argv(1, ["a:1", "b:3", "c:5"], "/tmp/m1")
     assert argv[-6:] == ["--index", "1", "--members", "a:1,b:3,c:5", "--dir", "/tmp/m1"]
+
+
+def test_shoal_run_refuses_an_unknown_control_plane_before_starting_anything(capsys):
+    from shoal.cli import main
+
+    assert main(["run", "--control", "zookeeper://h:1", "examples/own_loop.py"]) == 2
+    assert "--control 'zookeeper://h:1' is not raft" in capsys.readouterr().err
+    assert main(["run", "--nnodes", "2", "--rdzv-endpoint", "h:1", "--control", "raft", "examples/own_loop.py"]) == 2
+    assert "start them with `python -m shoal.control.member`" in capsys.readouterr().err
