@@ -47,8 +47,11 @@ def apply(state: dict[str, Any], client: str, seq: int, op: dict[str, Any]) -> A
     if last is not None and seq <= last[0]:
         return last[1] if seq == last[0] else ["error", "stale request (already superseded)"]
     try:
+        for field in ("key", "prefix"):
+            if field in op and not isinstance(op[field], str):
+                raise ValueError(f"{field} must be a string, not {op[field]!r}")
         result = ["ok", _OPS[op["op"]](state, op)]
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # an operation must never stop the log from being applied
         result = ["error", f"{type(exc).__name__}: {exc}"]
     if client:
         state["sessions"][client] = [seq, result]

@@ -62,6 +62,8 @@ def test_bad_operations_are_answers_not_crashes():
     assert run(state, {"op": "incr", "key": "s"})[0] == "error"
     assert run(state, {"op": "nonsense"})[0] == "error"
     assert run(state, {"op": "grant", "ttl": -1})[0] == "error"
+    assert run(state, {"op": "put", "key": 7, "value": 1})[0] == "error"  # keys are strings: range stays sound
+    assert run(state, {"op": "range", "prefix": ""})[1]["items"] == {"s": "text"}
     with pytest.raises(ValueError, match="JSON"):
         check_value({"t": object()})
     with pytest.raises(ValueError, match="absent"):
