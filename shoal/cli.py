@@ -20,9 +20,10 @@ USAGE = """usage: shoal <command> ...
 commands:
   train [CONFIG.toml] [--section.key=value ...] [--resume]
         run a complete training job (default: an MLP on scikit-learn's digits, 2 workers)
-  run [-n N] [--servers S] [--nnodes M --node-rank K --rdzv-endpoint HOST:PORT] script.py [args ...]
+  run [-n N] [--servers S] [--control raft] [--nnodes M --node-rank K --rdzv-endpoint HOST:PORT] script.py [args ...]
         run any script on N local worker processes (the environment torchrun sets),
         with S parameter-server processes for the parameter_server strategy
+        and a replicated control plane (docs/control-plane.md)
 
 `shoal <command> --help` for details.
 """
@@ -89,6 +90,12 @@ def _run(args: list[str]) -> int:
     parser.add_argument(
         "--servers", type=int, default=0, help="parameter-server processes to start (for the parameter_server strategy)"
     )
+    parser.add_argument(
+        "--control",
+        default="",
+        help="the job's control plane: raft (3 members on this machine), raft://H:P,H:P,H:P or etcd://HOST:PORT; "
+        "workers connect with shoal.control.connect(os.environ['SHOAL_CONTROL'])",
+    )
     parser.add_argument("script", help="the Python script to run")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     try:
@@ -109,23 +116,28 @@ def _run(args: list[str]) -> int:
     record = os.path.join(ns.log_dir, "ps_events.jsonl") if ns.log_dir else None
     if ns.nnodes > 1 and not ns.rdzv_endpoint:
         raise ConfigError("a job on several machines needs --rdzv-endpoint HOST:PORT (the same on every machine)")
-    with serving(
-        ns.servers,
-        key,
-        log_dir=ns.log_dir,
-        record=record,
-        live=sys.stderr.isatty(),
-        nnodes=ns.nnodes,
-        node_rank=ns.node_rank,
-        rdzv_endpoint=ns.rdzv_endpoint,
-    ) as ps_env:
+    from shoal.control.launch import serving as control_serving
+
+    with (
+        control_serving(ns.control, key, nnodes=ns.nnodes) as control_env,
+        serving(
+            ns.servers,
+            key,
+            log_dir=ns.log_dir,
+            record=record,
+            live=sys.stderr.isatty(),
+            nnodes=ns.nnodes,
+            node_rank=ns.node_rank,
+            rdzv_endpoint=ns.rdzv_endpoint,
+        ) as ps_env,
+    ):
         spec = LaunchSpec(
             nproc=ns.nproc,
             nnodes=ns.nnodes,
             node_rank=ns.node_rank,
             rdzv_endpoint=ns.rdzv_endpoint,
             log_dir=ns.log_dir,
-            env={env.JOB_KEY: key, **ps_env},
+            env={env.JOB_KEY: key, **ps_env, **control_env},
             store_open=bool(ns.servers and ns.nnodes > 1),
         )
         launch([ns.script, *ns.script_args], spec)

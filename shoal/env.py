@@ -30,6 +30,9 @@ PS_MAX_BYTES = "SHOAL_PS_MAX_BYTES"
 PS_TIMEOUT_S = "SHOAL_PS_TIMEOUT_S"
 """How long a parameter server waits for the other workers to join if the first init does not say (default 60)."""
 
+CONTROL = "SHOAL_CONTROL"
+"""The job's control plane (`shoal.control.connect`): raft://H:P,H:P,H:P or etcd://HOST:PORT; `shoal run --control`."""
+
 # ----------------------------------------------- launcher -> its children
 LAUNCHED = "SHOAL_LAUNCHED"
 """Set to 1 in processes a shoal launcher started."""
@@ -60,3 +63,5 @@ NCCL_SOCKET_IFNAME = "NCCL_SOCKET_IFNAME"
 # ------------------------------------------------------------- tests only
 FAULTS = "SHOAL_FAULTS"
 """A fault schedule (JSON) for tests and benchmarks; see `shoal.faults`."""
+CONTROL_TIMING = "SHOAL_CONTROL_TIMING"
+"""`MIN,MAX,HEARTBEAT` seconds: a control-plane member's election timeouts and heartbeat (benchmarks)."""

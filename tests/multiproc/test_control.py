@@ -1,0 +1,166 @@
+"""The embedded control plane: three real member processes on this machine.
+
+A write is acknowledged once a majority holds it and every member applies it;
+compare-and-set is atomic under racing clients; a lease's keys go when it
+expires; after the leader is SIGKILLed writes succeed again within seconds,
+and with two of three gone nothing is acknowledged and the client stops in
+time with one sentence; without the job key nothing changes the state and no
+byte reaches pysyncobj's unpickler; the members `shoal run --control raft`
+starts serve the job and are killed when it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import struct
+import threading
+import time
+import zlib
+
+import pytest
+
+from shoal.control import GENERATION, ControlError, Event, connect
+from shoal.control.auth import raft_password
+from tests.helpers.control import KEY, Cluster
+from tests.helpers.procs import MARK, Processes
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with Processes() as procs:
+        cluster = Cluster.start(procs, tmp_path_factory.mktemp("control"))
+        cluster.wait_ready()
+        yield cluster
+
+
+def test_a_put_is_applied_by_every_member(cluster):
+    with cluster.client() as ctl:
+        ctl.put("config/lr", {"value": 0.1, "steps": [1, 2]})
+        assert ctl.get("config/lr") == {"value": 0.1, "steps": [1, 2]}
+        deadline = time.monotonic() + 2.0  # followers apply a commit with the next heartbeat
+        while time.monotonic() < deadline:
+            seen = [ctl.local(i, "config/")["items"].get("config/lr") for i in range(3)]
+            if all(v == {"value": 0.1, "steps": [1, 2]} for v in seen):
+                break
+            time.sleep(0.05)
+        assert seen == [{"value": 0.1, "steps": [1, 2]}] * 3
+        assert sum(ctl.local(i)["leader"] for i in range(3)) == 1
+
+
+def test_compare_and_set_is_atomic_under_two_racing_clients(cluster):
+    wins = [0, 0]
+
+    def bump(who: int) -> None:
+        with cluster.client() as ctl:
+            while wins[who] < 25:
+                n = ctl.get("race") or 0
+                if ctl.compare_and_set("race", n or None, n + 1):
+                    wins[who] += 1
+
+    threads = [threading.Thread(target=bump, args=(who,)) for who in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    with cluster.client() as ctl:
+        assert ctl.get("race") == 50  # no increment lost or applied twice
+        assert [ctl.incr("generation") for _ in range(3)] == [1, 2, 3]
+
+
+def test_a_lease_keeps_its_keys_alive_and_they_go_when_it_expires(cluster):
+    with cluster.client() as ctl:
+        lease = ctl.register("worker0", {"pid": 1}, ttl=0.6)
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:  # kept alive past twice its TTL
+            assert ctl.keep_alive(lease)
+            time.sleep(0.15)
+        assert ctl.alive() == {"worker0": {"pid": 1}}
+        watch = ctl.watch("members/", interval=0.05, timeout=3.0)
+        stopped = time.monotonic()
+        assert next(watch) == Event("members/worker0", None)
+        assert time.monotonic() - stopped < 0.6 + 1.0
+        assert ctl.alive() == {} and not ctl.keep_alive(lease)
+        with pytest.raises(ControlError, match="expired"):
+            ctl.put("members/late", 1, lease=lease)
+        other = ctl.grant(30)
+        ctl.put("held", 1, lease=other)
+        assert ctl.revoke(other) and ctl.get("held") is None
+
+
+def test_without_the_job_key_nothing_changes_and_nothing_is_unpickled(cluster, tmp_path):
+    with cluster.client() as ctl:
+        ctl.put("guarded", "original")
+    stranger = cluster.client(key="not-the-job-key-0123456789", timeout=1.5)
+    with stranger, pytest.raises(ControlError, match="did not acknowledge put"):
+        stranger.put("guarded", "hijacked")
+    # What a member without the key sends: pysyncobj's framing of a pickle that
+    # would create a file when unpickled, in the clear and under a wrong password.
+    from pysyncobj.encryptor import getEncryptor
+
+    marker = tmp_path / "unpickled"
+    payload = zlib.compress(pickle.dumps(_Exploit(str(marker))), 3)
+    wrong = getEncryptor(raft_password("a-different-job-key-0123")).encrypt(payload)
+    for data in (payload, wrong):
+        for member in cluster.members:
+            host, port = member.rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=2) as s:
+                s.sendall(struct.pack("i", len(data)) + data)
+                time.sleep(0.1)
+    time.sleep(0.3)
+    assert not marker.exists()
+    with cluster.client() as ctl:
+        assert ctl.get("guarded") == "original"
+        ctl.put("after-attack", 1)  # the members still serve
+
+
+class _Exploit:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_the_leader_killed_then_a_second_member_lost(cluster):
+    """The last test of the module's cluster: it leaves it with one member."""
+    with cluster.client(timeout=2.0) as ctl:
+        for i in range(20):
+            ctl.put(f"acked/{i}", i)
+        cluster.kill(cluster.leader())
+        killed = time.monotonic()
+        ctl.timeout = 10.0
+        ctl.put("after-failover", True)
+        failover = time.monotonic() - killed
+        assert failover < 3.0, f"writes resumed {failover:.2f} s after the leader's SIGKILL"
+        assert ctl.range("acked/") == {f"acked/{i}": i for i in range(20)}
+
+        cluster.kill(cluster.leader())  # one member left: no majority
+        ctl.timeout = 2.0
+        started = time.monotonic()
+        with pytest.raises(ControlError) as err:
+            ctl.put("lost", True)
+        assert time.monotonic() - started < 2.0 + 0.5
+        message = str(err.value)
+        assert "did not acknowledge put within 2 s" in message and "2 of 3" in message
+        assert "\n" not in message
+
+
+def test_the_launchers_members_serve_the_job_and_go_with_it():
+    """What `shoal run --control raft` wraps around its workers (`shoal.control.launch.serving`)."""
+    from shoal import env
+    from shoal.control.launch import serving
+    from tests.helpers.procs import marked_pids
+
+    with Processes() as procs:  # marks the members, so that none can outlive the test
+        os.environ[MARK] = f"{procs.token}.members"
+        try:
+            with serving("raft", KEY) as job_env:
+                spec = job_env[env.CONTROL]
+                assert len(marked_pids(f"{procs.token}.members")) == 3
+                with connect(spec, key=KEY) as ctl:
+                    assert ctl.incr(GENERATION) == 1
+        finally:
+            del os.environ[MARK]
+        assert marked_pids(f"{procs.token}.members") == []  # killed by pid when the job ended
