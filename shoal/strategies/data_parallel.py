@@ -21,7 +21,9 @@ residuals are this rank's own tensors in `state_dict()` (under
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +34,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817  (tor
 from shoal import runtime
 from shoal.compress import Compressor, ErrorFeedback, parse
 from shoal.config import check_range
-from shoal.errors import ConfigError
 from shoal.state import sub_state, with_prefix
-from shoal.strategies.base import Strategy, StrategyOptions
-from shoal.strategies.optimizer import Closure, PreparedOptimizer, prepare_optimizer
+from shoal.strategies.base import StepOptions, Strategy
+from shoal.strategies.optimizer import Closure, PreparedOptimizer
 
 if TYPE_CHECKING:
     from shoal.compress.ddp_hooks import CompressionHook
@@ -81,20 +82,14 @@ class DataParallel(Strategy):
     name = "data_parallel"
 
     @dataclass(frozen=True, kw_only=True, slots=True)
-    class Options(StrategyOptions):
-        grad_accum: int = 1
-        clip_norm: float | None = None
+    class Options(StepOptions):
         bucket_mb: float = 25.0
         find_unused_parameters: bool = False
         compression: str = "none"
 
         def __post_init__(self) -> None:
-            check_range(self.grad_accum, "grad_accum", low=1)
+            StepOptions.__post_init__(self)  # grad_accum, clip_norm
             check_range(self.bucket_mb, "bucket_mb", low=0.0, low_open=True)
-            if self.clip_norm is not None and self.clip_norm <= 0:
-                raise ConfigError(
-                    f"'clip_norm' must be > 0 (or unset for no clipping), not {self.clip_norm}", "clip_norm"
-                )
             parse(self.compression)  # ConfigError (key "compression") if malformed
 
     options: Options
@@ -105,13 +100,13 @@ class DataParallel(Strategy):
         self._restored: dict[str, Any] = {}  # loaded before prepare(): applied by it
         self._skipped = 0
 
-    @property
-    def grad_accum(self) -> int:
-        return self.options.grad_accum
-
     def prepare(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, example: tuple[Any, Any] | None = None
-    ) -> tuple[nn.Module, PreparedOptimizer]:
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        example: tuple[Any, Any] | None = None,
+    ) -> tuple[nn.Module, PreparedOptimizer | None]:
         rt = runtime.current()
         model.to(rt.device)
         compressor = parse(self.options.compression)
@@ -129,13 +124,23 @@ class DataParallel(Strategy):
             names = {id(p): name for name, p in model.module.named_parameters()}
             compressor.reseed(1_000 + rt.rank)  # independent rounding noise per rank
             hook = CompressionHook(compressor, model, names, self.data_group())
-        momentum = 0.0
-        if hook is not None and compressor.family in SPARSE and isinstance(compressor, ErrorFeedback):
-            momentum = compressor.momentum = sgd_momentum(optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
-        self._replica = _Replica(model, params, compressor, hook, momentum)
+        self._replica = _Replica(model, params, compressor, hook, 0.0)
         self.load_state_dict(self._restored)
-        return model, prepare_optimizer(optimizer, self)
+        return self.finish_prepare(model, optimizer)
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> PreparedOptimizer:
+        prepared = super().prepare_optimizer(optimizer)
+        r = self.replica
+        if r.hook is not None and r.compressor.family in SPARSE and isinstance(r.compressor, ErrorFeedback):
+            r.momentum = r.compressor.momentum = sgd_momentum(optimizer)
+        return prepared
+
+    def step_needs(self) -> list[str]:
+        needs = super().step_needs()
+        if self.options.compression != "none":
+            needs.append(f"compression={self.options.compression!r}")
+        return needs
 
     @property
     def replica(self) -> _Replica:
@@ -156,6 +161,19 @@ class DataParallel(Strategy):
         # forward pass before optimizer.step() tells us where we are.
         if isinstance(self.replica.model, DDP):
             self.replica.model.require_backward_grad_sync = sync
+
+    def set_gradient_sync(self, sync: bool) -> None:
+        self._set_sync(sync)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """DDP's own `no_sync()` (nothing to hold back in a world of one)."""
+        model = self.replica.model
+        if not isinstance(model, DDP):
+            yield
+            return
+        with model.no_sync():
+            yield
 
     # ------------------------------------------------------------------ steps
     def synchronize(self) -> bool:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from shoal import faults, runtime
 from shoal.errors import ShoalError
@@ -147,3 +148,41 @@ def rebind_optimizer(
             optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": kept})
     if not optimizer.param_groups:
         raise RuntimeError("after splitting the model this rank holds no parameter of the optimizer")
+
+
+class StepGuard:
+    """Stops a loop that trains around the strategy: its options act at `optimizer.step()`
+    but `prepare(model)` was given no optimizer and none was prepared since.
+
+    It cannot see `step()` of an optimizer it never saw, so it notes a
+    backward through the model's output and refuses the next training
+    forward. A forward before any backward (a dry run to build lazy
+    modules) and forwards in eval mode or without gradients pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, message: str) -> None:
+        self.message = message
+        self.backward_seen = False
+        self.handles = [
+            model.register_forward_pre_hook(self._before),
+            model.register_forward_hook(self._after),
+        ]
+
+    def _before(self, module: torch.nn.Module, args: Any) -> None:
+        if self.backward_seen and module.training and torch.is_grad_enabled():
+            raise ShoalError(self.message)
+
+    def _after(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        for t in tree_leaves(output):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(self._seen)
+                return
+
+    def _seen(self, grad: torch.Tensor) -> None:
+        self.backward_seen = True
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -21,25 +21,25 @@ from shoal import runtime
 from shoal.config import check_range
 from shoal.errors import ConfigError
 from shoal.mesh import ParallelDims
-from shoal.strategies.base import MeshStrategy, StrategyOptions
-from shoal.strategies.optimizer import PreparedOptimizer, prepare_optimizer, rebind_optimizer
+from shoal.strategies.base import MeshStrategy, StepOptions
+from shoal.strategies.optimizer import PreparedOptimizer, rebind_optimizer
 
 STYLES = ("colwise", "rowwise")
 
 
 class TensorParallel(MeshStrategy):
-    """Megatron-style layer splits: `TensorParallel(plan="auto", dp=1, clip_norm=None)`."""
+    """Megatron-style layer splits: `TensorParallel(plan="auto", dp=1, grad_accum=1, clip_norm=None)`."""
 
     name = "tensor_parallel"
 
     @dataclass(frozen=True, kw_only=True, slots=True)
-    class Options(StrategyOptions):
+    class Options(StepOptions):
         plan: dict[str, str] | str = "auto"
         """"auto", or {module name: "colwise" | "rowwise"} for an explicit plan."""
         dp: int = 1
-        clip_norm: float | None = None
 
         def __post_init__(self) -> None:
+            StepOptions.__post_init__(self)  # grad_accum, clip_norm
             check_range(self.dp, "dp", low=1)
             if isinstance(self.plan, str) and self.plan != "auto":
                 raise ConfigError(
@@ -59,8 +59,12 @@ class TensorParallel(MeshStrategy):
         """The plan `prepare` applied (the options' or the automatic one)."""
 
     def prepare(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, example: tuple[Any, Any] | None = None
-    ) -> tuple[nn.Module, PreparedOptimizer]:
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        example: tuple[Any, Any] | None = None,
+    ) -> tuple[nn.Module, PreparedOptimizer | None]:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         rt = runtime.current()
@@ -79,13 +83,9 @@ class TensorParallel(MeshStrategy):
         if dims.tp > 1:
             styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
             parallelize_module(model, dims.mesh["tp"], {k: styles[v]() for k, v in self.plan_used.items()})
-            rebind_optimizer(optimizer, names, dict(model.named_parameters()))
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        return model, prepare_optimizer(optimizer, self)
-
-    @property
-    def clip_norm(self) -> float | None:
-        return self.options.clip_norm
+            if optimizer is not None:
+                rebind_optimizer(optimizer, names, dict(model.named_parameters()))
+        return self.finish_prepare(model, optimizer)
 
 
 def auto_plan(model: nn.Module) -> dict[str, str]:
