@@ -43,6 +43,10 @@ from shoal.strategies import optimizer as optim
 from shoal.strategies.optimizer import Closure, PreparedOptimizer, StepGuard, local_only
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+NOT_OURS = (
+    "this optimizer holds parameters that are not the prepared model's: build it on model.parameters() "
+    "of the model that prepare(model) returned, or pass it to prepare(model, optimizer)"
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -138,23 +142,27 @@ class Strategy(abc.ABC):
         """
 
     def finish_prepare(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, replaced: Sequence[nn.Parameter] = ()
     ) -> tuple[nn.Module, PreparedOptimizer | None]:
-        """The end of `prepare`: remember the prepared model's parameters, then prepare
-        the optimizer, or (without one) watch that the loop does not train around the strategy."""
+        """The end of `prepare`: remember the prepared model's parameters, then prepare the
+        optimizer, or (without one) watch that the loop does not train around the strategy.
+
+        `replaced`: the model's parameters before `prepare` split it (a sharding strategy's).
+        """
         params = list(model.parameters())
         self._params = [p for p in params if p.requires_grad]
         self._param_ids = frozenset(map(id, params))
         if optimizer is not None:
             return model, self.prepare_optimizer(optimizer)
+        gone = [p for p in replaced if id(p) not in self._param_ids]
         needs = self.step_needs()
-        if needs:
-            self._guard = StepGuard(
-                model,
+        if needs or gone:
+            sentence = (
                 f"{type(self).__name__} applies {', '.join(needs)} at optimizer.step(), but the optimizer "
                 "was not prepared, so it would train without them: pass it to prepare(model, optimizer), "
-                "or call optimizer = strategy.prepare_optimizer(optimizer) after prepare(model)",
+                "or call optimizer = strategy.prepare_optimizer(optimizer) after prepare(model)"
             )
+            self._guard = StepGuard(model, self._params, gone, sentence if needs else "")
         return model, None
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> PreparedOptimizer:
@@ -170,11 +178,7 @@ class Strategy(abc.ABC):
                 "or pass the optimizer to prepare(model, optimizer)"
             )
         if any(id(p) not in self._param_ids for g in optimizer.param_groups for p in g["params"]):
-            raise ShoalError(
-                f"this optimizer holds parameters that are not the prepared model's ({type(self).__name__} may "
-                "have replaced them to split the model): build it on model.parameters() of the model that "
-                "prepare(model) returned, or pass it to prepare(model, optimizer)"
-            )
+            raise ShoalError(optim.REPLACED if self._guard and self._guard.replaced else NOT_OURS)
         if self._guard is not None:
             self._guard.remove()
             self._guard = None
@@ -301,9 +305,19 @@ class Strategy(abc.ABC):
         self._micro, self._averaged = 0, None
         self.set_gradient_sync(self.grad_accum == 1)
         if not applies:
+            self.skip_step()
             return None
         if self.clip_norm is not None:
             clip_global_norm(self.trained_parameters(), self.clip_norm)
+        return self.apply_step(optimizer, closure)
+
+    def skip_step(self) -> None:
+        """A step whose gradients must not be applied (`average_gradients` said so): drop them."""
+        for p in self.trained_parameters():
+            p.grad = None
+
+    def apply_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
+        """Apply the averaged, clipped gradients: the optimizer's own step."""
         return optimizer.local_step(closure)
 
     def optimizer_zero_grad(self, optimizer: PreparedOptimizer, set_to_none: bool) -> None:

@@ -62,17 +62,13 @@ def sgd_momentum(optimizer: torch.optim.Optimizer) -> float:
 
 @dataclass
 class _Replica:
-    """What `prepare` builds: the DDP module and where this rank is in a step."""
+    """What `prepare` builds: the DDP module and its compression."""
 
     model: nn.Module
-    params: list[nn.Parameter]
     compressor: Compressor
     hook: CompressionHook | None
     momentum: float
     """Momentum the compressor applied before sparsifying (the step then runs without it)."""
-    micro: int = 0
-    synchronized: bool | None = None
-    """After `synchronize()`: whether the coming step applies (None: not synchronized)."""
     last: dict[str, Any] = field(default_factory=dict)
 
 
@@ -124,8 +120,7 @@ class DataParallel(Strategy):
             names = {id(p): name for name, p in model.module.named_parameters()}
             compressor.reseed(1_000 + rt.rank)  # independent rounding noise per rank
             hook = CompressionHook(compressor, model, names, self.data_group())
-        params = [p for p in model.parameters() if p.requires_grad]
-        self._replica = _Replica(model, params, compressor, hook, 0.0)
+        self._replica = _Replica(model, compressor, hook, 0.0)
         self.load_state_dict(self._restored)
         return self.finish_prepare(model, optimizer)
 
@@ -156,14 +151,11 @@ class DataParallel(Strategy):
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DDP) else model
 
-    def _set_sync(self, sync: bool) -> None:
+    def set_gradient_sync(self, sync: bool) -> None:
         # What DDP.no_sync() toggles; set here because the user's loop runs the
         # forward pass before optimizer.step() tells us where we are.
         if isinstance(self.replica.model, DDP):
             self.replica.model.require_backward_grad_sync = sync
-
-    def set_gradient_sync(self, sync: bool) -> None:
-        self._set_sync(sync)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -176,40 +168,26 @@ class DataParallel(Strategy):
             yield
 
     # ------------------------------------------------------------------ steps
-    def synchronize(self) -> bool:
-        r = self.replica
-        if r.micro < self.grad_accum - 1:
-            return False  # an accumulating micro-step: the gradients are partial sums
-        if r.synchronized is None:
-            r.synchronized = self._average(r)
-        return r.synchronized
-
-    def _average(self, r: _Replica) -> bool:
+    def average_gradients(self) -> bool:
         """Finish what DDP's backward began: the mean over micro-batches; False for a non-finite gradient."""
+        r = self.replica
         if r.hook is not None:
             r.last = r.hook.take()
             if r.last["nonfinite"]:
                 return False
-        if self.grad_accum > 1:
-            for p in r.params:
-                if p.grad is not None:
-                    p.grad.div_(self.grad_accum)
-        return True
+        return super().average_gradients()
 
-    def optimizer_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
+    def skip_step(self) -> None:
+        self._skipped += 1
+        log.warning(
+            "non-finite gradient after %s compression and averaging: step skipped (%d so far)",
+            self.options.compression,
+            self._skipped,
+        )
+        super().skip_step()
+
+    def apply_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
         r = self.replica
-        r.micro += 1
-        if r.micro < self.grad_accum:
-            self._set_sync(r.micro == self.grad_accum - 1)
-            return None
-        r.micro = 0
-        applies = self._average(r) if r.synchronized is None else r.synchronized
-        r.synchronized = None
-        self._set_sync(self.grad_accum == 1)
-        if not applies:
-            return self._skip(r)
-        if self.options.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(r.params, self.options.clip_norm)
         if not r.momentum:
             return optimizer.local_step(closure)
         # The compressor applied the momentum before sparsifying: step without it.
@@ -222,20 +200,6 @@ class DataParallel(Strategy):
         finally:
             for g, m in zip(groups, saved, strict=True):
                 g["momentum"] = m
-
-    def _skip(self, r: _Replica) -> None:
-        self._skipped += 1
-        log.warning(
-            "non-finite gradient after %s compression and averaging: step skipped (%d so far)",
-            self.options.compression,
-            self._skipped,
-        )
-        for p in r.params:
-            p.grad = None
-
-    def optimizer_zero_grad(self, optimizer: PreparedOptimizer, set_to_none: bool) -> None:
-        if self.replica.micro == 0:  # gradients of an unfinished accumulation are kept
-            optimizer.local_zero_grad(set_to_none)
 
     def step_metrics(self) -> dict[str, float]:
         last = self.replica.last if self._replica else {}
@@ -251,7 +215,7 @@ class DataParallel(Strategy):
     def state_dict(self) -> dict[str, Any]:
         if self._replica is None:
             return dict(self._restored)
-        state: dict[str, Any] = {"micro": self._replica.micro, "skipped_steps": self._skipped}
+        state: dict[str, Any] = {"micro": self._micro, "skipped_steps": self._skipped}
         if self._replica.hook is not None:
             state.update(with_prefix(self._replica.hook.state_dict(), COMPRESSION))
         return state
@@ -261,11 +225,11 @@ class DataParallel(Strategy):
         if self._replica is None:  # applied by prepare()
             self._restored = dict(state)
             return
-        self._replica.micro = int(state.get("micro", 0))
+        self._micro = int(state.get("micro", 0))
         compression = sub_state(state, COMPRESSION)
         if compression and self._replica.hook is not None:
             self._replica.hook.load_state_dict(compression)
-        self._set_sync(self._replica.micro == self.grad_accum - 1)
+        self.set_gradient_sync(self._micro == self.grad_accum - 1)
 
 
 def _drop_reducer(ddp: DDP) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -151,26 +152,48 @@ def rebind_optimizer(
 
 
 class StepGuard:
-    """Stops a loop that trains around the strategy: its options act at `optimizer.step()`
-    but `prepare(model)` was given no optimizer and none was prepared since.
+    """Stops a loop that trains around the strategy with an optimizer it never prepared.
 
-    It cannot see `step()` of an optimizer it never saw, so it notes a
-    backward through the model's output and refuses the next training
-    forward. A forward before any backward (a dry run to build lazy
-    modules) and forwards in eval mode or without gradients pass.
+    Two mistakes train wrong in silence: an optimizer still holding the
+    parameters a sharding strategy replaced (its step changes nothing), and,
+    where the strategy acts at `step()` (`needs`), any unprepared optimizer of
+    the model. torch's global step pre-hook sees every optimizer's `step()`;
+    a loop that never calls `step()` (updating `p.data` by hand) is stopped at
+    the training forward after a backward. A forward before any backward (a
+    dry run to build lazy modules) and forwards in eval mode or without
+    gradients pass.
     """
 
-    def __init__(self, model: torch.nn.Module, message: str) -> None:
-        self.message = message
+    def __init__(
+        self, model: torch.nn.Module, ours: list[torch.nn.Parameter], replaced: list[torch.nn.Parameter], needs: str
+    ) -> None:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self.needs = needs
+        """The sentence for an unprepared optimizer under options that act at step() ('' if none)."""
+        self.ours = frozenset(map(id, ours))  # the strategy holds these: their ids stay theirs
+        self.replaced: weakref.WeakValueDictionary[int, torch.nn.Parameter] = weakref.WeakValueDictionary(
+            (id(p), p) for p in replaced
+        )
         self.backward_seen = False
-        self.handles = [
-            model.register_forward_pre_hook(self._before),
-            model.register_forward_hook(self._after),
-        ]
+        me = weakref.ref(self)
+        self.handles = [register_optimizer_step_pre_hook(lambda opt, args, kwargs: _check_step(me, opt))]
+        if needs:
+            self.handles += [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
+        weakref.finalize(self, _remove_all, list(self.handles))
+
+    def check_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if isinstance(optimizer, PreparedOptimizer):
+            return  # it steps through a strategy
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if any(self.replaced.get(id(p)) is p for p in params):
+            raise ShoalError(REPLACED)
+        if self.needs and any(id(p) in self.ours for p in params):
+            raise ShoalError(self.needs)
 
     def _before(self, module: torch.nn.Module, args: Any) -> None:
         if self.backward_seen and module.training and torch.is_grad_enabled():
-            raise ShoalError(self.message)
+            raise ShoalError(self.needs)
 
     def _after(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
@@ -184,5 +207,22 @@ class StepGuard:
         self.backward_seen = True
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+        _remove_all(self.handles)
+
+
+REPLACED = (
+    "this optimizer holds the model's parameters from before prepare(), which the strategy replaced to split "
+    "the model, so its step would change nothing: build it on model.parameters() of the model that "
+    "prepare(model) returned, or pass it to prepare(model, optimizer)"
+)
+
+
+def _check_step(guard: Callable[[], StepGuard | None], optimizer: torch.optim.Optimizer) -> None:
+    alive = guard()
+    if alive is not None:
+        alive.check_step(optimizer)
+
+
+def _remove_all(handles: list[Any]) -> None:
+    for h in handles:
+        h.remove()

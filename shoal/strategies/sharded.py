@@ -58,6 +58,7 @@ class ShardedDataParallel(Strategy):
         rt = runtime.current()
         model.to(rt.device)
         names = {id(p): n for n, p in model.named_parameters()}
+        before = list(model.parameters())
         if rt.distributed:
             mesh = init_device_mesh(rt.device.type, (rt.world_size,))
             reshard = self.options.reshard_after_forward
@@ -69,7 +70,7 @@ class ShardedDataParallel(Strategy):
             if optimizer is not None:
                 rebind_optimizer(optimizer, names, dict(model.named_parameters()))
         self.set_gradient_sync(self.grad_accum == 1)
-        return self.finish_prepare(model, optimizer)
+        return self.finish_prepare(model, optimizer, replaced=before)
 
     def set_gradient_sync(self, sync: bool) -> None:
         from torch.distributed.fsdp import FSDPModule

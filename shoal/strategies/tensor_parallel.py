@@ -73,6 +73,7 @@ class TensorParallel(MeshStrategy):
         )
         model.to(rt.device)
         names = {id(p): n for n, p in model.named_parameters()}
+        before = list(model.parameters())
         plan = self.options.plan
         self.plan_used = dict(plan) if isinstance(plan, dict) else auto_plan(model)
         unknown = set(self.plan_used) - {n for n, _ in model.named_modules()}
@@ -85,7 +86,7 @@ class TensorParallel(MeshStrategy):
             parallelize_module(model, dims.mesh["tp"], {k: styles[v]() for k, v in self.plan_used.items()})
             if optimizer is not None:
                 rebind_optimizer(optimizer, names, dict(model.named_parameters()))
-        return self.finish_prepare(model, optimizer)
+        return self.finish_prepare(model, optimizer, replaced=before)
 
 
 def auto_plan(model: nn.Module) -> dict[str, str]:

@@ -39,21 +39,38 @@ def test_the_config_takes_the_step_options_for_every_strategy(name):
     assert (strategy.grad_accum, strategy.clip_norm) == (2, 1.0)
 
 
+NOT_PREPARED = r"applies grad_accum=2 at optimizer.step\(\), but the optimizer was not prepared"
+
+
 @pytest.mark.parametrize("make", STRATEGIES)
-def test_a_plain_optimizer_under_step_options_stops_at_the_second_forward(make):
+def test_a_plain_optimizer_under_step_options_stops_at_its_first_step(make):
     strategy = make(grad_accum=2)
     model, prepared = strategy.prepare(worker.build())
     assert prepared is None
     opt = worker.sgd(model.parameters())
+    other = worker.sgd(nn.Linear(2, 2).parameters())
+    x, y = worker.batch(0, 0, 1)
+    nn.functional.cross_entropy(model(x), y).backward()
+    other.step()  # an optimizer of another model is none of its business
+    with pytest.raises(ShoalError, match=NOT_PREPARED):
+        opt.step()
+
+
+@pytest.mark.parametrize("make", STRATEGIES)
+def test_a_loop_without_step_under_step_options_stops_at_the_next_forward(make):
+    """As word_language_model updates `p.data` by hand: no step() to see, so the forward after a backward stops."""
+    strategy = make(grad_accum=2)
+    model, _ = strategy.prepare(worker.build())
     x, y = worker.batch(0, 0, 1)
     with torch.no_grad():
         model(x)  # predicting is not training
     nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()
+    for p in model.parameters():
+        p.data.add_(p.grad, alpha=-0.1)
     model.eval()
     model(x)  # nor is evaluating
     model.train()
-    with pytest.raises(ShoalError, match=r"applies grad_accum=2 at optimizer.step\(\), but the optimizer was not"):
+    with pytest.raises(ShoalError, match=NOT_PREPARED):
         model(x)
 
 

@@ -116,12 +116,22 @@ def train_all(rank: int, world: int, name: str) -> dict:
     # A plain optimizer, never prepared: trains right where the backward averages, else one sentence.
     strategy = make()
     model, _ = strategy.prepare(build())
-    plain = sgd(model.parameters())
-    try:
-        out["plain"] = _loop(strategy, model, plain, micro=1, rank=strategy.data_rank, ranks=strategy.data_world)
-    except ShoalError as err:
-        out["plain"] = str(err)
+    out["plain"] = _loop_or_error(strategy, model, sgd(model.parameters()))
+
+    # The porting mistake: the optimizer built before prepare(model) and not given to it.
+    strategy = make()
+    m = build()
+    stale = sgd(m.parameters())
+    model, _ = strategy.prepare(m)
+    out["stale"] = _loop_or_error(strategy, model, stale)
     return out
+
+
+def _loop_or_error(strategy, model, opt) -> dict[str, list] | str:
+    try:
+        return _loop(strategy, model, opt, micro=1, rank=strategy.data_rank, ranks=strategy.data_world)
+    except ShoalError as err:
+        return str(err)
 
 
 def _loop(strategy, model, opt, micro: int, rank: int, ranks: int) -> dict[str, list]:
