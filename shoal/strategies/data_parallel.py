@@ -133,7 +133,7 @@ class DataParallel(Strategy):
 
     def step_needs(self) -> list[str]:
         needs = super().step_needs()
-        if self.options.compression != "none":
+        if self.replica.hook is not None and self.options.compression != "none":  # no hook in a world of one
             needs.append(f"compression={self.options.compression!r}")
         return needs
 
