@@ -4,20 +4,29 @@ A strategy's options are a frozen, comparable dataclass nested in it
 (`DataParallel.Options`): the config binds them, `build()` makes the
 strategy, and constructing the strategy (`DataParallel(grad_accum=2)`)
 only validates them. Live state (DDP, clients, pipeline stages) is built by
-`prepare(model, optimizer, *, example=None)`, the same signature for all.
+`prepare(model, optimizer=None, *, example=None)`, the same signature for all.
 
 The trainer, the CLI and a user's own loop know only this: `prepare`, take
 this rank's `loader`, run steps, `evaluate`, `state_dict`/`checkpoint_state`
 for checkpoints, `close`. The prepared optimizer's `step()` does whatever the
-strategy needs (see `shoal.strategies.optimizer`); `synchronize()` finishes
-the gradient averaging early, for users who clip or inspect by hand.
+strategy needs (see `shoal.strategies.optimizer`); an optimizer built after
+`prepare(model)`, as the DDP and FSDP tutorials build it, is given to
+`prepare_optimizer`. `synchronize()` finishes the gradient averaging early,
+for users who clip or inspect by hand; `clip_grad_norm_` does that and clips.
+
+Every strategy that applies an averaged gradient at `step()` has the same
+step options (`StepOptions`): `grad_accum` (k calls of `step()` per applied
+update, equal to one step with the k-times batch) and `clip_norm` (clip the
+global norm of the averaged gradient); and `no_sync()`, within which a
+backward accumulates local gradients without communicating, as DDP's.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -26,11 +35,18 @@ import torch.distributed as dist
 from torch import nn
 
 from shoal import runtime
+from shoal.config import check_range
 from shoal.data.loader import Samples, ShardedLoader, eval_shard, fetch
+from shoal.errors import ConfigError, ShoalError
 from shoal.mesh import ParallelDims
-from shoal.strategies.optimizer import Closure, PreparedOptimizer, local_only
+from shoal.strategies import optimizer as optim
+from shoal.strategies.optimizer import Closure, PreparedOptimizer, StepGuard, local_only
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+NOT_OURS = (
+    "this optimizer holds parameters that are not the prepared model's: build it on model.parameters() "
+    "of the model that prepare(model) returned, or pass it to prepare(model, optimizer)"
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -53,6 +69,25 @@ class StrategyOptions:
         return 0
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepOptions(StrategyOptions):
+    """The options of a strategy whose `optimizer.step()` applies the averaged gradient.
+
+    Same names and meaning under every such strategy; a subclass with its own
+    `__post_init__` calls `StepOptions.__post_init__(self)`.
+    """
+
+    grad_accum: int = 1
+    """Calls of `optimizer.step()` per applied update (the mean of their gradients is applied)."""
+    clip_norm: float | None = None
+    """Clip the global norm of the averaged gradient to this before applying (None: no clipping)."""
+
+    def __post_init__(self) -> None:
+        check_range(self.grad_accum, "grad_accum", low=1)
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"'clip_norm' must be > 0 (or unset for no clipping), not {self.clip_norm}", "clip_norm")
+
+
 class Strategy(abc.ABC):
     """A way to split training over processes: options in, `prepare` builds the rest."""
 
@@ -67,6 +102,15 @@ class Strategy(abc.ABC):
         if not isinstance(options, self.Options):
             raise TypeError(f"{type(self).__name__}() needs {self.Options.__qualname__}, not {type(options).__name__}")
         self.options = options
+        self._params: list[nn.Parameter] = []
+        """The prepared model's parameters that train (set by `prepare`)."""
+        self._param_ids: frozenset[int] | None = None
+        """ids of all the prepared model's parameters; None before `prepare`."""
+        self._guard: StepGuard | None = None
+        self._micro = 0
+        """Micro-steps done in the current update (0 .. grad_accum - 1)."""
+        self._averaged: bool | None = None
+        """After `synchronize()`: whether the coming step applies (None: not yet averaged)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -83,18 +127,87 @@ class Strategy(abc.ABC):
     # ------------------------------------------------------------------ setup
     @abc.abstractmethod
     def prepare(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, example: tuple[Any, Any] | None = None
-    ) -> tuple[nn.Module, PreparedOptimizer]:
-        """Build the live state: wrap or split the model, prepare the optimizer.
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        example: tuple[Any, Any] | None = None,
+    ) -> tuple[nn.Module, PreparedOptimizer | None]:
+        """Build the live state: wrap or split the model, prepare the optimizer if given.
 
-        `example`, a batch (x, y), lets a strategy measure the model (a
-        pipeline balances its stages by time); every strategy accepts it.
+        Without an optimizer the second item is None: build it on the prepared
+        model's parameters and give it to `prepare_optimizer`. `example`, a
+        batch (x, y), lets a strategy measure the model (a pipeline balances
+        its stages by time); every strategy accepts it.
         """
+
+    def finish_prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, replaced: Sequence[nn.Parameter] = ()
+    ) -> tuple[nn.Module, PreparedOptimizer | None]:
+        """The end of `prepare`: remember the prepared model's parameters, then prepare the
+        optimizer, or (without one) watch that the loop does not train around the strategy.
+
+        `replaced`: the model's parameters before `prepare` split it (a sharding strategy's).
+        """
+        params = list(model.parameters())
+        self._params = [p for p in params if p.requires_grad]
+        self._param_ids = frozenset(map(id, params))
+        if optimizer is not None:
+            return model, self.prepare_optimizer(optimizer)
+        gone = [p for p in replaced if id(p) not in self._param_ids]
+        needs = self.step_needs()
+        if needs or gone:
+            sentence = (
+                f"{type(self).__name__} applies {', '.join(needs)} at optimizer.step(), but the optimizer "
+                "was not prepared, so it would train without them: pass it to prepare(model, optimizer), "
+                "or call optimizer = strategy.prepare_optimizer(optimizer) after prepare(model)"
+            )
+            self._guard = StepGuard(model, self._params, gone, sentence if needs else "")
+        return model, None
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> PreparedOptimizer:
+        """Make `optimizer` (the same object) step through this strategy.
+
+        For an optimizer built after `prepare(model)` on the prepared model's
+        parameters, as the DDP and FSDP tutorials do; `prepare(model,
+        optimizer)` calls it too.
+        """
+        if self._param_ids is None:
+            raise ShoalError(
+                f"{type(self).__name__}: call prepare(model) before prepare_optimizer(optimizer), "
+                "or pass the optimizer to prepare(model, optimizer)"
+            )
+        if any(id(p) not in self._param_ids for g in optimizer.param_groups for p in g["params"]):
+            raise ShoalError(optim.REPLACED if self._guard and self._guard.replaced else NOT_OURS)
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = None
+        return optim.prepare_optimizer(optimizer, self)
+
+    def step_needs(self) -> list[str]:
+        """What this strategy does at `optimizer.step()` that a plain optimizer would skip (empty: nothing)."""
+        needs = []
+        if self.grad_accum > 1:
+            needs.append(f"grad_accum={self.grad_accum}")
+        if self.clip_norm is not None:
+            needs.append(f"clip_norm={self.clip_norm}")
+        return needs
 
     @property
     def grad_accum(self) -> int:
-        """Micro-batches (calls of `optimizer.step()`) per applied update."""
-        return 1
+        """Micro-batches (calls of `optimizer.step()`) per applied update (the `grad_accum` option, if any)."""
+        return getattr(self.options, "grad_accum", 1)
+
+    @property
+    def clip_norm(self) -> float | None:
+        """Clip the averaged gradients to this global norm before applying (the `clip_norm` option, if any)."""
+        return getattr(self.options, "clip_norm", None)
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """The prepared model's parameters that train, on this rank."""
+        if self._param_ids is None and not self._params:
+            raise self.not_prepared()
+        return self._params
 
     @property
     def data_rank(self) -> int:
@@ -138,15 +251,79 @@ class Strategy(abc.ABC):
         that step applies the gradients now in `.grad`; False if it will not
         (an accumulating micro-step, or a step to be skipped).
         """
-        return True  # the gradients are final after backward
+        if self._micro < self.grad_accum - 1:
+            return False  # an accumulating micro-step: the gradients are partial sums
+        if self._averaged is None:
+            self._averaged = self.average_gradients()
+        return self._averaged
+
+    def average_gradients(self) -> bool:
+        """Make `.grad` this update's mean gradient; False if the step must not apply.
+
+        Here the backward has averaged over ranks: what is left is the mean
+        over `grad_accum` micro-steps.
+        """
+        if self.grad_accum > 1:
+            for p in self.trained_parameters():
+                if p.grad is not None:
+                    p.grad.div_(self.grad_accum)
+        return True
+
+    def set_gradient_sync(self, sync: bool) -> None:
+        """Whether the next backward communicates (False: it only accumulates local gradients)."""
+        return None
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes within accumulate local gradients without communicating, as DDP's
+        `model.no_sync()`; the next backward outside it communicates their sum."""
+        self.set_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.set_gradient_sync(self._micro == self.grad_accum - 1)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Average the gradients now (as `synchronize()`), then clip their global norm over all
+        the model's parameters, across shards and ranks; the total norm before clipping, as torch's.
+
+        On a step that will not apply (an accumulating micro-step, a skipped
+        step) nothing is clipped and the norm is NaN.
+        """
+        if not self.synchronize():
+            return torch.tensor(float("nan"))
+        return clip_global_norm(self.trained_parameters(), max_norm, norm_type)
 
     def optimizer_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
-        """What the prepared optimizer's `step()` does (here: the optimizer's own step)."""
+        """What the prepared optimizer's `step()` does: hold an accumulating micro-step, else
+        average (if `synchronize()` has not), clip, and take the optimizer's own step."""
+        if self._micro < self.grad_accum - 1:
+            self._micro += 1
+            self.set_gradient_sync(self._micro == self.grad_accum - 1)
+            return None
+        applies = self.synchronize()
+        self._micro, self._averaged = 0, None
+        self.set_gradient_sync(self.grad_accum == 1)
+        if not applies:
+            self.skip_step()
+            return None
+        if self.clip_norm is not None:
+            clip_global_norm(self.trained_parameters(), self.clip_norm)
+        return self.apply_step(optimizer, closure)
+
+    def skip_step(self) -> None:
+        """A step whose gradients must not be applied (`average_gradients` said so): drop them."""
+        for p in self.trained_parameters():
+            p.grad = None
+
+    def apply_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
+        """Apply the averaged, clipped gradients: the optimizer's own step."""
         return optimizer.local_step(closure)
 
     def optimizer_zero_grad(self, optimizer: PreparedOptimizer, set_to_none: bool) -> None:
-        """What the prepared optimizer's `zero_grad()` does."""
-        optimizer.local_zero_grad(set_to_none)
+        """What the prepared optimizer's `zero_grad()` does (keeps an unfinished accumulation)."""
+        if self._micro == 0:
+            optimizer.local_zero_grad(set_to_none)
 
     def step_metrics(self) -> dict[str, float]:
         """Strategy-specific figures for the last step (bytes sent, wait time, ...)."""
@@ -233,13 +410,13 @@ def eval_totals(out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Te
 class MeshStrategy(Strategy):
     """A strategy laid out on `shoal.mesh.ParallelDims` (built by `prepare`):
     data is split over the mesh's data-parallel dimension only, and gradients
-    are averaged over it at `step()` (or at `synchronize()`, then not again)."""
+    are averaged over it at `step()` (or at `synchronize()`, then not again),
+    once per `grad_accum` micro-steps. A backward never communicates over the
+    data-parallel ranks, so `no_sync()` has nothing to hold back."""
 
     def __init__(self, options: StrategyOptions | None = None, /, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
         self.dims: ParallelDims | None = None
-        self._params: list[nn.Parameter] = []
-        self._synchronized = False
 
     @property
     def mesh(self) -> ParallelDims:
@@ -258,24 +435,25 @@ class MeshStrategy(Strategy):
     def data_group(self) -> dist.ProcessGroup | None:
         return self.dims.group("dp") if self.dims and self.dims.dp > 1 else None
 
-    def synchronize(self) -> bool:
-        if not self._synchronized:
-            if self.mesh.dp > 1:
-                all_reduce_mean_grads(self._params, self.mesh.group("dp"), self.mesh.dp)
-            self._synchronized = True
-        return True
+    def step_needs(self) -> list[str]:
+        needs = super().step_needs()
+        if self.dims is not None and self.dims.dp > 1:
+            needs.append(f"the gradient average over dp={self.dims.dp} replicas")
+        return needs
 
-    @property
-    def clip_norm(self) -> float | None:
-        """Clip the averaged gradients to this global norm before applying (None: no clipping)."""
-        return None
+    def average_gradients(self) -> bool:
+        """The all-reduce over the data-parallel ranks (once per update), then the mean over micro-steps."""
+        if self.mesh.dp > 1:
+            all_reduce_mean_grads(self._params, self.mesh.group("dp"), self.mesh.dp)
+        return super().average_gradients()
 
-    def optimizer_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
-        self.synchronize()
-        self._synchronized = False
-        if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self._params, self.clip_norm)
-        return optimizer.local_step(closure)
+
+def clip_global_norm(params: list[nn.Parameter], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """torch's `clip_grad_norm_` over `params` (DTensor gradients included); the total norm as a plain tensor."""
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def all_reduce_mean_grads(params: list[nn.Parameter], group: dist.ProcessGroup | None, world: int) -> None:

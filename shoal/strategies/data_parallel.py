@@ -21,7 +21,9 @@ residuals are this rank's own tensors in `state_dict()` (under
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +34,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817  (tor
 from shoal import runtime
 from shoal.compress import Compressor, ErrorFeedback, parse
 from shoal.config import check_range
-from shoal.errors import ConfigError
 from shoal.state import sub_state, with_prefix
-from shoal.strategies.base import Strategy, StrategyOptions
-from shoal.strategies.optimizer import Closure, PreparedOptimizer, prepare_optimizer
+from shoal.strategies.base import StepOptions, Strategy
+from shoal.strategies.optimizer import Closure, PreparedOptimizer
 
 if TYPE_CHECKING:
     from shoal.compress.ddp_hooks import CompressionHook
@@ -61,17 +62,13 @@ def sgd_momentum(optimizer: torch.optim.Optimizer) -> float:
 
 @dataclass
 class _Replica:
-    """What `prepare` builds: the DDP module and where this rank is in a step."""
+    """What `prepare` builds: the DDP module and its compression."""
 
     model: nn.Module
-    params: list[nn.Parameter]
     compressor: Compressor
     hook: CompressionHook | None
     momentum: float
     """Momentum the compressor applied before sparsifying (the step then runs without it)."""
-    micro: int = 0
-    synchronized: bool | None = None
-    """After `synchronize()`: whether the coming step applies (None: not synchronized)."""
     last: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,20 +78,14 @@ class DataParallel(Strategy):
     name = "data_parallel"
 
     @dataclass(frozen=True, kw_only=True, slots=True)
-    class Options(StrategyOptions):
-        grad_accum: int = 1
-        clip_norm: float | None = None
+    class Options(StepOptions):
         bucket_mb: float = 25.0
         find_unused_parameters: bool = False
         compression: str = "none"
 
         def __post_init__(self) -> None:
-            check_range(self.grad_accum, "grad_accum", low=1)
+            StepOptions.__post_init__(self)  # grad_accum, clip_norm
             check_range(self.bucket_mb, "bucket_mb", low=0.0, low_open=True)
-            if self.clip_norm is not None and self.clip_norm <= 0:
-                raise ConfigError(
-                    f"'clip_norm' must be > 0 (or unset for no clipping), not {self.clip_norm}", "clip_norm"
-                )
             parse(self.compression)  # ConfigError (key "compression") if malformed
 
     options: Options
@@ -105,13 +96,13 @@ class DataParallel(Strategy):
         self._restored: dict[str, Any] = {}  # loaded before prepare(): applied by it
         self._skipped = 0
 
-    @property
-    def grad_accum(self) -> int:
-        return self.options.grad_accum
-
     def prepare(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, example: tuple[Any, Any] | None = None
-    ) -> tuple[nn.Module, PreparedOptimizer]:
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        example: tuple[Any, Any] | None = None,
+    ) -> tuple[nn.Module, PreparedOptimizer | None]:
         rt = runtime.current()
         model.to(rt.device)
         compressor = parse(self.options.compression)
@@ -129,13 +120,22 @@ class DataParallel(Strategy):
             names = {id(p): name for name, p in model.module.named_parameters()}
             compressor.reseed(1_000 + rt.rank)  # independent rounding noise per rank
             hook = CompressionHook(compressor, model, names, self.data_group())
-        momentum = 0.0
-        if hook is not None and compressor.family in SPARSE and isinstance(compressor, ErrorFeedback):
-            momentum = compressor.momentum = sgd_momentum(optimizer)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self._replica = _Replica(model, params, compressor, hook, momentum)
+        self._replica = _Replica(model, compressor, hook, 0.0)
         self.load_state_dict(self._restored)
-        return model, prepare_optimizer(optimizer, self)
+        return self.finish_prepare(model, optimizer)
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> PreparedOptimizer:
+        prepared = super().prepare_optimizer(optimizer)
+        r = self.replica
+        if r.hook is not None and r.compressor.family in SPARSE and isinstance(r.compressor, ErrorFeedback):
+            r.momentum = r.compressor.momentum = sgd_momentum(optimizer)
+        return prepared
+
+    def step_needs(self) -> list[str]:
+        needs = super().step_needs()
+        if self.replica.hook is not None and self.options.compression != "none":  # no hook in a world of one
+            needs.append(f"compression={self.options.compression!r}")
+        return needs
 
     @property
     def replica(self) -> _Replica:
@@ -151,47 +151,43 @@ class DataParallel(Strategy):
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DDP) else model
 
-    def _set_sync(self, sync: bool) -> None:
+    def set_gradient_sync(self, sync: bool) -> None:
         # What DDP.no_sync() toggles; set here because the user's loop runs the
         # forward pass before optimizer.step() tells us where we are.
         if isinstance(self.replica.model, DDP):
             self.replica.model.require_backward_grad_sync = sync
 
-    # ------------------------------------------------------------------ steps
-    def synchronize(self) -> bool:
-        r = self.replica
-        if r.micro < self.grad_accum - 1:
-            return False  # an accumulating micro-step: the gradients are partial sums
-        if r.synchronized is None:
-            r.synchronized = self._average(r)
-        return r.synchronized
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """DDP's own `no_sync()` (nothing to hold back in a world of one)."""
+        model = self.replica.model
+        if not isinstance(model, DDP):
+            yield
+            return
+        with model.no_sync():
+            yield
 
-    def _average(self, r: _Replica) -> bool:
+    # ------------------------------------------------------------------ steps
+    def average_gradients(self) -> bool:
         """Finish what DDP's backward began: the mean over micro-batches; False for a non-finite gradient."""
+        r = self.replica
         if r.hook is not None:
             r.last = r.hook.take()
             if r.last["nonfinite"]:
                 return False
-        if self.grad_accum > 1:
-            for p in r.params:
-                if p.grad is not None:
-                    p.grad.div_(self.grad_accum)
-        return True
+        return super().average_gradients()
 
-    def optimizer_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
+    def skip_step(self) -> None:
+        self._skipped += 1
+        log.warning(
+            "non-finite gradient after %s compression and averaging: step skipped (%d so far)",
+            self.options.compression,
+            self._skipped,
+        )
+        super().skip_step()
+
+    def apply_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
         r = self.replica
-        r.micro += 1
-        if r.micro < self.grad_accum:
-            self._set_sync(r.micro == self.grad_accum - 1)
-            return None
-        r.micro = 0
-        applies = self._average(r) if r.synchronized is None else r.synchronized
-        r.synchronized = None
-        self._set_sync(self.grad_accum == 1)
-        if not applies:
-            return self._skip(r)
-        if self.options.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(r.params, self.options.clip_norm)
         if not r.momentum:
             return optimizer.local_step(closure)
         # The compressor applied the momentum before sparsifying: step without it.
@@ -204,20 +200,6 @@ class DataParallel(Strategy):
         finally:
             for g, m in zip(groups, saved, strict=True):
                 g["momentum"] = m
-
-    def _skip(self, r: _Replica) -> None:
-        self._skipped += 1
-        log.warning(
-            "non-finite gradient after %s compression and averaging: step skipped (%d so far)",
-            self.options.compression,
-            self._skipped,
-        )
-        for p in r.params:
-            p.grad = None
-
-    def optimizer_zero_grad(self, optimizer: PreparedOptimizer, set_to_none: bool) -> None:
-        if self.replica.micro == 0:  # gradients of an unfinished accumulation are kept
-            optimizer.local_zero_grad(set_to_none)
 
     def step_metrics(self) -> dict[str, float]:
         last = self.replica.last if self._replica else {}
@@ -233,7 +215,7 @@ class DataParallel(Strategy):
     def state_dict(self) -> dict[str, Any]:
         if self._replica is None:
             return dict(self._restored)
-        state: dict[str, Any] = {"micro": self._replica.micro, "skipped_steps": self._skipped}
+        state: dict[str, Any] = {"micro": self._micro, "skipped_steps": self._skipped}
         if self._replica.hook is not None:
             state.update(with_prefix(self._replica.hook.state_dict(), COMPRESSION))
         return state
@@ -243,11 +225,11 @@ class DataParallel(Strategy):
         if self._replica is None:  # applied by prepare()
             self._restored = dict(state)
             return
-        self._replica.micro = int(state.get("micro", 0))
+        self._micro = int(state.get("micro", 0))
         compression = sub_state(state, COMPRESSION)
         if compression and self._replica.hook is not None:
             self._replica.hook.load_state_dict(compression)
-        self._set_sync(self._replica.micro == self.grad_accum - 1)
+        self.set_gradient_sync(self._micro == self.grad_accum - 1)
 
 
 def _drop_reducer(ddp: DDP) -> None:

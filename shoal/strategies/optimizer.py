@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from shoal import faults, runtime
 from shoal.errors import ShoalError
@@ -147,3 +149,80 @@ def rebind_optimizer(
             optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": kept})
     if not optimizer.param_groups:
         raise RuntimeError("after splitting the model this rank holds no parameter of the optimizer")
+
+
+class StepGuard:
+    """Stops a loop that trains around the strategy with an optimizer it never prepared.
+
+    Two mistakes train wrong in silence: an optimizer still holding the
+    parameters a sharding strategy replaced (its step changes nothing), and,
+    where the strategy acts at `step()` (`needs`), any unprepared optimizer of
+    the model. torch's global step pre-hook sees every optimizer's `step()`;
+    a loop that never calls `step()` (updating `p.data` by hand) is stopped at
+    the training forward after a backward. A forward before any backward (a
+    dry run to build lazy modules) and forwards in eval mode or without
+    gradients pass.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, ours: list[torch.nn.Parameter], replaced: list[torch.nn.Parameter], needs: str
+    ) -> None:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self.needs = needs
+        """The sentence for an unprepared optimizer under options that act at step() ('' if none)."""
+        self.ours = frozenset(map(id, ours))  # the strategy holds these: their ids stay theirs
+        self.replaced: weakref.WeakValueDictionary[int, torch.nn.Parameter] = weakref.WeakValueDictionary(
+            (id(p), p) for p in replaced
+        )
+        self.backward_seen = False
+        me = weakref.ref(self)
+        self.handles = [register_optimizer_step_pre_hook(lambda opt, args, kwargs: _check_step(me, opt))]
+        if needs:
+            self.handles += [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
+        weakref.finalize(self, _remove_all, list(self.handles))
+
+    def check_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if isinstance(optimizer, PreparedOptimizer):
+            return  # it steps through a strategy
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if any(self.replaced.get(id(p)) is p for p in params):
+            raise ShoalError(REPLACED)
+        if self.needs and any(id(p) in self.ours for p in params):
+            raise ShoalError(self.needs)
+
+    def _before(self, module: torch.nn.Module, args: Any) -> None:
+        if self.backward_seen and module.training and torch.is_grad_enabled():
+            raise ShoalError(self.needs)
+
+    def _after(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        for t in tree_leaves(output):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(self._seen)
+                return
+
+    def _seen(self, grad: torch.Tensor) -> None:
+        self.backward_seen = True
+
+    def remove(self) -> None:
+        _remove_all(self.handles)
+
+
+REPLACED = (
+    "this optimizer holds the model's parameters from before prepare(), which the strategy replaced to split "
+    "the model, so its step would change nothing: build it on model.parameters() of the model that "
+    "prepare(model) returned, or pass it to prepare(model, optimizer)"
+)
+
+
+def _check_step(guard: Callable[[], StepGuard | None], optimizer: torch.optim.Optimizer) -> None:
+    alive = guard()
+    if alive is not None:
+        alive.check_step(optimizer)
+
+
+def _remove_all(handles: list[Any]) -> None:
+    for h in handles:
+        h.remove()

@@ -35,8 +35,8 @@ from shoal import runtime
 from shoal.config import check_range
 from shoal.errors import ConfigError, ShoalError
 from shoal.mesh import ParallelDims
-from shoal.strategies.base import MeshStrategy, StrategyOptions
-from shoal.strategies.optimizer import PreparedOptimizer, prepare_optimizer, rebind_optimizer
+from shoal.strategies.base import MeshStrategy, StepOptions
+from shoal.strategies.optimizer import PreparedOptimizer, rebind_optimizer
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -45,18 +45,18 @@ STYLES = ("colwise", "rowwise")
 
 
 class TensorParallel(MeshStrategy):
-    """Megatron-style layer splits: `TensorParallel(plan="auto", dp=1, clip_norm=None)`."""
+    """Megatron-style layer splits: `TensorParallel(plan="auto", dp=1, grad_accum=1, clip_norm=None)`."""
 
     name = "tensor_parallel"
 
     @dataclass(frozen=True, kw_only=True, slots=True)
-    class Options(StrategyOptions):
+    class Options(StepOptions):
         plan: dict[str, str] | str = "auto"
         """"auto", or {module name: "colwise" | "rowwise"} for an explicit plan."""
         dp: int = 1
-        clip_norm: float | None = None
 
         def __post_init__(self) -> None:
+            StepOptions.__post_init__(self)  # grad_accum, clip_norm
             check_range(self.dp, "dp", low=1)
             if isinstance(self.plan, str) and self.plan != "auto":
                 raise ConfigError(
@@ -78,8 +78,12 @@ class TensorParallel(MeshStrategy):
         self._batch_check: RemovableHandle | None = None
 
     def prepare(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, example: tuple[Any, Any] | None = None
-    ) -> tuple[nn.Module, PreparedOptimizer]:
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        example: tuple[Any, Any] | None = None,
+    ) -> tuple[nn.Module, PreparedOptimizer | None]:
         from torch.distributed.tensor import distribute_module
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -89,6 +93,7 @@ class TensorParallel(MeshStrategy):
         )
         model.to(rt.device)
         names = {id(p): n for n, p in model.named_parameters()}
+        before = list(model.parameters())
         self.plan_used = plan_for(model, self.options.plan, dims.tp)
         if dims.tp > 1:
             replicated = replicated_regions(model, self.plan_used)
@@ -102,11 +107,11 @@ class TensorParallel(MeshStrategy):
             share_rng_state(dims.group("tp"), rt.device)
             self._batch_checks_left = BATCH_CHECKS
             self._batch_check = model.register_forward_pre_hook(self._check_same_batch, with_kwargs=True)
-            rebind_optimizer(optimizer, names, dict(model.named_parameters()))
+            if optimizer is not None:
+                rebind_optimizer(optimizer, names, dict(model.named_parameters()))
         elif rt.world_size > 1:
             broadcast_state(model)
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        return model, prepare_optimizer(optimizer, self)
+        return self.finish_prepare(model, optimizer, replaced=before)
 
     def _check_same_batch(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """At the first training forwards: the tensor-parallel ranks must hold the same input."""
@@ -128,10 +133,6 @@ class TensorParallel(MeshStrategy):
                 "DistributedSampler(dataset, num_replicas=strategy.data_world, rank=strategy.data_rank), "
                 "or use strategy.loader(...)"
             )
-
-    @property
-    def clip_norm(self) -> float | None:
-        return self.options.clip_norm
 
 
 BATCH_CHECKS = 2

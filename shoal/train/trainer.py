@@ -85,7 +85,9 @@ class Trainer:
         optimizer = build_optimizer(self.cfg.optimizer, model.parameters())
         x, y = self.data.train.tensors
         example = (x[: self.batch_size], y[: self.batch_size])  # e.g. to balance a pipeline by time
-        return self.strategy.prepare(model, optimizer, example=example)
+        model, prepared = self.strategy.prepare(model, optimizer, example=example)
+        assert prepared is not None  # prepare returns the optimizer it is given, prepared
+        return model, prepared
 
     @property
     def samples_per_step(self) -> int:
