@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from shoal.data.sampler import Shard, ShardBatchSampler, fixed
 from shoal.errors import ShoalError
@@ -93,6 +93,7 @@ class ShardedLoader:
 
     @property
     def epoch(self) -> int:
+        """The epoch of `state_dict()`'s position."""
         return self.state_dict()["epoch"]
 
     @property
@@ -188,8 +189,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 def fetch(dataset: Samples, idx: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
     """The samples `idx` as a batch on `device`; in-memory tensor data sets are indexed directly."""
-    from torch.utils.data import default_collate
-
     tensors = getattr(dataset, "tensors", None)
     batch = default_collate([dataset[int(i)] for i in idx]) if tensors is None else [t[idx] for t in tensors]
     non_blocking = device.type == "cuda"
