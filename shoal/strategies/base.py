@@ -285,22 +285,25 @@ class MeshStrategy(Strategy):
 
     @property
     def data_rank(self) -> int:
-        return self.dims.dp_rank if self.dims else runtime.current().rank
+        return self.dims.dp_rank if self.dims else self._unsplit().rank
 
     @property
     def data_world(self) -> int:
-        return self.dims.dp if self.dims else runtime.current().world_size
+        return self.dims.dp if self.dims else self._unsplit().world_size
+
+    def _unsplit(self) -> runtime.Runtime:
+        """Before `prepare`: a world of one, or a sentence (the split comes with the mesh)."""
+        rt = runtime.current()
+        if rt.world_size > 1:
+            raise ShoalError(
+                f"{type(self).__name__} splits data over its data-parallel ranks, known only after "
+                "prepare(model, optimizer); call prepare before iterating the loader or sampler "
+                "or reading data_rank / data_world"
+            )
+        return rt
 
     def data_group(self) -> dist.ProcessGroup | None:
         return self.dims.group("dp") if self.dims and self.dims.dp > 1 else None
-
-    def data_shard(self) -> tuple[int, int]:
-        if self.dims is None and runtime.current().world_size > 1:
-            raise ShoalError(
-                f"{type(self).__name__} splits data over its data-parallel ranks, known only after "
-                "prepare(model, optimizer); call prepare before iterating the loader or sampler"
-            )
-        return super().data_shard()
 
     def synchronize(self) -> bool:
         if not self._synchronized:

@@ -33,6 +33,8 @@ def test_a_mesh_strategys_loader_before_prepare_splits_by_the_data_parallel_rank
         iter(loader)
     with pytest.raises(ShoalError, match="call prepare before iterating"):
         list(sampler)
+    with pytest.raises(ShoalError, match="reading data_rank / data_world"):
+        _ = strategy.data_rank  # not the world rank: that would split a replica's data
     strategy.dims = ParallelDims(dp=2, tp=2)  # what prepare() builds: rank 3 is data-parallel rank 1 of 2
     want = ShardedLoader(dataset(), batch_size=4, shard=(1, 2), seed=1)
     assert all(torch.equal(a[1], b[1]) for a, b in zip(loader, want, strict=True))
