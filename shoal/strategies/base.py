@@ -37,6 +37,7 @@ from torch import nn
 from shoal import runtime
 from shoal.config import check_range
 from shoal.data.loader import Samples, ShardedLoader, eval_shard, fetch
+from shoal.data.sampler import DataSampler
 from shoal.errors import ConfigError, ShoalError
 from shoal.mesh import ParallelDims
 from shoal.strategies import optimizer as optim
@@ -222,11 +223,45 @@ class Strategy(abc.ABC):
         """The process group over which data is split (None: the world)."""
         return None
 
-    def loader(self, dataset: Samples, batch_size: int, shuffle: bool = True, seed: int = 0) -> ShardedLoader:
-        """This rank's shard of `dataset`, `batch_size` samples per rank per step."""
-        device = runtime.current().device
+    def data_shard(self) -> tuple[int, int]:
+        """(data_rank, data_world), read by loaders and samplers when a pass starts."""
+        return self.data_rank, self.data_world
+
+    def loader(
+        self,
+        dataset: Samples,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        *,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        **dataloader_kwargs: Any,
+    ) -> ShardedLoader:
+        """This rank's shard of `dataset`, `batch_size` samples per rank per step, on this rank's device.
+
+        Split by the data-parallel rank when iteration starts, so it may be
+        made before `prepare`. Other `DataLoader` arguments (`pin_memory`,
+        `persistent_workers`, `generator`, ...) pass through.
+        """
         samples = cast(Sequence[Any], dataset)  # the loader needs only len() and items
-        return ShardedLoader(samples, batch_size, self.data_rank, self.data_world, shuffle, seed, device)
+        return ShardedLoader(
+            samples,
+            batch_size,
+            self.data_shard,
+            shuffle,
+            seed,
+            runtime.current().device,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            **dataloader_kwargs,
+        )
+
+    def sampler(self, dataset: Samples, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> DataSampler:
+        """`DistributedSampler` by the data-parallel rank, for your own `DataLoader(dataset, b, sampler=...)`."""
+        return DataSampler(dataset, self.data_shard, shuffle, seed, drop_last)
 
     # ------------------------------------------------------------------ steps
     def compute_loss(self, model: nn.Module, loss_fn: LossFn, x: Any, y: torch.Tensor) -> torch.Tensor:
@@ -426,11 +461,22 @@ class MeshStrategy(Strategy):
 
     @property
     def data_rank(self) -> int:
-        return self.dims.dp_rank if self.dims else runtime.current().rank
+        return self.dims.dp_rank if self.dims else self._unsplit().rank
 
     @property
     def data_world(self) -> int:
-        return self.dims.dp if self.dims else runtime.current().world_size
+        return self.dims.dp if self.dims else self._unsplit().world_size
+
+    def _unsplit(self) -> runtime.Runtime:
+        """Before `prepare`: a world of one, or a sentence (the split comes with the mesh)."""
+        rt = runtime.current()
+        if rt.world_size > 1:
+            raise ShoalError(
+                f"{type(self).__name__} splits data over its data-parallel ranks, known only after "
+                "prepare(model, optimizer); call prepare before iterating the loader or sampler "
+                "or reading data_rank / data_world"
+            )
+        return rt
 
     def data_group(self) -> dist.ProcessGroup | None:
         return self.dims.group("dp") if self.dims and self.dims.dp > 1 else None
