@@ -19,6 +19,7 @@ from torch import nn
 from shoal import runtime
 from shoal.strategies.base import Strategy, StrategyOptions
 from shoal.strategies.optimizer import PreparedOptimizer, prepare_optimizer, rebind_optimizer
+from shoal.strategies.pickling import refuse_pickling
 
 
 class ShardedDataParallel(Strategy):
@@ -49,4 +50,5 @@ class ShardedDataParallel(Strategy):
                     fully_shard(child, mesh=mesh, reshard_after_forward=reshard)
             fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
             rebind_optimizer(optimizer, names, dict(model.named_parameters()))
+            refuse_pickling(model, "its parameters are sharded over the ranks")
         return model, prepare_optimizer(optimizer, self)

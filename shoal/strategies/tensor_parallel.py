@@ -23,6 +23,7 @@ from shoal.errors import ConfigError
 from shoal.mesh import ParallelDims
 from shoal.strategies.base import MeshStrategy, StrategyOptions
 from shoal.strategies.optimizer import PreparedOptimizer, prepare_optimizer, rebind_optimizer
+from shoal.strategies.pickling import refuse_pickling
 
 STYLES = ("colwise", "rowwise")
 
@@ -80,6 +81,7 @@ class TensorParallel(MeshStrategy):
             styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
             parallelize_module(model, dims.mesh["tp"], {k: styles[v]() for k, v in self.plan_used.items()})
             rebind_optimizer(optimizer, names, dict(model.named_parameters()))
+            refuse_pickling(model, "its layers are split over the ranks")
         self._params = [p for p in model.parameters() if p.requires_grad]
         return model, prepare_optimizer(optimizer, self)
 
