@@ -246,6 +246,11 @@ class Strategy(abc.ABC):
             # (a stateless optimizer such as plain SGD, or one saved before its first step)
             # load as they are.
             options = full_options(whole=has_arrays(saved.get("state", {})))
+            # Hyperparameters the saved groups have and these lack (`initial_lr`, which an LR
+            # scheduler adds) fail torch's whole-tensor path; loading sets them all anyway.
+            for group, saved_group in zip(optimizer.param_groups, saved.get("param_groups", []), strict=False):
+                for key, value in saved_group.items():
+                    group.setdefault(key, value)
             with local_only(optimizer):
                 set_optimizer_state_dict(module, optimizer, copy_containers(saved), options=options)
             if not saved.get("state"):  # saved before the first step: torch's zero state must go

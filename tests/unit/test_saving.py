@@ -135,3 +135,21 @@ def test_an_unpicklable_model_says_what_to_save_and_still_copies():
     assert twin is not model and torch.equal(twin[0].weight, model[0].weight)
     assert twin[0].weight is not model[0].weight
     assert copy.copy(model)[0] is model[0]
+
+
+@pytest.mark.parametrize("scheduled", ["saved", "loaded"])
+def test_an_lr_schedulers_group_keys_on_one_side_only_load(scheduled):
+    """A scheduler adds `initial_lr` to the optimizer's groups: made before saving, or before loading."""
+    strategy, model, optimizer = worker.prepared("sharded", seed=0)
+    if scheduled == "saved":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    worker.train(model, optimizer, range(worker.STEPS))
+    if scheduled == "saved":
+        scheduler.step()
+    saved = roundtrip(strategy.full_state_dict(model, optimizer))
+    strategy, model, optimizer = worker.prepared("tensor_parallel", seed=1)
+    if scheduled == "loaded":
+        torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    strategy.load_full_state_dict(model, saved, optimizer)
+    assert optimizer.param_groups[0]["lr"] == (0.025 if scheduled == "saved" else 0.05)
+    assert optimizer.param_groups[0]["initial_lr"] == 0.05
