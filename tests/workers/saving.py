@@ -46,9 +46,11 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range, rank: int = 0, ranks: int = 1) -> None:
     """The user's loop; each data-parallel rank takes its slice of the global batch."""
     per_rank = GLOBAL_BATCH // ranks
+    device = next(model.parameters()).device
     for step in steps:
         x, y = batch(step)
         x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+        x, y = x.to(device), y.to(device)
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
