@@ -45,9 +45,10 @@ def _refusing_class(base: type[nn.Module], message: str) -> type[nn.Module]:
     }
     if "__deepcopy__" not in dir(base):  # FSDP2 refuses deepcopy itself: keep its refusal
         namespace["__deepcopy__"] = _deepcopy
-    index = getattr(base, "_orig_cls_mro_index", None)
-    if index is not None:  # where FSDP2 finds the original class in the MRO: one step further now
-        namespace["_orig_cls_mro_index"] = index + 1
+    if base.__new__ is not object.__new__:
+        # FSDP2's: a new instance (indexing a sharded Sequential) is of the original
+        # class, which it finds at a fixed place in the class's MRO: ask it as `base`.
+        namespace["__new__"] = lambda cls, *args, **kwargs: base.__new__(base, *args, **kwargs)
     return type(base.__name__, (base,), namespace)
 
 

@@ -27,6 +27,7 @@ def test_full_state_saved_by_two_ranks_loads_anywhere_and_resumes_exactly(tmp_pa
     if saved_under == "data_parallel":  # mnist's torch.save(model.state_dict()) loads into the plain Net
         saved = torch.load(tmp_path / "dp-model.pt", weights_only=True)
         worker.assert_matches({"model": saved}, {"model": after_saving["model"]})
+    assert [r["sliced"] for r in ranks] == ["Sequential"] * 2
     pickling = [r["pickling"] for r in ranks]
     if saved_under == "data_parallel":
         assert pickling == [None, None]  # DDP pickles
