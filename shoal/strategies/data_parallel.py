@@ -274,10 +274,13 @@ def _plain_names(module: nn.Module, state: dict[str, Any], prefix: str, local_me
 
 def _accept_plain_names(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
     """Load pre-hook: a state dict with plain names gets DDP's prefix back (a prefixed one loads as it is)."""
-    inner = prefix + DDP_PREFIX
-    if any(key.startswith(inner) for key in state) or not any(key.startswith(prefix) for key in state):
+    names = set(module.get_submodule("module").state_dict(keep_vars=True))
+    given = [key[len(prefix) :] for key in state if key.startswith(prefix)]
+    plain = sum(key in names for key in given)
+    prefixed = sum(key.startswith(DDP_PREFIX) and key[len(DDP_PREFIX) :] in names for key in given)
+    if plain <= prefixed:  # DDP's own names (also for a model whose child is called `module`), or neither
         return
-    _rename(state, prefix, inner)
+    _rename(state, prefix, prefix + DDP_PREFIX)
     _rename_modules(state, prefix[:-1], prefix + "module")
 
 

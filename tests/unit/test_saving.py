@@ -153,3 +153,15 @@ def test_an_lr_schedulers_group_keys_on_one_side_only_load(scheduled):
     strategy.load_full_state_dict(model, saved, optimizer)
     assert optimizer.param_groups[0]["lr"] == (0.025 if scheduled == "saved" else 0.05)
     assert optimizer.param_groups[0]["initial_lr"] == 0.05
+
+
+def test_a_model_with_a_child_called_module_loads_through_the_data_parallel_wrapper():
+    inner = nn.Sequential()
+    inner.add_module("module", nn.Linear(2, 2))
+    wrapped = Wrapper(inner)
+    assert list(wrapped.state_dict()) == ["module.weight", "module.bias"]
+    saved = {k: torch.full_like(v, 3.0) for k, v in inner.state_dict().items()}
+    wrapped.load_state_dict(saved)  # the plain names: not mistaken for DDP's
+    assert torch.equal(inner.module.weight, saved["module.weight"])
+    wrapped.load_state_dict({f"module.{k}": v * 2 for k, v in saved.items()})  # DDP's own
+    assert torch.equal(inner.module.weight, saved["module.weight"] * 2)
