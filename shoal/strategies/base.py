@@ -8,7 +8,8 @@ only validates them. Live state (DDP, clients, pipeline stages) is built by
 
 The trainer, the CLI and a user's own loop know only this: `prepare`, take
 this rank's `loader`, run steps, `evaluate`, `state_dict`/`checkpoint_state`
-for checkpoints, `close`. The prepared optimizer's `step()` does whatever the
+for checkpoints, `full_state_dict`/`load_full_state_dict` for a script that
+saves by itself, `close`. The prepared optimizer's `step()` does whatever the
 strategy needs (see `shoal.strategies.optimizer`); `synchronize()` finishes
 the gradient averaging early, for users who clip or inspect by hand.
 """
