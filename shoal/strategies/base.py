@@ -8,7 +8,8 @@ only validates them. Live state (DDP, clients, pipeline stages) is built by
 
 The trainer, the CLI and a user's own loop know only this: `prepare`, take
 this rank's `loader`, run steps, `evaluate`, `state_dict`/`checkpoint_state`
-for checkpoints, `close`. The prepared optimizer's `step()` does whatever the
+for checkpoints, `full_state_dict`/`load_full_state_dict` for a script that
+saves by itself, `close`. The prepared optimizer's `step()` does whatever the
 strategy needs (see `shoal.strategies.optimizer`); an optimizer built after
 `prepare(model)`, as the DDP and FSDP tutorials build it, is given to
 `prepare_optimizer`. `synchronize()` finishes the gradient averaging early,
@@ -419,6 +420,54 @@ class Strategy(abc.ABC):
                 self.unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
             )
 
+    def full_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+        """The whole model (and optimizer) state on every rank, as CPU tensors: what a script saves.
+
+        Collective. `{"model": ..., "optimizer": ...}` ("optimizer" only when
+        one is given): the model under the plain module's names, loadable into
+        the unprepared model with `load_state_dict`; the optimizer as torch's
+        full optimizer state dict, keyed by parameter names. Sharded and split
+        tensors are gathered, so it loads under any strategy and world size.
+        """
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        module = self.unwrap(model)
+        state: dict[str, Any] = {"model": get_model_state_dict(module, options=full_options())}
+        if optimizer is not None:
+            fresh = not optimizer.state  # the same on every rank: they step together
+            with local_only(optimizer):  # torch steps the optimizer to create empty state
+                state["optimizer"] = get_optimizer_state_dict(module, optimizer, options=full_options())
+            if fresh:  # ... which a fresh optimizer must not keep (Adam's step count would be 1)
+                optimizer.state.clear()
+                state["optimizer"]["state"] = {}
+        return cpu_copy(state)
+
+    def load_full_state_dict(
+        self, model: nn.Module, state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Load what `full_state_dict` returned (saved under any strategy and world size). Collective."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        module = self.unwrap(model)
+        check_full_state(module, state, optimizer is not None)
+        # torch rewrites the dicts it is given: hand it copies of the containers.
+        set_model_state_dict(module, copy_containers(state["model"]), options=full_options())
+        if optimizer is not None:
+            saved = state["optimizer"]
+            # torch's whole-tensor path needs a tensor to distribute; hyperparameters alone
+            # (a stateless optimizer such as plain SGD, or one saved before its first step)
+            # load as they are.
+            options = full_options(whole=has_arrays(saved.get("state", {})))
+            # Hyperparameters the saved groups have and these lack (`initial_lr`, which an LR
+            # scheduler adds) fail torch's whole-tensor path; loading sets them all anyway.
+            for group, saved_group in zip(optimizer.param_groups, saved.get("param_groups", []), strict=False):
+                for key, value in saved_group.items():
+                    group.setdefault(key, value)
+            with local_only(optimizer):
+                set_optimizer_state_dict(module, optimizer, copy_containers(saved), options=options)
+            if not saved.get("state"):  # saved before the first step: torch's zero state must go
+                optimizer.state.clear()
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's own state: plain JSON values and tensors (e.g. error-feedback residuals)."""
         return {}
@@ -434,6 +483,66 @@ class Strategy(abc.ABC):
     def close(self) -> None:
         """Release what `prepare` opened (connections, hooks)."""
         return None
+
+
+def full_options(whole: bool = True) -> Any:
+    """torch's options for whole tensors on every rank (`whole=False`: as they are)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Not cpu_offload: with it torch gathers onto rank 0 only.
+    return StateDictOptions(full_state_dict=whole)
+
+
+def has_arrays(tree: Any) -> bool:
+    """Whether `tree` holds a tensor of one or more dimensions."""
+    if isinstance(tree, torch.Tensor):
+        return tree.dim() > 0
+    if isinstance(tree, dict):
+        return any(has_arrays(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return any(has_arrays(v) for v in tree)
+    return False
+
+
+def cpu_copy(tree: Any) -> Any:
+    """`tree` with every tensor copied to the CPU (a snapshot: training on does not change it)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(cpu_copy(v) for v in tree)
+    return tree
+
+
+def copy_containers(tree: Any) -> Any:
+    """`tree` with new dicts and lists around the same leaves."""
+    if isinstance(tree, dict):
+        return {k: copy_containers(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [copy_containers(v) for v in tree]
+    return tree
+
+
+def check_full_state(module: nn.Module, state: Any, with_optimizer: bool) -> None:
+    """A ShoalError in one sentence if `state` is not a full state dict of this model."""
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ShoalError(
+            "load_full_state_dict takes what full_state_dict returned ({'model': ..., 'optimizer': ...}); "
+            "load a plain model state dict with the unprepared model's load_state_dict"
+        )
+    expected, given = set(module.state_dict()), set(state["model"])
+    if expected != given:
+        missing, unexpected = sorted(expected - given)[:5], sorted(given - expected)[:5]
+        raise ShoalError(
+            f"the saved model state does not fit this model (missing {missing}, unexpected {unexpected}): "
+            "load it into the model it was saved from"
+        )
+    if with_optimizer and not isinstance(state.get("optimizer"), dict):
+        raise ShoalError(
+            "this state holds no optimizer state: save it with full_state_dict(model, optimizer), "
+            "or load the model alone with load_full_state_dict(model, state)"
+        )
 
 
 def eval_totals(out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:

@@ -117,6 +117,8 @@ class DataParallel(Strategy):
                 find_unused_parameters=self.options.find_unused_parameters,
             )
             runtime.release_before_shutdown(model, _drop_reducer)
+            model.register_state_dict_post_hook(_plain_names)
+            model.register_load_state_dict_pre_hook(_accept_plain_names)
             names = {id(p): name for name, p in model.module.named_parameters()}
             compressor.reseed(1_000 + rt.rank)  # independent rounding noise per rank
             hook = CompressionHook(compressor, model, names, self.data_group())
@@ -237,3 +239,56 @@ def _drop_reducer(ddp: DDP) -> None:
     the module inside (`ddp.module`) stays usable."""
     if hasattr(ddp, "reducer"):
         del ddp.reducer
+
+
+# DDP's state dict carries its `module.` prefix, so a saved `model.state_dict()`
+# would not load into the user's plain model. The prepared model's state dict has
+# the plain names, and its `load_state_dict` takes both. (torch's own
+# `get_model_state_dict` expects the prefix from a DDP: give it `strategy.unwrap(model)`.)
+DDP_PREFIX = "module."
+
+
+def _plain_names(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict post-hook: `module.x` -> `x` (in place, in order), per-module metadata included."""
+    _rename(state, prefix + DDP_PREFIX, prefix)
+    _rename_modules(state, prefix + "module", prefix[:-1])
+
+
+def _accept_plain_names(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load pre-hook: a state dict with plain names gets DDP's prefix back (a prefixed one loads as it is)."""
+    names = set(module.get_submodule("module").state_dict(keep_vars=True))
+    given = [key[len(prefix) :] for key in state if key.startswith(prefix)]
+    plain = sum(key in names for key in given)
+    prefixed = sum(key.startswith(DDP_PREFIX) and key[len(DDP_PREFIX) :] in names for key in given)
+    if plain <= prefixed:  # DDP's own names (also for a model whose child is called `module`), or neither
+        return
+    _rename(state, prefix, prefix + DDP_PREFIX)
+    _rename_modules(state, prefix[:-1], prefix + "module")
+
+
+def _rename(state: dict[str, Any], old: str, new: str) -> None:
+    """Keys starting with `old` start with `new` instead; in place, keeping the order."""
+    items = list(state.items())
+    state.clear()
+    for key, value in items:
+        state[new + key[len(old) :] if key.startswith(old) else key] = value
+
+
+def _rename_modules(state: dict[str, Any], old: str, new: str) -> None:
+    """In the per-module metadata (keyed by module name), module `old` and those inside it move to `new`."""
+    metadata = getattr(state, "_metadata", None)
+    if metadata is None:
+        return
+
+    def moved(name: str) -> str:
+        if name == old:
+            return new
+        if not old or name.startswith(old + "."):
+            rest = name[len(old) + 1 :] if old else name
+            return f"{new}.{rest}" if new else rest
+        return name
+
+    items = list(metadata.items())
+    metadata.clear()
+    for name, value in items:
+        metadata[moved(name)] = value

@@ -27,6 +27,7 @@ from torch import nn
 from shoal import runtime
 from shoal.strategies.base import StepOptions, Strategy
 from shoal.strategies.optimizer import PreparedOptimizer, rebind_optimizer
+from shoal.strategies.pickling import refuse_pickling
 
 
 class ShardedDataParallel(Strategy):
@@ -69,6 +70,7 @@ class ShardedDataParallel(Strategy):
             self._root = model
             if optimizer is not None:
                 rebind_optimizer(optimizer, names, dict(model.named_parameters()))
+            refuse_pickling(model, "its parameters are sharded over the ranks")
         self.set_gradient_sync(self.grad_accum == 1)
         return self.finish_prepare(model, optimizer, replaced=before)
 

@@ -37,6 +37,7 @@ from shoal.errors import ConfigError, ShoalError
 from shoal.mesh import ParallelDims
 from shoal.strategies.base import MeshStrategy, StepOptions
 from shoal.strategies.optimizer import PreparedOptimizer, rebind_optimizer
+from shoal.strategies.pickling import refuse_pickling
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -109,6 +110,7 @@ class TensorParallel(MeshStrategy):
             self._batch_check = model.register_forward_pre_hook(self._check_same_batch, with_kwargs=True)
             if optimizer is not None:
                 rebind_optimizer(optimizer, names, dict(model.named_parameters()))
+            refuse_pickling(model, "its layers are split over the ranks")
         elif rt.world_size > 1:
             broadcast_state(model)
         return self.finish_prepare(model, optimizer, replaced=before)
