@@ -36,7 +36,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.distributed as dist
@@ -164,6 +164,14 @@ class ParameterServer(Strategy):
         return self._session
 
     # ------------------------------------------------------------------ setup
+    @overload
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, example: tuple[Any, Any] | None = None
+    ) -> tuple[nn.Module, PreparedOptimizer]: ...
+    @overload
+    def prepare(
+        self, model: nn.Module, optimizer: None = None, *, example: tuple[Any, Any] | None = None
+    ) -> tuple[nn.Module, None]: ...
     def prepare(  # pyright: ignore[reportIncompatibleMethodOverride]  (an optimizer may come later)
         self,
         model: nn.Module,
@@ -398,12 +406,7 @@ class ParameterServer(Strategy):
 
         Only before the first push (the servers refuse a restore after it). The
         workers' copy of the state is dropped: the servers own it from here."""
-        s = self.session
-        if s.clock or s.micro:
-            raise ShoalError(
-                "the parameter server loads saved state only before the first optimizer.step(); "
-                "load the model and optimizer state right after prepare() (or before it)"
-            )
+        s = self._before_first_step()
         if runtime.current().rank == 0 and not (only_if_state and optimizer is None):
             s.client.restore(*checkpoint.server_state(s.layout.slices, optimizer))
         if dist.is_initialized():
@@ -411,6 +414,16 @@ class ParameterServer(Strategy):
         s.optimizer.state.clear()
         if not only_if_state:
             self.refresh()  # every worker takes worker 0's values
+
+    def _before_first_step(self) -> _Session:
+        """The session; ShoalError once a step was taken (the servers accept saved state only before)."""
+        s = self.session
+        if s.clock or s.micro:
+            raise ShoalError(
+                "the parameter server loads saved state only before the first optimizer.step(); "
+                "load the model and optimizer state right after prepare() (or before it)"
+            )
+        return s
 
     def optimizer_state_dict(self, optimizer: PreparedOptimizer) -> dict[str, Any]:
         """`optimizer.state_dict()`: torch's format, the state the servers hold (fetched now).
@@ -425,6 +438,7 @@ class ParameterServer(Strategy):
     def optimizer_load_state_dict(self, optimizer: PreparedOptimizer, state: dict[str, Any]) -> None:
         """`optimizer.load_state_dict()`: load it, then worker 0 puts it (and the model's current values)
         on the servers. Collective, before the first step."""
+        self._before_first_step()
         optimizer.local_load_state_dict(state)
         self._restore(optimizer)
 
@@ -447,6 +461,8 @@ class ParameterServer(Strategy):
     ) -> None:
         """Load what `full_state_dict` gave (from any strategy) and put it on the servers. Collective,
         before the first step; without `optimizer` the servers' optimizer state starts afresh."""
+        if self._session is not None:
+            self._before_first_step()
         model.load_state_dict(state["model"])
         if optimizer is not None:
             with local_only(optimizer):
