@@ -130,10 +130,17 @@ def test_the_guard_sees_a_hand_written_update_and_a_loop_without_step():
         with pytest.raises(ShoalError, match=r"parameters changed outside optimizer.step\(\)"):
             installed.check()
         installed.record()  # what an install after step() does
-    model(torch.zeros(3, 4)).sum().backward()  # gradients, never a step
-    with pytest.raises(ShoalError, match=r"256 training forward passes ran without optimizer\.step\(\)"):
-        for _ in range(guard.MAX_FORWARDS_WITHOUT_STEP):
+    for _ in range(2 * guard.MAX_BACKWARDS_WITHOUT_STEP):  # evaluation forwards in train mode: no backward
+        installed.check()
+    installed.check()
+    model(torch.zeros(3, 4)).sum().backward()  # the first backward; then accumulation, never a step
+    installed.check()
+    with pytest.raises(ShoalError, match=r"256 backward passes ran without optimizer\.step\(\)"):
+        for _ in range(guard.MAX_BACKWARDS_WITHOUT_STEP):
+            model(torch.zeros(3, 4)).sum().backward()
             installed.check()
+    installed.stepped()
+    installed.check()  # step() handed them over
 
 
 def test_the_prepared_model_pickles_and_loads_as_a_plain_module():

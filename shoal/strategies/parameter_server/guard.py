@@ -7,8 +7,10 @@ does, or another optimizer) would train one model per worker while the
 servers never move; a loop that never calls the prepared `step()` pushes
 nothing. `Installed` remembers, after every install, each parameter's
 version counter and a sample of its values (`p.data.add_` does not bump the
-version, so the sample catches it); the model's forward pre-hook compares at
-every training forward and stops the run in one sentence.
+version, so the sample catches it), and counts backward passes since the
+last `step()` (new or grown `.grad` tensors between two forwards; an
+evaluation forward has none); the model's forward pre-hook checks at every
+training forward and stops the run in one sentence.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from shoal.strategies.parameter_server.layout import Slice
 SAMPLES_PER_SLICE = 16
 SAMPLED_SLICES = 32
 """Values are compared on this many slices (spread over the model), this many elements each."""
-MAX_FORWARDS_WITHOUT_STEP = 256
-"""Training forwards with gradients and no `step()` before the run is stopped (more than any accumulation)."""
+MAX_BACKWARDS_WITHOUT_STEP = 256
+"""Backward passes without a `step()` before the run is stopped (more than any accumulation by hand)."""
 
 CHANGED = (
     "the model's parameters changed outside optimizer.step() (a hand-written update such as "
@@ -39,9 +41,9 @@ NO_OPTIMIZER = (
 )
 
 
-def no_step(forwards: int) -> str:
+def no_step(backwards: int) -> str:
     return (
-        f"{forwards} training forward passes ran without optimizer.step(), so no gradient reached the parameter "
+        f"{backwards} backward passes ran without optimizer.step(), so no gradient reached the parameter "
         "servers; call optimizer.step() on the optimizer given to prepare() after backward() (to accumulate "
         "gradients, ParameterServer(grad_accum=k) with a step() per micro-batch)"
     )
@@ -60,8 +62,9 @@ class Installed:
             self.sampled.append((h, idx))
         self.versions: list[int] = []
         self.sample = torch.empty(0)
-        self.forwards = 0
-        """Training forwards since the last `step()` or install."""
+        self.backwards = 0
+        """Backward passes seen since the last `step()` or install."""
+        self.grads: list[tuple[int, int] | None] = []
 
     @torch.no_grad()
     def _values(self) -> torch.Tensor:
@@ -73,15 +76,26 @@ class Installed:
         """Call after every install: this is what the parameters hold now."""
         self.versions = [p._version for p in self.params]
         self.sample = self._values().clone()
-        self.forwards = 0
+        self.stepped()
+
+    def stepped(self) -> None:
+        """Call at every `step()`: the gradients so far were handed over."""
+        self.backwards = 0
+        self.grads = self._grads()
+
+    def _grads(self) -> list[tuple[int, int] | None]:
+        return [None if p.grad is None else (id(p.grad), p.grad._version) for p in self.params]
 
     def check(self) -> None:
         """At a training forward: ShoalError if the loop changed the parameters or never steps."""
         if [p._version for p in self.params] != self.versions or not torch.equal(self._values(), self.sample):
             raise ShoalError(CHANGED)
-        self.forwards += 1
-        if self.forwards >= MAX_FORWARDS_WITHOUT_STEP and any(p.grad is not None for p in self.params):
-            raise ShoalError(no_step(self.forwards))
+        grads = self._grads()
+        if grads != self.grads and any(g is not None for g in grads):
+            self.backwards += 1  # a backward ran since the last forward
+            self.grads = grads
+            if self.backwards >= MAX_BACKWARDS_WITHOUT_STEP:
+                raise ShoalError(no_step(self.backwards))
 
 
 def training(module: torch.nn.Module) -> bool:

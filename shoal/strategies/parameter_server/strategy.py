@@ -44,7 +44,6 @@ from torch import nn
 
 from shoal import env, runtime
 from shoal.comm.pubsub import Publisher
-from shoal.compress import Compressor
 from shoal.compress import parse as parse_compression
 from shoal.config import check_range
 from shoal.data.loader import Samples
@@ -53,46 +52,25 @@ from shoal.ps import optim as ps_optim
 from shoal.ps.client import Client
 from shoal.ps.consistency import Mode, parse_mode, resolve
 from shoal.state import sub_state, with_prefix
-from shoal.strategies.base import LossFn, Strategy, StrategyOptions
-from shoal.strategies.optimizer import Closure, PreparedOptimizer, local_only, prepare_optimizer
-from shoal.strategies.parameter_server import checkpoint
+from shoal.strategies.base import LossFn, StrategyOptions
+from shoal.strategies.optimizer import Closure, PreparedOptimizer, prepare_optimizer
 from shoal.strategies.parameter_server.guard import NO_OPTIMIZER, ForwardHook, Installed, training
 from shoal.strategies.parameter_server.layout import (
-    Layout,
     Placement,
     check_overrides_match,
     encode_pushes,
     lay_out,
     served_parameters,
 )
-from shoal.strategies.parameter_server.live import LiveRow, StepWindow, Totals
+from shoal.strategies.parameter_server.live import LiveRow, StepWindow
+from shoal.strategies.parameter_server.saving import ServerSaving, Session
 
 log = logging.getLogger(__name__)
 COMPRESSION = "compression/"
 Replies = list[tuple[dict[str, Any], list[torch.Tensor]]]
 
 
-@dataclass
-class _Session:
-    """What `prepare` builds: the connection to the servers and where this worker is."""
-
-    client: Client
-    layout: Layout
-    optimizer: torch.optim.Optimizer
-    optim: str
-    compressor: Compressor
-    installed: Installed
-    live: LiveRow | None = None
-    clock: int = 0
-    micro: int = 0
-    """`step()` calls since the last push (grad_accum)."""
-    pending: bool = False
-    """A pull was requested and its parameters are not yet in the model."""
-    window: StepWindow = field(default_factory=StepWindow)
-    totals: Totals = field(default_factory=Totals)
-
-
-class ParameterServer(Strategy):
+class ParameterServer(ServerSaving):
     """Parameters on server processes: `ParameterServer(consistency="bsp", staleness=0, servers=None, ...)`."""
 
     name = "parameter_server"
@@ -152,13 +130,13 @@ class ParameterServer(Strategy):
 
     def __init__(self, options: Options | None = None, /, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._model: nn.Module | None = None
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._skipped_before = 0  # restored before prepare()
 
     @property
-    def session(self) -> _Session:
+    def session(self) -> Session:
         if self._session is None:
             raise self.not_prepared()
         return self._session
@@ -213,7 +191,7 @@ class ParameterServer(Strategy):
         compressor = parse_compression(o.compression)
         compressor.reseed(1_000 + rt.rank)  # independent rounding noise per worker
         installed = Installed([h for held in layout.slices for h in held])
-        s = self._session = _Session(client, layout, optimizer, optim, compressor, installed)
+        s = self._session = Session(client, layout, optimizer, optim, compressor, installed)
         s.totals.skipped = self._skipped_before
         self._install(client.init(layout.specs, layout.values))
         if os.environ.get(env.PS_EVENTS):
@@ -267,7 +245,7 @@ class ParameterServer(Strategy):
             with torch.enable_grad():
                 loss = closure()
         s = self.session
-        s.installed.forwards = 0
+        s.installed.stepped()
         s.micro += 1
         if s.micro < self.grad_accum:
             return loss  # an accumulating micro-step: the gradients add up in .grad
@@ -315,7 +293,7 @@ class ParameterServer(Strategy):
         if s.live is not None and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0:
             s.live.batch = inputs[0].shape[0]
 
-    def _publish(self, s: _Session, final: bool = False) -> None:
+    def _publish(self, s: Session, final: bool = False) -> None:
         if s.live is not None:
             staleness = s.window.staleness[-1] if s.window.staleness else 0.0
             s.live.step(s.clock, s.totals, staleness, s.client.bytes_pushed, s.client.bytes_pulled, final)
@@ -391,101 +369,6 @@ class ParameterServer(Strategy):
             dist.barrier()  # each worker's step() returned, so its pushes are applied
         self.refresh()
         return super().evaluate(model, dataset, loss_fn, batch_size)
-
-    # ---------------------------------------------------------- saving, loading
-    def _fetch(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """The servers' values into the model and their optimizer state into `optimizer`'s
-        `state`, once every worker has pushed as many clocks as this one."""
-        self.sync()
-        s = self.session
-        checkpoint.take_server_state(s.client.state(s.clock), s.layout.slices, optimizer)
-        s.installed.record()
-
-    def _restore(self, optimizer: torch.optim.Optimizer | None, only_if_state: bool = False) -> None:
-        """Worker 0 puts the model's values and `optimizer`'s state on the servers; collective.
-
-        Only before the first push (the servers refuse a restore after it). The
-        workers' copy of the state is dropped: the servers own it from here."""
-        s = self._before_first_step()
-        if runtime.current().rank == 0 and not (only_if_state and optimizer is None):
-            s.client.restore(*checkpoint.server_state(s.layout.slices, optimizer))
-        if dist.is_initialized():
-            dist.barrier()  # no worker pushes or pulls before the servers hold it
-        s.optimizer.state.clear()
-        if not only_if_state:
-            self.refresh()  # every worker takes worker 0's values
-
-    def _before_first_step(self) -> _Session:
-        """The session; ShoalError once a step was taken (the servers accept saved state only before)."""
-        s = self.session
-        if s.clock or s.micro:
-            raise ShoalError(
-                "the parameter server loads saved state only before the first optimizer.step(); "
-                "load the model and optimizer state right after prepare() (or before it)"
-            )
-        return s
-
-    def optimizer_state_dict(self, optimizer: PreparedOptimizer) -> dict[str, Any]:
-        """`optimizer.state_dict()`: torch's format, the state the servers hold (fetched now).
-
-        Any worker may call it alone (rank 0 saving a snapshot): the servers answer once
-        every worker has pushed as many clocks, which in BSP they already have."""
-        self._fetch(optimizer)
-        state = optimizer.local_state_dict()
-        optimizer.state.clear()  # `state` keeps the tensors; the servers keep the truth
-        return state
-
-    def optimizer_load_state_dict(self, optimizer: PreparedOptimizer, state: dict[str, Any]) -> None:
-        """`optimizer.load_state_dict()`: load it, then worker 0 puts it (and the model's current values)
-        on the servers. Collective, before the first step."""
-        self._before_first_step()
-        optimizer.local_load_state_dict(state)
-        self._restore(optimizer)
-
-    def full_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-        """{"model": {name: CPU tensor}, "optimizer": torch's full optimizer state keyed by names}, the
-        servers' current state on every worker ("optimizer" only when given). Collective."""
-        self.sync()
-        if dist.is_initialized():
-            dist.barrier()  # every worker's pushes are in: all take the same cut
-        self._fetch(optimizer)
-        out: dict[str, Any] = {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-        if optimizer is not None:
-            with local_only(optimizer):
-                out["optimizer"] = checkpoint.by_name(model, optimizer, optimizer.state_dict())
-            optimizer.state.clear()
-        return out
-
-    def load_full_state_dict(
-        self, model: nn.Module, state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None
-    ) -> None:
-        """Load what `full_state_dict` gave (from any strategy) and put it on the servers. Collective,
-        before the first step; without `optimizer` the servers' optimizer state starts afresh."""
-        if self._session is not None:
-            self._before_first_step()
-        model.load_state_dict(state["model"])
-        if optimizer is not None:
-            with local_only(optimizer):
-                optimizer.load_state_dict(checkpoint.by_index(model, optimizer, state["optimizer"]))
-        if self._session is not None:
-            self._restore(optimizer)
-
-    def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The servers' values and optimizer state, as torch's own state dicts.
-
-        Every worker must call this at the same step (the trainer does): the
-        servers answer once all workers have pushed that many clocks, so every
-        worker holds the same cut. The optimizer state is put into the local
-        optimizer in torch's layout, which makes the checkpoint independent of
-        placement: it resumes with other server counts, or as data_parallel.
-        """
-        self._fetch(optimizer)
-        return super().checkpoint_state(model, optimizer)
-
-    def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        """Load into the local copies, then worker 0 puts them on the servers."""
-        super().load_checkpoint_state(model, optimizer, state)
-        self._restore(optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         if self._session is None:
