@@ -157,7 +157,9 @@ class ServerSaving(Strategy):
         placement: it resumes with other server counts, or as data_parallel.
         """
         self._fetch(optimizer)
-        return super().checkpoint_state(model, optimizer)
+        state = super().checkpoint_state(model, optimizer)
+        self.session.installed.record()  # torch may step with lr 0 to create empty state: same values
+        return state
 
     def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Load into the local copies, then worker 0 puts them on the servers."""
