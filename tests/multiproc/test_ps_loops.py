@@ -1,7 +1,8 @@
 """Real scripts' loops under the parameter server (issue 10): mnist's Adadelta and
 another torch optimizer run on the servers and equal one process under BSP, with
-`grad_accum`; minGPT's own snapshot/resume through `optimizer.state_dict()` equals
-the run that was never interrupted; `torch.save(model)` works; a hand-written
+`grad_accum`; minGPT's own snapshot/resume through `optimizer.state_dict()`, and
+`strategy.full_state_dict`/`load_full_state_dict`, equal the run that was never
+interrupted; `torch.save(model)` works; a hand-written
 update (word_language_model) stops the job in one sentence."""
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def test_torch_optimizers_run_on_the_servers_and_equal_one_process(optim, accum)
 
 def test_mingpt_snapshot_resume_equals_the_uninterrupted_run(tmp_path):
     steps, save_at = 6, 3
-    path, whole = str(tmp_path / "snapshot.pt"), str(tmp_path / "model.pt")
-    args = {"steps": steps, "save_at": save_at, "path": path, "whole_model": whole, "strategy": STRATEGY}
+    path, whole, full = str(tmp_path / "snapshot.pt"), str(tmp_path / "model.pt"), str(tmp_path / "full.pt")
+    args = {"steps": steps, "save_at": save_at, "path": path, "full_path": full, "strategy": STRATEGY}
+    args["whole_model"] = whole
     straight = run_ps_job(2, 2, ps_loops.snapshot, args)
     _ok(straight)
     assert straight.results[0]["saved_moments"] == 3 * 4  # step, exp_avg, exp_avg_sq of 4 parameters
@@ -62,10 +64,11 @@ def test_mingpt_snapshot_resume_equals_the_uninterrupted_run(tmp_path):
     want = {n: p.detach().numpy() for n, p in model.named_parameters()}
     _same(straight.results[0]["params"], want, 1e-5, "uninterrupted vs one process: ")
 
-    resumed = run_ps_job(2, 2, ps_loops.snapshot, {"steps": steps, "resume": path, "strategy": STRATEGY})
-    _ok(resumed)
-    for rank in (0, 1):
-        _same(resumed.results[rank]["params"], straight.results[0]["params"], 1e-6, f"rank {rank} resumed: ")
+    for how in ({"resume": path}, {"resume_full": full, "start": save_at}):
+        resumed = run_ps_job(2, 2, ps_loops.snapshot, {"steps": steps, **how, "strategy": STRATEGY})
+        _ok(resumed)
+        for rank in (0, 1):
+            _same(resumed.results[rank]["params"], straight.results[0]["params"], 1e-6, f"rank {rank} {how}: ")
 
 
 def test_a_hand_written_update_stops_the_job_in_one_sentence():

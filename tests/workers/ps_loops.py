@@ -5,8 +5,9 @@ each rank by `tests.helpers.ps.run_ps_job(..., ps_loops.<fn>, ARGS)`.
 - `train`: mnist's Adadelta + StepLR (or RMSprop), optionally `grad_accum`; returns the
   final parameters and `strategy.full_state_dict(model, optimizer)`.
 - `snapshot`: minGPT's snapshot/resume: AdamW, `torch.save` of `model.state_dict()` and
-  `optimizer.state_dict()` by rank 0 at step `save_at`, or a fresh job that loads the
-  snapshot before `prepare` and goes on; also `torch.save(model)` of the prepared model.
+  `optimizer.state_dict()` by rank 0 at step `save_at` (and of `strategy.full_state_dict`),
+  or a fresh job that loads the snapshot before `prepare` (or the full state dict after
+  it) and goes on; also `torch.save(model)` of the prepared model.
 - `hand_update`: word_language_model's update, `p.data.add_(p.grad, alpha=-lr)`, no step().
 """
 
@@ -100,6 +101,9 @@ def snapshot(rank: int, world: int, args: dict) -> dict:
             optimizer.load_state_dict(snap["OPTIMIZER_STATE"])
             start = snap["STEPS_RUN"]
         model, optimizer = strategy.prepare(model, optimizer)
+        if args.get("resume_full"):  # shoal's own: by parameter names, loaded after prepare
+            strategy.load_full_state_dict(model, torch.load(args["resume_full"]), optimizer)
+            start = args["start"]
         loss_fn = nn.CrossEntropyLoss()
         out: dict = {}
         for step in range(start, args["steps"]):
@@ -115,6 +119,10 @@ def snapshot(rank: int, world: int, args: dict) -> dict:
                 }
                 torch.save(snap, args["path"])
                 out["saved_moments"] = sum(len(s) for s in snap["OPTIMIZER_STATE"]["state"].values())
+            if step + 1 == args.get("save_at"):
+                full = strategy.full_state_dict(model, optimizer)  # collective
+                if rank == 0:
+                    torch.save(full, args["full_path"])
         if rank == 0 and args.get("whole_model"):
             torch.save(model, args["whole_model"])  # the prepared model itself
             loaded = torch.load(args["whole_model"], weights_only=False)
