@@ -234,8 +234,8 @@ class Server:
                 )
         try:
             name = spec.get("optim")
-            if not isinstance(name, str) or name not in optim.HYPER:
-                raise ValueError(f"optimizer {name!r} is not one of {', '.join(optim.HYPER)}")
+            if not isinstance(name, str) or name not in optim.ELEMENTWISE:
+                raise ValueError(f"optimizer {name!r} is not one of {', '.join(optim.ELEMENTWISE)}")
             self.optim_name = name
             groups = spec.get("groups")
             if not isinstance(groups, list) or not 1 <= len(groups) <= MAX_GROUPS:
@@ -462,7 +462,7 @@ class Server:
     def send_state(self, ident: bytes, clock: int) -> None:
         layout, tensors = [], []
         for piece in self.pieces.values():
-            items = optim.export_state(self.optim_name, piece.opt, piece.param)
+            items = optim.export_state(piece.opt, piece.param)
             layout.append([piece.key, [k for k, _ in items]])
             tensors += [piece.param, *(t for _, t in items)]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)

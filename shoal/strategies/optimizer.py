@@ -8,6 +8,9 @@ schedulers made before or after `prepare`. As Horovod's
 `DistributedOptimizer` does, the instance gets a subclass of its own class
 (built once per class, under the same name) whose `step`/`zero_grad` ask the
 strategy; the strategy applies with `local_step`, the class's own step.
+`state_dict`/`load_state_dict` ask the strategy too where it defines
+`optimizer_state_dict`/`optimizer_load_state_dict` (the parameter server,
+whose servers hold the state); elsewhere they are the class's own.
 Nothing is patched onto the instance.
 """
 
@@ -68,6 +71,27 @@ class PreparedOptimizer(torch.optim.Optimizer):
             self.local_zero_grad(set_to_none)
         else:
             self._binding.hooks.optimizer_zero_grad(self, set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        hook = getattr(self._binding.hooks, "optimizer_state_dict", None)
+        if self._binding.local or hook is None:
+            return self.local_state_dict()
+        return hook(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        hook = getattr(self._binding.hooks, "optimizer_load_state_dict", None)
+        if self._binding.local or hook is None:
+            self.local_load_state_dict(state_dict)
+        else:
+            hook(self, state_dict)
+
+    def local_state_dict(self) -> dict[str, Any]:
+        """The optimizer class's own state_dict: the state this process holds."""
+        return super().state_dict()
+
+    def local_load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The optimizer class's own load_state_dict."""
+        super().load_state_dict(state_dict)
 
     def local_step(self, closure: Closure | None = None) -> float | None:
         """The optimizer class's own step: update the parameters from their `.grad` now."""

@@ -8,16 +8,19 @@ param group, compression shape) and the initial values it starts from.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from shoal.compress import Compressor
 from shoal.errors import ConfigError
 from shoal.ps import optim as ps_optim
 from shoal.ps.consistency import Mode
 from shoal.ps.placement import plan
+from shoal.strategies.parameter_server.live import Totals
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -122,3 +125,42 @@ def code_shape(p: torch.Tensor, start: int, stop: int) -> tuple[int, ...]:
     if row and start % row == 0 and stop % row == 0:
         return ((stop - start) // row, *p.shape[1:])
     return (stop - start,)
+
+
+def check_overrides_match(names: list[str], overrides: dict[str, str]) -> None:
+    """ConfigError for an override glob that matches none of the model's parameters (a typo
+    would otherwise leave those parameters in the run's mode without a word)."""
+    for glob in overrides:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ConfigError(
+                f"override '{glob}' matches no parameter of the model; patterns match the names of "
+                f"model.named_parameters(): {shown}",
+                f"overrides.{glob}",
+            )
+
+
+def encode_pushes(
+    layout: Layout, compressor: Compressor, compression: str, totals: Totals
+) -> tuple[list[tuple[list[str], list[torch.Tensor]]], list[list[dict]], bool]:
+    """Per server: the keys and (compressed) gradient tensors to push, their headers, and
+    whether any gradient was not finite."""
+    pushes, codes, nonfinite = [], [], False
+    for slices, shapes in zip(layout.slices, layout.code_shapes, strict=True):
+        keys, grads, headers = [], [], []
+        for held, shape in zip(slices, shapes, strict=True):
+            if held.param.grad is None:
+                continue
+            grad = held.flat(held.param.grad.detach()).cpu()
+            keys.append(held.key)
+            totals.raw_pushed += grad.numel() * grad.element_size()
+            if compression == "none":
+                grads.append(grad)  # sent without a copy
+                continue
+            payload = compressor.encode(held.key, grad.view(shape))
+            nonfinite |= payload.nonfinite
+            headers.append(payload.header)
+            grads += payload.tensors
+        pushes.append((keys, grads))
+        codes.append(headers)
+    return pushes, codes, nonfinite

@@ -15,17 +15,28 @@ with one process see the new values, in every mode. When the pull is
 answered is the consistency rule's business (`shoal.ps.consistency`,
 docs/consistency.md); with `bsp` the run equals one process with the
 combined batch. The servers average the gradients, so a worker has no
-averaged gradient: `synchronize()` is refused.
+averaged gradient: `synchronize()`, `clip_grad_norm_()` and `clip_norm` are
+refused; `grad_accum=k` pushes the mean of k micro-batches' gradients once
+per k calls of `step()`.
+
+The servers hold the optimizer state: `optimizer.state_dict()` fetches it
+(torch's format, so `torch.save` / `load_state_dict` resume AdamW's
+moments), `optimizer.load_state_dict()` before the first step puts it on
+the servers, as does an optimizer loaded before `prepare`. `prepare(model)`
+without an optimizer waits for `prepare_optimizer(optimizer)` to connect
+(the servers run the optimizer's class). A loop that changes the parameters
+itself is stopped at its next forward (`guard`).
 """
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.distributed as dist
@@ -33,44 +44,33 @@ from torch import nn
 
 from shoal import env, runtime
 from shoal.comm.pubsub import Publisher
-from shoal.compress import Compressor
 from shoal.compress import parse as parse_compression
 from shoal.config import check_range
 from shoal.data.loader import Samples
 from shoal.errors import ConfigError, ShoalError
+from shoal.ps import optim as ps_optim
 from shoal.ps.client import Client
 from shoal.ps.consistency import Mode, parse_mode, resolve
 from shoal.state import sub_state, with_prefix
-from shoal.strategies.base import LossFn, Strategy, StrategyOptions
+from shoal.strategies.base import LossFn, StrategyOptions
 from shoal.strategies.optimizer import Closure, PreparedOptimizer, prepare_optimizer
-from shoal.strategies.parameter_server import checkpoint
-from shoal.strategies.parameter_server.layout import Layout, Placement, lay_out, served_parameters
-from shoal.strategies.parameter_server.live import LiveRow, StepWindow, Totals
+from shoal.strategies.parameter_server.guard import NO_OPTIMIZER, ForwardHook, Installed, training
+from shoal.strategies.parameter_server.layout import (
+    Placement,
+    check_overrides_match,
+    encode_pushes,
+    lay_out,
+    served_parameters,
+)
+from shoal.strategies.parameter_server.live import LiveRow, StepWindow
+from shoal.strategies.parameter_server.saving import ServerSaving, Session
 
 log = logging.getLogger(__name__)
 COMPRESSION = "compression/"
 Replies = list[tuple[dict[str, Any], list[torch.Tensor]]]
 
 
-@dataclass
-class _Session:
-    """What `prepare` builds: the connection to the servers and where this worker is."""
-
-    client: Client
-    layout: Layout
-    optimizer: torch.optim.Optimizer
-    optim: str
-    compressor: Compressor
-    hook: torch.utils.hooks.RemovableHandle | None = None
-    live: LiveRow | None = None
-    clock: int = 0
-    pending: bool = False
-    """A pull was requested and its parameters are not yet in the model."""
-    window: StepWindow = field(default_factory=StepWindow)
-    totals: Totals = field(default_factory=Totals)
-
-
-class ParameterServer(Strategy):
+class ParameterServer(ServerSaving):
     """Parameters on server processes: `ParameterServer(consistency="bsp", staleness=0, servers=None, ...)`."""
 
     name = "parameter_server"
@@ -92,8 +92,19 @@ class ParameterServer(Strategy):
         compression: str = "none"
         max_message_mb: float = 1024.0
         """The largest message a worker or server accepts; servers cap it at SHOAL_PS_MAX_BYTES (2^30)."""
+        grad_accum: int = 1
+        """Calls of `optimizer.step()` per push: the servers apply the mean of this many micro-batches."""
+        clip_norm: float | None = None
+        """Refused: no process holds the averaged gradient (the servers hold pieces of it)."""
 
         def __post_init__(self) -> None:
+            check_range(self.grad_accum, "grad_accum", low=1)
+            if self.clip_norm is not None:
+                raise ConfigError(
+                    "the parameter server cannot clip by global norm because no process holds the averaged "
+                    "gradient (each server holds pieces of it); leave clip_norm unset, or use data_parallel",
+                    "clip_norm",
+                )
             check_range(self.staleness, "staleness", low=0)
             if self.servers is not None:
                 check_range(self.servers, "servers", low=1)
@@ -119,28 +130,57 @@ class ParameterServer(Strategy):
 
     def __init__(self, options: Options | None = None, /, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
-        self._session: _Session | None = None
+        self._session: Session | None = None
+        self._model: nn.Module | None = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._skipped_before = 0  # restored before prepare()
 
     @property
-    def session(self) -> _Session:
+    def session(self) -> Session:
         if self._session is None:
             raise self.not_prepared()
         return self._session
 
     # ------------------------------------------------------------------ setup
+    @overload
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, *, example: tuple[Any, Any] | None = None
-    ) -> tuple[nn.Module, PreparedOptimizer]:
-        from shoal.comm.wire import Codec, job_key
-        from shoal.ps import optim as ps_optim
+    ) -> tuple[nn.Module, PreparedOptimizer]: ...
+    @overload
+    def prepare(
+        self, model: nn.Module, optimizer: None = None, *, example: tuple[Any, Any] | None = None
+    ) -> tuple[nn.Module, None]: ...
+    def prepare(  # pyright: ignore[reportIncompatibleMethodOverride]  (an optimizer may come later)
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        example: tuple[Any, Any] | None = None,
+    ) -> tuple[nn.Module, PreparedOptimizer | None]:
+        """The model (the same object) and the prepared optimizer; without one, `prepare_optimizer`
+        connects the servers later (they run the optimizer's class) and training waits for it."""
+        if self._model is not None:
+            raise ShoalError("this ParameterServer already prepared a model; make one strategy per model")
+        model.to(runtime.current().device)
+        self._model = model
+        self._hook = model.register_forward_pre_hook(ForwardHook(self))
+        return model, None if optimizer is None else self.prepare_optimizer(optimizer)
 
-        o, rt = self.options, runtime.current()
-        optim = ps_optim.optimizer_name(optimizer)
-        model.to(rt.device)
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> PreparedOptimizer:
+        """Start training `optimizer`'s parameters on the servers; its state (loaded before, e.g.
+        from a snapshot) goes to the servers too. Collective: every worker calls it."""
+        from shoal.comm.wire import Codec, job_key
+
+        if self._model is None:
+            raise ShoalError("call strategy.prepare(model) before strategy.prepare_optimizer(optimizer)")
+        if self._session is not None:
+            raise ShoalError("this ParameterServer already trains an optimizer; make one strategy per optimizer")
+        model, o, rt = self._model, self.options, runtime.current()
+        cls = type(optimizer)
+        optim = ps_optim.optimizer_name(cls.__mro__[2] if issubclass(cls, PreparedOptimizer) else cls)
         served = served_parameters(model, optimizer)
         modes = resolve([s.name for s in served], o.mode, o.overrides, o.staleness)
-        _check_overrides_match([s.name for s in served], o.overrides)
+        check_overrides_match([s.name for s in served], o.overrides)
         endpoints = self._endpoints()
         how = Placement(len(endpoints), o.chunk_bytes, modes, optim, o.timeout_s, o.compression)
         layout = lay_out(served, optimizer, how)
@@ -150,13 +190,16 @@ class ParameterServer(Strategy):
         client = Client(endpoints, codec, rt.rank, rt.world_size, o.timeout_s)
         compressor = parse_compression(o.compression)
         compressor.reseed(1_000 + rt.rank)  # independent rounding noise per worker
-        s = self._session = _Session(client, layout, optimizer, optim, compressor)
+        installed = Installed([h for held in layout.slices for h in held])
+        s = self._session = Session(client, layout, optimizer, optim, compressor, installed)
         s.totals.skipped = self._skipped_before
         self._install(client.init(layout.specs, layout.values))
-        s.hook = model.register_forward_pre_hook(self._before_forward)
         if os.environ.get(env.PS_EVENTS):
             s.live = LiveRow(Publisher(os.environ[env.PS_EVENTS], codec), rt.rank)
-        return model, prepare_optimizer(optimizer, self)
+        prepared = prepare_optimizer(optimizer, self)
+        # State loaded before prepare (a snapshot) goes to the servers; no worker pushes before it is there.
+        self._restore(optimizer if optimizer.state else None, only_if_state=True)
+        return prepared
 
     def _endpoints(self) -> list[str]:
         """The servers' endpoints from the job's store; ShoalError if the strategy asks for
@@ -174,21 +217,46 @@ class ParameterServer(Strategy):
         return read_endpoints(store, count, self.options.timeout_s)
 
     # ------------------------------------------------------------------ steps
+    @property
+    def grad_accum(self) -> int:
+        return self.options.grad_accum
+
     def synchronize(self) -> bool:
         raise ShoalError(
             "the parameter server averages gradients on its servers, so a worker has no averaged gradient "
             "to clip or inspect; use data_parallel for that, or work on this worker's own gradient"
         )
 
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Refused, as `synchronize()` is: the averaged gradient exists only in pieces on the servers."""
+        raise ShoalError(
+            "the parameter server cannot clip by global norm because no process holds the averaged gradient "
+            "(each server holds pieces of it); leave clipping out, or use data_parallel"
+        )
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Nothing to hold back: a backward communicates nothing here, `step()` does (for uniform loops)."""
+        yield
+
     def optimizer_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.sync()  # a step never starts before the last pull is in
         s = self.session
-        pushes, codes, nonfinite = self._encode(s)
-        hp = [_hyperparameters(s.optim, g) for g in optimizer.param_groups]
+        s.installed.stepped()
+        s.micro += 1
+        if s.micro < self.grad_accum:
+            return loss  # an accumulating micro-step: the gradients add up in .grad
+        s.micro = 0
+        if self.grad_accum > 1:
+            for held in s.installed.params:
+                if held.grad is not None:
+                    held.grad.div_(self.grad_accum)  # the mean over the micro-batches, as one big batch
+        self.sync()  # a step never starts before the last pull is in
+        pushes, codes, nonfinite = encode_pushes(s.layout, s.compressor, self.options.compression, s.totals)
+        hp = [ps_optim.hyperparameters(s.optim, g) for g in optimizer.param_groups]
         if nonfinite:
             # As mixed precision does: a step with an overflow is not applied
             # anywhere (in BSP the servers drop the whole clock).
@@ -210,42 +278,29 @@ class ParameterServer(Strategy):
             self._publish(s)
         return loss
 
-    def _encode(self, s: _Session) -> tuple[list[tuple[list[str], list[torch.Tensor]]], list[list[dict]], bool]:
-        """Per server: the keys and (compressed) gradient tensors to push, their headers, and
-        whether any gradient was not finite."""
-        pushes, codes, nonfinite = [], [], False
-        for slices, shapes in zip(s.layout.slices, s.layout.code_shapes, strict=True):
-            keys, grads, headers = [], [], []
-            for held, shape in zip(slices, shapes, strict=True):
-                if held.param.grad is None:
-                    continue
-                grad = held.flat(held.param.grad.detach()).cpu()
-                keys.append(held.key)
-                s.totals.raw_pushed += grad.numel() * grad.element_size()
-                if self.options.compression == "none":
-                    grads.append(grad)  # sent without a copy
-                    continue
-                payload = s.compressor.encode(held.key, grad.view(shape))
-                nonfinite |= payload.nonfinite
-                headers.append(payload.header)
-                grads += payload.tensors
-            pushes.append((keys, grads))
-            codes.append(headers)
-        return pushes, codes, nonfinite
-
-    def _before_forward(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+    def before_forward(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """The model's forward pre-hook (`guard.ForwardHook`): refuse to train without an optimizer or
+        after the loop changed the parameters itself; install deferred pulls (benchmarks)."""
+        if self._session is None:
+            if training(module):
+                raise ShoalError(NO_OPTIMIZER)
+            return
         if self.install_at_forward:
             self.sync()
-        live = self.session.live
-        if live is not None and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0:
-            live.batch = inputs[0].shape[0]
+        s = self._session
+        if training(module):
+            s.installed.check()
+        if s.live is not None and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0:
+            s.live.batch = inputs[0].shape[0]
 
-    def _publish(self, s: _Session, final: bool = False) -> None:
+    def _publish(self, s: Session, final: bool = False) -> None:
         if s.live is not None:
             staleness = s.window.staleness[-1] if s.window.staleness else 0.0
             s.live.step(s.clock, s.totals, staleness, s.client.bytes_pushed, s.client.bytes_pulled, final)
 
     def optimizer_zero_grad(self, optimizer: PreparedOptimizer, set_to_none: bool) -> None:
+        if self.session.micro:
+            return  # gradients of an unfinished accumulation are kept
         if not set_to_none:
             self.session.client.wait_sent()  # ZeroMQ may still be reading the gradients in place
         optimizer.local_zero_grad(set_to_none)
@@ -283,6 +338,7 @@ class ParameterServer(Strategy):
                 )
             for held, value in zip(slices, tensors, strict=True):
                 held.flat(held.param).copy_(value)
+        self.session.installed.record()
 
     def step_metrics(self) -> dict[str, float]:
         s = self.session
@@ -314,31 +370,6 @@ class ParameterServer(Strategy):
         self.refresh()
         return super().evaluate(model, dataset, loss_fn, batch_size)
 
-    def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The servers' values and optimizer state, as torch's own state dicts.
-
-        Every worker must call this at the same step (the trainer does): the
-        servers answer once all workers have pushed that many clocks, so every
-        worker holds the same cut. The optimizer state is put into the local
-        optimizer in torch's layout, which makes the checkpoint independent of
-        placement: it resumes with other server counts, or as data_parallel.
-        """
-        self.sync()
-        s = self.session
-        checkpoint.take_server_state(s.client.state(s.clock), s.layout.slices, optimizer)
-        return super().checkpoint_state(model, optimizer)
-
-    def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        """Load into the local copies, then worker 0 puts them on the servers."""
-        super().load_checkpoint_state(model, optimizer, state)
-        s = self.session
-        if runtime.current().rank == 0:
-            s.client.restore(*checkpoint.server_state(s.layout.slices, s.optim, optimizer))
-        if dist.is_initialized():
-            dist.barrier()  # no worker pulls before the servers hold the checkpoint
-        optimizer.state.clear()  # the servers own it; a checkpoint fetches it again
-        self.refresh()
-
     def state_dict(self) -> dict[str, Any]:
         if self._session is None:
             return {"skipped_steps": self._skipped_before}
@@ -362,33 +393,15 @@ class ParameterServer(Strategy):
             self._session.compressor.load_state_dict(compression)
 
     def close(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         s = self._session
         if s is None:
             return
         self.sync()
-        if s.hook is not None:
-            s.hook.remove()
         if s.live is not None:
             self._publish(s, final=True)
             s.live.close()
         s.client.close()
         self._session = None
-
-
-def _check_overrides_match(names: list[str], overrides: dict[str, str]) -> None:
-    """ConfigError for an override glob that matches none of the model's parameters (a typo
-    would otherwise leave those parameters in the run's mode without a word)."""
-    for glob in overrides:
-        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
-            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            raise ConfigError(
-                f"override '{glob}' matches no parameter of the model; patterns match the names of "
-                f"model.named_parameters(): {shown}",
-                f"overrides.{glob}",
-            )
-
-
-def _hyperparameters(name: str, group: dict[str, Any]) -> dict[str, Any]:
-    from shoal.ps.optim import hyperparameters
-
-    return hyperparameters(name, group)
