@@ -150,7 +150,7 @@ class ParameterServer(ServerSaving):
     def prepare(
         self, model: nn.Module, optimizer: None = None, *, example: tuple[Any, Any] | None = None
     ) -> tuple[nn.Module, None]: ...
-    def prepare(  # pyright: ignore[reportIncompatibleMethodOverride]  (an optimizer may come later)
+    def prepare(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
