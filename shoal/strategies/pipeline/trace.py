@@ -16,6 +16,7 @@ and cached by the caller.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -77,7 +78,9 @@ def trace_stages(model: nn.Module, starts: list[str], example: torch.Tensor, tra
     was_training = model.training
     model.train(training)
     try:
-        pipe = pipeline(model, mb_args=(example,), split_spec=dict.fromkeys(starts, SplitPoint.BEGINNING))
+        with warnings.catch_warnings():  # torch's own deprecation, inside its frontend
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            pipe = pipeline(model, mb_args=(example,), split_spec=dict.fromkeys(starts, SplitPoint.BEGINNING))
     except Exception as e:  # torch.export's errors have no common base
         cause = e.__cause__ or e
         brief = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
