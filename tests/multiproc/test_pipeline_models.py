@@ -48,6 +48,10 @@ def test_mnist_net_trains_and_tests_like_one_process(tmp_path):
         assert_same_state(full, full_reference(want["model"], want["optimizer"]))
         plain = w.Net()
         plain.load_state_dict(full["model"])  # the full state loads into the user's own model
+    torch.manual_seed(0)
+    with_dropout = torch.tensor(w.mnist_test(w.Net(), w.test_batches())["outputs"])
+    for got in results:  # eval mode switches the traced dropouts off
+        torch.testing.assert_close(torch.tensor(got["dropout"]["outputs"]), with_dropout, **TOL)
     assert results[0]["mine"] == ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"]
     assert results[1]["mine"] == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
 
@@ -62,11 +66,3 @@ def test_gpt_with_accumulation_and_user_clipping_equals_one_process(tmp_path):
         assert_same_state(full, full_reference(want["model"], want["optimizer"]))
         assert got["reloaded_equal"]
         torch.testing.assert_close(torch.tensor(got["eval"]), torch.tensor(want["eval"]), **TOL)
-
-
-def test_eval_mode_switches_the_traced_dropout_off():
-    torch.manual_seed(0)
-    model = w.Net()
-    want = w.mnist_test(model, w.test_batches())
-    for got in run_workers(w.eval_net_with_dropout, world=2, timeout_s=180):
-        torch.testing.assert_close(torch.tensor(got["outputs"]), torch.tensor(want["outputs"]), **TOL)

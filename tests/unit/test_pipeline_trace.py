@@ -11,7 +11,14 @@ from torch import nn
 from shoal.errors import ConfigError
 from shoal.strategies.pipeline import Pipeline
 from shoal.strategies.pipeline.model import shell
-from shoal.strategies.pipeline.trace import check_owners, check_traceable, owner_names, trace_stages, units
+from shoal.strategies.pipeline.trace import (
+    check_owners,
+    check_traceable,
+    loose_state,
+    owner_names,
+    trace_stages,
+    units,
+)
 from tests.workers.pipe_models import GPT, Net
 
 
@@ -23,6 +30,12 @@ def test_blocks_are_children_with_parameters_and_list_entries():
     assert "pos_emb" in owners[0] and "blocks.1.attn.c_proj.weight" in owners[1]
     held = shell(gpt, ["blocks.1", "ln_f", "head"])
     assert set(held.state_dict()) == {k for k in gpt.state_dict() if not k.startswith(("tok_emb", "blocks.0", "pos"))}
+    gpt.register_buffer("scale", torch.ones(1))  # the root's own state goes with the first chunk
+    loose = loose_state(gpt, [["tok_emb", "blocks.0"], ["blocks.1", "ln_f", "head"]])
+    assert loose == ["pos_emb", "scale"]
+    assert set(shell(gpt, ["tok_emb", "blocks.0", *loose]).state_dict()) == {
+        k for k in gpt.state_dict() if k.startswith(("tok_emb", "blocks.0", "pos_emb", "scale"))
+    }
 
 
 def test_traced_stages_compute_the_model_in_each_mode():

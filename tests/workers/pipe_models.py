@@ -173,10 +173,11 @@ def train_net(rank: int, world: int, out: str) -> dict[str, Any]:
     x, y = test_batches()[0]
     evaluated = strategy.evaluate(model, torch.utils.data.TensorDataset(x, y), F.nll_loss)
     torch.save(strategy.full_state_dict(model, optimizer), f"{out}/net.rank{rank}.pt")
-    return {"losses": losses, "test": test, "evaluate": evaluated, "mine": [n for n, _ in model.named_parameters()]}
+    mine = [n for n, _ in model.named_parameters()]
+    return {"losses": losses, "test": test, "evaluate": evaluated, "mine": mine, "dropout": eval_net_with_dropout()}
 
 
-def eval_net_with_dropout(rank: int, world: int) -> dict[str, Any]:
+def eval_net_with_dropout() -> dict[str, Any]:
     """Eval mode turns the traced dropouts off: the output equals one process's eval output, on every rank."""
     import shoal
 

@@ -30,7 +30,7 @@ class Chunk(nn.Module):
 
 
 def shell(model: nn.Module, names: list[str]) -> nn.Module:
-    """A module holding `names` (submodules or parameters of `model`) at their dotted paths.
+    """A module holding `names` (submodules, parameters or buffers of `model`) at their dotted paths.
 
     What this rank holds of a traced model, under the whole model's names
     (for `state_dict`, checkpoints, and an optimizer made after `prepare`).
@@ -43,20 +43,14 @@ def shell(model: nn.Module, names: list[str]) -> nn.Module:
             if not hasattr(node, part):
                 node.add_module(part, nn.Module())
             node = getattr(node, part)
-        target = model.get_submodule(name) if _is_module(model, name) else model.get_parameter(name)
-        if isinstance(target, nn.Parameter):
-            node.register_parameter(leaf, target)
+        owner = model.get_submodule(".".join(path))
+        if leaf in owner._modules:
+            node.add_module(leaf, owner._modules[leaf])
+        elif leaf in owner._parameters:
+            node.register_parameter(leaf, owner._parameters[leaf])
         else:
-            node.add_module(leaf, target)
+            node.register_buffer(leaf, owner._buffers[leaf], persistent=leaf not in owner._non_persistent_buffers_set)
     return root
-
-
-def _is_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 @dataclass

@@ -196,7 +196,7 @@ class Pipeline(MeshStrategy):
         else:
             owners = trace.owner_names(model, chunks)
             units = [n for c in held for n in chunks[c]]
-            loose = [n for c in held for n in sorted(owners[c]) if not any(n.startswith(f"{u}.") for u in units)]
+            loose = trace.loose_state(model, chunks) if 0 in held else []
             by_name = shell(model, units + loose)
             self._stages = Stages(chunks, imbalance, held, by_name, source=model, owners=owners)
             if example is not None:  # trace now: a model torch cannot split stops at prepare

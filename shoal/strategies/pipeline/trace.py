@@ -127,6 +127,13 @@ def check_owners(model: nn.Module, stages: list[nn.Module], expected: list[set[s
             )
 
 
+def loose_state(model: nn.Module, chunks: list[list[str]]) -> list[str]:
+    """Parameters and buffers outside every block (the root's own): the first chunk keeps them."""
+    blocks = tuple(f"{u}." for chunk in chunks for u in chunk)
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    return [n for n in names if not n.startswith(blocks)]
+
+
 def _unannotate(model: nn.Module, starts: list[str]) -> None:
     """Undo torch's split-point annotation (it replaces `forward` on the instance)."""
     for name in starts:
