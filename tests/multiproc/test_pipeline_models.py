@@ -66,3 +66,4 @@ def test_gpt_with_accumulation_and_user_clipping_equals_one_process(tmp_path):
         assert_same_state(full, full_reference(want["model"], want["optimizer"]))
         assert got["reloaded_equal"]
         torch.testing.assert_close(torch.tensor(got["eval"]), torch.tensor(want["eval"]), **TOL)
+        assert abs(got["eval_loss"] - want["eval_loss"]) < 1e-5

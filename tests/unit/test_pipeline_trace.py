@@ -49,6 +49,9 @@ def test_traced_stages_compute_the_model_in_each_mode():
     assert not model.training
     first, second = trace_stages(model, ["fc1"], x, training=True)
     assert not second(first(x)).equal(second(first(x)))  # dropout is on in the training graph
+    gpt, ids = GPT(layers=2).eval(), torch.randint(0, 16, (2, 8))
+    first, second = trace_stages(gpt, ["blocks.1"], ids, training=False)
+    torch.testing.assert_close(second(first(ids)), gpt(ids)[0])  # minGPT's (logits, None): the logits
 
 
 def test_a_forward_with_two_inputs_is_refused_with_the_fix():

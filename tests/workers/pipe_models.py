@@ -91,12 +91,17 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """minGPT's contract: (logits, loss), the loss None without targets (the pipeline traces that case)."""
         t = idx.size(1)
         x = self.drop(self.tok_emb(idx) + self.pos_emb[:, :t, :])
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))
+        logits = self.head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = gpt_loss(logits, targets)
+        return logits, loss
 
 
 def gpt_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -202,20 +207,22 @@ def reference_gpt() -> dict[str, Any]:
     for i in range(STEPS):
         x = torch.cat([batches[2 * i][0], batches[2 * i + 1][0]])
         y = torch.cat([batches[2 * i][1], batches[2 * i + 1][1]])
-        loss = gpt_loss(model(x), y)
+        _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    x, _ = tokens(5, 99)
+    x, y = tokens(5, 99)
     model.eval()
-    return {"losses": losses, "model": model, "optimizer": optimizer, "eval": model(x).tolist()}
+    logits, loss = model(x, y)
+    return {"losses": losses, "model": model, "optimizer": optimizer, "eval": logits.tolist(), "eval_loss": loss.item()}
 
 
 def train_gpt(rank: int, world: int, out: str) -> dict[str, Any]:
-    """minGPT's trainer loop: optimizer made after prepare, grad_accum=2, the user clips with
-    `strategy.clip_grad_norm_`; then the full state loads into a fresh pipeline that predicts the same."""
+    """minGPT's trainer loop (`_, loss = model(x, y)` becomes `loss = model(x, y)`): optimizer made after
+    prepare, grad_accum=2, the user clips with `strategy.clip_grad_norm_`; then the full state loads into a
+    fresh pipeline that predicts the same."""
     import shoal
 
     torch.manual_seed(0)
@@ -245,5 +252,7 @@ def train_gpt(rank: int, world: int, out: str) -> dict[str, Any]:
         for n, s in full["optimizer"]["state"].items()
     )
     model2.eval()
-    x, _ = tokens(5, 99)
-    return {"losses": losses, "reloaded_equal": same, "eval": model2(x).tolist()}
+    x, y = tokens(5, 99)
+    with torch.no_grad():  # minGPT's evaluation: the loss of a batch, and the logits
+        eval_loss = model2(x, y).item()
+    return {"losses": losses, "reloaded_equal": same, "eval": model2(x).tolist(), "eval_loss": eval_loss}

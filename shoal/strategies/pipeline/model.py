@@ -82,8 +82,9 @@ class Stages:
 
 
 class PipelinedModel(nn.Module):
-    """What `prepare` returns: `model(x, y)` trains through the schedule; `model(x)` in eval mode predicts,
-    returning the output on every rank.
+    """What `prepare` returns: `model(x, y)` trains through the schedule (in eval mode or without
+    gradients it returns the loss of a plain forward); `model(x)` in eval mode predicts, returning the
+    output on every rank.
 
     It holds this rank's blocks under the whole model's names, so its
     `parameters()` (for an optimizer made after `prepare`) are this stage's and
@@ -111,4 +112,7 @@ class PipelinedModel(nn.Module):
                 "on the last stage), or call model.eval() / torch.no_grad() to predict with model(x)",
                 "strategy.name",
             )
-        return s.predict(x, training=self.training)
+        out = s.predict(x, training=self.training)
+        if y is None or out is None:
+            return out
+        return (loss_fn or s.loss_fn)(out, y)  # evaluating with a target: the loss, as in training
