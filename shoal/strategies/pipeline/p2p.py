@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64]
+DTYPES += [torch.int32, torch.bool, torch.uint8]  # appended: the header's numbers stay
 MAX_DIMS = 8
 
 
