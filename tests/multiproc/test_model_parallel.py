@@ -70,3 +70,19 @@ def test_pipeline_checkpoint_loads_into_a_plain_model(four_ranks):
         torch.testing.assert_close(
             opt.state[p]["momentum_buffer"], want_opt.state[q]["momentum_buffer"], atol=1e-5, rtol=0
         )
+
+
+def test_pipeline_full_state_dict_and_eval_output_on_every_rank(four_ranks):
+    """dp=2 x 2 stages: each rank gathers its pipeline's stages into the plain model's state."""
+    want, want_opt, _ = reference("mlp", 2)
+    for rank in range(4):
+        full = torch.load(four_ranks / f"full_pipeline.rank{rank}.pt", weights_only=True)
+        assert full["model"].keys() == want.state_dict().keys()
+        for name, p in want.named_parameters():
+            torch.testing.assert_close(full["model"][name], p.detach(), atol=1e-5, rtol=0, msg=name)
+            momentum = full["optimizer"]["state"][name]["momentum_buffer"]
+            torch.testing.assert_close(momentum, want_opt.state[p]["momentum_buffer"], atol=1e-5, rtol=0)
+        assert full["optimizer"]["param_groups"][0]["params"] == [n for n, _ in want.named_parameters()]
+        plain = worker.build("mlp")
+        plain.load_state_dict(full["model"])
+        torch.testing.assert_close(full["eval"]["out"], plain(full["eval"]["x"]), atol=1e-5, rtol=0)

@@ -1,7 +1,8 @@
 """Under `shoal run -n 4`: train each model-parallel layout for a few steps and
 save every rank's (gathered) parameters and last loss, for comparison with one
 process on the combined batch. Pipelines train with the hand-written loop
-`loss = model(x, y); loss.backward(); optimizer.step()`. The 1F1B pipeline also saves a checkpoint."""
+`loss = model(x, y); loss.backward(); optimizer.step()`. The 1F1B pipeline also saves a checkpoint, its full state
+dict and an eval-mode output on every rank."""
 
 import sys
 from pathlib import Path
@@ -93,6 +94,11 @@ def main(out: Path) -> None:
         torch.save({"params": params, "loss": float(loss)}, out / f"{name}.rank{rt.rank}.pt")
         if name == "pipeline_1f1b":
             dcp.save(strategy.checkpoint_state(model, opt), checkpoint_id=str(out / "ckpt_pipeline"))
+            full = strategy.full_state_dict(model, opt)  # every stage's tensors, on every rank
+            model.eval()
+            x, _ = next(batches)
+            full["eval"] = {"x": x, "out": model(x)}  # the output on every rank, not only the last stage's
+            torch.save(full, out / f"full_pipeline.rank{rt.rank}.pt")
     shoal.shutdown()
 
 

@@ -1,4 +1,4 @@
-"""Where to cut an `nn.Sequential` into pipeline chunks: by measured time or by parameters.
+"""Where to cut a model's blocks into pipeline chunks: by measured time or by parameters.
 
 Pure functions, apart from the strategy: a split is contiguous, complete and
 in order, and minimizes the largest chunk's cost.
@@ -31,9 +31,9 @@ def measure_block_times(model: nn.Sequential, x: torch.Tensor, repeats: int = 3)
     return {n: sorted(t)[len(t) // 2] for n, t in times.items()}
 
 
-def parameter_counts(model: nn.Sequential) -> dict[str, float]:
-    """Each child's parameter count (1 for a child without parameters)."""
-    return {n: float(sum(p.numel() for p in m.parameters())) or 1.0 for n, m in model.named_children()}
+def parameter_counts(blocks: dict[str, nn.Module]) -> dict[str, float]:
+    """Each block's parameter count (1 for a block without parameters)."""
+    return {n: float(sum(p.numel() for p in m.parameters())) or 1.0 for n, m in blocks.items()}
 
 
 def split_balanced(
@@ -68,8 +68,8 @@ def split_at(names: list[str], parts: int, starts: list[str]) -> list[list[str]]
     unknown = [s for s in starts if s not in names]
     if unknown or len(starts) != parts - 1:
         raise ConfigError(
-            f"'split' must name {parts - 1} children of the model where stages 2..{parts} start; "
-            f"got {starts} (children: {names})",
+            f"'split' must name {parts - 1} blocks of the model where stages 2..{parts} start; "
+            f"got {starts} (blocks: {names})",
             "split",
         )
     cuts = [0, *sorted(names.index(s) for s in starts), len(names)]

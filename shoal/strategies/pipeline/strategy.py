@@ -1,10 +1,12 @@
 """Pipeline parallelism on `torch.distributed.pipelining`.
 
-The model, an `nn.Sequential`, is cut into contiguous chunks of children,
-balanced by measured forward+backward time (when `prepare` is given an
-example batch) or by parameter count, or at module names you give. Each
-chunk keeps its children's names, so parameter names, optimizer state and
-checkpoints are those of the whole model in every layout. Schedules are
+The model is cut into contiguous chunks of blocks: an `nn.Sequential`'s
+children, or for any other module its top-level children holding
+parameters (a ModuleList's entries each a block), split by torch's tracing
+frontend (`shoal.strategies.pipeline.trace`). The cut balances measured
+forward+backward time (a Sequential, given an example batch) or parameter
+counts, or falls at block names you give. Parameter names, optimizer state
+and checkpoints are those of the whole model in every layout. Schedules are
 torch's own: GPipe, 1F1B and interleaved 1F1B (several chunks per rank).
 
 The prepared model hides the schedule: in training, `model(x, y)` runs the
@@ -13,17 +15,21 @@ mean loss on every rank; `loss.backward()` is then a no-op and
 `optimizer.step()` applies (after averaging over data-parallel replicas).
 The loss function is not an option (it is code): give it to the strategy,
 `Pipeline(..., loss_fn=f)`, or per call, `model(x, y, loss_fn=f)`.
-In eval mode `model(x)` is a plain forward through the stages; in training
-it is refused (one sentence), since the output lives on the last stage only.
+In eval mode (or under `torch.no_grad()`) `model(x)` is a plain forward
+through the stages whose output every rank receives, so a script's own
+test loop runs unchanged; in training it is refused (one sentence), since
+backward must run inside the schedule.
 Guarantee: gradients are the mean over micro-batches, so a step equals one
 process with the whole batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.distributed as dist
@@ -33,9 +39,11 @@ from shoal import runtime
 from shoal.config import check_choice, check_range
 from shoal.errors import ConfigError
 from shoal.mesh import ParallelDims
-from shoal.strategies.base import LossFn, MeshStrategy, StrategyOptions
-from shoal.strategies.optimizer import PreparedOptimizer, prepare_optimizer, rebind_optimizer
-from shoal.strategies.pipeline.p2p import recv_tensor, send_tensor
+from shoal.strategies.base import LossFn, MeshStrategy, StrategyOptions, all_reduce_mean_grads
+from shoal.strategies.optimizer import Closure, PreparedOptimizer, prepare_optimizer, rebind_optimizer
+from shoal.strategies.pipeline import state, trace
+from shoal.strategies.pipeline.model import Chunk, PipelinedModel, Runner, Stages, shell
+from shoal.strategies.pipeline.p2p import broadcast_tensor, recv_tensor, send_tensor
 from shoal.strategies.pipeline.split import measure_block_times, parameter_counts, split_balanced
 
 log = logging.getLogger(__name__)
@@ -43,43 +51,9 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 SPLITS = ("auto", "params", "time")
 
 
-class Chunk(nn.Module):
-    """Some consecutive children of a Sequential, under their original names."""
-
-    def __init__(self, children: dict[str, nn.Module]) -> None:
-        super().__init__()
-        for name, module in children.items():
-            self.add_module(name, module)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for module in self.children():
-            x = module(x)
-        return x
-
-
-@dataclass
-class _Stages:
-    """What `prepare` builds: the cut, and this rank's chunks of it."""
-
-    chunks: list[list[str]]
-    """Child names of every chunk, in model order."""
-    imbalance: float
-    held: list[int]
-    """Indices of the chunks on this rank (chunk c sits on pipeline rank c mod stages)."""
-    by_index: nn.ModuleDict
-    """This rank's chunks by index, as the schedule runs them."""
-    by_name: Chunk
-    """This rank's blocks under the whole model's names (for checkpoints)."""
-    schedule: Any = None
-    """torch's schedule object, built at the first training step."""
-
-    @property
-    def modules(self) -> list[nn.Module]:
-        return list(self.by_index.values())
-
-
 class Pipeline(MeshStrategy):
-    """Pipeline stages over ranks: `Pipeline(stages=2, microbatches=4, schedule="1f1b", dp=1, loss_fn=None)`."""
+    """Pipeline stages over ranks:
+    `Pipeline(stages=2, microbatches=4, schedule="1f1b", dp=1, grad_accum=1, clip_norm=None, loss_fn=None)`."""
 
     name = "pipeline"
 
@@ -92,11 +66,20 @@ class Pipeline(MeshStrategy):
         stages_per_rank: int = 0
         """Model chunks per rank (0: 2 for "interleaved", else 1)."""
         split: list[str] | str = "auto"
-        """"auto" (measured time, else parameters), "params", or the names of the children that start stages 2..S."""
+        """"auto" (measured time, else parameters), "params", or the names of the blocks that start stages 2..S."""
         dp: int = 1
+        grad_accum: int = 1
+        """`optimizer.step()` calls per applied update (the gradients are averaged over them)."""
+        clip_norm: float | None = None
+        """Clip the gradients of all stages together to this global norm before applying (None: no clipping)."""
 
         def __post_init__(self) -> None:
             check_range(self.stages, "stages", low=2)
+            check_range(self.grad_accum, "grad_accum", low=1)
+            if self.clip_norm is not None and self.clip_norm <= 0:
+                raise ConfigError(
+                    f"'clip_norm' must be > 0 (or unset for no clipping), not {self.clip_norm}", "clip_norm"
+                )
             check_range(self.microbatches, "microbatches", low=1)
             check_range(self.dp, "dp", low=1)
             check_choice(self.schedule, "schedule", SCHEDULES)
@@ -143,51 +126,102 @@ class Pipeline(MeshStrategy):
         super().__init__(options, **kwargs)
         self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
         """The loss `model(x, y)` computes on the last stage (per call: `model(x, y, loss_fn=f)`)."""
-        self._stages: _Stages | None = None
+        self._stages: Stages | None = None
+        self._source_names: dict[int, str] = {}
+        """id(parameter) -> name in the model given to `prepare` (to rebind an optimizer made before)."""
+        self.all_names: list[str] = []
+        """The whole model's parameter names, in its order."""
+        self._loss: LossFn = self.loss_fn
+        self._micro = 0
 
     @property
-    def stages(self) -> _Stages:
+    def stages(self) -> Stages:
         if self._stages is None:
             raise self.not_prepared()
         return self._stages
 
     @property
     def stage_modules(self) -> list[nn.Module]:
-        """This rank's chunks."""
-        return self.stages.modules
+        """This rank's chunks (of a Sequential; a traced model's exist once traced)."""
+        runner = next(iter(self.stages.runners.values()), None)
+        return list(runner.by_index.values()) if runner else []
 
+    @property
+    def grad_accum(self) -> int:
+        return self.options.grad_accum
+
+    @property
+    def clip_norm(self) -> float | None:
+        return self.options.clip_norm
+
+    @overload
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, *, example: tuple[Any, Any] | None = None
-    ) -> tuple[nn.Module, PreparedOptimizer]:
-        if not isinstance(model, nn.Sequential):
-            raise ConfigError(
-                "the pipeline strategy splits an nn.Sequential (a sequence of blocks); wrap your blocks in one",
-                "strategy.name",
-            )
+    ) -> tuple[nn.Module, PreparedOptimizer]: ...
+
+    @overload
+    def prepare(
+        self, model: nn.Module, optimizer: None = None, *, example: tuple[Any, Any] | None = None
+    ) -> tuple[nn.Module, None]: ...
+
+    def prepare(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        example: tuple[Any, Any] | None = None,
+    ) -> tuple[nn.Module, PreparedOptimizer | None]:
+        """Cut the model into stages and keep this rank's; the optimizer (if given) follows them."""
         o, rt = self.options, runtime.current()
         self.dims = ParallelDims.for_world(rt.world_size, pp=o.stages, dp=o.dp)
-        children = dict(model.named_children())
-        if len(children) < o.chunks:
+        sequential = isinstance(model, nn.Sequential)
+        if not sequential:
+            trace.check_traceable(model)
+        blocks = dict(model.named_children()) if sequential else trace.units(model)
+        if len(blocks) < o.chunks:
+            what = "top-level blocks" if sequential else "blocks with parameters"
             raise ConfigError(
-                f"the model has {len(children)} top-level blocks, fewer than the {o.chunks} pipeline chunks asked for",
+                f"the model has {len(blocks)} {what}, fewer than the {o.chunks} pipeline chunks asked for",
                 "strategy.stages",
             )
         model.to(rt.device)
-        names = {id(p): n for n, p in model.named_parameters()}
-        chunks, imbalance = self._cut(model, example)
+        self._source_names = {id(p): n for n, p in model.named_parameters()}
+        self.all_names = list(self._source_names.values())
+        chunks, imbalance = self._cut(model, blocks, example)
         held = [c for c in range(o.chunks) if c % o.stages == self.dims.pp_rank]  # looped placement
-        by_index = nn.ModuleDict({str(c): Chunk({n: children[n] for n in chunks[c]}) for c in held})
-        by_name = Chunk({n: children[n] for c in held for n in chunks[c]})
-        self._stages = _Stages(chunks, imbalance, held, by_index, by_name)
-        rebind_optimizer(optimizer, names, dict(by_name.named_parameters()))
+        if sequential:
+            by_index = nn.ModuleDict({str(c): Chunk({n: blocks[n] for n in chunks[c]}) for c in held})
+            by_name: nn.Module = Chunk({n: blocks[n] for c in held for n in chunks[c]})
+            self._stages = Stages(chunks, imbalance, held, by_name, runners={None: Runner(by_index)})
+        else:
+            owners = trace.owner_names(model, chunks)
+            units = [n for c in held for n in chunks[c]]
+            loose = trace.loose_state(model, chunks) if 0 in held else []
+            by_name = shell(model, units + loose)
+            self._stages = Stages(chunks, imbalance, held, by_name, source=model, owners=owners)
+            if example is not None:  # trace now: a model torch cannot split stops at prepare
+                self._runner(True, example[0][: max(1, len(example[0]) // o.microbatches)])
         self._params = [p for p in by_name.parameters() if p.requires_grad]
-        return PipelinedModel(self, by_index), prepare_optimizer(optimizer, self)
+        prepared = PipelinedModel(self, by_name)
+        return prepared, None if optimizer is None else self.prepare_optimizer(optimizer)
 
-    def _cut(self, model: nn.Sequential, example: tuple[Any, Any] | None) -> tuple[list[list[str]], float]:
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> PreparedOptimizer:
+        """The optimizer, made on this stage's parameters (`model.parameters()` after `prepare`) or on the
+        whole model before it (then pointed at this stage's parameters)."""
+        held = dict(self.stages.by_name.named_parameters())
+        mine = {id(p) for p in held.values()}
+        if any(id(p) not in mine for g in optimizer.param_groups for p in g["params"]):
+            rebind_optimizer(optimizer, self._source_names, held)
+        return prepare_optimizer(optimizer, self)
+
+    def _cut(
+        self, model: nn.Module, blocks: dict[str, nn.Module], example: tuple[Any, Any] | None
+    ) -> tuple[list[list[str]], float]:
         """The chunks (by the options' split) and their imbalance, max/mean cost; logged on rank 0."""
         split = self.options.split
-        costs, how = self._costs(model, example)
-        chunks = split_balanced(list(costs), costs, self.options.chunks, split if isinstance(split, list) else None)
+        costs, how = self._costs(model, blocks, example)
+        starts = split if isinstance(split, list) else None
+        chunks = split_balanced(list(costs), costs, self.options.chunks, starts)
         sums = [sum(costs[n] for n in chunk) for chunk in chunks]
         imbalance = max(sums) / (sum(sums) / len(sums))
         if runtime.current().is_main:
@@ -197,8 +231,18 @@ class Pipeline(MeshStrategy):
             )
         return chunks, imbalance
 
-    def _costs(self, model: nn.Sequential, example: tuple[Any, Any] | None) -> tuple[dict[str, float], str]:
+    def _costs(
+        self, model: nn.Module, blocks: dict[str, nn.Module], example: tuple[Any, Any] | None
+    ) -> tuple[dict[str, float], str]:
         mode = self.options.split if isinstance(self.options.split, str) else "params"
+        if not isinstance(model, nn.Sequential):
+            if mode == "time":
+                raise ConfigError(
+                    f"split = 'time' measures the blocks of an nn.Sequential and {type(model).__name__} is not one; "
+                    "use split = 'params' or the names of the modules where stages start",
+                    "split",
+                )
+            return parameter_counts(blocks), "parameter count"
         if mode in ("auto", "time") and example is not None:
             times = measure_block_times(model, example[0])
             # Timings differ from rank to rank: every rank must cut at the same places.
@@ -210,19 +254,38 @@ class Pipeline(MeshStrategy):
             raise ConfigError(
                 "split = 'time' needs an example batch: prepare(model, optimizer, example=(x, y))", "split"
             )
-        return parameter_counts(model), "parameter count"
+        return parameter_counts(blocks), "parameter count"
+
+    def _runner(self, training: bool, example: torch.Tensor) -> Runner:
+        """This rank's stage modules for inputs like `example` in that mode (traced on first use)."""
+        s = self.stages
+        if s.source is None:
+            return s.runners[None]
+        key = (training, tuple(example.shape), example.dtype)
+        if key not in s.runners:
+            modules = trace.trace_stages(s.source, [c[0] for c in s.chunks[1:]], example, training)
+            trace.check_owners(s.source, modules, s.owners)
+            s.runners[key] = Runner(nn.ModuleDict({str(c): modules[c] for c in s.held}))
+        return s.runners[key]
 
     # ------------------------------------------------------------ training
-    def _build_schedule(self, loss_fn: LossFn) -> Any:
+    def _build_schedule(self, runner: Runner) -> Any:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
         o, s = self.options, self.stages
         device, group = runtime.current().device, self.mesh.group("pp")
-        stages: list[Any] = [PipelineStage(s.by_index[str(c)], c, o.chunks, device, group=group) for c in s.held]
+        stages: list[Any] = [PipelineStage(runner.by_index[str(c)], c, o.chunks, device, group=group) for c in s.held]
+        # The loss is divided by the micro-batches, not the gradients afterwards (torch's
+        # scale_grads): the gradients of earlier calls, still accumulating, stay as they are.
+        loss, m = self._mean_loss, o.microbatches
         if o.schedule == "interleaved":
-            return ScheduleInterleaved1F1B(stages, n_microbatches=o.microbatches, loss_fn=loss_fn)
+            return ScheduleInterleaved1F1B(stages, n_microbatches=m, loss_fn=loss, scale_grads=False)
         cls = ScheduleGPipe if o.schedule == "gpipe" else Schedule1F1B
-        return cls(stages[0], n_microbatches=o.microbatches, loss_fn=loss_fn)
+        return cls(stages[0], n_microbatches=m, loss_fn=loss, scale_grads=False)
+
+    def _mean_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's share of the mean loss."""
+        return self._loss(out, y) / self.options.microbatches
 
     def run_schedule(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
         """Forward and backward of every micro-batch; the mean loss, on every pipeline rank."""
@@ -232,63 +295,119 @@ class Pipeline(MeshStrategy):
                 f"the per-rank batch ({len(x)}) must be a multiple of 'microbatches' ({o.microbatches})",
                 "data.batch_size",
             )
-        if s.schedule is None:
-            s.schedule = self._build_schedule(loss_fn)
+        runner = self._runner(True, x[: len(x) // o.microbatches])
+        if runner.schedule is None:
+            runner.schedule = self._build_schedule(runner)
+        self._loss = loss_fn
         first, last = 0 in s.held, o.chunks - 1 in s.held
         losses: list[torch.Tensor] = []
         args = (x,) if first else ()
-        s.schedule.step(*args, target=y if last else None, losses=losses if last else None)
-        loss = torch.stack([v.detach() for v in losses]).mean().reshape(1) if last else torch.zeros(1, device=x.device)
-        group = self.mesh.group("pp")
-        dist.broadcast(loss, src=dist.get_global_rank(group, (o.chunks - 1) % o.stages), group=group)
+        runner.schedule.step(*args, target=y if last else None, losses=losses if last else None)
+        loss = torch.stack([v.detach() for v in losses]).sum().reshape(1) if last else torch.zeros(1, device=x.device)
+        dist.broadcast(loss, src=self._last_rank(), group=self.mesh.group("pp"))
         return loss[0]
 
     def compute_loss(self, model: nn.Module, loss_fn: LossFn, x: Any, y: torch.Tensor) -> torch.Tensor:
         return model(x, y, loss_fn=loss_fn)
 
+    def _last_rank(self) -> int:
+        """The global rank holding the last chunk of this rank's pipeline."""
+        return dist.get_global_rank(self.mesh.group("pp"), (self.options.chunks - 1) % self.options.stages)
+
+    # ------------------------------------------------------------ gradients
+    def synchronize(self) -> bool:
+        if self._micro < self.grad_accum - 1:
+            return False  # an accumulating micro-step: the gradients are partial sums
+        if not self._synchronized:
+            if self.grad_accum > 1:
+                for p in self._params:
+                    if p.grad is not None:
+                        p.grad.div_(self.grad_accum)
+            if self.mesh.dp > 1:
+                all_reduce_mean_grads(self._params, self.mesh.group("dp"), self.mesh.dp)
+            self._synchronized = True
+        return True
+
+    def optimizer_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
+        if self._micro < self.grad_accum - 1:
+            self._micro += 1
+            return None
+        self.synchronize()
+        self._micro, self._synchronized = 0, False
+        if self.clip_norm is not None:
+            self._clip(self.clip_norm, 2.0)
+        return optimizer.local_step(closure)
+
+    def optimizer_zero_grad(self, optimizer: PreparedOptimizer, set_to_none: bool) -> None:
+        if self._micro == 0:  # gradients of an unfinished accumulation are kept
+            optimizer.local_zero_grad(set_to_none)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor | None:
+        """Clip all stages' gradients together to `max_norm` (their norm as one vector); returns that norm.
+
+        Averages the gradients first (as `synchronize()`); on an accumulating
+        micro-step it does nothing and returns None.
+        """
+        if not self.synchronize():
+            return None
+        return self._clip(max_norm, norm_type)
+
+    def _clip(self, max_norm: float, norm_type: float) -> torch.Tensor:
+        """The norm over every stage: each rank's part, combined over the pipeline group."""
+        grads = [p.grad for p in self._params if p.grad is not None]
+        local = torch.nn.utils.get_total_norm(grads, norm_type).to(runtime.current().device, torch.float64)
+        group = self.mesh.group("pp")
+        if norm_type == float("inf"):
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+            total = local
+        else:
+            total = local.pow(norm_type)
+            dist.all_reduce(total, group=group)
+            total = total.pow(1.0 / norm_type)
+        torch.nn.utils.clip_grads_with_norm_(self._params, max_norm, total.float())
+        return total.float()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Nothing to hold back: the pipeline averages over replicas only at `optimizer.step()`."""
+        yield
+
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def forward_through(self, x: torch.Tensor) -> torch.Tensor | None:
-        """A plain forward, chunk by chunk over the pipeline ranks; the output on the last stage's rank."""
+    def predict(self, x: torch.Tensor, training: bool = False) -> torch.Tensor | None:
+        """A plain forward, chunk by chunk over the pipeline ranks; the output on every pipeline rank."""
+        if len(x) == 0:
+            return None  # every rank of a pipeline has the same (empty) batch
         o, s = self.options, self.stages
+        runner = self._runner(training, x)
         group = self.mesh.group("pp")
         h = x
         for c in s.held:
             if c > 0:
                 h = recv_tensor(dist.get_global_rank(group, (c - 1) % o.stages), group, x.device)
-            h = s.by_index[str(c)](h)
+            h = runner.by_index[str(c)](h)
             if c < o.chunks - 1:
                 send_tensor(h, dist.get_global_rank(group, (c + 1) % o.stages), group)
-        return h if o.chunks - 1 in s.held else None
-
-    def reduce_eval_totals(self, totals: torch.Tensor) -> None:
-        if dist.is_initialized():
-            dist.all_reduce(totals)  # only last stages hold totals: one per data-parallel shard
+        out = h if o.chunks - 1 in s.held else None
+        return broadcast_tensor(out, self._last_rank(), group, x.device)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """This rank's blocks under the whole model's names (for checkpoints)."""
         return self.stages.by_name
 
+    # ------------------------------------------------------------ state
+    def full_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+        """The whole model's (and optimizer's) state on every rank, under the plain model's names (collective)."""
+        return state.gather(self, optimizer)
 
-class PipelinedModel(nn.Module):
-    """What `prepare` returns: `model(x, y)` trains through the schedule, `model(x)` in eval mode predicts."""
+    def load_full_state_dict(
+        self, model: nn.Module, full: dict[str, Any], optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Put a `full_state_dict` (from any layout) into this rank's stage and its optimizer."""
+        state.scatter(self, full, optimizer)
 
-    def __init__(self, strategy: Pipeline, chunks: nn.ModuleDict) -> None:
-        super().__init__()
-        self.strategy = strategy
-        self.stages = chunks
+    def state_dict(self) -> dict[str, Any]:
+        return {"micro": self._micro}
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, loss_fn: LossFn | None = None) -> Any:
-        s = self.strategy
-        if self.training and torch.is_grad_enabled() and y is not None:
-            loss = s.run_schedule(x, y, loss_fn or s.loss_fn)
-            return loss.detach().requires_grad_()  # backward already ran inside the schedule
-        if self.training and torch.is_grad_enabled():
-            # `loss_fn(model(x), y)` cannot work: the output exists only on the last
-            # stage and backward must run in the schedule.
-            raise ConfigError(
-                "a pipelined model trains through its schedule: write `loss = model(x, y)` (the loss is computed "
-                "on the last stage), or call model.eval() / torch.no_grad() to predict with model(x)",
-                "strategy.name",
-            )
-        return s.forward_through(x)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._micro = int(state.get("micro", 0))
