@@ -205,6 +205,8 @@ def _last_error_line(log_dir: str, local_rank: int, pid: int) -> tuple[str, str]
     return None
 
 
+_MODULE = re.compile(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*(?::|$))")
+"""The module path before an exception's class name in a traceback's last line."""
 _NOT_A_REASON = ("File ", "^", "~", "Traceback", "[W", "[I")
 
 
@@ -223,6 +225,7 @@ def exception_line(lines: list[str]) -> str | None:
     rest = iter(lines[starts[-1] + 1 :])
     for line in rest:
         if line and not line[0].isspace():
+            line = _MODULE.sub("", line)  # shoal.errors.ShoalError: ... -> ShoalError: ...
             if line.endswith(":"):
                 detail = next((ln.strip() for ln in rest if ln.strip()), "")
                 return f"{line} {detail}".rstrip()

@@ -328,6 +328,10 @@ class Strategy(abc.ABC):
         """
         if not self.synchronize():
             return torch.tensor(float("nan"))
+        return self.clip_gradients(max_norm, norm_type)
+
+    def clip_gradients(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the averaged gradients of the whole model to `max_norm`; their norm before clipping."""
         return clip_global_norm(self.trained_parameters(), max_norm, norm_type)
 
     def optimizer_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
@@ -344,7 +348,7 @@ class Strategy(abc.ABC):
             self.skip_step()
             return None
         if self.clip_norm is not None:
-            clip_global_norm(self.trained_parameters(), self.clip_norm)
+            self.clip_gradients(self.clip_norm)
         return self.apply_step(optimizer, closure)
 
     def skip_step(self) -> None:

@@ -92,6 +92,7 @@ ValueError: no training data: give --data
         (HYDRA, "RuntimeError: the data set is empty"),
         (LOAD_STATE, "RuntimeError: Error(s) in loading state_dict for Net: Missing key(s) in state_dict: "),
         (CHAINED, "ValueError: no training data: give --data"),
+        ('Traceback (most recent call last):\n  File "a.py"\nshoal.errors.ShoalError: say it', "ShoalError: say it"),
         ("warming up\nsomething went wrong without a traceback\n", "something went wrong without a traceback"),
     ],
 )

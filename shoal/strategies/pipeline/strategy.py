@@ -25,9 +25,7 @@ process with the whole batch.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -39,8 +37,8 @@ from shoal import runtime
 from shoal.config import check_choice, check_range
 from shoal.errors import ConfigError
 from shoal.mesh import ParallelDims
-from shoal.strategies.base import LossFn, MeshStrategy, StrategyOptions, all_reduce_mean_grads
-from shoal.strategies.optimizer import Closure, PreparedOptimizer, prepare_optimizer, rebind_optimizer
+from shoal.strategies.base import LossFn, MeshStrategy, StepOptions
+from shoal.strategies.optimizer import PreparedOptimizer, rebind_optimizer
 from shoal.strategies.pipeline import state, trace
 from shoal.strategies.pipeline.model import Chunk, PipelinedModel, Runner, Stages, shell
 from shoal.strategies.pipeline.p2p import broadcast_tensor, recv_tensor, send_tensor
@@ -58,7 +56,7 @@ class Pipeline(MeshStrategy):
     name = "pipeline"
 
     @dataclass(frozen=True, kw_only=True, slots=True)
-    class Options(StrategyOptions):
+    class Options(StepOptions):
         stages: int = 2
         """Pipeline ranks (the pipeline degree)."""
         microbatches: int = 4
@@ -68,18 +66,10 @@ class Pipeline(MeshStrategy):
         split: list[str] | str = "auto"
         """"auto" (measured time, else parameters), "params", or the names of the blocks that start stages 2..S."""
         dp: int = 1
-        grad_accum: int = 1
-        """`optimizer.step()` calls per applied update (the gradients are averaged over them)."""
-        clip_norm: float | None = None
-        """Clip the gradients of all stages together to this global norm before applying (None: no clipping)."""
 
         def __post_init__(self) -> None:
+            StepOptions.__post_init__(self)  # grad_accum; clip_norm clips all stages together
             check_range(self.stages, "stages", low=2)
-            check_range(self.grad_accum, "grad_accum", low=1)
-            if self.clip_norm is not None and self.clip_norm <= 0:
-                raise ConfigError(
-                    f"'clip_norm' must be > 0 (or unset for no clipping), not {self.clip_norm}", "clip_norm"
-                )
             check_range(self.microbatches, "microbatches", low=1)
             check_range(self.dp, "dp", low=1)
             check_choice(self.schedule, "schedule", SCHEDULES)
@@ -132,7 +122,6 @@ class Pipeline(MeshStrategy):
         self.all_names: list[str] = []
         """The whole model's parameter names, in its order."""
         self._loss: LossFn = self.loss_fn
-        self._micro = 0
 
     @property
     def stages(self) -> Stages:
@@ -201,9 +190,10 @@ class Pipeline(MeshStrategy):
             self._stages = Stages(chunks, imbalance, held, by_name, source=model, owners=owners)
             if example is not None:  # trace now: a model torch cannot split stops at prepare
                 self._runner(True, example[0][: max(1, len(example[0]) // o.microbatches)])
-        self._params = [p for p in by_name.parameters() if p.requires_grad]
-        prepared = PipelinedModel(self, by_name)
-        return prepared, None if optimizer is None else self.prepare_optimizer(optimizer)
+        # The optimizer may be made on the whole model before prepare (it is pointed at this
+        # stage's parameters) or on model.parameters() after it; one made before and not given
+        # to prepare is stopped at its step() (finish_prepare's guard).
+        return self.finish_prepare(PipelinedModel(self, by_name), optimizer, replaced=list(model.parameters()))
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> PreparedOptimizer:
         """The optimizer, made on this stage's parameters (`model.parameters()` after `prepare`) or on the
@@ -212,7 +202,7 @@ class Pipeline(MeshStrategy):
         mine = {id(p) for p in held.values()}
         if any(id(p) not in mine for g in optimizer.param_groups for p in g["params"]):
             rebind_optimizer(optimizer, self._source_names, held)
-        return prepare_optimizer(optimizer, self)
+        return super().prepare_optimizer(optimizer)
 
     def _cut(
         self, model: nn.Module, blocks: dict[str, nn.Module], example: tuple[Any, Any] | None
@@ -315,45 +305,9 @@ class Pipeline(MeshStrategy):
         return dist.get_global_rank(self.mesh.group("pp"), (self.options.chunks - 1) % self.options.stages)
 
     # ------------------------------------------------------------ gradients
-    def synchronize(self) -> bool:
-        if self._micro < self.grad_accum - 1:
-            return False  # an accumulating micro-step: the gradients are partial sums
-        if not self._synchronized:
-            if self.grad_accum > 1:
-                for p in self._params:
-                    if p.grad is not None:
-                        p.grad.div_(self.grad_accum)
-            if self.mesh.dp > 1:
-                all_reduce_mean_grads(self._params, self.mesh.group("dp"), self.mesh.dp)
-            self._synchronized = True
-        return True
-
-    def optimizer_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
-        if self._micro < self.grad_accum - 1:
-            self._micro += 1
-            return None
-        self.synchronize()
-        self._micro, self._synchronized = 0, False
-        if self.clip_norm is not None:
-            self._clip(self.clip_norm, 2.0)
-        return optimizer.local_step(closure)
-
-    def optimizer_zero_grad(self, optimizer: PreparedOptimizer, set_to_none: bool) -> None:
-        if self._micro == 0:  # gradients of an unfinished accumulation are kept
-            optimizer.local_zero_grad(set_to_none)
-
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor | None:
-        """Clip all stages' gradients together to `max_norm` (their norm as one vector); returns that norm.
-
-        Averages the gradients first (as `synchronize()`); on an accumulating
-        micro-step it does nothing and returns None.
-        """
-        if not self.synchronize():
-            return None
-        return self._clip(max_norm, norm_type)
-
-    def _clip(self, max_norm: float, norm_type: float) -> torch.Tensor:
-        """The norm over every stage: each rank's part, combined over the pipeline group."""
+    def clip_gradients(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """The norm over every stage (each rank's part, combined over the pipeline group), as one
+        process clipping the whole model; torch's `clip_grad_norm_` would see this stage only."""
         grads = [p.grad for p in self._params if p.grad is not None]
         local = torch.nn.utils.get_total_norm(grads, norm_type).to(runtime.current().device, torch.float64)
         group = self.mesh.group("pp")
@@ -366,11 +320,6 @@ class Pipeline(MeshStrategy):
             total = total.pow(1.0 / norm_type)
         torch.nn.utils.clip_grads_with_norm_(self._params, max_norm, total.float())
         return total.float()
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Nothing to hold back: the pipeline averages over replicas only at `optimizer.step()`."""
-        yield
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
