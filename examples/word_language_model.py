@@ -7,12 +7,12 @@ original's hand-written SGD update, gradient clipping, and its rank-local decisi
     shoal run -n 2 examples/word_language_model.py --strategy sharded
     python examples/word_language_model.py                         # one process
 
-Under data_parallel and sharded every rank holds the same model after each step,
-so each rank's own validation, and the decisions taken on it, agree. Under the
-parameter server the update must be `optimizer.step()` (the servers apply it): the
-hand-written update below is refused with one sentence; and under ASP/SSP ranks
-validate different models, so decide on `strategy.evaluate` (every rank gets the
-same figures) or an all-reduced metric, never on a rank's own figure.
+The decisions are taken on `strategy.mean_over_ranks(val_loss)`, the same
+number on every rank: under data_parallel and sharded each rank's own figure
+would agree anyway, but not under ASP/SSP, where every rank holds its own
+model. Under the parameter server the update must be `optimizer.step()` with an
+optimizer given to the strategy (the servers apply it): this script's hand-written
+update stops with one sentence saying so.
 """
 
 import argparse
@@ -107,7 +107,9 @@ def main():
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             for p in model.parameters():
                 p.data.add_(p.grad, alpha=-lr)
-        val_loss = evaluate(model, raw, val_loader, criterion)
+        # Every rank takes the decisions below alone: decide on a figure they share (under
+        # ASP/SSP each rank's own model, and so its own validation, differs).
+        val_loss = strategy.mean_over_ranks(evaluate(model, raw, val_loader, criterion))
         print(f"| end of epoch {epoch} | valid loss {val_loss:5.3f} | valid ppl {math.exp(val_loss):8.2f} | lr {lr}")
         state = strategy.full_state_dict(model)  # collective: every rank calls it
         if best_val_loss is None or val_loss < best_val_loss:
@@ -115,7 +117,7 @@ def main():
                 torch.save(state["model"], args.save)
             best_val_loss = val_loss
         else:
-            lr /= 4.0  # every rank holds the same model, so every rank takes this decision alike
+            lr /= 4.0  # the same val_loss on every rank: every rank anneals alike
     print(f"best valid loss {best_val_loss:.4f} final lr {lr}", flush=True)
     shoal.shutdown()
 

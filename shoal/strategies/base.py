@@ -40,8 +40,8 @@ from shoal.config import check_range
 from shoal.data.loader import Samples, ShardedLoader, eval_shard, fetch
 from shoal.data.sampler import DataSampler
 from shoal.errors import ConfigError, ShoalError
-from shoal.mesh import ParallelDims
 from shoal.strategies import optimizer as optim
+from shoal.strategies.full_state import check_full_state, copy_containers, cpu_copy, full_options, has_arrays
 from shoal.strategies.optimizer import Closure, PreparedOptimizer, StepGuard, local_only
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -394,6 +394,18 @@ class Strategy(abc.ABC):
         """Sum the evaluation totals over the ranks that hold some."""
         self.all_reduce_sum(totals)
 
+    def mean_over_ranks(self, value: float | torch.Tensor) -> float:
+        """The mean of each rank's own figure over the data-parallel ranks: the same number on
+        every rank (collective: every rank calls it).
+
+        For the decisions a script takes on each rank alone (anneal the learning
+        rate when validation got worse, keep the best model, stop early): under
+        ASP/SSP every rank holds a different model, so its own figure would lead
+        each rank its own way.
+        """
+        total = self.all_reduce_sum(torch.tensor([float(value)], dtype=torch.float64))
+        return float(total[0]) / max(1, self.data_world)
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a small CPU tensor over the data-parallel ranks (in place)."""
         if dist.is_initialized() and self.data_world > 1:
@@ -489,122 +501,10 @@ class Strategy(abc.ABC):
         return None
 
 
-def full_options(whole: bool = True) -> Any:
-    """torch's options for whole tensors on every rank (`whole=False`: as they are)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # Not cpu_offload: with it torch gathers onto rank 0 only.
-    return StateDictOptions(full_state_dict=whole)
-
-
-def has_arrays(tree: Any) -> bool:
-    """Whether `tree` holds a tensor of one or more dimensions."""
-    if isinstance(tree, torch.Tensor):
-        return tree.dim() > 0
-    if isinstance(tree, dict):
-        return any(has_arrays(v) for v in tree.values())
-    if isinstance(tree, list | tuple):
-        return any(has_arrays(v) for v in tree)
-    return False
-
-
-def cpu_copy(tree: Any) -> Any:
-    """`tree` with every tensor copied to the CPU (a snapshot: training on does not change it)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu", copy=True)
-    if isinstance(tree, dict):
-        return {k: cpu_copy(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(cpu_copy(v) for v in tree)
-    return tree
-
-
-def copy_containers(tree: Any) -> Any:
-    """`tree` with new dicts and lists around the same leaves."""
-    if isinstance(tree, dict):
-        return {k: copy_containers(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [copy_containers(v) for v in tree]
-    return tree
-
-
-def check_full_state(module: nn.Module, state: Any, with_optimizer: bool) -> None:
-    """A ShoalError in one sentence if `state` is not a full state dict of this model."""
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise ShoalError(
-            "load_full_state_dict takes what full_state_dict returned ({'model': ..., 'optimizer': ...}); "
-            "load a plain model state dict with the unprepared model's load_state_dict"
-        )
-    expected, given = set(module.state_dict()), set(state["model"])
-    if expected != given:
-        missing, unexpected = sorted(expected - given)[:5], sorted(given - expected)[:5]
-        raise ShoalError(
-            f"the saved model state does not fit this model (missing {missing}, unexpected {unexpected}): "
-            "load it into the model it was saved from"
-        )
-    if with_optimizer and not isinstance(state.get("optimizer"), dict):
-        raise ShoalError(
-            "this state holds no optimizer state: save it with full_state_dict(model, optimizer), "
-            "or load the model alone with load_full_state_dict(model, state)"
-        )
-
-
 def eval_totals(out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
     """(loss sum, correct, count) per target: samples, or tokens of a language model."""
     n = y.numel()
     return torch.tensor([float(loss_fn(out, y)) * n, float((out.argmax(-1) == y).sum()), n], dtype=torch.float64)
-
-
-class MeshStrategy(Strategy):
-    """A strategy laid out on `shoal.mesh.ParallelDims` (built by `prepare`):
-    data is split over the mesh's data-parallel dimension only, and gradients
-    are averaged over it at `step()` (or at `synchronize()`, then not again),
-    once per `grad_accum` micro-steps. A backward never communicates over the
-    data-parallel ranks, so `no_sync()` has nothing to hold back."""
-
-    def __init__(self, options: StrategyOptions | None = None, /, **kwargs: Any) -> None:
-        super().__init__(options, **kwargs)
-        self.dims: ParallelDims | None = None
-
-    @property
-    def mesh(self) -> ParallelDims:
-        if self.dims is None:
-            raise self.not_prepared()
-        return self.dims
-
-    @property
-    def data_rank(self) -> int:
-        return self.dims.dp_rank if self.dims else self._unsplit().rank
-
-    @property
-    def data_world(self) -> int:
-        return self.dims.dp if self.dims else self._unsplit().world_size
-
-    def _unsplit(self) -> runtime.Runtime:
-        """Before `prepare`: a world of one, or a sentence (the split comes with the mesh)."""
-        rt = runtime.current()
-        if rt.world_size > 1:
-            raise ShoalError(
-                f"{type(self).__name__} splits data over its data-parallel ranks, known only after "
-                "prepare(model, optimizer); call prepare before iterating the loader or sampler "
-                "or reading data_rank / data_world"
-            )
-        return rt
-
-    def data_group(self) -> dist.ProcessGroup | None:
-        return self.dims.group("dp") if self.dims and self.dims.dp > 1 else None
-
-    def step_needs(self) -> list[str]:
-        needs = super().step_needs()
-        if self.dims is not None and self.dims.dp > 1:
-            needs.append(f"the gradient average over dp={self.dims.dp} replicas")
-        return needs
-
-    def average_gradients(self) -> bool:
-        """The all-reduce over the data-parallel ranks (once per update), then the mean over micro-steps."""
-        if self.mesh.dp > 1:
-            all_reduce_mean_grads(self._params, self.mesh.group("dp"), self.mesh.dp)
-        return super().average_gradients()
 
 
 def clip_global_norm(params: list[nn.Parameter], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -613,26 +513,3 @@ def clip_global_norm(params: list[nn.Parameter], max_norm: float, norm_type: flo
 
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
-
-
-def all_reduce_mean_grads(params: list[nn.Parameter], group: dist.ProcessGroup | None, world: int) -> None:
-    """Average local gradients over a data-parallel group with one flat all-reduce.
-
-    For model-parallel layouts where DDP cannot wrap the module (pipeline
-    stages driven by a schedule, DTensor parameters): same arithmetic as DDP.
-    """
-    from torch.distributed.tensor import DTensor
-
-    grads = []
-    for p in params:
-        if p.grad is not None:
-            grads.append(p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad)
-    if not grads or world <= 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat.div_(world)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()

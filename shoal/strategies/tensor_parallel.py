@@ -35,7 +35,8 @@ from shoal import runtime
 from shoal.config import check_range
 from shoal.errors import ConfigError, ShoalError
 from shoal.mesh import ParallelDims
-from shoal.strategies.base import MeshStrategy, StepOptions
+from shoal.strategies.base import StepOptions
+from shoal.strategies.mesh_strategy import MeshStrategy
 from shoal.strategies.optimizer import PreparedOptimizer, rebind_optimizer
 from shoal.strategies.pickling import refuse_pickling
 

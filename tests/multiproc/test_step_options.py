@@ -30,6 +30,7 @@ def test_step_options_equal_one_process(name):
         assert all(a != pytest.approx(b, abs=1e-6) for a, b in zip(*held, strict=True)), held
     if name == "sharded":  # nothing was reduce-scattered into the sharded gradients
         assert held == [[None] * worker.STEPS] * 2, held
+    assert [res["mean_over_ranks"] for res in results] == [(ranks - 1) / 2] * 2  # the same figure everywhere
     for res in results:
         assert_same(res["accum"], twice)  # grad_accum=2 equals one step with the 2x batch
         assert_same(res["clip"], clipped)  # clip_norm clips the averaged gradient

@@ -124,6 +124,9 @@ def train_all(rank: int, world: int, name: str) -> dict:
     stale = sgd(m.parameters())
     model, _ = strategy.prepare(m)
     out["stale"] = _loop_or_error(strategy, model, stale)
+
+    # A figure each rank takes alone, made the same on every rank (the data-parallel ranks' mean).
+    out["mean_over_ranks"] = strategy.mean_over_ranks(float(strategy.data_rank))
     return out
 
 

@@ -37,8 +37,10 @@ from shoal import runtime
 from shoal.config import check_choice, check_range
 from shoal.errors import ConfigError
 from shoal.mesh import ParallelDims
-from shoal.strategies.base import LossFn, MeshStrategy, StepOptions
+from shoal.strategies.base import LossFn, StepOptions
+from shoal.strategies.mesh_strategy import MeshStrategy
 from shoal.strategies.optimizer import PreparedOptimizer, rebind_optimizer
+from shoal.strategies.pickling import refuse_pickling
 from shoal.strategies.pipeline import state, trace
 from shoal.strategies.pipeline.model import Chunk, PipelinedModel, Runner, Stages, shell
 from shoal.strategies.pipeline.p2p import broadcast_tensor, recv_tensor, send_tensor
@@ -193,7 +195,9 @@ class Pipeline(MeshStrategy):
         # The optimizer may be made on the whole model before prepare (it is pointed at this
         # stage's parameters) or on model.parameters() after it; one made before and not given
         # to prepare is stopped at its step() (finish_prepare's guard).
-        return self.finish_prepare(PipelinedModel(self, by_name), optimizer, replaced=list(model.parameters()))
+        prepared = PipelinedModel(self, by_name)
+        refuse_pickling(prepared, "each rank holds one stage of it")
+        return self.finish_prepare(prepared, optimizer, replaced=list(model.parameters()))
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> PreparedOptimizer:
         """The optimizer, made on this stage's parameters (`model.parameters()` after `prepare`) or on the
