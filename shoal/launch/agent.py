@@ -23,7 +23,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shoal import env, logs
 from shoal.comm.netif import interface_towards
@@ -164,7 +164,7 @@ def _describe_failure(err: ChildFailedError, log_dir: str) -> str:
     """One sentence naming the worker that failed by itself, not one that failed because of it."""
     described = []
     for rank, failure in err.failures.items():
-        last = _last_error_line(log_dir, failure.local_rank, failure.pid)
+        last = _last_error_line(log_dir, failure)
         described.append((_is_secondary(failure.exitcode, last), failure.timestamp, rank, failure, last))
     _, _, rank, failure, last = min(described, key=lambda d: d[:3])
     if failure.exitcode == -signal.SIGTERM and last is not None:
@@ -188,12 +188,21 @@ def _is_secondary(exitcode: int, last: tuple[str, str] | None) -> int:
     return {-signal.SIGTERM: 2, -signal.SIGABRT: 1}.get(exitcode, 0)
 
 
-def _last_error_line(log_dir: str, local_rank: int, pid: int) -> tuple[str, str] | None:
-    """What the failed worker's stderr log says went wrong (newest run first): the exception
-    line of its last traceback, else its last meaningful line."""
-    candidates = sorted(
-        Path(log_dir).glob(f"*/attempt_*/{local_rank}/stderr.log"), key=lambda p: p.stat().st_mtime, reverse=True
-    )
+def _last_error_line(log_dir: str, failure: Any) -> tuple[str, str] | None:
+    """What the failed worker's stderr log says went wrong: the exception line of its last
+    traceback, else its last meaningful line.
+
+    The log is the one beside the worker's own error file (torch's agent puts
+    both in this run's folder); only without one, the newest log of that local
+    rank under `log_dir`, which other jobs sharing the default folder may also write.
+    """
+    error_file = getattr(failure, "error_file", "") or ""
+    own = Path(error_file).parent / "stderr.log" if error_file else None
+    if own is not None and own.is_file():
+        candidates = [own]
+    else:
+        logs = Path(log_dir).glob(f"*/attempt_*/{failure.local_rank}/stderr.log")
+        candidates = sorted(logs, key=lambda p: p.stat().st_mtime, reverse=True)
     for path in candidates[:1]:
         lines = [_PREFIX.sub("", ln).rstrip() for ln in path.read_text(errors="replace").splitlines()]
         said = exception_line(lines)

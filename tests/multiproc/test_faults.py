@@ -42,7 +42,7 @@ def assert_all_gone(result, pids: list[int]) -> None:
     [
         ("kill", "was killed by SIGKILL"),
         # "failed" when the launcher stopped rank 1 while it was still shutting down after raising
-        ("raise", r"(exited with code 1|failed): shoal.faults.InjectedFaultError: injected fault: worker 1 at step 3"),
+        ("raise", r"(exited with code 1|failed): InjectedFaultError: injected fault: worker 1 at step 3"),
     ],
 )
 def test_a_worker_that_dies_at_a_step_stops_the_job_with_one_sentence(tmp_path, action, how):

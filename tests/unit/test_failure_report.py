@@ -101,3 +101,12 @@ def test_the_summary_quotes_the_exception_not_the_last_line(tmp_path, stderr, re
     said = _describe_failure(err, str(tmp_path))
     assert said.startswith(f"worker rank 1 exited with code 1: {reason}"), said
     assert "(full log: " in said and said.endswith("stderr.log)")
+
+
+def test_the_log_read_is_the_failed_runs_own_not_the_newest_in_a_shared_folder(tmp_path):
+    ours = failures(tmp_path, {1: (1, 'Traceback (most recent call last):\n  File "a.py"\nValueError: ours\n')})
+    other = tmp_path / "other-job" / "attempt_0" / "1" / "stderr.log"  # a later job sharing the log folder
+    other.parent.mkdir(parents=True)
+    other.write_text('Traceback (most recent call last):\n  File "b.py"\nKeyError: theirs\n')
+    ours.failures[1].error_file = str(tmp_path / "job" / "attempt_0" / "1" / "error.json")
+    assert _describe_failure(ours, str(tmp_path)).startswith("worker rank 1 exited with code 1: ValueError: ours")
