@@ -60,6 +60,20 @@ class MeshStrategy(Strategy):
             needs.append(f"the gradient average over dp={self.dims.dp} replicas")
         return needs
 
+    def check_same_batch(self, tensors: list[torch.Tensor], dim: str) -> None:
+        """The ranks of one replica (mesh dimension `dim`) must hold the same batch: a sampler that
+        splits by world rank would give them different ones and train on mismatched data in silence."""
+        mine = torch.cat([fingerprint(t) for t in tensors]).to(runtime.current().device)
+        extremes = torch.cat([mine, -mine])
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.mesh.group(dim))
+        if not torch.equal(extremes[: len(mine)], -extremes[len(mine) :]):
+            raise ShoalError(
+                f"{type(self).__name__}: the ranks of one replica got different batches (a sampler that splits "
+                "by world rank); build it with the strategy's data rank, "
+                "DistributedSampler(dataset, num_replicas=strategy.data_world, rank=strategy.data_rank), "
+                "or use strategy.sampler(dataset) or strategy.loader(...)"
+            )
+
     def average_gradients(self) -> bool:
         """The all-reduce over the data-parallel ranks (once per update), then the mean over micro-steps."""
         if self.mesh.dp > 1:
@@ -88,3 +102,13 @@ def all_reduce_mean_grads(params: list[nn.Parameter], group: dist.ProcessGroup |
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """Cheap summary of a batch (float64): size, sum, and a position-weighted sum of at most
+    64Ki evenly spaced elements (so the order of samples counts)."""
+    flat = x.detach().reshape(-1)
+    sample = torch.nan_to_num(flat[:: max(1, flat.numel() // 65536)].to(torch.float64))
+    weights = torch.arange(sample.numel(), device=flat.device, dtype=torch.float64).remainder_(7).add_(1)
+    total = torch.nan_to_num(flat.sum(dtype=torch.float64))
+    return torch.stack([total.new_tensor(float(flat.numel())), total, (sample * weights).sum()])

@@ -33,7 +33,7 @@ from torch.utils.hooks import RemovableHandle
 
 from shoal import runtime
 from shoal.config import check_range
-from shoal.errors import ConfigError, ShoalError
+from shoal.errors import ConfigError
 from shoal.mesh import ParallelDims
 from shoal.strategies.base import StepOptions
 from shoal.strategies.mesh_strategy import MeshStrategy
@@ -126,16 +126,7 @@ class TensorParallel(MeshStrategy):
         x = _first_tensor((args, kwargs))
         if x is None:
             return
-        mine = fingerprint(x).to(runtime.current().device)
-        extremes = torch.cat([mine, -mine])
-        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.mesh.group("tp"))
-        if not torch.equal(extremes[: len(mine)], -extremes[len(mine) :]):
-            raise ShoalError(
-                "TensorParallel: the tensor-parallel ranks got different input batches (a sampler that splits "
-                "by world rank); build it with the strategy's data rank, "
-                "DistributedSampler(dataset, num_replicas=strategy.data_world, rank=strategy.data_rank), "
-                "or use strategy.loader(...)"
-            )
+        self.check_same_batch([x], "tp")
 
 
 BATCH_CHECKS = 2
@@ -253,16 +244,6 @@ def share_rng_state(group: dist.ProcessGroup, device: torch.device) -> None:
         cuda_state = torch.cuda.get_rng_state(device).to(device)
         dist.broadcast(cuda_state, src=src, group=group)
         torch.cuda.set_rng_state(cuda_state.cpu(), device)
-
-
-def fingerprint(x: torch.Tensor) -> torch.Tensor:
-    """Cheap summary of a batch (float64): size, sum, and a position-weighted sum of at most
-    64Ki evenly spaced elements (so the order of samples counts)."""
-    flat = x.detach().reshape(-1)
-    sample = torch.nan_to_num(flat[:: max(1, flat.numel() // 65536)].to(torch.float64))
-    weights = torch.arange(sample.numel(), device=flat.device, dtype=torch.float64).remainder_(7).add_(1)
-    total = torch.nan_to_num(flat.sum(dtype=torch.float64))
-    return torch.stack([total.new_tensor(float(flat.numel())), total, (sample * weights).sum()])
 
 
 def _first_tensor(tree: Any) -> torch.Tensor | None:

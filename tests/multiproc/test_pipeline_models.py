@@ -52,6 +52,8 @@ def test_mnist_net_trains_and_tests_like_one_process(tmp_path):
     with_dropout = torch.tensor(w.mnist_test(w.Net(), w.test_batches())["outputs"])
     for got in results:  # eval mode switches the traced dropouts off
         torch.testing.assert_close(torch.tensor(got["dropout"]["outputs"]), with_dropout, **TOL)
+    for got in results:  # a sampler by world rank: one sentence, not x and y from different batches
+        assert "different batches" in got["wrong_sampler"] and "strategy.sampler" in got["wrong_sampler"]
     assert results[0]["mine"] == ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"]
     assert results[1]["mine"] == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
 

@@ -73,7 +73,7 @@ def test_dropout_draws_one_mask_over_the_tensor_parallel_group(two_ranks):
 def test_a_sampler_split_by_world_rank_stops_with_one_sentence(two_ranks):
     for rank in range(2):
         message = two_ranks[rank]["world_sampler"]
-        assert "different input batches" in message and "num_replicas=strategy.data_world" in message
+        assert "different batches" in message and "num_replicas=strategy.data_world" in message
 
 
 def test_a_plan_that_splits_nothing_is_an_error(two_ranks):

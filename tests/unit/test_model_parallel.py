@@ -9,8 +9,9 @@ from torch import nn
 
 from shoal.errors import ConfigError
 from shoal.mesh import ParallelDims
+from shoal.strategies.mesh_strategy import fingerprint
 from shoal.strategies.pipeline import Pipeline, measure_block_times, split_balanced
-from shoal.strategies.tensor_parallel import auto_plan, fingerprint, plan_for, replicated_regions
+from shoal.strategies.tensor_parallel import auto_plan, plan_for, replicated_regions
 from tests.workers import mp_equivalence as worker
 from tests.workers import tp_real
 

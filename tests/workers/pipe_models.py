@@ -179,7 +179,34 @@ def train_net(rank: int, world: int, out: str) -> dict[str, Any]:
     evaluated = strategy.evaluate(model, torch.utils.data.TensorDataset(x, y), F.nll_loss)
     torch.save(strategy.full_state_dict(model, optimizer), f"{out}/net.rank{rank}.pt")
     mine = [n for n, _ in model.named_parameters()]
-    return {"losses": losses, "test": test, "evaluate": evaluated, "mine": mine, "dropout": eval_net_with_dropout()}
+    return {
+        "losses": losses,
+        "test": test,
+        "evaluate": evaluated,
+        "mine": mine,
+        "dropout": eval_net_with_dropout(),
+        "wrong_sampler": wrong_sampler(),
+    }
+
+
+def wrong_sampler() -> str:
+    """The DDP tutorials' `DistributedSampler(ds)` splits by world rank: the two stages of one
+    pipeline would take x and y from different batches. The first step says so."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    import shoal
+
+    data = TensorDataset(torch.randn(64, 8), torch.randint(0, 4, (64,)))
+    loader = DataLoader(data, batch_size=BATCH, sampler=DistributedSampler(data))
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    strategy = shoal.Pipeline(stages=2, microbatches=2)
+    model, _ = strategy.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = next(iter(loader))
+    try:
+        model(x, y)
+    except shoal.ShoalError as err:
+        return str(err)
+    return "trained on mismatched batches"
 
 
 def eval_net_with_dropout() -> dict[str, Any]:

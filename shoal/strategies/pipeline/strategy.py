@@ -124,6 +124,8 @@ class Pipeline(MeshStrategy):
         self.all_names: list[str] = []
         """The whole model's parameter names, in its order."""
         self._loss: LossFn = self.loss_fn
+        self._batch_checks_left = 2
+        """Training steps whose batch is compared over the pipeline's ranks."""
 
     @property
     def stages(self) -> Stages:
@@ -289,6 +291,9 @@ class Pipeline(MeshStrategy):
                 f"the per-rank batch ({len(x)}) must be a multiple of 'microbatches' ({o.microbatches})",
                 "data.batch_size",
             )
+        if self._batch_checks_left > 0:  # the first steps: every stage must hold the same (x, y)
+            self._batch_checks_left -= 1
+            self.check_same_batch([x, y], "pp")
         runner = self._runner(True, x[: len(x) // o.microbatches])
         if runner.schedule is None:
             runner.schedule = self._build_schedule(runner)
