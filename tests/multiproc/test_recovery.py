@@ -33,8 +33,8 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_run_ends_bit_identical(tmp
     assert killed.returncode == 0, killed.stderr[-3000:]
     faults.assert_fired("worker", 1, 7, "kill")  # once: the redone step 7 does not fire it again
     assert not killed.survivors
-    # the agent restarted the workers once; they resumed at the recovery point of step 6 (the checkpoint is step 4)
-    assert re.search(r"\[rank0\]: shoal: restart 1: resuming at step 6 from recovery point 6", killed.stdout)
+    # the agent restarted the workers once; they resumed at the recovery point of step 5 (checkpoints: 4, 8, 12)
+    assert re.search(r"\[rank0\]: shoal: restart 1: resuming at step 5 from recovery point 5", killed.stdout)
     records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["restart"] for r in records if r["kind"] == "restart"] == [1]
     (want, want_opt), (got, got_opt) = final_params(tmp_path / "whole"), final_params(tmp_path / "killed")
