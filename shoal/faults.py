@@ -27,8 +27,8 @@ workers' N-th step. Before acting, each fired fault is appended to `record`
 assert that the failure really fired. A fault already in `record` for this
 role, rank and step does not fire again: a worker that the elastic agent
 restarts (`--max-restarts`) and that redoes that step is not killed twice.
-Without a record a restarted process fires it again. A worker's step
-counts on from the step it resumed at. A schedule that does not parse stops
+Without a record a restarted process fires it again. Under `shoal train`
+a worker's step counts on from the step it resumed at. A schedule that does not parse stops
 the process at its first step with a ValueError naming the entry.
 """
 
