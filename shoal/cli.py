@@ -96,6 +96,12 @@ def _run(args: list[str]) -> int:
         help="the job's control plane: raft (3 members on this machine), raft://H:P,H:P,H:P or etcd://HOST:PORT; "
         "workers connect with shoal.control.connect(os.environ['SHOAL_CONTROL'])",
     )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="after a worker fails, stop the others and restart all of them up to this many times (default 0)",
+    )
     parser.add_argument("script", help="the Python script to run")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     try:
@@ -108,6 +114,8 @@ def _run(args: list[str]) -> int:
         raise ConfigError(f"--node-rank must be in 0..{ns.nnodes - 1} for --nnodes {ns.nnodes}, not {ns.node_rank}")
     if not os.path.isfile(ns.script):
         raise ConfigError(f"script {ns.script!r} does not exist")
+    if ns.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be >= 0, not {ns.max_restarts}")
     if ns.servers < 0:
         raise ConfigError(f"--servers must be >= 0, not {ns.servers}")
     from shoal.ps.servers import serving
@@ -139,6 +147,7 @@ def _run(args: list[str]) -> int:
             log_dir=ns.log_dir,
             env={env.JOB_KEY: key, **ps_env, **control_env},
             store_open=bool(ns.servers and ns.nnodes > 1),
+            max_restarts=ns.max_restarts,
         )
         launch([ns.script, *ns.script_args], spec)
     return 0

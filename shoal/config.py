@@ -73,10 +73,15 @@ class CheckpointConfig:
     resume: bool = False
     resume_from: str = ""
     """A checkpoint directory to resume from (implies resume)."""
+    recovery_every: int = 5
+    """Take a recovery point (each rank's state, on local disk) every this many steps (0: never); a worker
+    restart resumes from the newest one every rank has. 5: every step cost 14-23% of steps/s on the
+    5.4M-parameter MLP, every 5th at most 4.5% (docs/fault-tolerance.md)."""
 
     def __post_init__(self):
         check_range(self.every, "every", low=0)
         check_range(self.keep, "keep", low=1)
+        check_range(self.recovery_every, "recovery_every", low=0)
 
 
 @dataclass
@@ -90,9 +95,12 @@ class LaunchConfig:
     node_rank: int = 0
     rdzv_endpoint: str = ""
     timeout_s: float = 300.0
+    max_restarts: int = 0
+    """Restart every worker this many times after a worker fails (torch's elastic agent); 0: stop at the first."""
 
     def __post_init__(self):
         check_range(self.workers, "workers", low=1)
+        check_range(self.max_restarts, "max_restarts", low=0)
         check_range(self.threads, "threads", low=0)
         check_range(self.nnodes, "nnodes", low=1)
         check_range(self.node_rank, "node_rank", low=0, high=self.nnodes - 1)

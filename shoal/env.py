@@ -53,6 +53,10 @@ THREADS_DEFAULTED = "SHOAL_THREADS_DEFAULTED"
 `shoal.init()` may still choose the threads."""
 
 # -------------------------------- other libraries' variables shoal sets
+DISABLE_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+"""Set to 1 by the launcher when workers may restart: torch's agent then opens a new bootstrap store per round."""
+RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
+"""Set by torch's elastic agent in every worker: how many times it has restarted the workers (0 at first)."""
 OMP_NUM_THREADS = "OMP_NUM_THREADS"
 """Threads per worker: `shoal run` sets 1 for several local workers, as torchrun does, unless already set."""
 GLOO_SOCKET_IFNAME = "GLOO_SOCKET_IFNAME"

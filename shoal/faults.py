@@ -24,7 +24,11 @@ of the prepared optimizer's `step()` (each micro-step counts under
 `grad_accum`); a server's step N is the arrival of the first push of the
 workers' N-th step. Before acting, each fired fault is appended to `record`
 (one JSON line; fsynced before `raise`, `kill` and `stop`), so a test can
-assert that the failure really fired. A schedule that does not parse stops
+assert that the failure really fired. A fault already in `record` for this
+role, rank and step does not fire again: a worker that the elastic agent
+restarts (`--max-restarts`) and that redoes that step is not killed twice.
+Without a record a restarted process fires it again. Under `shoal train`
+a worker's step counts on from the step it resumed at. A schedule that does not parse stops
 the process at its first step with a ValueError naming the entry.
 """
 
@@ -127,6 +131,8 @@ def _fault(index: int, entry: object) -> Fault:
 
 _schedule: Schedule | None = None
 _rngs: dict[tuple[str, int], random.Random] = {}
+_fired: dict[str, set[tuple[str, int, int, str]]] = {}
+"""Per record: (role, rank, step, action) of every fault in it, read once per process."""
 
 
 def schedule() -> Schedule:
@@ -141,8 +147,22 @@ def at_step(role: str, rank: int, step: int) -> None:
     """Fire every fault scheduled for this role, rank and step (no-op without a schedule)."""
     sched = schedule()
     for fault in sched.faults:
-        if fault.matches(role, rank, step) and _draw(fault.prob, sched.seed, role, rank):
+        if not fault.matches(role, rank, step):
+            continue
+        done = _already_fired(sched.record)
+        key = (role, rank, step, fault.action)
+        if key in done:
+            continue  # fired before a restart: the step is being redone
+        if _draw(fault.prob, sched.seed, role, rank):
+            if sched.record:
+                done.add(key)
             _fire(fault, sched.record, role, rank, step)
+
+
+def _already_fired(record: str) -> set[tuple[str, int, int, str]]:
+    if record not in _fired:
+        _fired[record] = {(r["role"], r["rank"], r["step"], r["action"]) for r in fired(record)} if record else set()
+    return _fired[record]
 
 
 def _draw(prob: float, seed: int, role: str, rank: int) -> bool:

@@ -4,7 +4,10 @@ We do not spawn workers ourselves: `torch.distributed.launcher.elastic_launch`
 runs the rendezvous (c10d on one machine, static with a node rank across
 machines), sets the environment torchrun sets, tees each rank's output with a
 `[rankN]:` prefix into the console and into log files, and on the first
-failure stops every other worker (by pid, SIGTERM then SIGKILL). What we add:
+failure stops every other worker (by pid, SIGTERM then SIGKILL) and, up to
+`max_restarts` times, starts them all again in the same rendezvous (each
+worker sees TORCHELASTIC_RESTART_COUNT; `shoal train` resumes from its
+recovery points). What we add:
 a one-line reason with the failing rank and its last error line, and the
 rendezvous store itself, opened here on the asked address only
 (`shoal.ps.store.listen`; torch's server would listen on every interface),
@@ -53,6 +56,8 @@ class LaunchSpec:
     """Keep workers' output in the log files only (no console tee)."""
     store_open: bool = False
     """Machine 0's launcher already hosts the job's store on `rdzv_endpoint` (for parameter servers)."""
+    max_restarts: int = 0
+    """Times torch's agent restarts every worker after a failure before the job fails."""
 
 
 def launch(argv: list[str], spec: LaunchSpec) -> None:
@@ -88,21 +93,24 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
         rdzv_endpoint=endpoint,
         rdzv_backend=backend,
         rdzv_configs={**rdzv_configs, "timeout": spec.rdzv_timeout_s},
-        max_restarts=0,
+        max_restarts=spec.max_restarts,
         monitor_interval=0.1,
         start_method="spawn",
         logs_specs=logs_spec,
         log_line_prefix_template="[rank${rank}]: ",
         shutdown_timeout=5,
     )
-    worker_env = {**_interfaces(spec), **_threads(spec), **spec.env, env.LAUNCHED: "1"}
+    worker_env = {**_interfaces(spec), **_threads(spec), **_restartable(spec), **spec.env, env.LAUNCHED: "1"}
     saved = {k: os.environ.get(k) for k in worker_env}
     os.environ.update(worker_env)
     try:
         with logs.quiet(*TORCH_LOGGERS):
             elastic_launch(config, entrypoint=sys.executable)(*["-u", *argv])
     except ChildFailedError as err:
-        raise WorkerError(_describe_failure(err, log_dir)) from None
+        said = _describe_failure(err, log_dir)
+        if spec.max_restarts:
+            said += f"; the workers were restarted {spec.max_restarts} time(s), all that --max-restarts allows"
+        raise WorkerError(said) from None
     except Exception as err:  # rendezvous timeouts, ports in use, ...
         raise WorkerError(f"the job could not start: {type(err).__name__}: {first_line(str(err))}") from None
     finally:
@@ -132,6 +140,15 @@ def _threads(spec: LaunchSpec) -> dict[str, str]:
     if spec.nproc <= 1 or env.OMP_NUM_THREADS in os.environ:
         return {}
     return {env.OMP_NUM_THREADS: "1", env.THREADS_DEFAULTED: "1"}
+
+
+def _restartable(spec: LaunchSpec) -> dict[str, str]:
+    """With restarts, a fresh bootstrap store for each round of workers.
+
+    torch's agent otherwise shares one store across rounds (torch 2.13), and the
+    restarted workers' gloo reads the dead round's addresses from it and fails to connect.
+    """
+    return {env.DISABLE_SHARED_STORE: "1"} if spec.max_restarts else {}
 
 
 def _hold_store(host: str, port: int, timeout_s: float) -> TCPStore:

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from shoal import env
-from shoal.errors import CheckpointError
+from shoal.errors import CheckpointError, WorkerError
 from shoal.launch.agent import LaunchSpec, launch
 from shoal.ps.servers import serving
 from shoal.train import checkpoint
@@ -96,6 +96,7 @@ def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
         log_dir=str(run_dir / "logs"),
         env=workers_env,
         run_id=run_dir.name,
+        max_restarts=launch_cfg.max_restarts,
     )
     servers = cfg.strategy.options.server_processes(launch_cfg.workers * launch_cfg.nnodes)
     spec.store_open = bool(servers and launch_cfg.nnodes > 1)
@@ -114,10 +115,24 @@ def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
             rdzv_endpoint=launch_cfg.rdzv_endpoint,
         ) as ps_env:
             workers_env.update(ps_env)
-            launch(["-m", "shoal.train.worker", str(run_dir)], spec)
+            try:
+                launch(["-m", "shoal.train.worker", str(run_dir)], spec)
+            except WorkerError as err:
+                if not spec.max_restarts:
+                    raise
+                raise WorkerError(f"{err}{resume_hint(run_dir)}") from None
     finally:
         if monitor:
             monitor.stop()
+
+
+def resume_hint(run_dir: Path) -> str:
+    """Where a run whose restarts are exhausted can go on from: its newest valid checkpoint, or nowhere."""
+    try:
+        path, _ = checkpoint.newest_valid(run_dir / "checkpoints")
+    except CheckpointError:
+        return "; the run has no checkpoint to resume from"
+    return f"; resume from its newest checkpoint {str(path)!r} with --resume --logging.name={run_dir.name}"
 
 
 def report(run_dir: Path, console: Console) -> dict:

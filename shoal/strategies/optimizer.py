@@ -250,3 +250,9 @@ def _check_step(guard: Callable[[], StepGuard | None], optimizer: torch.optim.Op
 def _remove_all(handles: list[Any]) -> None:
     for h in handles:
         h.remove()
+
+
+def count_steps_from(optimizer: torch.optim.Optimizer, calls: int) -> None:
+    """Continue the `step()` count (the fault schedule's step number) from `calls`, after a resume."""
+    if isinstance(optimizer, PreparedOptimizer):
+        optimizer._binding.calls = calls

@@ -10,6 +10,7 @@ itself: it calls named parts (`train_step`, `log`, `evaluate`, the
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from shoal import runtime
+from shoal import env, runtime
 from shoal.strategies.base import LossFn, Strategy
+from shoal.strategies.optimizer import count_steps_from
+from shoal.train import checkpoint
 from shoal.train.checkpoint import Checkpointer
 from shoal.train.jobconfig import JobConfig
 from shoal.train.metrics import MetricsWriter, StepLog
 from shoal.train.optim import build_optimizer, build_schedule
+from shoal.train.recovery import RecoveryPoints
 from shoal.train.rng import RNGState
 
 
@@ -66,13 +70,18 @@ class Trainer:
         self.loader = self.strategy.loader(self.data.train, self.batch_size, shuffle=True, seed=cfg.train.seed)
         self.batches = self.loader.forever()
         self.loss_fn = loss_for(self.data.task)
+        shared = ModelState(self.strategy, self.model, self.optimizer)
+        parts = {"strategy": self.strategy, "loader": self.loader, "schedule": self.schedule, "rng": RNGState()}
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints",
             cfg.checkpoint,
-            shared=ModelState(self.strategy, self.model, self.optimizer),
-            parts={"strategy": self.strategy, "loader": self.loader, "schedule": self.schedule, "rng": RNGState()},
+            shared=shared,
+            parts=parts,
             last_step=cfg.train.steps,
             stop_at=cfg.train.stop_at,
+        )
+        self.recovery = RecoveryPoints(
+            self.run_dir / "recovery", cfg.checkpoint.recovery_every, shared=shared, parts=parts
         )
         self.step = 0
         self.stopped = False
@@ -107,18 +116,35 @@ class Trainer:
             self.train_step()
             self.log()
             self.evaluate()
-            self.checkpointer.save(self.step)
+            if not self.checkpointer.save(self.step) and self.step < self.cfg.train.steps:
+                self.recovery.save(self.step)
             if self.stop_early():
                 break
         return self.finish(first, time.perf_counter() - started)
 
     def resume(self) -> int:
-        """Load the checkpoint the launcher chose (if any) and open the metrics; the step to start from."""
+        """Load the checkpoint the launcher chose, or after a restart the newer of the newest checkpoint and
+        the newest recovery point every rank has; open the metrics; the step to start from."""
         resume_from = self.cfg.checkpoint.resume_from
-        self.step = self.checkpointer.resume(resume_from)
+        restart = int(os.environ.get(env.RESTART_COUNT, "0") or 0)
+        recovered = 0
+        if restart:
+            newest = checkpoint.list_checkpoints(self.run_dir / "checkpoints")
+            resume_from = str(checkpoint.newest_valid(self.run_dir / "checkpoints")[0]) if newest else resume_from
+            point = self.recovery.newest_common()
+            if point > (checkpoint.verify(Path(resume_from)) if resume_from else 0):
+                recovered, resume_from = self.recovery.load(point), ""
+        else:
+            self.recovery.clear()
+        self.step = recovered or self.checkpointer.resume(resume_from)
+        count_steps_from(self.optimizer, self.step * self.strategy.grad_accum)
         if self.rt.is_main:
-            self.writer = MetricsWriter(self.run_dir, self.cfg.logging.tensorboard, append=bool(resume_from))
-            if resume_from:
+            self.writer = MetricsWriter(self.run_dir, self.cfg.logging.tensorboard, append=bool(resume_from or restart))
+            if restart:
+                where = f"recovery point {recovered}" if recovered else (resume_from or "the start")
+                self.writer.log(self.step, "restart", restart=restart, resumed_from=where, unix_time=time.time())
+                print(f"shoal: restart {restart}: resuming at step {self.step} from {where}", flush=True)
+            elif resume_from:
                 self.writer.log(self.step, "resume", checkpoint=str(resume_from))
         self.steplog.writer = self.writer
         self.model.train()

@@ -21,6 +21,7 @@ def with_schedule(monkeypatch):
         monkeypatch.setenv(env.FAULTS, schedule.env()[env.FAULTS])
         monkeypatch.setattr(faults, "_schedule", None)
         monkeypatch.setattr(faults, "_rngs", {})
+        monkeypatch.setattr(faults, "_fired", {})
 
     return install
 
@@ -93,6 +94,16 @@ def test_raise_fires_at_its_step_only_and_is_recorded_first(tmp_path, with_sched
         "action": "raise",
     }
     assert isinstance(record["pid"], int)
+
+
+def test_a_fired_fault_stays_fired_in_a_restarted_process(tmp_path, with_schedule, monkeypatch):
+    schedule = Faults(tmp_path).raise_at("worker", 1, 3)
+    with_schedule(schedule)
+    with pytest.raises(faults.InjectedFaultError):
+        faults.at_step("worker", 1, 3)
+    monkeypatch.setattr(faults, "_fired", {})  # a new process, as torch's agent starts after a failure
+    faults.at_step("worker", 1, 3)  # the redone step: the record says it fired already
+    assert len(schedule.fired()) == 1
 
 
 def test_sleep_sleeps_and_probability_is_reproducible(tmp_path, with_schedule):
