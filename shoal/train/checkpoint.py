@@ -494,14 +494,19 @@ def checked(path: Path) -> tuple[int, dict[str, str]]:
 
 def newest_valid(root: Path) -> tuple[Path, list[str]]:
     """The newest checkpoint that verifies, and a warning for each newer damaged one."""
+    path, _, warnings = newest_valid_step(root)
+    return path, warnings
+
+
+def newest_valid_step(root: Path) -> tuple[Path, int, list[str]]:
+    """`newest_valid` with the checkpoint's step (each folder is hashed once)."""
     warnings = []
     found = list_checkpoints(root)
     if not found:
         raise CheckpointError(f"no checkpoint found in {str(root)!r}; run without --resume to start fresh")
     for path in reversed(found):
         try:
-            verify(path)
-            return path, warnings
+            return path, verify(path), warnings
         except CheckpointError as err:
             warnings.append(f"skipping damaged checkpoint: {err}")
     first = warnings[0].removeprefix("skipping damaged checkpoint: ")

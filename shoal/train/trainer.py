@@ -129,10 +129,14 @@ class Trainer:
         restart = int(os.environ.get(env.RESTART_COUNT, "0") or 0)
         recovered = 0
         if restart:
-            newest = checkpoint.list_checkpoints(self.run_dir / "checkpoints")
-            resume_from = str(checkpoint.newest_valid(self.run_dir / "checkpoints")[0]) if newest else resume_from
+            saved = 0  # the step of the checkpoint a restart would load
+            if checkpoint.list_checkpoints(self.run_dir / "checkpoints"):
+                path, saved, _ = checkpoint.newest_valid_step(self.run_dir / "checkpoints")
+                resume_from = str(path)
+            elif resume_from:
+                saved = checkpoint.verify(Path(resume_from))
             point = self.recovery.newest_common()
-            if point > (checkpoint.verify(Path(resume_from)) if resume_from else 0):
+            if point > saved:
                 recovered, resume_from = self.recovery.load(point), ""
         else:
             self.recovery.clear()
