@@ -4,18 +4,42 @@ import shoal
 shoal.init()
 strategy = shoal.DataParallel()
 model, optimizer = strategy.prepare(model, optimizer)
+
+The names below are imported on first use (PEP 562), so that processes that
+need none of them (control-plane members, the launcher's helpers) start
+without importing torch: `import shoal.control.member` costs milliseconds,
+not the seconds torch takes.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from shoal.errors import ConfigError, ShoalError
-from shoal.runtime import current, init, shutdown
-from shoal.strategies.base import Strategy
-from shoal.strategies.data_parallel import DataParallel
-from shoal.strategies.parameter_server import ParameterServer
-from shoal.strategies.pipeline import Pipeline
-from shoal.strategies.sharded import ShardedDataParallel
-from shoal.strategies.tensor_parallel import TensorParallel
+
+if TYPE_CHECKING:
+    from shoal.runtime import current, init, shutdown
+    from shoal.strategies.base import Strategy
+    from shoal.strategies.data_parallel import DataParallel
+    from shoal.strategies.parameter_server import ParameterServer
+    from shoal.strategies.pipeline import Pipeline
+    from shoal.strategies.sharded import ShardedDataParallel
+    from shoal.strategies.tensor_parallel import TensorParallel
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "current": "shoal.runtime",
+    "init": "shoal.runtime",
+    "shutdown": "shoal.runtime",
+    "Strategy": "shoal.strategies.base",
+    "DataParallel": "shoal.strategies.data_parallel",
+    "ParameterServer": "shoal.strategies.parameter_server",
+    "Pipeline": "shoal.strategies.pipeline",
+    "ShardedDataParallel": "shoal.strategies.sharded",
+    "TensorParallel": "shoal.strategies.tensor_parallel",
+}
 
 __all__ = [
     "ConfigError",
@@ -30,3 +54,16 @@ __all__ = [
     "init",
     "shutdown",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shoal' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

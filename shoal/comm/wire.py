@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import os
 import struct
 import warnings
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from collections.abc import Sequence
 import msgpack
 import torch
 
-from shoal import env
+from shoal.comm.keys import job_key as job_key  # re-exported: the PS modules read the key here
 from shoal.errors import ShoalError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -59,19 +58,6 @@ class WireError(Exception):
     def __init__(self, reason: str, detail: str = ""):
         self.reason = reason
         super().__init__(f"{reason}: {detail}" if detail else reason)
-
-
-def job_key(given: str | bytes | None = None) -> bytes:
-    """The job's secret: `given`, else SHOAL_JOB_KEY (set by `shoal run`/`shoal train`)."""
-    key = given if given is not None else os.environ.get(env.JOB_KEY, "")
-    if isinstance(key, str):
-        key = key.encode()
-    if len(key) < 16:
-        raise ShoalError(
-            f"the parameter server needs a job key of at least 16 characters: `shoal run`/`shoal train` set "
-            f"{env.JOB_KEY}; for processes you start yourself, set {env.JOB_KEY} to the same secret everywhere"
-        )
-    return key
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

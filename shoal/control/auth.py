@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from shoal.comm.wire import job_key
+from shoal.comm.keys import job_key
 
 
 def derive(label: str, key: str | bytes | None = None) -> bytes:

@@ -25,7 +25,7 @@ from shoal.errors import ConfigError
 MEMBERS = 3
 """Three members: any one may be lost; two lost stop the job (no majority)."""
 START_S = 120.0
-"""How long local members may take to elect a first leader (each imports torch through `shoal`)."""
+"""How long local members may take to elect a first leader on a loaded machine (they start in well under a second)."""
 
 
 def member_argv(index: int, members: list[str], directory: Path | str) -> list[str]:
