@@ -9,6 +9,18 @@ says what survives what.
 
 from shoal.control.base import GENERATION, MEMBERS, ControlError, ControlPlane, Event
 from shoal.control.client import RaftControl, connect
+from shoal.control.keeper import Held, hold
 from shoal.control.launch import member_argv
 
-__all__ = ["GENERATION", "MEMBERS", "ControlError", "ControlPlane", "Event", "RaftControl", "connect", "member_argv"]
+__all__ = [
+    "GENERATION",
+    "MEMBERS",
+    "ControlError",
+    "ControlPlane",
+    "Event",
+    "Held",
+    "RaftControl",
+    "connect",
+    "hold",
+    "member_argv",
+]

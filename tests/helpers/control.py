@@ -19,7 +19,7 @@ from tests.helpers.procs import Proc, Processes, free_port
 
 KEY = "control-plane-test-key-0123456789"
 START_S = 60.0
-"""How long members may take to elect a first leader (each imports torch through `shoal`)."""
+"""How long members may take to elect a first leader on a loaded machine."""
 
 
 def member_ports(count: int = 3) -> list[int]:

@@ -4,7 +4,8 @@ A write is acknowledged once a majority holds it and every member applies it;
 compare-and-set is atomic under racing clients; a lease's keys go when it
 expires; after the leader is SIGKILLed writes succeed again within seconds,
 and with two of three gone nothing is acknowledged and the client stops in
-time with one sentence; without the job key nothing changes the state and no
+time with one sentence, and once the lost members restart from their
+journals the acknowledged writes are all there; without the job key nothing changes the state and no
 byte reaches pysyncobj's unpickler; the members `shoal run --control raft`
 starts serve the job and are killed when it ends.
 """
@@ -21,7 +22,7 @@ import zlib
 
 import pytest
 
-from shoal.control import GENERATION, ControlError, Event, connect
+from shoal.control import GENERATION, ControlError, Event, connect, hold
 from shoal.control.auth import raft_password
 from tests.helpers.control import KEY, Cluster
 from tests.helpers.procs import MARK, Processes
@@ -89,6 +90,17 @@ def test_a_lease_keeps_its_keys_alive_and_they_go_when_it_expires(cluster):
         assert ctl.revoke(other) and ctl.get("held") is None
 
 
+def test_a_held_record_lives_while_its_keeper_runs_and_goes_when_closed(cluster):
+    """`hold` renews from a thread: the record outlives three TTLs with no call from the owner."""
+    with cluster.client() as ctl, hold(ctl, "worker1", {"pid": 2}, ttl=0.6) as held:
+        time.sleep(1.8)
+        assert ctl.alive() == {"worker1": {"pid": 2}}
+        assert held.renewals >= 3 and not held.lost.is_set()
+    with cluster.client() as ctl:
+        assert ctl.alive() == {}  # revoked on close, not left for the TTL
+        assert not ctl.keep_alive(held.lease)
+
+
 def test_without_the_job_key_nothing_changes_and_nothing_is_unpickled(cluster, tmp_path):
     with cluster.client() as ctl:
         ctl.put("guarded", "original")
@@ -136,7 +148,14 @@ def test_the_leader_killed_then_a_second_member_lost(cluster):
         assert failover < 3.0, f"writes resumed {failover:.2f} s after the leader's SIGKILL"
         assert ctl.range("acked/") == {f"acked/{i}": i for i in range(20)}
 
+        keeper_ctl = cluster.client(timeout=0.3)
+        held = hold(keeper_ctl, "worker2", {}, ttl=1.0)
         cluster.kill(cluster.leader())  # one member left: no majority
+        lost_at = time.monotonic()
+        assert held.lost.wait(5.0), "the keeper never noticed that its lease could not be renewed"
+        assert time.monotonic() - lost_at < 1.0 + 1.5  # one TTL without a renewal, plus the last try
+        held.close()
+        keeper_ctl.close()
         ctl.timeout = 2.0
         started = time.monotonic()
         with pytest.raises(ControlError) as err:
@@ -145,6 +164,20 @@ def test_the_leader_killed_then_a_second_member_lost(cluster):
         message = str(err.value)
         assert "did not acknowledge put within 2 s" in message and "2 of 3" in message
         assert "\n" not in message
+
+        # Both lost members come back from their journals: a majority again, nothing acknowledged lost.
+        lost = [i for i in range(3) if cluster.running[i] is None]
+        for i in lost:
+            cluster.restart(i)
+        ctl.timeout = 30.0
+        ctl.put("healed", True)
+        assert ctl.range("acked/") == {f"acked/{i}": i for i in range(20)}
+        assert ctl.get("after-failover") is True
+        for i in lost:  # each restarted member applied the log it missed
+            deadline = time.monotonic() + 10
+            while ctl.local(i, "acked/")["items"] != ctl.range("acked/") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert ctl.local(i, "acked/")["items"] == {f"acked/{i}": i for i in range(20)}
 
 
 def test_the_launchers_members_serve_the_job_and_go_with_it():
