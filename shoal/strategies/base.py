@@ -15,11 +15,9 @@ strategy needs (see `shoal.strategies.optimizer`); an optimizer built after
 `prepare_optimizer`. `synchronize()` finishes the gradient averaging early,
 for users who clip or inspect by hand; `clip_grad_norm_` does that and clips.
 
-Every strategy that applies an averaged gradient at `step()` has the same
-step options (`StepOptions`): `grad_accum` (k calls of `step()` per applied
-update, equal to one step with the k-times batch) and `clip_norm` (clip the
-global norm of the averaged gradient); and `no_sync()`, within which a
-backward accumulates local gradients without communicating, as DDP's.
+The options themselves are in `shoal.strategies.options`; `no_sync()`,
+within which a backward accumulates local gradients without communicating
+(as DDP's), is here.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import abc
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 import torch
@@ -36,58 +33,20 @@ import torch.distributed as dist
 from torch import nn
 
 from shoal import runtime
-from shoal.config import check_range
 from shoal.data.loader import Samples, ShardedLoader, eval_shard, fetch
 from shoal.data.sampler import DataSampler
-from shoal.errors import ConfigError, ShoalError
+from shoal.errors import ShoalError
 from shoal.strategies import optimizer as optim
 from shoal.strategies.full_state import check_full_state, copy_containers, cpu_copy, full_options, has_arrays
 from shoal.strategies.optimizer import Closure, PreparedOptimizer, StepGuard, local_only
+from shoal.strategies.options import StepOptions as StepOptions  # re-exported: strategies import it here
+from shoal.strategies.options import StrategyOptions
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 NOT_OURS = (
     "this optimizer holds parameters that are not the prepared model's: build it on model.parameters() "
     "of the model that prepare(model) returned, or pass it to prepare(model, optimizer)"
 )
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StrategyOptions:
-    """A strategy's options: plain values, checked when made, compared by value.
-
-    Each strategy nests its own subclass as `Options`; `build()` makes that strategy.
-    """
-
-    _owner: ClassVar[type[Strategy] | None] = None
-
-    def build(self, **extra: Any) -> Strategy:
-        """The strategy with these options (`extra`: run-time objects that are not options)."""
-        if self._owner is None:
-            raise TypeError(f"{type(self).__qualname__} belongs to no strategy; nest it in one as `Options`")
-        return self._owner(self, **extra)
-
-    def server_processes(self, workers: int) -> int:
-        """How many non-worker (server) processes the launcher must start."""
-        return 0
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StepOptions(StrategyOptions):
-    """The options of a strategy whose `optimizer.step()` applies the averaged gradient.
-
-    Same names and meaning under every such strategy; a subclass with its own
-    `__post_init__` calls `StepOptions.__post_init__(self)`.
-    """
-
-    grad_accum: int = 1
-    """Calls of `optimizer.step()` per applied update (the mean of their gradients is applied)."""
-    clip_norm: float | None = None
-    """Clip the global norm of the averaged gradient to this before applying (None: no clipping)."""
-
-    def __post_init__(self) -> None:
-        check_range(self.grad_accum, "grad_accum", low=1)
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ConfigError(f"'clip_norm' must be > 0 (or unset for no clipping), not {self.clip_norm}", "clip_norm")
 
 
 class Strategy(abc.ABC):
