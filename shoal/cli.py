@@ -24,6 +24,8 @@ commands:
         run any script on N local worker processes (the environment torchrun sets),
         with S parameter-server processes for the parameter_server strategy
         and a replicated control plane (docs/control-plane.md)
+  run --servers S --server-nodes H --server-node-rank J --rdzv-endpoint HOST:PORT
+        run only parameter servers on this machine (server node J of H), for workers on other machines
 
 `shoal <command> --help` for details.
 """
@@ -102,7 +104,19 @@ def _run(args: list[str]) -> int:
         default=0,
         help="after a worker fails, stop the others and restart all of them up to this many times (default 0)",
     )
-    parser.add_argument("script", help="the Python script to run")
+    parser.add_argument(
+        "--server-nodes",
+        type=int,
+        default=0,
+        help="machines that run only parameter servers (given on every machine; the workers' machines then run none)",
+    )
+    parser.add_argument(
+        "--server-node-rank",
+        type=int,
+        default=None,
+        help="this machine is server node J of --server-nodes: it runs servers J, J+H, ... and no script",
+    )
+    parser.add_argument("script", nargs="?", default=None, help="the Python script to run")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     try:
         ns = parser.parse_args(args)
@@ -112,18 +126,33 @@ def _run(args: list[str]) -> int:
         raise ConfigError(f"-n must be >= 1, not {ns.nproc}")
     if ns.nnodes < 1 or not 0 <= ns.node_rank < ns.nnodes:
         raise ConfigError(f"--node-rank must be in 0..{ns.nnodes - 1} for --nnodes {ns.nnodes}, not {ns.node_rank}")
-    if not os.path.isfile(ns.script):
-        raise ConfigError(f"script {ns.script!r} does not exist")
     if ns.max_restarts < 0:
         raise ConfigError(f"--max-restarts must be >= 0, not {ns.max_restarts}")
     if ns.servers < 0:
         raise ConfigError(f"--servers must be >= 0, not {ns.servers}")
-    from shoal.ps.servers import serving
+    _check_server_nodes(ns)
+    if ns.server_node_rank is None and ns.script is None:
+        raise ConfigError("shoal run needs a script (or --server-node-rank J on a machine that runs only servers)")
+    if ns.script is not None and not os.path.isfile(ns.script):
+        raise ConfigError(f"script {ns.script!r} does not exist")
+    from shoal.ps.servers import Machines, serve_only, serving
 
     key = os.environ.get(env.JOB_KEY) or secrets.token_hex(32)
     record = os.path.join(ns.log_dir, "ps_events.jsonl") if ns.log_dir else None
-    if ns.nnodes > 1 and not ns.rdzv_endpoint:
+    if (ns.nnodes > 1 or ns.server_nodes) and not ns.rdzv_endpoint:
         raise ConfigError("a job on several machines needs --rdzv-endpoint HOST:PORT (the same on every machine)")
+    if ns.server_node_rank is not None:
+        serve_only(
+            ns.servers,
+            key,
+            ns.server_nodes,
+            ns.server_node_rank,
+            ns.rdzv_endpoint,
+            log_dir=ns.log_dir,
+            record=record,
+            live=sys.stderr.isatty(),
+        )
+        return 0
     from shoal.control.launch import serving as control_serving
 
     with (
@@ -134,9 +163,7 @@ def _run(args: list[str]) -> int:
             log_dir=ns.log_dir,
             record=record,
             live=sys.stderr.isatty(),
-            nnodes=ns.nnodes,
-            node_rank=ns.node_rank,
-            rdzv_endpoint=ns.rdzv_endpoint,
+            machines=Machines(ns.nnodes, ns.node_rank, ns.rdzv_endpoint, ns.server_nodes),
         ) as ps_env,
     ):
         spec = LaunchSpec(
@@ -146,11 +173,34 @@ def _run(args: list[str]) -> int:
             rdzv_endpoint=ns.rdzv_endpoint,
             log_dir=ns.log_dir,
             env={env.JOB_KEY: key, **ps_env, **control_env},
-            store_open=bool(ns.servers and ns.nnodes > 1),
+            store_open=bool(ns.servers and (ns.nnodes > 1 or ns.server_nodes)),
             max_restarts=ns.max_restarts,
         )
-        launch([ns.script, *ns.script_args], spec)
+        launch([str(ns.script), *ns.script_args], spec)
     return 0
+
+
+def _check_server_nodes(ns: argparse.Namespace) -> None:
+    """--server-nodes and --server-node-rank make sense together and with --servers, or stop in one sentence."""
+    nodes, rank = ns.server_nodes, ns.server_node_rank
+    if nodes < 0:
+        raise ConfigError(f"--server-nodes must be >= 0, not {nodes}")
+    if nodes and not ns.servers:
+        raise ConfigError(f"--server-nodes {nodes} needs --servers S (the parameter servers those machines run)")
+    if nodes > ns.servers:
+        raise ConfigError(
+            f"--servers {ns.servers} is fewer than --server-nodes {nodes}: give every server node at least one server"
+        )
+    if rank is not None:
+        if not nodes:
+            raise ConfigError("--server-node-rank needs --server-nodes H (how many machines run only servers)")
+        if not 0 <= rank < nodes:
+            raise ConfigError(f"--server-node-rank must be in 0..{nodes - 1} for --server-nodes {nodes}, not {rank}")
+        if ns.script is not None:
+            raise ConfigError(
+                f"a server node (--server-node-rank {rank}) runs no script; "
+                f"start {ns.script!r} on the workers' machines instead"
+            )
 
 
 if __name__ == "__main__":

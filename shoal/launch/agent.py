@@ -69,7 +69,7 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     # The job's store, held here so that it listens only where asked (torch's own
     # server listens on every interface); torch's rendezvous shares it (multi_tenant).
     held = None
-    if spec.nnodes > 1:
+    if spec.nnodes > 1 or spec.store_open:  # store_open: parameter servers on other machines share the store
         if not spec.rdzv_endpoint:
             raise ShoalError("a job on several machines needs --rdzv-endpoint HOST:PORT (the same on every machine)")
         backend, endpoint, rdzv_configs = "static", spec.rdzv_endpoint, {"rank": spec.node_rank}

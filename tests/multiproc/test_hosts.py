@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from tests.helpers.cli import SHOAL, finish
 from tests.helpers.hosts import TestHosts, can_make_hosts
 from tests.helpers.procs import Processes
 from tests.workers import dp_equivalence as worker
+from tests.workers import ps_equivalence, ps_tasks
 
 pytestmark = pytest.mark.skipif(bool(can_make_hosts()), reason=can_make_hosts() or "test hosts can be made")
 PORT = 29400  # any port: the hosts' namespaces are the test's own
@@ -55,6 +57,31 @@ def test_parameter_servers_on_two_hosts_serve_workers_on_both(tmp_path):
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
     accuracy = float(done[0].stdout.strip().splitlines()[-1].split("test accuracy ")[1].split()[0])
     assert accuracy >= 0.9, done[0].stdout
+
+
+def test_servers_on_a_host_without_workers_equal_one_process(tmp_path):
+    """Two parameter servers on a host of their own (`--server-nodes 1 --server-node-rank 0`),
+    one worker on each of two other hosts: BSP ends at one process's parameters."""
+    out = tmp_path / "params.json"
+    script = ["tests/workers/ps_equivalence.py", str(out), "2"]
+    with TestHosts(3) as hosts, Processes() as procs:
+        job = {env.JOB_KEY: secrets.token_hex(16)}
+        common = ["--servers", "2", "--server-nodes", "1", "--rdzv-endpoint", f"{hosts[0].address}:{PORT}"]
+        started = []
+        for i in (0, 1):
+            argv = [*SHOAL, "run", "-n", "1", "--nnodes", "2", "--node-rank", str(i), *common]
+            argv += ["--log-dir", str(tmp_path / f"host{i}"), *script]
+            started.append(procs.start(hosts[i].argv(argv), timeout=150, env=job))
+        argv = [*SHOAL, "run", "--server-node-rank", "0", *common, "--log-dir", str(tmp_path / "host2")]
+        started.append(procs.start(hosts[2].argv(argv), timeout=150, env=job))
+        done = [finish(p) for p in started]
+    assert [d.returncode for d in done] == [0, 0, 0], "\n----\n".join(d.stderr[-3000:] for d in done)
+    assert sorted(p.name for p in (tmp_path / "host2").glob("server*.log")) == ["server0.log", "server1.log"]
+    assert not list((tmp_path / "host0").glob("server*.log")) and not list((tmp_path / "host1").glob("server*.log"))
+    got = json.loads(out.read_text())
+    want = ps_tasks.single_process("sgd", ps_equivalence.STEPS, world=2)
+    for name, value in want.items():
+        np.testing.assert_allclose(np.asarray(got[name]), value, atol=1e-5, rtol=0, err_msg=name)
 
 
 LISTEN = """
