@@ -88,6 +88,12 @@ def _run(args: list[str]) -> int:
     parser.add_argument("--nnodes", type=int, default=1, help="machines in the job")
     parser.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
     parser.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of machine 0, the same on every machine")
+    parser.add_argument(
+        "--rdzv-backend",
+        default="static",
+        help="across machines: static (ranks from --node-rank; default), or torch's c10d (ranks assigned at "
+        "rendezvous; a machine that starts late, or again after a failure, joins), etcd, etcd-v2",
+    )
     parser.add_argument("--log-dir", default=None, help="where each rank's stdout/stderr is kept")
     parser.add_argument(
         "--servers", type=int, default=0, help="parameter-server processes to start (for the parameter_server strategy)"
@@ -131,6 +137,7 @@ def _run(args: list[str]) -> int:
     if ns.servers < 0:
         raise ConfigError(f"--servers must be >= 0, not {ns.servers}")
     _check_server_nodes(ns)
+    _check_rdzv_backend(ns)
     if ns.server_node_rank is None and ns.script is None:
         raise ConfigError("shoal run needs a script (or --server-node-rank J on a machine that runs only servers)")
     if ns.script is not None and not os.path.isfile(ns.script):
@@ -175,9 +182,34 @@ def _run(args: list[str]) -> int:
             env={env.JOB_KEY: key, **ps_env, **control_env},
             store_open=bool(ns.servers and (ns.nnodes > 1 or ns.server_nodes)),
             max_restarts=ns.max_restarts,
+            rdzv_backend=ns.rdzv_backend,
         )
         launch([str(ns.script), *ns.script_args], spec)
     return 0
+
+
+RDZV_BACKENDS = ("static", "c10d", "etcd", "etcd-v2")
+
+
+def _check_rdzv_backend(ns: argparse.Namespace) -> None:
+    """A rendezvous backend torch has, whose client is installed, that fits the rest of the command."""
+    import importlib.util
+
+    backend = ns.rdzv_backend
+    if backend not in RDZV_BACKENDS:
+        raise ConfigError(f"--rdzv-backend must be one of {', '.join(RDZV_BACKENDS)}, not {backend!r}")
+    if backend.startswith("etcd") and importlib.util.find_spec("etcd") is None:
+        raise ConfigError(
+            f"--rdzv-backend {backend} needs the python-etcd package (pip install python-etcd) and an etcd "
+            "server with the v2 API (etcd --enable-v2) at --rdzv-endpoint; or use --rdzv-backend c10d"
+        )
+    if backend != "static" and ns.servers and (ns.nnodes > 1 or ns.server_nodes):
+        raise ConfigError(
+            f"parameter servers on several machines need --rdzv-backend static (each machine's share of the "
+            f"servers follows its --node-rank), not {backend}"
+        )
+    if backend != "static" and not ns.rdzv_endpoint:
+        raise ConfigError(f"--rdzv-backend {backend} needs --rdzv-endpoint HOST:PORT (the same on every machine)")
 
 
 def _check_server_nodes(ns: argparse.Namespace) -> None:

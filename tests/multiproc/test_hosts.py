@@ -5,6 +5,7 @@ every byte between them crosses a veth link, from an address of its own."""
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -82,6 +83,36 @@ def test_servers_on_a_host_without_workers_equal_one_process(tmp_path):
     want = ps_tasks.single_process("sgd", ps_equivalence.STEPS, world=2)
     for name, value in want.items():
         np.testing.assert_allclose(np.asarray(got[name]), value, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_c10d_rendezvous_takes_a_late_node_and_a_killed_node_started_again():
+    """`--rdzv-backend c10d`: host 1's launcher starts after host 0's and joins; then host 1
+    dies (every process in it SIGKILLed) and its launcher is started again: torch's agent on
+    host 0 restarts its worker (`--max-restarts`) and the job ends on both hosts."""
+    with TestHosts(2) as hosts, Processes() as procs:
+        job = {env.JOB_KEY: secrets.token_hex(16)}
+
+        def node(i: int, name: str):
+            argv = [*SHOAL, "run", "-n", "1", "--nnodes", "2", "--rdzv-backend", "c10d", "--max-restarts", "2"]
+            argv += ["--rdzv-endpoint", f"{hosts[0].address}:{PORT}", "tests/workers/rejoin.py", "30", "0.1"]
+            return procs.start(hosts[i].argv(argv), timeout=180, env=job, name=name)
+
+        first = node(0, "first")
+        time.sleep(3)  # host 0 waits in the rendezvous for a host that is not there yet
+        late = node(1, "late")
+        deadline = time.monotonic() + 120
+        while "step 5 of 2 ranks" not in first.stdout():
+            assert first.poll() is None and late.poll() is None, first.stderr()[-2000:] + late.stderr()[-2000:]
+            assert time.monotonic() < deadline, first.stdout()[-2000:]
+            time.sleep(0.2)
+        assert hosts.kill(1)  # the machine dies: launcher and worker
+        late.popen.wait()
+        again = node(1, "again")
+        done = [finish(first), finish(again)]
+    assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    last = done[0].stdout.strip().splitlines()[-1]
+    found = re.search(r"done: world 2, restart (\d+)", last)
+    assert found and int(found[1]) >= 1, done[0].stdout[-2000:]  # host 0's worker was restarted and finished
 
 
 LISTEN = """
