@@ -20,7 +20,8 @@ USAGE = """usage: shoal <command> ...
 commands:
   train [CONFIG.toml] [--section.key=value ...] [--resume]
         run a complete training job (default: an MLP on scikit-learn's digits, 2 workers)
-  run [-n N] [--servers S] [--control raft] [--nnodes M --node-rank K --rdzv-endpoint HOST:PORT] script.py [args ...]
+  run [-n N] [--servers S] [--control raft] [--nnodes M --node-rank K --rdzv-endpoint HOST:PORT]
+      [--rdzv-backend static|c10d|etcd] [--max-restarts R] script.py [args ...]
         run any script on N local worker processes (the environment torchrun sets),
         with S parameter-server processes for the parameter_server strategy
         and a replicated control plane (docs/control-plane.md)
