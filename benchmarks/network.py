@@ -1,21 +1,29 @@
-"""Time saved by compression on real links: data parallelism across test hosts.
+"""Time saved by compression on real links: data parallelism and PS-BSP across test hosts.
 
-Two test hosts (network namespaces on a bridge, `tests/helpers/hosts.py`),
-one worker each, their links shaped with `tc` to each rate asked (token
-bucket; this kernel has no netem, so no delay is added), and for each rate
-every compressor side by side with "none": steps/s, and the training time to
-reach the target accuracy (what "none" reaches at the end, less `--slack`),
-on the large MLP (5.3M parameters, synthetic data). Needs root.
+Test hosts (network namespaces on a bridge, `tests/helpers/hosts.py`), each
+running `--workers-per-host` workers (and, for PS-BSP, one parameter server
+per host), their links shaped with `tc` to each rate asked. For each model,
+strategy and rate, every compressor runs side by side with "none": steps/s,
+and the training time to reach the target accuracy (what "none" reaches at
+the end, less `--slack`). Models: the large MLP (5.3M parameters, synthetic
+data) and the character GPT (0.8M parameters, the standard library's text).
+Each run also profiles one step: local compute, encode+decode, bytes on the
+wire and their time at the link's rate, and the rest (waiting). Needs root.
 
-    PYTHONPATH=. python benchmarks/network.py [--rates none,1gbit,100mbit] [--steps 80]
+This kernel has no qdisc that delays packets (netem, fq and etf are not
+built in; only tbf, htb and fifo are), so links have a rate but no delay.
 
-Writes benchmarks/results/network.json and one line per rate.
+    PYTHONPATH=. python benchmarks/network.py [--models mlp,gpt] [--strategies dp,ps]
+        [--rates none,1gbit,100mbit] [--specs none,fp16,...] [--hosts 2] [--steps 80]
+
+Writes benchmarks/results/NAME.json and one line per model, strategy and rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import secrets
 import signal
 import sys
@@ -31,55 +39,108 @@ SPECS = ["none", "fp16", "int8", "topk:0.01", "powersgd:rank=4"]
 PORT = 29400
 
 
-def worker(spec: str, steps: int, eval_every: int, out: str) -> None:
-    """One spec on this host's rank: train, evaluating every `eval_every` steps (not timed)."""
+def build(model: str):
+    """(data split, batch size, model, optimizer, loss) of one benchmark model."""
+    if model == "mlp":
+        from shoal.data.synthetic import Synthetic
+        from shoal.models.mlp import MLP
+
+        data = Synthetic(batch_size=64, samples=16384, features=512, classes=10, noise=8.0)
+        split = data.load(seed=0)
+        torch.manual_seed(0)
+        net = MLP(hidden=[2048, 2048]).build(split.input_shape, split.num_classes)
+        return split, data.batch_size, net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), _ce
+    from shoal.data.chars import StdlibChars
+    from shoal.models.gpt import GPT
+
+    data = StdlibChars(batch_size=16, context=64, characters=200_000)
+    split = data.load(seed=0)
+    torch.manual_seed(0)
+    net = GPT(layers=4, dim=128, heads=4).build(split.input_shape, split.num_classes)
+    return split, data.batch_size, net, torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.01), _lm
+
+
+def _ce(out, y):
+    return torch.nn.functional.cross_entropy(out, y)
+
+
+def _lm(logits, y):
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def worker(strategy_name: str, model_name: str, spec: str, steps: int, eval_every: int, out: str) -> None:
+    """One spec on this rank: train, evaluating every `eval_every` steps (not timed), then profile."""
     import torch.distributed as dist
 
     import shoal
-    from shoal.data.synthetic import Synthetic
-    from shoal.models.mlp import MLP
 
     rt = shoal.init()
-    data = Synthetic(batch_size=64, samples=16384, features=512, classes=10, noise=8.0)
-    split = data.load(seed=0)
-    torch.manual_seed(0)
-    model = MLP(hidden=[2048, 2048]).build(split.input_shape, split.num_classes)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    strategy = shoal.DataParallel(compression=spec)
+    split, batch, model, opt, loss_fn = build(model_name)
+    if strategy_name == "dp":
+        strategy = shoal.DataParallel(compression=spec)
+    else:
+        strategy = shoal.ParameterServer(consistency="bsp", compression=spec)
     model, opt = strategy.prepare(model, opt)
-    batches = strategy.loader(split.train, data.batch_size, shuffle=True, seed=0).forever()
-    loss_fn = torch.nn.functional.cross_entropy
-    curve, trained = [], 0.0
+    batches = strategy.loader(split.train, batch, shuffle=True, seed=0).forever()
+    curve, trained, wire = [], 0.0, []
     for step in range(1, steps + 1):
         dist.barrier()
         start = time.perf_counter()
         strategy.train_step(model, opt, loss_fn, next(batches))
         dist.barrier()
         trained += time.perf_counter() - start
+        m = strategy.step_metrics()
+        wire.append(m.get("bytes_sent", 0.0) + m.get("ps_bytes_pushed", 0.0) + m.get("ps_bytes_pulled", 0.0))
         if step % eval_every == 0 or step == steps:
             acc = strategy.evaluate(model, split.test, loss_fn)["eval_accuracy"]
             curve.append({"step": step, "seconds": trained, "accuracy": acc})
+    fresh = build(model_name)[2]  # the same network without the strategy's hooks, for local costs
+    profile = local_costs(fresh, spec, loss_fn, next(batches))
+    profile["bytes_per_step"] = sum(wire[2:]) / max(1, len(wire[2:]))  # after PowerSGD's dense warm-up steps
+    strategy.close()
     if rt.is_main:
-        Path(out).write_text(json.dumps({"spec": spec, "steps_per_s": steps / trained, "curve": curve}))
+        Path(out).write_text(json.dumps({"spec": spec, "steps_per_s": steps / trained, "curve": curve, **profile}))
     shoal.shutdown()
 
 
-def run_spec(hosts, spec: str, steps: int, eval_every: int, out: Path) -> dict:
+def local_costs(model, spec: str, loss_fn, batch, reps: int = 3) -> dict:
+    """Seconds of one step's local work: forward+backward alone, and encode+decode of every gradient."""
+    from shoal.compress import parse
+
+    x, y = batch
+    start = time.perf_counter()
+    for _ in range(reps):
+        model.zero_grad()
+        loss_fn(model(x), y).backward()
+    compute = (time.perf_counter() - start) / reps
+    codec = parse(spec)
+    grads = [(n, p.grad.detach().clone()) for n, p in model.named_parameters() if p.grad is not None]
+    start = time.perf_counter()
+    for _ in range(reps):
+        for name, g in grads:
+            codec.decode(codec.encode(name, g), g.shape, g.dtype)
+    model.zero_grad()
+    return {"compute_s": compute, "codec_s": (time.perf_counter() - start) / reps}
+
+
+def run_spec(hosts, args, strategy: str, model: str, spec: str, out: Path) -> dict:
     from shoal import env
     from tests.helpers.cli import SHOAL, finish
     from tests.helpers.procs import Processes
 
     job = {env.JOB_KEY: secrets.token_hex(16), env.THREADS: "1", "OMP_NUM_THREADS": "1"}
+    servers = ["--servers", str(len(hosts))] if strategy == "ps" else []
     with Processes() as procs:
         started = []
         for host in hosts.hosts:
-            argv = [*SHOAL, "run", "-n", "1", "--nnodes", "2", "--node-rank", str(host.index)]
-            argv += ["--rdzv-endpoint", f"{hosts[0].address}:{PORT}", __file__, "--worker", spec, str(steps)]
-            argv += [str(eval_every), str(out)]
+            argv = [*SHOAL, "run", "-n", str(args.workers_per_host), "--nnodes", str(len(hosts)), *servers]
+            argv += ["--node-rank", str(host.index), "--rdzv-endpoint", f"{hosts[0].address}:{PORT}", __file__]
+            argv += ["--worker", strategy, model, spec, str(args.steps), str(args.eval_every), str(out)]
             started.append(procs.start(host.argv(argv), timeout=1800, env=job))
         done = [finish(p) for p in started]
     if any(d.returncode for d in done):
-        sys.exit(f"{done[0].stderr[-3000:]}{done[1].stderr[-3000:]}\nbenchmark worker failed for {spec}")
+        said = "".join(d.stderr[-2000:] for d in done)
+        sys.exit(f"{said}\nbenchmark worker failed for {model} {strategy} {spec}")
     return json.loads(out.read_text())
 
 
@@ -88,34 +149,56 @@ def time_to(curve: list[dict], target: float) -> float | None:
     return next((p["seconds"] for p in curve if p["accuracy"] >= target), None)
 
 
-def compare(rows: list[dict], slack: float) -> dict:
+def rate_bits(rate: str) -> float | None:
+    """A tc rate ("100mbit", "1gbit") in bits per second; None for an unshaped link."""
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", rate)
+    if not found:
+        return None
+    return float(found[1]) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[found[2]]
+
+
+def compare(rows: list[dict], slack: float, rate: str) -> dict:
     none = next(r for r in rows if r["spec"] == "none")
     target = none["curve"][-1]["accuracy"] - slack
     base = time_to(none["curve"], target)
+    bits = rate_bits(rate)
     for row in rows:
         row["final_accuracy"] = row["curve"][-1]["accuracy"]
         row["seconds_to_target"] = time_to(row["curve"], target)
         row["speedup_vs_none"] = row["steps_per_s"] / none["steps_per_s"]
         t = row["seconds_to_target"]
         row["time_to_target_vs_none"] = base / t if (t and base) else None
+        step = 1.0 / row["steps_per_s"]
+        wire = row["bytes_per_step"] * 8 / bits if bits else None
+        row["profile"] = {
+            "step_s": step,
+            "compute_s": row["compute_s"],
+            "codec_s": row["codec_s"],
+            "wire_s_at_rate": wire,
+            "rest_s": step - row["compute_s"] - row["codec_s"] - (wire or 0.0),
+        }
     return {"target_accuracy": target, "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mlp,gpt", help="mlp (5.3M parameters) and/or gpt (0.8M)")
+    parser.add_argument("--strategies", default="dp,ps", help="dp (DataParallel) and/or ps (ParameterServer, bsp)")
     parser.add_argument(
         "--rates", default="none,1gbit,100mbit", help="tc rates per host link; 'none' leaves it unshaped"
     )
     parser.add_argument("--specs", default=",".join(SPECS))
+    parser.add_argument("--hosts", type=int, default=2, help="test hosts (PS-BSP: one server on each)")
+    parser.add_argument("--workers-per-host", type=int, default=1)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--slack", type=float, default=0.01, help="target = none's final accuracy - slack")
     parser.add_argument("--name", default="network")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        spec, steps, every, out = args.worker
-        return worker(spec, int(steps), int(every), out)
+        strategy, model, spec, steps, every, out = args.worker
+        return worker(strategy, model, spec, int(steps), int(every), out)
 
     from tests.helpers.hosts import TestHosts, can_make_hosts
 
@@ -128,20 +211,32 @@ def main() -> None:
     results: dict = {}
     lines = []
     tmp = _harness.RESULTS / f"{args.name}.part.json"
-    for rate in args.rates.split(","):
-        with TestHosts(2) as hosts:
-            links = [hosts.shape(i, rate=rate).applied for i in range(2)] if rate != "none" else ["unshaped veth"] * 2
-            rows = [run_spec(hosts, spec, args.steps, args.eval_every, tmp) for spec in args.specs.split(",")]
-        results[rate] = {"link": links[0], **compare(rows, args.slack)}
-        line = ", ".join(
-            f"{r['spec']} {r['speedup_vs_none']:.2f}x steps/s, "
-            + (f"{r['time_to_target_vs_none']:.2f}x sooner" if r["time_to_target_vs_none"] else "target not reached")
-            for r in results[rate]["rows"]
-        )
-        lines.append(f"{rate}: {line}")
-        print(lines[-1], flush=True)
+    for model in args.models.split(","):
+        for strategy in args.strategies.split(","):
+            for rate in args.rates.split(","):
+                with TestHosts(args.hosts) as hosts:
+                    shaped = rate != "none"
+                    links = [hosts.shape(i, rate=rate).applied if shaped else "unshaped" for i in range(len(hosts))]
+                    rows = [run_spec(hosts, args, strategy, model, s, tmp) for s in args.specs.split(",")]
+                key = f"{model}/{strategy}/{rate}"
+                results[key] = {"link": links[0], **compare(rows, args.slack, rate)}
+                line = ", ".join(
+                    f"{r['spec']} {r['speedup_vs_none']:.2f}x steps/s, "
+                    + (f"{r['time_to_target_vs_none']:.2f}x sooner" if r["time_to_target_vs_none"] else "not reached")
+                    for r in results[key]["rows"]
+                )
+                lines.append(f"{key}: {line}")
+                print(lines[-1], flush=True)
     tmp.unlink(missing_ok=True)
-    result = {"steps": args.steps, "eval_every": args.eval_every, "slack": args.slack, "results": results}
+    workers = args.hosts * args.workers_per_host
+    result = {
+        "hosts": args.hosts,
+        "workers": workers,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "slack": args.slack,
+        "results": results,
+    }
     _harness.write(args.name, result, " | ".join(lines))
 
 

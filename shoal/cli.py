@@ -20,10 +20,13 @@ USAGE = """usage: shoal <command> ...
 commands:
   train [CONFIG.toml] [--section.key=value ...] [--resume]
         run a complete training job (default: an MLP on scikit-learn's digits, 2 workers)
-  run [-n N] [--servers S] [--control raft] [--nnodes M --node-rank K --rdzv-endpoint HOST:PORT] script.py [args ...]
+  run [-n N] [--servers S] [--control raft] [--nnodes M --node-rank K --rdzv-endpoint HOST:PORT]
+      [--rdzv-backend static|c10d|etcd] [--max-restarts R] script.py [args ...]
         run any script on N local worker processes (the environment torchrun sets),
         with S parameter-server processes for the parameter_server strategy
         and a replicated control plane (docs/control-plane.md)
+  run --servers S --server-nodes H --server-node-rank J --rdzv-endpoint HOST:PORT
+        run only parameter servers on this machine (server node J of H), for workers on other machines
 
 `shoal <command> --help` for details.
 """
@@ -86,6 +89,12 @@ def _run(args: list[str]) -> int:
     parser.add_argument("--nnodes", type=int, default=1, help="machines in the job")
     parser.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
     parser.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of machine 0, the same on every machine")
+    parser.add_argument(
+        "--rdzv-backend",
+        default="static",
+        help="across machines: static (ranks from --node-rank; default), or torch's c10d (ranks assigned at "
+        "rendezvous; a machine that starts late, or again after a failure, joins), etcd, etcd-v2",
+    )
     parser.add_argument("--log-dir", default=None, help="where each rank's stdout/stderr is kept")
     parser.add_argument(
         "--servers", type=int, default=0, help="parameter-server processes to start (for the parameter_server strategy)"
@@ -102,7 +111,19 @@ def _run(args: list[str]) -> int:
         default=0,
         help="after a worker fails, stop the others and restart all of them up to this many times (default 0)",
     )
-    parser.add_argument("script", help="the Python script to run")
+    parser.add_argument(
+        "--server-nodes",
+        type=int,
+        default=0,
+        help="machines that run only parameter servers (given on every machine; the workers' machines then run none)",
+    )
+    parser.add_argument(
+        "--server-node-rank",
+        type=int,
+        default=None,
+        help="this machine is server node J of --server-nodes: it runs servers J, J+H, ... and no script",
+    )
+    parser.add_argument("script", nargs="?", default=None, help="the Python script to run")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     try:
         ns = parser.parse_args(args)
@@ -112,18 +133,34 @@ def _run(args: list[str]) -> int:
         raise ConfigError(f"-n must be >= 1, not {ns.nproc}")
     if ns.nnodes < 1 or not 0 <= ns.node_rank < ns.nnodes:
         raise ConfigError(f"--node-rank must be in 0..{ns.nnodes - 1} for --nnodes {ns.nnodes}, not {ns.node_rank}")
-    if not os.path.isfile(ns.script):
-        raise ConfigError(f"script {ns.script!r} does not exist")
     if ns.max_restarts < 0:
         raise ConfigError(f"--max-restarts must be >= 0, not {ns.max_restarts}")
     if ns.servers < 0:
         raise ConfigError(f"--servers must be >= 0, not {ns.servers}")
-    from shoal.ps.servers import serving
+    _check_server_nodes(ns)
+    _check_rdzv_backend(ns)
+    if ns.server_node_rank is None and ns.script is None:
+        raise ConfigError("shoal run needs a script (or --server-node-rank J on a machine that runs only servers)")
+    if ns.script is not None and not os.path.isfile(ns.script):
+        raise ConfigError(f"script {ns.script!r} does not exist")
+    from shoal.ps.servers import Machines, serve_only, serving
 
     key = os.environ.get(env.JOB_KEY) or secrets.token_hex(32)
     record = os.path.join(ns.log_dir, "ps_events.jsonl") if ns.log_dir else None
-    if ns.nnodes > 1 and not ns.rdzv_endpoint:
+    if (ns.nnodes > 1 or ns.server_nodes) and not ns.rdzv_endpoint:
         raise ConfigError("a job on several machines needs --rdzv-endpoint HOST:PORT (the same on every machine)")
+    if ns.server_node_rank is not None:
+        serve_only(
+            ns.servers,
+            key,
+            ns.server_nodes,
+            ns.server_node_rank,
+            ns.rdzv_endpoint,
+            log_dir=ns.log_dir,
+            record=record,
+            live=sys.stderr.isatty(),
+        )
+        return 0
     from shoal.control.launch import serving as control_serving
 
     with (
@@ -134,9 +171,7 @@ def _run(args: list[str]) -> int:
             log_dir=ns.log_dir,
             record=record,
             live=sys.stderr.isatty(),
-            nnodes=ns.nnodes,
-            node_rank=ns.node_rank,
-            rdzv_endpoint=ns.rdzv_endpoint,
+            machines=Machines(ns.nnodes, ns.node_rank, ns.rdzv_endpoint, ns.server_nodes),
         ) as ps_env,
     ):
         spec = LaunchSpec(
@@ -146,11 +181,59 @@ def _run(args: list[str]) -> int:
             rdzv_endpoint=ns.rdzv_endpoint,
             log_dir=ns.log_dir,
             env={env.JOB_KEY: key, **ps_env, **control_env},
-            store_open=bool(ns.servers and ns.nnodes > 1),
+            store_open=bool(ns.servers and (ns.nnodes > 1 or ns.server_nodes)),
             max_restarts=ns.max_restarts,
+            rdzv_backend=ns.rdzv_backend,
         )
-        launch([ns.script, *ns.script_args], spec)
+        launch([str(ns.script), *ns.script_args], spec)
     return 0
+
+
+RDZV_BACKENDS = ("static", "c10d", "etcd", "etcd-v2")
+
+
+def _check_rdzv_backend(ns: argparse.Namespace) -> None:
+    """A rendezvous backend torch has, whose client is installed, that fits the rest of the command."""
+    import importlib.util
+
+    backend = ns.rdzv_backend
+    if backend not in RDZV_BACKENDS:
+        raise ConfigError(f"--rdzv-backend must be one of {', '.join(RDZV_BACKENDS)}, not {backend!r}")
+    if backend.startswith("etcd") and importlib.util.find_spec("etcd") is None:
+        raise ConfigError(
+            f"--rdzv-backend {backend} needs the python-etcd package (pip install python-etcd) and an etcd "
+            "server with the v2 API (etcd --enable-v2) at --rdzv-endpoint; or use --rdzv-backend c10d"
+        )
+    if backend != "static" and ns.servers and (ns.nnodes > 1 or ns.server_nodes):
+        raise ConfigError(
+            f"parameter servers on several machines need --rdzv-backend static (each machine's share of the "
+            f"servers follows its --node-rank), not {backend}"
+        )
+    if backend != "static" and not ns.rdzv_endpoint:
+        raise ConfigError(f"--rdzv-backend {backend} needs --rdzv-endpoint HOST:PORT (the same on every machine)")
+
+
+def _check_server_nodes(ns: argparse.Namespace) -> None:
+    """--server-nodes and --server-node-rank make sense together and with --servers, or stop in one sentence."""
+    nodes, rank = ns.server_nodes, ns.server_node_rank
+    if nodes < 0:
+        raise ConfigError(f"--server-nodes must be >= 0, not {nodes}")
+    if nodes and not ns.servers:
+        raise ConfigError(f"--server-nodes {nodes} needs --servers S (the parameter servers those machines run)")
+    if nodes > ns.servers:
+        raise ConfigError(
+            f"--servers {ns.servers} is fewer than --server-nodes {nodes}: give every server node at least one server"
+        )
+    if rank is not None:
+        if not nodes:
+            raise ConfigError("--server-node-rank needs --server-nodes H (how many machines run only servers)")
+        if not 0 <= rank < nodes:
+            raise ConfigError(f"--server-node-rank must be in 0..{nodes - 1} for --server-nodes {nodes}, not {rank}")
+        if ns.script is not None:
+            raise ConfigError(
+                f"a server node (--server-node-rank {rank}) runs no script; "
+                f"start {ns.script!r} on the workers' machines instead"
+            )
 
 
 if __name__ == "__main__":

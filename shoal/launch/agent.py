@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal import env, logs
-from shoal.comm.netif import interface_towards
+from shoal.comm.netif import address_towards, interface_of, interface_towards
 from shoal.config import split_endpoint
 from shoal.errors import ShoalError, WorkerError, caused_by_peer, first_line
 
@@ -58,6 +58,9 @@ class LaunchSpec:
     """Machine 0's launcher already hosts the job's store on `rdzv_endpoint` (for parameter servers)."""
     max_restarts: int = 0
     """Times torch's agent restarts every worker after a failure before the job fails."""
+    rdzv_backend: str = "static"
+    """Across machines: "static" (ranks from --node-rank), or torch's "c10d", "etcd", "etcd-v2"
+    (ranks assigned at rendezvous; a machine that starts late or again joins)."""
 
 
 def launch(argv: list[str], spec: LaunchSpec) -> None:
@@ -69,9 +72,17 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     # The job's store, held here so that it listens only where asked (torch's own
     # server listens on every interface); torch's rendezvous shares it (multi_tenant).
     held = None
-    if spec.nnodes > 1:
-        if not spec.rdzv_endpoint:
-            raise ShoalError("a job on several machines needs --rdzv-endpoint HOST:PORT (the same on every machine)")
+    # store_open: parameter servers on other machines share the store; etcd: the user's, on any number of machines
+    several = spec.nnodes > 1 or spec.store_open or spec.rdzv_backend.startswith("etcd")
+    if several and not spec.rdzv_endpoint:
+        raise ShoalError("a job on several machines needs --rdzv-endpoint HOST:PORT (the same on every machine)")
+    if several and spec.rdzv_backend == "c10d":
+        held = _hold_store_if_mine(spec.rdzv_endpoint, spec.rdzv_timeout_s)
+        backend, endpoint = "c10d", spec.rdzv_endpoint
+        rdzv_configs = {"is_host": held is not None, "join_timeout": spec.rdzv_timeout_s}
+    elif several and spec.rdzv_backend != "static":  # etcd, etcd-v2: torch's own, on the user's etcd
+        backend, endpoint, rdzv_configs = spec.rdzv_backend, spec.rdzv_endpoint, {}
+    elif several:
         backend, endpoint, rdzv_configs = "static", spec.rdzv_endpoint, {"rank": spec.node_rank}
         _check_endpoint(endpoint, spec.node_rank, store_open=spec.store_open)
         if spec.node_rank == 0 and not spec.store_open:
@@ -81,6 +92,9 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     else:
         held = _hold_store("127.0.0.1", 0, spec.rdzv_timeout_s)
         backend, endpoint, rdzv_configs = "c10d", f"127.0.0.1:{held.port}", {}
+    # Dynamic rendezvous: name this machine by the address the others reach (torch would take the
+    # host name, which may resolve to loopback, and then advertise it as MASTER_ADDR).
+    local_addr = address_towards(split_endpoint(endpoint)[0]) if several and backend != "static" else None
     log_dir = spec.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-logs")
     logs_spec = DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE if spec.quiet else Std.ALL)
     config = LaunchConfig(
@@ -93,6 +107,7 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
         rdzv_endpoint=endpoint,
         rdzv_backend=backend,
         rdzv_configs={**rdzv_configs, "timeout": spec.rdzv_timeout_s},
+        local_addr=local_addr,
         max_restarts=spec.max_restarts,
         monitor_interval=0.1,
         start_method="spawn",
@@ -161,6 +176,22 @@ def _hold_store(host: str, port: int, timeout_s: float) -> TCPStore:
             f"cannot open the job's rendezvous store on {host}:{port} ({first_line(str(exc))}); give "
             "--rdzv-endpoint this machine's own address and a free port"
         ) from None
+
+
+def _hold_store_if_mine(endpoint: str, timeout_s: float) -> TCPStore | None:
+    """c10d: the job's store, held here when the endpoint is this machine's own address
+    (None: another machine, or another launcher here, holds it; torch's backend then connects)."""
+    host, port = split_endpoint(endpoint)
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        raise ShoalError(f"cannot resolve the host {host!r} of --rdzv-endpoint; give an address") from None
+    if interface_of(address) is None and not address.startswith("127."):
+        return None
+    try:
+        return _hold_store(host, port, timeout_s)
+    except ShoalError:
+        return None  # in use: a launcher on this machine started first and holds it
 
 
 def _check_endpoint(endpoint: str, node_rank: int, store_open: bool = False) -> None:

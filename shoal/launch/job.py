@@ -18,7 +18,7 @@ from rich.console import Console
 from shoal import env
 from shoal.errors import CheckpointError, WorkerError
 from shoal.launch.agent import LaunchSpec, launch
-from shoal.ps.servers import serving
+from shoal.ps.servers import Machines, serving
 from shoal.train import checkpoint
 from shoal.train import jobconfig as config
 from shoal.train.jobconfig import JobConfig
@@ -110,9 +110,7 @@ def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
             job_key,
             log_dir=str(run_dir / "logs"),
             record=str(run_dir / events),
-            nnodes=launch_cfg.nnodes,
-            node_rank=launch_cfg.node_rank,
-            rdzv_endpoint=launch_cfg.rdzv_endpoint,
+            machines=Machines(launch_cfg.nnodes, launch_cfg.node_rank, launch_cfg.rdzv_endpoint),
         ) as ps_env:
             workers_env.update(ps_env)
             try:

@@ -9,6 +9,9 @@ find them through the rendezvous store (`shoal.ps.store`). On one machine
 the store is hosted here; across machines, machine k of M starts servers k,
 k + M, k + 2M, ... of the job's S, which bind every interface and publish
 the address by which this machine reaches machine 0 (or SHOAL_PS_ADVERTISE).
+With H server nodes (machines that run servers and no workers) the workers'
+machines start none and server node j starts servers j, j + H, ...
+(`serve_only`), until machine 0's launcher writes that the workers ended.
 Servers are children of the launcher on their machine, stopped by pid
 (SIGTERM, then SIGKILL), and they exit by themselves if it dies.
 """
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from shoal import env
 from shoal.comm.netif import address_towards
 from shoal.config import split_endpoint
-from shoal.errors import ConfigError, ShoalError
+from shoal.errors import ConfigError, ShoalError, WorkerError, first_line
 from shoal.ps import store as ps_store
 
 DEFAULT_MAX_BYTES = 1 << 30
@@ -84,6 +87,17 @@ class ServerGroup:
                 p.kill()
                 p.wait()
         return [p.returncode for p in self.procs]
+
+
+@dataclass(frozen=True)
+class Machines:
+    """Where a job runs: `nnodes` workers' machines (this one `node_rank`), their rendezvous
+    endpoint, and `server_nodes` more machines that run only servers."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""
+    server_nodes: int = 0
 
 
 @dataclass
@@ -143,8 +157,12 @@ def _start_server(server_env: dict[str, str], log_path: str | None) -> subproces
         return subprocess.Popen(argv, env=server_env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def machine_share(count: int, nnodes: int, node_rank: int, rdzv_endpoint: str) -> Share:
-    """This machine's share of a job's `count` servers on `nnodes` machines."""
+def machine_share(
+    count: int, nnodes: int, node_rank: int, rdzv_endpoint: str, server_nodes: int = 0, server_node_rank: int = -1
+) -> Share:
+    """This machine's share of a job's `count` servers on `nnodes` machines: servers k, k + M, ...
+    on machine k of M; with `server_nodes` H machines that run only servers, none on the
+    workers' machines and servers j, j + H, ... on server node `server_node_rank` j."""
     key = os.environ.get(env.JOB_KEY, "")
     if not key:
         raise ConfigError(
@@ -152,10 +170,14 @@ def machine_share(count: int, nnodes: int, node_rank: int, rdzv_endpoint: str) -
             f"set {env.JOB_KEY} (e.g. to the output of `openssl rand -hex 32`) before `shoal` on each"
         )
     rdzv_host, _ = split_endpoint(rdzv_endpoint)
+    if server_node_rank >= 0:
+        node_rank, indices = -1, list(range(server_node_rank, count, server_nodes))
+    else:
+        indices = [] if server_nodes else list(range(node_rank, count, nnodes))
     return Share(
-        store=ps_store.open_job_store(count, nnodes, node_rank, rdzv_endpoint, key.encode()),
+        store=ps_store.open_job_store(count, nnodes, node_rank, rdzv_endpoint, key.encode(), server_nodes=server_nodes),
         address=rdzv_endpoint,
-        indices=list(range(node_rank, count, nnodes)),
+        indices=indices,
         advertise=os.environ.get(env.PS_ADVERTISE) or address_towards(rdzv_host),
     )
 
@@ -167,9 +189,7 @@ def serving(
     log_dir: str | None = None,
     record: str | None = None,
     live: bool = False,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    rdzv_endpoint: str = "",
+    machines: Machines = Machines(),
 ) -> Iterator[dict[str, str]]:
     """`count` servers for the duration of the block; yields the environment workers need.
 
@@ -177,9 +197,11 @@ def serving(
     `server_processes()` is > 0) wrap around their worker launch. Servers and
     workers publish events and per-worker metrics to a `Monitor` here, which
     appends them to `record` (JSON lines) and, with `live`, shows a table.
-    With `nnodes` > 1 every machine's launcher calls this with the same
+    With `machines.nnodes` > 1 every machine's launcher calls this with the same
     `count` and `rdzv_endpoint`; each starts its share of the servers and
-    shows its own machine's rows.
+    shows its own machine's rows. With `server_nodes` H > 0 the servers run
+    on H more machines (`serve_only` there) and machine 0 tells those when
+    its workers have ended.
     """
     if count <= 0:
         yield {}
@@ -189,14 +211,81 @@ def serving(
 
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
-    share = machine_share(count, nnodes, node_rank, rdzv_endpoint) if nnodes > 1 else None
+    m = machines
+    several = m.nnodes > 1 or m.server_nodes > 0
+    share = machine_share(count, m.nnodes, m.node_rank, m.rdzv_endpoint, m.server_nodes) if several else None
     monitor = Monitor(Codec(job_key.encode()), record=record, live=live).start()
     events = {env.PS_EVENTS: monitor.endpoint}
     try:
         group = start_servers(count, job_key, log_dir=log_dir, extra_env=events, share=share)
+        ended = "failed"
         try:
             yield {**group.env, **events}
+            ended = "ok"
+        finally:
+            if share is not None and m.server_nodes and m.node_rank == 0:
+                _announce_end(share.store, ended, m.server_nodes)
+            group.stop()
+    finally:
+        monitor.stop()
+
+
+def serve_only(
+    count: int,
+    job_key: str,
+    server_nodes: int,
+    server_node_rank: int,
+    rdzv_endpoint: str,
+    log_dir: str | None = None,
+    record: str | None = None,
+    live: bool = False,
+) -> None:
+    """A machine that runs only servers (`shoal run --server-node-rank J`): its share of the
+    job's servers until machine 0's launcher says the workers have ended; ShoalError if they
+    failed, if a server failed, or if machine 0's store went away."""
+    from shoal.comm.wire import Codec
+    from shoal.ps.monitor import Monitor
+
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+    share = machine_share(count, 1, -1, rdzv_endpoint, server_nodes, server_node_rank)
+    monitor = Monitor(Codec(job_key.encode()), record=record, live=live).start()
+    try:
+        group = start_servers(count, job_key, log_dir=log_dir, extra_env={env.PS_EVENTS: monitor.endpoint}, share=share)
+        try:
+            ended = _wait_for_end(share.store, group, log_dir)
         finally:
             group.stop()
     finally:
         monitor.stop()
+    if ended != "ok":
+        raise WorkerError("the job's workers failed (machine 0's launcher says so); see the workers' machines")
+
+
+def _announce_end(store: ps_store.SignedStore, ended: str, server_nodes: int, wait_s: float = 30.0) -> None:
+    """Machine 0: tell the server nodes how the workers ended, and keep the store open until they have read it."""
+    store.set(ps_store.JOB_END_KEY, ended)
+    deadline = time.monotonic() + wait_s
+    while store.raw.add(ps_store.JOB_LEFT_KEY, 0) < server_nodes and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _wait_for_end(store: ps_store.SignedStore, group: ServerGroup, log_dir: str | None) -> str:
+    """A server node: wait until machine 0 writes how the workers ended ("ok" or "failed")."""
+    while True:
+        try:
+            if store.raw.check([ps_store.JOB_END_KEY]):
+                break
+        except Exception as exc:
+            raise ShoalError(
+                f"machine 0's rendezvous store went away before the job ended ({first_line(str(exc))}); "
+                "its launcher probably died: see its output"
+            ) from None
+        for code in group.poll():
+            if code not in (None, 0):
+                where = f" (logs in {log_dir})" if log_dir else ""
+                raise ShoalError(f"a parameter server on this machine exited with code {code}{where}")
+        time.sleep(0.5)
+    ended = store.get(ps_store.JOB_END_KEY)
+    store.raw.add(ps_store.JOB_LEFT_KEY, 1)
+    return ended

@@ -7,7 +7,12 @@ A torch `TCPStore` holds these keys, named here and nowhere else:
 - `server_key(i)` (`shoal/ps/server/<i>`): server i's ZeroMQ endpoint, set
   by server i once it is bound;
 - `SESSION_KEY` (`shoal/ps/session`), across machines only: the job's
-  session, which machine 0's launcher draws and the others read.
+  session, which machine 0's launcher draws and the others read;
+- `SERVER_NODES_KEY` (`shoal/ps/server_nodes`), across machines only: how
+  many machines run servers and no workers (`shoal run --server-nodes`);
+- `JOB_END_KEY` (`shoal/job/end`) and `JOB_LEFT_KEY` (`shoal/job/left`):
+  machine 0's launcher writes how the workers ended, and each server node
+  counts itself out before machine 0 closes the store.
 
 Nothing is hard-coded but the store's own address, which the launcher hands
 to servers and workers in SHOAL_PS_STORE. On one machine the launcher hosts
@@ -52,6 +57,12 @@ SERVER_COUNT_KEY = "shoal/ps/servers"
 """How many servers the job has."""
 SESSION_KEY = "shoal/ps/session"
 """The job's session, for the machines that did not draw it."""
+SERVER_NODES_KEY = "shoal/ps/server_nodes"
+"""How many machines of the job run only servers."""
+JOB_END_KEY = "shoal/job/end"
+"""How the job's workers ended ("ok" or "failed"), for machines that run only servers."""
+JOB_LEFT_KEY = "shoal/job/left"
+"""A counter: server nodes that have read JOB_END_KEY (machine 0 waits for them before closing the store)."""
 _DOMAIN = b"shoal-store-v1"
 
 
@@ -163,10 +174,17 @@ def open_local_store(host: str, count: int, timeout_s: float, key: bytes) -> tup
 
 
 def open_job_store(
-    count: int, nnodes: int, node_rank: int, rdzv_endpoint: str, key: bytes, timeout_s: float = 300.0
+    count: int,
+    nnodes: int,
+    node_rank: int,
+    rdzv_endpoint: str,
+    key: bytes,
+    timeout_s: float = 300.0,
+    server_nodes: int = 0,
 ) -> SignedStore:
-    """The job's rendezvous store across machines (machine 0 hosts it, on the endpoint's address only);
-    checks that every machine asks for the same number of servers."""
+    """The job's rendezvous store across machines (machine 0 hosts it, on the endpoint's address only;
+    `node_rank` -1: a machine that runs only servers); checks that every machine asks for the same
+    number of servers and of server nodes."""
     host, port = split_endpoint(rdzv_endpoint)
     try:
         if node_rank == 0:
@@ -174,11 +192,13 @@ def open_job_store(
             store = SignedStore(raw, key, secrets.token_hex(16), rdzv_endpoint)
             store.set(SESSION_KEY, store.session, session="")
             store.set(SERVER_COUNT_KEY, str(count))
+            store.set(SERVER_NODES_KEY, str(server_nodes))
             return store
         raw = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
         store = SignedStore(raw, key, "", rdzv_endpoint)
         store.session = store.get(SESSION_KEY, session="")
         asked = int(store.get(SERVER_COUNT_KEY))
+        asked_nodes = int(store.get(SERVER_NODES_KEY))
     except ShoalError:
         raise
     except Exception as exc:
@@ -196,6 +216,11 @@ def open_job_store(
         raise ConfigError(
             f"machine 0 started the job with --servers {asked}, this machine with {count}; "
             "pass the same --servers on every machine"
+        )
+    if asked_nodes != server_nodes:
+        raise ConfigError(
+            f"machine 0 started the job with --server-nodes {asked_nodes}, this machine with {server_nodes}; "
+            "pass the same --server-nodes on every machine"
         )
     return store
 

@@ -122,15 +122,20 @@ class TestHosts:
     def close(self) -> None:
         """Kill what runs in the hosts (by pid), then remove namespaces and links."""
         for host in self.hosts:
-            listed = _ip("netns", "pids", host.netns, check=False).stdout.split()
-            for pid in map(int, listed):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            self.kill(host.index)
             _ip("netns", "del", host.netns, check=False)  # takes its end of the veth pair along
         for i in range(self._count):
             _ip("link", "del", f"shv{self.tag}{i}", check=False)
         _ip("link", "del", self.bridge, check=False)
         self.hosts = []
+
+    def kill(self, i: int) -> list[int]:
+        """SIGKILL every process in host i (by pid), as if the machine died; their pids."""
+        listed = list(map(int, _ip("netns", "pids", self.hosts[i].netns, check=False).stdout.split()))
+        for pid in listed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return listed
 
     # -------------------------------------------------------------- shaping
     def shape(self, i: int, rate: str | None = None, delay: str | None = None, loss: str | None = None) -> Link:

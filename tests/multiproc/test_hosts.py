@@ -5,11 +5,13 @@ every byte between them crosses a veth link, from an address of its own."""
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from tests.helpers.cli import SHOAL, finish
 from tests.helpers.hosts import TestHosts, can_make_hosts
 from tests.helpers.procs import Processes
 from tests.workers import dp_equivalence as worker
+from tests.workers import ps_equivalence, ps_tasks
 
 pytestmark = pytest.mark.skipif(bool(can_make_hosts()), reason=can_make_hosts() or "test hosts can be made")
 PORT = 29400  # any port: the hosts' namespaces are the test's own
@@ -55,6 +58,61 @@ def test_parameter_servers_on_two_hosts_serve_workers_on_both(tmp_path):
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
     accuracy = float(done[0].stdout.strip().splitlines()[-1].split("test accuracy ")[1].split()[0])
     assert accuracy >= 0.9, done[0].stdout
+
+
+def test_servers_on_a_host_without_workers_equal_one_process(tmp_path):
+    """Two parameter servers on a host of their own (`--server-nodes 1 --server-node-rank 0`),
+    one worker on each of two other hosts: BSP ends at one process's parameters."""
+    out = tmp_path / "params.json"
+    script = ["tests/workers/ps_equivalence.py", str(out), "2"]
+    with TestHosts(3) as hosts, Processes() as procs:
+        job = {env.JOB_KEY: secrets.token_hex(16)}
+        common = ["--servers", "2", "--server-nodes", "1", "--rdzv-endpoint", f"{hosts[0].address}:{PORT}"]
+        started = []
+        for i in (0, 1):
+            argv = [*SHOAL, "run", "-n", "1", "--nnodes", "2", "--node-rank", str(i), *common]
+            argv += ["--log-dir", str(tmp_path / f"host{i}"), *script]
+            started.append(procs.start(hosts[i].argv(argv), timeout=150, env=job))
+        argv = [*SHOAL, "run", "--server-node-rank", "0", *common, "--log-dir", str(tmp_path / "host2")]
+        started.append(procs.start(hosts[2].argv(argv), timeout=150, env=job))
+        done = [finish(p) for p in started]
+    assert [d.returncode for d in done] == [0, 0, 0], "\n----\n".join(d.stderr[-3000:] for d in done)
+    assert sorted(p.name for p in (tmp_path / "host2").glob("server*.log")) == ["server0.log", "server1.log"]
+    assert not list((tmp_path / "host0").glob("server*.log")) and not list((tmp_path / "host1").glob("server*.log"))
+    got = json.loads(out.read_text())
+    want = ps_tasks.single_process("sgd", ps_equivalence.STEPS, world=2)
+    for name, value in want.items():
+        np.testing.assert_allclose(np.asarray(got[name]), value, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_c10d_rendezvous_takes_a_late_node_and_a_killed_node_started_again():
+    """`--rdzv-backend c10d`: host 1's launcher starts after host 0's and joins; then host 1
+    dies (every process in it SIGKILLed) and its launcher is started again: torch's agent on
+    host 0 restarts its worker (`--max-restarts`) and the job ends on both hosts."""
+    with TestHosts(2) as hosts, Processes() as procs:
+        job = {env.JOB_KEY: secrets.token_hex(16)}
+
+        def node(i: int, name: str):
+            argv = [*SHOAL, "run", "-n", "1", "--nnodes", "2", "--rdzv-backend", "c10d", "--max-restarts", "2"]
+            argv += ["--rdzv-endpoint", f"{hosts[0].address}:{PORT}", "tests/workers/rejoin.py", "30", "0.1"]
+            return procs.start(hosts[i].argv(argv), timeout=180, env=job, name=name)
+
+        first = node(0, "first")
+        time.sleep(3)  # host 0 waits in the rendezvous for a host that is not there yet
+        late = node(1, "late")
+        deadline = time.monotonic() + 120
+        while "step 5 of 2 ranks" not in first.stdout():
+            assert first.poll() is None and late.poll() is None, first.stderr()[-2000:] + late.stderr()[-2000:]
+            assert time.monotonic() < deadline, first.stdout()[-2000:]
+            time.sleep(0.2)
+        assert hosts.kill(1)  # the machine dies: launcher and worker
+        late.popen.wait()
+        again = node(1, "again")
+        done = [finish(first), finish(again)]
+    assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    last = done[0].stdout.strip().splitlines()[-1]
+    found = re.search(r"done: world 2, restart (\d+)", last)
+    assert found and int(found[1]) >= 1, done[0].stdout[-2000:]  # host 0's worker was restarted and finished
 
 
 LISTEN = """

@@ -82,6 +82,39 @@ def test_cli_bad_input_exit_code_2_without_traceback(capsys, tmp_path):
     assert "script" in capsys.readouterr().err
 
 
+SCRIPT = "examples/ps_loop.py"
+EP = ["--rdzv-endpoint", "127.0.0.1:29500"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--server-nodes", "1", SCRIPT], "--server-nodes 1 needs --servers S"),
+        (["--servers", "1", "--server-nodes", "2", SCRIPT], "give every server node at least one server"),
+        (["--servers", "2", "--server-node-rank", "0"], "--server-node-rank needs --server-nodes H"),
+        (["--servers", "2", "--server-nodes", "2", "--server-node-rank", "2"], "must be in 0..1 for --server-nodes 2"),
+        (["--servers", "2", "--server-nodes", "1", "--server-node-rank", "0", SCRIPT], "a server node"),
+        (["--servers", "2"], "shoal run needs a script"),
+        (["--rdzv-backend", "zookeeper", SCRIPT], "--rdzv-backend must be one of static, c10d, etcd, etcd-v2"),
+        (["--rdzv-backend", "c10d", "--nnodes", "2", SCRIPT], "--rdzv-backend c10d needs --rdzv-endpoint"),
+        (["--rdzv-backend", "c10d", "--nnodes", "2", "--servers", "2", *EP, SCRIPT], "need --rdzv-backend static"),
+    ],
+)
+def test_run_refuses_bad_server_nodes_and_rendezvous_in_one_sentence(capsys, args, message):
+    assert cli.main(["run", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("shoal: ") and message in err and "\n" not in err
+
+
+def test_run_etcd_rendezvous_says_what_to_install(capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("etcd") is not None:
+        pytest.skip("python-etcd is installed here")
+    assert cli.main(["run", "--rdzv-backend", "etcd", *EP, SCRIPT]) == 2
+    assert "needs the python-etcd package (pip install python-etcd)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.toml")), ids=lambda p: p.name)
 def test_example_configs_validate(path):
     config.load(path)
