@@ -15,6 +15,7 @@ they hold for it (`shoal.ps.membership`).
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 
@@ -56,7 +57,13 @@ class Client:
         """Join every server (rank 0 sends the initial values); the servers' answers, each with the
         clock to go on from: 0, or, when this worker rejoins a running job, the pushes it holds from it."""
         for s, (spec, vals) in enumerate(zip(specs, values, strict=True)):
-            header = {"op": INIT, "world": self.world, "spec": spec, "incarnation": self.incarnation}
+            header = {
+                "op": INIT,
+                "world": self.world,
+                "spec": spec,
+                "incarnation": self.incarnation,
+                "pid": os.getpid(),
+            }
             self._send(s, header, vals if self.rank == 0 else ())
         return self._collect(PARAMS, clock=None)
 

@@ -27,8 +27,14 @@ ZeroMQ routing id and sends it in its INIT. A server takes messages for worker
 w only from w's current incarnation while w is alive; anything else (the late
 pushes of a hung worker that wakes after it was declared dead, or of an earlier
 incarnation) is dropped and answered with ERROR, so that process stops and the
-launcher's restart path runs. An INIT that repeats an incarnation already seen
-is a replay and is dropped.
+launcher's restart path runs; a fenced process that reconnects is sent that
+ERROR at the next probe even if it sends nothing. An INIT that repeats an
+incarnation already seen is a replay and is dropped.
+
+The departure event the server publishes names the worker's pid (from its
+INIT); the launcher that started the worker SIGKILLs it (`shoal.ps.monitor`),
+so a hung worker takes torch's agent's restart path at once instead of when
+it wakes.
 """
 
 from __future__ import annotations
@@ -78,6 +84,9 @@ class Membership:
         self.index = index
         self.on_depart = on_depart
         self.ident: dict[int, bytes] = {}
+        self.pids: dict[int, int] = {}
+        self.fenced: dict[bytes, int] = {}
+        """Connections of departed or replaced processes not yet told to stop, and their worker."""
         self.seen: dict[int, set[str]] = {}
         self.departed: set[int] = set()
         self.finished: set[int] = set()
@@ -102,14 +111,19 @@ class Membership:
         seen.add(incarnation)
         return True
 
-    def joined(self, src: int, ident: bytes) -> None:
-        """`src` now speaks through `ident` and is alive."""
+    def joined(self, src: int, ident: bytes, pid: object = None) -> None:
+        """`src` now speaks through `ident` (process `pid`) and is alive."""
+        old = self.ident.get(src)
+        if old is not None and old != ident:
+            self.fenced[old] = src
         self.ident[src] = ident
+        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+            self.pids[src] = pid
         self.departed.discard(src)
         self.finished.discard(src)
 
-    def rejoined(self, src: int, ident: bytes, clock: int) -> None:
-        self.joined(src, ident)
+    def rejoined(self, src: int, ident: bytes, clock: int, pid: object = None) -> None:
+        self.joined(src, ident, pid)
         self.rejoins.append({"worker": src, "clock": clock, "unix_time": time.time()})
         log.warning("server %d: worker %d rejoined at clock %d", self.index, src, clock)
 
@@ -117,14 +131,18 @@ class Membership:
         """Whether a message from `ident` may act for worker `src` (its live current incarnation)."""
         return src not in self.ident or (self.ident[src] == ident and src not in self.departed)
 
+    def stop_message(self, src: int) -> dict:
+        return {
+            "op": ERROR,
+            "message": f"worker {src} was declared dead by parameter server {self.index} (its connection closed "
+            "or it did not answer heartbeats) and its messages are refused; this process stops so that the "
+            "launcher restarts it",
+        }
+
     def refuse(self, src: int, ident: bytes) -> None:
         """Drop a message from a dead or replaced incarnation of `src`, and tell that process to stop."""
-        why = "was declared dead" if src in self.departed else "was replaced by a newer process"
-        message = (
-            f"worker {src} {why} by parameter server {self.index} (its connection closed or it did not answer "
-            "heartbeats); this process stops so that the launcher restarts it"
-        )
-        self.send(ident, {"op": ERROR, "message": message})
+        self.send(ident, self.stop_message(src))
+        self.fenced.pop(ident, None)
         raise WireError("stale_sender", f"worker {src}'s message came from a dead or replaced process")
 
     def probe(self, clocks: list[int]) -> None:
@@ -137,10 +155,14 @@ class Membership:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
             gone = [w for w, ident in self.ident.items() if self.live(w) and not self.reachable(ident, ping)]
+            for ident, w in list(self.fenced.items()):
+                if self.reachable(ident, self.codec.encode(self.stop_message(w))):  # it woke up: told to stop
+                    del self.fenced[ident]
         finally:
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         for w in gone:
             self.departed.add(w)
+            self.fenced[self.ident[w]] = w
             self.departures.append({"worker": w, "clock": clocks[w], "unix_time": time.time()})
             log.warning("server %d: worker %d departed at clock %d (its connection closed)", self.index, w, clocks[w])
             self.on_depart(w)
@@ -166,7 +188,7 @@ class Membership:
         return {"departures": self.departures, "rejoins": self.rejoins, "departed": sorted(self.departed)}
 
 
-def rejoin(server: Server, ident: bytes, src: int, spec: dict) -> None:
+def rejoin(server: Server, ident: bytes, src: int, spec: dict, pid: object) -> None:
     """A new process of worker `src` (its predecessor died or hangs) joins `server`'s running job.
 
     It is answered at once with the clock the server holds for it (and the
@@ -181,7 +203,7 @@ def rejoin(server: Server, ident: bytes, src: int, spec: dict) -> None:
         raise WireError("bad_init", message)
     clock = gate.pushed[src]
     server.joined[src] = (ident, spec)
-    server.members.rejoined(src, ident, clock)
+    server.members.rejoined(src, ident, clock, pid)
     gate.absent.discard(src)
     server.bye.discard(src)
     server.pending = [r for r in server.pending if r.worker != src]
@@ -205,7 +227,10 @@ def publish(server: Server, what: str, worker: int, clock: int) -> None:
     """An event line for the launcher's record (`ps_events.jsonl`): who left or came back, when, at which clock."""
     if server.events:
         message = f"server {server.index}: worker {worker} {what} at clock {clock}"
-        server.events.publish("event", {"message": message, what: worker, "clock": clock, "unix_time": time.time()})
+        event = {"message": message, what: worker, "clock": clock, "unix_time": time.time()}
+        if worker in server.members.pids:
+            event["pid"] = server.members.pids[worker]
+        server.events.publish("event", event)
 
 
 def publish_final(server: Server) -> None:

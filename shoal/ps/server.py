@@ -229,7 +229,7 @@ class Server:
         if self.workers is not None and (world != self.workers or (src in self.joined and not again)):
             raise WireError("bad_init", "world size differs or worker joined twice")
         if again and self.gate is not None:
-            return membership.rejoin(self, ident, src, spec)
+            return membership.rejoin(self, ident, src, spec, header.get("pid"))
         try:
             timeout_s = positive_seconds(spec.get("timeout_s", self.timeout_s), "timeout_s")
             positive_bytes(spec.get("max_bytes", self.ceiling), "max_bytes")
@@ -242,7 +242,7 @@ class Server:
         self.workers = world
         self.first_join = self.first_join or time.monotonic()
         self.joined[src] = (ident, spec)
-        self.members.joined(src, ident)
+        self.members.joined(src, ident, header.get("pid"))
         if len(self.joined) == world:
             self.start(world)
 
