@@ -68,7 +68,8 @@ def heartbeat(sock: zmq.Socket) -> None:
     """Have ZeroMQ close a server connection whose worker stops answering PINGs."""
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS + HEARTBEAT_IVL_MS)
+    # No HEARTBEAT_TTL: with it a worker would drop its connection to a server that hangs, and with
+    # it the pushes ZeroMQ had already written there; without, they arrive when the server goes on.
 
 
 class Membership:
