@@ -23,10 +23,10 @@ another machine is out of the launcher's reach; control-plane leases need a
 keep-alive thread that holds the GIL and a control plane, which not every job runs.
 
 Fencing: each worker process draws a random `incarnation`, uses it as its
-ZeroMQ routing id and sends it in its INIT. A server takes messages for worker
-w only from w's current incarnation while w is alive; anything else (the late
-pushes of a hung worker that wakes after it was declared dead, or of an earlier
-incarnation) is dropped and answered with ERROR, so that process stops and the
+ZeroMQ routing id and sends it in its INIT. A server refuses messages for
+worker w while w is departed, and from any connection of an earlier
+incarnation of w (the late pushes of a hung worker that wakes after it was
+declared dead and replaced): they are dropped and answered with ERROR, so that process stops and the
 launcher's restart path runs; a fenced process that reconnects is sent that
 ERROR at the next probe even if it sends nothing. An INIT that repeats an
 incarnation already seen is a replay and is dropped.
@@ -88,6 +88,8 @@ class Membership:
         self.pids: dict[int, int] = {}
         self.fenced: dict[bytes, int] = {}
         """Connections of departed or replaced processes not yet told to stop, and their worker."""
+        self.stale: dict[bytes, int] = {}
+        """Every connection of a departed or replaced process, and its worker."""
         self.seen: dict[int, set[str]] = {}
         self.departed: set[int] = set()
         self.finished: set[int] = set()
@@ -116,7 +118,7 @@ class Membership:
         """`src` now speaks through `ident` (process `pid`) and is alive."""
         old = self.ident.get(src)
         if old is not None and old != ident:
-            self.fenced[old] = src
+            self.fenced[old] = self.stale[old] = src
         self.ident[src] = ident
         if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
             self.pids[src] = pid
@@ -129,8 +131,9 @@ class Membership:
         log.warning("server %d: worker %d rejoined at clock %d", self.index, src, clock)
 
     def speaks_for(self, src: int, ident: bytes) -> bool:
-        """Whether a message from `ident` may act for worker `src` (its live current incarnation)."""
-        return src not in self.ident or (self.ident[src] == ident and src not in self.departed)
+        """Whether a message from `ident` may act for worker `src`: not while `src` is departed, never from
+        a process it replaced. (Other connections are trusted as before: every message is authenticated.)"""
+        return src not in self.departed and self.stale.get(ident) != src
 
     def stop_message(self, src: int) -> dict:
         return {
@@ -163,7 +166,7 @@ class Membership:
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         for w in gone:
             self.departed.add(w)
-            self.fenced[self.ident[w]] = w
+            self.fenced[self.ident[w]] = self.stale[self.ident[w]] = w
             self.departures.append({"worker": w, "clock": clocks[w], "unix_time": time.time()})
             log.warning("server %d: worker %d departed at clock %d (its connection closed)", self.index, w, clocks[w])
             self.on_depart(w)
