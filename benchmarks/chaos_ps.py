@@ -19,7 +19,8 @@ Every trial is a 2-worker, 2-server `shoal train` run (the digits MLP, Adam, dro
 
     PYTHONPATH=. .venv/bin/python benchmarks/chaos_ps.py --trials 20 [--only ps-worker-kill-bsp ...]
 
-writes benchmarks/results/chaos_ps.json and prints one line per scenario (p50/p95).
+writes benchmarks/results/chaos_ps.json (after each scenario) and prints one line per scenario
+(p50/p95). `--from-log LOG` rebuilds the JSON from the trial lines a run printed (one stopped early).
 """
 
 from __future__ import annotations
@@ -180,20 +181,35 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", default=None, choices=sorted(SCENARIOS))
+    parser.add_argument("--from-log", default=None, help="rebuild the JSON from the trial lines of a run's output")
     ns = parser.parse_args()
+    command = "PYTHONPATH=. .venv/bin/python benchmarks/chaos_ps.py " + " ".join(sys.argv[1:])
+    if ns.from_log:
+        by_name: dict[str, list[dict]] = {}
+        for text in Path(ns.from_log).read_text().splitlines():
+            name, sep, record = text.partition(" trial ")
+            if sep and name in SCENARIOS and ": " in record:
+                by_name.setdefault(name, []).append(json.loads(record.split(": ", 1)[1]))
+        return _write(command, by_name)
     root = Path(tempfile.mkdtemp(prefix="shoal-chaos-ps-"))
-    results, lines = {}, []
+    by_name = {}
     for name in ns.only or list(SCENARIOS):
         rng = random.Random(f"{ns.seed}:{name}")
-        trials = []
+        by_name[name] = []
         for i in range(ns.trials):
-            trials.append(SCENARIOS[name](rng, root / name / f"trial{i}"))
-            print(f"{name} trial {i}: {json.dumps(trials[-1])}", flush=True)
-        results[name] = {"figures": summarize(name, trials), "trials": trials}
-        lines.append(line(name, results[name]["figures"]))
-        print(lines[-1], flush=True)
-    command = "PYTHONPATH=. .venv/bin/python benchmarks/chaos_ps.py " + " ".join(sys.argv[1:])
-    _harness.write("chaos_ps", {"command": command, "steps": STEPS, "workers": WORKERS, **results}, "\n".join(lines))
+            by_name[name].append(SCENARIOS[name](rng, root / name / f"trial{i}"))
+            print(f"{name} trial {i}: {json.dumps(by_name[name][-1])}", flush=True)
+        print(line(name, summarize(name, by_name[name])), flush=True)
+        _write(command, by_name, quiet=True)
+    _write(command, by_name)
+
+
+def _write(command: str, by_name: dict[str, list[dict]], quiet: bool = False) -> None:
+    results = {name: {"figures": summarize(name, trials), "trials": trials} for name, trials in by_name.items()}
+    lines = "\n".join(line(name, r["figures"]) for name, r in results.items())
+    _harness.write(
+        "chaos_ps", {"command": command, "steps": STEPS, "workers": WORKERS, **results}, "" if quiet else lines
+    )
 
 
 if __name__ == "__main__":
