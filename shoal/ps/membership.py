@@ -16,8 +16,9 @@ connection is closed by its kernel at once. Every `PROBE_S` the server sends
 each live worker a small authenticated PING with ROUTER_MANDATORY set: ZeroMQ
 refuses it (EHOSTUNREACH) once the connection is gone, and the worker is
 declared departed. So a SIGKILL is seen within about `PROBE_S` and a SIGSTOP
-within `HEARTBEAT_IVL_MS + HEARTBEAT_TIMEOUT_MS + PROBE_S` (1.5 s), with no
-thread, no extra socket and no other process. The launcher's pids would not
+within `HEARTBEAT_IVL_MS + HEARTBEAT_TIMEOUT_MS + PROBE_S` (about 4.5 s: the
+lease; a shorter stall only delays the job), with no thread, no extra socket
+and no other process. The launcher's pids would not
 do: torch's agent owns the workers (and restarts them itself) and a worker on
 another machine is out of the launcher's reach; control-plane leases need a
 keep-alive thread that holds the GIL and a control plane, which not every job runs.
@@ -56,8 +57,9 @@ log = logging.getLogger("shoal.ps.membership")
 
 HEARTBEAT_IVL_MS = 200
 """ZeroMQ PING interval on the server's connections to workers."""
-HEARTBEAT_TIMEOUT_MS = 1000
-"""A connection with no traffic this long after a PING is closed (a stopped or frozen worker)."""
+HEARTBEAT_TIMEOUT_MS = 4000
+"""A connection with no traffic this long after a PING is closed (a stopped or frozen worker): the lease.
+Longer than the stalls a loaded machine or a short SIGSTOP cause, which must only delay a job."""
 PROBE_S = 0.25
 """How often the server checks that each live worker's connection still exists."""
 MAX_INCARNATION = 64

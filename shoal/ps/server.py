@@ -17,8 +17,8 @@ Guarantees:
 - a gradient with inf or NaN is applied as a skip (counted in `nonfinite`),
   as a worker skips a compressed step that overflowed, so a BSP clock is
   dropped for every worker and never waits for the refused push;
-- a worker that dies or hangs is declared departed within about 1.5 s
-  (`shoal.ps.membership`): ASP and SSP pulls stop waiting for it, BSP waits
+- a worker that dies is declared departed within about 0.5 s, one that
+  hangs after about 4.5 s (`shoal.ps.membership`): ASP and SSP pulls stop waiting for it, BSP waits
   for its replacement, which rejoins at the clock held for it (so no push is
   applied twice); messages from a departed or replaced process are dropped;
 - a pull that waits longer than `timeout_s` (a worker died and no

@@ -27,12 +27,12 @@ STEPS, KILL_AT = 30, 8
 def test_ssp_survivor_goes_on_and_the_killed_worker_rejoins_at_its_clock(tmp_path):
     faults = Faults(tmp_path).kill("worker", rank=1, step=KILL_AT)
     with Processes() as procs:
-        group = servers(procs, 1, {"SHOAL_PS_TIMEOUT_S": "30"})
+        group = servers(procs, 1, {"SHOAL_PS_TIMEOUT_S": "120"})
         env = {**group.env, **faults.env()}
 
         def worker(rank: int, name: str):
             argv = [sys.executable, "-m", "tests.workers.ps_rejoin", str(rank), "2", str(STEPS), str(tmp_path)]
-            return procs.start(argv, timeout=60, env=env, name=name)
+            return procs.start(argv, timeout=240, env=env, name=name)
 
         first = [worker(0, "w0"), worker(1, "w1")]
         survivor, killed = (p.wait() for p in first)
@@ -74,11 +74,11 @@ COMMON = [
 
 
 def test_bsp_worker_killed_is_restarted_rejoins_and_the_run_ends_bit_identical(tmp_path):
-    whole = shoal("train", *COMMON, f"--logging.run_dir={tmp_path}", "--logging.name=whole", timeout=90)
+    whole = shoal("train", *COMMON, f"--logging.run_dir={tmp_path}", "--logging.name=whole", timeout=240)
     assert whole.returncode == 0, whole.stderr[-3000:]
     faults = Faults(tmp_path).kill("worker", rank=1, step=7)
     args = [*COMMON, f"--logging.run_dir={tmp_path}", "--logging.name=killed", "--launch.max_restarts=1"]
-    killed = shoal("train", *args, timeout=90, env=faults.env())
+    killed = shoal("train", *args, timeout=240, env=faults.env())
     assert killed.returncode == 0, killed.stderr[-3000:]
     faults.assert_fired("worker", 1, 7, "kill")
     assert not killed.survivors

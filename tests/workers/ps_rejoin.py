@@ -29,7 +29,7 @@ from tests.workers.ps_tasks import linear_model
 def main(rank: int, world: int, steps: int, out_dir: Path) -> None:
     runtime._current = runtime.Runtime(rank, world, rank, world, "gloo", torch.device("cpu"))  # no process group
     torch.set_num_threads(1)
-    strategy = shoal.ParameterServer(consistency="ssp", staleness=2, servers=1, timeout_s=30)
+    strategy = shoal.ParameterServer(consistency="ssp", staleness=2, servers=1, timeout_s=120)
     model = linear_model()
     model, opt = strategy.prepare(model, torch.optim.SGD(model.parameters(), lr=0.01))
     joined_at = strategy.clock
