@@ -6,10 +6,17 @@ go out without a copy. `wait_pull` blocks until every server has answered
 the pull, which is when the consistency rule allowed it; the time spent
 there is the step's wait time. Replies arrive in order per server, and a
 server always handles a worker's push before its next pull.
+
+Each Client is one incarnation of its worker (a random token, also its
+ZeroMQ routing id on every server): a restarted worker is a new incarnation,
+and `init` then rejoins the running servers, which answer with the clock
+they hold for it (`shoal.ps.membership`).
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
 
 import torch
@@ -17,18 +24,20 @@ import zmq
 
 from shoal.comm.wire import Codec, WireError
 from shoal.errors import ShoalError
-from shoal.ps.protocol import BYE, ERROR, INIT, OBSERVER, PARAMS, PULL, PUSH, RESTORE, RESTORED, STATE, STATS
+from shoal.ps.protocol import BYE, ERROR, INIT, OBSERVER, PARAMS, PING, PULL, PUSH, RESTORE, RESTORED, STATE, STATS
 
 
 class Client:
     def __init__(self, endpoints: list[str], codec: Codec, rank: int, world: int, timeout_s: float):
         self.codec, self.rank, self.world, self.timeout_s = codec, rank, world, timeout_s
         self.endpoints = endpoints
+        self.incarnation = f"{rank}-{secrets.token_hex(8)}"
         self.ctx = zmq.Context()
         self.socks = []
         for ep in endpoints:
             s = self.ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 5000)
+            s.setsockopt(zmq.ROUTING_ID, self.incarnation.encode())  # the servers fence other processes by it
             s.connect(ep)
             self.socks.append(s)
         self.seq = 0
@@ -45,10 +54,18 @@ class Client:
         return None
 
     def init(self, specs: list[dict], values: list[list[torch.Tensor]]) -> list[tuple[dict, list[torch.Tensor]]]:
-        """Join every server (rank 0 sends the initial values); the servers' answers."""
+        """Join every server (rank 0 sends the initial values); the servers' answers, each with the
+        clock to go on from: 0, or, when this worker rejoins a running job, the pushes it holds from it."""
         for s, (spec, vals) in enumerate(zip(specs, values, strict=True)):
-            self._send(s, {"op": INIT, "world": self.world, "spec": spec}, vals if self.rank == 0 else ())
-        return self._collect(PARAMS, clock=0)
+            header = {
+                "op": INIT,
+                "world": self.world,
+                "spec": spec,
+                "incarnation": self.incarnation,
+                "pid": os.getpid(),
+            }
+            self._send(s, header, vals if self.rank == 0 else ())
+        return self._collect(PARAMS, clock=None)
 
     def push(
         self,
@@ -80,9 +97,10 @@ class Client:
                 t.wait(self.timeout_s)
         self.trackers = []
 
-    def request_pull(self, clock: int) -> None:
+    def request_pull(self, clock: int | list[int]) -> None:
+        """Ask every server for the parameters of `clock` (or of its own clock in the list: a rejoin's)."""
         for s in range(len(self.socks)):
-            self._send(s, {"op": PULL, "clock": clock})
+            self._send(s, {"op": PULL, "clock": clock if isinstance(clock, int) else clock[s]})
 
     def state(self, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
         """Every server's values and optimizer state once all workers have pushed `clock` times."""
@@ -96,10 +114,12 @@ class Client:
             self._send(s, {"op": RESTORE, "state": layout}, ts)
         self._collect(RESTORED, 0)
 
-    def wait_pull(self, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
+    def wait_pull(self, clock: int | None) -> list[tuple[dict, list[torch.Tensor]]]:
+        """Every server's answer to the pull for `clock` (None: each its own, after a rejoin)."""
         return self._collect(PARAMS, clock)
 
-    def _collect(self, op: str, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
+    def _collect(self, op: str, clock: int | None) -> list[tuple[dict, list[torch.Tensor]]]:
+        """Every server's answer `op` for `clock` (None: any clock, a join's)."""
         poller = zmq.Poller()
         for s in self.socks:
             poller.register(s, zmq.POLLIN)
@@ -123,9 +143,11 @@ class Client:
                         f"worker {self.rank}: a bad message from parameter server {s} ({err}); "
                         "do all processes share the job key?"
                     ) from None
+                if header.get("op") == PING:
+                    continue  # a server checking that this process is alive
                 if header.get("op") == ERROR:
                     raise ShoalError(str(header.get("message", "the parameter server stopped the job")))
-                if header.get("op") != op or header.get("clock") != clock:
+                if header.get("op") != op or (clock is not None and header.get("clock") != clock):
                     raise ShoalError(
                         f"worker {self.rank}: parameter server {s} answered {header.get('op')} "
                         f"for clock {header.get('clock')}, expected clock {clock}"

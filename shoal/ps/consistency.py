@@ -17,6 +17,9 @@ for synchronous parameters, how many clocks it has completed (`bsp_done`).
 
 A server holding keys of several modes answers a pull when every rule of
 the modes it holds allows it (the worker needs all its parameters anyway).
+A worker that departed (`shoal.ps.membership`: it died or hangs) is left
+out of the SSP bound until it rejoins (`absent`), so the others go on; BSP
+still needs its push, from its replacement.
 `Gate.gaps` is the server's own record of how far ahead (clock minus the
 slowest worker's clock) each answered pull let a worker run.
 """
@@ -72,14 +75,21 @@ class Gate:
         bounds = [m.staleness for m in modes if m.kind == "ssp"]
         self.ssp_bound = min(bounds) if bounds else None
         self.gaps: Counter[int] = Counter()
+        self.absent: set[int] = set()
+        """Departed workers, not counted by the SSP bound until they rejoin."""
 
     @property
     def slowest(self) -> int:
         return min(self.pushed)
 
+    @property
+    def slowest_present(self) -> int:
+        """The slowest worker that has not departed (every worker's minimum if all did)."""
+        return min([n for w, n in enumerate(self.pushed) if w not in self.absent] or self.pushed)
+
     def ready(self, clock: int) -> bool:
         bsp_behind = self.has_bsp and self.bsp_done < clock
-        ssp_behind = self.ssp_bound is not None and self.slowest < clock - self.ssp_bound
+        ssp_behind = self.ssp_bound is not None and self.slowest_present < clock - self.ssp_bound
         return not (bsp_behind or ssp_behind)
 
     def waiting_on(self, clock: int) -> list[int]:
@@ -90,7 +100,7 @@ class Gate:
         return [w for w, n in enumerate(self.pushed) if n < need]
 
     def answered(self, clock: int) -> None:
-        self.gaps[clock - self.slowest] += 1
+        self.gaps[clock - self.slowest_present] += 1
 
     @property
     def max_gap(self) -> int:

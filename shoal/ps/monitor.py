@@ -4,11 +4,23 @@ Subscribes to what servers and workers publish (`shoal.comm.pubsub`),
 keeps the newest row per worker (rank, step, samples/s, staleness, wait %),
 shows it as a live table when asked, and appends every message as a JSON
 line to `record` (the run directory's `ps_events.jsonl` under `shoal train`).
+
+When a server declares a worker departed (`shoal.ps.membership`: its
+connection closed, or it stopped answering heartbeats: it hangs), the monitor
+SIGKILLs that worker's pid if it is a process this launcher started (a
+descendant of this process), so that torch's agent sees it fail and takes
+its restart path now, not when (if ever) the hung process wakes. A worker on
+another machine is left to its own launcher's agent (not yet: it is fenced by
+the servers and stops when it wakes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import signal
 import threading
 import time
 
@@ -18,6 +30,35 @@ from rich.table import Table
 
 from shoal.comm.pubsub import Subscriber
 from shoal.comm.wire import Codec
+
+log = logging.getLogger("shoal.ps.monitor")
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether process `pid` is `ancestor` or one of its descendants (read from /proc)."""
+    for _ in range(64):
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[-1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def stop_departed(event: dict) -> bool:
+    """SIGKILL the worker a server declared departed, if this launcher started it; whether it did."""
+    pid = event.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid == os.getpid() or not descends_from(pid, os.getpid()):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+        log.warning("stopped worker %s (pid %d): %s", event.get("departed"), pid, event.get("message", ""))
+        return True
+    return False
 
 
 class Monitor:
@@ -56,6 +97,8 @@ class Monitor:
                 self.rows[m["rank"]] = m
             elif m.get("topic") == "event":
                 self.events.append(str(m.get("message", ""))[:200])
+                if "departed" in m:
+                    stop_departed(m)
 
     def table(self) -> Table:
         t = Table(title="parameter server: workers", title_justify="left")

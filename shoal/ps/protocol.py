@@ -9,7 +9,11 @@ Worker to server: `INIT` (join; worker 0 also sends the initial values),
 `STATE` (values and optimizer state at a clock, for a checkpoint),
 `RESTORE` (worker 0, before any push: put a checkpoint back), `BYE`.
 Server to worker: `PARAMS` (answers `INIT` and `PULL`), `STATE`, `RESTORED`,
-`ERROR` (the server stopped the job; `message` says why).
+`ERROR` (the server stopped the job, or this process was declared dead;
+`message` says why), `PING` (a liveness probe the worker ignores, see
+`shoal.ps.membership`). An `INIT` carries the worker process's random
+`incarnation`; one from a new incarnation of a worker that already joined is a
+rejoin, answered with `PARAMS` for the clock the server holds for it.
 Anyone to server: `STATS` (read-only counters and parameters), answered with
 `STATS`; tools and tests send it as `OBSERVER`.
 """
@@ -29,3 +33,4 @@ STATS = "stats"
 PARAMS = "params"
 RESTORED = "restored"
 ERROR = "error"
+PING = "ping"

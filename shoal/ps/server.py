@@ -17,10 +17,15 @@ Guarantees:
 - a gradient with inf or NaN is applied as a skip (counted in `nonfinite`),
   as a worker skips a compressed step that overflowed, so a BSP clock is
   dropped for every worker and never waits for the refused push;
-- a pull that waits longer than `timeout_s` (a worker died or hangs), or a
-  join that does, stops the server with one sentence naming the workers it
-  waited for, sent to every waiting worker as an error so that the job
-  stops too; any exception no check foresaw does the same at once.
+- a worker that dies is declared departed within about 0.5 s, one that
+  hangs after about 4.5 s (`shoal.ps.membership`): ASP and SSP pulls stop waiting for it, BSP waits
+  for its replacement, which rejoins at the clock held for it (so no push is
+  applied twice); messages from a departed or replaced process are dropped;
+- a pull that waits longer than `timeout_s` (a worker died and no
+  replacement came), or a join that does, stops the server with one
+  sentence naming the workers it waited for, sent to every waiting worker
+  as an error so that the job stops too; any exception no check foresaw
+  does the same at once.
 
 Checkpoints: `state` answers, once every worker has pushed the asked clock
 and those pushes are applied, with each piece's values and optimizer state;
@@ -50,7 +55,7 @@ from shoal.comm.pubsub import Publisher
 from shoal.comm.wire import Codec, WireError, job_key
 from shoal.compress.base import Receiver
 from shoal.errors import ConfigError, ShoalError
-from shoal.ps import optim
+from shoal.ps import membership, optim
 from shoal.ps import store as ps_store
 from shoal.ps.consistency import Gate
 from shoal.ps.pieces import PieceState, all_gradients_finite, build_piece, pushed_pieces, received_gradients
@@ -102,6 +107,7 @@ class Server:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.MAXMSGSIZE, codec.max_bytes)  # ZeroMQ drops a bigger frame before we see it
         self.sock.setsockopt(zmq.LINGER, 2000)
+        membership.heartbeat(self.sock)  # a worker that stops answering is disconnected, then declared departed
         port = self.sock.bind_to_random_port(f"tcp://{host}")
         self.endpoint = (
             f"tcp://{advertise or host}:{port}"  # bound to every interface, reached by this machine's address
@@ -137,6 +143,7 @@ class Server:
         self.done = False
         self.events: Publisher | None = None  # when the launcher listens
         self.clocks_seen = 0
+        self.members = membership.Membership(self.sock, codec, index, lambda w: membership.depart(self, w))
 
     # ------------------------------------------------------------------ loop
     def serve(self) -> int:
@@ -151,6 +158,9 @@ class Server:
                     self.handle(frames[0].bytes, frames[1:])
                 self.handling = "checking timeouts"
                 self.check_timeouts()
+                if self.gate is not None:
+                    self.handling = "checking that the workers are alive"
+                    self.members.probe(self.gate.pushed)
             except Exception as exc:  # a bug, or input no check foresaw: stop the job now, in one sentence
                 log.exception("parameter server %d: unexpected error while %s", self.index, self.handling)
                 self.fail(
@@ -176,6 +186,10 @@ class Server:
             if op == STATS:
                 return self.send(ident, self.stats(), [p.param for p in self.pieces.values()])
             seq = header.get("seq")
+            if op == INIT and self.members.admit(src, header.get("incarnation"), ident):
+                self.seq.pop(src, None)  # a new process of this worker numbers its messages afresh
+            elif op != INIT and src != OBSERVER and not self.members.speaks_for(src, ident):
+                self.members.refuse(src, ident)
             if src == OBSERVER or not _whole(seq) or seq <= self.seq.get(src, -1):
                 raise WireError("replayed")
             if op == INIT:
@@ -189,6 +203,9 @@ class Server:
             elif op == BYE:
                 self.joined_gate(src)
                 self.bye.add(src)  # the server stays up for stats until the launcher stops it
+                self.members.finished.add(src)
+                if len(self.bye) == self.workers:
+                    membership.publish_final(self)
             else:
                 raise WireError("bad_op")
             self.seq[src] = seq
@@ -208,8 +225,11 @@ class Server:
         world, spec = header.get("world"), header.get("spec")
         if not _whole(world) or not 1 <= world <= MAX_WORKERS or not isinstance(spec, dict) or src >= world:
             raise WireError("malformed", f"bad init (world size {world!r}, at most {MAX_WORKERS})")
-        if self.workers is not None and (world != self.workers or src in self.joined):
+        again = src in self.joined and header.get("incarnation") is not None  # a new process of a joined worker
+        if self.workers is not None and (world != self.workers or (src in self.joined and not again)):
             raise WireError("bad_init", "world size differs or worker joined twice")
+        if again and self.gate is not None:
+            return membership.rejoin(self, ident, src, spec, header.get("pid"))
         try:
             timeout_s = positive_seconds(spec.get("timeout_s", self.timeout_s), "timeout_s")
             positive_bytes(spec.get("max_bytes", self.ceiling), "max_bytes")
@@ -222,6 +242,7 @@ class Server:
         self.workers = world
         self.first_join = self.first_join or time.monotonic()
         self.joined[src] = (ident, spec)
+        self.members.joined(src, ident, header.get("pid"))
         if len(self.joined) == world:
             self.start(world)
 
@@ -486,7 +507,10 @@ class Server:
             clock = min(r.clock for r in self.pending)
             late = self.gate.waiting_on(clock)
             refused = [f"worker {w}'s last refused message: {self.last_drop[w]}" for w in late if w in self.last_drop]
+            gone = [w for w in late if w in self.members.departed]
             why = "; ".join(refused) if refused else "a worker process probably died"
+            if gone:
+                why = f"worker(s) {gone} died or hung and no replacement rejoined"
             self.fail(
                 f"parameter server {self.index} waited {self.timeout_s:g}s for gradients from worker(s) {late} "
                 f"(they pushed {[self.gate.pushed[w] for w in late]} of the clocks needed for clock {clock}); "
@@ -519,6 +543,7 @@ class Server:
             "skipped": self.skipped,
             "nonfinite": self.nonfinite,
             "bye": sorted(self.bye),
+            **self.members.stats(),
         }
 
 

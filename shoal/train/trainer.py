@@ -22,7 +22,7 @@ from torch import nn
 from shoal import env, runtime
 from shoal.strategies.base import LossFn, Strategy
 from shoal.strategies.optimizer import count_steps_from
-from shoal.train import checkpoint
+from shoal.train import checkpoint, rejoin
 from shoal.train.checkpoint import Checkpointer
 from shoal.train.jobconfig import JobConfig
 from shoal.train.metrics import MetricsWriter, StepLog
@@ -80,10 +80,13 @@ class Trainer:
             last_step=cfg.train.steps,
             stop_at=cfg.train.stop_at,
         )
-        self.recovery = RecoveryPoints(
-            self.run_dir / "recovery", cfg.checkpoint.recovery_every, shared=shared, parts=parts
-        )
+        # Under the parameter server the servers hold the state across restarts (`rejoin`): no recovery points.
+        self.on_servers = rejoin.on_servers(self.strategy)
+        every = 0 if self.on_servers else cfg.checkpoint.recovery_every
+        self.recovery = RecoveryPoints(self.run_dir / "recovery", every, shared=shared, parts=parts)
         self.step = 0
+        self.passed = 0
+        """After a rejoin: the newest step any worker had passed; no collective (log, eval, save) up to it."""
         self.stopped = False
         self.last_eval: dict[str, float] = {}
         self.writer: MetricsWriter | None = None  # the main rank's, opened by resume()
@@ -114,6 +117,8 @@ class Trainer:
         started = time.perf_counter()
         while self.step < self.cfg.train.steps:
             self.train_step()
+            if self.step <= self.passed:
+                continue  # another worker passed this step before the restart: its collectives are done
             self.log()
             self.evaluate()
             if not self.checkpointer.save(self.step) and self.step < self.cfg.train.steps:
@@ -127,8 +132,13 @@ class Trainer:
         the newest recovery point every rank has; open the metrics; the step to start from."""
         resume_from = self.cfg.checkpoint.resume_from
         restart = int(os.environ.get(env.RESTART_COUNT, "0") or 0)
-        recovered = 0
-        if restart:
+        recovered, where = 0, ""
+        if restart and self.on_servers:
+            base = checkpoint.verify(Path(resume_from)) if resume_from else 0
+            recovered = rejoin.go_on(self.strategy, self.loader, self.schedule, base)
+            where, resume_from = f"the parameter servers (clock {recovered - base})", ""
+            self.passed = rejoin.newest_of_all(recovered)
+        elif restart:
             saved = 0  # the step of the checkpoint a restart would load
             if checkpoint.list_checkpoints(self.run_dir / "checkpoints"):
                 path, saved, _ = checkpoint.newest_valid_step(self.run_dir / "checkpoints")
@@ -138,6 +148,7 @@ class Trainer:
             point = self.recovery.newest_common()
             if point > saved:
                 recovered, resume_from = self.recovery.load(point), ""
+                where = f"recovery point {recovered}"
         else:
             self.recovery.clear()
         self.step = recovered or self.checkpointer.resume(resume_from)
@@ -145,7 +156,7 @@ class Trainer:
         if self.rt.is_main:
             self.writer = MetricsWriter(self.run_dir, self.cfg.logging.tensorboard, append=bool(resume_from or restart))
             if restart:
-                where = f"recovery point {recovered}" if recovered else (resume_from or "the start")
+                where = where or resume_from or "the start"
                 self.writer.log(self.step, "restart", restart=restart, resumed_from=where, unix_time=time.time())
                 print(f"shoal: restart {restart}: resuming at step {self.step} from {where}", flush=True)
             elif resume_from:
@@ -156,6 +167,8 @@ class Trainer:
 
     def train_step(self) -> None:
         """One optimizer update: `grad_accum` micro-batches, then the LR schedule's step."""
+        if self.on_servers:  # a restarted worker redraws a step's random numbers exactly (`rejoin`)
+            torch.manual_seed(rejoin.step_seed(self.cfg.train.seed, self.rt.rank, self.step))
         for _ in range(self.strategy.grad_accum):
             loss = self.strategy.train_step(self.model, self.optimizer, self.loss_fn, next(self.batches))
             self.steplog.add(loss)

@@ -26,6 +26,12 @@ the servers, as does an optimizer loaded before `prepare`. `prepare(model)`
 without an optimizer waits for `prepare_optimizer(optimizer)` to connect
 (the servers run the optimizer's class). A loop that changes the parameters
 itself is stopped at its next forward (`guard`).
+
+A worker that is restarted while the servers run (`shoal run --max-restarts`)
+rejoins them in `prepare`: the servers answer with its clock (the pushes they
+hold from it, `strategy.clock`) and the current parameters, so it never pushes
+a clock twice; its loop goes on from that step (`shoal train` does, deriving
+its data position from the step).
 """
 
 from __future__ import annotations
@@ -123,6 +129,9 @@ class ParameterServer(ServerSaving):
             return 1 if self.servers is None else self.servers
 
     options: Options
+    resumes_on_servers = True
+    """The servers outlive a worker's restart and hold its clock: `shoal train` resumes a restarted
+    worker at `clock`, its data position and random numbers derived from the step."""
     install_at_forward = False
     """Benchmarks only (benchmarks/ps.py --only pull): leave the pulled parameters out of the model
     until its next forward pass, as shoal did before issue 11, to measure what installing them in
@@ -193,13 +202,43 @@ class ParameterServer(ServerSaving):
         installed = Installed([h for held in layout.slices for h in held])
         s = self._session = Session(client, layout, optimizer, optim, compressor, installed)
         s.totals.skipped = self._skipped_before
-        self._install(client.init(layout.specs, layout.values))
+        replies = client.init(layout.specs, layout.values)
+        s.clock = self._joined_at(replies)
+        self._install(replies)
+        if any(h.get("rejoined") for h, _ in replies):
+            # The values for this worker's clock come when the rule allows (BSP: once the others'
+            # replacements pushed); the first forward or step waits for them, not prepare.
+            s.rejoin_clocks = [h["clock"] for h, _ in replies]
+            client.request_pull(s.rejoin_clocks)
+            s.pending = True
         if os.environ.get(env.PS_EVENTS):
             s.live = LiveRow(Publisher(os.environ[env.PS_EVENTS], codec), rt.rank)
         prepared = prepare_optimizer(optimizer, self)
-        # State loaded before prepare (a snapshot) goes to the servers; no worker pushes before it is there.
-        self._restore(optimizer if optimizer.state else None, only_if_state=True)
+        if not s.clock:  # a rejoining worker takes the servers' state as it is
+            # State loaded before prepare (a snapshot) goes to the servers; no worker pushes before it is there.
+            self._restore(optimizer if optimizer.state else None, only_if_state=True)
         return prepared
+
+    @property
+    def clock(self) -> int:
+        """This worker's pushes the servers hold: its steps so far (> 0 at once after a rejoin)."""
+        return self.session.clock
+
+    def _joined_at(self, replies: Replies) -> int:
+        """The clock to go on from: 0 on a first join, the servers' count of this worker's pushes on a rejoin.
+
+        A worker killed between its pushes to two servers left one a clock ahead: it goes on from the
+        lower clock, and the server ahead drops the repeated push (counted as `bad_clock`)."""
+        clocks = [h.get("clock", 0) for h, _ in replies]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in clocks):
+            raise ShoalError(f"the parameter servers answered the join with clocks {clocks}; are they shoal's?")
+        if max(clocks):
+            log.warning("worker %d rejoined the parameter servers at clock %d", runtime.current().rank, min(clocks))
+        if len(set(clocks)) > 1:
+            log.warning(
+                "the servers hold clocks %s for this worker (killed mid-push): going on from the lowest", clocks
+            )
+        return min(clocks)
 
     def _endpoints(self) -> list[str]:
         """The servers' endpoints from the job's store; ShoalError if the strategy asks for
@@ -285,9 +324,9 @@ class ParameterServer(ServerSaving):
             if training(module):
                 raise ShoalError(NO_OPTIMIZER)
             return
-        if self.install_at_forward:
-            self.sync()
         s = self._session
+        if s.pending:  # benchmarks' deferred pulls, and a rejoin's first
+            self.sync()
         if training(module):
             s.installed.check()
         if s.live is not None and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0:
@@ -313,7 +352,8 @@ class ParameterServer(ServerSaving):
         if not s.pending:
             return
         start = time.perf_counter()
-        replies = s.client.wait_pull(s.clock)
+        replies = s.client.wait_pull(None if s.rejoin_clocks else s.clock)
+        s.rejoin_clocks = None
         waited = time.perf_counter() - start
         s.window.wait_s += waited
         s.totals.wait_s += waited

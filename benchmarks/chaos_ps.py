@@ -1,0 +1,216 @@
+"""Chaos trials for parameter-server workers: kill (SIGKILL) or stop (SIGSTOP) a worker of a running
+`shoal train` job at a random step, and measure how the job recovers.
+
+Each scenario is `SCENARIOS[name](rng, work_dir) -> dict` (merged into benchmarks/chaos.py's registry):
+
+- `detect_s`: from the fault (the fault record's mtime: written and fsynced right before the signal)
+  to the first server's "departed" event for that worker (its own clock, `unix_time`);
+- `recover_s`: from the fault to the last "rejoined" event of the round the restart brought back
+  (every worker rejoined: torch's agent restarts them all);
+- `redone_steps`: steps the faulty worker had pushed and pushed again: its step at the fault minus
+  one minus the clock the servers gave it back (0: it goes on from the step it was stopped in);
+- `equal`: BSP, the final parameters and optimizer state are bit-identical to a fault-free run's;
+  SSP/ASP, the servers' own final records show every worker's pushes applied exactly once (each
+  piece stepped workers x steps times, no push refused or repeated);
+- `fired`: the fault fired exactly once.
+
+Every trial is a 2-worker, 2-server `shoal train` run (the digits MLP, Adam, dropout) with
+`--launch.max_restarts=1`:
+
+    PYTHONPATH=. .venv/bin/python benchmarks/chaos_ps.py --trials 20 [--only ps-worker-kill-bsp ...]
+
+writes benchmarks/results/chaos_ps.json (after each scenario) and prints one line per scenario
+(p50/p95). `--from-log LOG` rebuilds the JSON from the trial lines a run printed (one stopped early).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _harness
+
+from tests.helpers.cli import shoal
+from tests.helpers.faults import Faults
+from tests.helpers.runs import final_params
+
+STEPS = 16
+STOP_S = 4.0
+"""How long a stopped worker stays stopped unless the launcher kills it first."""
+COMMON = [
+    "--strategy.name=parameter_server",
+    "--strategy.servers=2",
+    "--strategy.chunk_bytes=4096",
+    f"--train.steps={STEPS}",
+    f"--checkpoint.every={STEPS}",
+    "--model.hidden=[64]",
+    "--model.dropout=0.2",
+    "--optimizer.name=adam",
+    "--optimizer.schedule=cosine",
+    "--data.batch_size=16",
+    "--logging.tensorboard=false",
+    "--logging.progress=false",
+]
+WORKERS = 2
+_reference: dict[str, Path] = {}
+
+
+def _train(root: Path, name: str, mode: str, *more: str, env: dict[str, str] | None = None):
+    args = [*COMMON, f"--strategy.consistency={mode}", "--strategy.staleness=2", *more]
+    return shoal("train", *args, f"--logging.run_dir={root}", f"--logging.name={name}", timeout=240, env=env)
+
+
+def _reference_run(mode: str, work: Path) -> Path:
+    """The fault-free run a BSP trial is compared with (one per process, in the first trial's folder)."""
+    if mode not in _reference:
+        done = _train(work, "reference", mode)
+        if done.returncode != 0:
+            raise RuntimeError(f"the fault-free {mode} run failed: {done.stderr[-2000:]}")
+        _reference[mode] = work / "reference"
+    return _reference[mode]
+
+
+def _bit_identical(a: Path, b: Path) -> bool:
+    (pa, oa), (pb, ob) = final_params(a), final_params(b)
+    if pa.keys() != pb.keys() or oa["state"].keys() != ob["state"].keys():
+        return False
+    same = all(bool((pa[k] == pb[k]).all()) for k in pa)
+    for key in oa["state"]:
+        for name, value in oa["state"][key].items():
+            other = ob["state"][key][name]
+            same = same and (bool((value == other).all()) if hasattr(value, "shape") else value == other)
+    return same
+
+
+def _exactly_once(finals: list[dict]) -> bool:
+    """From each server's final record: every worker pushed STEPS clocks and each piece was stepped once per
+    push (none applied twice, none lost; a repeated push the server refused is counted in `dropped`)."""
+    if not finals:
+        return False
+    for f in finals:
+        if f["pushed"] != [STEPS] * WORKERS:
+            return False
+        if any(n != WORKERS * STEPS for n in f["steps"].values()):
+            return False
+    return True
+
+
+def trial(mode: str, action: str, rng: random.Random, work: Path) -> dict:
+    rank, step = rng.randrange(WORKERS), rng.randint(2, STEPS - 2)
+    work.mkdir(parents=True, exist_ok=True)
+    faults = Faults(work).add("worker", rank, step, action, **({"seconds": STOP_S} if action == "stop" else {}))
+    done = _train(work, "faulty", mode, "--launch.max_restarts=1", env=faults.env())
+    fired = [f for f in faults.fired() if (f["rank"], f["step"], f["action"]) == (rank, step, action)]
+    out: dict = {"mode": mode, "action": action, "rank": rank, "step": step, "fired": len(fired) == 1}
+    out["returncode"] = done.returncode
+    if done.returncode != 0:
+        out["error"] = (done.stderr.strip().splitlines() or [""])[-1][:300]
+        return {**out, "equal": False, "detect_s": None, "recover_s": None, "redone_steps": None}
+    at = faults.record.stat().st_mtime
+    events = [json.loads(line) for line in (work / "faulty" / "ps_events.jsonl").read_text().splitlines()]
+    events = [e for e in events if e.get("topic") == "event"]
+    departed = [e for e in events if e.get("departed") == rank and e["unix_time"] >= at - 0.5]
+    rejoined = [e for e in events if "rejoined" in e and e["unix_time"] >= at]
+    back = [e["clock"] for e in rejoined if e["rejoined"] == rank]
+    out["detect_s"] = min(e["unix_time"] for e in departed) - at if departed else None
+    out["recover_s"] = max(e["unix_time"] for e in rejoined) - at if rejoined else None
+    out["redone_steps"] = (step - 1) - min(back) if back else None
+    if mode == "bsp":
+        out["equal"] = _bit_identical(_reference_run(mode, work), work / "faulty")
+    else:
+        finals = [e["final"] for e in events if "final" in e]
+        out["equal"] = _exactly_once(finals)
+        out["dropped"] = [f.get("dropped") for f in finals]
+    return out
+
+
+def _scenario(mode: str, action: str) -> Callable[[random.Random, Path], dict]:
+    def run(rng: random.Random, work: Path) -> dict:
+        return trial(mode, action, rng, work)
+
+    run.__name__ = f"ps_worker_{action}_{mode}"
+    return run
+
+
+ACTIONS, MODES = ("kill", "stop"), ("bsp", "ssp", "asp")
+SCENARIOS: dict[str, Callable[[random.Random, Path], dict]] = {
+    f"ps-worker-{action}-{mode}": _scenario(mode, action) for action in ACTIONS for mode in MODES
+}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarize(name: str, trials: list[dict]) -> dict:
+    figures: dict = {"trials": len(trials)}
+    for key in ("detect_s", "recover_s", "redone_steps"):
+        values = [t[key] for t in trials if t.get(key) is not None]
+        figures[key] = {"p50": statistics.median(values) if values else None, "p95": _pct(values, 0.95)}
+    figures["equal"] = sum(bool(t["equal"]) for t in trials)
+    figures["fired"] = sum(bool(t["fired"]) for t in trials)
+    figures["failed"] = sum(t.get("returncode") != 0 for t in trials)
+    return figures
+
+
+def line(name: str, f: dict) -> str:
+    def fmt(key: str, unit: str = "s") -> str:
+        p50, p95 = f[key]["p50"], f[key]["p95"]
+        return "n/a" if p50 is None else f"p50 {p50:.2f}{unit} p95 {p95:.2f}{unit}"
+
+    return (
+        f"{name}: {f['trials']} trials, detect {fmt('detect_s')}, recover {fmt('recover_s')}, "
+        f"redone steps {fmt('redone_steps', '')}, equal {f['equal']}/{f['trials']}, fired {f['fired']}/{f['trials']}"
+        f", failed runs {f['failed']}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", default=None, choices=sorted(SCENARIOS))
+    parser.add_argument("--from-log", default=None, help="rebuild the JSON from the trial lines of a run's output")
+    ns = parser.parse_args()
+    command = "PYTHONPATH=. .venv/bin/python benchmarks/chaos_ps.py " + " ".join(sys.argv[1:])
+    if ns.from_log:
+        by_name: dict[str, list[dict]] = {}
+        for text in Path(ns.from_log).read_text().splitlines():
+            name, sep, record = text.partition(" trial ")
+            if sep and name in SCENARIOS and ": " in record:
+                by_name.setdefault(name, []).append(json.loads(record.split(": ", 1)[1]))
+        return _write(command, by_name)
+    root = Path(tempfile.mkdtemp(prefix="shoal-chaos-ps-"))
+    by_name = {}
+    for name in ns.only or list(SCENARIOS):
+        rng = random.Random(f"{ns.seed}:{name}")
+        by_name[name] = []
+        for i in range(ns.trials):
+            by_name[name].append(SCENARIOS[name](rng, root / name / f"trial{i}"))
+            print(f"{name} trial {i}: {json.dumps(by_name[name][-1])}", flush=True)
+        print(line(name, summarize(name, by_name[name])), flush=True)
+        _write(command, by_name, quiet=True)
+    _write(command, by_name)
+
+
+def _write(command: str, by_name: dict[str, list[dict]], quiet: bool = False) -> None:
+    results = {name: {"figures": summarize(name, trials), "trials": trials} for name, trials in by_name.items()}
+    lines = "\n".join(line(name, r["figures"]) for name, r in results.items())
+    _harness.write(
+        "chaos_ps", {"command": command, "steps": STEPS, "workers": WORKERS, **results}, "" if quiet else lines
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Parameter-server workers that die: the servers notice within 2 s, keep running while the worker
+comes back, and take it back at the clock they hold for it (`shoal.ps.membership`).
+
+- SSP: the survivor goes on without waiting for the dead worker, which rejoins later; every push is
+  applied exactly once (the server's own counts).
+- BSP under `shoal train --launch.max_restarts=1`: torch's agent restarts both workers, they rejoin
+  the running servers, and the run ends bit-identical to the fault-free one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import torch
+
+from tests.helpers.cli import shoal
+from tests.helpers.faults import Faults
+from tests.helpers.procs import Processes
+from tests.helpers.ps import server_stats, servers
+from tests.helpers.runs import final_params
+
+STEPS, KILL_AT = 30, 8
+
+
+def test_ssp_survivor_goes_on_and_the_killed_worker_rejoins_at_its_clock(tmp_path):
+    faults = Faults(tmp_path).kill("worker", rank=1, step=KILL_AT)
+    with Processes() as procs:
+        group = servers(procs, 1, {"SHOAL_PS_TIMEOUT_S": "120"})
+        env = {**group.env, **faults.env()}
+
+        def worker(rank: int, name: str):
+            argv = [sys.executable, "-m", "tests.workers.ps_rejoin", str(rank), "2", str(STEPS), str(tmp_path)]
+            return procs.start(argv, timeout=240, env=env, name=name)
+
+        first = [worker(0, "w0"), worker(1, "w1")]
+        survivor, killed = (p.wait() for p in first)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        assert survivor.returncode == 0, survivor.stderr[-3000:]  # it finished all its steps alone
+        again = worker(1, "w1-again").wait()
+        assert again.returncode == 0, again.stderr[-3000:]
+        ((stats, _),) = server_stats(group)
+    kill = faults.assert_fired("worker", 1, KILL_AT, "kill")
+    assert kill["pid"] == first[1].pid != json.loads((tmp_path / "rank1.json").read_text())["pid"]
+    # the server's own record: worker 1 left at the clock of its 7 pushes and came back there
+    assert [(d["worker"], d["clock"]) for d in stats["departures"]] == [(1, KILL_AT - 1)]
+    assert [(r["worker"], r["clock"]) for r in stats["rejoins"]] == [(1, KILL_AT - 1)]
+    assert json.loads((tmp_path / "rank1.json").read_text())["joined_at"] == KILL_AT - 1
+    # every push applied once: STEPS clocks from each, no repeat refused, nothing else dropped
+    assert stats["pushed"] == [STEPS, STEPS] and stats["applied"] == 2 * STEPS and not stats["dropped"]
+    # detected within 2 s of the kill, and the survivor never waited 2 s for a step
+    killed_at = (tmp_path / "faults.jsonl").stat().st_mtime  # the record line is written right before the kill
+    assert stats["departures"][0]["unix_time"] - killed_at < 2.0, stats["departures"]
+    gaps = json.loads((tmp_path / "rank0.json").read_text())["gaps"]
+    assert max(gaps) < 2.0, gaps
+
+
+COMMON = [
+    "--strategy.name=parameter_server",
+    "--strategy.consistency=bsp",
+    "--strategy.servers=2",
+    "--strategy.chunk_bytes=4096",
+    "--train.steps=12",
+    "--checkpoint.every=12",
+    "--model.hidden=[64]",
+    "--model.dropout=0.2",
+    "--optimizer.name=adam",
+    "--optimizer.schedule=cosine",
+    "--data.batch_size=16",
+    "--logging.tensorboard=false",
+    "--logging.progress=false",
+]
+
+
+def test_bsp_worker_killed_is_restarted_rejoins_and_the_run_ends_bit_identical(tmp_path):
+    whole = shoal("train", *COMMON, f"--logging.run_dir={tmp_path}", "--logging.name=whole", timeout=240)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    faults = Faults(tmp_path).kill("worker", rank=1, step=7)
+    args = [*COMMON, f"--logging.run_dir={tmp_path}", "--logging.name=killed", "--launch.max_restarts=1"]
+    killed = shoal("train", *args, timeout=240, env=faults.env())
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    faults.assert_fired("worker", 1, 7, "kill")
+    assert not killed.survivors
+    assert re.search(r"\[rank0\]: shoal: restart 1: resuming at step [67] from the parameter servers", killed.stdout)
+    events = [json.loads(line) for line in (tmp_path / "killed" / "ps_events.jsonl").read_text().splitlines()]
+    # both servers saw worker 1 leave at clock 6 and come back there (and worker 0, stopped by the agent, too)
+    assert sorted(e["clock"] for e in events if e.get("departed") == 1) == [6, 6]
+    assert sorted(e["clock"] for e in events if e.get("rejoined") == 1) == [6, 6]
+    (want, want_opt), (got, got_opt) = final_params(tmp_path / "whole"), final_params(tmp_path / "killed")
+    assert want.keys() == got.keys() and want_opt["state"].keys() == got_opt["state"].keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
+    for key in want_opt["state"]:
+        torch.testing.assert_close(got_opt["state"][key], want_opt["state"][key], atol=0, rtol=0)

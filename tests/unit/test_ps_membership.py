@@ -1,0 +1,102 @@
+"""In-process tests of how a parameter server tracks its workers (`shoal.ps.membership`): a closed
+connection is a departure, a departed worker leaves the SSP bound, a new incarnation rejoins at the
+clock the server holds for it, and an old or replayed one is refused."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import zmq
+
+from shoal.comm.wire import Codec
+from shoal.ps.consistency import Gate, Mode
+
+KEY = b"k" * 32
+SPEC = {"optim": "SGD", "timeout_s": 5.0, "groups": [{"lr": 1.0}], "keys": [["w", "float32", [2], "ssp", 0, 0]]}
+
+
+def _init(src: int, incarnation: str, seq: int = 1) -> dict:
+    return {"op": "init", "src": src, "seq": seq, "world": 2, "spec": SPEC, "incarnation": incarnation, "pid": 1}
+
+
+def _push(src: int, seq: int, clock: int) -> dict:
+    return {"op": "push", "src": src, "seq": seq, "clock": clock, "keys": ["w"], "hp": [{"lr": 1.0}]}
+
+
+def test_a_departed_worker_is_left_out_of_the_ssp_bound_only():
+    gate = Gate(3, [Mode("ssp", 1)])
+    gate.pushed = [5, 2, 4]
+    assert not gate.ready(5)
+    gate.absent.add(1)
+    assert gate.ready(5) and not gate.ready(6) and gate.slowest == 2 and gate.slowest_present == 4
+    bsp = Gate(2, [Mode("bsp")])
+    bsp.pushed, bsp.bsp_done = [3, 2], 2
+    bsp.absent.add(1)
+    assert not bsp.ready(3)  # BSP still needs the departed worker's push
+
+
+def test_a_closed_connection_is_declared_departed_within_two_probes():
+    from shoal.ps.server import Server
+
+    codec = Codec(KEY)
+    server = Server(0, codec)
+    ctx = zmq.Context()
+    dealers = []
+    try:
+        for src in (0, 1):
+            d = ctx.socket(zmq.DEALER)
+            d.setsockopt(zmq.ROUTING_ID, f"i{src}".encode())
+            d.connect(server.endpoint)
+            d.send_multipart(codec.encode(_init(src, f"i{src}"), [torch.zeros(2)] if src == 0 else []))
+            dealers.append(d)
+        for _ in range(2):
+            frames = server.sock.recv_multipart(copy=False)
+            server.handle(frames[0].bytes, frames[1:])
+        assert server.gate is not None and not server.dropped
+        server.members.probe(server.gate.pushed)
+        assert not server.members.departed
+        dealers[1].close(linger=0)  # as a killed worker's kernel closes its connection
+        closed = time.monotonic()
+        while not server.members.departed and time.monotonic() - closed < 5:
+            time.sleep(0.05)
+            server.members.probe(server.gate.pushed)
+        assert server.members.departed == {1} and server.gate.absent == {1}
+        assert time.monotonic() - closed < 2.0
+        assert [(d["worker"], d["clock"]) for d in server.members.departures] == [(1, 0)]
+    finally:
+        for d in dealers:
+            d.close(linger=0)
+        ctx.term()
+        server.sock.close(linger=0)
+        server.ctx.term()
+
+
+def test_a_new_incarnation_rejoins_at_its_clock_and_old_or_replayed_ones_are_refused():
+    from shoal.ps.server import Server
+
+    codec = Codec(KEY)
+    server = Server(0, codec)
+    sent: list[tuple[bytes, dict]] = []
+    server.send = lambda ident, header, tensors=(): sent.append((ident, header))  # type: ignore[method-assign]
+    try:
+        for src in (0, 1):
+            server.handle(f"a{src}".encode(), codec.encode(_init(src, f"a{src}"), [torch.zeros(2)] if src == 0 else []))
+        for src in (0, 1):
+            server.handle(f"a{src}".encode(), codec.encode(_push(src, 2, 0), [torch.ones(2)]))
+        assert server.gate is not None and server.gate.pushed == [1, 1] and not server.dropped
+        server.handle(b"b1", codec.encode(_init(1, "b1")))  # worker 1 restarted: a new process
+        assert sent[-1] == (b"b1", {"op": "params", "clock": 1, "applied": 2, "rejoined": True})
+        assert [(r["worker"], r["clock"]) for r in server.members.rejoins] == [(1, 1)]
+        server.handle(b"a1", codec.encode(_push(1, 3, 1), [torch.ones(2)]))  # the old process, late
+        assert server.dropped == {"stale_sender": 1} and server.gate.pushed == [1, 1]
+        server.handle(b"b1", codec.encode(_push(1, 2, 1), [torch.ones(2)]))  # the new one goes on at clock 1
+        assert server.gate.pushed == [1, 2] and server.applied == 3
+        server.handle(b"b1", codec.encode(_push(1, 3, 1), [torch.ones(2)]))  # clock 1 again: refused
+        for replay in (_init(1, "b1", seq=9), _init(1, "a1", seq=9)):  # an incarnation seen before
+            server.handle(b"c1", codec.encode(replay))
+        assert server.dropped == {"stale_sender": 1, "bad_clock": 1, "replayed": 2} and server.gate.pushed == [1, 2]
+        torch.testing.assert_close(server.pieces["w"].param, -3 * torch.ones(2), rtol=0, atol=0)  # 3 pushes once each
+    finally:
+        server.sock.close(linger=0)
+        server.ctx.term()
