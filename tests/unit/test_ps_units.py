@@ -419,3 +419,50 @@ def test_a_bsp_average_that_overflows_drops_its_clock():
         torch.testing.assert_close(server.pieces["w"].param, w0 - 1, rtol=0, atol=0)
     finally:
         server.close(linger_ms=0)
+
+
+# ------------------------------------------------------------------ connection security and replay
+def test_curve_keys_come_from_the_job_key_and_a_stranger_gets_no_message_in():
+    import zmq
+
+    from shoal.comm.security import Transport
+
+    ours, again, theirs = Transport(KEY, curve=True), Transport(KEY, curve=True), Transport(b"s" * 32, curve=True)
+    assert (ours.server_public, ours.client_public) == (again.server_public, again.client_public)
+    assert len({ours.server_public, ours.client_public, theirs.server_public, theirs.client_public}) == 4
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.ROUTER)
+    ours.listen(server)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    socks = []
+    for who in (theirs, ours):  # the stranger first: had it got in, its message would arrive first
+        s = ctx.socket(zmq.DEALER)
+        who.connect(s)
+        s.connect(f"tcp://127.0.0.1:{port}")
+        s.send(b"from ours" if who is ours else b"from theirs")
+        socks.append(s)
+    try:
+        assert server.poll(5000)
+        assert server.recv_multipart()[1] == b"from ours"
+        assert not server.poll(500)
+    finally:
+        for s in [*socks, server]:
+            s.close(linger=0)
+        ours.close(ctx)
+        ctx.term()
+
+
+def test_one_time_ids_pass_once_and_only_near_the_servers_clock():
+    import time
+
+    from shoal.comm.replay import Once, addressed, one_time_id
+
+    once = Once(window_s=60)
+    first = one_time_id()
+    assert once.fresh(first) and not once.fresh(first)
+    assert not once.fresh(first - 61 * 10**9) and not once.fresh(first + 61 * 10**9)
+    assert not once.fresh("1") and not once.fresh(True)
+    assert once.fresh(one_time_id() + 1)
+    assert addressed({"to": 2, "session": "ab"}, "ab", 2)
+    assert not addressed({"to": 1, "session": "ab"}, "ab", 2) and not addressed({"to": 2, "session": "x"}, "ab", 2)
+    assert not addressed({"to": True, "session": "ab"}, "ab", 1) and time.time_ns() > first
