@@ -43,9 +43,12 @@ log = logging.getLogger("shoal.comm.security")
 
 HANDSHAKE_S = 5.0
 """An unauthenticated connection is closed after this long (ZeroMQ's default is 30 s)."""
-HEARTBEAT_S = 5.0
-"""How often a connection is pinged; a peer that answers no ping for `HEARTBEAT_TIMEOUT_S` is dropped."""
-HEARTBEAT_TIMEOUT_S = 60.0
+HEARTBEAT_S = 10.0
+"""How often a connection is pinged; a peer that answers no ping for `HEARTBEAT_TIMEOUT_S` is dropped.
+ZeroMQ's I/O thread answers pings, so a peer busy in Python stays; only a vanished (or stopped) one goes.
+Generous on purpose: replies queued for a dropped connection are lost, and the job's own `timeout_s`
+already stops a job whose worker is gone, with a sentence that says so."""
+HEARTBEAT_TIMEOUT_S = 300.0
 BACKLOG = 64
 """Connections the kernel queues before ZeroMQ accepts them (ZeroMQ's default is 100)."""
 DOMAIN = "shoal"
