@@ -130,7 +130,8 @@ class Member:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_BYTES + MAC_BYTES)
-        Transport(job_key(key)).listen(self.sock)  # CURVE: no stranger's bytes are held (ZeroMQ limits only frames)
+        self.transport = Transport(job_key(key))  # kept: it holds the ZAP handler's thread
+        self.transport.listen(self.sock)  # CURVE: no stranger's bytes are held (ZeroMQ limits only frames)
         self.sock.bind(f"tcp://{client_address(members[index])}")
         self.dropped = 0
 
