@@ -22,6 +22,7 @@ class Publisher:
         self.sock = self.ctx.socket(zmq.PUB)
         self.sock.setsockopt(zmq.SNDHWM, 1000)
         self.sock.setsockopt(zmq.LINGER, 500)
+        codec.transport.connect(self.sock)
         self.sock.connect(endpoint)
         self.dropped = 0
 
@@ -47,6 +48,7 @@ class Subscriber:
         self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
         for t in topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+        codec.transport.listen(self.sock)  # only the job's processes connect; no stranger makes us hold memory
         port = self.sock.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
         self.dropped = 0
@@ -70,4 +72,5 @@ class Subscriber:
 
     def close(self) -> None:
         self.sock.close()
+        self.codec.transport.close(self.ctx)
         self.ctx.term()

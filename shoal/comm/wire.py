@@ -32,6 +32,7 @@ import msgpack
 import torch
 
 from shoal.comm.keys import job_key as job_key  # re-exported: the PS modules read the key here
+from shoal.comm.security import Transport
 from shoal.errors import ShoalError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -71,11 +72,13 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 class Codec:
-    """Encodes and checks messages for one job (one key, one size limit)."""
+    """Encodes and checks messages for one job (one key, one size limit); `transport`
+    secures the sockets that carry them (CURVE keys derived from the same key)."""
 
-    def __init__(self, key: bytes, max_bytes: int = 1 << 30):
+    def __init__(self, key: bytes, max_bytes: int = 1 << 30, transport: Transport | None = None):
         self._key = key
         self.max_bytes = int(max_bytes)
+        self.transport = transport or Transport(key)
 
     def _buffers_mac(self, bufs):
         # The buffers first and the header last, so one pass over large buffers

@@ -21,6 +21,8 @@ from typing import Any
 
 import zmq
 
+from shoal.comm.security import Transport
+from shoal.comm.wire import job_key
 from shoal.control import auth
 from shoal.control.base import ControlError, ControlPlane
 from shoal.control.frames import FrameError, Frames
@@ -45,6 +47,7 @@ class RaftControl(ControlPlane):
         self.members = list(members)
         self.endpoints = [client_address(m) for m in members]
         self.codec = Frames(auth.client_key(key))
+        self.transport = Transport(job_key(key))  # CURVE: members let in only the job's processes
         self.timeout = timeout
         self.session = secrets.token_hex(8)
         self.seq = 0
@@ -110,6 +113,7 @@ class RaftControl(ControlPlane):
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a member that is not connected
+            self.transport.connect(sock)
             sock.connect(f"tcp://{self.endpoints[i]}")
             self.socks[i] = sock
         return self.socks[i]

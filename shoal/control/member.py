@@ -33,8 +33,10 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replic
 from pysyncobj.node import TCPNode
 
 from shoal import env
+from shoal.comm.security import Transport
+from shoal.comm.wire import job_key
 from shoal.control import auth
-from shoal.control.frames import FrameError, Frames
+from shoal.control.frames import MAC_BYTES, MAX_BYTES, FrameError, Frames
 from shoal.control.launch import client_address
 from shoal.control.state import apply, new_state
 from shoal.errors import ShoalError
@@ -127,6 +129,9 @@ class Member:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_BYTES + MAC_BYTES)
+        self.transport = Transport(job_key(key))  # kept: it holds the ZAP handler's thread
+        self.transport.listen(self.sock)  # CURVE: no stranger's bytes are held (ZeroMQ limits only frames)
         self.sock.bind(f"tcp://{client_address(members[index])}")
         self.dropped = 0
 

@@ -5,7 +5,9 @@ while the worker goes on (zero_grad, the next batch), and gradient buffers
 go out without a copy. `wait_pull` blocks until every server has answered
 the pull, which is when the consistency rule allowed it; the time spent
 there is the step's wait time. Replies arrive in order per server, and a
-server always handles a worker's push before its next pull.
+server always handles a worker's push before its next pull. Every request
+names its server and that server's session (`shoal.comm.replay`), and every
+socket proves the job's key at connection (`shoal.comm.security`).
 
 Each Client is one incarnation of its worker (a random token, also its
 ZeroMQ routing id on every server): a restarted worker is a new incarnation,
@@ -22,22 +24,26 @@ import time
 import torch
 import zmq
 
+from shoal.comm import replay
 from shoal.comm.wire import Codec, WireError
 from shoal.errors import ShoalError
 from shoal.ps.protocol import BYE, ERROR, INIT, OBSERVER, PARAMS, PING, PULL, PUSH, RESTORE, RESTORED, STATE, STATS
+from shoal.ps.store import ServerAddress
 
 
 class Client:
-    def __init__(self, endpoints: list[str], codec: Codec, rank: int, world: int, timeout_s: float):
+    def __init__(self, servers: list[ServerAddress], codec: Codec, rank: int, world: int, timeout_s: float):
         self.codec, self.rank, self.world, self.timeout_s = codec, rank, world, timeout_s
-        self.endpoints = endpoints
+        self.servers = servers
+        self.endpoints = [a.endpoint for a in servers]
         self.incarnation = f"{rank}-{secrets.token_hex(8)}"
         self.ctx = zmq.Context()
         self.socks = []
-        for ep in endpoints:
+        for ep in self.endpoints:
             s = self.ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 5000)
             s.setsockopt(zmq.ROUTING_ID, self.incarnation.encode())  # the servers fence other processes by it
+            codec.transport.connect(s)
             s.connect(ep)
             self.socks.append(s)
         self.seq = 0
@@ -47,7 +53,9 @@ class Client:
 
     def _send(self, server: int, header: dict, tensors=(), track: bool = False):
         self.seq += 1
-        frames = self.codec.encode({**header, "src": self.rank, "seq": self.seq}, list(tensors))
+        frames = self.codec.encode(
+            {**header, "src": self.rank, "seq": self.seq, **self.servers[server].header}, list(tensors)
+        )
         if track:
             return self.socks[server].send_multipart(frames, copy=False, track=True)
         self.socks[server].send_multipart(frames)
@@ -157,7 +165,7 @@ class Client:
         return [replies[s] for s in range(len(self.socks))]
 
     def stats(self, server: int) -> tuple[dict, list[torch.Tensor]]:
-        return request_stats(self.ctx, self.endpoints[server], self.codec, self.timeout_s)
+        return request_stats(self.ctx, self.servers[server], self.codec, self.timeout_s)
 
     def close(self) -> None:
         for s in range(len(self.socks)):
@@ -168,14 +176,17 @@ class Client:
 
 
 def request_stats(
-    ctx: zmq.Context, endpoint: str, codec: Codec, timeout_s: float = 10.0
+    ctx: zmq.Context, server: ServerAddress, codec: Codec, timeout_s: float = 10.0
 ) -> tuple[dict, list[torch.Tensor]]:
     """A server's counters and current parameters (read-only; for tools and tests)."""
+    endpoint = server.endpoint
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    codec.transport.connect(sock)
     sock.connect(endpoint)
     try:
-        sock.send_multipart(codec.encode({"op": STATS, "src": OBSERVER}))
+        header = {"op": STATS, "src": OBSERVER, "seq": replay.one_time_id(), **server.header}
+        sock.send_multipart(codec.encode(header))
         if not sock.poll(timeout_s * 1000):
             raise ShoalError(f"parameter server {endpoint} did not answer a stats request within {timeout_s:.0f}s")
         header, tensors = codec.decode(sock.recv_multipart())

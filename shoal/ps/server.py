@@ -12,8 +12,9 @@ Guarantees:
   an unknown piece or param group, has a field of the wrong type or range
   (hyperparameters included: finite, >= 0 where torch requires it, the
   optimizer's switches as they were at start), a wrong shape or dtype, a
-  wrong clock or a replayed sequence number is dropped and counted in
-  `dropped`; it changes nothing;
+  wrong clock, another run's or server's session or a replayed sequence
+  number (`shoal.comm.replay`) is dropped and counted in `dropped`; it
+  changes nothing;
 - a gradient with inf or NaN is applied as a skip (counted in `nonfinite`),
   as a worker skips a compressed step that overflowed, so a BSP clock is
   dropped for every worker and never waits for the refused push;
@@ -51,6 +52,7 @@ import torch
 import zmq
 
 from shoal import env, faults, logs
+from shoal.comm import replay
 from shoal.comm.pubsub import Publisher
 from shoal.comm.wire import Codec, WireError, job_key
 from shoal.compress.base import Receiver
@@ -108,10 +110,13 @@ class Server:
         self.sock.setsockopt(zmq.MAXMSGSIZE, codec.max_bytes)  # ZeroMQ drops a bigger frame before we see it
         self.sock.setsockopt(zmq.LINGER, 2000)
         membership.heartbeat(self.sock)  # a worker that stops answering is disconnected, then declared departed
+        codec.transport.listen(self.sock)  # CURVE: only the job's processes get a message in
         port = self.sock.bind_to_random_port(f"tcp://{host}")
         self.endpoint = (
             f"tcp://{advertise or host}:{port}"  # bound to every interface, reached by this machine's address
         )
+        self.session = replay.new_session()  # in every request's signed header: nothing recorded elsewhere passes
+        self.once = replay.Once()  # one-time ids of stats requests
         self.dropped: Counter[str] = Counter()
         self.last_drop: dict[int, str] = {}  # per worker: why its last refused message was refused
         self.ceiling = codec.max_bytes  # SHOAL_PS_MAX_BYTES; the workers' max_message_mb governs below it
@@ -171,9 +176,13 @@ class Server:
                 )
             if os.getppid() != parent:  # the launcher is gone: do not linger
                 self.fail("the process that started this server exited")
-        self.sock.close()
-        self.ctx.term()
+        self.close()
         return 1 if self.error else 0
+
+    def close(self, linger_ms: int | None = None) -> None:
+        self.sock.close(linger=linger_ms)
+        self.codec.transport.close(self.ctx)  # the ZAP handler's sockets first, or term() waits for them
+        self.ctx.term()
 
     def handle(self, ident: bytes, frames: list[zmq.Frame]) -> None:
         src: object = None
@@ -182,8 +191,12 @@ class Server:
             op, src = header.get("op"), header.get("src")
             if not _whole(src) or not OBSERVER <= src < (self.workers or MAX_WORKERS):
                 raise WireError("bad_sender")
+            if not replay.addressed(header, self.session, self.index):
+                raise WireError("wrong_session")  # recorded in another run, or meant for another server
             self.handling = f"handling a {str(op)[:20]!r} message from worker {src}"
             if op == STATS:
+                if not self.once.fresh(header.get("seq")):
+                    raise WireError("replayed")
                 return self.send(ident, self.stats(), [p.param for p in self.pieces.values()])
             seq = header.get("seq")
             if op == INIT and self.members.admit(src, header.get("incarnation"), ident):
@@ -192,22 +205,7 @@ class Server:
                 self.members.refuse(src, ident)
             if src == OBSERVER or not _whole(seq) or seq <= self.seq.get(src, -1):
                 raise WireError("replayed")
-            if op == INIT:
-                self.on_init(ident, src, header, tensors)
-            elif op == PUSH:
-                self.on_push(src, header, tensors)
-            elif op in (PULL, STATE):
-                self.on_pull(ident, src, header, op)
-            elif op == RESTORE:
-                self.on_restore(ident, src, header, tensors)
-            elif op == BYE:
-                self.joined_gate(src)
-                self.bye.add(src)  # the server stays up for stats until the launcher stops it
-                self.members.finished.add(src)
-                if len(self.bye) == self.workers:
-                    membership.publish_final(self)
-            else:
-                raise WireError("bad_op")
+            self.dispatch(ident, src, op, header, tensors)
             self.seq[src] = seq
             self.last_drop.pop(src, None)
         except WireError as err:
@@ -215,6 +213,25 @@ class Server:
             if _whole(src) and 0 <= src < (self.workers or 0):
                 self.last_drop[src] = str(err)
             log.debug("server %d dropped a message: %s", self.index, err)
+
+    def dispatch(self, ident: bytes, src: int, op: object, header: dict, tensors: list[torch.Tensor]) -> None:
+        """One authenticated, fresh request from worker `src`, to its handler."""
+        if op == INIT:
+            self.on_init(ident, src, header, tensors)
+        elif op == PUSH:
+            self.on_push(src, header, tensors)
+        elif op in (PULL, STATE):
+            self.on_pull(ident, src, header, PULL if op == PULL else STATE)
+        elif op == RESTORE:
+            self.on_restore(ident, src, header, tensors)
+        elif op == BYE:
+            self.joined_gate(src)
+            self.bye.add(src)  # the server stays up for stats until the launcher stops it
+            self.members.finished.add(src)
+            if len(self.bye) == self.workers:
+                membership.publish_final(self)
+        else:
+            raise WireError("bad_op")
 
     def send(self, ident: bytes, header: dict, tensors: list[torch.Tensor] | tuple = ()) -> None:
         # copy=True: ZeroMQ takes the bytes now, before the optimizer changes them in place
@@ -565,7 +582,7 @@ def main() -> int:
     if environ.get(env.PS_EVENTS):
         server.events = Publisher(environ[env.PS_EVENTS], codec)
     store = ps_store.connect(environ[env.PS_STORE], timeout_s=60)
-    store.set(ps_store.server_key(index), server.endpoint)
+    store.set(ps_store.server_key(index), ps_store.ServerAddress(server.endpoint, index, server.session).value)
     del store
     return server.serve()
 

@@ -67,8 +67,8 @@ class ServerGroup:
     env: dict[str, str] = field(default_factory=dict)
     """What workers need: the store address, the session and the job key."""
 
-    def endpoints(self, timeout_s: float = 60.0) -> list[str]:
-        """Every server's endpoint (this machine's and the others')."""
+    def endpoints(self, timeout_s: float = 60.0) -> list[ps_store.ServerAddress]:
+        """Every server's address and session (this machine's and the others')."""
         return ps_store.read_endpoints(self.store, int(self.store.get(ps_store.SERVER_COUNT_KEY)), timeout_s)
 
     def poll(self) -> list[int | None]:

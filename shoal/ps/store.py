@@ -4,8 +4,10 @@ A torch `TCPStore` holds these keys, named here and nowhere else:
 
 - `SERVER_COUNT_KEY` (`shoal/ps/servers`): how many servers the job has,
   set by the launcher of machine 0 when it opens the store;
-- `server_key(i)` (`shoal/ps/server/<i>`): server i's ZeroMQ endpoint, set
-  by server i once it is bound;
+- `server_key(i)` (`shoal/ps/server/<i>`): server i's ZeroMQ endpoint and
+  session nonce (`ServerAddress`), set by server i once it is bound; workers
+  put the nonce in every request (`shoal.comm.replay`), and learn it here,
+  signed, so no stranger can hand them another;
 - `SESSION_KEY` (`shoal/ps/session`), across machines only: the job's
   session, which machine 0's launcher draws and the others read;
 - `SERVER_NODES_KEY` (`shoal/ps/server_nodes`), across machines only: how
@@ -46,6 +48,7 @@ import secrets
 import socket
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import NamedTuple
 
 from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage] -- documented, not in torch's stubs
 
@@ -64,6 +67,31 @@ JOB_END_KEY = "shoal/job/end"
 JOB_LEFT_KEY = "shoal/job/left"
 """A counter: server nodes that have read JOB_END_KEY (machine 0 waits for them before closing the store)."""
 _DOMAIN = b"shoal-store-v1"
+
+
+class ServerAddress(NamedTuple):
+    """Where server `index` listens, and its session nonce (fresh per server process)."""
+
+    endpoint: str
+    index: int
+    session: str
+
+    @property
+    def value(self) -> str:
+        """What the server stores under `server_key(index)`."""
+        return f"{self.endpoint} {self.session}"
+
+    @property
+    def header(self) -> dict:
+        """What every signed request to this server carries (see `shoal.comm.replay`)."""
+        return {"to": self.index, "session": self.session}
+
+    @classmethod
+    def parse(cls, index: int, value: str) -> ServerAddress:
+        endpoint, _, session = value.partition(" ")
+        if not endpoint or not session:
+            raise ShoalError(f"parameter server {index} published no session with its endpoint {endpoint!r}")
+        return cls(endpoint, index, session)
 
 
 def server_key(index: int) -> str:
@@ -241,8 +269,8 @@ def connect(address: str, timeout_s: float) -> SignedStore:
     return SignedStore(raw, job_key(), session, address)
 
 
-def read_endpoints(store: SignedStore, count: int, timeout_s: float) -> list[str]:
-    """Every server's endpoint, once all `count` have published theirs; ShoalError for one not signed by the job."""
+def read_endpoints(store: SignedStore, count: int, timeout_s: float) -> list[ServerAddress]:
+    """Every server's address, once all `count` have published theirs; ShoalError for one not signed by the job."""
     keys = [server_key(i) for i in range(count)]
     try:
         store.wait(keys, timedelta(seconds=timeout_s))
@@ -251,7 +279,7 @@ def read_endpoints(store: SignedStore, count: int, timeout_s: float) -> list[str
             f"the {count} parameter server(s) did not publish their addresses within {timeout_s:.0f}s; "
             "see the servers' logs"
         ) from None
-    return [store.get(k) for k in keys]
+    return [ServerAddress.parse(i, store.get(k)) for i, k in enumerate(keys)]
 
 
 def connect_store(timeout_s: float = 60.0) -> tuple[SignedStore, int]:

@@ -19,6 +19,7 @@ from shoal import env
 from shoal.comm.wire import Codec
 from shoal.errors import ShoalError
 from shoal.ps.client import Client
+from shoal.ps.store import ServerAddress
 from tests.helpers.faults import Faults
 from tests.helpers.procs import Processes
 from tests.helpers.ps import servers
@@ -58,7 +59,7 @@ def connect():
     """Clients that are closed at once when the test ends (a context left to the garbage collector may block)."""
     made: list[Client] = []
 
-    def make(endpoint: str, codec: Codec, rank: int, world: int) -> Client:
+    def make(endpoint: ServerAddress, codec: Codec, rank: int, world: int) -> Client:
         made.append(Client([endpoint], codec, rank=rank, world=world, timeout_s=20))
         return made[-1]
 

@@ -57,13 +57,15 @@ def test_hostile_messages_are_dropped_and_the_server_keeps_serving(server, tmp_p
     ctx = zmq.Context()
     evil = ctx.socket(zmq.DEALER)
     evil.setsockopt(zmq.LINGER, 0)
-    evil.connect(endpoint)
+    codec.transport.connect(evil)  # an insider with the job key: the message checks are what is tested
+    evil.connect(endpoint.endpoint)
     rng = random.Random(0)
 
     def push(src=0, seq=10**6, keys=("w",), grads=None, with_codec=codec, clock=0):
         grads = [torch.ones(8)] if grads is None else list(grads)
         return with_codec.encode(
-            {"op": "push", "src": src, "seq": seq, "clock": clock, "keys": list(keys), "hp": [{}]}, grads
+            {"op": "push", "src": src, "seq": seq, "clock": clock, "keys": list(keys), "hp": [{}], **endpoint.header},
+            grads,
         )
 
     _Evil.marker = str(tmp_path / "pwned")

@@ -39,9 +39,12 @@ def test_the_local_store_listens_on_the_asked_address_only():
 def test_signed_values_round_trip_and_forged_ones_stop_the_reader():
     store, address = ps_store.open_local_store("127.0.0.1", 2, 10, KEY)
     assert store.get(ps_store.SERVER_COUNT_KEY) == "2"
-    store.set(ps_store.server_key(0), "tcp://127.0.0.1:5000")
-    store.set(ps_store.server_key(1), "tcp://127.0.0.1:5001")
-    assert ps_store.read_endpoints(store, 2, 5) == ["tcp://127.0.0.1:5000", "tcp://127.0.0.1:5001"]
+    store.set(ps_store.server_key(0), "tcp://127.0.0.1:5000 aa")
+    store.set(ps_store.server_key(1), "tcp://127.0.0.1:5001 bb")
+    assert ps_store.read_endpoints(store, 2, 5) == [
+        ps_store.ServerAddress("tcp://127.0.0.1:5000", 0, "aa"),
+        ps_store.ServerAddress("tcp://127.0.0.1:5001", 1, "bb"),
+    ]
 
     host, port = address.split(":")
     stranger = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=5))
@@ -64,7 +67,7 @@ def test_signed_values_round_trip_and_forged_ones_stop_the_reader():
             ps_store.read_endpoints(store, 2, 5)
         assert "\n" not in str(err.value) and "shoal/ps/server/0" in str(err.value), what
     stranger.set(ps_store.server_key(0), signed_0)
-    assert ps_store.read_endpoints(store, 2, 5)[0] == "tcp://127.0.0.1:5000"
+    assert ps_store.read_endpoints(store, 2, 5)[0].endpoint == "tcp://127.0.0.1:5000"
 
 
 def test_a_client_without_the_session_is_told_how_to_start(monkeypatch):

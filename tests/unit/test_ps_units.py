@@ -211,22 +211,26 @@ def test_pubsub_delivers_authenticated_rows_and_drops_strangers():
 
     sub = Subscriber(Codec(KEY))
     good, stranger = Publisher(sub.endpoint, Codec(KEY)), Publisher(sub.endpoint, Codec(b"s" * 32))
+    # one that passes the connection's CURVE check but signs with another key: refused message by message
+    forger = Publisher(sub.endpoint, Codec(b"s" * 32, transport=Codec(KEY).transport))
     got, deadline = [], time.monotonic() + 10
     try:
         while not got and time.monotonic() < deadline:  # PUB drops what it sends before the connection is up
             stranger.publish("metrics", {"rank": 9})
             good.publish("metrics", {"rank": 1, "step": 3})
             got = sub.poll(100)
-        for _ in range(10):  # by now the stranger's connection is up too
+        for _ in range(10):  # by now the other connections are up too, if they were let in
             stranger.publish("metrics", {"rank": 9})
+            forger.publish("metrics", {"rank": 8})
             time.sleep(0.05)
         got += sub.poll(200)
     finally:
         good.close()
         stranger.close()
+        forger.close()
         sub.close()
     assert got and all(m == {"rank": 1, "step": 3, "topic": "metrics"} for m in got)
-    assert sub.dropped > 0  # the stranger's rows arrived and were refused
+    assert sub.dropped > 0  # the forger's rows arrived and were refused (the stranger's never got in)
 
 
 # ------------------------------------------------------------------ non-finite and out-of-range values
@@ -319,6 +323,11 @@ def test_server_limits_from_the_environment_are_checked_before_any_server_starts
         start_servers(1, "k" * 32, extra_env={"SHOAL_PS_TIMEOUT_S": "inf"})
 
 
+def _to(server) -> dict:
+    """What a request to `server` names besides its own fields: the server and its session."""
+    return {"to": server.index, "session": server.session}
+
+
 @pytest.mark.parametrize(
     "change, words",
     [
@@ -346,14 +355,15 @@ def test_a_bad_init_spec_stops_the_server_in_one_sentence(change, words, capsys)
         spec = {"optim": "SGD", "timeout_s": 5.0, "groups": [{"lr": 0.1}], "keys": [["w", "float32", [4], "bsp", 0, 0]]}
         spec.update(change)
         values = [torch.zeros(4)] * len(spec["keys"])
-        server.handle(b"w0", codec.encode({"op": "init", "src": 0, "seq": 1, "world": 1, "spec": spec}, values))
+        server.handle(
+            b"w0", codec.encode({"op": "init", "src": 0, "seq": 1, "world": 1, "spec": spec, **_to(server)}, values)
+        )
         assert server.done, (server.dropped, server.last_drop)
         assert server.error.startswith("bad initial message from worker 0: ")
         assert words in server.error and "\n" not in server.error, server.error
         assert capsys.readouterr().err == f"shoal: {server.error}\n"
     finally:
-        server.sock.close(linger=0)
-        server.ctx.term()
+        server.close(linger_ms=0)
 
 
 def test_init_timeout_and_size_must_be_finite_and_positive():
@@ -372,11 +382,12 @@ def test_init_timeout_and_size_must_be_finite_and_positive():
             ("max_bytes", True),
         ]:
             spec = {"optim": "SGD", "groups": [{"lr": 0.1}], "keys": [], field: value}
-            server.handle(b"w0", codec.encode({"op": "init", "src": 0, "seq": 1, "world": 2, "spec": spec}))
+            server.handle(
+                b"w0", codec.encode({"op": "init", "src": 0, "seq": 1, "world": 2, "spec": spec, **_to(server)})
+            )
         assert server.dropped == {"malformed": 7} and not server.joined and not server.done
     finally:
-        server.sock.close(linger=0)
-        server.ctx.term()
+        server.close(linger_ms=0)
 
 
 def test_a_bsp_average_that_overflows_drops_its_clock():
@@ -388,16 +399,70 @@ def test_a_bsp_average_that_overflows_drops_its_clock():
         spec = {"optim": "SGD", "timeout_s": 5.0, "groups": [{"lr": 1.0}], "keys": [["w", "float16", [2], "bsp", 0, 0]]}
         w0 = torch.ones(2, dtype=torch.float16)
         for src in (0, 1):
-            init = {"op": "init", "src": src, "seq": 1, "world": 2, "spec": spec}
+            init = {"op": "init", "src": src, "seq": 1, "world": 2, "spec": spec, **_to(server)}
             server.handle(b"w%d" % src, codec.encode(init, [w0] if src == 0 else []))
         big = torch.full((2,), 60000.0, dtype=torch.float16)  # finite, but two of them sum past float16's 65504
         for clock, grad in enumerate((big, torch.ones(2, dtype=torch.float16))):
             for src in (0, 1):
-                push = {"op": "push", "src": src, "seq": 2 + clock, "clock": clock, "keys": ["w"], "hp": [{}]}
+                push = {
+                    "op": "push",
+                    "src": src,
+                    "seq": 2 + clock,
+                    "clock": clock,
+                    "keys": ["w"],
+                    "hp": [{}],
+                    **_to(server),
+                }
                 server.handle(b"w%d" % src, codec.encode(push, [grad]))
         assert server.nonfinite == 1 and server.skipped == 0 and not server.dropped
         assert server.gate is not None and server.gate.bsp_done == 2 and server.pieces["w"].steps == 1
         torch.testing.assert_close(server.pieces["w"].param, w0 - 1, rtol=0, atol=0)
     finally:
-        server.sock.close(linger=0)
-        server.ctx.term()
+        server.close(linger_ms=0)
+
+
+# ------------------------------------------------------------------ connection security and replay
+def test_curve_keys_come_from_the_job_key_and_a_stranger_gets_no_message_in():
+    import zmq
+
+    from shoal.comm.security import Transport
+
+    ours, again, theirs = Transport(KEY, curve=True), Transport(KEY, curve=True), Transport(b"s" * 32, curve=True)
+    assert (ours.server_public, ours.client_public) == (again.server_public, again.client_public)
+    assert len({ours.server_public, ours.client_public, theirs.server_public, theirs.client_public}) == 4
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.ROUTER)
+    ours.listen(server)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    socks = []
+    for who in (theirs, ours):  # the stranger first: had it got in, its message would arrive first
+        s = ctx.socket(zmq.DEALER)
+        who.connect(s)
+        s.connect(f"tcp://127.0.0.1:{port}")
+        s.send(b"from ours" if who is ours else b"from theirs")
+        socks.append(s)
+    try:
+        assert server.poll(5000)
+        assert server.recv_multipart()[1] == b"from ours"
+        assert not server.poll(500)
+    finally:
+        for s in [*socks, server]:
+            s.close(linger=0)
+        ours.close(ctx)
+        ctx.term()
+
+
+def test_one_time_ids_pass_once_and_only_near_the_servers_clock():
+    import time
+
+    from shoal.comm.replay import Once, addressed, one_time_id
+
+    once = Once(window_s=60)
+    first = one_time_id()
+    assert once.fresh(first) and not once.fresh(first)
+    assert not once.fresh(first - 61 * 10**9) and not once.fresh(first + 61 * 10**9)
+    assert not once.fresh("1") and not once.fresh(True)
+    assert once.fresh(one_time_id() + 1)
+    assert addressed({"to": 2, "session": "ab"}, "ab", 2)
+    assert not addressed({"to": 1, "session": "ab"}, "ab", 2) and not addressed({"to": 2, "session": "x"}, "ab", 2)
+    assert not addressed({"to": True, "session": "ab"}, "ab", 1) and time.time_ns() > first

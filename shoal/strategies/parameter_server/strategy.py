@@ -57,6 +57,7 @@ from shoal.errors import ConfigError, ShoalError
 from shoal.ps import optim as ps_optim
 from shoal.ps.client import Client
 from shoal.ps.consistency import Mode, parse_mode, resolve
+from shoal.ps.store import ServerAddress
 from shoal.state import sub_state, with_prefix
 from shoal.strategies.base import LossFn, StrategyOptions
 from shoal.strategies.optimizer import Closure, PreparedOptimizer, prepare_optimizer
@@ -240,7 +241,7 @@ class ParameterServer(ServerSaving):
             )
         return min(clocks)
 
-    def _endpoints(self) -> list[str]:
+    def _endpoints(self) -> list[ServerAddress]:
         """The servers' endpoints from the job's store; ShoalError if the strategy asks for
         another count than the launcher started (without `servers`, the launcher's count is taken)."""
         from shoal.ps.store import connect_store, read_endpoints

@@ -1,0 +1,108 @@
+"""What connection and message security cost the parameter server, side by side in one run.
+
+1. CURVE (`shoal.comm.security`, SHOAL_CURVE=1, the default) against no
+   CURVE (SHOAL_CURVE=0): PS-BSP steps/s on the 5.4M-parameter MLP, 2 workers,
+   2 servers, interleaved runs (benchmarks/ps.py's worker and timing).
+2. The per-message HMAC-SHA256 (`shoal.comm.wire.Codec`): its throughput, and
+   the milliseconds it takes per step on a worker (MAC of its push, check of
+   its pull) and on each of the 2 servers (checks of 2 workers' pushes to it,
+   one MAC of its answer), measured in this process on that model's sizes.
+
+    PYTHONPATH=. python benchmarks/security.py [--reps 3] [--steps 40]
+
+Writes benchmarks/results/security.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness
+from ps import MODELS, build
+
+from shoal import env
+
+PS = str(Path(__file__).resolve().parent / "ps.py")
+MODEL = "wide_mlp_5m"
+
+
+def steps_per_s(curve: bool, steps: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.json")
+        wargs = ["--out", out, "--servers", "2", "--task", "throughput", "--model", MODEL, "--strategy", "bsp"]
+        wargs += ["--steps", str(steps)]
+        _harness.launch(PS, 2, wargs, servers=2, timeout=900, env={env.CURVE: "1" if curve else "0"}, quiet=True)
+        return json.loads(Path(out).read_text())["steps_per_s"]
+
+
+def hmac_cost(reps: int = 5) -> dict:
+    """Seconds of HMAC work per step, from the model's real tensors split over 2 servers as PS-BSP splits them."""
+    from shoal.comm.wire import Codec
+
+    torch.manual_seed(0)
+    tensors = [p.detach().clone() for p in build(MODELS[MODEL]).parameters()]
+    halves = [tensors[0::2], tensors[1::2]]  # about half the bytes to each server
+    codec = Codec(b"k" * 32)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    encoded = [codec.encode({"op": "push"}, h) for h in halves]
+    encode_s = best(lambda: [codec.encode({"op": "push"}, h) for h in halves])  # a worker's push to both servers
+    decode_s = best(lambda: [codec.decode(f) for f in encoded])  # a worker's check of both servers' answers
+    server_encode_s = best(lambda: codec.encode_many([{"a": 1}, {"a": 2}], halves[0]))  # one pass, 2 answers
+    server_decode_s = best(lambda: [codec.decode(encoded[0]) for _ in range(2)])  # 2 workers' pushes
+    return {
+        "parameters": sum(t.numel() for t in tensors),
+        "bytes_per_direction": nbytes,
+        "mac_gb_per_s": nbytes / encode_s / 1e9,
+        "worker_ms_per_step": 1000 * (encode_s + decode_s),
+        "server_ms_per_step": 1000 * (server_encode_s + server_decode_s),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    runs: dict[str, list[float]] = {"curve": [], "no_curve": []}
+    for _ in range(args.reps):  # interleaved, so drift in the machine's load hits both
+        for name in runs:
+            runs[name].append(steps_per_s(name == "curve", args.steps))
+            print(f"{name}: {runs[name][-1]:.2f} steps/s", flush=True)
+    curve, plain = statistics.median(runs["curve"]), statistics.median(runs["no_curve"])
+    mac = hmac_cost()
+    step_ms = 1000 / plain
+    mac["worker_share_of_step"] = mac["worker_ms_per_step"] / step_ms
+    print(json.dumps(mac, indent=1), flush=True)
+    summary = (
+        f"security: PS-BSP {MODEL}, 2 workers, 2 servers: CURVE {curve:.2f} vs no CURVE {plain:.2f} steps/s "
+        f"(x{curve / plain:.2f}); HMAC {mac['mac_gb_per_s']:.2f} GB/s, {mac['worker_ms_per_step']:.0f} ms of a "
+        f"{step_ms:.0f} ms step on a worker, {mac['server_ms_per_step']:.0f} ms per step on each server"
+    )
+    command = " ".join(["python", "benchmarks/security.py", *sys.argv[1:]])
+    config = {"reps": args.reps, "steps": args.steps, "command": command}
+    rates = {k: {"median": statistics.median(v), "runs": v} for k, v in runs.items()}
+    result = {"config": config, "steps_per_s": rates}
+    _harness.write("security", {**result, "curve_over_plain": curve / plain, "hmac": mac}, summary)
+
+
+if __name__ == "__main__":
+    main()

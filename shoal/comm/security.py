@@ -1,0 +1,130 @@
+"""Who may connect to a shoal ZeroMQ socket: CURVE with a ZAP handler, keyed by the job key.
+
+Why at the connection and not only per message: ZeroMQ limits the size of
+one frame (MAXMSGSIZE), not of a multipart message, and it buffers a
+message's frames until its last one arrives. Per-message MACs are checked
+only then, so a stranger who never sends the last frame can make a process
+hold gigabytes. With CURVE, a peer must complete a handshake that proves it
+holds the job's client key before ZeroMQ reads a single message from it;
+anything else is a protocol error that closes the connection at once, or a
+handshake left unfinished that is closed after `HANDSHAKE_S`.
+
+Keys: every key is derived from the job key (SHOAL_JOB_KEY) with HMAC-SHA256
+and a label, so no process needs a key file and none reveals the job key:
+
+- one server key pair for every socket that listens (parameter servers, the
+  launcher's event subscriber, control-plane members); a connecting peer
+  needs its public half, which only a holder of the job key can compute;
+- one client key pair for every socket that connects; the ZAP handler of a
+  listening socket admits that public key and no other.
+
+CURVE also encrypts every frame with per-connection keys (XSalsa20-Poly1305)
+and authenticates it, so across machines gradients and parameters no longer
+travel in clear text, and bytes recorded from one connection cannot be
+replayed into another. It is on by default; SHOAL_CURVE=0 turns it off (on
+one machine for measurements; the per-message MAC still authenticates every
+message, but a stranger can then make a process hold memory again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+from shoal import env
+
+log = logging.getLogger("shoal.comm.security")
+
+HANDSHAKE_S = 5.0
+"""An unauthenticated connection is closed after this long (ZeroMQ's default is 30 s)."""
+HEARTBEAT_S = 10.0
+"""How often a connection is pinged; a peer that answers no ping for `HEARTBEAT_TIMEOUT_S` is dropped.
+ZeroMQ's I/O thread answers pings, so a peer busy in Python stays; only a vanished (or stopped) one goes.
+Generous on purpose: replies queued for a dropped connection are lost, and the job's own `timeout_s`
+already stops a job whose worker is gone, with a sentence that says so."""
+HEARTBEAT_TIMEOUT_S = 300.0
+BACKLOG = 64
+"""Connections the kernel queues before ZeroMQ accepts them (ZeroMQ's default is 100)."""
+DOMAIN = "shoal"
+
+
+def curve_enabled(environ: os._Environ | dict | None = None) -> bool:
+    """Whether this process's sockets use CURVE: SHOAL_CURVE unset or '1' yes, '0' no."""
+    value = (environ if environ is not None else os.environ).get(env.CURVE, "1").strip()
+    if value not in ("0", "1"):
+        from shoal.errors import ConfigError
+
+        raise ConfigError(f"{env.CURVE} must be 0 or 1, not {value!r}", env.CURVE)
+    return value == "1"
+
+
+def _secret(key: bytes, label: str) -> bytes:
+    """A Z85-encoded 32-byte CURVE secret key for one role (any 32 bytes are a valid Curve25519 secret)."""
+    return z85.encode(hmac.new(key, f"shoal transport {label}".encode(), hashlib.sha256).digest())
+
+
+class _ClientKey:
+    """The ZAP credentials check: only the job's client key is admitted."""
+
+    def __init__(self, public: bytes):
+        self.public = public
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        ok = hmac.compare_digest(key, self.public)  # pyzmq hands the key over Z85-encoded
+        if not ok:
+            log.info("refused a connection whose CURVE key is not this job's")
+        return ok
+
+
+class Transport:
+    """The connection security of one job's sockets (one per job key)."""
+
+    def __init__(self, key: bytes, curve: bool | None = None):
+        self.curve = curve_enabled() if curve is None else curve
+        if not self.curve:
+            return
+        self._server_secret = _secret(key, "curve server")
+        self.server_public = zmq.curve_public(self._server_secret)
+        self._client_secret = _secret(key, "curve client")
+        self.client_public = zmq.curve_public(self._client_secret)
+        self._auth: dict[int, ThreadAuthenticator] = {}
+
+    def listen(self, sock: zmq.Socket) -> None:
+        """Make `sock` (before bind) admit only peers that hold the job's client key."""
+        sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_S * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_S * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_TIMEOUT_S * 1000))
+        sock.setsockopt(zmq.BACKLOG, BACKLOG)
+        if not self.curve:
+            return
+        ctx = sock.context
+        if id(ctx) not in self._auth:  # one ZAP handler per context, started before the first bind
+            auth = ThreadAuthenticator(ctx, log=log)
+            auth.start()
+            auth.configure_curve_callback(DOMAIN, credentials_provider=_ClientKey(self.client_public))
+            self._auth[id(ctx)] = auth
+        sock.setsockopt(zmq.ZAP_DOMAIN, DOMAIN.encode())
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self._server_secret)
+
+    def connect(self, sock: zmq.Socket) -> None:
+        """Make `sock` (before connect) prove the job's client key and accept only the job's servers."""
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_S * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_TIMEOUT_S * 1000))
+        if not self.curve:
+            return
+        sock.setsockopt(zmq.CURVE_SERVERKEY, self.server_public)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.client_public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self._client_secret)
+
+    def close(self, ctx: zmq.Context) -> None:
+        """Stop `ctx`'s ZAP handler, if `listen` started one (before the context is terminated)."""
+        auth = self._auth.pop(id(ctx), None) if self.curve else None
+        if auth is not None:
+            auth.stop()

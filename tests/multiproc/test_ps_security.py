@@ -1,0 +1,218 @@
+"""Strangers against a live parameter server and the launcher's event monitor.
+
+- Memory: a raw TCP client with no key opens many connections and sends
+  multipart messages whose last frame never comes (ZeroMQ limits each frame,
+  not the message, and holds the frames until the last one). CURVE closes
+  such connections at the handshake, so the server grows by < 10 MB, an
+  idle unauthenticated connection is closed after the handshake interval, and
+  a job run afterwards ends where one process ends.
+- Replay: requests recorded in one run are dropped by the next run's server
+  under the same SHOAL_JOB_KEY, and 250 replays of one stats request are
+  dropped without growing the server. Here CURVE is off (SHOAL_CURVE=0), as
+  it would be where the per-message MAC is the only defence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import struct
+import time
+
+import numpy as np
+import torch
+import zmq
+
+from shoal import env
+from shoal.comm.security import HANDSHAKE_S, Transport
+from shoal.comm.wire import Codec
+from shoal.ps.client import Client, request_stats
+from shoal.ps.servers import start_servers
+from tests.helpers.procs import Processes
+from tests.helpers.ranks import start_ranks, wait_all
+from tests.workers import ps_tasks
+from tests.workers.ps_tasks import single_process
+
+MB = 1 << 20
+FRAME = MB  # under the servers' per-frame limit below, so ZeroMQ itself does not refuse it
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _greeting(mechanism: bytes) -> bytes:
+    """A ZMTP 3.0 greeting (signature, version, mechanism, as-server, filler): 64 bytes."""
+    return b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + mechanism.ljust(20, b"\0") + b"\0" + b"\0" * 31
+
+
+def _flood(endpoint: str, kind: bytes, connections: int = 48, frames: int = 4) -> list[socket.socket]:
+    """Half the connections send a NULL handshake and `frames` 1 MiB frames, each flagged 'more
+    to come', never the last; the other half send a CURVE greeting and then nothing. Returns the
+    open sockets. `kind` is the ZeroMQ socket type claimed."""
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    ready = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", len(kind)) + kind
+    chunk = b"\x03" + struct.pack(">Q", FRAME) + b"x" * FRAME  # MORE | LONG
+    socks = []
+    for i in range(connections):
+        s = socket.create_connection((host, int(port)), timeout=2)
+        socks.append(s)
+        try:
+            if i % 2:
+                s.sendall(_greeting(b"CURVE"))
+                continue
+            s.sendall(_greeting(b"NULL") + b"\x04" + bytes([len(ready)]) + ready)
+            for _ in range(frames):
+                s.sendall(chunk)
+        except OSError:  # the peer closed the connection: what it should do
+            pass
+    return socks
+
+
+def _closed_by_peer(s: socket.socket, wait_s: float) -> bool:
+    s.settimeout(wait_s)
+    try:
+        while s.recv(1 << 16):  # the peer's greeting, then EOF once it gives up on us
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def test_strangers_cannot_make_a_server_or_the_monitor_hold_memory_and_the_job_ends_right():
+    from shoal.comm.pubsub import Subscriber
+
+    with Processes() as procs:
+        group = start_servers(
+            1, secrets.token_hex(16), extra_env=procs.env({env.PS_MAX_BYTES: str(4 * FRAME)}), log_dir=str(procs.logs)
+        )
+        for p in group.procs:
+            procs.adopt(p)
+        socks: list[socket.socket] = []
+        try:
+            (address,) = group.endpoints()
+            pid = group.procs[0].pid
+            time.sleep(1.0)  # let the server settle after start
+            before = _rss(pid)
+            socks = _flood(address.endpoint, b"DEALER")
+            time.sleep(1.0)
+            grown = _rss(pid) - before
+
+            args = {"task": "equiv", "optim": "adam", "steps": 4, "params": True}
+            args["strategy"] = {"consistency": "bsp", "max_message_mb": 4}
+            out = procs.logs / "results"
+            out.mkdir()
+            ranks = start_ranks(procs, ps_tasks.run, [args], 2, out, 90, group.env)  # while the strangers wait
+            idle = [s for i, s in enumerate(socks) if i % 2]
+            closed = sum(_closed_by_peer(s, HANDSHAKE_S + 3) for s in idle[:4])
+
+            sub = Subscriber(Codec(group.job_key.encode()))  # the launcher's event monitor, here in-process
+            try:
+                mine = _rss(os.getpid())
+                more = _flood(sub.endpoint, b"PUB")
+                socks += more
+                time.sleep(1.0)
+                sub.poll(0)
+                sub_grown = _rss(os.getpid()) - mine
+            finally:
+                sub.close()
+            done = wait_all(ranks)
+            got = json.loads((out / "rank0.json").read_text())["ok"] if (out / "rank0.json").exists() else None
+        finally:
+            for s in socks:
+                s.close()
+            group.stop()
+    assert grown < 10 * MB, f"the server grew by {grown / MB:.1f} MB"
+    assert sub_grown < 10 * MB, f"the monitor's process grew by {sub_grown / MB:.1f} MB"
+    assert closed == 4, "idle unauthenticated connections were kept open"
+    assert [d.returncode for d in done] == [0, 0], [d.stdout + d.stderr for d in done]
+    for name, value in single_process("adam", 4, world=2).items():
+        np.testing.assert_allclose(np.asarray(got[name]), value, atol=1e-5, rtol=0, err_msg=name)
+
+
+def _spec() -> dict:
+    return {"optim": "SGD", "timeout_s": 30.0, "groups": [{"lr": 0.5}], "keys": [["w", "float32", [8], "bsp", 0, 0]]}
+
+
+def _recording(codec: Codec) -> list[tuple[str, list[bytes]]]:
+    """Make `codec` keep a copy of every message it encodes (what an eavesdropper would record)."""
+    recorded, encode = [], codec.encode
+
+    def keep(header, tensors=()):
+        frames = encode(header, tensors)
+        recorded.append((header["op"], [bytes(f) for f in frames]))
+        return frames
+
+    codec.encode = keep  # type: ignore[method-assign]
+    return recorded
+
+
+def _record_a_run(group, codec: Codec, w0: torch.Tensor) -> list[list[bytes]]:
+    """A worker's init and push to `group`'s server, as recorded on the wire."""
+    recorded = _recording(codec)
+    client = Client(group.endpoints(), codec, rank=0, world=1, timeout_s=20)
+    client.init([_spec()], [[w0]])
+    client.push(0, [(["w"], [torch.full((8,), 100.0)])], [{"lr": 0.5}])
+    client.request_pull(1)
+    client.wait_pull(1)
+    client.close()
+    return [frames for op, frames in recorded if op in ("init", "push")]
+
+
+def test_requests_recorded_in_an_earlier_run_and_stats_replays_are_dropped():
+    key = secrets.token_hex(16)
+    off = {env.CURVE: "0"}  # the per-message MAC is the only defence here
+    codec = Codec(key.encode(), transport=Transport(key.encode(), curve=False))
+    w0 = torch.arange(8, dtype=torch.float32)
+    with Processes() as procs:
+        # both runs' servers start at once (they share nothing but the key), to save a start-up
+        for run in ("run1", "run2"):
+            (procs.logs / run).mkdir()
+        first, second = (
+            start_servers(1, key, extra_env=procs.env(off), log_dir=str(procs.logs / r)) for r in ("run1", "run2")
+        )
+        procs.adopt(first.procs[0])
+        procs.adopt(second.procs[0])
+        try:
+            old_run = _record_a_run(first, Codec(key.encode(), transport=codec.transport), w0)
+        finally:
+            first.stop()
+
+        ctx = zmq.Context()
+        try:
+            (address,) = second.endpoints()
+            replayer = ctx.socket(zmq.DEALER)
+            replayer.setsockopt(zmq.LINGER, 0)
+            replayer.connect(address.endpoint)
+            for frames in old_run:  # before the real worker 0 joins: a replayed init would take its place
+                replayer.send_multipart(frames)
+            time.sleep(0.5)
+            client = Client([address], codec, rank=0, world=1, timeout_s=20)
+            client.init([_spec()], [[w0]])
+            client.push(0, [(["w"], [torch.ones(8)])], [{"lr": 0.5}])
+            client.request_pull(1)
+            ((_, (w1,)),) = client.wait_pull(1)
+
+            stats_request = _recording(asked := Codec(key.encode(), transport=codec.transport))
+            request_stats(ctx, address, asked)
+            pid = second.procs[0].pid
+            before = _rss(pid)
+            for _ in range(250):
+                replayer.send_multipart(stats_request[0][1])
+            time.sleep(1.0)
+            grown = _rss(pid) - before
+            stats, _ = request_stats(ctx, address, codec)
+            client.close()
+            replayer.close()
+        finally:
+            ctx.term()
+            second.stop()
+    torch.testing.assert_close(w1, w0 - 0.5, rtol=0, atol=0)  # only this run's push was applied
+    assert stats["dropped"].get("wrong_session") == len(old_run) == 2, stats["dropped"]
+    assert stats["dropped"].get("replayed") == 250, stats["dropped"]
+    assert grown < 10 * MB, f"the server grew by {grown / MB:.1f} MB"
