@@ -16,12 +16,17 @@ KEY = b"k" * 32
 SPEC = {"optim": "SGD", "timeout_s": 5.0, "groups": [{"lr": 1.0}], "keys": [["w", "float32", [2], "ssp", 0, 0]]}
 
 
+SESSION = {"to": 0, "session": ""}
+"""What every request to the server names besides its own fields (the session is set per server below)."""
+
+
 def _init(src: int, incarnation: str, seq: int = 1) -> dict:
-    return {"op": "init", "src": src, "seq": seq, "world": 2, "spec": SPEC, "incarnation": incarnation, "pid": 1}
+    header = {"op": "init", "src": src, "seq": seq, "world": 2, "spec": SPEC, "incarnation": incarnation, "pid": 1}
+    return {**header, **SESSION}
 
 
 def _push(src: int, seq: int, clock: int) -> dict:
-    return {"op": "push", "src": src, "seq": seq, "clock": clock, "keys": ["w"], "hp": [{"lr": 1.0}]}
+    return {"op": "push", "src": src, "seq": seq, "clock": clock, "keys": ["w"], "hp": [{"lr": 1.0}], **SESSION}
 
 
 def test_a_departed_worker_is_left_out_of_the_ssp_bound_only():
@@ -41,12 +46,14 @@ def test_a_closed_connection_is_declared_departed_within_two_probes():
 
     codec = Codec(KEY)
     server = Server(0, codec)
+    SESSION["session"] = server.session
     ctx = zmq.Context()
     dealers = []
     try:
         for src in (0, 1):
             d = ctx.socket(zmq.DEALER)
             d.setsockopt(zmq.ROUTING_ID, f"i{src}".encode())
+            codec.transport.connect(d)
             d.connect(server.endpoint)
             d.send_multipart(codec.encode(_init(src, f"i{src}"), [torch.zeros(2)] if src == 0 else []))
             dealers.append(d)
@@ -68,8 +75,7 @@ def test_a_closed_connection_is_declared_departed_within_two_probes():
         for d in dealers:
             d.close(linger=0)
         ctx.term()
-        server.sock.close(linger=0)
-        server.ctx.term()
+        server.close(linger_ms=0)
 
 
 def test_a_new_incarnation_rejoins_at_its_clock_and_old_or_replayed_ones_are_refused():
@@ -77,6 +83,7 @@ def test_a_new_incarnation_rejoins_at_its_clock_and_old_or_replayed_ones_are_ref
 
     codec = Codec(KEY)
     server = Server(0, codec)
+    SESSION["session"] = server.session
     sent: list[tuple[bytes, dict]] = []
     server.send = lambda ident, header, tensors=(): sent.append((ident, header))  # type: ignore[method-assign]
     try:
@@ -98,5 +105,4 @@ def test_a_new_incarnation_rejoins_at_its_clock_and_old_or_replayed_ones_are_ref
         assert server.dropped == {"stale_sender": 1, "bad_clock": 1, "replayed": 2} and server.gate.pushed == [1, 2]
         torch.testing.assert_close(server.pieces["w"].param, -3 * torch.ones(2), rtol=0, atol=0)  # 3 pushes once each
     finally:
-        server.sock.close(linger=0)
-        server.ctx.term()
+        server.close(linger_ms=0)
