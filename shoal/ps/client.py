@@ -80,9 +80,11 @@ class Client:
                 t.wait(self.timeout_s)
         self.trackers = []
 
-    def request_pull(self, clock: int) -> None:
+    def request_pull(self, clock: int, exact: bool = False) -> None:
+        """Ask every server for the parameters of `clock`; `exact`: whole values even when pulls
+        are compressed (`shoal.ps.pull_codec`)."""
         for s in range(len(self.socks)):
-            self._send(s, {"op": PULL, "clock": clock})
+            self._send(s, {"op": PULL, "clock": clock, **({"exact": True} if exact else {})})
 
     def state(self, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
         """Every server's values and optimizer state once all workers have pushed `clock` times."""
