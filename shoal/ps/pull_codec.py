@@ -29,7 +29,8 @@ also sent whole.
 Memory: each distinct copy costs as much as the pieces the server holds.
 Under BSP that is one copy (two while a clock's replies go out); under
 ASP/SSP up to one per worker, plus one cached successor per copy while
-another worker may still take it (at most 2W + 1 copies in all).
+another worker may still take it (at most 2W copies in all: a copy nobody holds
+keeps no successor).
 `PullEncoder.memory()` counts them; the server reports it in `stats`.
 """
 

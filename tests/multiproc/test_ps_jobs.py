@@ -249,7 +249,8 @@ def test_servers_on_two_machines_on_loopback(tmp_path):
     [("fp16", "bsp"), ("int8", "ssp"), ("topk:0.01", "asp"), ("randomk:0.1", "bsp"), ("powersgd:rank=4", "bsp")],
 )
 def test_compressed_pushes_train_digits(spec, mode):
-    """Each compressor class on the push path trains digits, under BSP and the asynchronous modes."""
+    """Each compressor class, on pushes and (following them) pulls, trains digits under BSP and
+    the asynchronous modes."""
     # random-k's error feedback returns each coordinate in bursts ~1/ratio steps apart,
     # which heavy momentum amplifies: plain SGD, as in the DP test and benchmark
     sgd = {"lr": 0.2, "momentum": 0.0} if spec.startswith("randomk") else {"lr": 0.05, "momentum": 0.9}
@@ -278,9 +279,12 @@ def test_compressed_pushes_train_digits(spec, mode):
             "powersgd:rank=4": 3,
         }[spec]
     )
+    assert float(got["m_ps_pull_compression_ratio"]) >= {"fp16": 1.9, "int8": 3.5, "topk:0.01": 20}.get(spec, 3)
     assert float(got["m_ps_skipped_steps"]) == (1 if overflow_at else 0)
     for h, _ in result.stats:
         assert not h["dropped"] and h["pushed"] == [300, 300] and h["skipped"] == (2 if overflow_at else 0)
+        # pulls followed the push spec; evaluate() pulled exact values, the same for both workers
+        assert h["pull_encodes"] >= 300 and h["pull_copies"] == 1, h
 
 
 def single_process_compressed(spec: str, steps: int, world: int, pull: str = "none") -> dict[str, np.ndarray]:
