@@ -7,8 +7,11 @@ test accuracy, on scikit-learn's digits (a small MLP: compute-bound) and on
 a communication-heavy MLP (>= 5M parameters, synthetic data).
 - DP: every spec in one `shoal run -n 2` (DDP comm hooks);
 - PS: PS-BSP with 1 server, one `shoal run -n 2 --servers 1` per spec (a
-  server serves one model); pushes are compressed, pulls are not, so the
-  bytes pulled per step are reported beside.
+  server serves one model); pushes and pulls are compressed (pulls with the
+  same spec unless --pull-compression says otherwise). Beside the payload
+  bytes, the bytes really sent in each direction, as the kernel counts them
+  on the workers' TCP connections to the server (`ss -ti`: bytes_acked,
+  bytes_received), so framing, headers, MACs and pull requests count too.
 Checks the issue's goals and writes benchmarks/results/compression.json.
 
     python benchmarks/compression.py [--digits-steps 300] [--large-steps 60] [--paths dp,ps]
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,7 +65,27 @@ def workloads(digits_steps: int, large_steps: int) -> dict:
     }
 
 
-def train(spec: str, opt_kw: dict, data, model_opts, steps: int, split, path: str = "dp") -> dict:
+def kernel_bytes(ports: list[int]) -> tuple[int, int]:
+    """(bytes sent, bytes received) over every established TCP connection to `ports` from
+    this machine's other side (the workers' sockets to the servers), as the kernel counts
+    them (TCP_INFO via `ss -ti`); on loopback both ends are visible here."""
+    text = subprocess.run(["ss", "-tinH", "state", "established"], capture_output=True, text=True, check=True).stdout
+    sent = received = 0
+    peer_port = None
+    for line in text.splitlines():
+        if not line.startswith((" ", "\t")):  # a socket line: Recv-Q Send-Q Local:port Peer:port
+            fields = line.split()
+            local, peer = int(fields[-2].rsplit(":", 1)[1]), int(fields[-1].rsplit(":", 1)[1])
+            peer_port = peer if peer in ports and local not in ports else None
+            continue
+        if peer_port is not None:
+            info = dict(f.split(":", 1) for f in line.split() if f.startswith(("bytes_acked:", "bytes_received:")))
+            sent += int(info.get("bytes_acked", 0))
+            received += int(info.get("bytes_received", 0))
+    return sent, received
+
+
+def train(spec: str, opt_kw: dict, data, model_opts, steps: int, split, path: str = "dp", pull: str = "") -> dict:
     import shoal
 
     torch.manual_seed(0)
@@ -71,11 +95,16 @@ def train(spec: str, opt_kw: dict, data, model_opts, steps: int, split, path: st
     if path == "dp":
         strategy = shoal.DataParallel(compression=spec)
     else:
-        strategy = shoal.ParameterServer(consistency="bsp", servers=1, compression=spec)
+        strategy = shoal.ParameterServer(consistency="bsp", servers=1, compression=spec, pull_compression=pull or None)
     model, opt = strategy.prepare(model, opt)
     batches = strategy.loader(split.train, data.batch_size, shuffle=True, seed=0).forever()
     loss_fn = torch.nn.functional.cross_entropy
     sent, pulled, skipped = [], [], 0.0
+    ports, wire = [], (0, 0)
+    if path != "dp":
+        ports = [int(ep.rsplit(":", 1)[1]) for ep in strategy.session.client.endpoints]
+        dist.barrier()
+        wire = kernel_bytes(ports) if dist.get_rank() == 0 else (0, 0)  # after the join: training only
     dist.barrier()
     start = time.perf_counter()
     for _ in range(steps):
@@ -92,8 +121,17 @@ def train(spec: str, opt_kw: dict, data, model_opts, steps: int, split, path: st
         strategy.sync()
     dist.barrier()
     seconds = time.perf_counter() - start
+    extra = {}
+    if path != "dp":
+        after = kernel_bytes(ports)
+        workers = dist.get_world_size()
+        extra = {
+            "pull_compression": strategy.options.pulled_with,
+            "bytes_pulled_per_step": sum(pulled) / steps,
+            "wire_push_per_step": (after[0] - wire[0]) / workers / steps,
+            "wire_pull_per_step": (after[1] - wire[1]) / workers / steps,
+        }
     acc = strategy.evaluate(model, split.test, loss_fn)["eval_accuracy"]
-    extra = {"bytes_pulled_per_step": sum(pulled) / steps} if pulled else {}
     strategy.close()
     return {
         **extra,
@@ -112,7 +150,7 @@ def train(spec: str, opt_kw: dict, data, model_opts, steps: int, split, path: st
 
 
 def worker(
-    digits_steps: int, large_steps: int, specs: list[str], only: list[str], out: str, path: str, plain: bool
+    digits_steps: int, large_steps: int, specs: list[str], only: list[str], out: str, path: str, plain: bool, pull: str
 ) -> None:
     """DP: every spec of every workload. PS: the one spec and workload asked (fresh servers)."""
     import shoal
@@ -124,7 +162,7 @@ def worker(
             continue
         split = data.load(seed=0)
         chosen = runs(name, specs) if path == "dp" else [(specs[0], OPTIMIZERS[name][1 if plain else 0])]
-        results[name] = [train(spec, opt_kw, data, model_opts, steps, split, path) for spec, opt_kw in chosen]
+        results[name] = [train(spec, opt_kw, data, model_opts, steps, split, path, pull) for spec, opt_kw in chosen]
     if rt.is_main:
         Path(out).write_text(json.dumps(results))
     shoal.shutdown()
@@ -139,6 +177,11 @@ def compare(results: dict) -> dict:
             row["compression_ratio_last_step"] = ref["bytes_last_step"] / row["bytes_last_step"]
             row["accuracy_vs_none"] = row["accuracy"] - ref["accuracy"]
             row["speedup_vs_none"] = row["steps_per_s"] / ref["steps_per_s"]
+            if "wire_push_per_step" in row:  # both directions, as the kernel counted them
+                total = row["wire_push_per_step"] + row["wire_pull_per_step"]
+                row["wire_ratio"] = (ref["wire_push_per_step"] + ref["wire_pull_per_step"]) / total
+                row["wire_push_ratio"] = ref["wire_push_per_step"] / row["wire_push_per_step"]
+                row["wire_pull_ratio"] = ref["wire_pull_per_step"] / row["wire_pull_per_step"]
     return results
 
 
@@ -166,13 +209,16 @@ def ps_results(args) -> dict:
                     "--out",
                     args.out,
                     *(["--plain"] if plain else []),
+                    *(["--pull-compression", args.pull_compression] if args.pull_compression else []),
                 ],
                 threads=1,
                 servers=1,
             )
             results[name] += json.loads(Path(args.out).read_text())[name]
+            row = results[name][-1]
             print(
-                f"ps {name} {spec}: {results[name][-1]['bytes_per_step']:.0f} B/step, accuracy {results[name][-1]['accuracy']:.4f}",
+                f"ps {name} {spec}: pushed {row['wire_push_per_step']:.0f} B/step, pulled "
+                f"{row['wire_pull_per_step']:.0f} B/step (kernel), accuracy {row['accuracy']:.4f}",
                 flush=True,
             )
     Path(args.out).unlink()
@@ -197,6 +243,14 @@ def goals(results: dict, path: str) -> dict:
     p = row("large_mlp", "powersgd:rank=4")
     if p:
         out[f"{path} large_mlp: powersgd:rank=4 >= 20x fewer bytes"] = p["compression_ratio"] >= 20
+    if path == "ps":  # issue 11: the bytes on the wire in both directions, accuracy within 1 point
+        for w in results:
+            for spec, want in (("topk:0.01", 30), ("int8", 3.5), ("powersgd:rank=4", 10)):
+                r = row(w, spec)
+                if r:
+                    out[f"ps {w}: {spec} >= {want}x fewer wire bytes both ways, accuracy within 1 point"] = (
+                        r["wire_ratio"] >= want and r["accuracy_vs_none"] >= -0.01
+                    )
     return out
 
 
@@ -210,6 +264,9 @@ def main() -> None:
     parser.add_argument(
         "--name", default="compression", help="results file name (a subset run should not overwrite the full one)"
     )
+    parser.add_argument(
+        "--pull-compression", default="", help="PS: how servers compress pulls (default: as the push spec)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--path", default="dp", help=argparse.SUPPRESS)
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
@@ -217,7 +274,9 @@ def main() -> None:
     args = parser.parse_args()
     specs, only = args.specs.split(","), args.workloads.split(",")
     if args.worker:
-        return worker(args.digits_steps, args.large_steps, specs, only, args.out, args.path, args.plain)
+        return worker(
+            args.digits_steps, args.large_steps, specs, only, args.out, args.path, args.plain, args.pull_compression
+        )
     for spec in specs:
         from shoal.compress import parse
 
@@ -255,21 +314,28 @@ def main() -> None:
             parts.append(
                 f"{path} {w}: "
                 + ", ".join(
-                    f"{r['spec']} {r['compression_ratio']:.1f}x acc {r['accuracy']:.3f} {r['steps_per_s']:.1f} st/s"
+                    f"{r['spec']} {r.get('wire_ratio', r['compression_ratio']):.1f}x acc {r['accuracy']:.3f} "
+                    f"{r['steps_per_s']:.1f} st/s"
                     for r in rows
                     if r["optimizer"].endswith("momentum=0.9") or r["spec"] != "none"
                 )
             )
     met = sum(checked.values())
-    summary = f"{args.name} (2 workers; ratio vs none, test accuracy, steps/s) {'; '.join(parts)}; goals met {met}/{len(checked)}"
+    summary = (
+        f"{args.name} (2 workers; ratio vs none (PS: wire bytes both ways), test accuracy, steps/s) "
+        f"{'; '.join(parts)}; goals met {met}/{len(checked)}"
+    )
     _harness.write(
         args.name,
         {
             "world_size": 2,
             "threads_per_rank": 1,
             "bytes": {
-                "dp": "per rank per step, as a bandwidth-optimal ring puts them on the wire (2(N-1)/N x all-reduce size, (N-1) x all-gather size)",
-                "ps": "pushed per worker per step (compressed gradients); bytes_pulled_per_step: the uncompressed parameters it pulls",
+                "dp": "per rank per step, as a bandwidth-optimal ring puts them on the wire "
+                "(2(N-1)/N x all-reduce size, (N-1) x all-gather size)",
+                "ps": "bytes_per_step / bytes_pulled_per_step: payload pushed / pulled per worker per step; "
+                "wire_push_per_step / wire_pull_per_step: what the kernel counted on the workers' TCP connections "
+                "to the server (ss -ti), per worker per step; wire_ratio: none's wire bytes both ways over the spec's",
             },
             "workloads": results.get("dp", {}),
             "parameter_server": results.get("ps", {}),

@@ -48,6 +48,19 @@ def _orthonormalize(matrices: torch.Tensor) -> None:
     _orthogonalize(matrices, EPSILON)  # pyright: ignore[reportArgumentType] -- torch infers int from the default 0
 
 
+def low_rank_product(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """P Q^T for P (n x R) and Q (m x R), as R elementwise products added in a fixed order.
+
+    Not a matmul: a BLAS may round differently with another thread count, kernel or
+    device, and the parameter server and the workers it sends compressed pulls to
+    must add the same decoded bits to their copies (`shoal.ps.pull_codec`). Each
+    product and sum here is one correctly rounded operation, the same everywhere."""
+    out = p[:, 0:1] * q[:, 0]
+    for r in range(1, p.shape[1]):
+        out.add_(p[:, r : r + 1] * q[:, r])
+    return out
+
+
 class PowerSGD(ErrorFeedback):
     family = "powersgd"
 
@@ -94,7 +107,7 @@ class PowerSGD(ErrorFeedback):
             q = torch.bmm(matrix.transpose(1, 2), p)
             self.q_memory[key] = q.clone()
             q = q * scale
-        approx = torch.bmm(p, q.transpose(1, 2)).reshape(-1).to(acc.dtype)
+        approx = low_rank_product(p[0], q[0]).reshape(-1).to(acc.dtype)
         self._remember(key, acc, approx)
         return Payload({"dense": False}, [p.reshape(n, r), q.reshape(m, r)])
 
@@ -102,7 +115,7 @@ class PowerSGD(ErrorFeedback):
         if payload.header.get("dense", False):
             return payload.tensors[0].to(dtype).reshape(shape)
         p, q = payload.tensors
-        return (p @ q.T).to(dtype).reshape(shape)
+        return low_rank_product(p, q).to(dtype).reshape(shape)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**super().state_dict(), **with_prefix({k: v.clone() for k, v in self.q_memory.items()}, Q)}

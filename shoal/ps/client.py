@@ -105,10 +105,12 @@ class Client:
                 t.wait(self.timeout_s)
         self.trackers = []
 
-    def request_pull(self, clock: int | list[int]) -> None:
-        """Ask every server for the parameters of `clock` (or of its own clock in the list: a rejoin's)."""
+    def request_pull(self, clock: int | list[int], exact: bool = False) -> None:
+        """Ask every server for the parameters of `clock` (or of its own clock in the list: a rejoin's);
+        `exact`: whole values even when pulls are compressed (`shoal.ps.pull_codec`)."""
         for s in range(len(self.socks)):
-            self._send(s, {"op": PULL, "clock": clock if isinstance(clock, int) else clock[s]})
+            at = clock if isinstance(clock, int) else clock[s]
+            self._send(s, {"op": PULL, "clock": at, **({"exact": True} if exact else {})})
 
     def state(self, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
         """Every server's values and optimizer state once all workers have pushed `clock` times."""

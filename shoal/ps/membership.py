@@ -213,6 +213,8 @@ def rejoin(server: Server, ident: bytes, src: int, spec: dict, pid: object) -> N
     gate.absent.discard(src)
     server.bye.discard(src)
     server.pending = [r for r in server.pending if r.worker != src]
+    if server.pulls is not None:  # compressed pulls: the new process holds none of its predecessor's values
+        server.pulls.replaced(src)
     publish(server, "rejoined", src, clock)
     header = {"op": PARAMS, "clock": clock, "applied": server.applied, "rejoined": True}
     server.send(ident, header, [p.param for p in server.pieces.values()])

@@ -62,6 +62,7 @@ from shoal.ps import store as ps_store
 from shoal.ps.consistency import Gate
 from shoal.ps.pieces import PieceState, all_gradients_finite, build_piece, pushed_pieces, received_gradients
 from shoal.ps.protocol import BYE, ERROR, INIT, OBSERVER, PARAMS, PULL, PUSH, RESTORE, RESTORED, STATE, STATS
+from shoal.ps.pull_codec import PullEncoder, Ready, pull_encoder, pull_stats, replies
 from shoal.ps.servers import server_limits
 
 log = logging.getLogger("shoal.ps.server")
@@ -98,6 +99,8 @@ class PendingRead(NamedTuple):
     since: float
     reply: str
     """PARAMS for a pull, STATE for a checkpoint."""
+    exact: bool = False
+    """A pull that wants the values whole even when pulls are compressed."""
 
 
 class Server:
@@ -138,6 +141,7 @@ class Server:
         self.skipped_clocks: set[int] = set()  # BSP clocks a worker skipped (non-finite gradient): dropped whole
         self.skipped = 0
         self.receiver: Receiver | None = None  # when pushes are compressed
+        self.pulls: PullEncoder | None = None  # when pulls are compressed
         self.pending: list[PendingRead] = []
         self.applied = 0  # pushes whose updates are in the parameters
         self.read_applied: dict[int, int] = {}
@@ -298,6 +302,7 @@ class Server:
                 if piece.key in self.pieces:
                     raise ValueError(f"piece {piece.key} is named twice")
                 self.pieces[piece.key] = piece
+            self.pulls = pull_encoder(spec.get("pull_compression", "none"), list(self.pieces.values()), workers)
         except (KeyError, TypeError, ValueError, RuntimeError, ShoalError) as exc:  # ShoalError: bad compression
             return self.fail(f"bad initial message from worker 0: {exc}")
         if max_bytes > self.ceiling:
@@ -425,7 +430,11 @@ class Server:
         clock = gate.pushed[src]
         if not _whole(header.get("clock")) or header.get("clock") != clock:
             raise WireError("bad_clock", f"worker {src} pulled clock {header.get('clock')} after {clock} pushes")
-        self.pending.append(PendingRead(ident, src, clock, time.monotonic(), PARAMS if op == PULL else STATE))
+        exact = header.get("exact", False)
+        if not isinstance(exact, bool):
+            raise WireError("malformed", f"exact must be true or false, not {exact!r}")
+        reply = PARAMS if op == PULL else STATE
+        self.pending.append(PendingRead(ident, src, clock, time.monotonic(), reply, exact))
         self.answer_ready()
 
     def on_restore(self, ident: bytes, src: int, header: dict, tensors: list[torch.Tensor]) -> None:
@@ -461,6 +470,8 @@ class Server:
             piece.param.copy_(value)
             piece.opt.state.clear()
             piece.opt.state[piece.param] = probe.state[probe.param_groups[0]["params"][0]]
+        if self.pulls is not None:
+            self.pulls.forget()  # the workers' next pulls are exact
         self.send(ident, {"op": RESTORED, "clock": 0})
 
     def answer_ready(self) -> None:
@@ -475,6 +486,8 @@ class Server:
                     waiting.append(read)
                 else:
                     self.send_state(read.ident, read.clock)
+                    if self.pulls is not None:
+                        self.pulls.hold_exact(read.worker)  # it installs these values whole
                 continue
             if not gate.ready(read.clock):
                 waiting.append(read)
@@ -487,15 +500,14 @@ class Server:
                 "applied": self.applied,
                 "staleness": self.staleness.get(read.worker, 0.0),
             }
-            ready.append((read.ident, header))
+            ready.append(Ready(read.ident, read.worker, header, read.exact))
         self.pending = waiting
         if ready:
-            # One snapshot (the optimizer changes the parameters in place later) and one
-            # MAC pass over it serve every worker answered now, as in BSP all of them.
-            snapshot = [p.param.clone() for p in self.pieces.values()]
-            messages = self.codec.encode_many([h for _, h in ready], snapshot)
-            for (ident, _), frames in zip(ready, messages, strict=True):
-                self.sock.send_multipart([ident, *frames], copy=False)
+            # One MAC pass per distinct reply (`pull_codec.replies`): in BSP, one for all workers.
+            for tensors, group in replies(self.pulls, self.pieces.values(), ready):
+                messages = self.codec.encode_many([h for _, h in group], tensors)
+                for (ident, _), frames in zip(group, messages, strict=True):
+                    self.sock.send_multipart([ident, *frames], copy=False)
 
     def send_state(self, ident: bytes, clock: int) -> None:
         layout, tensors = [], []
@@ -561,6 +573,7 @@ class Server:
             "nonfinite": self.nonfinite,
             "bye": sorted(self.bye),
             **self.members.stats(),
+            **pull_stats(self.pulls),
         }
 
 

@@ -249,7 +249,8 @@ def test_servers_on_two_machines_on_loopback(tmp_path):
     [("fp16", "bsp"), ("int8", "ssp"), ("topk:0.01", "asp"), ("randomk:0.1", "bsp"), ("powersgd:rank=4", "bsp")],
 )
 def test_compressed_pushes_train_digits(spec, mode):
-    """Each compressor class on the push path trains digits, under BSP and the asynchronous modes."""
+    """Each compressor class, on pushes and (following them) pulls, trains digits under BSP and
+    the asynchronous modes."""
     # random-k's error feedback returns each coordinate in bursts ~1/ratio steps apart,
     # which heavy momentum amplifies: plain SGD, as in the DP test and benchmark
     sgd = {"lr": 0.2, "momentum": 0.0} if spec.startswith("randomk") else {"lr": 0.05, "momentum": 0.9}
@@ -278,31 +279,39 @@ def test_compressed_pushes_train_digits(spec, mode):
             "powersgd:rank=4": 3,
         }[spec]
     )
+    assert float(got["m_ps_pull_compression_ratio"]) >= {"fp16": 1.9, "int8": 3.5, "topk:0.01": 20}.get(spec, 3)
     assert float(got["m_ps_skipped_steps"]) == (1 if overflow_at else 0)
     for h, _ in result.stats:
         assert not h["dropped"] and h["pushed"] == [300, 300] and h["skipped"] == (2 if overflow_at else 0)
+        # pulls followed the push spec; evaluate() pulled exact values, the same for both workers
+        assert h["pull_encodes"] >= 300 and h["pull_copies"] == 1, h
 
 
-def single_process_compressed(spec: str, steps: int, world: int) -> dict[str, np.ndarray]:
+def single_process_compressed(spec: str, steps: int, world: int, pull: str = "none") -> dict[str, np.ndarray]:
     """One process playing every worker and the server: each worker's gradient goes
     through its own compressor (seeded as the strategy seeds it), is decoded, and the
-    decoded gradients are averaged, as the server does before torch's optimizer."""
+    decoded gradients are averaged, as the server does before torch's optimizer.
+    With `pull`, the workers compute on their own copy of the parameters, which follows
+    the server's values by decode(encode(server - copy)) after each step (one encoder,
+    used without residuals: the difference is the residual); it returns that copy."""
     from shoal.compress import parse
 
-    model = equiv_model()
+    model = equiv_model()  # the server's values
+    held = equiv_model()  # what every worker holds (all the same under BSP)
     opt = make_optimizer("sgd", model.parameters())
     sched = schedule(opt)
     loss_fn = nn.CrossEntropyLoss()
     coders = [parse(spec) for _ in range(world)]
     for r, c in enumerate(coders):
         c.reseed(1_000 + r)
+    puller = parse(pull)
     for step in range(steps):
         total: dict[str, torch.Tensor] = {}
         for r in range(world):
             x, y = equiv_batch(step, r, world)
-            model.zero_grad()
-            loss_fn(model(x), y).backward()
-            for n, p in model.named_parameters():
+            held.zero_grad()
+            loss_fn(held(x), y).backward()
+            for n, p in held.named_parameters():
                 payload = coders[r].encode(n, p.grad.detach().clone())
                 decoded = coders[r].decode(payload, tuple(p.shape), p.dtype).reshape(-1)
                 total[n] = decoded.clone() if n not in total else total[n].add_(decoded)
@@ -311,28 +320,48 @@ def single_process_compressed(spec: str, steps: int, world: int) -> dict[str, np
         opt.step()
         opt.zero_grad()
         sched.step()
-    return {n: p.detach().numpy() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for (n, p), h in zip(model.named_parameters(), held.parameters(), strict=True):
+                if pull == "none":
+                    h.copy_(p)
+                    continue
+                payload = puller.encode(n, p - h)
+                getattr(puller, "residuals", {}).pop(n, None)
+                h.add_(puller.decode(payload, tuple(p.shape), p.dtype))
+    return {n: p.detach().numpy() for n, p in held.named_parameters()}
 
 
-@pytest.mark.parametrize("spec", ["int8", "topk:0.25"])  # stochastic rounding per worker; error feedback
-def test_compressed_bsp_equals_one_process_that_compresses_each_workers_gradient(spec):
+# int8 pushes with whole pulls: stochastic rounding per worker; top-k both ways: error
+# feedback on the workers and on the servers; PowerSGD pulls: a low-rank delta and its warm start
+@pytest.mark.parametrize("spec,pull", [("int8", "none"), ("topk:0.25", "topk:0.25"), ("int8", "powersgd:rank=2")])
+def test_compressed_bsp_equals_one_process_that_compresses_each_workers_gradient(spec, pull):
     """PS-BSP with compression is exactly: encode each worker's gradient, decode, average,
-    step. The reference differs from the uncompressed run, so the compressor mattered."""
+    step; with compressed pulls the workers then add decode(encode(server - their copy)).
+    The reference differs from the uncompressed run, so the compressors mattered. Under
+    lossy pulls the workers hold bit-identical parameters after every step, and each
+    server keeps one copy of what they hold and encodes once per clock."""
     steps = 6
     args = {
         "task": "equiv",
         "optim": "sgd",
         "steps": steps,
         "params": True,
-        "strategy": {"consistency": "bsp", "servers": 2, "compression": spec},
+        "digests": True,
+        "strategy": {"consistency": "bsp", "servers": 2, "compression": spec, "pull_compression": pull},
     }
     result = run_job(2, 2, args, before_stop=server_stats)
     _ok(result)
     for h, _ in result.stats:
         assert h["bsp_done"] == steps and not h["dropped"] and set(h["steps"].values()) == {steps}
+        copies = 0 if pull == "none" else 1
+        assert (h["pull_copies"], h["pull_encodes"], h["pull_whole"]) == (copies, steps * copies, 0), h
+    assert result.results[0]["digests"] == result.results[1]["digests"] and len(result.results[0]["digests"]) == steps
     got = result.arrays()
-    want = single_process_compressed(spec, steps, world=2)
+    want = single_process_compressed(spec, steps, world=2, pull=pull)
     plain = single_process("sgd", steps, world=2)
     assert max(float(np.abs(want[n] - plain[n]).max()) for n in want) > 1e-6  # compression changed the result
+    if pull != "none":
+        whole = single_process_compressed(spec, steps, world=2)
+        assert max(float(np.abs(want[n] - whole[n]).max()) for n in want) > 1e-6  # so did the pulls'
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value, atol=1e-6, rtol=0, err_msg=name)

@@ -108,6 +108,9 @@ def test_malformed_but_signed_requests_are_dropped_and_the_server_keeps_serving(
     for skip in (1, "yes", 0):
         _push(client, 0, g, skip=skip)
         malformed += 1
+    for exact in (1, "yes"):  # a pull for whole values says so with true or false
+        client._send(0, {"op": "pull", "clock": 0, "exact": exact})
+        malformed += 1
     # restores: optimizer state that torch's Adam cannot step from, or non-finite values
     w, b = torch.full((8,), 5.0), torch.full((2,), 3.0)
     bad_restores = [

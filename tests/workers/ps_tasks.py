@@ -3,12 +3,14 @@
 
 ARGS keys: task ("equiv" | "digits" | "linear"), strategy (ParameterServer
 kwargs), optim ("sgd" | "adam" | "adamw"), steps, params (rank 0 returns the
-final parameters and figures), seed. Also the single-process pieces the tests
+final parameters and figures), digests (equiv: every rank returns a hash of
+its parameters after each step), seed. Also the single-process pieces the tests
 compare with: the model, each rank's share of a global batch, the optimizers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -76,6 +78,9 @@ def _equiv(strategy, rank: int, world: int, args: dict, out: dict):
         opt.step()
         opt.zero_grad()
         sched.step()
+        if args.get("digests"):
+            digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
+            out.setdefault("digests", []).append(digest.hexdigest())
     return model
 
 

@@ -88,6 +88,7 @@ class Placement:
     optim: str
     timeout_s: float
     compression: str
+    pull_compression: str = "none"
 
 
 def lay_out(served: list[Served], optimizer: torch.optim.Optimizer, how: Placement) -> Layout:
@@ -95,7 +96,13 @@ def lay_out(served: list[Served], optimizer: torch.optim.Optimizer, how: Placeme
     count = how.servers
     placed = plan([(s.name, s.param.numel(), s.param.element_size()) for s in served], count, how.chunk_bytes)
     groups = [ps_optim.hyperparameters(how.optim, g) for g in optimizer.param_groups]
-    spec = {"optim": how.optim, "timeout_s": how.timeout_s, "compression": how.compression, "groups": groups}
+    spec = {
+        "optim": how.optim,
+        "timeout_s": how.timeout_s,
+        "compression": how.compression,
+        "pull_compression": how.pull_compression,
+        "groups": groups,
+    }
     layout = Layout(
         [[] for _ in range(count)],
         [[] for _ in range(count)],

@@ -25,6 +25,7 @@ class StepWindow:
     pushed0: int = 0
     pulled0: int = 0
     raw0: int = 0
+    raw_pulled0: int = 0
 
 
 @dataclass
@@ -33,6 +34,8 @@ class Totals:
 
     wait_s: float = 0.0
     raw_pushed: int = 0
+    raw_pulled: int = 0
+    """Bytes the pulls installed would have taken whole (for the pull compression ratio)."""
     skipped: int = 0
 
 

@@ -22,6 +22,7 @@ from shoal import runtime
 from shoal.compress import Compressor
 from shoal.errors import ShoalError
 from shoal.ps.client import Client
+from shoal.ps.pull_codec import PullDecoder
 from shoal.strategies.base import Strategy
 from shoal.strategies.optimizer import PreparedOptimizer, local_only
 from shoal.strategies.parameter_server import checkpoint
@@ -40,6 +41,7 @@ class Session:
     optim: str
     compressor: Compressor
     installed: Installed
+    pulls: PullDecoder
     live: LiveRow | None = None
     clock: int = 0
     micro: int = 0

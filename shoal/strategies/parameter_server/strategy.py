@@ -57,6 +57,7 @@ from shoal.errors import ConfigError, ShoalError
 from shoal.ps import optim as ps_optim
 from shoal.ps.client import Client
 from shoal.ps.consistency import Mode, parse_mode, resolve
+from shoal.ps.pull_codec import PullDecoder
 from shoal.ps.store import ServerAddress
 from shoal.state import sub_state, with_prefix
 from shoal.strategies.base import LossFn, StrategyOptions
@@ -97,6 +98,10 @@ class ParameterServer(ServerSaving):
         """How long a server waits for a late worker, or for all to join (and a worker for a server), before
         stopping the job."""
         compression: str = "none"
+        """How workers compress the gradients they push (docs/compression.md)."""
+        pull_compression: str | None = None
+        """How servers compress the parameters they send back (deltas with error feedback on the server,
+        `shoal.ps.pull_codec`); None: as `compression`, "none": whole values."""
         max_message_mb: float = 1024.0
         """The largest message a worker or server accepts; servers cap it at SHOAL_PS_MAX_BYTES (2^30)."""
         grad_accum: int = 1
@@ -120,6 +125,17 @@ class ParameterServer(ServerSaving):
             check_range(self.max_message_mb, "max_message_mb", low=0.001)
             resolve([], self.mode, self.overrides, self.staleness)  # validates every override
             parse_compression(self.compression)  # ConfigError names the spec
+            if self.pull_compression is not None:
+                try:
+                    parse_compression(self.pull_compression)
+                except ConfigError as err:
+                    why = str(err).replace("'compression'", "'pull_compression'")
+                    raise ConfigError(why, "pull_compression") from None
+
+        @property
+        def pulled_with(self) -> str:
+            """The pull compression in effect: `pull_compression`, or `compression` when it is None."""
+            return self.compression if self.pull_compression is None else self.pull_compression
 
         @property
         def mode(self) -> Mode:
@@ -192,7 +208,7 @@ class ParameterServer(ServerSaving):
         modes = resolve([s.name for s in served], o.mode, o.overrides, o.staleness)
         check_overrides_match([s.name for s in served], o.overrides)
         endpoints = self._endpoints()
-        how = Placement(len(endpoints), o.chunk_bytes, modes, optim, o.timeout_s, o.compression)
+        how = Placement(len(endpoints), o.chunk_bytes, modes, optim, o.timeout_s, o.compression, o.pulled_with)
         layout = lay_out(served, optimizer, how)
         codec = Codec(job_key(), int(o.max_message_mb * (1 << 20)))
         for spec in layout.specs:  # the servers refuse bigger messages too (below SHOAL_PS_MAX_BYTES)
@@ -201,7 +217,7 @@ class ParameterServer(ServerSaving):
         compressor = parse_compression(o.compression)
         compressor.reseed(1_000 + rt.rank)  # independent rounding noise per worker
         installed = Installed([h for held in layout.slices for h in held])
-        s = self._session = Session(client, layout, optimizer, optim, compressor, installed)
+        s = self._session = Session(client, layout, optimizer, optim, compressor, installed, PullDecoder(o.pulled_with))
         s.totals.skipped = self._skipped_before
         replies = client.init(layout.specs, layout.values)
         s.clock = self._joined_at(replies)
@@ -363,23 +379,23 @@ class ParameterServer(ServerSaving):
         s.window.staleness.append(max(float(h.get("staleness", 0.0)) for h, _ in replies))
 
     def refresh(self) -> None:
-        """Pull the newest parameters the consistency rule allows, without pushing (e.g. to evaluate at the end)."""
+        """Pull the newest parameters the consistency rule allows, without pushing (e.g. to evaluate at the end).
+
+        Always whole values, even when pulls are compressed: after it every worker holds exactly
+        what the servers hold."""
         self.sync()
-        self.session.client.request_pull(self.session.clock)
+        self.session.client.request_pull(self.session.clock, exact=True)
         self.session.pending = True
         self.sync()
 
-    @torch.no_grad()
     def _install(self, replies: Replies) -> None:
-        for (header, tensors), slices in zip(replies, self.session.layout.slices, strict=True):
-            if len(tensors) != len(slices):
-                raise ShoalError(
-                    f"parameter server {header.get('index', '?')} sent {len(tensors)} pieces, "
-                    f"expected {len(slices)}; were the servers restarted?"
-                )
-            for held, value in zip(slices, tensors, strict=True):
-                held.flat(held.param).copy_(value)
-        self.session.installed.record()
+        s = self.session
+        for server, ((header, tensors), slices, shapes) in enumerate(
+            zip(replies, s.layout.slices, s.layout.code_shapes, strict=True)
+        ):
+            s.pulls.install(server, header, tensors, slices, shapes)
+            s.totals.raw_pulled += sum((h.stop - h.start) * h.param.element_size() for h in slices)
+        s.installed.record()
 
     def step_metrics(self) -> dict[str, float]:
         s = self.session
@@ -395,7 +411,10 @@ class ParameterServer(ServerSaving):
         }
         if pushed - m.pushed0:
             out["ps_compression_ratio"] = (s.totals.raw_pushed - m.raw0) / (pushed - m.pushed0)
+        if pulled - m.pulled0:
+            out["ps_pull_compression_ratio"] = (s.totals.raw_pulled - m.raw_pulled0) / (pulled - m.pulled0)
         s.window.raw0, s.window.pushed0, s.window.pulled0 = s.totals.raw_pushed, pushed, pulled
+        s.window.raw_pulled0 = s.totals.raw_pulled
         return out
 
     # ------------------------------------------------------------- the rest
