@@ -28,6 +28,7 @@ from shoal.strategies.parameter_server import checkpoint
 from shoal.strategies.parameter_server.guard import Installed
 from shoal.strategies.parameter_server.layout import Layout
 from shoal.strategies.parameter_server.live import LiveRow, StepWindow, Totals
+from shoal.strategies.parameter_server.overlap import Overlap
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Session:
     compressor: Compressor
     installed: Installed
     live: LiveRow | None = None
+    overlap: Overlap | None = None
+    """Pushes during backward (None: at step() only)."""
     clock: int = 0
     micro: int = 0
     """`step()` calls since the last push (grad_accum)."""

@@ -1,0 +1,258 @@
+"""Where a PS-BSP step's time goes, next to DDP (issue 11 section 4), on the 5.4M-parameter MLP.
+
+Two parts, both printed and written to benchmarks/results/ps_profile.json:
+
+1. Real jobs (2 workers; DDP, PS-BSP with 1 and 2 servers), interleaved
+   `--reps` times. Rank 0 times each phase of its own steps (forward,
+   backward, `optimizer.step()`, and inside it: encoding and MAC of the
+   push, waiting for the pull, checking the pull's MAC, installing), and
+   reads from /proc the CPU seconds that every process of the job (workers
+   and servers, children of the launcher) used during the timed steps: on
+   a 2-core machine the CPU work per step, not the waiting, sets the pace.
+2. One server's work, in this process with the real `Server` code on the
+   same layout: checking a push (MAC, header, shapes, finiteness),
+   accumulating it, applying the clock's average (the optimizer), and
+   answering the pulls (snapshot, MAC).
+
+    PYTHONPATH=. python benchmarks/ps_profile.py [--reps 3] [--steps 30] [--no-overlap]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness
+from ps import MODELS, build
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def job_cpu_s() -> float:
+    """CPU seconds used so far by every child of this worker's launcher (workers and servers)."""
+    parent = os.getppid()
+    total = 0.0
+    for task in os.listdir(f"/proc/{parent}/task"):
+        with open(f"/proc/{parent}/task/{task}/children") as f:
+            for pid in f.read().split():
+                try:
+                    with open(f"/proc/{pid}/stat") as s:
+                        fields = s.read().rsplit(")", 1)[1].split()
+                    total += (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+                except OSError:
+                    continue
+    return total
+
+
+class Phases:
+    """Seconds per named phase, summed over the timed steps."""
+
+    def __init__(self) -> None:
+        self.s: dict[str, float] = defaultdict(float)
+        self.on = False
+
+    def wrap(self, owner: type, name: str, phase: str) -> None:
+        inner = getattr(owner, name)
+        phases = self
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if phases.on:
+                    phases.s[phase] += time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+
+def instrument() -> Phases:
+    """Time the worker's parts of a step that happen inside `optimizer.step()` or backward."""
+    from shoal.comm.wire import Codec
+    from shoal.ps.client import Client
+    from shoal.strategies.parameter_server import strategy as ps_strategy
+
+    phases = Phases()
+    phases.wrap(Codec, "decode", "pull: check MAC, decode")
+    phases.wrap(Client, "push", "push at step(): encode, MAC, queue")
+    phases.wrap(Client, "push_part", "push during backward: encode, MAC, queue")
+    phases.wrap(Client, "wait_pull", "pull: wait (incl. check)")
+    phases.wrap(ps_strategy.ParameterServer, "_install", "pull: install")
+    return phases
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+
+    import shoal
+    from shoal.data.digits import Digits
+
+    phases = instrument()
+    rt = shoal.init()
+    torch.manual_seed(0)
+    split = Digits().load(seed=0)
+    model = build(MODELS["wide_mlp_5m"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if args.strategy == "dp":
+        strategy = shoal.DataParallel()
+    else:
+        extra = {"overlap": False} if args.no_overlap else {}
+        strategy = shoal.ParameterServer(servers=args.servers, chunk_bytes=1 << 20, **extra)
+    model, opt = strategy.prepare(model, opt)
+    batches = strategy.loader(split.train, 32, seed=0).forever()
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        x, y = next(batches)
+        t0 = time.perf_counter()
+        loss = loss_fn(model(x), y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        opt.zero_grad()
+        if phases.on:
+            phases.s["forward"] += t1 - t0
+            phases.s["backward"] += t2 - t1
+            phases.s["optimizer.step()"] += t3 - t2
+
+    for _ in range(3):
+        step()
+    dist.barrier()
+    cpu0, start = job_cpu_s(), time.perf_counter()
+    phases.on = True
+    for _ in range(args.steps):
+        step()
+    phases.on = False
+    dist.barrier()
+    wall, cpu = time.perf_counter() - start, job_cpu_s() - cpu0
+    if rt.rank == 0:
+        per_step = {k: 1000 * v / args.steps for k, v in phases.s.items()}
+        out = {
+            "steps_per_s": args.steps / wall,
+            "ms_per_step": per_step,
+            "job_cpu_ms_per_step": 1000 * cpu / args.steps,
+        }
+        Path(args.out).write_text(json.dumps(out))
+    strategy.close()
+    shoal.shutdown()
+
+
+def launch(servers: int, wargs: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.json")
+        _harness.launch(__file__, 2, ["--out", out, "--servers", str(servers), *wargs], servers=servers, quiet=True)
+        return json.loads(Path(out).read_text())
+
+
+def server_work(servers: int, reps: int) -> dict[str, float]:
+    """Milliseconds of one server's work per BSP clock with 2 workers (server 0 of `servers`),
+    through the real `Server.handle` on real frames; the median of `reps` clocks."""
+    from shoal.comm.wire import Codec
+    from shoal.ps import optim as ps_optim
+    from shoal.ps.consistency import Mode
+    from shoal.ps.protocol import INIT, PULL, PUSH
+    from shoal.ps.server import Server
+    from shoal.strategies.parameter_server.layout import Placement, lay_out, served_parameters
+
+    torch.manual_seed(0)
+    model = build(MODELS["wide_mlp_5m"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    served = served_parameters(model, opt)
+    modes = {s.name: Mode("bsp") for s in served}
+    layout = lay_out(served, opt, Placement(servers, 1 << 20, modes, "SGD", 60.0, "none"))
+    codec = Codec(b"k" * 32)
+    server = Server(0, codec)
+    spec, values = layout.specs[0], layout.values[0]
+    seq = [0, 0]
+
+    def frames(src: int, header: dict, tensors=()) -> list:
+        seq[src] += 1
+        return codec.encode({**header, "src": src, "seq": seq[src]}, list(tensors))
+
+    for w in (0, 1):
+        server.handle(b"w%d" % w, frames(w, {"op": INIT, "world": 2, "spec": spec}, values if w == 0 else ()))
+    grads = [torch.randn_like(v) * 1e-3 for v in values]
+    hp = [ps_optim.hyperparameters("SGD", g) for g in opt.param_groups]
+    keys = [k[0] for k in spec["keys"]]
+    times: dict[str, list[float]] = defaultdict(list)
+    for clock in range(reps):
+        for w in (0, 1):
+            msg = frames(w, {"op": PULL, "clock": clock})
+            server.handle(b"w%d" % w, msg)
+        pushes = [frames(w, {"op": PUSH, "clock": clock, "keys": keys, "hp": hp}, grads) for w in (0, 1)]
+        t = time.perf_counter()
+        codec.decode(pushes[0])
+        times["check MAC, decode one push"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        server.handle(b"w0", pushes[0])
+        times["first push: check, accumulate"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        server.handle(b"w1", pushes[1])
+        times["last push: check, add, average, apply"].append(time.perf_counter() - t)
+        pulls = [frames(w, {"op": PULL, "clock": clock + 1}) for w in (0, 1)]
+        t = time.perf_counter()
+        for w in (0, 1):
+            server.handle(b"w%d" % w, pulls[w])
+        times["answer 2 pulls: snapshot, MAC, send"].append(time.perf_counter() - t)
+    server.sock.close(linger=0)
+    server.ctx.term()
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="")
+    parser.add_argument("--strategy", default="bsp")
+    parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-overlap", action="store_true", help="PS: push and pull at step(), as before")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    torch.set_num_threads(1)
+    variants = {"data_parallel": ("dp", 0), "ps_bsp_1_server": ("bsp", 1), "ps_bsp_2_servers": ("bsp", 2)}
+    runs: dict[str, list[dict]] = {k: [] for k in variants}
+    extra = ["--no-overlap"] if args.no_overlap else []
+    for _ in range(args.reps):
+        for name, (strategy, servers) in variants.items():
+            r = launch(servers, ["--strategy", strategy, "--steps", str(args.steps), *extra])
+            runs[name].append(r)
+            print(f"{name}: {r['steps_per_s']:.2f} steps/s, job CPU {r['job_cpu_ms_per_step']:.0f} ms/step", flush=True)
+    jobs = {}
+    for name, rs in runs.items():
+        phases = {k: statistics.median(r["ms_per_step"].get(k, 0.0) for r in rs) for k in rs[0]["ms_per_step"]}
+        jobs[name] = {
+            "steps_per_s": statistics.median(r["steps_per_s"] for r in rs),
+            "runs": [r["steps_per_s"] for r in rs],
+            "job_cpu_ms_per_step": statistics.median(r["job_cpu_ms_per_step"] for r in rs),
+            "rank0_ms_per_step": phases,
+        }
+        print(name, json.dumps(jobs[name], indent=1), flush=True)
+    server = {f"{n}_servers": server_work(n, 7) for n in (1, 2)}
+    print("one server's work per clock, ms:", json.dumps(server, indent=1))
+    load = os.getloadavg()
+    config = {"reps": args.reps, "steps": args.steps, "overlap": not args.no_overlap, "loadavg": load}
+    config["command"] = " ".join(["python", "benchmarks/ps_profile.py", *sys.argv[1:]])
+    ratio = jobs["ps_bsp_2_servers"]["steps_per_s"] / jobs["data_parallel"]["steps_per_s"]
+    summary = f"ps profile: PS-BSP 2 servers at {ratio:.2f}x DDP steps/s (load average {load[0]:.1f})"
+    name = "ps_profile" + ("_no_overlap" if args.no_overlap else "")
+    _harness.write(name, {"config": config, "jobs": jobs, "server_ms_per_clock": server}, summary)
+
+
+if __name__ == "__main__":
+    main()
