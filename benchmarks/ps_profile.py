@@ -14,7 +14,11 @@ Two parts, both printed and written to benchmarks/results/ps_profile.json:
    accumulating it, applying the clock's average (the optimizer), and
    answering the pulls (snapshot, MAC).
 
-    PYTHONPATH=. python benchmarks/ps_profile.py [--reps 3] [--steps 30] [--no-overlap]
+3. The same jobs without any MAC (`*_mac_off`, a measurement only: a
+   sitecustomize makes every process of that job skip HMAC), to show what
+   message authentication costs a step.
+
+    PYTHONPATH=. python benchmarks/ps_profile.py [--reps 3] [--steps 30] [--only VARIANT,...]
 """
 
 from __future__ import annotations
@@ -109,7 +113,9 @@ def worker(args) -> None:
     else:
         extra = {"overlap": False} if args.no_overlap else {}
         strategy = shoal.ParameterServer(servers=args.servers, chunk_bytes=1 << 20, **extra)
-    model, opt = strategy.prepare(model, opt)
+    model, prepared = strategy.prepare(model, opt)
+    assert prepared is not None
+    opt = prepared
     batches = strategy.loader(split.train, 32, seed=0).forever()
     loss_fn = nn.CrossEntropyLoss()
 
@@ -150,10 +156,35 @@ def worker(args) -> None:
     shoal.shutdown()
 
 
-def launch(servers: int, wargs: list[str]) -> dict:
+NO_MAC = """# Written by benchmarks/ps_profile.py --mac-off, for a measurement only: every process of
+# that job computes no HMAC (all MACs read as zeros), to show what message authentication costs.
+from shoal.comm import wire
+
+
+class _NoMac:
+    def copy(self):
+        return self
+
+    def update(self, data):
+        pass
+
+    def digest(self):
+        return bytes(32)
+
+
+wire.Codec._buffers_mac = lambda self, bufs: _NoMac()
+"""
+
+
+def launch(servers: int, wargs: list[str], mac_off: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
-        _harness.launch(__file__, 2, ["--out", out, "--servers", str(servers), *wargs], servers=servers, quiet=True)
+        env = {}
+        if mac_off:  # a sitecustomize that every process of the job imports first
+            Path(tmp, "sitecustomize.py").write_text(NO_MAC)
+            env["PYTHONPATH"] = os.pathsep.join([tmp, str(Path(__file__).resolve().parents[1])])
+        wargs = ["--out", out, "--servers", str(servers), *wargs]
+        _harness.launch(__file__, 2, wargs, servers=servers, quiet=True, env=env)
         return json.loads(Path(out).read_text())
 
 
@@ -212,27 +243,38 @@ def server_work(servers: int, reps: int) -> dict[str, float]:
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
+VARIANTS = {  # name: strategy, servers, worker arguments, without MACs (a measurement only)
+    "data_parallel": ("dp", 0, [], False),
+    "ps_bsp_1_server": ("bsp", 1, [], False),
+    "ps_bsp_2_servers": ("bsp", 2, [], False),
+    "ps_bsp_2_servers_no_overlap": ("bsp", 2, ["--no-overlap"], False),
+    "ps_bsp_2_servers_mac_off": ("bsp", 2, [], True),
+}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="")
     parser.add_argument("--strategy", default="bsp")
     parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--no-overlap", action="store_true", help="PS: push and pull at step(), as before")
+    parser.add_argument("--no-overlap", action="store_true", help="PS: push at step() only (overlap=False)")
+    parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     torch.set_num_threads(1)
-    variants = {"data_parallel": ("dp", 0), "ps_bsp_1_server": ("bsp", 1), "ps_bsp_2_servers": ("bsp", 2)}
-    runs: dict[str, list[dict]] = {k: [] for k in variants}
-    extra = ["--no-overlap"] if args.no_overlap else []
-    for _ in range(args.reps):
-        for name, (strategy, servers) in variants.items():
-            r = launch(servers, ["--strategy", strategy, "--steps", str(args.steps), *extra])
+    chosen = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only.split(",")}
+    runs: dict[str, list[dict]] = {k: [] for k in chosen}
+    load = [os.getloadavg()]
+    for _ in range(args.reps):  # interleaved, so drift in the machine's load hits every variant
+        for name, (strategy, servers, extra, mac_off) in chosen.items():
+            r = launch(servers, ["--strategy", strategy, "--steps", str(args.steps), *extra], mac_off)
             runs[name].append(r)
             print(f"{name}: {r['steps_per_s']:.2f} steps/s, job CPU {r['job_cpu_ms_per_step']:.0f} ms/step", flush=True)
+        load.append(os.getloadavg())
     jobs = {}
     for name, rs in runs.items():
         phases = {k: statistics.median(r["ms_per_step"].get(k, 0.0) for r in rs) for k in rs[0]["ms_per_step"]}
@@ -245,13 +287,15 @@ def main() -> None:
         print(name, json.dumps(jobs[name], indent=1), flush=True)
     server = {f"{n}_servers": server_work(n, 7) for n in (1, 2)}
     print("one server's work per clock, ms:", json.dumps(server, indent=1))
-    load = os.getloadavg()
-    config = {"reps": args.reps, "steps": args.steps, "overlap": not args.no_overlap, "loadavg": load}
+    config = {"reps": args.reps, "steps": args.steps, "loadavg_1min_per_round": [round(x[0], 1) for x in load]}
     config["command"] = " ".join(["python", "benchmarks/ps_profile.py", *sys.argv[1:]])
-    ratio = jobs["ps_bsp_2_servers"]["steps_per_s"] / jobs["data_parallel"]["steps_per_s"]
-    summary = f"ps profile: PS-BSP 2 servers at {ratio:.2f}x DDP steps/s (load average {load[0]:.1f})"
-    name = "ps_profile" + ("_no_overlap" if args.no_overlap else "")
-    _harness.write(name, {"config": config, "jobs": jobs, "server_ms_per_clock": server}, summary)
+    dp = jobs.get("data_parallel", {}).get("steps_per_s")
+    ratios = {k: v["steps_per_s"] / dp for k, v in jobs.items()} if dp else {}
+    summary = "ps profile, steps/s vs DDP: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
+    summary += f" (load average {load[0][0]:.1f} to {load[-1][0]:.1f})"
+    _harness.write(
+        "ps_profile", {"config": config, "jobs": jobs, "vs_ddp": ratios, "server_ms_per_clock": server}, summary
+    )
 
 
 if __name__ == "__main__":
