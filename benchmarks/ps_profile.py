@@ -60,10 +60,12 @@ def job_cpu_s() -> float:
 
 
 class Phases:
-    """Seconds per named phase, summed over the timed steps."""
+    """Seconds per named phase, summed over the timed steps: wall time (`s`) and this thread's CPU
+    time (`cpu`, which other processes on a busy machine do not inflate)."""
 
     def __init__(self) -> None:
         self.s: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
         self.on = False
 
     def wrap(self, owner: type, name: str, phase: str) -> None:
@@ -71,12 +73,13 @@ class Phases:
         phases = self
 
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return inner(*args, **kwargs)
             finally:
                 if phases.on:
                     phases.s[phase] += time.perf_counter() - start
+                    phases.cpu[phase] += time.thread_time() - cpu
 
         setattr(owner, name, timed)
 
@@ -121,18 +124,18 @@ def worker(args) -> None:
 
     def step() -> None:
         x, y = next(batches)
-        t0 = time.perf_counter()
+        t = [(time.perf_counter(), time.thread_time())]
         loss = loss_fn(model(x), y)
-        t1 = time.perf_counter()
+        t.append((time.perf_counter(), time.thread_time()))
         loss.backward()
-        t2 = time.perf_counter()
+        t.append((time.perf_counter(), time.thread_time()))
         opt.step()
-        t3 = time.perf_counter()
+        t.append((time.perf_counter(), time.thread_time()))
         opt.zero_grad()
         if phases.on:
-            phases.s["forward"] += t1 - t0
-            phases.s["backward"] += t2 - t1
-            phases.s["optimizer.step()"] += t3 - t2
+            for i, name in enumerate(("forward", "backward", "optimizer.step()")):
+                phases.s[name] += t[i + 1][0] - t[i][0]
+                phases.cpu[name] += t[i + 1][1] - t[i][1]
 
     for _ in range(3):
         step()
@@ -146,6 +149,7 @@ def worker(args) -> None:
     wall, cpu = time.perf_counter() - start, job_cpu_s() - cpu0
     if rt.rank == 0:
         per_step = {k: 1000 * v / args.steps for k, v in phases.s.items()}
+        per_step.update({f"{k} [CPU]": 1000 * v / args.steps for k, v in phases.cpu.items()})
         out = {
             "steps_per_s": args.steps / wall,
             "ms_per_step": per_step,
@@ -189,8 +193,9 @@ def launch(servers: int, wargs: list[str], mac_off: bool = False) -> dict:
 
 
 def server_work(servers: int, reps: int) -> dict[str, float]:
-    """Milliseconds of one server's work per BSP clock with 2 workers (server 0 of `servers`),
-    through the real `Server.handle` on real frames; the median of `reps` clocks."""
+    """CPU milliseconds of one server's work per BSP clock with 2 workers (server 0 of `servers`),
+    through the real `Server.handle` on real frames; the median of `reps` clocks. CPU time of this
+    process, so that other processes on a busy machine do not inflate it."""
     from shoal.comm.wire import Codec
     from shoal.ps import optim as ps_optim
     from shoal.ps.consistency import Mode
@@ -224,20 +229,20 @@ def server_work(servers: int, reps: int) -> dict[str, float]:
             msg = frames(w, {"op": PULL, "clock": clock})
             server.handle(b"w%d" % w, msg)
         pushes = [frames(w, {"op": PUSH, "clock": clock, "keys": keys, "hp": hp}, grads) for w in (0, 1)]
-        t = time.perf_counter()
+        t = time.process_time()
         codec.decode(pushes[0])
-        times["check MAC, decode one push"].append(time.perf_counter() - t)
-        t = time.perf_counter()
+        times["check MAC, decode one push"].append(time.process_time() - t)
+        t = time.process_time()
         server.handle(b"w0", pushes[0])
-        times["first push: check, accumulate"].append(time.perf_counter() - t)
-        t = time.perf_counter()
+        times["first push: check, accumulate"].append(time.process_time() - t)
+        t = time.process_time()
         server.handle(b"w1", pushes[1])
-        times["last push: check, add, average, apply"].append(time.perf_counter() - t)
+        times["last push: check, add, average, apply"].append(time.process_time() - t)
         pulls = [frames(w, {"op": PULL, "clock": clock + 1}) for w in (0, 1)]
-        t = time.perf_counter()
+        t = time.process_time()
         for w in (0, 1):
             server.handle(b"w%d" % w, pulls[w])
-        times["answer 2 pulls: snapshot, MAC, send"].append(time.perf_counter() - t)
+        times["answer 2 pulls: snapshot, MAC, send"].append(time.process_time() - t)
     server.sock.close(linger=0)
     server.ctx.term()
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
