@@ -134,15 +134,11 @@ class Overlap:
         """At the push's `step()`: whether this push went out in parts during backward (then `rest`
         sends the remainder); otherwise the caller pushes as without overlap. Decides, at the first
         push, whether later ones overlap; ShoalError if gradients changed after they were sent."""
-        unchanged = all(
-            self.fired.get(id(p)) == (id(p.grad), p.grad._version) and self.calls.get(id(p)) == 1
-            for p in self.params
-            if p.grad is not None and (self.state is State.WATCH or id(p) in self.sent)
-        )
-        if self.state is State.ON:
-            if not unchanged:
+        if self.state is State.ON:  # a gradient sent early and since changed, or dropped, is an error
+            if not all(self._same(p) for p in self.params if id(p) in self.sent):
                 raise ShoalError(CHANGED)
             return True
+        unchanged = all(self._same(p) for p in self.params if p.grad is not None)
         if self.state is State.WATCH:
             self.state = State.ON if unchanged else State.OFF
             if not unchanged:
@@ -150,6 +146,11 @@ class Overlap:
         self._reset()
         self.last_micro = self.grad_accum == 1
         return False
+
+    def _same(self, p: torch.Tensor) -> bool:
+        """Whether `p.grad` is what its one hook call this step saw (same tensor, same version)."""
+        g = p.grad
+        return g is not None and self.fired.get(id(p)) == (id(g), g._version) and self.calls.get(id(p)) == 1
 
     def rest(self) -> tuple[list[tuple[list[str], list[torch.Tensor]]], list[int]]:
         """Per server, the keys and gradients not sent yet, and how many parts were sent before."""
