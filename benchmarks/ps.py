@@ -2,7 +2,8 @@
 
 1. Throughput: PS-BSP with 1 and 2 servers against DataParallel (DDP, gloo),
    2 workers, steps/s, on the digits MLP and on a communication-heavy MLP
-   (>= 5M parameters).
+   (>= 5M parameters); with 2 servers also PS-BSP pushing only at `step()`
+   (`overlap=False`), SSP s=1 and ASP.
 2. Stragglers: 4 workers, wall time until rank 0's model reaches a target
    test accuracy under BSP, SSP (s = 1, 3) and ASP, and the final accuracy.
    - transient: every worker is 4x slower on a random 10% of its steps;
@@ -42,6 +43,14 @@ from shoal import env
 
 MODELS = {"digits_mlp": [64, 256, 128, 10], "wide_mlp_5m": [64, 2048, 2048, 512, 10]}
 BASE_S = 0.02  # the simulated compute of one step
+THROUGHPUT = {  # name: strategy (dp or a consistency mode), servers, worker arguments
+    "data_parallel": ("dp", 0, []),
+    "ps_bsp_1_server": ("bsp", 1, []),
+    "ps_bsp_2_servers": ("bsp", 2, []),
+    "ps_bsp_2_servers_no_overlap": ("bsp", 2, ["--no-overlap"]),
+    "ps_ssp1_2_servers": ("ssp", 2, ["--staleness", "1"]),
+    "ps_asp_2_servers": ("asp", 2, []),
+}
 
 
 def build(widths: list[int]) -> nn.Sequential:
@@ -68,6 +77,7 @@ def worker(args) -> None:
             staleness=args.staleness,
             servers=args.servers,
             chunk_bytes=1 << 20,
+            overlap=not args.no_overlap,
         )
     if args.install_at_forward:
         strategy.install_at_forward = True  # pyright: ignore[reportAttributeAccessIssue] -- ps only
@@ -180,6 +190,43 @@ def pull_cost(args) -> None:
     _harness.write("ps_pull", {"config": config, "cases": cases}, summary)
 
 
+def throughputs(args, cases) -> dict:
+    """Steps/s of every THROUGHPUT variant on each model, interleaved `args.reps` times; with
+    `--only throughput` also written to benchmarks/results/ps_throughput.json."""
+    results: dict = {"throughput": {}}
+    for model, steps in [c for c in cases if c[0] in args.models.split(",")]:
+        runs: dict = {name: [] for name in THROUGHPUT}
+        for _ in range(args.reps):  # interleaved, so drift in the machine's load hits every variant
+            for name, (strategy, servers, extra) in THROUGHPUT.items():
+                r = launch(
+                    2,
+                    servers,
+                    ["--task", "throughput", "--model", model, "--strategy", strategy, "--steps", str(steps), *extra],
+                )
+                runs[name].append(r)
+                print(f"{model} {name}: {r['steps_per_s']:.1f} steps/s", flush=True)
+        results["throughput"][model] = {
+            name: {
+                "steps_per_s": statistics.median(r["steps_per_s"] for r in rs),
+                "runs": [r["steps_per_s"] for r in rs],
+                "parameters": rs[0]["parameters"],
+                **{k: v for k, v in rs[-1].items() if k.startswith("ps_bytes")},
+            }
+            for name, rs in runs.items()
+        }
+
+    if args.only == "throughput":
+        tp = results["throughput"]
+        vs = {m: {k: v["steps_per_s"] / r["data_parallel"]["steps_per_s"] for k, v in r.items()} for m, r in tp.items()}
+        summary = "ps throughput vs DDP: " + "; ".join(
+            f"{m} " + ", ".join(f"{k} {x:.2f}" for k, x in r.items() if k != "data_parallel") for m, r in vs.items()
+        )
+        config = {"reps": args.reps, "timed_steps": dict(cases), "loadavg_1min_after": os.getloadavg()[0]}
+        config["command"] = " ".join(["python", "benchmarks/ps.py", *sys.argv[1:]])
+        _harness.write("ps_throughput", {"config": config, "throughput": tp, "vs_ddp": vs}, summary)
+    return results["throughput"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -195,11 +242,16 @@ def main() -> None:
         "--steps", type=int, default=0, help="timed steps (throughput) or steps per worker (stragglers)"
     )
     parser.add_argument("--install-at-forward", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-overlap", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--target", type=float, default=0.93)
     parser.add_argument("--reps", type=int, default=3, help="throughput runs per variant (the median is reported)")
     parser.add_argument(
-        "--only", choices=["throughput", "stragglers", "pull"], default=None, help="run one part (no JSON written)"
+        "--only",
+        choices=["throughput", "stragglers", "pull"],
+        default=None,
+        help="run one part (throughput writes ps_throughput.json, stragglers nothing)",
     )
+    parser.add_argument("--models", default="digits_mlp,wide_mlp_5m", help="throughput: which models")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -208,28 +260,8 @@ def main() -> None:
 
     results: dict = {"throughput": {}, "stragglers": {}}
     cases = (("digits_mlp", args.steps or 100), ("wide_mlp_5m", max(10, (args.steps or 100) // 5)))
-    variants = (("data_parallel", "dp", 0), ("ps_bsp_1_server", "bsp", 1), ("ps_bsp_2_servers", "bsp", 2))
-    for model, steps in () if args.only == "stragglers" else cases:
-        runs: dict = {name: [] for name, _, _ in variants}
-        for _ in range(args.reps):  # interleaved, so drift in the machine's load hits every variant
-            for name, strategy, servers in variants:
-                r = launch(
-                    2,
-                    servers,
-                    ["--task", "throughput", "--model", model, "--strategy", strategy, "--steps", str(steps)],
-                )
-                runs[name].append(r)
-                print(f"{model} {name}: {r['steps_per_s']:.1f} steps/s", flush=True)
-        results["throughput"][model] = {
-            name: {
-                "steps_per_s": statistics.median(r["steps_per_s"] for r in rs),
-                "runs": [r["steps_per_s"] for r in rs],
-                "parameters": rs[0]["parameters"],
-                **{k: v for k, v in rs[-1].items() if k.startswith("ps_bytes")},
-            }
-            for name, rs in runs.items()
-        }
-
+    if args.only != "stragglers":
+        results["throughput"] = throughputs(args, cases)
     if args.only == "throughput":
         return
     per_worker = args.steps or 150
@@ -285,10 +317,10 @@ def main() -> None:
         return f"SSP1 {ratio(s, 'ssp_1')} SSP3 {ratio(s, 'ssp_3')} ASP {ratio(s, 'asp')}"
 
     def rates(r):
-        return "/".join(f"{r[v]['steps_per_s']:.1f}" for v in ("data_parallel", "ps_bsp_1_server", "ps_bsp_2_servers"))
+        return "/".join(f"{r[v]['steps_per_s']:.1f}" for v in THROUGHPUT)
 
     summary = (
-        "ps: steps/s DP/PS1/PS2 "
+        "ps: steps/s DP/BSP1/BSP2/BSP2-no-overlap/SSP1/ASP "
         + "; ".join(f"{m} {rates(r)}" for m, r in tp.items())
         + f" | time to {args.target} vs BSP: transient {ratios('transient')}; persistent {ratios('persistent')}"
     )

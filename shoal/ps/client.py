@@ -47,7 +47,7 @@ class Client:
             s.connect(ep)
             self.socks.append(s)
         self.seq = 0
-        self.trackers: list = []
+        self.trackers: list[zmq.MessageTracker] = []
         self.bytes_pushed = 0
         self.bytes_pulled = 0
 
@@ -82,26 +82,39 @@ class Client:
         hp: list[dict],
         codes: list[list[dict]] | None = None,
         skip: bool = False,
+        parts: list[int] | None = None,
     ) -> None:
         """Queue this clock's gradients for every server (every server gets a push, maybe empty).
 
         With compression, `codes[s]` holds each key's payload header and the
         tensors are the payloads' tensors in key order; `skip` pushes nothing
-        but the clock (a step dropped for a non-finite gradient)."""
-        self.trackers = []
+        but the clock (a step dropped for a non-finite gradient); `parts[s]`:
+        how many parts of this push went to server s before (`push_part`)."""
         for s, (keys, grads) in enumerate(per_server):
             header = {"op": PUSH, "clock": clock, "keys": keys, "hp": hp}
             if codes is not None:
                 header["codes"] = codes[s]
             if skip:
                 header["skip"] = True
-            self.trackers.append(self._send(s, header, grads, track=True))
+            if parts is not None and parts[s]:
+                header["parts"] = parts[s]
+            self._track(self._send(s, header, grads, track=True))
             self.bytes_pushed += sum(g.numel() * g.element_size() for g in grads)
+
+    def push_part(self, server: int, clock: int, keys: list[str], grads: list[torch.Tensor]) -> None:
+        """Queue an early part of this clock's push for `server` (uncompressed; see `shoal.ps.parts`):
+        the server checks it now and applies it with the clock's last message, `push(..., parts=)`."""
+        self._track(self._send(server, {"op": PUSH, "clock": clock, "keys": keys, "part": True}, grads, track=True))
+        self.bytes_pushed += sum(g.numel() * g.element_size() for g in grads)
+
+    def _track(self, tracker) -> None:
+        self.trackers = [t for t in self.trackers if not t.done]  # sent long ago: forget
+        self.trackers.append(tracker)
 
     def wait_sent(self) -> None:
         """Block until ZeroMQ no longer reads the pushed gradient buffers."""
         for t in self.trackers:
-            if t is not None and not t.done:
+            if not t.done:
                 t.wait(self.timeout_s)
         self.trackers = []
 

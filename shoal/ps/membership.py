@@ -213,6 +213,7 @@ def rejoin(server: Server, ident: bytes, src: int, spec: dict, pid: object) -> N
     gate.absent.discard(src)
     server.bye.discard(src)
     server.pending = [r for r in server.pending if r.worker != src]
+    server.parts.take(src)  # a push its predecessor sent only in part: the new process sends it again whole
     if server.pulls is not None:  # compressed pulls: the new process holds none of its predecessor's values
         server.pulls.replaced(src)
     publish(server, "rejoined", src, clock)

@@ -60,6 +60,7 @@ from shoal.errors import ConfigError, ShoalError
 from shoal.ps import membership, optim
 from shoal.ps import store as ps_store
 from shoal.ps.consistency import Gate
+from shoal.ps.parts import Parts
 from shoal.ps.pieces import PieceState, all_gradients_finite, build_piece, pushed_pieces, received_gradients
 from shoal.ps.protocol import BYE, ERROR, INIT, OBSERVER, PARAMS, PULL, PUSH, RESTORE, RESTORED, STATE, STATS
 from shoal.ps.pull_codec import PullEncoder, Ready, pull_encoder, pull_stats, replies
@@ -142,6 +143,7 @@ class Server:
         self.skipped = 0
         self.receiver: Receiver | None = None  # when pushes are compressed
         self.pulls: PullEncoder | None = None  # when pulls are compressed
+        self.parts = Parts()  # pushes sent in several messages, until their last one
         self.pending: list[PendingRead] = []
         self.applied = 0  # pushes whose updates are in the parameters
         self.read_applied: dict[int, int] = {}
@@ -356,8 +358,18 @@ class Server:
             raise WireError(
                 "bad_clock", f"worker {src} pushed clock {header.get('clock')!r}, expected {gate.pushed[src]}"
             )
+        if header.get("part", False) is not False:  # an early part (shoal.ps.parts): held until the last message
+            if header["part"] is not True or skip or self.receiver is not None:
+                raise WireError("malformed", "a part is an uncompressed push without skip")
+            return self.parts.add(src, gate.pushed[src], pieces, grads)
+        staged = self.parts.check(src, gate.pushed[src], header.get("parts", 0), pieces)
         hps = self.pushed_hyperparameters(header.get("hp"))
-        if self.receiver is None and not all_gradients_finite(grads):
+        nonfinite = self.receiver is None and not all_gradients_finite(grads)
+        if staged is not None:  # the parts (checked on arrival) and this message are one push
+            self.parts.take(src)
+            nonfinite |= staged.nonfinite
+            pieces, grads = ([], []) if skip else (staged.pieces + pieces, staged.grads + grads)
+        if nonfinite and not skip:
             # As a worker skips a compressed step that overflowed: applied as a skip, so the
             # clock moves on (a BSP clock is dropped for every worker) and nothing is poisoned.
             skip, pieces, grads = True, [], []

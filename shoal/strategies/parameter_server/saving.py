@@ -29,6 +29,7 @@ from shoal.strategies.parameter_server import checkpoint
 from shoal.strategies.parameter_server.guard import Installed
 from shoal.strategies.parameter_server.layout import Layout
 from shoal.strategies.parameter_server.live import LiveRow, StepWindow, Totals
+from shoal.strategies.parameter_server.overlap import Overlap
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Session:
     installed: Installed
     pulls: PullDecoder
     live: LiveRow | None = None
+    overlap: Overlap | None = None
+    """Pushes during backward (None: at step() only)."""
     clock: int = 0
     micro: int = 0
     """`step()` calls since the last push (grad_accum)."""

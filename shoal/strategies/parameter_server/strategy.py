@@ -17,7 +17,9 @@ docs/consistency.md); with `bsp` the run equals one process with the
 combined batch. The servers average the gradients, so a worker has no
 averaged gradient: `synchronize()`, `clip_grad_norm_()` and `clip_norm` are
 refused; `grad_accum=k` pushes the mean of k micro-batches' gradients once
-per k calls of `step()`.
+per k calls of `step()`. With `overlap` (the default) most gradients leave
+during backward, as each is computed (`parameter_server.overlap`); `step()`
+sends the rest.
 
 The servers hold the optimizer state: `optimizer.state_dict()` fetches it
 (torch's format, so `torch.save` / `load_state_dict` resume AdamW's
@@ -71,6 +73,7 @@ from shoal.strategies.parameter_server.layout import (
     served_parameters,
 )
 from shoal.strategies.parameter_server.live import LiveRow, StepWindow
+from shoal.strategies.parameter_server.overlap import Overlap
 from shoal.strategies.parameter_server.saving import ServerSaving, Session
 
 log = logging.getLogger(__name__)
@@ -108,6 +111,11 @@ class ParameterServer(ServerSaving):
         """Calls of `optimizer.step()` per push: the servers apply the mean of this many micro-batches."""
         clip_norm: float | None = None
         """Refused: no process holds the averaged gradient (the servers hold pieces of it)."""
+        overlap: bool = True
+        """Push each gradient during backward, as soon as it is computed (uncompressed pushes only; see
+        `parameter_server.overlap`); False: push everything at `optimizer.step()`."""
+        overlap_bytes: int = 2 << 20
+        """With `overlap`: a server's bucket of gradients is sent once it holds this many bytes."""
 
         def __post_init__(self) -> None:
             check_range(self.grad_accum, "grad_accum", low=1)
@@ -121,6 +129,7 @@ class ParameterServer(ServerSaving):
             if self.servers is not None:
                 check_range(self.servers, "servers", low=1)
             check_range(self.chunk_bytes, "chunk_bytes", low=1)
+            check_range(self.overlap_bytes, "overlap_bytes", low=1)
             check_range(self.timeout_s, "timeout_s", low=0.0, low_open=True)
             check_range(self.max_message_mb, "max_message_mb", low=0.001)
             resolve([], self.mode, self.overrides, self.staleness)  # validates every override
@@ -219,6 +228,8 @@ class ParameterServer(ServerSaving):
         installed = Installed([h for held in layout.slices for h in held])
         s = self._session = Session(client, layout, optimizer, optim, compressor, installed, PullDecoder(o.pulled_with))
         s.totals.skipped = self._skipped_before
+        if o.overlap and o.compression == "none":
+            s.overlap = Overlap(layout, client, o.grad_accum, s.totals, o.overlap_bytes)
         replies = client.init(layout.specs, layout.values)
         s.clock = self._joined_at(replies)
         self._install(replies)
@@ -292,8 +303,16 @@ class ParameterServer(ServerSaving):
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Nothing to hold back: a backward communicates nothing here, `step()` does (for uniform loops)."""
-        yield
+        """Backward passes within only accumulate: none of their gradients is pushed during backward
+        (`overlap`); the next `step()` pushes the sum, as DDP's `no_sync()` then all-reduces it."""
+        overlap = self._session.overlap if self._session is not None else None
+        if overlap is not None:
+            overlap.hold += 1
+        try:
+            yield
+        finally:
+            if overlap is not None:
+                overlap.hold -= 1
 
     def optimizer_step(self, optimizer: PreparedOptimizer, closure: Closure | None) -> float | None:
         loss = None
@@ -304,15 +323,19 @@ class ParameterServer(ServerSaving):
         s.installed.stepped()
         s.micro += 1
         if s.micro < self.grad_accum:
+            if s.overlap is not None:
+                s.overlap.micro_step(last=s.micro == self.grad_accum - 1)
             return loss  # an accumulating micro-step: the gradients add up in .grad
         s.micro = 0
-        if self.grad_accum > 1:
-            for held in s.installed.params:
-                if held.grad is not None:
-                    held.grad.div_(self.grad_accum)  # the mean over the micro-batches, as one big batch
         self.sync()  # a step never starts before the last pull is in
-        pushes, codes, nonfinite = encode_pushes(s.layout, s.compressor, self.options.compression, s.totals)
         hp = [ps_optim.hyperparameters(s.optim, g) for g in optimizer.param_groups]
+        if s.overlap is not None and s.overlap.pushing():  # parts went out during backward
+            rest, parts = s.overlap.rest()
+            s.client.push(s.clock, rest, hp, parts=parts)
+            self._divide_accumulated(s)
+            return self._pull(s, loss)
+        self._divide_accumulated(s)
+        pushes, codes, nonfinite = encode_pushes(s.layout, s.compressor, self.options.compression, s.totals)
         if nonfinite:
             # As mixed precision does: a step with an overflow is not applied
             # anywhere (in BSP the servers drop the whole clock).
@@ -325,7 +348,20 @@ class ParameterServer(ServerSaving):
             s.client.push(s.clock, [([], [])] * len(pushes), hp, skip=True)
         else:
             s.client.push(s.clock, pushes, hp, codes if self.options.compression != "none" else None)
+        return self._pull(s, loss)
+
+    def _divide_accumulated(self, s: Session) -> None:
+        """`.grad` becomes the mean over the micro-batches (as one big batch) when `grad_accum` > 1."""
+        if self.grad_accum > 1:
+            for held in s.installed.params:
+                if held.grad is not None:
+                    held.grad.div_(self.grad_accum)
+
+    def _pull(self, s: Session, loss: float | None) -> float | None:
+        """After a push: the next clock, its pull requested and (unless deferred) installed."""
         s.clock += 1
+        if s.overlap is not None:
+            s.overlap.clock = s.clock
         s.client.request_pull(s.clock)
         s.pending = True
         if not self.install_at_forward:
@@ -459,6 +495,8 @@ class ParameterServer(ServerSaving):
         s = self._session
         if s is None:
             return
+        if s.overlap is not None:
+            s.overlap.remove()
         self.sync()
         if s.live is not None:
             self._publish(s, final=True)
