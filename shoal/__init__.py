@@ -4,7 +4,10 @@ import shoal
 shoal.init()
 strategy = shoal.DataParallel()
 model, optimizer = strategy.prepare(model, optimizer)
+recovery = shoal.Recovery(strategy, model, optimizer, loader=loader)   # survive restarts
 """
+
+from typing import TYPE_CHECKING, Any
 
 from shoal.errors import ConfigError, ShoalError
 from shoal.runtime import current, init, shutdown
@@ -15,6 +18,9 @@ from shoal.strategies.pipeline import Pipeline
 from shoal.strategies.sharded import ShardedDataParallel
 from shoal.strategies.tensor_parallel import TensorParallel
 
+if TYPE_CHECKING:
+    from shoal.train.recovery import Recovery
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -22,6 +28,7 @@ __all__ = [
     "DataParallel",
     "ParameterServer",
     "Pipeline",
+    "Recovery",
     "ShardedDataParallel",
     "ShoalError",
     "Strategy",
@@ -30,3 +37,12 @@ __all__ = [
     "init",
     "shutdown",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`shoal.Recovery`, imported when first used (it brings in the checkpoint code)."""
+    if name == "Recovery":
+        from shoal.train.recovery import Recovery
+
+        return Recovery
+    raise AttributeError(f"module 'shoal' has no attribute {name!r}")
