@@ -66,6 +66,8 @@ class LaunchSpec:
     """Times torch's agent restarts every worker after a failure before the job fails."""
     recovery_fallback: str = ""
     """The folder for recovery points where /dev/shm cannot take them ('' : a temporary folder)."""
+    resume_hint: str = "; the job's recovery points went with it: start again from your script's own newest checkpoint"
+    """What the line that reports exhausted restarts ends with (`shoal train` names its checkpoint itself)."""
 
 
 def launch(argv: list[str], spec: LaunchSpec) -> None:
@@ -127,6 +129,8 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
         said = _describe_failure(err, log_dir)
         if spec.max_restarts:
             said += f"; the workers were restarted {spec.max_restarts} time(s), all that --max-restarts allows"
+            if spec.resume_hint:
+                said += spec.resume_hint
         raise WorkerError(said) from None
     except Exception as err:  # rendezvous timeouts, ports in use, ...
         raise WorkerError(f"the job could not start: {type(err).__name__}: {first_line(str(err))}") from None
