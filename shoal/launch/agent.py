@@ -224,14 +224,29 @@ def _recovery_dir(spec: LaunchSpec) -> Path:
     """This job's folder for recovery points on this machine: in /dev/shm (memory: a point costs no disk
     write and is gone with the job), else `spec.recovery_fallback`, else a temporary folder. Removed at the end."""
     try:
-        if SHM.is_dir() and os.access(SHM, os.W_OK) and shutil.disk_usage(SHM).free >= SHM_FREE:
-            return Path(tempfile.mkdtemp(prefix="shoal-recovery-", dir=SHM))
+        if SHM.is_dir() and os.access(SHM, os.W_OK):
+            _sweep_stale(SHM)
+            if shutil.disk_usage(SHM).free >= SHM_FREE:
+                return Path(tempfile.mkdtemp(prefix=f"shoal-recovery-{os.getpid()}-", dir=SHM))
     except OSError:
         pass
     if spec.recovery_fallback:
         Path(spec.recovery_fallback).mkdir(parents=True, exist_ok=True)
         return Path(spec.recovery_fallback)
     return Path(tempfile.mkdtemp(prefix="shoal-recovery-"))
+
+
+def _sweep_stale(shm: Path) -> None:
+    """Remove the recovery folders of this user's launchers that are gone: one that was SIGKILLed
+    could not remove its own, and /dev/shm is memory. The launcher's pid is in the folder's name."""
+    for folder in shm.glob("shoal-recovery-*-*"):
+        pid = folder.name.split("-")[2]
+        try:
+            mine = folder.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _hold_store(host: str, port: int, timeout_s: float) -> TCPStore:

@@ -57,3 +57,15 @@ def test_a_fresh_start_forgets_old_points_and_an_unprepared_optimizer_is_refused
     model = nn.Linear(2, 2)
     with pytest.raises(CheckpointError, match=r"strategy\.prepare"):
         shoal.Recovery(shoal.DataParallel(), model, torch.optim.SGD(model.parameters(), lr=0.1), root=tmp_path)
+
+
+def test_a_gone_launchers_recovery_folder_is_swept_and_a_live_ones_kept(tmp_path):
+    import os
+
+    from shoal.launch.agent import _sweep_stale
+
+    gone, alive = tmp_path / "shoal-recovery-99999999-ab", tmp_path / f"shoal-recovery-{os.getpid()}-cd"
+    for folder in (gone, alive):
+        (folder / "rank0").mkdir(parents=True)
+    _sweep_stale(tmp_path)
+    assert not gone.exists() and alive.exists()
