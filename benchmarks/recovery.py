@@ -32,7 +32,9 @@ QUIET = ["--logging.tensorboard=false", "--logging.progress=false"]
 
 
 def train(root: Path, name: str, *args: str, env: dict[str, str] | None = None) -> Path:
-    result = shoal("train", CONFIG, f"--logging.run_dir={root}", f"--logging.name={name}", *QUIET, *args, env=env)
+    result = shoal(
+        "train", CONFIG, f"--logging.run_dir={root}", f"--logging.name={name}", *QUIET, *args, env=env, timeout=900
+    )
     if result.returncode != 0:
         sys.exit(f"{result.stderr[-3000:]}\nshoal train {name} exited with code {result.returncode}")
     return root / name

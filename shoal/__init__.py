@@ -4,6 +4,7 @@ import shoal
 shoal.init()
 strategy = shoal.DataParallel()
 model, optimizer = strategy.prepare(model, optimizer)
+recovery = shoal.Recovery(strategy, model, optimizer, loader=loader)   # survive restarts
 
 The names below are imported on first use (PEP 562), so that processes that
 need none of them (control-plane members, the launcher's helpers) start
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from shoal.strategies.pipeline import Pipeline
     from shoal.strategies.sharded import ShardedDataParallel
     from shoal.strategies.tensor_parallel import TensorParallel
+    from shoal.train.recovery import Recovery
 
 __version__ = "0.1.0"
 
@@ -39,6 +41,7 @@ _LAZY = {
     "Pipeline": "shoal.strategies.pipeline",
     "ShardedDataParallel": "shoal.strategies.sharded",
     "TensorParallel": "shoal.strategies.tensor_parallel",
+    "Recovery": "shoal.train.recovery",
 }
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "DataParallel",
     "ParameterServer",
     "Pipeline",
+    "Recovery",
     "ShardedDataParallel",
     "ShoalError",
     "Strategy",

@@ -14,7 +14,8 @@ every step) and an `action`:
 
 - `raise`: raise `InjectedFaultError` (a RuntimeError) in the process;
 - `kill`: SIGKILL the process itself;
-- `stop`: SIGSTOP itself for `seconds` (a detached `sh` sends SIGCONT);
+- `stop`: SIGSTOP itself for `seconds` (a detached `sh` sends SIGCONT, or ends early if
+  the process is killed meanwhile);
 - `sleep`: sleep `seconds` (a straggler).
 
 A fault fires with probability `prob` (default 1), drawn from a generator
@@ -187,9 +188,12 @@ def _fire(fault: Fault, record: str, role: str, rank: int, step: int) -> None:
     if fault.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if fault.action == "stop":
-        # A stopped process cannot wake itself: a detached shell sends SIGCONT.
+        # A stopped process cannot wake itself: a detached shell sends SIGCONT, or ends
+        # as soon as the process is gone (killed while stopped), leaving nothing behind.
+        pid, ticks = os.getpid(), max(1, round(fault.seconds * 10))
+        waker = f"i=0; while [ $i -lt {ticks} ]; do sleep 0.1; kill -0 {pid} 2>/dev/null || exit 0; i=$((i+1)); done"
         subprocess.Popen(
-            ["/bin/sh", "-c", f"sleep {fault.seconds}; kill -CONT {os.getpid()}"],
+            ["/bin/sh", "-c", f"{waker}; kill -CONT {pid}"],
             start_new_session=True,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from shoal import env
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, caused_by_peer
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,24 @@ def init(
         hook = sys.excepthook
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), **kwargs)
         if environ.get(env.LAUNCHED):
-            sys.excepthook = hook  # the launcher prefixes every line with the rank already
+            sys.excepthook = _exit_at_once(hook)  # the launcher prefixes every line with the rank already
     _current = Runtime(rank, world, local_rank, local_world, backend, dev)
     return _current
+
+
+def _exit_at_once(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """`hook`, then, for an error that a dead or hung peer caused (a collective that timed out, a
+    connection reset), the process ends at once: tearing down a group whose peer is gone can take
+    tens of seconds, and the launcher restarts (or stops) the job only once this process has exited."""
+
+    def excepthook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+        hook(kind, error, tb)
+        if caused_by_peer(str(error)):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+    return excepthook
 
 
 def current() -> Runtime:

@@ -6,8 +6,10 @@ machines), sets the environment torchrun sets, tees each rank's output with a
 `[rankN]:` prefix into the console and into log files, and on the first
 failure stops every other worker (by pid, SIGTERM then SIGKILL) and, up to
 `max_restarts` times, starts them all again in the same rendezvous (each
-worker sees TORCHELASTIC_RESTART_COUNT; `shoal train` resumes from its
-recovery points). What we add:
+worker sees TORCHELASTIC_RESTART_COUNT; `shoal train` and `shoal.Recovery`
+resume from recovery points). What we add: the job's folder for recovery
+points on this machine (in /dev/shm, removed at the end); a hung
+(SIGSTOPped) worker ended at once when a peer fails (`_agent_class`);
 a one-line reason with the failing rank and its last error line, and the
 rendezvous store itself, opened here on the asked address only
 (`shoal.ps.store.listen`; torch's server would listen on every interface),
@@ -18,15 +20,19 @@ still listens on every interface.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 from shoal import env, logs
 from shoal.comm.netif import address_towards, interface_of, interface_towards
@@ -61,14 +67,75 @@ class LaunchSpec:
     rdzv_backend: str = "static"
     """Across machines: "static" (ranks from --node-rank), or torch's "c10d", "etcd", "etcd-v2"
     (ranks assigned at rendezvous; a machine that starts late or again joins)."""
+    recovery_fallback: str = ""
+    """The folder for recovery points where /dev/shm cannot take them ('' : a temporary folder)."""
+    resume_hint: str = "; the job's recovery points went with it: start again from your script's own newest checkpoint"
+    """What the line that reports exhausted restarts ends with (`shoal train` names its checkpoint itself)."""
 
 
 def launch(argv: list[str], spec: LaunchSpec) -> None:
     """Run `python argv...` on `spec.nproc` local workers; raise `WorkerError` on a failure."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher import api as launcher_api
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    held, backend, endpoint, rdzv_configs, local_addr = _rendezvous(spec)
+    log_dir = spec.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-logs")
+    logs_spec = DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE if spec.quiet else Std.ALL)
+    config = LaunchConfig(
+        min_nodes=spec.nnodes,
+        max_nodes=spec.nnodes,
+        nproc_per_node=spec.nproc,
+        # Every machine must name the same rendezvous; the endpoint is the job's own.
+        run_id="shoal-job" if spec.nnodes > 1 else (spec.run_id or str(uuid.uuid4())),
+        role="default",  # torchrun's ROLE_NAME
+        rdzv_endpoint=endpoint,
+        rdzv_backend=backend,
+        rdzv_configs={**rdzv_configs, "timeout": spec.rdzv_timeout_s},
+        local_addr=local_addr,
+        max_restarts=spec.max_restarts,
+        monitor_interval=0.1,
+        start_method="spawn",
+        logs_specs=logs_spec,
+        log_line_prefix_template="[rank${rank}]: ",
+        shutdown_timeout=5,
+    )
+    recovery = _recovery_dir(spec)
+    worker_env = {
+        **_interfaces(spec),
+        **_threads(spec),
+        **_restartable(spec),
+        env.RECOVERY_DIR: str(recovery),
+        **spec.env,
+        env.LAUNCHED: "1",
+    }
+    saved = {k: os.environ.get(k) for k in worker_env}
+    os.environ.update(worker_env)
+    try:
+        with logs.quiet(*TORCH_LOGGERS), mock.patch.object(launcher_api, "LocalElasticAgent", _agent_class()):
+            elastic_launch(config, entrypoint=sys.executable)(*["-u", *argv])
+    except ChildFailedError as err:
+        said = _describe_failure(err, log_dir)
+        if spec.max_restarts:
+            said += f"; the workers were restarted {spec.max_restarts} time(s), all that --max-restarts allows"
+            if spec.resume_hint:
+                said += spec.resume_hint
+        raise WorkerError(said) from None
+    except Exception as err:  # rendezvous timeouts, ports in use, ...
+        raise WorkerError(f"the job could not start: {type(err).__name__}: {first_line(str(err))}") from None
+    finally:
+        del held
+        shutil.rmtree(recovery, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _rendezvous(spec: LaunchSpec) -> tuple[Any, str, str, dict[str, Any], str | None]:
+    """(the store held here or None, torch's backend, its endpoint, its configs, this machine's address)."""
     # The job's store, held here so that it listens only where asked (torch's own
     # server listens on every interface); torch's rendezvous shares it (multi_tenant).
     held = None
@@ -95,46 +162,49 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     # Dynamic rendezvous: name this machine by the address the others reach (torch would take the
     # host name, which may resolve to loopback, and then advertise it as MASTER_ADDR).
     local_addr = address_towards(split_endpoint(endpoint)[0]) if several and backend != "static" else None
-    log_dir = spec.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-logs")
-    logs_spec = DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE if spec.quiet else Std.ALL)
-    config = LaunchConfig(
-        min_nodes=spec.nnodes,
-        max_nodes=spec.nnodes,
-        nproc_per_node=spec.nproc,
-        # Every machine must name the same rendezvous; the endpoint is the job's own.
-        run_id="shoal-job" if spec.nnodes > 1 else (spec.run_id or str(uuid.uuid4())),
-        role="default",  # torchrun's ROLE_NAME
-        rdzv_endpoint=endpoint,
-        rdzv_backend=backend,
-        rdzv_configs={**rdzv_configs, "timeout": spec.rdzv_timeout_s},
-        local_addr=local_addr,
-        max_restarts=spec.max_restarts,
-        monitor_interval=0.1,
-        start_method="spawn",
-        logs_specs=logs_spec,
-        log_line_prefix_template="[rank${rank}]: ",
-        shutdown_timeout=5,
-    )
-    worker_env = {**_interfaces(spec), **_threads(spec), **_restartable(spec), **spec.env, env.LAUNCHED: "1"}
-    saved = {k: os.environ.get(k) for k in worker_env}
-    os.environ.update(worker_env)
+    return held, backend, endpoint, rdzv_configs, local_addr
+
+
+def _agent_class() -> type:
+    """torch's `LocalElasticAgent`, but a stopped worker is woken to end when a peer has failed.
+
+    When a worker fails, torch 2.13 sends the others SIGTERM and waits up to a
+    fixed 30 s before SIGKILL (`SubprocessContext.close`). A SIGSTOPped worker
+    (a hung rank, whose peers' collective timed out) would sit out all of it:
+    its SIGTERM waits until it runs again. Here, as soon as a worker has
+    exited, each stopped one is sent SIGTERM and then SIGCONT, so it ends at once.
+    """
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    class _Agent(LocalElasticAgent):
+        def _monitor_workers(self, worker_group: Any) -> Any:
+            pcontext = getattr(self, "_pcontext", None)
+            if pcontext is not None:
+                _wake_stopped(list(pcontext.pids().values()))
+            return super()._monitor_workers(worker_group)  # pyright: ignore[reportCallIssue]  # @prof hides its signature
+
+    return _Agent
+
+
+def _wake_stopped(pids: list[int]) -> None:
+    """If any of `pids` has exited, end each stopped one: SIGTERM, then SIGCONT so that it is delivered."""
+    states = {pid: _state(pid) for pid in pids}
+    if not any(state in ("Z", "X", "") for state in states.values()):
+        return
+    for pid, state in states.items():
+        if state in ("T", "t"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGCONT)
+
+
+def _state(pid: int) -> str:
+    """A process's state letter in /proc ('' when it is gone)."""
     try:
-        with logs.quiet(*TORCH_LOGGERS):
-            elastic_launch(config, entrypoint=sys.executable)(*["-u", *argv])
-    except ChildFailedError as err:
-        said = _describe_failure(err, log_dir)
-        if spec.max_restarts:
-            said += f"; the workers were restarted {spec.max_restarts} time(s), all that --max-restarts allows"
-        raise WorkerError(said) from None
-    except Exception as err:  # rendezvous timeouts, ports in use, ...
-        raise WorkerError(f"the job could not start: {type(err).__name__}: {first_line(str(err))}") from None
-    finally:
-        del held
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def _interfaces(spec: LaunchSpec) -> dict[str, str]:
@@ -164,6 +234,40 @@ def _restartable(spec: LaunchSpec) -> dict[str, str]:
     restarted workers' gloo reads the dead round's addresses from it and fails to connect.
     """
     return {env.DISABLE_SHARED_STORE: "1"} if spec.max_restarts else {}
+
+
+SHM = Path("/dev/shm")
+SHM_FREE = 1 << 30
+"""/dev/shm takes the recovery points only with this much free (a container's default 64 MiB would not do)."""
+
+
+def _recovery_dir(spec: LaunchSpec) -> Path:
+    """This job's folder for recovery points on this machine: in /dev/shm (memory: a point costs no disk
+    write and is gone with the job), else `spec.recovery_fallback`, else a temporary folder. Removed at the end."""
+    try:
+        if SHM.is_dir() and os.access(SHM, os.W_OK):
+            _sweep_stale(SHM)
+            if shutil.disk_usage(SHM).free >= SHM_FREE:
+                return Path(tempfile.mkdtemp(prefix=f"shoal-recovery-{os.getpid()}-", dir=SHM))
+    except OSError:
+        pass
+    if spec.recovery_fallback:
+        Path(spec.recovery_fallback).mkdir(parents=True, exist_ok=True)
+        return Path(spec.recovery_fallback)
+    return Path(tempfile.mkdtemp(prefix="shoal-recovery-"))
+
+
+def _sweep_stale(shm: Path) -> None:
+    """Remove the recovery folders of this user's launchers that are gone: one that was SIGKILLed
+    could not remove its own, and /dev/shm is memory. The launcher's pid is in the folder's name."""
+    for folder in shm.glob("shoal-recovery-*-*"):
+        pid = folder.name.split("-")[2]
+        try:
+            mine = folder.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _hold_store(host: str, port: int, timeout_s: float) -> TCPStore:

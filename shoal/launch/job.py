@@ -97,6 +97,8 @@ def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
         env=workers_env,
         run_id=run_dir.name,
         max_restarts=launch_cfg.max_restarts,
+        recovery_fallback=str(run_dir / "recovery"),
+        resume_hint="",
     )
     servers = cfg.strategy.options.server_processes(launch_cfg.workers * launch_cfg.nnodes)
     spec.store_open = bool(servers and launch_cfg.nnodes > 1)

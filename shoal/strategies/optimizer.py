@@ -252,6 +252,11 @@ def _remove_all(handles: list[Any]) -> None:
         h.remove()
 
 
+def steps_called(optimizer: torch.optim.Optimizer) -> int:
+    """The prepared optimizer's `step()` calls so far (0 for one that is not prepared)."""
+    return optimizer._binding.calls if isinstance(optimizer, PreparedOptimizer) else 0
+
+
 def count_steps_from(optimizer: torch.optim.Optimizer, calls: int) -> None:
     """Continue the `step()` count (the fault schedule's step number) from `calls`, after a resume."""
     if isinstance(optimizer, PreparedOptimizer):

@@ -1,13 +1,15 @@
-"""Recovery points: each rank's whole training state, every few steps, on local disk.
+"""Recovery points: each rank's whole training state, every few steps, in memory-backed files.
 
 A checkpoint is durable and shared, and costs a collective write with
 checksums; a recovery point only has to outlive a killed process until the
 elastic agent restarts it. So each rank writes its own, with no collective:
 the same state a checkpoint holds (the shared model and optimizer state,
 the per-rank parts, the step) as one tensor file (`tensors.pt`) and one
-JSON file (`state.json`) in `RUN_DIR/recovery/rank{r}/step-N`, written
-into `step-N.tmp` and renamed, not fsynced (the page cache outlives a
-process; a machine that dies loses them, and the checkpoints remain).
+JSON file (`state.json`) in `ROOT/rank{r}/step-N`, written into
+`step-N.tmp` and renamed, not fsynced (the page cache outlives a process;
+a machine that dies loses them, and the checkpoints remain). ROOT is the
+job's folder in /dev/shm that the launcher makes and removes at the end
+(`SHOAL_RECOVERY_DIR`), else the run directory's `recovery/`.
 The newest two are kept, so that whichever step the ranks agree on, each
 has it.
 
@@ -16,27 +18,68 @@ all-reduce MIN of each rank's newest), if it is newer than the checkpoint
 the run would resume from. The tensor file is read with
 `torch.load(weights_only=True)` and must hold only tensors; nothing is
 unpickled otherwise.
+
+`Recovery` gives a user's own loop the same in three lines: make it,
+`start = recovery.resume()`, `recovery.save()` after each step.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from shoal import runtime
+from shoal import env, runtime
 from shoal.errors import CheckpointError
+from shoal.strategies.optimizer import PreparedOptimizer, count_steps_from, steps_called
 from shoal.train.checkpoint import Stateful, split_flat, split_tensors
+from shoal.train.rng import RNGState
+
+if TYPE_CHECKING:
+    from shoal.strategies.base import Strategy
+
+log = logging.getLogger(__name__)
 
 TENSORS = "tensors.pt"
 STATE = "state.json"
 KEEP = 2
+
+
+def restarted() -> int:
+    """How many times torch's elastic agent has restarted this job's workers (0: a fresh start)."""
+    return int(os.environ.get(env.RESTART_COUNT, "0") or 0)
+
+
+def recovery_root(run_dir: Path | None = None) -> Path | None:
+    """Where recovery points go: the launcher's folder for this job, else `run_dir/recovery` (None: nowhere)."""
+    given = os.environ.get(env.RECOVERY_DIR)
+    if given:
+        return Path(given)
+    return Path(run_dir) / "recovery" if run_dir is not None else None
+
+
+@dataclass
+class ModelState:
+    """The model and optimizer as one checkpoint component: the strategy knows their layout."""
+
+    strategy: Strategy
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.strategy.checkpoint_state(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict[str, Any], /) -> None:
+        self.strategy.load_checkpoint_state(self.model, self.optimizer, state)
 
 
 class RecoveryPoints:
@@ -65,12 +108,17 @@ class RecoveryPoints:
             own[name] = {k: v.detach().cpu() for k, v in part_tensors.items()}
         final = self.root / f"step-{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save({"shared": _cpu(tensors), "parts": own}, tmp / TENSORS)
-        (tmp / STATE).write_text(json.dumps(record))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save({"shared": _cpu(tensors), "parts": own}, tmp / TENSORS)
+            (tmp / STATE).write_text(json.dumps(record))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except OSError as err:  # a full /dev/shm must not stop training: the older point stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("recovery point of step %d not written (%s); the previous one stays", step, err)
+            return None
         for old in self.steps()[:-KEEP]:
             shutil.rmtree(self.root / f"step-{old:08d}", ignore_errors=True)
         return final
@@ -116,6 +164,77 @@ class RecoveryPoints:
         self.shared.load_state_dict(template)
         for name, part in self.parts.items():
             part.load_state_dict({**record["parts"].get(name, {}), **saved["parts"].get(name, {})})
+        return step
+
+
+class Recovery:
+    """A user's own loop that survives a restart (`shoal run --max-restarts N`), in three lines:
+
+        recovery = shoal.Recovery(strategy, model, optimizer, loader=loader, schedule=scheduler)
+        start = recovery.resume()          # 0 on a fresh start; after a restart, the step it goes on from
+        for step in range(start, steps):   # batches from loader.forever(), made after resume()
+            ...; optimizer.step(); scheduler.step()
+            recovery.save()                # a recovery point every `every` steps
+
+    The step comes from the strategy (the prepared optimizer counts its
+    updates), so a loop needs no counter of its own to save. What is saved:
+    the model and optimizer (as the strategy lays them out), the strategy's
+    own state, the loader's position, the LR schedule, torch's CPU random
+    state, and any `extra` part with `state_dict`/`load_state_dict`
+    (tensors and plain JSON values only). Points go to the job's folder
+    that `shoal run`/`shoal train` make in /dev/shm (`SHOAL_RECOVERY_DIR`;
+    removed when the job ends) or to `root`; with neither, none are
+    written and a restart starts again at step 0.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        loader: Stateful | None = None,
+        schedule: Stateful | None = None,
+        every: int = 5,
+        root: str | Path | None = None,
+        extra: Mapping[str, Stateful] | None = None,
+    ) -> None:
+        if not isinstance(optimizer, PreparedOptimizer):
+            raise CheckpointError(
+                "Recovery needs the optimizer that strategy.prepare(model, optimizer) returned: "
+                "it counts the steps that recovery points are taken at"
+            )
+        parts: dict[str, Stateful] = {"strategy": strategy, "rng": RNGState()}
+        parts.update({name: part for name, part in (("loader", loader), ("schedule", schedule)) if part is not None})
+        parts.update(extra or {})
+        where = Path(root) if root else recovery_root()
+        self.strategy = strategy
+        self.optimizer = optimizer
+        self.points = RecoveryPoints(
+            where or Path("."), every if where else 0, shared=ModelState(strategy, model, optimizer), parts=parts
+        )
+
+    @property
+    def step(self) -> int:
+        """Updates applied so far (the prepared optimizer's `step()` calls over `grad_accum`)."""
+        return steps_called(self.optimizer) // self.strategy.grad_accum
+
+    def resume(self) -> int:
+        """Collective on a restart: load the newest point every rank has; the step to go on from (0: none)."""
+        if not restarted():
+            if self.points.every:
+                self.points.clear()
+            return 0
+        newest = self.points.newest_common() if self.points.every else 0
+        step = self.points.load(newest) if newest else 0
+        count_steps_from(self.optimizer, step * self.strategy.grad_accum)
+        return step
+
+    def save(self) -> int:
+        """After a step: write this rank's point if one is due (every `every` updates); the step."""
+        step = self.step
+        if steps_called(self.optimizer) % self.strategy.grad_accum == 0:
+            self.points.save(step)
         return step
 
 

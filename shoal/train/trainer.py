@@ -10,16 +10,14 @@ itself: it calls named parts (`train_step`, `log`, `evaluate`, the
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from shoal import env, runtime
+from shoal import runtime
 from shoal.strategies.base import LossFn, Strategy
 from shoal.strategies.optimizer import count_steps_from
 from shoal.train import checkpoint, rejoin
@@ -27,7 +25,7 @@ from shoal.train.checkpoint import Checkpointer
 from shoal.train.jobconfig import JobConfig
 from shoal.train.metrics import MetricsWriter, StepLog
 from shoal.train.optim import build_optimizer, build_schedule
-from shoal.train.recovery import RecoveryPoints
+from shoal.train.recovery import ModelState, RecoveryPoints, recovery_root, restarted
 from shoal.train.rng import RNGState
 
 
@@ -37,21 +35,6 @@ def loss_for(task: str) -> LossFn:
         ce = nn.CrossEntropyLoss()
         return lambda logits, target: ce(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
     return nn.CrossEntropyLoss()
-
-
-@dataclass
-class ModelState:
-    """The model and optimizer as one checkpoint component: the strategy knows their layout."""
-
-    strategy: Strategy
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.strategy.checkpoint_state(self.model, self.optimizer)
-
-    def load_state_dict(self, state: dict[str, Any], /) -> None:
-        self.strategy.load_checkpoint_state(self.model, self.optimizer, state)
 
 
 class Trainer:
@@ -83,7 +66,7 @@ class Trainer:
         # Under the parameter server the servers hold the state across restarts (`rejoin`): no recovery points.
         self.on_servers = rejoin.on_servers(self.strategy)
         every = 0 if self.on_servers else cfg.checkpoint.recovery_every
-        self.recovery = RecoveryPoints(self.run_dir / "recovery", every, shared=shared, parts=parts)
+        self.recovery = RecoveryPoints(recovery_root(self.run_dir) or self.run_dir, every, shared=shared, parts=parts)
         self.step = 0
         self.passed = 0
         """After a rejoin: the newest step any worker had passed; no collective (log, eval, save) up to it."""
@@ -131,7 +114,7 @@ class Trainer:
         """Load the checkpoint the launcher chose, or after a restart the newer of the newest checkpoint and
         the newest recovery point every rank has; open the metrics; the step to start from."""
         resume_from = self.cfg.checkpoint.resume_from
-        restart = int(os.environ.get(env.RESTART_COUNT, "0") or 0)
+        restart = restarted()
         recovered, where = 0, ""
         if restart and self.on_servers:
             base = checkpoint.verify(Path(resume_from)) if resume_from else 0

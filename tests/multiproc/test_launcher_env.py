@@ -42,4 +42,4 @@ def test_shoal_run_gives_a_script_torchruns_environment(tmp_path):
         differ = {k for k in theirs["env"] if ours["env"][k] != theirs["env"][k]}
         assert differ <= PER_RUN, {k: (ours["env"][k], theirs["env"][k]) for k in differ - PER_RUN}
         assert ours["env"]["OMP_NUM_THREADS"] == "1" and ours["threads"] == theirs["threads"] == 1
-        assert added <= {"SHOAL_LAUNCHED", "SHOAL_JOB_KEY", "SHOAL_THREADS_DEFAULTED"}, added
+        assert added <= {"SHOAL_LAUNCHED", "SHOAL_JOB_KEY", "SHOAL_THREADS_DEFAULTED", "SHOAL_RECOVERY_DIR"}, added
