@@ -36,7 +36,9 @@ class Job:
 
     def send(self, w: int, header: dict, tensors: list[torch.Tensor]) -> None:
         self.seq[w] += 1
-        self.server.handle(b"w%d" % w, self.codec.encode({**header, "src": w, "seq": self.seq[w]}, tensors))
+        addressed = {"to": self.server.index, "session": self.server.session}  # `shoal.comm.replay`
+        message = {**header, "src": w, "seq": self.seq[w], **addressed}
+        self.server.handle(b"w%d" % w, self.codec.encode(message, tensors))
 
     def part(self, w: int, clock: int, keys: list[str], grads: dict, **extra) -> None:
         self.send(w, {"op": PUSH, "clock": clock, "keys": keys, "part": True, **extra}, [grads[k] for k in keys])
@@ -49,8 +51,7 @@ class Job:
         return {k: p.param.clone() for k, p in self.server.pieces.items()}
 
     def close(self) -> None:
-        self.server.sock.close(linger=0)
-        self.server.ctx.term()
+        self.server.close(linger_ms=0)  # with its ZAP handler, or the context waits for it
 
 
 @pytest.fixture
