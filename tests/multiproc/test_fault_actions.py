@@ -38,12 +38,15 @@ def test_stop_pauses_the_process_then_it_continues(tmp_path):
     with Processes() as procs:
         proc = procs.start([sys.executable, "-c", CHILD], timeout=30, env=faults.env())
         stopped, resumed = None, None  # when it was first seen stopped, and then running again
-        while proc.poll() is None and resumed is None:
-            now, st = time.monotonic(), state(proc.pid)
+        while resumed is None:
+            now, st = time.monotonic(), state(proc.pid)  # read before poll() can reap it
+            finished = proc.poll() is not None
             if stopped is None and st == "T":
                 stopped = now
-            elif stopped is not None and st != "T":
-                resumed = now
+            elif stopped is not None and (st != "T" or finished):
+                resumed = now  # running again, or already done: it ran on within one poll
+            if finished:
+                break
             time.sleep(0.01)
         done = proc.wait()
     assert stopped is not None, "the process was never seen stopped"
