@@ -265,12 +265,17 @@ def _only_tensors(tree: Any) -> bool:
     return isinstance(tree, torch.Tensor)
 
 
-def _all_min(value: int) -> int:
-    """The smallest `value` over all ranks (itself without a process group)."""
+def all_ranks_int(value: int, op: Any) -> int:
+    """`value` reduced over all ranks with `op` (a `dist.ReduceOp`); itself without a process group."""
     if not dist.is_initialized():
         return value
     rt = runtime.current()
     device = rt.device if rt.backend == "nccl" else torch.device("cpu")
     t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=op)
     return int(t.item())
+
+
+def _all_min(value: int) -> int:
+    """The smallest `value` over all ranks."""
+    return all_ranks_int(value, dist.ReduceOp.MIN)

@@ -24,10 +24,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from shoal import runtime
+from shoal.train.recovery import all_ranks_int
 
 
 def on_servers(strategy: Any) -> bool:
@@ -62,10 +61,4 @@ def newest_of_all(step: int) -> int:
     Steps up to it were passed by some worker before the restart, so no worker
     logs, evaluates or saves at them (those are collective); under SSP the
     workers resume up to `staleness` steps apart."""
-    if not dist.is_initialized():
-        return step
-    rt = runtime.current()
-    device = rt.device if rt.backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([step], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return all_ranks_int(step, dist.ReduceOp.MAX)
