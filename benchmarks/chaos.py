@@ -142,7 +142,7 @@ SCENARIOS: dict[str, Scenario] = {
     "control-leader-kill": control_leader_kill,
 }
 try:  # parameter-server workers, written beside this one
-    import chaos_ps  # pyright: ignore[reportMissingImports]  # another session writes it
+    import chaos_ps  # pyright: ignore[reportMissingImports]  # its parameter-server scenarios
 except ImportError:
     pass
 else:
