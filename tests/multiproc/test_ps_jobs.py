@@ -257,7 +257,9 @@ def test_compressed_pushes_train_digits(spec, mode):
     overflow_at = 5 if spec == "fp16" else None  # that step's loss x 1e9: every worker skips it
     args = {
         "task": "digits",
-        "steps": 300,
+        # top-k at 1% in both directions delays each coordinate twice (two error feedbacks):
+        # it reaches the bound later, not lower (docs/benchmarks.md: +0.84 points at 600 steps)
+        "steps": 600 if spec.startswith("topk") else 300,
         "params": True,
         "sgd": sgd,
         "overflow_at": overflow_at,
@@ -282,9 +284,9 @@ def test_compressed_pushes_train_digits(spec, mode):
     assert float(got["m_ps_pull_compression_ratio"]) >= {"fp16": 1.9, "int8": 3.5, "topk:0.01": 20}.get(spec, 3)
     assert float(got["m_ps_skipped_steps"]) == (1 if overflow_at else 0)
     for h, _ in result.stats:
-        assert not h["dropped"] and h["pushed"] == [300, 300] and h["skipped"] == (2 if overflow_at else 0)
+        assert not h["dropped"] and h["pushed"] == [args["steps"]] * 2 and h["skipped"] == (2 if overflow_at else 0)
         # pulls followed the push spec; evaluate() pulled exact values, the same for both workers
-        assert h["pull_encodes"] >= 300 and h["pull_copies"] == 1, h
+        assert h["pull_encodes"] >= args["steps"] and h["pull_copies"] == 1, h
 
 
 def single_process_compressed(spec: str, steps: int, world: int, pull: str = "none") -> dict[str, np.ndarray]:
