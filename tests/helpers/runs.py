@@ -22,3 +22,33 @@ def final_params(run_dir: Path) -> tuple[dict, dict]:
 def first_checkpoint_params(run_dir: Path) -> dict:
     """The model parameters of the run's oldest kept checkpoint."""
     return checkpoint_state(run_dir, 0)["model"]
+
+
+def train_whole_and_killed(run_dir: Path, args: list[str], timeout: float, rank: int = 1, step: int = 7):
+    """`shoal train` twice in `run_dir`: fault-free ("whole") and with worker `rank` SIGKILLed at
+    `step` under one allowed restart ("killed"); asserts both finish, the kill fired once and no
+    process is left; the killed run's result."""
+    from tests.helpers.cli import shoal
+    from tests.helpers.faults import Faults
+
+    whole = shoal("train", *args, f"--logging.run_dir={run_dir}", "--logging.name=whole", timeout=timeout)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    faults = Faults(run_dir).kill("worker", rank=rank, step=step)
+    killed_args = [*args, f"--logging.run_dir={run_dir}", "--logging.name=killed", "--launch.max_restarts=1"]
+    killed = shoal("train", *killed_args, timeout=timeout, env=faults.env())
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    faults.assert_fired("worker", rank, step, "kill")  # once: the redone step does not fire it again
+    assert not killed.survivors
+    return killed
+
+
+def assert_same_final_state(want_dir: Path, got_dir: Path) -> None:
+    """The two runs' final parameters and optimizer state are bit-identical."""
+    import torch
+
+    (want, want_opt), (got, got_opt) = final_params(want_dir), final_params(got_dir)
+    assert want.keys() == got.keys() and want_opt["state"].keys() == got_opt["state"].keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
+    for key in want_opt["state"]:
+        torch.testing.assert_close(got_opt["state"][key], want_opt["state"][key], atol=0, rtol=0)

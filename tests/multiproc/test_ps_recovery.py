@@ -13,13 +13,10 @@ import json
 import re
 import sys
 
-import torch
-
-from tests.helpers.cli import shoal
 from tests.helpers.faults import Faults
 from tests.helpers.procs import Processes
 from tests.helpers.ps import server_stats, servers
-from tests.helpers.runs import final_params
+from tests.helpers.runs import assert_same_final_state, train_whole_and_killed
 
 STEPS, KILL_AT = 30, 8
 
@@ -74,22 +71,10 @@ COMMON = [
 
 
 def test_bsp_worker_killed_is_restarted_rejoins_and_the_run_ends_bit_identical(tmp_path):
-    whole = shoal("train", *COMMON, f"--logging.run_dir={tmp_path}", "--logging.name=whole", timeout=240)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    faults = Faults(tmp_path).kill("worker", rank=1, step=7)
-    args = [*COMMON, f"--logging.run_dir={tmp_path}", "--logging.name=killed", "--launch.max_restarts=1"]
-    killed = shoal("train", *args, timeout=240, env=faults.env())
-    assert killed.returncode == 0, killed.stderr[-3000:]
-    faults.assert_fired("worker", 1, 7, "kill")
-    assert not killed.survivors
+    killed = train_whole_and_killed(tmp_path, COMMON, timeout=240)
     assert re.search(r"\[rank0\]: shoal: restart 1: resuming at step [67] from the parameter servers", killed.stdout)
     events = [json.loads(line) for line in (tmp_path / "killed" / "ps_events.jsonl").read_text().splitlines()]
     # both servers saw worker 1 leave at clock 6 and come back there (and worker 0, stopped by the agent, too)
     assert sorted(e["clock"] for e in events if e.get("departed") == 1) == [6, 6]
     assert sorted(e["clock"] for e in events if e.get("rejoined") == 1) == [6, 6]
-    (want, want_opt), (got, got_opt) = final_params(tmp_path / "whole"), final_params(tmp_path / "killed")
-    assert want.keys() == got.keys() and want_opt["state"].keys() == got_opt["state"].keys()
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
-    for key in want_opt["state"]:
-        torch.testing.assert_close(got_opt["state"][key], want_opt["state"][key], atol=0, rtol=0)
+    assert_same_final_state(tmp_path / "whole", tmp_path / "killed")

@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import re
 
-import torch
-
 from tests.helpers.cli import shoal
 from tests.helpers.faults import Faults
-from tests.helpers.runs import final_params
+from tests.helpers.runs import assert_same_final_state, train_whole_and_killed
 
 COMMON = [
     "--train.steps=12",
@@ -25,24 +23,12 @@ COMMON = [
 
 
 def test_a_worker_killed_mid_run_is_restarted_and_the_run_ends_bit_identical(tmp_path):
-    whole = shoal("train", *COMMON, f"--logging.run_dir={tmp_path}", "--logging.name=whole", timeout=60)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    faults = Faults(tmp_path).kill("worker", rank=1, step=7)
-    args = [*COMMON, f"--logging.run_dir={tmp_path}", "--logging.name=killed", "--launch.max_restarts=1"]
-    killed = shoal("train", *args, timeout=60, env=faults.env())
-    assert killed.returncode == 0, killed.stderr[-3000:]
-    faults.assert_fired("worker", 1, 7, "kill")  # once: the redone step 7 does not fire it again
-    assert not killed.survivors
+    killed = train_whole_and_killed(tmp_path, COMMON, timeout=60)
     # the agent restarted the workers once; they resumed at the recovery point of step 5 (checkpoints: 4, 8, 12)
     assert re.search(r"\[rank0\]: shoal: restart 1: resuming at step 5 from recovery point 5", killed.stdout)
     records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["restart"] for r in records if r["kind"] == "restart"] == [1]
-    (want, want_opt), (got, got_opt) = final_params(tmp_path / "whole"), final_params(tmp_path / "killed")
-    assert want.keys() == got.keys() and want_opt["state"].keys() == got_opt["state"].keys()
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
-    for key in want_opt["state"]:
-        torch.testing.assert_close(got_opt["state"][key], want_opt["state"][key], atol=0, rtol=0)
+    assert_same_final_state(tmp_path / "whole", tmp_path / "killed")
 
 
 def test_exhausted_restarts_stop_the_job_with_one_sentence_naming_the_checkpoint(tmp_path):
