@@ -319,8 +319,10 @@ def _describe_failure(err: ChildFailedError, log_dir: str) -> str:
         last = _last_error_line(log_dir, failure)
         described.append((_is_secondary(failure.exitcode, last), failure.timestamp, rank, failure, last))
     _, _, rank, failure, last = min(described, key=lambda d: d[:3])
-    if failure.exitcode == -signal.SIGTERM and last is not None:
-        how = "failed"  # its own error, then the launcher stopped it while it was shutting down
+    if failure.exitcode in (1, -signal.SIGTERM) and last is not None:
+        # its own error; the same words whether it exited by itself or the launcher
+        # stopped it while it was still shutting down (a race a reader should not see)
+        how = "failed"
     elif failure.exitcode < 0:
         try:
             how = f"was killed by {signal.Signals(-failure.exitcode).name}"

@@ -99,7 +99,7 @@ ValueError: no training data: give --data
 def test_the_summary_quotes_the_exception_not_the_last_line(tmp_path, stderr, reason):
     err = failures(tmp_path, {1: (1, stderr)})
     said = _describe_failure(err, str(tmp_path))
-    assert said.startswith(f"worker rank 1 exited with code 1: {reason}"), said
+    assert said.startswith(f"worker rank 1 failed: {reason}"), said
     assert "(full log: " in said and said.endswith("stderr.log)")
 
 
@@ -109,4 +109,4 @@ def test_the_log_read_is_the_failed_runs_own_not_the_newest_in_a_shared_folder(t
     other.parent.mkdir(parents=True)
     other.write_text('Traceback (most recent call last):\n  File "b.py"\nKeyError: theirs\n')
     ours.failures[1].error_file = str(tmp_path / "job" / "attempt_0" / "1" / "error.json")
-    assert _describe_failure(ours, str(tmp_path)).startswith("worker rank 1 exited with code 1: ValueError: ours")
+    assert _describe_failure(ours, str(tmp_path)).startswith("worker rank 1 failed: ValueError: ours")
