@@ -13,6 +13,15 @@ Each Client is one incarnation of its worker (a random token, also its
 ZeroMQ routing id on every server): a restarted worker is a new incarnation,
 and `init` then rejoins the running servers, which answer with the clock
 they hold for it (`shoal.ps.membership`).
+
+Replicated shards (`shoal.ps.replication`): the client connects to both
+replicas of each shard and talks to the primary. Until a shard answers a
+request it keeps what it sent since that shard's last answer (gradients
+copied: the model's buffers change); when the backup announces a takeover
+with a newer generation, it turns to it and sends those messages again with
+their sequence numbers, so the new primary applies exactly the ones the old
+one had not forwarded. Only the current primary is heard; an answer naming
+another request (`re`) than the one awaited is an old duplicate and dropped.
 """
 
 from __future__ import annotations
@@ -27,39 +36,95 @@ import zmq
 from shoal.comm import replay
 from shoal.comm.wire import Codec, WireError
 from shoal.errors import ShoalError
-from shoal.ps.protocol import BYE, ERROR, INIT, OBSERVER, PARAMS, PING, PULL, PUSH, RESTORE, RESTORED, STATE, STATS
-from shoal.ps.store import ServerAddress
+from shoal.ps.protocol import (
+    BYE,
+    ERROR,
+    INIT,
+    OBSERVER,
+    PARAMS,
+    PING,
+    PULL,
+    PUSH,
+    RESTORE,
+    RESTORED,
+    STATE,
+    STATS,
+    TAKEOVER,
+)
+from shoal.ps.store import ServerAddress, Shard, ShardRecord
+
+ANSWERED = (PARAMS, STATE, RESTORED)
+"""The replies that answer a request (everything sent to that shard before it is then held)."""
 
 
 class Client:
-    def __init__(self, servers: list[ServerAddress], codec: Codec, rank: int, world: int, timeout_s: float):
+    def __init__(
+        self, servers: list[ServerAddress] | list[Shard], codec: Codec, rank: int, world: int, timeout_s: float
+    ):
         self.codec, self.rank, self.world, self.timeout_s = codec, rank, world, timeout_s
-        self.servers = servers
-        self.endpoints = [a.endpoint for a in servers]
+        self.shards = [s if isinstance(s, Shard) else Shard([s], ShardRecord(1, s.index, None)) for s in servers]
+        self.replicated = any(len(s.replicas) > 1 for s in self.shards)
+        self.current = [s.current for s in self.shards]  # the primary's position in each shard's replicas
+        self.gen = [s.record.gen for s in self.shards]
         self.incarnation = f"{rank}-{secrets.token_hex(8)}"
         self.ctx = zmq.Context()
-        self.socks = []
-        for ep in self.endpoints:
-            s = self.ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 5000)
-            s.setsockopt(zmq.ROUTING_ID, self.incarnation.encode())  # the servers fence other processes by it
-            codec.transport.connect(s)
-            s.connect(ep)
-            self.socks.append(s)
+        self.replica_socks: list[list[zmq.Socket]] = []
+        for shard in self.shards:
+            socks = []
+            for address in shard.replicas:
+                s = self.ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 5000)
+                s.setsockopt(zmq.ROUTING_ID, self.incarnation.encode())  # the servers fence other processes by it
+                codec.transport.connect(s)
+                s.connect(address.endpoint)
+                socks.append(s)
+            self.replica_socks.append(socks)
         self.seq = 0
+        self.unanswered: list[list[tuple[int, dict, list[torch.Tensor]]]] = [[] for _ in self.shards]
+        """Per shard, replicated: (seq, header, tensors) sent since its last answer, to resend after a takeover."""
+        self.awaited = [0] * len(self.shards)  # the seq of each shard's newest request that expects an answer
+        self.takeovers: list[dict] = []  # {"shard", "gen", "unix_time"} per takeover seen
         self.trackers: list[zmq.MessageTracker] = []
         self.bytes_pushed = 0
         self.bytes_pulled = 0
 
+    @property
+    def socks(self) -> list[zmq.Socket]:
+        """Each shard's primary's socket."""
+        return [socks[c] for socks, c in zip(self.replica_socks, self.current, strict=True)]
+
+    @property
+    def servers(self) -> list[ServerAddress]:
+        return [s.replicas[c] for s, c in zip(self.shards, self.current, strict=True)]
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [a.endpoint for a in self.servers]
+
     def _send(self, server: int, header: dict, tensors=(), track: bool = False):
         self.seq += 1
-        frames = self.codec.encode(
-            {**header, "src": self.rank, "seq": self.seq, **self.servers[server].header}, list(tensors)
-        )
+        header = {**header, "src": self.rank, "seq": self.seq}
+        if header["op"] in (INIT, PULL, STATE, RESTORE):
+            self.awaited[server] = self.seq
+        if self.replicated:  # kept until answered; the model's gradient buffers change before that
+            self.unanswered[server].append((self.seq, header, [t.detach().clone() for t in tensors]))
+        frames = self.codec.encode({**header, **self.servers[server].header}, list(tensors))
         if track:
             return self.socks[server].send_multipart(frames, copy=False, track=True)
         self.socks[server].send_multipart(frames)
         return None
+
+    def _take_over(self, server: int, replica: int, header: dict) -> None:
+        """The shard's other replica says it is primary now: turn to it and resend what is unanswered."""
+        gen = header.get("gen")
+        if not isinstance(gen, int) or isinstance(gen, bool) or gen <= self.gen[server]:
+            return  # an old or repeated announcement
+        self.gen[server], self.current[server] = gen, replica
+        self.takeovers.append({"shard": server, "gen": gen, "unix_time": time.time()})
+        address = self.servers[server]
+        for _, sent, tensors in self.unanswered[server]:
+            frames = self.codec.encode({**sent, "resend": True, **address.header}, tensors)
+            self.socks[server].send_multipart(frames)
 
     def init(self, specs: list[dict], values: list[list[torch.Tensor]]) -> list[tuple[dict, list[torch.Tensor]]]:
         """Join every server (rank 0 sends the initial values); the servers' answers, each with the
@@ -142,22 +207,25 @@ class Client:
         return self._collect(PARAMS, clock)
 
     def _collect(self, op: str, clock: int | None) -> list[tuple[dict, list[torch.Tensor]]]:
-        """Every server's answer `op` for `clock` (None: any clock, a join's)."""
+        """Every shard's answer `op` for `clock` (None: any clock, a join's)."""
         poller = zmq.Poller()
-        for s in self.socks:
-            poller.register(s, zmq.POLLIN)
+        where: dict[zmq.Socket, tuple[int, int]] = {}
+        for s, socks in enumerate(self.replica_socks):
+            for r, sock in enumerate(socks):
+                poller.register(sock, zmq.POLLIN)
+                where[sock] = (s, r)
         replies: dict[int, tuple[dict, list]] = {}
         deadline = time.monotonic() + self.timeout_s
-        while len(replies) < len(self.socks):
+        while len(replies) < len(self.shards):
             left = deadline - time.monotonic()
             if left <= 0:
-                missing = [self.endpoints[i] for i in range(len(self.socks)) if i not in replies]
+                missing = [self.endpoints[i] for i in range(len(self.shards)) if i not in replies]
                 raise ShoalError(
                     f"worker {self.rank}: no answer from parameter server(s) {missing} within {self.timeout_s:.0f}s "
                     f"(clock {clock}); a server or another worker may have died"
                 )
             for sock, _ in poller.poll(int(min(left, 1.0) * 1000)):
-                s = self.socks.index(sock)
+                s, r = where[sock]
                 frames = sock.recv_multipart(copy=False)
                 try:
                     header, tensors = self.codec.decode(frames)
@@ -166,27 +234,35 @@ class Client:
                         f"worker {self.rank}: a bad message from parameter server {s} ({err}); "
                         "do all processes share the job key?"
                     ) from None
-                if header.get("op") == PING:
-                    continue  # a server checking that this process is alive
+                if header.get("op") == TAKEOVER and r != self.current[s]:
+                    self._take_over(s, r, header)
+                    continue
+                if header.get("op") == PING or r != self.current[s]:
+                    continue  # a liveness probe, or a replica that is not (or no longer) the primary
                 if header.get("op") == ERROR:
                     raise ShoalError(str(header.get("message", "the parameter server stopped the job")))
+                if self.replicated and header.get("op") in ANSWERED and header.get("re") != self.awaited[s]:
+                    continue  # an answer sent again after a takeover, already taken
                 if header.get("op") != op or (clock is not None and header.get("clock") != clock):
                     raise ShoalError(
                         f"worker {self.rank}: parameter server {s} answered {header.get('op')} "
                         f"for clock {header.get('clock')}, expected clock {clock}"
                     )
                 self.bytes_pulled += sum(t.numel() * t.element_size() for t in tensors)
+                done = header.get("re", self.seq)  # it and everything sent before are in the state that answered
+                self.unanswered[s] = [u for u in self.unanswered[s] if u[0] > done]
                 replies[s] = (header, tensors)
-        return [replies[s] for s in range(len(self.socks))]
+        return [replies[s] for s in range(len(self.shards))]
 
     def stats(self, server: int) -> tuple[dict, list[torch.Tensor]]:
         return request_stats(self.ctx, self.servers[server], self.codec, self.timeout_s)
 
     def close(self) -> None:
-        for s in range(len(self.socks)):
+        for s in range(len(self.shards)):
             self._send(s, {"op": BYE})
-        for s in self.socks:
-            s.close()  # LINGER lets the goodbyes go out
+        for socks in self.replica_socks:
+            for sock in socks:
+                sock.close()  # LINGER lets the goodbyes go out
         self.ctx.term()
 
 

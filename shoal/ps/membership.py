@@ -167,11 +167,17 @@ class Membership:
         finally:
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         for w in gone:
-            self.departed.add(w)
-            self.fenced[self.ident[w]] = self.stale[self.ident[w]] = w
-            self.departures.append({"worker": w, "clock": clocks[w], "unix_time": time.time()})
-            log.warning("server %d: worker %d departed at clock %d (its connection closed)", self.index, w, clocks[w])
-            self.on_depart(w)
+            self.declare(w, clocks[w])
+
+    def declare(self, w: int, clock: int) -> None:
+        """Worker `w` is departed (found gone here, or by the primary this backup follows)."""
+        if not self.live(w) or w not in self.ident:
+            return
+        self.departed.add(w)
+        self.fenced[self.ident[w]] = self.stale[self.ident[w]] = w
+        self.departures.append({"worker": w, "clock": clock, "unix_time": time.time()})
+        log.warning("server %d: worker %d departed at clock %d (its connection closed)", self.index, w, clock)
+        self.on_depart(w)
 
     def live(self, w: int) -> bool:
         return w not in self.departed and w not in self.finished
@@ -194,7 +200,7 @@ class Membership:
         return {"departures": self.departures, "rejoins": self.rejoins, "departed": sorted(self.departed)}
 
 
-def rejoin(server: Server, ident: bytes, src: int, spec: dict, pid: object) -> None:
+def rejoin(server: Server, ident: bytes, src: int, spec: dict, pid: object, seq: int) -> None:
     """A new process of worker `src` (its predecessor died or hangs) joins `server`'s running job.
 
     It is answered at once with the clock the server holds for it (and the
@@ -209,6 +215,7 @@ def rejoin(server: Server, ident: bytes, src: int, spec: dict, pid: object) -> N
         raise WireError("bad_init", message)
     clock = gate.pushed[src]
     server.joined[src] = (ident, spec)
+    server.init_seq[src] = seq
     server.members.rejoined(src, ident, clock, pid)
     gate.absent.discard(src)
     server.bye.discard(src)
@@ -217,7 +224,7 @@ def rejoin(server: Server, ident: bytes, src: int, spec: dict, pid: object) -> N
     if server.pulls is not None:  # compressed pulls: the new process holds none of its predecessor's values
         server.pulls.replaced(src)
     publish(server, "rejoined", src, clock)
-    header = {"op": PARAMS, "clock": clock, "applied": server.applied, "rejoined": True}
+    header = {"op": PARAMS, "clock": clock, "applied": server.applied, "rejoined": True, "re": server.init_seq[src]}
     server.send(ident, header, [p.param for p in server.pieces.values()])
     server.answer_ready()
 

@@ -14,6 +14,11 @@ Server to worker: `PARAMS` (answers `INIT` and `PULL`), `STATE`, `RESTORED`,
 `shoal.ps.membership`). An `INIT` carries the worker process's random
 `incarnation`; one from a new incarnation of a worker that already joined is a
 rejoin, answered with `PARAMS` for the clock the server holds for it.
+Replicated shards (`shoal.ps.replication`): primary to backup `REPLICATE`
+(one input, the worker's frames after it), backup to primary `ACK`; a
+promoted backup to every worker `TAKEOVER` (with the shard's new `gen`). A
+reply to a worker's request names the request's `seq` in `re`; a worker
+resending after a takeover marks the message `resend`.
 Anyone to server: `STATS` (read-only counters and parameters), answered with
 `STATS`; tools and tests send it as `OBSERVER`.
 """
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 OBSERVER = -1
 """The `src` of read-only requests (stats) from tools and tests."""
+REPLICA = -2
+"""The `src` of a primary's messages to its backup."""
 
 INIT = "init"
 PUSH = "push"
@@ -34,3 +41,6 @@ PARAMS = "params"
 RESTORED = "restored"
 ERROR = "error"
 PING = "ping"
+REPLICATE = "replicate"
+ACK = "ack"
+TAKEOVER = "takeover"

@@ -34,15 +34,16 @@ and those pushes are applied, with each piece's values and optimizer state;
 is one consistent cut of the servers, written by the workers with the rest
 of the run.
 
-Start with `python -m shoal.ps.server` (see `shoal.ps.servers`); the messages
-are listed in `shoal.ps.protocol`.
+A server process (`shoal.ps.process`) holds one such replica, or two when
+shards are replicated (`shoal.ps.replication`: a primary answers the
+workers, its backup applies the same inputs); the messages are listed in
+`shoal.ps.protocol`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -51,20 +52,32 @@ from typing import NamedTuple, TypeGuard
 import torch
 import zmq
 
-from shoal import env, faults, logs
+from shoal import env, faults
 from shoal.comm import replay
 from shoal.comm.pubsub import Publisher
-from shoal.comm.wire import Codec, WireError, job_key
+from shoal.comm.wire import Codec, WireError
 from shoal.compress.base import Receiver
-from shoal.errors import ConfigError, ShoalError
-from shoal.ps import membership, optim
-from shoal.ps import store as ps_store
+from shoal.errors import ShoalError
+from shoal.ps import membership, optim, replication
 from shoal.ps.consistency import Gate
 from shoal.ps.parts import Parts
 from shoal.ps.pieces import PieceState, all_gradients_finite, build_piece, pushed_pieces, received_gradients
-from shoal.ps.protocol import BYE, ERROR, INIT, OBSERVER, PARAMS, PULL, PUSH, RESTORE, RESTORED, STATE, STATS
+from shoal.ps.protocol import (
+    BYE,
+    ERROR,
+    INIT,
+    OBSERVER,
+    PARAMS,
+    PULL,
+    PUSH,
+    RESTORE,
+    RESTORED,
+    STATE,
+    STATS,
+    TAKEOVER,
+)
 from shoal.ps.pull_codec import PullEncoder, Ready, pull_encoder, pull_stats, replies
-from shoal.ps.servers import server_limits
+from shoal.ps.replication import FENCED, PRIMARY, BackupLink, Claim, PrimaryLink
 
 log = logging.getLogger("shoal.ps.server")
 
@@ -102,19 +115,49 @@ class PendingRead(NamedTuple):
     """PARAMS for a pull, STATE for a checkpoint."""
     exact: bool = False
     """A pull that wants the values whole even when pulls are compressed."""
+    seq: int = 0
+    """The request's sequence number, named in the reply (`re`)."""
 
 
 class Server:
-    def __init__(self, index: int, codec: Codec, host: str = "127.0.0.1", timeout_s: float = 60.0, advertise: str = ""):
+    """One replica of shard `index`: its primary (it answers the workers) or its backup (it applies
+    what the primary forwards, `shoal.ps.replication`); `process` is the server process holding it."""
+
+    link: PrimaryLink | BackupLink | None = None
+    """Replicated: the link to the backup (a primary's) or from the primary (a backup's)."""
+    claim: Claim | None = None
+    """Replicated: the shard's record, to take it over or to go on alone."""
+    quiet_events: Publisher | None = None
+    """A backup's event channel, published on once it is primary."""
+    events: Publisher | None = None
+    """The launcher's event channel, when it listens."""
+    handling = ""
+    """What the loop is doing, for an unexpected error's sentence."""
+    error = ""
+    """Why this replica stopped the job."""
+    done = False
+
+    def __init__(
+        self,
+        index: int,
+        codec: Codec,
+        host: str = "127.0.0.1",
+        timeout_s: float = 60.0,
+        advertise: str = "",
+        role: str = PRIMARY,
+        process: int | None = None,
+    ):
         self.index = index
+        self.process = index if process is None else process
+        self.role = role
         self.codec = codec
         self.timeout_s = timeout_s
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.MAXMSGSIZE, codec.max_bytes)  # ZeroMQ drops a bigger frame before we see it
         self.sock.setsockopt(zmq.LINGER, 2000)
-        membership.heartbeat(self.sock)  # a worker that stops answering is disconnected, then declared departed
         codec.transport.listen(self.sock)  # CURVE: only the job's processes get a message in
+        membership.heartbeat(self.sock)  # after listen (its defaults are generous): a silent worker departs
         port = self.sock.bind_to_random_port(f"tcp://{host}")
         self.endpoint = (
             f"tcp://{advertise or host}:{port}"  # bound to every interface, reached by this machine's address
@@ -126,9 +169,9 @@ class Server:
         self.ceiling = codec.max_bytes  # SHOAL_PS_MAX_BYTES; the workers' max_message_mb governs below it
         self.flags: list[dict] = []  # per param group: the optimizer switches fixed at start
         self.nonfinite = 0  # pushes or BSP averages with inf/NaN, skipped
-        self.handling = ""  # what the loop is doing, for an unexpected error's sentence
         self.workers: int | None = None
         self.joined: dict[int, tuple[bytes, dict]] = {}
+        self.init_seq: dict[int, int] = {}  # each worker's INIT, named in the first reply
         self.initial: list[torch.Tensor] = []
         self.pieces: dict[str, PieceState] = {}
         self.order: list[str] = []
@@ -150,45 +193,114 @@ class Server:
         self.staleness: dict[int, float] = {}
         self.bye: set[int] = set()
         self.first_join = 0.0
-        self.error = ""
-        self.done = False
-        self.events: Publisher | None = None  # when the launcher listens
         self.clocks_seen = 0
-        self.members = membership.Membership(self.sock, codec, index, lambda w: membership.depart(self, w))
+        self.members = membership.Membership(self.sock, codec, index, self.departed)
 
     # ------------------------------------------------------------------ loop
-    def serve(self) -> int:
-        parent = os.getppid()
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        while not self.done:
-            try:
-                self.handling = "waiting for messages"
-                if poller.poll(100):
-                    frames = self.sock.recv_multipart(copy=False)
-                    self.handle(frames[0].bytes, frames[1:])
+    def sockets(self) -> list[zmq.Socket]:
+        """What the process's loop polls for this replica."""
+        return [self.sock] + ([self.link.sock] if self.link is not None else [])
+
+    def step(self, readable: set[zmq.Socket]) -> None:
+        """One turn of the process's loop: the messages waiting, then the clocks, the workers and the link."""
+        try:
+            self.handling = "waiting for messages"
+            if self.sock in readable:
+                frames = self.sock.recv_multipart(copy=False)
+                self.handle(frames[0].bytes, frames[1:])
+            if self.link is not None:
+                self.handling = "following the shard's other replica"
+                self.follow_link()
+            if self.role == PRIMARY and not self.done:
                 self.handling = "checking timeouts"
                 self.check_timeouts()
                 if self.gate is not None:
                     self.handling = "checking that the workers are alive"
                     self.members.probe(self.gate.pushed)
-            except Exception as exc:  # a bug, or input no check foresaw: stop the job now, in one sentence
-                log.exception("parameter server %d: unexpected error while %s", self.index, self.handling)
-                self.fail(
-                    f"parameter server {self.index} stopped on an unexpected {type(exc).__name__} "
-                    f"({' '.join(str(exc).split())[:300]}) while "
-                    f"{self.handling}; its state can no longer be trusted, so the job is stopped "
-                    f"(this is a bug: please report it with the server's log)"
-                )
-            if os.getppid() != parent:  # the launcher is gone: do not linger
-                self.fail("the process that started this server exited")
-        self.close()
-        return 1 if self.error else 0
+        except Exception as exc:  # a bug, or input no check foresaw: stop the job now, in one sentence
+            log.exception("parameter server %d: unexpected error while %s", self.index, self.handling)
+            self.fail(
+                f"parameter server {self.index} stopped on an unexpected {type(exc).__name__} "
+                f"({' '.join(str(exc).split())[:300]}) while "
+                f"{self.handling}; its state can no longer be trusted, so the job is stopped "
+                f"(this is a bug: please report it with the server's log)"
+            )
 
     def close(self, linger_ms: int | None = None) -> None:
+        if self.link is not None:
+            self.link.close()
         self.sock.close(linger=linger_ms)
         self.codec.transport.close(self.ctx)  # the ZAP handler's sockets first, or term() waits for them
         self.ctx.term()
+
+    # ----------------------------------------------------------- replication
+    def follow_link(self) -> None:
+        """Apply what the primary forwarded (a backup), release what the backup acknowledged (a primary);
+        claim the shard when the other replica is gone."""
+        link = self.link
+        if isinstance(link, BackupLink):
+            while (forwarded := link.receive()) is not None:
+                replication.replay(self, *forwarded)
+            if link.lost() and self.claim is not None:
+                if self.claim.take(self.process, f"the primary of shard {self.index} is gone"):
+                    self.promote()
+                else:
+                    self.fenced("its primary went on without it")
+        elif isinstance(link, PrimaryLink):
+            link.on_ack()
+            why = link.lost()
+            if why and self.claim is not None:
+                if self.claim.take(self.process, why):
+                    link.release_all()
+                    link.close()
+                    self.link = None
+                else:
+                    self.fenced("its backup took the shard over")
+
+    def promote(self) -> None:
+        """This backup is the shard's primary now: tell the workers, and answer what waits."""
+        assert isinstance(self.link, BackupLink) and self.claim is not None
+        self.link.close()
+        self.link = None
+        self.role = PRIMARY
+        self.events = self.quiet_events
+        now = time.monotonic()
+        self.pending = [r._replace(since=now) for r in self.pending]
+        self.first_join = now
+        gen = self.claim.record.gen
+        for w, ident in self.members.ident.items():
+            if self.members.live(w):
+                self.sock.send_multipart([ident, *self.codec.encode({"op": TAKEOVER, "gen": gen})])
+        log.warning("server process %d took shard %d over (generation %d)", self.process, self.index, gen)
+        if self.events:
+            message = f"server process {self.process} took shard {self.index} over (generation {gen})"
+            self.events.publish("event", {"message": message, "takeover": self.index, "gen": gen})
+        self.answer_ready()
+
+    def fenced(self, why: str) -> None:
+        """Another replica holds the shard now: this one stops, and says nothing to the workers."""
+        log.warning("server process %d gives shard %d up: %s", self.process, self.index, why)
+        self.role = FENCED
+        self.done = True
+
+    def departed(self, worker: int) -> None:
+        """`worker` was declared dead: the backup is told, as an input, before anything depends on it."""
+        if isinstance(self.link, PrimaryLink):
+            self.link.forward("depart", worker=worker)
+        membership.depart(self, worker)
+
+    def out_now(self, frames: list, copy: bool) -> None:
+        self.sock.send_multipart(frames, copy=copy)
+
+    def out(self, frames: list, fresh: bool) -> None:
+        """A reply to a worker ([ident, *frames]): now, or once the backup holds what it depends on.
+        `fresh`: its buffers are not changed later (a snapshot), so ZeroMQ may send them without a copy."""
+        if self.role != PRIMARY:
+            return
+        if isinstance(self.link, PrimaryLink):
+            self.link.out(frames, fresh)
+        else:
+            self.sock.send_multipart(frames, copy=not fresh)
 
     def handle(self, ident: bytes, frames: list[zmq.Frame]) -> None:
         src: object = None
@@ -204,21 +316,34 @@ class Server:
                 if not self.once.fresh(header.get("seq")):
                     raise WireError("replayed")
                 return self.send(ident, self.stats(), [p.param for p in self.pieces.values()])
-            seq = header.get("seq")
-            if op == INIT and self.members.admit(src, header.get("incarnation"), ident):
-                self.seq.pop(src, None)  # a new process of this worker numbers its messages afresh
-            elif op != INIT and src != OBSERVER and not self.members.speaks_for(src, ident):
+            if self.role != PRIMARY:
+                raise WireError("not_primary")  # workers turn to a backup only after it took over
+            if op != INIT and src != OBSERVER and not self.members.speaks_for(src, ident):
                 self.members.refuse(src, ident)
-            if src == OBSERVER or not _whole(seq) or seq <= self.seq.get(src, -1):
-                raise WireError("replayed")
-            self.dispatch(ident, src, op, header, tensors)
-            self.seq[src] = seq
-            self.last_drop.pop(src, None)
+            if isinstance(self.link, PrimaryLink):
+                self.link.forward("input", ident, frames)  # replayed there with the same checks
+            self.apply(ident, src, op, header, tensors)
         except WireError as err:
             self.dropped[err.reason] += 1
             if _whole(src) and 0 <= src < (self.workers or 0):
                 self.last_drop[src] = str(err)
             log.debug("server %d dropped a message: %s", self.index, err)
+
+    def apply(self, ident: bytes, src: int, op: object, header: dict, tensors: list[torch.Tensor]) -> None:
+        """An authenticated request from worker `src`, checked against this replica's state and applied;
+        the backup applies the primary's forwarded requests here too, so both change alike."""
+        seq = header.get("seq")
+        if op == INIT and self.members.admit(src, header.get("incarnation"), ident):
+            self.seq.pop(src, None)  # a new process of this worker numbers its messages afresh
+        if src == OBSERVER or not _whole(seq):
+            raise WireError("replayed")
+        if seq <= self.seq.get(src, -1):
+            if header.get("resend") is True and op in (PULL, STATE):
+                return self.answer_again(ident, src, seq, header, PULL if op == PULL else STATE)
+            raise WireError("replayed")
+        self.dispatch(ident, src, op, header, tensors)
+        self.seq[src] = seq
+        self.last_drop.pop(src, None)
 
     def dispatch(self, ident: bytes, src: int, op: object, header: dict, tensors: list[torch.Tensor]) -> None:
         """One authenticated, fresh request from worker `src`, to its handler."""
@@ -240,8 +365,8 @@ class Server:
             raise WireError("bad_op")
 
     def send(self, ident: bytes, header: dict, tensors: list[torch.Tensor] | tuple = ()) -> None:
-        # copy=True: ZeroMQ takes the bytes now, before the optimizer changes them in place
-        self.sock.send_multipart([ident, *self.codec.encode(header, list(tensors))], copy=True)
+        # not fresh: the bytes are taken now, before the optimizer changes the tensors in place
+        self.out([ident, *self.codec.encode(header, list(tensors))], fresh=False)
 
     # -------------------------------------------------------------- messages
     def on_init(self, ident: bytes, src: int, header: dict, tensors: list[torch.Tensor]) -> None:
@@ -252,7 +377,7 @@ class Server:
         if self.workers is not None and (world != self.workers or (src in self.joined and not again)):
             raise WireError("bad_init", "world size differs or worker joined twice")
         if again and self.gate is not None:
-            return membership.rejoin(self, ident, src, spec, header.get("pid"))
+            return membership.rejoin(self, ident, src, spec, header.get("pid"), header.get("seq", 0))
         try:
             timeout_s = positive_seconds(spec.get("timeout_s", self.timeout_s), "timeout_s")
             positive_bytes(spec.get("max_bytes", self.ceiling), "max_bytes")
@@ -265,6 +390,7 @@ class Server:
         self.workers = world
         self.first_join = self.first_join or time.monotonic()
         self.joined[src] = (ident, spec)
+        self.init_seq[src] = header.get("seq", 0)
         self.members.joined(src, ident, header.get("pid"))
         if len(self.joined) == world:
             self.start(world)
@@ -327,7 +453,8 @@ class Server:
         self.announce(workers)
         for w, (ident, _) in self.joined.items():
             self.read_applied[w] = 0
-            self.send(ident, {"op": PARAMS, "clock": 0, "applied": 0}, [p.param for p in self.pieces.values()])
+            header = {"op": PARAMS, "clock": 0, "applied": 0, "re": self.init_seq.get(w, 0)}
+            self.send(ident, header, [p.param for p in self.pieces.values()])
 
     def announce(self, workers: int) -> None:
         """One event line for the launcher's log: what this server holds."""
@@ -384,7 +511,8 @@ class Server:
         clock: int = gate.pushed[src]
         if clock >= self.clocks_seen:  # the first push of the workers' (clock+1)-th step
             self.clocks_seen = clock + 1
-            faults.at_step("server", self.index, self.clocks_seen)
+            if self.role == PRIMARY:  # a fault names a process: its primary's clocks count
+                faults.at_step("server", self.process, self.clocks_seen)
         self.hp = [{**old, **new} for old, new in zip(self.hp, hps, strict=True)]
         self.staleness[src] = (self.applied - self.read_applied.get(src, 0)) / gate.workers
         acc = self.accum.setdefault(clock, {}) if gate.has_bsp else {}
@@ -437,6 +565,18 @@ class Server:
         if not self.async_keys:
             self.applied += gate.workers
 
+    def answer_again(self, ident: bytes, src: int, seq: int, header: dict, op: str) -> None:
+        """A pull or state request resent after a takeover that this replica already took: its answer
+        may have died with the old primary. Answered again (if not still waiting), values whole."""
+        gate = self.joined_gate(src)
+        if header.get("clock") != gate.pushed[src] or any(r.worker == src for r in self.pending):
+            raise WireError("replayed")
+        if self.pulls is not None:
+            self.pulls.replaced(src)  # what the worker holds is unknown: the next reply is whole
+        reply = PARAMS if op == PULL else STATE
+        self.pending.append(PendingRead(ident, src, gate.pushed[src], time.monotonic(), reply, True, seq))
+        self.answer_ready()
+
     def on_pull(self, ident: bytes, src: int, header: dict, op: str = PULL) -> None:
         gate = self.joined_gate(src)
         clock = gate.pushed[src]
@@ -446,7 +586,7 @@ class Server:
         if not isinstance(exact, bool):
             raise WireError("malformed", f"exact must be true or false, not {exact!r}")
         reply = PARAMS if op == PULL else STATE
-        self.pending.append(PendingRead(ident, src, clock, time.monotonic(), reply, exact))
+        self.pending.append(PendingRead(ident, src, clock, time.monotonic(), reply, exact, header["seq"]))
         self.answer_ready()
 
     def on_restore(self, ident: bytes, src: int, header: dict, tensors: list[torch.Tensor]) -> None:
@@ -484,7 +624,7 @@ class Server:
             piece.opt.state[piece.param] = probe.state[probe.param_groups[0]["params"][0]]
         if self.pulls is not None:
             self.pulls.forget()  # the workers' next pulls are exact
-        self.send(ident, {"op": RESTORED, "clock": 0})
+        self.send(ident, {"op": RESTORED, "clock": 0, "re": header["seq"]})
 
     def answer_ready(self) -> None:
         gate = self.gate
@@ -497,7 +637,7 @@ class Server:
                 if gate.slowest < read.clock or (gate.has_bsp and gate.bsp_done < read.clock):
                     waiting.append(read)
                 else:
-                    self.send_state(read.ident, read.clock)
+                    self.send_state(read.ident, read.clock, read.seq)
                     if self.pulls is not None:
                         self.pulls.hold_exact(read.worker)  # it installs these values whole
                 continue
@@ -511,6 +651,7 @@ class Server:
                 "clock": read.clock,
                 "applied": self.applied,
                 "staleness": self.staleness.get(read.worker, 0.0),
+                "re": read.seq,
             }
             ready.append(Ready(read.ident, read.worker, header, read.exact))
         self.pending = waiting
@@ -519,9 +660,9 @@ class Server:
             for tensors, group in replies(self.pulls, self.pieces.values(), ready):
                 messages = self.codec.encode_many([h for _, h in group], tensors)
                 for (ident, _), frames in zip(group, messages, strict=True):
-                    self.sock.send_multipart([ident, *frames], copy=False)
+                    self.out([ident, *frames], fresh=self.pulls is None)  # uncompressed: a snapshot
 
-    def send_state(self, ident: bytes, clock: int) -> None:
+    def send_state(self, ident: bytes, clock: int, seq: int) -> None:
         layout, tensors = [], []
         for piece in self.pieces.values():
             items = optim.export_state(piece.opt, piece.param)
@@ -534,7 +675,7 @@ class Server:
                 f"message may carry (max_message_mb = {self.codec.max_bytes / (1 << 20):g}); "
                 "raise max_message_mb or start more servers"
             )
-        self.send(ident, {"op": STATE, "clock": clock, "state": layout}, tensors)
+        self.send(ident, {"op": STATE, "clock": clock, "state": layout, "re": seq}, tensors)
 
     # ---------------------------------------------------------------- health
     def check_timeouts(self) -> None:
@@ -559,9 +700,12 @@ class Server:
             )
 
     def fail(self, message: str) -> None:
+        if self.role != PRIMARY:  # a backup's state is in doubt: it leaves, and its primary goes on alone
+            log.error("server process %d drops its backup of shard %d: %s", self.process, self.index, message)
+            return self.fenced("its own state is in doubt")
         self.error = message
-        for ident, _ in self.joined.values():
-            self.send(ident, {"op": ERROR, "message": message})
+        for ident, _ in self.joined.values():  # at once, whatever a backup holds
+            self.sock.send_multipart([ident, *self.codec.encode({"op": ERROR, "message": message})])
         print(f"shoal: {message}", file=sys.stderr, flush=True)
         if self.events:
             self.events.publish("event", {"message": message, "error": True})
@@ -587,30 +731,3 @@ class Server:
             **self.members.stats(),
             **pull_stats(self.pulls),
         }
-
-
-def main() -> int:
-    """Entry point: reads the job's environment, publishes the endpoint, serves."""
-    logs.setup()
-    environ = os.environ
-    torch.set_num_threads(int(environ.get(env.PS_THREADS, "1")))
-    index = int(environ[env.PS_INDEX])
-    # torch imports its compiler stack on the first optimizer: pay for it before serving
-    optim.build("SGD", torch.zeros(1), {"lr": 0.1})
-    try:
-        max_bytes, timeout_s = server_limits(environ)
-    except ConfigError as err:
-        print(f"shoal: {err}", file=sys.stderr, flush=True)
-        return err.exit_code
-    codec = Codec(job_key(), max_bytes)
-    server = Server(index, codec, environ.get(env.PS_HOST, "127.0.0.1"), timeout_s, environ.get(env.PS_ADVERTISE, ""))
-    if environ.get(env.PS_EVENTS):
-        server.events = Publisher(environ[env.PS_EVENTS], codec)
-    store = ps_store.connect(environ[env.PS_STORE], timeout_s=60)
-    store.set(ps_store.server_key(index), ps_store.ServerAddress(server.endpoint, index, server.session).value)
-    del store
-    return server.serve()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -35,6 +35,23 @@ from shoal.errors import ConfigError, ShoalError, WorkerError, first_line
 from shoal.ps import store as ps_store
 
 DEFAULT_MAX_BYTES = 1 << 30
+
+
+def replication_for(count: int, asked: int | None = None) -> int:
+    """How many processes hold each shard: `asked`, else 2 when there are at least 2 servers
+    (`shoal.ps.replication`); ConfigError for a value that cannot be."""
+    if asked is None:
+        return 2 if count >= 2 else 1
+    if asked not in (1, 2):
+        raise ConfigError(f"--replication must be 1 or 2, not {asked}", "replication")
+    if asked > count:
+        raise ConfigError(
+            f"--replication {asked} needs at least {asked} servers (each shard's copies live in different "
+            f"processes); start --servers {asked} or more, or --replication 1"
+        )
+    return asked
+
+
 DEFAULT_TIMEOUT_S = 60.0
 
 
@@ -68,8 +85,13 @@ class ServerGroup:
     """What workers need: the store address, the session and the job key."""
 
     def endpoints(self, timeout_s: float = 60.0) -> list[ps_store.ServerAddress]:
-        """Every server's address and session (this machine's and the others')."""
-        return ps_store.read_endpoints(self.store, int(self.store.get(ps_store.SERVER_COUNT_KEY)), timeout_s)
+        """Every shard's current primary's address and session (this machine's and the others')."""
+        shards = self.shards(timeout_s)
+        return [s.replicas[s.current] for s in shards]
+
+    def shards(self, timeout_s: float = 60.0) -> list[ps_store.Shard]:
+        """Every shard's replicas and record, as the workers read them."""
+        return ps_store.read_shards(self.store, int(self.store.get(ps_store.SERVER_COUNT_KEY)), timeout_s)
 
     def poll(self) -> list[int | None]:
         return [p.poll() for p in self.procs]
@@ -123,14 +145,16 @@ def start_servers(
     extra_env: dict[str, str] | None = None,
     log_dir: str | None = None,
     share: Share | None = None,
+    replication: int | None = None,
 ) -> ServerGroup:
     """Start the job's `count` servers on `host` with a store of their own, or,
-    with `share`, this machine's share of them."""
+    with `share`, this machine's share of them (whose store holds the replication)."""
     if count < 1:
         raise ShoalError(f"--servers must be >= 1, not {count}")
     server_limits({**os.environ, **(extra_env or {})})  # a bad value stops here, before any process starts
     if share is None:
-        store, address = ps_store.open_local_store(host, count, timeout_s, job_key.encode())
+        replicas = replication_for(count, replication)
+        store, address = ps_store.open_local_store(host, count, timeout_s, job_key.encode(), replicas)
         share = Share(store, address, list(range(count)), host)
     workers_env = {env.PS_STORE: share.address, env.PS_SESSION: share.store.session, env.JOB_KEY: job_key}
     procs = []
@@ -150,7 +174,7 @@ def start_servers(
 
 
 def _start_server(server_env: dict[str, str], log_path: str | None) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "shoal.ps.server"]
+    argv = [sys.executable, "-m", "shoal.ps.process"]
     if log_path is None:
         return subprocess.Popen(argv, env=server_env)
     with open(log_path, "w") as out:  # the child keeps its own copy of the descriptor
@@ -158,7 +182,13 @@ def _start_server(server_env: dict[str, str], log_path: str | None) -> subproces
 
 
 def machine_share(
-    count: int, nnodes: int, node_rank: int, rdzv_endpoint: str, server_nodes: int = 0, server_node_rank: int = -1
+    count: int,
+    nnodes: int,
+    node_rank: int,
+    rdzv_endpoint: str,
+    server_nodes: int = 0,
+    server_node_rank: int = -1,
+    replication: int | None = None,
 ) -> Share:
     """This machine's share of a job's `count` servers on `nnodes` machines: servers k, k + M, ...
     on machine k of M; with `server_nodes` H machines that run only servers, none on the
@@ -175,7 +205,15 @@ def machine_share(
     else:
         indices = [] if server_nodes else list(range(node_rank, count, nnodes))
     return Share(
-        store=ps_store.open_job_store(count, nnodes, node_rank, rdzv_endpoint, key.encode(), server_nodes=server_nodes),
+        store=ps_store.open_job_store(
+            count,
+            nnodes,
+            node_rank,
+            rdzv_endpoint,
+            key.encode(),
+            server_nodes=server_nodes,
+            replication=replication_for(count, replication),
+        ),
         address=rdzv_endpoint,
         indices=indices,
         advertise=os.environ.get(env.PS_ADVERTISE) or address_towards(rdzv_host),
@@ -190,6 +228,7 @@ def serving(
     record: str | None = None,
     live: bool = False,
     machines: Machines = Machines(),
+    replication: int | None = None,
 ) -> Iterator[dict[str, str]]:
     """`count` servers for the duration of the block; yields the environment workers need.
 
@@ -213,11 +252,16 @@ def serving(
         os.makedirs(log_dir, exist_ok=True)
     m = machines
     several = m.nnodes > 1 or m.server_nodes > 0
-    share = machine_share(count, m.nnodes, m.node_rank, m.rdzv_endpoint, m.server_nodes) if several else None
+    replication = replication_for(count, replication)
+    share = (
+        machine_share(count, m.nnodes, m.node_rank, m.rdzv_endpoint, m.server_nodes, replication=replication)
+        if several
+        else None
+    )
     monitor = Monitor(Codec(job_key.encode()), record=record, live=live).start()
     events = {env.PS_EVENTS: monitor.endpoint}
     try:
-        group = start_servers(count, job_key, log_dir=log_dir, extra_env=events, share=share)
+        group = start_servers(count, job_key, log_dir=log_dir, extra_env=events, share=share, replication=replication)
         ended = "failed"
         try:
             yield {**group.env, **events}

@@ -8,6 +8,13 @@ A torch `TCPStore` holds these keys, named here and nowhere else:
   session nonce (`ServerAddress`), set by server i once it is bound; workers
   put the nonce in every request (`shoal.comm.replay`), and learn it here,
   signed, so no stranger can hand them another;
+- `REPLICATION_KEY` (`shoal/ps/replication`): how many processes hold each
+  server's shard (1 or 2, `shoal.ps.replication`), set with the count;
+- `backup_key(i)` and `link_key(i)`: where the backup of shard i takes
+  workers' messages (after a takeover) and the primary's forwarded inputs;
+- `shard_key(i)`: shard i's `ShardRecord` ("GEN PRIMARY BACKUP", process
+  indices), changed only by compare-and-set: who holds the shard, and the
+  generation that fences the one that lost it;
 - `SESSION_KEY` (`shoal/ps/session`), across machines only: the job's
   session, which machine 0's launcher draws and the others read;
 - `SERVER_NODES_KEY` (`shoal/ps/server_nodes`), across machines only: how
@@ -58,6 +65,8 @@ from shoal.errors import ConfigError, ShoalError, first_line
 
 SERVER_COUNT_KEY = "shoal/ps/servers"
 """How many servers the job has."""
+REPLICATION_KEY = "shoal/ps/replication"
+"""How many processes hold each shard (1: none is replicated)."""
 SESSION_KEY = "shoal/ps/session"
 """The job's session, for the machines that did not draw it."""
 SERVER_NODES_KEY = "shoal/ps/server_nodes"
@@ -99,6 +108,56 @@ def server_key(index: int) -> str:
     return f"shoal/ps/server/{index}"
 
 
+def backup_key(index: int) -> str:
+    """Where the backup of shard `index` takes workers' messages once it is primary."""
+    return f"shoal/ps/backup/{index}"
+
+
+def link_key(index: int) -> str:
+    """Where the backup of shard `index` takes the inputs its primary forwards."""
+    return f"shoal/ps/link/{index}"
+
+
+def shard_key(index: int) -> str:
+    """Shard `index`'s `ShardRecord`."""
+    return f"shoal/ps/shard/{index}"
+
+
+class ShardRecord(NamedTuple):
+    """Who holds a shard: its generation, the primary's process index and the backup's (None: no backup)."""
+
+    gen: int
+    primary: int
+    backup: int | None
+
+    @property
+    def value(self) -> str:
+        return f"{self.gen} {self.primary} {'-' if self.backup is None else self.backup}"
+
+    @classmethod
+    def parse(cls, value: str) -> ShardRecord:
+        try:
+            gen, primary, backup = value.split()
+            return cls(int(gen), int(primary), None if backup == "-" else int(backup))
+        except ValueError:
+            raise ShoalError(f"a parameter-server shard record reads {value!r}, not 'GEN PRIMARY BACKUP'") from None
+
+
+def replicas(count: int, replication: int, process: int) -> list[tuple[int, str]]:
+    """The (shard, role) pairs process `process` of `count` holds: the primary of its own shard and,
+    replicated, the backup of the shard before it (on another process, and another machine when
+    servers are spread over machines round-robin)."""
+    held = [(process, "primary")]
+    if replication > 1 and count > 1:
+        held.append(((process - 1) % count, "backup"))
+    return held
+
+
+def first_record(shard: int, count: int, replication: int) -> ShardRecord:
+    """A shard's record when the job starts."""
+    return ShardRecord(1, shard, (shard + 1) % count if replication > 1 and count > 1 else None)
+
+
 class SignedStore:
     """The job's store as shoal uses it: `set` signs with the job key, `get` checks the signature."""
 
@@ -135,6 +194,12 @@ class SignedStore:
             return value.decode()
         except UnicodeDecodeError:
             raise ShoalError(f"the value under {name!r} in the parameter-server store is not text") from None
+
+    def compare_set(self, name: str, expected: str, new: str) -> bool:
+        """Set `name` to `new` if it holds `expected` (both signed); whether it did. Atomic in the store."""
+        signed_old = f"{self._mac(name, expected.encode(), self.session)} {expected}"
+        signed_new = f"{self._mac(name, new.encode(), self.session)} {new}"
+        return self.raw.compare_set(name, signed_old, signed_new) == signed_new.encode()
 
     def wait(self, names: Sequence[str], timeout: timedelta) -> None:
         self.raw.wait(list(names), timeout)
@@ -189,7 +254,19 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def open_local_store(host: str, count: int, timeout_s: float, key: bytes) -> tuple[SignedStore, str]:
+def publish_layout(store: SignedStore, count: int, replication: int) -> None:
+    """What the launcher that opens the store writes first: the server count, the replication
+    and each shard's first record (so no server races another to create one)."""
+    replication = min(replication, count)
+    store.set(SERVER_COUNT_KEY, str(count))
+    store.set(REPLICATION_KEY, str(replication))
+    for i in range(count):
+        store.set(shard_key(i), first_record(i, count, replication).value)
+
+
+def open_local_store(
+    host: str, count: int, timeout_s: float, key: bytes, replication: int = 1
+) -> tuple[SignedStore, str]:
     """A store for a job on this machine, on a free port of `host` and no other interface; (store, its HOST:PORT)."""
     try:
         raw = listen(host, 0, timeout_s)
@@ -197,7 +274,7 @@ def open_local_store(host: str, count: int, timeout_s: float, key: bytes) -> tup
         raise ShoalError(f"could not open the parameter-server rendezvous store on {host}: {exc}") from None
     address = f"{host}:{raw.port}"
     store = SignedStore(raw, key, secrets.token_hex(16), address)
-    store.set(SERVER_COUNT_KEY, str(count))
+    publish_layout(store, count, replication)
     return store, address
 
 
@@ -209,6 +286,7 @@ def open_job_store(
     key: bytes,
     timeout_s: float = 300.0,
     server_nodes: int = 0,
+    replication: int = 1,
 ) -> SignedStore:
     """The job's rendezvous store across machines (machine 0 hosts it, on the endpoint's address only;
     `node_rank` -1: a machine that runs only servers); checks that every machine asks for the same
@@ -219,7 +297,7 @@ def open_job_store(
             raw = listen(host, port, timeout_s, multi_tenant=True)  # torch's static rendezvous shares it
             store = SignedStore(raw, key, secrets.token_hex(16), rdzv_endpoint)
             store.set(SESSION_KEY, store.session, session="")
-            store.set(SERVER_COUNT_KEY, str(count))
+            publish_layout(store, count, replication)
             store.set(SERVER_NODES_KEY, str(server_nodes))
             return store
         raw = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
@@ -272,6 +350,11 @@ def connect(address: str, timeout_s: float) -> SignedStore:
 def read_endpoints(store: SignedStore, count: int, timeout_s: float) -> list[ServerAddress]:
     """Every server's address, once all `count` have published theirs; ShoalError for one not signed by the job."""
     keys = [server_key(i) for i in range(count)]
+    _wait(store, keys, count, timeout_s)
+    return [ServerAddress.parse(i, store.get(k)) for i, k in enumerate(keys)]
+
+
+def _wait(store: SignedStore, keys: list[str], count: int, timeout_s: float) -> None:
     try:
         store.wait(keys, timedelta(seconds=timeout_s))
     except Exception:
@@ -279,7 +362,34 @@ def read_endpoints(store: SignedStore, count: int, timeout_s: float) -> list[Ser
             f"the {count} parameter server(s) did not publish their addresses within {timeout_s:.0f}s; "
             "see the servers' logs"
         ) from None
-    return [ServerAddress.parse(i, store.get(k)) for i, k in enumerate(keys)]
+
+
+class Shard(NamedTuple):
+    """Where a shard's replicas listen (the primary's process first, then the backup's) and who holds it now."""
+
+    replicas: list[ServerAddress]
+    record: ShardRecord
+
+    @property
+    def current(self) -> int:
+        """The position in `replicas` of the replica that is primary now."""
+        return 0 if self.record.primary == self.replicas[0].index or len(self.replicas) == 1 else 1
+
+
+def read_shards(store: SignedStore, count: int, timeout_s: float) -> list[Shard]:
+    """Every shard's replicas and record, once all have published their addresses."""
+    replication = int(store.get(REPLICATION_KEY)) if store.raw.check([REPLICATION_KEY]) else 1
+    keys = [server_key(i) for i in range(count)]
+    if replication > 1:
+        keys += [backup_key(i) for i in range(count)]
+    _wait(store, keys, count, timeout_s)
+    shards = []
+    for i in range(count):
+        addresses = [ServerAddress.parse(i, store.get(server_key(i)))]
+        if replication > 1:
+            addresses.append(ServerAddress.parse(i, store.get(backup_key(i))))
+        shards.append(Shard(addresses, ShardRecord.parse(store.get(shard_key(i)))))
+    return shards
 
 
 def connect_store(timeout_s: float = 60.0) -> tuple[SignedStore, int]:

@@ -93,7 +93,7 @@ def test_a_new_incarnation_rejoins_at_its_clock_and_old_or_replayed_ones_are_ref
             server.handle(f"a{src}".encode(), codec.encode(_push(src, 2, 0), [torch.ones(2)]))
         assert server.gate is not None and server.gate.pushed == [1, 1] and not server.dropped
         server.handle(b"b1", codec.encode(_init(1, "b1")))  # worker 1 restarted: a new process
-        assert sent[-1] == (b"b1", {"op": "params", "clock": 1, "applied": 2, "rejoined": True})
+        assert sent[-1] == (b"b1", {"op": "params", "clock": 1, "applied": 2, "rejoined": True, "re": 1})
         assert [(r["worker"], r["clock"]) for r in server.members.rejoins] == [(1, 1)]
         server.handle(b"a1", codec.encode(_push(1, 3, 1), [torch.ones(2)]))  # the old process, late
         assert server.dropped == {"stale_sender": 1} and server.gate.pushed == [1, 1]
@@ -104,5 +104,18 @@ def test_a_new_incarnation_rejoins_at_its_clock_and_old_or_replayed_ones_are_ref
             server.handle(b"c1", codec.encode(replay))
         assert server.dropped == {"stale_sender": 1, "bad_clock": 1, "replayed": 2} and server.gate.pushed == [1, 2]
         torch.testing.assert_close(server.pieces["w"].param, -3 * torch.ones(2), rtol=0, atol=0)  # 3 pushes once each
+    finally:
+        server.close(linger_ms=0)
+
+
+def test_the_servers_heartbeat_is_the_leases_not_the_transports_default():
+    """`Transport.listen` sets generous heartbeats for every socket; a server's must stay the lease."""
+    from shoal.ps import membership
+    from shoal.ps.server import Server
+
+    server = Server(0, Codec(KEY))
+    try:
+        assert server.sock.getsockopt(zmq.HEARTBEAT_TIMEOUT) == membership.HEARTBEAT_TIMEOUT_MS
+        assert server.sock.getsockopt(zmq.HEARTBEAT_IVL) == membership.HEARTBEAT_IVL_MS
     finally:
         server.close(linger_ms=0)

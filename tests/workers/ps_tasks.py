@@ -133,6 +133,7 @@ def run(rank: int, world: int, args: dict) -> dict:
         model = TASKS[args["task"]](strategy, rank, world, args, out)
         strategy.sync()
         out["wall_s"] = time.perf_counter() - start
+        out["takeovers"] = strategy.session.client.takeovers  # replicated shards this worker saw change hands
         if rank == 0 and args.get("params"):
             out.update({n: p.detach().tolist() for n, p in model.named_parameters()})
     finally:

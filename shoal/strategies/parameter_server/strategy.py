@@ -60,7 +60,7 @@ from shoal.ps import optim as ps_optim
 from shoal.ps.client import Client
 from shoal.ps.consistency import Mode, parse_mode, resolve
 from shoal.ps.pull_codec import PullDecoder
-from shoal.ps.store import ServerAddress
+from shoal.ps.store import Shard
 from shoal.state import sub_state, with_prefix
 from shoal.strategies.base import LossFn, StrategyOptions
 from shoal.strategies.optimizer import Closure, PreparedOptimizer, prepare_optimizer
@@ -268,10 +268,10 @@ class ParameterServer(ServerSaving):
             )
         return min(clocks)
 
-    def _endpoints(self) -> list[ServerAddress]:
+    def _endpoints(self) -> list[Shard]:
         """The servers' endpoints from the job's store; ShoalError if the strategy asks for
         another count than the launcher started (without `servers`, the launcher's count is taken)."""
-        from shoal.ps.store import connect_store, read_endpoints
+        from shoal.ps.store import connect_store, read_shards
 
         store, count = connect_store(self.options.timeout_s)
         asked = self.options.servers
@@ -281,7 +281,7 @@ class ParameterServer(ServerSaving):
                 f"servers={asked}; make them agree (shoal run --servers {asked}), "
                 "or leave servers out to use what the launcher started"
             )
-        return read_endpoints(store, count, self.options.timeout_s)
+        return read_shards(store, count, self.options.timeout_s)
 
     # ------------------------------------------------------------------ steps
     @property

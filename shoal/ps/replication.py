@@ -1,0 +1,264 @@
+"""Primary-backup replication of a parameter-server shard: no acknowledged update is lost.
+
+Why this way. A server's state is a deterministic function of the inputs it
+applies in order (the workers' messages and the departures it declares), so
+a backup that applies the same inputs in the same order holds the same
+values, optimizer state and clocks, bit for bit. The primary forwards each
+input it accepted (the worker's own signed frames, without a copy) over a
+dedicated link before applying it, and holds every reply it then produces
+until the backup has acknowledged that input: a worker never sees a result
+the backup could not reproduce. The backup acknowledges on receipt, before it
+applies, so the primary waits one round trip, not for the backup's arithmetic
+(Li et al., OSDI 2014, acknowledge a push once copied; so do we).
+
+Failure. Each side watches the link: ZeroMQ heartbeats on it close a
+connection silent for `LEASE_S` (a stopped peer), and a killed peer's kernel
+closes it at once; the socket monitor reports the close. Whoever sees the
+other go claims the shard's record in the job's store (`shoal.ps.store`,
+compare-and-set of "GEN PRIMARY BACKUP"): the backup to become primary, the
+primary to go on alone. Exactly one claim of a generation wins; the loser is
+fenced: it stops serving the shard, and anything it sends later names an old
+generation or is never acknowledged. A primary that cannot reach the store
+(a partition) cannot win and stops acknowledging: its replies wait for a
+backup acknowledgement that never comes. A promoted backup tells every
+worker (`TAKEOVER` with the new generation); each worker resends what that
+shard has not answered yet (`shoal.ps.client`), and the sequence numbers
+make every resent message apply exactly once.
+
+Not yet: a replacement server that re-replicates a shard left without a
+backup (a second failure of that shard then loses it; the job stops with one
+sentence, as an unreplicated one does).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from shoal.comm.wire import Codec, WireError
+from shoal.ps import store as ps_store
+from shoal.ps.protocol import ACK, REPLICA, REPLICATE
+
+if TYPE_CHECKING:
+    from shoal.ps.server import Server
+
+log = logging.getLogger("shoal.ps.replication")
+
+PRIMARY = "primary"
+BACKUP = "backup"
+FENCED = "fenced"
+"""A replica that lost its shard to the other (or whose state is in doubt): it serves nothing more."""
+LEASE_S = 1.5
+"""A link silent this long after a heartbeat is closed: how long a stopped peer keeps its role."""
+HEARTBEAT_IVL_MS = 200
+LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+
+def _heartbeat(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(LEASE_S * 1000))
+
+
+class _Watch:
+    """Whether a link's peer connected and then went away (the socket monitor's events)."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.events = sock.get_monitor_socket(LINK_EVENTS)
+        self.up = False
+        self.lost = False
+
+    def check(self) -> bool:
+        """True once a peer that had connected is gone."""
+        while self.events.poll(0):
+            event = recv_monitor_message(self.events)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.up = True
+            elif event == zmq.EVENT_DISCONNECTED and self.up:
+                self.lost = True
+        return self.lost
+
+    def close(self) -> None:
+        self.events.close(linger=0)
+
+
+class Claim:
+    """The shard's record in the job's store, and the compare-and-set that changes it."""
+
+    def __init__(self, store: ps_store.SignedStore, shard: int, record: ps_store.ShardRecord) -> None:
+        self.store, self.shard, self.record = store, shard, record
+
+    def take(self, primary: int, reason: str) -> bool:
+        """Make process `primary` the shard's only holder in the next generation; whether this claim won."""
+        new = ps_store.ShardRecord(self.record.gen + 1, primary, None)
+        try:
+            won = self.store.compare_set(ps_store.shard_key(self.shard), self.record.value, new.value)
+        except Exception as exc:  # the store is out of reach: a partition, or the launcher is gone
+            log.warning("shard %d: could not claim generation %d (%s): %s", self.shard, new.gen, reason, exc)
+            return False
+        if won:
+            self.record = new
+        log.warning(
+            "shard %d: %s; process %d %s generation %d",
+            self.shard,
+            reason,
+            primary,
+            "holds" if won else "lost the claim to",
+            new.gen,
+        )
+        return won
+
+
+class PrimaryLink:
+    """The primary's side: forwards inputs to the backup, holds replies until it acknowledged them."""
+
+    def __init__(
+        self, ctx: zmq.Context, codec: Codec, backup: ps_store.ServerAddress, send: Callable[[list, bool], None]
+    ) -> None:
+        self.codec = codec
+        self.backup = backup
+        self.send = send  # the server's worker-facing send: ([ident, *frames], copy)
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, f"primary-{secrets.token_hex(8)}".encode())
+        codec.transport.connect(self.sock)
+        _heartbeat(self.sock)
+        self.watch = _Watch(self.sock)
+        self.sock.connect(backup.endpoint)
+        self.sent = 0  # inputs forwarded
+        self.acked = 0  # inputs the backup holds
+        self.since: deque[tuple[int, float]] = deque()  # (input, when forwarded), not yet acknowledged
+        self.held: deque[tuple[int, list]] = deque()  # (input it depends on, frames with the worker's ident)
+
+    def forward(self, kind: str, ident: bytes = b"", frames: list | tuple = (), worker: int = -1) -> None:
+        """Input `kind` ("input": a worker's message as received; "depart": `worker` declared departed)."""
+        self.sent += 1
+        header = {
+            "op": REPLICATE,
+            "src": REPLICA,
+            "seq": self.sent,
+            "kind": kind,
+            "ident": ident.hex(),
+            "worker": worker,
+            "frames": len(frames),
+            **self.backup.header,
+        }
+        self.sock.send_multipart([*self.codec.encode(header), *frames], copy=False)
+        self.since.append((self.sent, time.monotonic()))
+
+    def out(self, frames: list, fresh: bool) -> None:
+        """A reply produced by the newest input: sent once the backup holds that input. Held, a
+        reply whose buffers are not `fresh` is copied, since the optimizer changes them in place."""
+        if self.acked >= self.sent:
+            self.send(frames, not fresh)
+        elif fresh:
+            self.held.append((self.sent, frames))
+        else:
+            self.held.append((self.sent, [bytes(f) if isinstance(f, memoryview) else f for f in frames]))
+
+    def on_ack(self) -> None:
+        """Read the backup's acknowledgements; send the replies they release."""
+        while self.sock.poll(0):
+            try:
+                header, _ = self.codec.decode(self.sock.recv_multipart(copy=False))
+            except WireError:
+                continue
+            n = header.get("seq")
+            if header.get("op") == ACK and isinstance(n, int) and self.acked < n <= self.sent:
+                self.acked = n
+        while self.since and self.since[0][0] <= self.acked:
+            self.since.popleft()
+        while self.held and self.held[0][0] <= self.acked:
+            self.send(self.held.popleft()[1], False)
+
+    def lost(self) -> str:
+        """Why the backup is gone ("" while it is not)."""
+        if self.watch.check():
+            return "its backup's link closed"
+        if self.since and time.monotonic() - self.since[0][1] > LEASE_S:
+            return f"its backup acknowledged nothing for {LEASE_S:g}s"
+        return ""
+
+    def release_all(self) -> None:
+        """Going on alone: every held reply goes out now."""
+        while self.held:
+            self.send(self.held.popleft()[1], False)
+
+    def close(self) -> None:
+        self.watch.close()
+        self.sock.close(linger=0)
+
+
+class BackupLink:
+    """The backup's side: the link socket the primary connects to; acknowledges inputs on receipt."""
+
+    def __init__(self, ctx: zmq.Context, codec: Codec, host: str, advertise: str, shard: int) -> None:
+        self.codec = codec
+        self.shard = shard
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        codec.transport.listen(self.sock)
+        _heartbeat(self.sock)  # after listen, which sets the job's generous defaults
+        port = self.sock.bind_to_random_port(f"tcp://{host}")
+        self.address = ps_store.ServerAddress(f"tcp://{advertise or host}:{port}", shard, secrets.token_hex(8))
+        self.watch = _Watch(self.sock)
+        self.primary: bytes | None = None  # the routing id of the primary's link, fixed by its first input
+        self.seq = 0
+
+    def receive(self) -> tuple[dict, bytes, list] | None:
+        """The next forwarded input (header, worker ident, the worker's frames), acknowledged; None if none."""
+        if not self.sock.poll(0):
+            return None
+        frames = self.sock.recv_multipart(copy=False)
+        ident, rest = frames[0].bytes, frames[1:]
+        try:
+            header, tensors = self.codec.decode(rest[:2])  # the link header carries no tensors
+            inner = header.get("frames")
+            if tensors or not isinstance(inner, int) or inner != len(rest) - 2:
+                raise WireError("malformed", "a forwarded input's frame count is wrong")
+            if header.get("op") != REPLICATE or header.get("src") != REPLICA:
+                raise WireError("bad_op")
+            if header.get("to") != self.shard or header.get("session") != self.address.session:
+                raise WireError("wrong_session")
+            if self.primary is not None and ident != self.primary:
+                raise WireError("stale_sender", "forwarded by another primary")
+            seq = header.get("seq")
+            if not isinstance(seq, int) or seq != self.seq + 1:
+                raise WireError("replayed", f"forwarded input {seq!r} after {self.seq}")
+        except WireError as err:
+            log.warning("shard %d backup dropped a link message: %s", self.shard, err)
+            return None
+        self.primary, self.seq = ident, seq
+        self.sock.send_multipart([ident, *self.codec.encode({"op": ACK, "seq": seq})])
+        return header, bytes.fromhex(str(header.get("ident", ""))), rest[2:]
+
+    def lost(self) -> bool:
+        return self.watch.check()
+
+    def close(self) -> None:
+        self.watch.close()
+        self.sock.close(linger=0)
+
+
+def replay(server: Server, header: dict, ident: bytes, frames: list) -> None:
+    """Apply one forwarded input on the backup, as the primary applied it."""
+    kind = header.get("kind")
+    if kind == "depart":
+        worker = header.get("worker")
+        if isinstance(worker, int) and server.gate is not None and 0 <= worker < server.gate.workers:
+            server.members.declare(worker, server.gate.pushed[worker])
+        return
+    try:
+        inner, tensors = server.codec.decode(frames)
+        src = inner.get("src")
+        if not isinstance(src, int) or isinstance(src, bool):
+            raise WireError("bad_sender")
+        server.apply(ident, src, inner.get("op"), inner, tensors)
+    except WireError as err:  # the primary dropped it too: the same checks on the same state
+        server.dropped[err.reason] += 1

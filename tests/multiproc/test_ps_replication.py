@@ -1,0 +1,63 @@
+"""Replicated parameter servers (`shoal.ps.replication`): a server process killed or stopped
+mid-run loses no acknowledged update. One decisive case per failure kind; the repeated
+trials and the failover times are in benchmarks/chaos.py.
+
+With 2 servers each process holds the primary of its shard and the backup of the other's,
+so killing process 0 takes shard 0's primary and shard 1's backup at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.helpers.faults import Faults
+from tests.helpers.ps import run_ps_job, server_stats
+from tests.workers import ps_tasks
+
+pytestmark = pytest.mark.slow
+
+STEPS = 10
+
+
+def _job(consistency: str, faults: Faults | None, optim: str = "adam"):
+    args = {
+        "task": "equiv",
+        "optim": optim,
+        "steps": STEPS,
+        "params": True,
+        # 1 KiB pieces: both shards hold part of every layer
+        "strategy": {"consistency": consistency, "servers": 2, "chunk_bytes": 1024},
+    }
+    return run_ps_job(2, 2, ps_tasks.run, args, env=faults.env() if faults else None, before_stop=_holders)
+
+
+def _holders(group):
+    """Each shard's record (who is primary, the generation) and its primary's own counters."""
+    return [(shard.record, stats) for shard, stats in zip(group.shards(), server_stats(group), strict=True)]
+
+
+def _ok(job):
+    assert job.codes == [0, 0], "\n----\n".join(job.logs)
+
+
+def test_bsp_server_killed_mid_run_fails_over_and_ends_bit_identical(tmp_path):
+    clean = _job("bsp", None)
+    _ok(clean)
+    faults = Faults(tmp_path).kill("server", 0, 4)
+    job = _job("bsp", faults)
+    _ok(job)
+    faults.assert_fired("server", 0, 4, "kill")
+    assert job.server_codes[0] == -9 and job.server_codes[1] is None  # process 1 serves both shards now
+    (record0, (stats0, _)), (record1, (stats1, _)) = job.stats
+    assert (record0.gen, record0.primary, record0.backup) == (2, 1, None)  # the backup took shard 0 over
+    assert (record1.gen, record1.primary, record1.backup) == (2, 1, None)  # shard 1 went on without its backup
+    for stats in (stats0, stats1):
+        assert stats["bsp_done"] == STEPS and set(stats["steps"].values()) == {STEPS}  # every clock applied once
+    assert all(any(t["shard"] == 0 for t in r["takeovers"]) for r in job.results)  # each worker turned to it
+    want = ps_tasks.single_process("adam", STEPS, world=2)
+    got = job.arrays()
+    for name in want:
+        assert np.array_equal(got[name], clean.arrays()[name]), name  # bit for bit: the fault-free run's
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, atol=1e-5, rtol=0, err_msg=name)
