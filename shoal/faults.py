@@ -175,7 +175,16 @@ def _draw(prob: float, seed: int, role: str, rank: int) -> bool:
 
 def _fire(fault: Fault, record: str, role: str, rank: int, step: int) -> None:
     if record:
-        line = json.dumps({"role": role, "rank": rank, "step": step, "action": fault.action, "pid": os.getpid()})
+        line = json.dumps(
+            {
+                "role": role,
+                "rank": rank,
+                "step": step,
+                "action": fault.action,
+                "pid": os.getpid(),
+                "unix_time": time.time(),
+            }
+        )
         with open(record, "a") as f:
             f.write(line + "\n")
             f.flush()

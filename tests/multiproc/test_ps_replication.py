@@ -61,3 +61,46 @@ def test_bsp_server_killed_mid_run_fails_over_and_ends_bit_identical(tmp_path):
         assert np.array_equal(got[name], clean.arrays()[name]), name  # bit for bit: the fault-free run's
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_asp_server_killed_mid_run_applies_every_push_exactly_once(tmp_path):
+    faults = Faults(tmp_path).kill("server", 1, 4)
+    job = _job("asp", faults, optim="sgd")
+    _ok(job)
+    faults.assert_fired("server", 1, 4, "kill")
+    (record0, (stats0, _)), (record1, (stats1, _)) = job.stats
+    assert (record0.primary, record0.backup) == (0, None) and (record1.gen, record1.primary) == (2, 0)
+    for stats in (stats0, stats1):  # the servers' own record, the survivor's copy of shard 1 included
+        assert stats["pushed"] == [STEPS, STEPS]
+        assert set(stats["steps"].values()) == {2 * STEPS}  # ASP: each push applied once, none twice or lost
+        assert stats["applied"] == 2 * STEPS
+
+
+def test_a_stopped_primary_is_fenced_and_gives_its_shards_up_when_it_wakes(tmp_path):
+    """SIGSTOP of process 0 for 4 s: its backup takes shard 0 over within the lease (well under 2.5 s);
+    when process 0 wakes it finds a newer generation, gives both its replicas up and exits by itself,
+    and nothing it sends after waking changes the run (it ends where one process with the combined batch does)."""
+    faults = Faults(tmp_path).stop("server", 0, 4, seconds=4)
+
+    def woke_and_left(group):
+        group.procs[0].wait(15)  # it wakes 4 s after the stop, finds itself fenced, and exits
+        return _holders(group)
+
+    args = {
+        "task": "equiv",
+        "optim": "adam",
+        "steps": STEPS,
+        "params": True,
+        "strategy": {"consistency": "bsp", "servers": 2, "chunk_bytes": 1024},
+    }
+    job = run_ps_job(2, 2, ps_tasks.run, args, env=faults.env(), before_stop=woke_and_left)
+    _ok(job)
+    stopped = faults.assert_fired("server", 0, 4, "stop")
+    assert job.server_codes[0] == 0  # fenced: it left by itself, with no error of its own
+    (record0, _), (record1, _) = job.stats
+    assert (record0.gen, record0.primary) == (2, 1) and (record1.gen, record1.primary, record1.backup) == (2, 1, None)
+    taken = [t["unix_time"] for r in job.results for t in r["takeovers"] if t["shard"] == 0]
+    assert len(taken) == 2 and max(taken) - stopped["unix_time"] < 2.5, (taken, stopped)
+    got = job.arrays()
+    for name, value in ps_tasks.single_process("adam", STEPS, world=2).items():
+        np.testing.assert_allclose(got[name], value, atol=1e-5, rtol=0, err_msg=name)
