@@ -36,12 +36,16 @@ def launch(
     servers: int = 0,
     env: Mapping[str, str] | None = None,
     quiet: bool = False,
+    replication: int | None = None,
 ) -> None:
     """Run `script --worker ARGS` on `nproc` processes with `threads` torch threads each
-    (and `servers` parameter-server processes), with `env` added; every process is
-    stopped at the end, whatever happens. `quiet` keeps the workers' output off the
-    console (it is shown if the run fails)."""
+    (and `servers` parameter-server processes, each shard held by `replication` of them:
+    None is the launcher's default), with `env` added; every process is stopped at the
+    end, whatever happens. `quiet` keeps the workers' output off the console (it is shown
+    if the run fails)."""
     options = ["-n", str(nproc), *(["--servers", str(servers)] if servers else [])]
+    if replication is not None:
+        options += ["--replication", str(replication)]
     extra = {**(env or {}), "SHOAL_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     with Processes() as procs:
         proc = start_shoal(procs, "run", *options, script, "--worker", *args, timeout=timeout, env=extra, capture=quiet)

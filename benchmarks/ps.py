@@ -3,7 +3,9 @@
 1. Throughput: PS-BSP with 1 and 2 servers against DataParallel (DDP, gloo),
    2 workers, steps/s, on the digits MLP and on a communication-heavy MLP
    (>= 5M parameters); with 2 servers also PS-BSP pushing only at `step()`
-   (`overlap=False`), SSP s=1 and ASP.
+   (`overlap=False`), SSP s=1 and ASP, each unreplicated, and PS-BSP and ASP
+   with every shard replicated on both servers (`--replication 2`,
+   `shoal.ps.replication`; `--only replication` runs just those four).
 2. Stragglers: 4 workers, wall time until rank 0's model reaches a target
    test accuracy under BSP, SSP (s = 1, 3) and ASP, and the final accuracy.
    - transient: every worker is 4x slower on a random 10% of its steps;
@@ -18,7 +20,7 @@
    `optimizer.step()` costs against installing them at the next forward
    pass (shoal before issue 11), steps/s, 2 workers, 1 server, per mode.
 
-    PYTHONPATH=. python benchmarks/ps.py [--reps 3] [--steps N] [--only throughput|stragglers|pull]
+    PYTHONPATH=. python benchmarks/ps.py [--reps 3] [--steps N] [--only throughput|replication|stragglers|pull]
 """
 
 from __future__ import annotations
@@ -43,14 +45,17 @@ from shoal import env
 
 MODELS = {"digits_mlp": [64, 256, 128, 10], "wide_mlp_5m": [64, 2048, 2048, 512, 10]}
 BASE_S = 0.02  # the simulated compute of one step
-THROUGHPUT = {  # name: strategy (dp or a consistency mode), servers, worker arguments
-    "data_parallel": ("dp", 0, []),
-    "ps_bsp_1_server": ("bsp", 1, []),
-    "ps_bsp_2_servers": ("bsp", 2, []),
-    "ps_bsp_2_servers_no_overlap": ("bsp", 2, ["--no-overlap"]),
-    "ps_ssp1_2_servers": ("ssp", 2, ["--staleness", "1"]),
-    "ps_asp_2_servers": ("asp", 2, []),
+THROUGHPUT = {  # name: strategy (dp or a consistency mode), servers, replication, worker arguments
+    "data_parallel": ("dp", 0, None, []),
+    "ps_bsp_1_server": ("bsp", 1, None, []),
+    "ps_bsp_2_servers": ("bsp", 2, 1, []),
+    "ps_bsp_2_servers_no_overlap": ("bsp", 2, 1, ["--no-overlap"]),
+    "ps_ssp1_2_servers": ("ssp", 2, 1, ["--staleness", "1"]),
+    "ps_asp_2_servers": ("asp", 2, 1, []),
+    "ps_bsp_2_servers_replicated": ("bsp", 2, 2, []),
+    "ps_asp_2_servers_replicated": ("asp", 2, 2, []),
 }
+REPLICATION = ("ps_bsp_2_servers", "ps_bsp_2_servers_replicated", "ps_asp_2_servers", "ps_asp_2_servers_replicated")
 
 
 def build(widths: list[int]) -> nn.Sequential:
@@ -143,14 +148,23 @@ def stragglers(args, strategy, model, opt, batches, split) -> dict:
     return out
 
 
-def launch(nproc: int, servers: int, wargs: list[str], faults: list[dict] | None = None, timeout: float = 600) -> dict:
-    """One run of this script's worker on `nproc` workers and `servers` servers, under
-    the fault schedule `faults`; rank 0's figures."""
+def launch(
+    nproc: int,
+    servers: int,
+    wargs: list[str],
+    faults: list[dict] | None = None,
+    timeout: float = 600,
+    replication: int | None = None,
+) -> dict:
+    """One run of this script's worker on `nproc` workers and `servers` servers (each shard
+    on `replication` of them), under the fault schedule `faults`; rank 0's figures."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
         schedule = {env.FAULTS: json.dumps({"seed": 0, "faults": faults})} if faults else {}
         wargs = ["--out", out, "--servers", str(servers), *wargs]
-        _harness.launch(__file__, nproc, wargs, servers=servers, timeout=timeout, env=schedule, quiet=True)
+        _harness.launch(
+            __file__, nproc, wargs, servers=servers, timeout=timeout, env=schedule, quiet=True, replication=replication
+        )
         return json.loads(Path(out).read_text())
 
 
@@ -194,14 +208,16 @@ def throughputs(args, cases) -> dict:
     """Steps/s of every THROUGHPUT variant on each model, interleaved `args.reps` times; with
     `--only throughput` also written to benchmarks/results/ps_throughput.json."""
     results: dict = {"throughput": {}}
+    variants = {k: v for k, v in THROUGHPUT.items() if args.only != "replication" or k in REPLICATION}
     for model, steps in [c for c in cases if c[0] in args.models.split(",")]:
-        runs: dict = {name: [] for name in THROUGHPUT}
+        runs: dict = {name: [] for name in variants}
         for _ in range(args.reps):  # interleaved, so drift in the machine's load hits every variant
-            for name, (strategy, servers, extra) in THROUGHPUT.items():
+            for name, (strategy, servers, replication, extra) in variants.items():
                 r = launch(
                     2,
                     servers,
                     ["--task", "throughput", "--model", model, "--strategy", strategy, "--steps", str(steps), *extra],
+                    replication=replication,
                 )
                 runs[name].append(r)
                 print(f"{model} {name}: {r['steps_per_s']:.1f} steps/s", flush=True)
@@ -215,6 +231,21 @@ def throughputs(args, cases) -> dict:
             for name, rs in runs.items()
         }
 
+    if args.only == "replication":
+        tp = results["throughput"]
+        vs = {
+            m: {
+                mode: r[f"ps_{mode}_2_servers_replicated"]["steps_per_s"] / r[f"ps_{mode}_2_servers"]["steps_per_s"]
+                for mode in ("bsp", "asp")
+            }
+            for m, r in tp.items()
+        }
+        summary = "ps replicated vs unreplicated steps/s (2 servers): " + "; ".join(
+            f"{m} " + ", ".join(f"{k} {x:.2f}" for k, x in r.items()) for m, r in vs.items()
+        )
+        config = {"reps": args.reps, "timed_steps": dict(cases), "loadavg_1min_after": os.getloadavg()[0]}
+        config["command"] = " ".join(["python", "benchmarks/ps.py", *sys.argv[1:]])
+        _harness.write("ps_replication", {"config": config, "throughput": tp, "replicated_vs_not": vs}, summary)
     if args.only == "throughput":
         tp = results["throughput"]
         vs = {m: {k: v["steps_per_s"] / r["data_parallel"]["steps_per_s"] for k, v in r.items()} for m, r in tp.items()}
@@ -247,7 +278,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="throughput runs per variant (the median is reported)")
     parser.add_argument(
         "--only",
-        choices=["throughput", "stragglers", "pull"],
+        choices=["throughput", "replication", "stragglers", "pull"],
         default=None,
         help="run one part (throughput writes ps_throughput.json, stragglers nothing)",
     )
@@ -262,7 +293,7 @@ def main() -> None:
     cases = (("digits_mlp", args.steps or 100), ("wide_mlp_5m", max(10, (args.steps or 100) // 5)))
     if args.only != "stragglers":
         results["throughput"] = throughputs(args, cases)
-    if args.only == "throughput":
+    if args.only in ("throughput", "replication"):
         return
     per_worker = args.steps or 150
     scenarios = {

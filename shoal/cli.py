@@ -100,6 +100,13 @@ def _run(args: list[str]) -> int:
         "--servers", type=int, default=0, help="parameter-server processes to start (for the parameter_server strategy)"
     )
     parser.add_argument(
+        "--replication",
+        type=int,
+        default=None,
+        help="server processes that hold each shard of the parameters: 1, or 2 (the default with 2 or more "
+        "--servers: a server that dies or hangs loses no acknowledged update)",
+    )
+    parser.add_argument(
         "--control",
         default="",
         help="the job's control plane: raft (3 members on this machine), raft://H:P,H:P,H:P or etcd://HOST:PORT; "
@@ -172,6 +179,7 @@ def _run(args: list[str]) -> int:
             record=record,
             live=sys.stderr.isatty(),
             machines=Machines(ns.nnodes, ns.node_rank, ns.rdzv_endpoint, ns.server_nodes),
+            replication=ns.replication,
         ) as ps_env,
     ):
         spec = LaunchSpec(

@@ -113,6 +113,7 @@ def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
             log_dir=str(run_dir / "logs"),
             record=str(run_dir / events),
             machines=Machines(launch_cfg.nnodes, launch_cfg.node_rank, launch_cfg.rdzv_endpoint),
+            replication=getattr(cfg.strategy.options, "replication", None),
         ) as ps_env:
             workers_env.update(ps_env)
             try:

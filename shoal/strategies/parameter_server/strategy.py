@@ -116,6 +116,10 @@ class ParameterServer(ServerSaving):
         `parameter_server.overlap`); False: push everything at `optimizer.step()`."""
         overlap_bytes: int = 2 << 20
         """With `overlap`: a server's bucket of gradients is sent once it holds this many bytes."""
+        replication: int | None = None
+        """Processes that hold each server's shard (1 or 2, `shoal.ps.replication`): with 2, a server
+        killed or stopped loses no acknowledged update. None: what the launcher started (its default:
+        2 with 2 or more servers)."""
 
         def __post_init__(self) -> None:
             check_range(self.grad_accum, "grad_accum", low=1)
@@ -128,6 +132,8 @@ class ParameterServer(ServerSaving):
             check_range(self.staleness, "staleness", low=0)
             if self.servers is not None:
                 check_range(self.servers, "servers", low=1)
+            if self.replication is not None:
+                check_range(self.replication, "replication", low=1, high=2)
             check_range(self.chunk_bytes, "chunk_bytes", low=1)
             check_range(self.overlap_bytes, "overlap_bytes", low=1)
             check_range(self.timeout_s, "timeout_s", low=0.0, low_open=True)
@@ -281,7 +287,15 @@ class ParameterServer(ServerSaving):
                 f"servers={asked}; make them agree (shoal run --servers {asked}), "
                 "or leave servers out to use what the launcher started"
             )
-        return read_shards(store, count, self.options.timeout_s)
+        shards = read_shards(store, count, self.options.timeout_s)
+        held = max(len(s.replicas) for s in shards)
+        if self.options.replication is not None and held != self.options.replication:
+            raise ShoalError(
+                f"the launcher keeps {held} cop{'y' if held == 1 else 'ies'} of each server's shard but the strategy "
+                f"asks for replication={self.options.replication}; make them agree (shoal run --replication "
+                f"{self.options.replication}), or leave replication out to use what the launcher started"
+            )
+        return shards
 
     # ------------------------------------------------------------------ steps
     @property
