@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from shoal.comm.wire import Codec, WireError
+from shoal.ps import server_state
 from shoal.ps.protocol import ERROR, PARAMS, PING
 
 if TYPE_CHECKING:
@@ -253,4 +254,4 @@ def publish_final(server: Server) -> None:
     """Every worker said goodbye: the server's own record of the run (pushes, rejoins, drops) for the launcher's."""
     if server.events:
         message = f"server {server.index}: every worker finished"
-        server.events.publish("event", {"message": message, "final": server.stats()})
+        server.events.publish("event", {"message": message, "final": server_state.stats(server)})

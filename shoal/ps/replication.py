@@ -44,7 +44,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from shoal.comm.wire import Codec, WireError
 from shoal.ps import store as ps_store
-from shoal.ps.protocol import ACK, REPLICA, REPLICATE
+from shoal.ps.protocol import ACK, REPLICA, REPLICATE, TAKEOVER
 
 if TYPE_CHECKING:
     from shoal.ps.server import Server
@@ -262,3 +262,50 @@ def replay(server: Server, header: dict, ident: bytes, frames: list) -> None:
         server.apply(ident, src, inner.get("op"), inner, tensors)
     except WireError as err:  # the primary dropped it too: the same checks on the same state
         server.dropped[err.reason] += 1
+
+
+def follow(server: Server) -> None:
+    """Apply what the primary forwarded (a backup), release what the backup acknowledged (a primary);
+    claim the shard when the other replica is gone."""
+    link = server.link
+    if isinstance(link, BackupLink):
+        while (forwarded := link.receive()) is not None:
+            replay(server, *forwarded)
+        if link.lost() and server.claim is not None:
+            if server.claim.take(server.process, f"the primary of shard {server.index} is gone"):
+                promote(server)
+            else:
+                server.fenced("its primary went on without it")
+    elif isinstance(link, PrimaryLink):
+        link.on_ack()
+        why = link.lost()
+        if why and server.claim is not None:
+            if server.claim.take(server.process, why):
+                link.release_all()
+                link.close()
+                server.link = None
+            else:
+                server.fenced("its backup took the shard over")
+
+
+def promote(server: Server) -> None:
+    """This backup is the shard's primary now: tell the workers, and answer what waits."""
+    assert isinstance(server.link, BackupLink) and server.claim is not None
+    server.link.close()
+    server.link = None
+    server.role = PRIMARY
+    server.events = server.quiet_events
+    now = time.monotonic()
+    server.pending = [r._replace(since=now) for r in server.pending]
+    server.first_join = now
+    gen = server.claim.record.gen
+    for w, ident in server.members.ident.items():
+        if server.members.live(w):
+            server.sock.send_multipart([ident, *server.codec.encode({"op": TAKEOVER, "gen": gen})])
+    log.warning("server process %d took shard %d over (generation %d)", server.process, server.index, gen)
+    if server.events:
+        message = f"server process {server.process} took shard {server.index} over (generation {gen})"
+        server.events.publish(
+            "event", {"message": message, "takeover": server.index, "gen": gen, "unix_time": time.time()}
+        )
+    server.answer_ready()

@@ -43,7 +43,6 @@ workers, its backup applies the same inputs); the messages are listed in
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from collections import Counter
@@ -52,16 +51,15 @@ from typing import NamedTuple, TypeGuard
 import torch
 import zmq
 
-from shoal import env, faults
+from shoal import faults
 from shoal.comm import replay
 from shoal.comm.pubsub import Publisher
 from shoal.comm.wire import Codec, WireError
 from shoal.compress.base import Receiver
-from shoal.errors import ShoalError
-from shoal.ps import membership, optim, replication
+from shoal.ps import membership, optim, replication, server_state, startup
 from shoal.ps.consistency import Gate
 from shoal.ps.parts import Parts
-from shoal.ps.pieces import PieceState, all_gradients_finite, build_piece, pushed_pieces, received_gradients
+from shoal.ps.pieces import PieceState, all_gradients_finite, pushed_pieces, received_gradients
 from shoal.ps.protocol import (
     BYE,
     ERROR,
@@ -71,33 +69,17 @@ from shoal.ps.protocol import (
     PULL,
     PUSH,
     RESTORE,
-    RESTORED,
     STATE,
     STATS,
-    TAKEOVER,
 )
-from shoal.ps.pull_codec import PullEncoder, Ready, pull_encoder, pull_stats, replies
+from shoal.ps.pull_codec import PullEncoder, Ready, replies
 from shoal.ps.replication import FENCED, PRIMARY, BackupLink, Claim, PrimaryLink
+from shoal.ps.startup import positive_bytes, positive_seconds
 
 log = logging.getLogger("shoal.ps.server")
 
 MAX_WORKERS = 1 << 16
 """The largest world size an init may announce (and the bound on `src` before one has)."""
-MAX_GROUPS = 1 << 12
-
-
-def positive_seconds(value: object, what: str) -> float:
-    """`value` as a finite number of seconds > 0; ValueError naming `what` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a finite number of seconds > 0, not {value!r}")
-    return float(value)
-
-
-def positive_bytes(value: object, what: str) -> int:
-    """`value` as a whole number of bytes >= 1; ValueError naming `what` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 62:
-        raise ValueError(f"{what} must be a whole number of bytes >= 1, not {value!r}")
-    return value
 
 
 def _whole(value: object) -> TypeGuard[int]:
@@ -210,7 +192,7 @@ class Server:
                 self.handle(frames[0].bytes, frames[1:])
             if self.link is not None:
                 self.handling = "following the shard's other replica"
-                self.follow_link()
+                replication.follow(self)
             if self.role == PRIMARY and not self.done:
                 self.handling = "checking timeouts"
                 self.check_timeouts()
@@ -234,49 +216,6 @@ class Server:
         self.ctx.term()
 
     # ----------------------------------------------------------- replication
-    def follow_link(self) -> None:
-        """Apply what the primary forwarded (a backup), release what the backup acknowledged (a primary);
-        claim the shard when the other replica is gone."""
-        link = self.link
-        if isinstance(link, BackupLink):
-            while (forwarded := link.receive()) is not None:
-                replication.replay(self, *forwarded)
-            if link.lost() and self.claim is not None:
-                if self.claim.take(self.process, f"the primary of shard {self.index} is gone"):
-                    self.promote()
-                else:
-                    self.fenced("its primary went on without it")
-        elif isinstance(link, PrimaryLink):
-            link.on_ack()
-            why = link.lost()
-            if why and self.claim is not None:
-                if self.claim.take(self.process, why):
-                    link.release_all()
-                    link.close()
-                    self.link = None
-                else:
-                    self.fenced("its backup took the shard over")
-
-    def promote(self) -> None:
-        """This backup is the shard's primary now: tell the workers, and answer what waits."""
-        assert isinstance(self.link, BackupLink) and self.claim is not None
-        self.link.close()
-        self.link = None
-        self.role = PRIMARY
-        self.events = self.quiet_events
-        now = time.monotonic()
-        self.pending = [r._replace(since=now) for r in self.pending]
-        self.first_join = now
-        gen = self.claim.record.gen
-        for w, ident in self.members.ident.items():
-            if self.members.live(w):
-                self.sock.send_multipart([ident, *self.codec.encode({"op": TAKEOVER, "gen": gen})])
-        log.warning("server process %d took shard %d over (generation %d)", self.process, self.index, gen)
-        if self.events:
-            message = f"server process {self.process} took shard {self.index} over (generation {gen})"
-            self.events.publish("event", {"message": message, "takeover": self.index, "gen": gen})
-        self.answer_ready()
-
     def fenced(self, why: str) -> None:
         """Another replica holds the shard now: this one stops, and says nothing to the workers."""
         log.warning("server process %d gives shard %d up: %s", self.process, self.index, why)
@@ -315,7 +254,7 @@ class Server:
             if op == STATS:
                 if not self.once.fresh(header.get("seq")):
                     raise WireError("replayed")
-                return self.send(ident, self.stats(), [p.param for p in self.pieces.values()])
+                return self.send(ident, server_state.stats(self), [p.param for p in self.pieces.values()])
             if self.role != PRIMARY:
                 raise WireError("not_primary")  # workers turn to a backup only after it took over
             if op != INIT and src != OBSERVER and not self.members.speaks_for(src, ident):
@@ -354,7 +293,7 @@ class Server:
         elif op in (PULL, STATE):
             self.on_pull(ident, src, header, PULL if op == PULL else STATE)
         elif op == RESTORE:
-            self.on_restore(ident, src, header, tensors)
+            server_state.restore(self, ident, src, header, tensors)
         elif op == BYE:
             self.joined_gate(src)
             self.bye.add(src)  # the server stays up for stats until the launcher stops it
@@ -393,82 +332,7 @@ class Server:
         self.init_seq[src] = header.get("seq", 0)
         self.members.joined(src, ident, header.get("pid"))
         if len(self.joined) == world:
-            self.start(world)
-
-    def start(self, workers: int) -> None:
-        spec = self.joined[0][1]
-        for w, (_, other) in self.joined.items():
-            if other != spec:
-                return self.fail(
-                    f"worker {w}'s model or optimizer differs from worker 0's (every worker must build the same model)"
-                )
-        try:
-            name = spec.get("optim")
-            if not isinstance(name, str) or name not in optim.ELEMENTWISE:
-                raise ValueError(f"optimizer {name!r} is not one of {', '.join(optim.ELEMENTWISE)}")
-            self.optim_name = name
-            groups = spec.get("groups")
-            if not isinstance(groups, list) or not 1 <= len(groups) <= MAX_GROUPS:
-                raise ValueError("groups must list every param group's hyperparameters")
-            self.hp = [optim.check_hyperparameters(self.optim_name, hp) for hp in groups]
-            self.flags = [optim.flags(self.optim_name, hp) for hp in self.hp]
-            self.timeout_s = positive_seconds(spec.get("timeout_s", self.timeout_s), "timeout_s")
-            max_bytes = positive_bytes(spec.get("max_bytes", self.ceiling), "max_bytes")
-            keys = spec.get("keys")
-            if not isinstance(keys, list) or len(keys) != len(self.initial):
-                raise ValueError("worker 0 sent no initial values")
-            compression = spec.get("compression", "none")
-            if not isinstance(compression, str):
-                raise ValueError(f"compression {compression!r} is not a spec")
-            if compression != "none":
-                self.receiver = Receiver(compression)
-            code_shapes = spec.get("code_shapes") or [k[2] if isinstance(k, list) and len(k) == 6 else 0 for k in keys]
-            if not isinstance(code_shapes, list) or len(code_shapes) != len(keys):
-                raise ValueError("one code shape per key")
-            for key_spec, value, code_shape in zip(keys, self.initial, code_shapes, strict=True):
-                piece = build_piece(key_spec, value, code_shape, self.optim_name, self.hp, self.receiver)
-                if piece.key in self.pieces:
-                    raise ValueError(f"piece {piece.key} is named twice")
-                self.pieces[piece.key] = piece
-            self.pulls = pull_encoder(spec.get("pull_compression", "none"), list(self.pieces.values()), workers)
-        except (KeyError, TypeError, ValueError, RuntimeError, ShoalError) as exc:  # ShoalError: bad compression
-            return self.fail(f"bad initial message from worker 0: {exc}")
-        if max_bytes > self.ceiling:
-            return self.fail(
-                f"the workers' max_message_mb ({max_bytes / (1 << 20):g}) is above parameter server {self.index}'s "
-                f"limit of {self.ceiling / (1 << 20):g} MB; lower max_message_mb or raise {env.PS_MAX_BYTES} "
-                "before the launcher starts the servers"
-            )
-        held = sum(p.param.numel() * p.param.element_size() for p in self.pieces.values())
-        if held > max_bytes:
-            return self.fail(
-                f"parameter server {self.index} holds {held / (1 << 20):.1f} MB of parameters, more than one "
-                f"message may carry (max_message_mb = {max_bytes / (1 << 20):g}); "
-                "raise max_message_mb or start more servers"
-            )
-        self.codec.max_bytes = max_bytes
-        self.order = list(self.pieces)
-        self.gate = Gate(workers, [p.mode for p in self.pieces.values()])
-        self.async_keys = any(p.mode.kind != "bsp" for p in self.pieces.values())
-        self.announce(workers)
-        for w, (ident, _) in self.joined.items():
-            self.read_applied[w] = 0
-            header = {"op": PARAMS, "clock": 0, "applied": 0, "re": self.init_seq.get(w, 0)}
-            self.send(ident, header, [p.param for p in self.pieces.values()])
-
-    def announce(self, workers: int) -> None:
-        """One event line for the launcher's log: what this server holds."""
-        if not self.events:
-            return
-        nbytes = sum(p.param.numel() * p.param.element_size() for p in self.pieces.values())
-        modes = "/".join(sorted({str(p.mode) for p in self.pieces.values()}))
-        self.events.publish(
-            "event",
-            {
-                "message": f"server {self.index}: {len(self.pieces)} pieces, {nbytes / 1e6:.2f} MB, "
-                f"{self.optim_name}, {modes}, {workers} workers"
-            },
-        )
+            startup.start(self, world)
 
     def joined_gate(self, src: int) -> Gate:
         """The gate, once every worker joined and `src` is one of them; WireError otherwise."""
@@ -589,43 +453,6 @@ class Server:
         self.pending.append(PendingRead(ident, src, clock, time.monotonic(), reply, exact, header["seq"]))
         self.answer_ready()
 
-    def on_restore(self, ident: bytes, src: int, header: dict, tensors: list[torch.Tensor]) -> None:
-        """Worker 0 puts back a checkpoint's values and optimizer state, before any push."""
-        gate = self.joined_gate(src)
-        if src != 0 or any(gate.pushed) or self.pending:
-            raise WireError("bad_restore", "only worker 0 restores, and only before the first push")
-        layout = header.get("state")
-        if not isinstance(layout, list) or len(layout) != len(self.order):
-            raise WireError("malformed", "restore must name every piece")
-        staged, it = [], iter(tensors)
-        try:
-            for key, entry in zip(self.order, layout, strict=True):
-                if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == key and isinstance(entry[1], list)):
-                    raise ValueError(f"expected piece {key}")
-                piece = self.pieces[key]
-                value = next(it)
-                if value.dtype != piece.param.dtype or value.shape != piece.param.shape:
-                    raise ValueError(f"{key} has the wrong shape")
-                if not all_gradients_finite([value]):
-                    raise ValueError(f"{key} holds inf or NaN")
-                probe = optim.build(self.optim_name, value.clone(), self.hp[piece.group])
-                optim.import_state(
-                    self.optim_name, probe, probe.param_groups[0]["params"][0], [(str(n), next(it)) for n in entry[1]]
-                )
-                staged.append((piece, value, probe))
-            if next(it, None) is not None:
-                raise ValueError("more tensors than the layout names")
-        except (StopIteration, ValueError) as exc:
-            raise WireError("malformed", f"restore: {exc}") from None
-        # Checked: from here on the checkpoint is applied in full.
-        for piece, value, probe in staged:
-            piece.param.copy_(value)
-            piece.opt.state.clear()
-            piece.opt.state[piece.param] = probe.state[probe.param_groups[0]["params"][0]]
-        if self.pulls is not None:
-            self.pulls.forget()  # the workers' next pulls are exact
-        self.send(ident, {"op": RESTORED, "clock": 0, "re": header["seq"]})
-
     def answer_ready(self) -> None:
         gate = self.gate
         if gate is None:
@@ -637,7 +464,7 @@ class Server:
                 if gate.slowest < read.clock or (gate.has_bsp and gate.bsp_done < read.clock):
                     waiting.append(read)
                 else:
-                    self.send_state(read.ident, read.clock, read.seq)
+                    server_state.send_state(self, read.ident, read.clock, read.seq)
                     if self.pulls is not None:
                         self.pulls.hold_exact(read.worker)  # it installs these values whole
                 continue
@@ -661,21 +488,6 @@ class Server:
                 messages = self.codec.encode_many([h for _, h in group], tensors)
                 for (ident, _), frames in zip(group, messages, strict=True):
                     self.out([ident, *frames], fresh=self.pulls is None)  # uncompressed: a snapshot
-
-    def send_state(self, ident: bytes, clock: int, seq: int) -> None:
-        layout, tensors = [], []
-        for piece in self.pieces.values():
-            items = optim.export_state(piece.opt, piece.param)
-            layout.append([piece.key, [k for k, _ in items]])
-            tensors += [piece.param, *(t for _, t in items)]
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        if nbytes > self.codec.max_bytes:
-            return self.fail(
-                f"parameter server {self.index}'s checkpoint state is {nbytes / (1 << 20):.1f} MB, more than one "
-                f"message may carry (max_message_mb = {self.codec.max_bytes / (1 << 20):g}); "
-                "raise max_message_mb or start more servers"
-            )
-        self.send(ident, {"op": STATE, "clock": clock, "state": layout, "re": seq}, tensors)
 
     # ---------------------------------------------------------------- health
     def check_timeouts(self) -> None:
@@ -711,23 +523,3 @@ class Server:
             self.events.publish("event", {"message": message, "error": True})
         self.pending = []
         self.done = True
-
-    def stats(self) -> dict:
-        gate = self.gate
-        return {
-            "op": STATS,
-            "index": self.index,
-            "keys": self.order,
-            "dropped": dict(self.dropped),
-            "pushed": gate.pushed if gate else [],
-            "bsp_done": gate.bsp_done if gate else 0,
-            "gaps": {str(k): v for k, v in sorted(gate.gaps.items())} if gate else {},
-            "max_gap": gate.max_gap if gate else 0,
-            "steps": {k: p.steps for k, p in self.pieces.items()},
-            "applied": self.applied,
-            "skipped": self.skipped,
-            "nonfinite": self.nonfinite,
-            "bye": sorted(self.bye),
-            **self.members.stats(),
-            **pull_stats(self.pulls),
-        }
