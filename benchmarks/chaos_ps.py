@@ -1,5 +1,5 @@
-"""Chaos trials for parameter-server workers: kill (SIGKILL) or stop (SIGSTOP) a worker of a running
-`shoal train` job at a random step, and measure how the job recovers.
+"""Chaos trials for the parameter server: kill (SIGKILL) or stop (SIGSTOP) a worker, or a server
+process, of a running `shoal train` job at a random step, and measure how the job recovers.
 
 Each scenario is `SCENARIOS[name](rng, work_dir) -> dict` (merged into benchmarks/chaos.py's registry):
 
@@ -14,6 +14,16 @@ Each scenario is `SCENARIOS[name](rng, work_dir) -> dict` (merged into benchmark
   piece stepped workers x steps times, no push refused or repeated);
 - `fired`: the fault fired exactly once.
 
+Server scenarios (`ps-server-{kill,stop}-{bsp,ssp,asp}`; shards replicated on both servers,
+`shoal.ps.replication`): the fault hits server process 0 or 1 at a random step;
+
+- `failover_s`: from the fault to the "takeover" event of the shard that process was primary for
+  (its backup's claim won, and it told the workers);
+- `stall_s`: the job's stall: the longest gap between two steps of a worker (a microsecond sleep
+  fault at every worker step records its time) that spans the fault, less that worker's median gap;
+- `equal`: as for workers (BSP bit-identical; SSP/ASP every push applied exactly once, from the
+  final records of the shards' primaries at the end).
+
 Every trial is a 2-worker, 2-server `shoal train` run (the digits MLP, Adam, dropout) with
 `--launch.max_restarts=1`:
 
@@ -26,6 +36,7 @@ writes benchmarks/results/chaos_ps.json (after each scenario) and prints one lin
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -90,10 +101,10 @@ def _bit_identical(a: Path, b: Path) -> bool:
     return same
 
 
-def _exactly_once(finals: list[dict]) -> bool:
+def _exactly_once(finals: list[dict], shards: int = 2) -> bool:
     """From each server's final record: every worker pushed STEPS clocks and each piece was stepped once per
     push (none applied twice, none lost; a repeated push the server refused is counted in `dropped`)."""
-    if not finals:
+    if len(finals) != shards:  # one final record per shard, from whoever is its primary at the end
         return False
     for f in finals:
         if f["pushed"] != [STEPS] * WORKERS:
@@ -140,10 +151,63 @@ def _scenario(mode: str, action: str) -> Callable[[random.Random, Path], dict]:
     return run
 
 
+def _events(work: Path) -> list[dict]:
+    lines = (work / "faulty" / "ps_events.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _stall(steps: list[dict], at: float) -> float | None:
+    """The longest gap between two steps of a worker that spans `at`, less its median gap; the max over
+    workers. `steps`: the fault record's microsecond sleeps, one per worker step, each with its time."""
+    stalls = []
+    for rank in range(WORKERS):
+        times = sorted(f["unix_time"] for f in steps if f["rank"] == rank)
+        gaps = [(b - a, a, b) for a, b in itertools.pairwise(times)]
+        spanning = [g for g, a, b in gaps if a <= at <= b]
+        if gaps and spanning:
+            stalls.append(max(spanning) - statistics.median(g for g, _, _ in gaps))
+    return max(stalls) if stalls else None
+
+
+def server_trial(mode: str, action: str, rng: random.Random, work: Path) -> dict:
+    process, step = rng.randrange(2), rng.randint(2, STEPS - 2)
+    work.mkdir(parents=True, exist_ok=True)
+    faults = Faults(work).add("server", process, step, action, **({"seconds": STOP_S} if action == "stop" else {}))
+    faults.sleep("worker", "*", "*", 1e-6)  # a timestamp per worker step, for the stall
+    done = _train(work, "faulty", mode, "--strategy.replication=2", env=faults.env())
+    fired = [f for f in faults.fired() if (f["role"], f["rank"], f["step"]) == ("server", process, step)]
+    out: dict = {"mode": mode, "action": action, "process": process, "step": step, "fired": len(fired) == 1}
+    out["returncode"] = done.returncode
+    if done.returncode != 0 or not fired:
+        out["error"] = (done.stderr.strip().splitlines() or [""])[-1][:300]
+        return {**out, "equal": False, "failover_s": None, "stall_s": None}
+    at = fired[0]["unix_time"]
+    events = _events(work)
+    taken = [e for e in events if e.get("takeover") == process and e.get("unix_time", 0) >= at]
+    out["failover_s"] = min(e["unix_time"] for e in taken) - at if taken else None
+    out["stall_s"] = _stall([f for f in faults.fired() if f["role"] == "worker"], at)
+    if mode == "bsp":
+        out["equal"] = _bit_identical(_reference_run(mode, work), work / "faulty")
+    else:
+        finals = [e["final"] for e in events if "final" in e]
+        out["equal"] = _exactly_once(finals)
+        out["dropped"] = [f.get("dropped") for f in finals]
+    return out
+
+
+def _server_scenario(mode: str, action: str) -> Callable[[random.Random, Path], dict]:
+    def run(rng: random.Random, work: Path) -> dict:
+        return server_trial(mode, action, rng, work)
+
+    run.__name__ = f"ps_server_{action}_{mode}"
+    return run
+
+
 ACTIONS, MODES = ("kill", "stop"), ("bsp", "ssp", "asp")
 SCENARIOS: dict[str, Callable[[random.Random, Path], dict]] = {
     f"ps-worker-{action}-{mode}": _scenario(mode, action) for action in ACTIONS for mode in MODES
 }
+SCENARIOS.update({f"ps-server-{a}-{m}": _server_scenario(m, a) for a in ACTIONS for m in MODES})
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -155,7 +219,8 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def summarize(name: str, trials: list[dict]) -> dict:
     figures: dict = {"trials": len(trials)}
-    for key in ("detect_s", "recover_s", "redone_steps"):
+    keys = ("failover_s", "stall_s") if name.startswith("ps-server") else ("detect_s", "recover_s", "redone_steps")
+    for key in keys:
         values = [t[key] for t in trials if t.get(key) is not None]
         figures[key] = {"p50": statistics.median(values) if values else None, "p95": _pct(values, 0.95)}
     figures["equal"] = sum(bool(t["equal"]) for t in trials)
@@ -169,9 +234,12 @@ def line(name: str, f: dict) -> str:
         p50, p95 = f[key]["p50"], f[key]["p95"]
         return "n/a" if p50 is None else f"p50 {p50:.2f}{unit} p95 {p95:.2f}{unit}"
 
+    if "failover_s" in f:
+        timing = f"failover {fmt('failover_s')}, stall {fmt('stall_s')}"
+    else:
+        timing = f"detect {fmt('detect_s')}, recover {fmt('recover_s')}, redone steps {fmt('redone_steps', '')}"
     return (
-        f"{name}: {f['trials']} trials, detect {fmt('detect_s')}, recover {fmt('recover_s')}, "
-        f"redone steps {fmt('redone_steps', '')}, equal {f['equal']}/{f['trials']}, fired {f['fired']}/{f['trials']}"
+        f"{name}: {f['trials']} trials, {timing}, equal {f['equal']}/{f['trials']}, fired {f['fired']}/{f['trials']}"
         f", failed runs {f['failed']}"
     )
 
