@@ -16,9 +16,11 @@ from shoal.comm.wire import Codec, WireError
 
 
 class Publisher:
-    def __init__(self, endpoint: str, codec: Codec):
+    def __init__(self, endpoint: str, codec: Codec, ctx: zmq.Context | None = None):
+        """`ctx`: a context shared with the process's other sockets (its owner terms it); else its own."""
         self.codec = codec
-        self.ctx = zmq.Context()
+        self.own = ctx is None
+        self.ctx = ctx or zmq.Context()
         self.sock = self.ctx.socket(zmq.PUB)
         self.sock.setsockopt(zmq.SNDHWM, 1000)
         self.sock.setsockopt(zmq.LINGER, 500)
@@ -36,7 +38,8 @@ class Publisher:
 
     def close(self) -> None:
         self.sock.close()
-        self.ctx.term()
+        if self.own:
+            self.ctx.term()
 
 
 class Subscriber:

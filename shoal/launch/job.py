@@ -119,8 +119,9 @@ def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
             try:
                 launch(["-m", "shoal.train.worker", str(run_dir)], spec)
             except WorkerError as err:
-                if not spec.max_restarts:
+                if not spec.max_restarts and not servers:
                     raise
+                # restarts used up, or the servers' state gone with the job: a checkpoint is the way on
                 raise WorkerError(f"{err}{resume_hint(run_dir)}") from None
     finally:
         if monitor:

@@ -59,9 +59,16 @@ ANSWERED = (PARAMS, STATE, RESTORED)
 
 class Client:
     def __init__(
-        self, servers: list[ServerAddress] | list[Shard], codec: Codec, rank: int, world: int, timeout_s: float
+        self,
+        servers: list[ServerAddress] | list[Shard],
+        codec: Codec,
+        rank: int,
+        world: int,
+        timeout_s: float,
+        pieces: list[list[str]] | None = None,
     ):
         self.codec, self.rank, self.world, self.timeout_s = codec, rank, world, timeout_s
+        self.pieces = pieces  # each shard's piece names, for the sentence when one is lost
         self.shards = [s if isinstance(s, Shard) else Shard([s], ShardRecord(1, s.index, None)) for s in servers]
         self.replicated = any(len(s.replicas) > 1 for s in self.shards)
         self.current = [s.current for s in self.shards]  # the primary's position in each shard's replicas
@@ -219,18 +226,14 @@ class Client:
         while len(replies) < len(self.shards):
             left = deadline - time.monotonic()
             if left <= 0:
-                missing = [self.endpoints[i] for i in range(len(self.shards)) if i not in replies]
-                raise ShoalError(
-                    f"worker {self.rank}: no answer from parameter server(s) {missing} within {self.timeout_s:.0f}s "
-                    f"(clock {clock}); a server or another worker may have died"
-                )
+                raise self._abort(self._unanswered([i for i in range(len(self.shards)) if i not in replies], clock))
             for sock, _ in poller.poll(int(min(left, 1.0) * 1000)):
                 s, r = where[sock]
                 frames = sock.recv_multipart(copy=False)
                 try:
                     header, tensors = self.codec.decode(frames)
                 except WireError as err:
-                    raise ShoalError(
+                    raise self._abort(
                         f"worker {self.rank}: a bad message from parameter server {s} ({err}); "
                         "do all processes share the job key?"
                     ) from None
@@ -240,11 +243,11 @@ class Client:
                 if header.get("op") == PING or r != self.current[s]:
                     continue  # a liveness probe, or a replica that is not (or no longer) the primary
                 if header.get("op") == ERROR:
-                    raise ShoalError(str(header.get("message", "the parameter server stopped the job")))
+                    raise self._abort(str(header.get("message", "the parameter server stopped the job")))
                 if self.replicated and header.get("op") in ANSWERED and header.get("re") != self.awaited[s]:
                     continue  # an answer sent again after a takeover, already taken
                 if header.get("op") != op or (clock is not None and header.get("clock") != clock):
-                    raise ShoalError(
+                    raise self._abort(
                         f"worker {self.rank}: parameter server {s} answered {header.get('op')} "
                         f"for clock {header.get('clock')}, expected clock {clock}"
                     )
@@ -254,12 +257,40 @@ class Client:
                 replies[s] = (header, tensors)
         return [replies[s] for s in range(len(self.shards))]
 
+    def _abort(self, message: str) -> ShoalError:
+        """The error that ends this worker's part in the job, every socket of its context closed first
+        (the worker's event publisher shares it): left open, a socket found only by the garbage
+        collector can hold ZeroMQ's term, and the process, forever at exit."""
+        self.ctx.destroy(linger=0)
+        return ShoalError(message)
+
+    def _unanswered(self, lost: list[int], clock: int | None) -> str:
+        """The sentence for shards that did not answer in time: which, what they hold, and what it means
+        (kept short: the launcher quotes the first 300 characters)."""
+        if not any(len(self.shards[i].replicas) > 1 for i in lost):
+            return (
+                f"worker {self.rank}: no answer from parameter server(s) {[self.endpoints[i] for i in lost]} "
+                f"within {self.timeout_s:.0f}s (clock {clock}); a server or another worker may have died"
+            )
+        names = [n for i in lost for n in self.pieces[i]] if self.pieces is not None else []
+        shown = ", ".join(names[:4]) + (f" +{len(names) - 4} more" if len(names) > 4 else "")
+        return (
+            f"worker {self.rank}: parameter-server shard(s) {lost} ({shown}) lost: neither process holding "
+            f"them answered within {self.timeout_s:.0f}s (clock {clock})"
+        )
+
     def stats(self, server: int) -> tuple[dict, list[torch.Tensor]]:
         return request_stats(self.ctx, self.servers[server], self.codec, self.timeout_s)
 
     def close(self) -> None:
+        if self.ctx.closed:
+            return  # aborted: nothing more to say
         for s in range(len(self.shards)):
             self._send(s, {"op": BYE})
+            for r, sock in enumerate(self.replica_socks[s]):  # and to the backup, which may be primary by now
+                if r != self.current[s]:
+                    header = {"op": BYE, "src": self.rank, "seq": self.seq, **self.shards[s].replicas[r].header}
+                    sock.send_multipart(self.codec.encode(header))
         for socks in self.replica_socks:
             for sock in socks:
                 sock.close()  # LINGER lets the goodbyes go out

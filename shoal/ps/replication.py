@@ -56,7 +56,11 @@ BACKUP = "backup"
 FENCED = "fenced"
 """A replica that lost its shard to the other (or whose state is in doubt): it serves nothing more."""
 LEASE_S = 1.5
-"""A link silent this long after a heartbeat is closed: how long a stopped peer keeps its role."""
+"""A link silent this long after a heartbeat is closed: how long a stopped peer keeps its role.
+ZeroMQ's I/O thread answers heartbeats without Python's GIL, so a replica busy computing keeps it."""
+ACK_LEASE_S = 10.0
+"""The backstop: a backup whose link is up but that acknowledged nothing this long (its loop is stuck)
+is given up. Long, because a loop starved of CPU on a loaded machine must not lose its role."""
 HEARTBEAT_IVL_MS = 200
 LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
@@ -181,8 +185,8 @@ class PrimaryLink:
         """Why the backup is gone ("" while it is not)."""
         if self.watch.check():
             return "its backup's link closed"
-        if self.since and time.monotonic() - self.since[0][1] > LEASE_S:
-            return f"its backup acknowledged nothing for {LEASE_S:g}s"
+        if self.since and time.monotonic() - self.since[0][1] > ACK_LEASE_S:
+            return f"its backup acknowledged nothing for {ACK_LEASE_S:g}s"
         return ""
 
     def release_all(self) -> None:

@@ -254,8 +254,12 @@ class Server:
             if op == STATS:
                 if not self.once.fresh(header.get("seq")):
                     raise WireError("replayed")
-                return self.send(ident, server_state.stats(self), [p.param for p in self.pieces.values()])
+                values = [p.param for p in self.pieces.values()]  # any replica answers, at once
+                return self.out_now([ident, *self.codec.encode(server_state.stats(self), values)], copy=True)
             if self.role != PRIMARY:
+                if op == BYE and src in self.joined:  # a worker leaving says so to every replica: its
+                    self.members.finished.add(src)  # connection closing is then no death, whoever is primary
+                    return
                 raise WireError("not_primary")  # workers turn to a backup only after it took over
             if op != INIT and src != OBSERVER and not self.members.speaks_for(src, ident):
                 self.members.refuse(src, ident)
@@ -304,6 +308,8 @@ class Server:
             raise WireError("bad_op")
 
     def send(self, ident: bytes, header: dict, tensors: list[torch.Tensor] | tuple = ()) -> None:
+        if self.role != PRIMARY:
+            return  # a backup's replies go nowhere: not even encoded (a MAC pass over the values)
         # not fresh: the bytes are taken now, before the optimizer changes the tensors in place
         self.out([ident, *self.codec.encode(header, list(tensors))], fresh=False)
 
@@ -483,8 +489,12 @@ class Server:
             ready.append(Ready(read.ident, read.worker, header, read.exact))
         self.pending = waiting
         if ready:
+            if self.role != PRIMARY and self.pulls is None:
+                return  # a backup's replies go nowhere (compressed ones are made: they move its copies)
             # One MAC pass per distinct reply (`pull_codec.replies`): in BSP, one for all workers.
             for tensors, group in replies(self.pulls, self.pieces.values(), ready):
+                if self.role != PRIMARY:
+                    continue
                 messages = self.codec.encode_many([h for _, h in group], tensors)
                 for (ident, _), frames in zip(group, messages, strict=True):
                     self.out([ident, *frames], fresh=self.pulls is None)  # uncompressed: a snapshot

@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.helpers.cli import shoal
 from tests.helpers.faults import Faults
+from tests.helpers.procs import pid_alive
 from tests.helpers.ps import run_ps_job, server_stats
 from tests.workers import ps_tasks
 
@@ -104,3 +106,34 @@ def test_a_stopped_primary_is_fenced_and_gives_its_shards_up_when_it_wakes(tmp_p
     got = job.arrays()
     for name, value in ps_tasks.single_process("adam", STEPS, world=2).items():
         np.testing.assert_allclose(got[name], value, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_both_copies_lost_stops_the_job_naming_the_pieces_and_the_checkpoint(tmp_path):
+    """Both server processes killed at step 7 (so both copies of every shard): the job stops within
+    the workers' timeout with one sentence naming the lost shards' pieces and the newest checkpoint
+    (step 6) to resume from, and no process is left."""
+    faults = Faults(tmp_path).kill("server", 0, 7).kill("server", 1, 7)
+    result = shoal(
+        "train",
+        f"--logging.run_dir={tmp_path}",
+        "--logging.name=lost",
+        "--train.steps=12",
+        "--checkpoint.every=3",
+        "--model.hidden=[64]",
+        "--data.batch_size=16",
+        "--strategy.name=parameter_server",
+        "--strategy.servers=2",
+        "--strategy.timeout_s=10",
+        "--logging.tensorboard=false",
+        "--logging.progress=false",
+        timeout=90,
+        env=faults.env(),
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    killed = [faults.assert_fired("server", p, 7, "kill")["pid"] for p in (0, 1)]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "parameter-server shard(s) [0, 1] (1.weight, 1.bias, 3.bias, 3.weight) lost" in last, last
+    assert "neither process holding them answered within 10s" in last, last
+    assert "resume from its newest checkpoint" in last and "step-00000006" in last, last
+    assert not result.survivors, f"processes outlived the job: {result.survivors}"
+    assert not any(pid_alive(p) for p in killed)

@@ -228,7 +228,8 @@ class ParameterServer(ServerSaving):
         codec = Codec(job_key(), int(o.max_message_mb * (1 << 20)))
         for spec in layout.specs:  # the servers refuse bigger messages too (below SHOAL_PS_MAX_BYTES)
             spec["max_bytes"] = codec.max_bytes
-        client = Client(endpoints, codec, rt.rank, rt.world_size, o.timeout_s)
+        pieces = [sorted({h.key for h in held}) for held in layout.slices]
+        client = Client(endpoints, codec, rt.rank, rt.world_size, o.timeout_s, pieces)
         compressor = parse_compression(o.compression)
         compressor.reseed(1_000 + rt.rank)  # independent rounding noise per worker
         installed = Installed([h for held in layout.slices for h in held])
@@ -246,7 +247,7 @@ class ParameterServer(ServerSaving):
             client.request_pull(s.rejoin_clocks)
             s.pending = True
         if os.environ.get(env.PS_EVENTS):
-            s.live = LiveRow(Publisher(os.environ[env.PS_EVENTS], codec), rt.rank)
+            s.live = LiveRow(Publisher(os.environ[env.PS_EVENTS], codec, client.ctx), rt.rank)
         prepared = prepare_optimizer(optimizer, self)
         if not s.clock:  # a rejoining worker takes the servers' state as it is
             # State loaded before prepare (a snapshot) goes to the servers; no worker pushes before it is there.
