@@ -216,10 +216,15 @@ class BackupLink:
         self.seq = 0
 
     def receive(self) -> tuple[dict, bytes, list] | None:
-        """The next forwarded input (header, worker ident, the worker's frames), acknowledged; None if none."""
-        if not self.sock.poll(0):
-            return None
-        frames = self.sock.recv_multipart(copy=False)
+        """The next forwarded input (header, worker ident, the worker's frames), acknowledged; None if none
+        is waiting. A message that fails a check is dropped and the next one read."""
+        while self.sock.poll(0):
+            forwarded = self._check(self.sock.recv_multipart(copy=False))
+            if forwarded is not None:
+                return forwarded
+        return None
+
+    def _check(self, frames: list) -> tuple[dict, bytes, list] | None:
         ident, rest = frames[0].bytes, frames[1:]
         try:
             header, tensors = self.codec.decode(rest[:2])  # the link header carries no tensors
