@@ -14,7 +14,7 @@ This kernel has no qdisc that delays packets (netem, fq and etf are not
 built in; only tbf, htb and fifo are), so links have a rate but no delay.
 
     PYTHONPATH=. python benchmarks/network.py [--models mlp,gpt] [--strategies dp,ps]
-        [--rates none,1gbit,100mbit] [--specs none,fp16,...] [--hosts 2] [--steps 80]
+        [--rates 10gbit,1gbit,100mbit] [--specs none,fp16,...] [--hosts 2,4] [--steps 80]
 
 Writes benchmarks/results/NAME.json and one line per model, strategy and rate.
 """
@@ -82,7 +82,7 @@ def worker(strategy_name: str, model_name: str, spec: str, steps: int, eval_ever
         strategy = shoal.ParameterServer(consistency="bsp", compression=spec)
     model, opt = strategy.prepare(model, opt)
     batches = strategy.loader(split.train, batch, shuffle=True, seed=0).forever()
-    curve, trained, wire = [], 0.0, []
+    curve, trained, wire, waits = [], 0.0, [], []
     for step in range(1, steps + 1):
         dist.barrier()
         start = time.perf_counter()
@@ -91,12 +91,14 @@ def worker(strategy_name: str, model_name: str, spec: str, steps: int, eval_ever
         trained += time.perf_counter() - start
         m = strategy.step_metrics()
         wire.append(m.get("bytes_sent", 0.0) + m.get("ps_bytes_pushed", 0.0) + m.get("ps_bytes_pulled", 0.0))
+        waits.append(m.get("ps_wait_s", 0.0))
         if step % eval_every == 0 or step == steps:
             acc = strategy.evaluate(model, split.test, loss_fn)["eval_accuracy"]
             curve.append({"step": step, "seconds": trained, "accuracy": acc})
     fresh = build(model_name)[2]  # the same network without the strategy's hooks, for local costs
     profile = local_costs(fresh, spec, loss_fn, next(batches))
     profile["bytes_per_step"] = sum(wire[2:]) / max(1, len(wire[2:]))  # after PowerSGD's dense warm-up steps
+    profile["ps_wait_s"] = sum(waits[2:]) / max(1, len(waits[2:]))  # PS: blocked on pushes and pulls
     strategy.close()
     if rt.is_main:
         Path(out).write_text(json.dumps({"spec": spec, "steps_per_s": steps / trained, "curve": curve, **profile}))
@@ -157,7 +159,9 @@ def rate_bits(rate: str) -> float | None:
     return float(found[1]) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[found[2]]
 
 
-def compare(rows: list[dict], slack: float, rate: str) -> dict:
+def compare(rows: list[dict], slack: float, rate: str, crossing: float = 1.0) -> dict:
+    """Each spec against "none"; `crossing`: the share of a worker's bytes per step that its host's
+    link carries (`link_share`)."""
     none = next(r for r in rows if r["spec"] == "none")
     target = none["curve"][-1]["accuracy"] - slack
     base = time_to(none["curve"], target)
@@ -169,15 +173,26 @@ def compare(rows: list[dict], slack: float, rate: str) -> dict:
         t = row["seconds_to_target"]
         row["time_to_target_vs_none"] = base / t if (t and base) else None
         step = 1.0 / row["steps_per_s"]
-        wire = row["bytes_per_step"] * 8 / bits if bits else None
+        wire = row["bytes_per_step"] * crossing * 8 / bits if bits else None
         row["profile"] = {
             "step_s": step,
             "compute_s": row["compute_s"],
             "codec_s": row["codec_s"],
             "wire_s_at_rate": wire,
             "rest_s": step - row["compute_s"] - row["codec_s"] - (wire or 0.0),
+            "ps_wait_s": row.get("ps_wait_s", 0.0),
         }
     return {"target_accuracy": target, "rows": rows}
+
+
+def link_share(strategy: str, hosts: int, workers_per_host: int) -> float:
+    """Bytes a host's link carries per step, as a multiple of one worker's bytes per step.
+
+    DP: what the worker sends is what leaves its host (one worker per host). PS-BSP with one
+    server per host: a worker's pushes to and pulls from its own host's server stay on the host;
+    its host's link carries the rest, (hosts-1)/hosts of them, and the replies of its host's server
+    to the other hosts' workers, by symmetry as many: per worker on the host, (hosts-1)/hosts."""
+    return workers_per_host * (hosts - 1) / hosts if strategy == "ps" else 1.0
 
 
 def main() -> None:
@@ -185,10 +200,10 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,gpt", help="mlp (5.3M parameters) and/or gpt (0.8M)")
     parser.add_argument("--strategies", default="dp,ps", help="dp (DataParallel) and/or ps (ParameterServer, bsp)")
     parser.add_argument(
-        "--rates", default="none,1gbit,100mbit", help="tc rates per host link; 'none' leaves it unshaped"
+        "--rates", default="10gbit,1gbit,100mbit", help="tc rates per host link; 'none' leaves it unshaped"
     )
     parser.add_argument("--specs", default=",".join(SPECS))
-    parser.add_argument("--hosts", type=int, default=2, help="test hosts (PS-BSP: one server on each)")
+    parser.add_argument("--hosts", default="2", help="test hosts, e.g. 2,4 (PS-BSP: one server on each)")
     parser.add_argument("--workers-per-host", type=int, default=1)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--eval-every", type=int, default=10)
@@ -211,27 +226,35 @@ def main() -> None:
     results: dict = {}
     lines = []
     tmp = _harness.RESULTS / f"{args.name}.part.json"
-    for model in args.models.split(","):
-        for strategy in args.strategies.split(","):
-            for rate in args.rates.split(","):
-                with TestHosts(args.hosts) as hosts:
-                    shaped = rate != "none"
-                    links = [hosts.shape(i, rate=rate).applied if shaped else "unshaped" for i in range(len(hosts))]
-                    rows = [run_spec(hosts, args, strategy, model, s, tmp) for s in args.specs.split(",")]
-                key = f"{model}/{strategy}/{rate}"
-                results[key] = {"link": links[0], **compare(rows, args.slack, rate)}
-                line = ", ".join(
-                    f"{r['spec']} {r['speedup_vs_none']:.2f}x steps/s, "
-                    + (f"{r['time_to_target_vs_none']:.2f}x sooner" if r["time_to_target_vs_none"] else "not reached")
-                    for r in results[key]["rows"]
-                )
-                lines.append(f"{key}: {line}")
-                print(lines[-1], flush=True)
+    partial = _harness.RESULTS / f"{args.name}.cells.json"
+    grid = [
+        (model, strategy, int(count), rate)
+        for model in args.models.split(",")
+        for strategy in args.strategies.split(",")
+        for count in args.hosts.split(",")
+        for rate in args.rates.split(",")
+    ]
+    for model, strategy, count, rate in grid:
+        with TestHosts(count) as hosts:
+            shaped = rate != "none"
+            links = [hosts.shape(i, rate=rate).applied if shaped else "unshaped" for i in range(len(hosts))]
+            rows = [run_spec(hosts, args, strategy, model, s, tmp) for s in args.specs.split(",")]
+        key = f"{model}/{strategy}/{count * args.workers_per_host}w/{rate}"
+        share = link_share(strategy, count, args.workers_per_host)
+        results[key] = {"link": links[0], "hosts": count, "link_share": share, **compare(rows, args.slack, rate, share)}
+        line = ", ".join(
+            f"{r['spec']} {r['speedup_vs_none']:.2f}x steps/s, "
+            + (f"{r['time_to_target_vs_none']:.2f}x sooner" if r["time_to_target_vs_none"] else "not reached")
+            for r in results[key]["rows"]
+        )
+        lines.append(f"{key}: {line}")
+        print(lines[-1], flush=True)
+        partial.write_text(json.dumps(results))  # what a cut-short run had measured
     tmp.unlink(missing_ok=True)
-    workers = args.hosts * args.workers_per_host
+    partial.unlink(missing_ok=True)
     result = {
         "hosts": args.hosts,
-        "workers": workers,
+        "workers_per_host": args.workers_per_host,
         "steps": args.steps,
         "eval_every": args.eval_every,
         "slack": args.slack,

@@ -197,21 +197,15 @@ def _run(args: list[str]) -> int:
     return 0
 
 
-RDZV_BACKENDS = ("static", "c10d", "etcd", "etcd-v2")
-
-
 def _check_rdzv_backend(ns: argparse.Namespace) -> None:
     """A rendezvous backend torch has, whose client is installed, that fits the rest of the command."""
-    import importlib.util
+    from shoal.config import ETCD_NEEDS, RDZV_BACKENDS, etcd_client_installed
 
     backend = ns.rdzv_backend
     if backend not in RDZV_BACKENDS:
         raise ConfigError(f"--rdzv-backend must be one of {', '.join(RDZV_BACKENDS)}, not {backend!r}")
-    if backend.startswith("etcd") and importlib.util.find_spec("etcd") is None:
-        raise ConfigError(
-            f"--rdzv-backend {backend} needs the python-etcd package (pip install python-etcd) and an etcd "
-            "server with the v2 API (etcd --enable-v2) at --rdzv-endpoint; or use --rdzv-backend c10d"
-        )
+    if backend.startswith("etcd") and not etcd_client_installed():
+        raise ConfigError(f"--rdzv-backend {backend} {ETCD_NEEDS} (--rdzv-endpoint); or use --rdzv-backend c10d")
     if backend != "static" and ns.servers and (ns.nnodes > 1 or ns.server_nodes):
         raise ConfigError(
             f"parameter servers on several machines need --rdzv-backend static (each machine's share of the "

@@ -23,6 +23,21 @@ from shoal.errors import ConfigError
 # --------------------------------------------------------------------------
 # Fixed sections
 
+RDZV_BACKENDS = ("static", "c10d", "etcd", "etcd-v2")
+"""Rendezvous backends `shoal run --rdzv-backend` and `launch.rdzv_backend` accept: static, or torch's own."""
+ETCD_NEEDS = (
+    "needs the python-etcd package (pip install python-etcd) and an etcd server with the v2 API "
+    "(etcd --enable-v2) at the rendezvous endpoint"
+)
+"""What torch's etcd rendezvous needs that shoal does not install; said when it is missing."""
+
+
+def etcd_client_installed() -> bool:
+    """Whether torch's etcd rendezvous can import its client (python-etcd's `etcd` module)."""
+    import importlib.util
+
+    return importlib.util.find_spec("etcd") is not None
+
 
 @dataclass
 class OptimizerConfig:
@@ -97,6 +112,10 @@ class LaunchConfig:
     timeout_s: float = 300.0
     max_restarts: int = 0
     """Restart every worker this many times after a worker fails (torch's elastic agent); 0: stop at the first."""
+    rdzv_backend: str = "static"
+    """How the machines meet: "static" (ranks from node_rank), or torch's dynamic "c10d", "etcd", "etcd-v2"
+    (ranks assigned at rendezvous; a machine that starts late, or again, joins). The same as `shoal run
+    --rdzv-backend`."""
 
     def __post_init__(self):
         check_range(self.workers, "workers", low=1)
@@ -110,6 +129,16 @@ class LaunchConfig:
             raise ConfigError(f"'device' must be one of auto, cpu, cuda, not {self.device!r}", "device")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ConfigError("'rdzv_endpoint' (HOST:PORT) is needed when nnodes > 1", "rdzv_endpoint")
+        check_choice(self.rdzv_backend, "rdzv_backend", RDZV_BACKENDS)
+        if self.rdzv_backend != "static" and not self.rdzv_endpoint:
+            raise ConfigError(
+                f"'rdzv_backend' {self.rdzv_backend} needs rdzv_endpoint = \"HOST:PORT\" (the same on every machine)",
+                "rdzv_backend",
+            )
+        if self.rdzv_backend.startswith("etcd") and not etcd_client_installed():
+            raise ConfigError(
+                f"'rdzv_backend' {self.rdzv_backend} {ETCD_NEEDS}; or use rdzv_backend = \"c10d\"", "rdzv_backend"
+            )
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from shoal import env
-from shoal.errors import CheckpointError, WorkerError
+from shoal.errors import CheckpointError, ConfigError, WorkerError
 from shoal.launch.agent import LaunchSpec, launch
 from shoal.ps.servers import Machines, serving
 from shoal.train import checkpoint
@@ -59,9 +59,23 @@ def resolve_resume(cfg: JobConfig, run_dir: Path, console: Console) -> str:
 def train(cfg: JobConfig, console: Console | None = None) -> dict:
     """Run the job `cfg` describes on this machine's workers (and servers); its summary."""
     console = console or Console(soft_wrap=True)
+    check_rendezvous(cfg)
     run_dir = prepare_run_dir(cfg, console)
     run_workers(cfg, run_dir, console)
     return report(run_dir, console)
+
+
+def check_rendezvous(cfg: JobConfig) -> None:
+    """Parameter servers on several machines meet only in the static rendezvous: each machine's share of
+    the servers follows its node_rank (a dynamic backend assigns ranks at rendezvous)."""
+    launch_cfg = cfg.launch
+    servers = cfg.strategy.options.server_processes(launch_cfg.workers * launch_cfg.nnodes)
+    if servers and launch_cfg.nnodes > 1 and launch_cfg.rdzv_backend != "static":
+        raise ConfigError(
+            f'parameter servers on several machines need launch.rdzv_backend = "static" (each machine\'s share '
+            f"of the servers follows its node_rank), not {launch_cfg.rdzv_backend!r}",
+            "launch.rdzv_backend",
+        )
 
 
 def prepare_run_dir(cfg: JobConfig, console: Console) -> Path:
@@ -97,6 +111,7 @@ def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
         env=workers_env,
         run_id=run_dir.name,
         max_restarts=launch_cfg.max_restarts,
+        rdzv_backend=launch_cfg.rdzv_backend,
         recovery_fallback=str(run_dir / "recovery"),
         resume_hint="",
     )

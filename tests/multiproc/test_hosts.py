@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from shoal import env
+from shoal.config import etcd_client_installed
 from tests.helpers.cli import SHOAL, finish
 from tests.helpers.hosts import TestHosts, can_make_hosts
 from tests.helpers.procs import Processes
@@ -113,6 +115,63 @@ def test_c10d_rendezvous_takes_a_late_node_and_a_killed_node_started_again():
     last = done[0].stdout.strip().splitlines()[-1]
     found = re.search(r"done: world 2, restart (\d+)", last)
     assert found and int(found[1]) >= 1, done[0].stdout[-2000:]  # host 0's worker was restarted and finished
+
+
+ETCD = shutil.which("etcd")
+
+
+@pytest.mark.skipif(ETCD is None, reason="no etcd binary (apt-get install etcd-server)")
+@pytest.mark.skipif(
+    not etcd_client_installed(),
+    reason="torch's etcd rendezvous imports python-etcd (the `etcd` module), which is not installed here",
+)
+def test_etcd_rendezvous_takes_a_late_node(tmp_path):
+    """`--rdzv-backend etcd-v2`: an etcd (v2 API) on host 0; host 1's launcher starts late and joins."""
+    with TestHosts(2) as hosts, Processes() as procs:
+        address, client, peer = hosts[0].address, f"http://{hosts[0].address}:2379", f"http://{hosts[0].address}:2380"
+        argv = [ETCD, "--name", "r", "--data-dir", str(tmp_path / "etcd"), "--enable-v2"]
+        argv += ["--listen-client-urls", client, "--advertise-client-urls", client, "--listen-peer-urls", peer]
+        argv += ["--initial-advertise-peer-urls", peer, "--initial-cluster", f"r={peer}"]
+        server = procs.start(hosts[0].argv(argv), timeout=240, name="etcd")
+        deadline = time.monotonic() + 30
+        while "ready to serve client requests" not in server.stderr():
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr()[-2000:]
+            time.sleep(0.1)
+        job = {env.JOB_KEY: secrets.token_hex(16)}
+
+        def node(i: int):
+            argv = [*SHOAL, "run", "-n", "1", "--nnodes", "2", "--rdzv-backend", "etcd-v2"]
+            argv += ["--rdzv-endpoint", f"{address}:2379", "tests/workers/rejoin.py", "10", "0.1"]
+            return procs.start(hosts[i].argv(argv), timeout=180, env=job, name=f"node{i}")
+
+        first = node(0)
+        time.sleep(3)  # host 0 waits in the rendezvous for a host that is not there yet
+        done = [finish(first), finish(node(1))]
+    assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    assert any("done: world 2" in d.stdout for d in done), done[0].stdout[-2000:]
+
+
+def test_shoal_train_c10d_rendezvous_on_two_hosts_equals_one_host(tmp_path):
+    """`shoal train --launch.rdzv_backend=c10d` on two hosts, one worker each: torch's dynamic
+    rendezvous assigns the ranks, and the job ends where two workers on one host end."""
+    args = ["--train.steps=12", "--train.eval_every=12", "--train.log_every=4", "--logging.progress=false"]
+    args += ["--launch.threads=1", "--logging.tensorboard=false", f"--logging.run_dir={tmp_path}"]
+    with Processes() as procs:
+        one = finish(procs.start([*SHOAL, "train", *args, "--logging.name=one"], timeout=240))
+    assert one.returncode == 0, one.stderr[-3000:]
+    with TestHosts(2) as hosts, Processes() as procs:
+        job = {env.JOB_KEY: secrets.token_hex(16)}
+        started = []
+        for host in hosts.hosts:
+            node = ["--logging.name=two", "--launch.workers=1", "--launch.nnodes=2", f"--launch.node_rank={host.index}"]
+            node += ["--launch.rdzv_backend=c10d", f"--launch.rdzv_endpoint={hosts[0].address}:{PORT}"]
+            started.append(procs.start(host.argv([*SHOAL, "train", *args, *node]), timeout=240, env=job))
+        two = [finish(p) for p in started]
+    assert [d.returncode for d in two] == [0, 0], two[0].stderr[-3000:] + two[1].stderr[-3000:]
+    want = json.loads((tmp_path / "one" / "summary.json").read_text())
+    got = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert got["world_size"] == 2 and got["step"] == want["step"] == 12
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-5)
 
 
 LISTEN = """

@@ -60,6 +60,8 @@ def test_dump_round_trips(tmp_path):
         (["--trian.steps=3"], "unknown config section 'trian' (did you mean 'train'?)"),
         (["--launch.nnodes=2"], "'launch.rdzv_endpoint' (HOST:PORT) is needed when nnodes > 1"),
         (["--launch.timeout_s=inf"], "'launch.timeout_s' must be a finite number, not inf"),
+        (["--launch.rdzv_backend=zookeeper"], "'launch.rdzv_backend' must be one of static, c10d, etcd, etcd-v2"),
+        (["--launch.rdzv_backend=c10d"], "'launch.rdzv_backend' c10d needs rdzv_endpoint = \"HOST:PORT\""),
         (["--strategy.name=parameter_server", "--strategy.timeout_s=nan"], "'strategy.timeout_s' must be a finite"),
         (["--optimizer.lr=nan"], "'optimizer.lr' must be a finite number, not nan"),
     ],
@@ -80,6 +82,52 @@ def test_cli_bad_input_exit_code_2_without_traceback(capsys, tmp_path):
     assert cli.main(["frobnicate"]) == 2
     assert cli.main(["run", "-n", "2", str(tmp_path / "nope.py")]) == 2
     assert "script" in capsys.readouterr().err
+
+
+def test_rdzv_backend_is_a_launch_key_that_round_trips(tmp_path):
+    assert load().launch.rdzv_backend == "static"
+    cfg = load("--launch.rdzv_backend=c10d", "--launch.nnodes=2", "--launch.rdzv_endpoint=10.0.0.1:29500")
+    assert cfg.launch.rdzv_backend == "c10d"
+    path = tmp_path / "c.toml"
+    path.write_text(config.dump_toml(cfg))
+    assert config.load(path).launch.rdzv_backend == "c10d"
+
+
+def test_train_etcd_rendezvous_says_what_to_install():
+    import importlib.util
+
+    if importlib.util.find_spec("etcd") is not None:
+        pytest.skip("python-etcd is installed here")
+    with pytest.raises(ConfigError) as info:
+        load("--launch.rdzv_backend=etcd", "--launch.rdzv_endpoint=10.0.0.1:2379")
+    assert "'launch.rdzv_backend' etcd needs the python-etcd package (pip install python-etcd)" in str(info.value)
+
+
+def test_train_parameter_servers_on_several_machines_need_static_rendezvous(capsys, tmp_path):
+    args = ["--strategy.name=parameter_server", "--launch.nnodes=2", "--launch.rdzv_endpoint=10.0.0.1:29500"]
+    assert cli.main(["train", *args, "--launch.rdzv_backend=c10d", f"--logging.run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'parameter servers on several machines need launch.rdzv_backend = "static"' in err and "\n" not in err
+    assert not any(tmp_path.iterdir()), "no run directory may be made for bad input"
+
+
+def test_train_hands_rdzv_backend_to_the_launcher(monkeypatch, tmp_path):
+    """`launch.rdzv_backend` reaches the LaunchSpec that torch's agent is started with."""
+    from rich.console import Console
+
+    from shoal.launch import job
+
+    seen = []
+    monkeypatch.setattr(job, "launch", lambda argv, spec: seen.append(spec))
+    cfg = load(
+        "--launch.rdzv_backend=c10d",
+        "--launch.nnodes=2",
+        "--launch.rdzv_endpoint=10.0.0.1:29500",
+        f"--logging.run_dir={tmp_path}",
+        "--logging.progress=false",
+    )
+    job.run_workers(cfg, job.prepare_run_dir(cfg, Console(quiet=True)), Console(quiet=True))
+    assert [(s.rdzv_backend, s.nnodes, s.rdzv_endpoint) for s in seen] == [("c10d", 2, "10.0.0.1:29500")]
 
 
 SCRIPT = "examples/ps_loop.py"
