@@ -64,6 +64,25 @@ def curve_enabled(environ: os._Environ | dict | None = None) -> bool:
     return value == "1"
 
 
+def curve_flag() -> str:
+    """This process's SHOAL_CURVE as it publishes it next to an endpoint, for `check_same_curve`."""
+    return f"curve={int(curve_enabled())}"
+
+
+def check_same_curve(flag: str, peer: str) -> None:
+    """One sentence (`ShoalError`) where `peer` published another SHOAL_CURVE (`curve_flag`) than this
+    process's: with CURVE on one side only, the connection's handshake fails and no message would ever pass."""
+    mine = curve_flag()
+    if flag != mine:
+        from shoal.errors import ShoalError
+
+        raise ShoalError(
+            f"{peer} runs with {env.CURVE}={flag.removeprefix('curve=')} and this process with "
+            f"{env.CURVE}={mine.removeprefix('curve=')}, so they cannot connect; give every process of the job the "
+            f"same {env.CURVE} (unset means 1)"
+        )
+
+
 def _secret(key: bytes, label: str) -> bytes:
     """A Z85-encoded 32-byte CURVE secret key for one role (any 32 bytes are a valid Curve25519 secret)."""
     return z85.encode(hmac.new(key, f"shoal transport {label}".encode(), hashlib.sha256).digest())
