@@ -74,6 +74,20 @@ def signing_everywhere(folder: str) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([folder, str(Path(__file__).resolve().parents[1])])}
 
 
+def launch_keeping(out: str, *args, **kwargs) -> bool:
+    """`launch`, for workers whose rank 0 writes its result to `out` before shutting down: a job
+    that fails after that (say, at shutdown) is reported in its last lines and False returned,
+    its result kept; one that fails before stops the benchmark as `launch` does."""
+    try:
+        launch(*args, **kwargs)
+    except SystemExit as failed:
+        if not Path(out).exists():
+            raise
+        print(f"{str(failed)[-600:]}\n(failed after rank 0 wrote its result, which is kept)", flush=True)
+        return False
+    return True
+
+
 def timed_steps(step, n: int, barrier=None) -> float:
     """Seconds for `n` calls of `step()`, ranks aligned before and after."""
     if barrier:

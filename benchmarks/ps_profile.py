@@ -168,8 +168,8 @@ def launch(servers: int, wargs: list[str], mac: bool = False) -> dict:
         out = os.path.join(tmp, "out.json")
         env = _harness.signing_everywhere(tmp) if mac else {}
         wargs = ["--out", out, "--servers", str(servers), *wargs]
-        _harness.launch(__file__, 2, wargs, servers=servers, quiet=True, env=env)
-        return json.loads(Path(out).read_text())
+        ok = _harness.launch_keeping(out, __file__, 2, wargs, servers=servers, quiet=True, env=env)
+        return {**json.loads(Path(out).read_text()), "failed_after_timing": not ok}  # e.g. at shutdown
 
 
 def server_work(servers: int, reps: int, mac: bool) -> dict[str, float]:
@@ -256,8 +256,9 @@ def main() -> None:
     chosen = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only.split(",")}
     runs: dict[str, list[dict]] = {k: [] for k in chosen}
     load = [os.getloadavg()]
-    for _ in range(args.reps):  # interleaved, so drift in the machine's load hits every variant
-        for name, (strategy, servers, extra, mac) in chosen.items():
+    for rep in range(args.reps):  # interleaved, so drift in the machine's load hits every variant,
+        order = list(chosen.items())  # and every other round in reverse, so no variant always goes first
+        for name, (strategy, servers, extra, mac) in order[::-1] if rep % 2 else order:
             r = launch(servers, ["--strategy", strategy, "--steps", str(args.steps), *extra], mac)
             runs[name].append(r)
             print(f"{name}: {r['steps_per_s']:.2f} steps/s, job CPU {r['job_cpu_ms_per_step']:.0f} ms/step", flush=True)
@@ -270,6 +271,7 @@ def main() -> None:
             "runs": [r["steps_per_s"] for r in rs],
             "job_cpu_ms_per_step": statistics.median(r["job_cpu_ms_per_step"] for r in rs),
             "signed": [r.get("signed") for r in rs],
+            "failed_after_timing": sum(r["failed_after_timing"] for r in rs),
             "rank0_ms_per_step": phases,
         }
         print(name, json.dumps(jobs[name], indent=1), flush=True)

@@ -51,7 +51,7 @@ def steps_per_s(variant: str, steps: int) -> float:
         extra = {env.CURVE: "0" if variant == "no_curve" else "1"}
         if variant == "curve_mac":
             extra.update(_harness.signing_everywhere(tmp))
-        _harness.launch(PS, 2, wargs, servers=2, timeout=900, env=extra, quiet=True)
+        _harness.launch_keeping(out, PS, 2, wargs, servers=2, timeout=900, env=extra, quiet=True)
         return json.loads(Path(out).read_text())["steps_per_s"]
 
 
@@ -96,8 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     runs: dict[str, list[float]] = {name: [] for name in VARIANTS}
     load = [os.getloadavg()[0]]
-    for _ in range(args.reps):  # interleaved, so drift in the machine's load hits every variant
-        for name in runs:
+    for rep in range(args.reps):  # interleaved, so drift in the machine's load hits every variant,
+        for name in VARIANTS[::-1] if rep % 2 else VARIANTS:  # every other round in reverse
             runs[name].append(steps_per_s(name, args.steps))
             print(f"{name}: {runs[name][-1]:.2f} steps/s", flush=True)
         load.append(os.getloadavg()[0])
