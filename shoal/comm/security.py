@@ -21,9 +21,12 @@ and a label, so no process needs a key file and none reveals the job key:
 CURVE also encrypts every frame with per-connection keys (XSalsa20-Poly1305)
 and authenticates it, so across machines gradients and parameters no longer
 travel in clear text, and bytes recorded from one connection cannot be
-replayed into another. It is on by default; SHOAL_CURVE=0 turns it off (on
-one machine for measurements; the per-message MAC still authenticates every
-message, but a stranger can then make a process hold memory again).
+replayed into another; which is why, under CURVE, the wire codec signs no
+message (`shoal.comm.wire` says what guarantees what). It is on by default;
+SHOAL_CURVE=0 turns it off (on one machine for measurements; messages then
+carry the per-message MAC again, but a stranger can make a process hold
+memory again). Both ends must agree; `check_same_curve` says so in one
+sentence where they do not.
 """
 
 from __future__ import annotations
