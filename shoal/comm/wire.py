@@ -15,8 +15,8 @@ under CURVE only, the seal once more at the end:
 - where it is CURVE (the default), `seal` is an 8-byte tag, new for each
   message this codec encodes, and ends the message too: no MAC is computed.
 
-Why no MAC under CURVE: it cost about a fifth of a PS worker's step and
-half of a server's CPU (docs/benchmarks-ps.md section 4), and the
+Why no MAC under CURVE: it was half of a PS worker's CPU per step and four
+fifths of a server's (docs/benchmarks-ps.md section 4), and the
 connection already gives each thing it gave:
 
 - origin: the ZAP handler admits only a peer that proves the client key,
