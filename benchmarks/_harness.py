@@ -55,6 +55,43 @@ def launch(
         sys.exit(f"{done.stderr[-3000:]}benchmark worker {why}: {' '.join(done.args)}")
 
 
+SIGNING = """# Written by benchmarks/_harness.py, for a measurement only: every process of this job signs
+# its messages with the HMAC even under CURVE, as shoal did before CURVE replaced it (shoal.comm.wire).
+from shoal.comm import wire
+
+_init = wire.Codec.__init__
+
+
+def _signing(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    self.signed = True
+
+
+wire.Codec.__init__ = _signing
+"""
+
+
+def signing_everywhere(folder: str) -> dict[str, str]:
+    """The `env` for `launch` that makes every process of a job sign its messages under CURVE too
+    (a `sitecustomize` written into `folder`, which must outlive the job), to compare with the default."""
+    Path(folder, "sitecustomize.py").write_text(SIGNING)
+    return {"PYTHONPATH": os.pathsep.join([folder, str(Path(__file__).resolve().parents[1])])}
+
+
+def launch_keeping(out: str, *args, **kwargs) -> bool:
+    """`launch`, for workers whose rank 0 writes its result to `out` before shutting down: a job
+    that fails after that (say, at shutdown) is reported in its last lines and False returned,
+    its result kept; one that fails before stops the benchmark as `launch` does."""
+    try:
+        launch(*args, **kwargs)
+    except SystemExit as failed:
+        if not Path(out).exists():
+            raise
+        print(f"{str(failed)[-600:]}\n(failed after rank 0 wrote its result, which is kept)", flush=True)
+        return False
+    return True
+
+
 def timed_steps(step, n: int, barrier=None) -> float:
     """Seconds for `n` calls of `step()`, ranks aligned before and after."""
     if barrier:

@@ -4,19 +4,20 @@ Two parts, both printed and written to benchmarks/results/ps_profile.json:
 
 1. Real jobs (2 workers; DDP, PS-BSP with 1 and 2 servers), interleaved
    `--reps` times. Rank 0 times each phase of its own steps (forward,
-   backward, `optimizer.step()`, and inside it: encoding and MAC of the
-   push, waiting for the pull, checking the pull's MAC, installing), and
+   backward, `optimizer.step()`, and inside it: encoding and sealing the
+   push, waiting for the pull, checking the pull's seal, installing), and
    reads from /proc the CPU seconds that every process of the job (workers
    and servers, children of the launcher) used during the timed steps: on
    a 2-core machine the CPU work per step, not the waiting, sets the pace.
 2. One server's work, in this process with the real `Server` code on the
-   same layout: checking a push (MAC, header, shapes, finiteness),
+   same layout: checking a push (seal, header, shapes, finiteness),
    accumulating it, applying the clock's average (the optimizer), and
-   answering the pulls (snapshot, MAC).
+   answering the pulls (snapshot, seal), with and without the MAC.
 
-3. The same jobs without any MAC (`*_mac_off`, a measurement only: a
-   sitecustomize makes every process of that job skip HMAC), to show what
-   message authentication costs a step.
+3. The same job with the per-message HMAC back on under CURVE
+   (`ps_bsp_2_servers_mac`, a measurement only: a sitecustomize makes every
+   process of that job sign as it did before CURVE replaced the MAC,
+   `shoal.comm.wire`), side by side with the default (CURVE, no MAC).
 
     PYTHONPATH=. python benchmarks/ps_profile.py [--reps 3] [--steps 30] [--only VARIANT,...]
 """
@@ -91,9 +92,9 @@ def instrument() -> Phases:
     from shoal.strategies.parameter_server import strategy as ps_strategy
 
     phases = Phases()
-    phases.wrap(Codec, "decode", "pull: check MAC, decode")
-    phases.wrap(Client, "push", "push at step(): encode, MAC, queue")
-    phases.wrap(Client, "push_part", "push during backward: encode, MAC, queue")
+    phases.wrap(Codec, "decode", "pull: check seal, decode")
+    phases.wrap(Client, "push", "push at step(): encode, seal, queue")
+    phases.wrap(Client, "push_part", "push during backward: encode, seal, queue")
     phases.wrap(Client, "wait_pull", "pull: wait (incl. check)")
     phases.wrap(ps_strategy.ParameterServer, "_install", "pull: install")
     return phases
@@ -103,6 +104,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     import shoal
+    from shoal.comm.wire import Codec
     from shoal.data.digits import Digits
 
     phases = instrument()
@@ -154,48 +156,27 @@ def worker(args) -> None:
             "steps_per_s": args.steps / wall,
             "ms_per_step": per_step,
             "job_cpu_ms_per_step": 1000 * cpu / args.steps,
+            "signed": Codec(b"k" * 32).signed,  # whether this job's messages carried the HMAC
         }
         Path(args.out).write_text(json.dumps(out))
     strategy.close()
     shoal.shutdown()
 
 
-NO_MAC = """# Written by benchmarks/ps_profile.py --mac-off, for a measurement only: every process of
-# that job computes no HMAC (all MACs read as zeros), to show what message authentication costs.
-from shoal.comm import wire
-
-
-class _NoMac:
-    def copy(self):
-        return self
-
-    def update(self, data):
-        pass
-
-    def digest(self):
-        return bytes(32)
-
-
-wire.Codec._buffers_mac = lambda self, bufs: _NoMac()
-"""
-
-
-def launch(servers: int, wargs: list[str], mac_off: bool = False) -> dict:
+def launch(servers: int, wargs: list[str], mac: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
-        env = {}
-        if mac_off:  # a sitecustomize that every process of the job imports first
-            Path(tmp, "sitecustomize.py").write_text(NO_MAC)
-            env["PYTHONPATH"] = os.pathsep.join([tmp, str(Path(__file__).resolve().parents[1])])
+        env = _harness.signing_everywhere(tmp) if mac else {}
         wargs = ["--out", out, "--servers", str(servers), *wargs]
-        _harness.launch(__file__, 2, wargs, servers=servers, quiet=True, env=env)
-        return json.loads(Path(out).read_text())
+        ok = _harness.launch_keeping(out, __file__, 2, wargs, servers=servers, quiet=True, env=env)
+        return {**json.loads(Path(out).read_text()), "failed_after_timing": not ok}  # e.g. at shutdown
 
 
-def server_work(servers: int, reps: int) -> dict[str, float]:
+def server_work(servers: int, reps: int, mac: bool) -> dict[str, float]:
     """CPU milliseconds of one server's work per BSP clock with 2 workers (server 0 of `servers`),
     through the real `Server.handle` on real frames; the median of `reps` clocks. CPU time of this
-    process, so that other processes on a busy machine do not inflate it."""
+    process, so that other processes on a busy machine do not inflate it. `mac`: messages carry the
+    HMAC, as without CURVE (else tags, as under CURVE, the default)."""
     from shoal.comm.wire import Codec
     from shoal.ps import optim as ps_optim
     from shoal.ps.consistency import Mode
@@ -210,6 +191,7 @@ def server_work(servers: int, reps: int) -> dict[str, float]:
     modes = {s.name: Mode("bsp") for s in served}
     layout = lay_out(served, opt, Placement(servers, 1 << 20, modes, "SGD", 60.0, "none"))
     codec = Codec(b"k" * 32)
+    codec.signed = mac  # the server's socket is CURVE either way (it is not used here)
     server = Server(0, codec)
     spec, values = layout.specs[0], layout.values[0]
     seq = [0, 0]
@@ -232,7 +214,7 @@ def server_work(servers: int, reps: int) -> dict[str, float]:
         pushes = [frames(w, {"op": PUSH, "clock": clock, "keys": keys, "hp": hp}, grads) for w in (0, 1)]
         t = time.process_time()
         codec.decode(pushes[0])
-        times["check MAC, decode one push"].append(time.process_time() - t)
+        times["check seal, decode one push"].append(time.process_time() - t)
         t = time.process_time()
         server.handle(b"w0", pushes[0])
         times["first push: check, accumulate"].append(time.process_time() - t)
@@ -243,17 +225,17 @@ def server_work(servers: int, reps: int) -> dict[str, float]:
         t = time.process_time()
         for w in (0, 1):
             server.handle(b"w%d" % w, pulls[w])
-        times["answer 2 pulls: snapshot, MAC, send"].append(time.process_time() - t)
+        times["answer 2 pulls: snapshot, seal, send"].append(time.process_time() - t)
     server.close(linger_ms=0)  # with its ZAP handler, or the context waits for it
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
-VARIANTS = {  # name: strategy, servers, worker arguments, without MACs (a measurement only)
+VARIANTS = {  # name: strategy, servers, worker arguments, with the HMAC under CURVE (a measurement only)
     "data_parallel": ("dp", 0, [], False),
     "ps_bsp_1_server": ("bsp", 1, [], False),
     "ps_bsp_2_servers": ("bsp", 2, [], False),
     "ps_bsp_2_servers_no_overlap": ("bsp", 2, ["--no-overlap"], False),
-    "ps_bsp_2_servers_mac_off": ("bsp", 2, [], True),
+    "ps_bsp_2_servers_mac": ("bsp", 2, [], True),
 }
 
 
@@ -274,9 +256,10 @@ def main() -> None:
     chosen = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only.split(",")}
     runs: dict[str, list[dict]] = {k: [] for k in chosen}
     load = [os.getloadavg()]
-    for _ in range(args.reps):  # interleaved, so drift in the machine's load hits every variant
-        for name, (strategy, servers, extra, mac_off) in chosen.items():
-            r = launch(servers, ["--strategy", strategy, "--steps", str(args.steps), *extra], mac_off)
+    for rep in range(args.reps):  # interleaved, so drift in the machine's load hits every variant,
+        order = list(chosen.items())  # and every other round in reverse, so no variant always goes first
+        for name, (strategy, servers, extra, mac) in order[::-1] if rep % 2 else order:
+            r = launch(servers, ["--strategy", strategy, "--steps", str(args.steps), *extra], mac)
             runs[name].append(r)
             print(f"{name}: {r['steps_per_s']:.2f} steps/s, job CPU {r['job_cpu_ms_per_step']:.0f} ms/step", flush=True)
         load.append(os.getloadavg())
@@ -287,10 +270,12 @@ def main() -> None:
             "steps_per_s": statistics.median(r["steps_per_s"] for r in rs),
             "runs": [r["steps_per_s"] for r in rs],
             "job_cpu_ms_per_step": statistics.median(r["job_cpu_ms_per_step"] for r in rs),
+            "signed": [r.get("signed") for r in rs],
+            "failed_after_timing": sum(r["failed_after_timing"] for r in rs),
             "rank0_ms_per_step": phases,
         }
         print(name, json.dumps(jobs[name], indent=1), flush=True)
-    server = {f"{n}_servers": server_work(n, 7) for n in (1, 2)}
+    server = {f"{n}_servers{'_mac' if mac else ''}": server_work(n, 7, mac) for n in (1, 2) for mac in (False, True)}
     print("one server's work per clock, ms:", json.dumps(server, indent=1))
     config = {"reps": args.reps, "steps": args.steps, "loadavg_1min_per_round": [round(x[0], 1) for x in load]}
     config["command"] = " ".join(["python", "benchmarks/ps_profile.py", *sys.argv[1:]])

@@ -1,8 +1,9 @@
 """Replay protection for signed requests: per-server sessions and one-time request ids.
 
-A MAC proves that a holder of the job key wrote a message, not that it was
-written for this run, this server, or only once. So every signed request
-carries, inside what the MAC covers:
+A MAC, or a CURVE connection, proves that a holder of the job key wrote a
+message, not that it was written for this run, this server, or only once.
+So every request carries, inside what the MAC or the connection
+authenticates:
 
 - `session`: a nonce drawn fresh by each server process when it starts and
   published, signed under the job's store session (`shoal.ps.store`), next to
@@ -18,9 +19,11 @@ carries, inside what the MAC covers:
   server's clock, so the set a server remembers stays as small as the rate
   of genuine requests.
 
-Under CURVE (`shoal.comm.security`) a stranger cannot inject bytes at all;
-these checks are what stops a replay where the per-message MAC is the only
-defence, and they cost a few dictionary lookups per message.
+Under CURVE (`shoal.comm.security`) a stranger cannot inject or replay
+bytes at all, and messages carry no MAC (`shoal.comm.wire`); these checks
+still stop a member's stale messages (a process of an earlier run under a
+reused key, a request meant for another server or session), and, where
+CURVE is off, replays; they cost a few dictionary lookups per message.
 """
 
 from __future__ import annotations

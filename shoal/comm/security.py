@@ -21,9 +21,12 @@ and a label, so no process needs a key file and none reveals the job key:
 CURVE also encrypts every frame with per-connection keys (XSalsa20-Poly1305)
 and authenticates it, so across machines gradients and parameters no longer
 travel in clear text, and bytes recorded from one connection cannot be
-replayed into another. It is on by default; SHOAL_CURVE=0 turns it off (on
-one machine for measurements; the per-message MAC still authenticates every
-message, but a stranger can then make a process hold memory again).
+replayed into another; which is why, under CURVE, the wire codec signs no
+message (`shoal.comm.wire` says what guarantees what). It is on by default;
+SHOAL_CURVE=0 turns it off (on one machine for measurements; messages then
+carry the per-message MAC again, but a stranger can make a process hold
+memory again). Both ends must agree; `check_same_curve` says so in one
+sentence where they do not.
 """
 
 from __future__ import annotations
@@ -62,6 +65,25 @@ def curve_enabled(environ: os._Environ | dict | None = None) -> bool:
 
         raise ConfigError(f"{env.CURVE} must be 0 or 1, not {value!r}", env.CURVE)
     return value == "1"
+
+
+def curve_flag() -> str:
+    """This process's SHOAL_CURVE as it publishes it next to an endpoint, for `check_same_curve`."""
+    return f"curve={int(curve_enabled())}"
+
+
+def check_same_curve(flag: str, peer: str) -> None:
+    """One sentence (`ShoalError`) where `peer` published another SHOAL_CURVE (`curve_flag`) than this
+    process's: with CURVE on one side only, the connection's handshake fails and no message would ever pass."""
+    mine = curve_flag()
+    if flag != mine:
+        from shoal.errors import ShoalError
+
+        raise ShoalError(
+            f"{peer} runs with {env.CURVE}={flag.removeprefix('curve=')} and this process with "
+            f"{env.CURVE}={mine.removeprefix('curve=')}, so they cannot connect; give every process of the job the "
+            f"same {env.CURVE} (unset means 1)"
+        )
 
 
 def _secret(key: bytes, label: str) -> bytes:

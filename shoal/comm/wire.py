@@ -1,29 +1,63 @@
 """The safe wire codec: a msgpack header plus raw tensor buffers, authenticated.
 
-A message is the ZeroMQ frames `[mac, header, buf_0, ..., buf_n-1]`:
+A message is the ZeroMQ frames `[seal, header, buf_0, ..., buf_n-1]`, and,
+under CURVE only, the seal once more at the end:
 
 - `header` is msgpack (maps, lists, strings, numbers; never pickle, no
   extension types) and lists, in `"tensors"`, the dtype and shape of each
   buffer that follows;
 - each `buf_i` is the tensor's raw bytes, sent without a copy where ZeroMQ
   allows and read back without one (`torch.frombuffer` on the received frame);
-- `mac` is HMAC-SHA256 under the job's secret key over the frame count and
-  every frame (the buffers, then the header), each prefixed by its length, so
-  no frame can be added, dropped, cut or moved without the MAC failing.
+- `seal`, where the codec's `Transport` is not CURVE (SHOAL_CURVE=0), is
+  HMAC-SHA256 under the job's secret key over the frame count and every
+  frame (the buffers, then the header), each prefixed by its length, so no
+  frame can be added, dropped, cut or moved without the MAC failing;
+- where it is CURVE (the default), `seal` is an 8-byte tag, new for each
+  message this codec encodes, and ends the message too: no MAC is computed.
+
+Why no MAC under CURVE: it was half of a PS worker's CPU per step and four
+fifths of a server's (docs/benchmarks-ps.md section 4), and the
+connection already gives each thing it gave:
+
+- origin: the ZAP handler admits only a peer that proves the client key,
+  which only a holder of the job key can derive: the MAC's signers exactly;
+- integrity: CURVE seals every frame, with its more-to-come flag, under
+  per-connection keys (Poly1305), with nonces that must increase, so a frame
+  cannot be changed, added, repeated or reordered. An attacker on the path
+  can still delete whole frames; a message that lost one fails the tensor
+  count or the byte lengths, and one spliced from two messages (the head of
+  one, the tail of the next: same shapes) fails on its two tags, which differ;
+- replay across connections and runs: what a recording holds is ciphertext
+  under keys drawn afresh for that connection; a new connection draws new
+  ones, so recorded bytes fail its handshake and no stranger can replay
+  them. The `session`/`to`/`seq` checks (`shoal.comm.replay`) stay, for
+  what CURVE does not cover: a member's stale messages (an old process
+  under a reused key, a server restarted with a new session).
+
+This holds only on sockets that `transport` secured (`Transport.listen`,
+`Transport.connect`): the parameter server's, its clients' and the event
+publish/subscribe sockets, all set up through the codec's own transport.
+Frames that travel otherwise keep their own MAC: the control plane
+(`shoal.control.frames`) and the rendezvous store (`shoal.ps.store`).
+Both ends read SHOAL_CURVE; where they differ the CURVE handshake fails
+before any message passes, and a seal of the other kind is refused with a
+sentence naming SHOAL_CURVE.
 
 `Codec.decode` checks, in this order and before building anything from the
-data: the total size against the limit, the MAC (so unauthenticated bytes are
-never parsed), the header's shape, the dtype allow-list, and that every
-buffer's length is exactly its dtype's size times its shape's element count.
-Any failure raises `WireError` with a short reason, which a server counts and
-drops; nothing in a message can run code.
+data: the total size against the limit, the seal (so unauthenticated bytes
+are never parsed where a MAC is expected), the header's shape, the dtype
+allow-list, and that every buffer's length is exactly its dtype's size
+times its shape's element count. Any failure raises `WireError` with a short
+reason, which a server counts and drops; nothing in a message can run code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import math
+import secrets
 import struct
 import warnings
 from collections.abc import Sequence
@@ -31,6 +65,7 @@ from collections.abc import Sequence
 import msgpack
 import torch
 
+from shoal import env
 from shoal.comm.keys import job_key as job_key  # re-exported: the PS modules read the key here
 from shoal.comm.security import Transport
 from shoal.errors import ShoalError
@@ -49,6 +84,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAC_BYTES = 32
+TAG_BYTES = 8
 MAX_HEADER = 1 << 20
 MAX_DIMS = 8
 
@@ -73,12 +109,16 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 class Codec:
     """Encodes and checks messages for one job (one key, one size limit); `transport`
-    secures the sockets that carry them (CURVE keys derived from the same key)."""
+    secures the sockets that carry them (CURVE keys derived from the same key), and
+    decides the seal: a MAC without CURVE, tags with it (see the module docstring)."""
 
     def __init__(self, key: bytes, max_bytes: int = 1 << 30, transport: Transport | None = None):
         self._key = key
         self.max_bytes = int(max_bytes)
         self.transport = transport or Transport(key)
+        self.signed = not self.transport.curve
+        """Whether messages carry a MAC: only where the sockets are not CURVE."""
+        self._tags = itertools.count(secrets.randbits(63))
 
     def _buffers_mac(self, bufs):
         # The buffers first and the header last, so one pass over large buffers
@@ -114,12 +154,18 @@ class Codec:
                 )
             specs.append([DTYPE_NAMES[t.dtype], list(t.shape)])
         bufs = [tensor_bytes(t) for t in tensors]
+        heads = [msgpack.packb({**header, "tensors": specs}, use_bin_type=True) for header in headers]
+        if not self.signed:
+            return [self._sealed(head, bufs) for head in heads]
         base = self._buffers_mac(bufs)
-        out = []
-        for header in headers:
-            head = msgpack.packb({**header, "tensors": specs}, use_bin_type=True)
-            out.append([self._finish(base.copy(), head), head, *bufs])
-        return out
+        return [[self._finish(base.copy(), head), head, *bufs] for head in heads]
+
+    def _sealed(self, head, bufs: Sequence) -> list:
+        """The frames of one message as they go on the wire: MAC'd, or between two equal tags."""
+        if self.signed:
+            return [self._mac([head, *bufs]), head, *bufs]
+        tag = struct.pack("<Q", next(self._tags))
+        return [tag, head, *bufs, tag]
 
     def decode(self, frames: list) -> tuple[dict, list[torch.Tensor]]:
         """(header, tensors) of a received message, or `WireError`.
@@ -132,11 +178,7 @@ class Codec:
             raise WireError("malformed", "fewer than two frames")
         if sum(len(b) for b in bufs) > self.max_bytes:
             raise WireError("oversized", f"over {self.max_bytes} bytes")
-        mac, head, data = bufs[0], bufs[1], bufs[2:]
-        if len(mac) != MAC_BYTES or len(head) > MAX_HEADER:
-            raise WireError("malformed", "bad MAC or header length")
-        if not hmac.compare_digest(self._mac([head, *data]), bytes(mac)):
-            raise WireError("unauthenticated", "MAC does not match the job key")
+        head, data = self._unseal(bufs)
         try:
             header = msgpack.unpackb(
                 head,
@@ -161,6 +203,26 @@ class Codec:
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             tensors = [_tensor(spec, buf) for spec, buf in zip(specs, data, strict=True)]
         return header, tensors
+
+    def _unseal(self, bufs: list[memoryview]) -> tuple[memoryview, list[memoryview]]:
+        """(header, buffers) of a message whose seal is right for this codec, or `WireError`."""
+        seal, head = bufs[0], bufs[1]
+        if len(head) > MAX_HEADER:
+            raise WireError("malformed", "header too long")
+        if self.signed:
+            if len(seal) == TAG_BYTES:
+                raise WireError("unauthenticated", f"not signed: is {env.CURVE}=0 here but not where it was sent?")
+            if len(seal) != MAC_BYTES:
+                raise WireError("malformed", "bad MAC length")
+            data = bufs[2:]
+            if not hmac.compare_digest(self._mac([head, *data]), bytes(seal)):
+                raise WireError("unauthenticated", "MAC does not match the job key")
+            return head, data
+        if len(seal) == MAC_BYTES:
+            raise WireError("malformed", f"signed, on a CURVE socket: is {env.CURVE}=0 where it was sent but not here?")
+        if len(seal) != TAG_BYTES or len(bufs) < 3 or seal != bufs[-1]:
+            raise WireError("malformed", "its first and last frames differ: frames lost or spliced in transit")
+        return head, bufs[2:-1]
 
 
 def _tensor(spec, buf: memoryview) -> torch.Tensor:

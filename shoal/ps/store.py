@@ -60,6 +60,7 @@ from typing import NamedTuple
 from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage] -- documented, not in torch's stubs
 
 from shoal import env
+from shoal.comm.security import check_same_curve, curve_flag
 from shoal.config import split_endpoint
 from shoal.errors import ConfigError, ShoalError, first_line
 
@@ -87,8 +88,8 @@ class ServerAddress(NamedTuple):
 
     @property
     def value(self) -> str:
-        """What the server stores under `server_key(index)`."""
-        return f"{self.endpoint} {self.session}"
+        """What the server stores under `server_key(index)`, with its SHOAL_CURVE (see `parse`)."""
+        return f"{self.endpoint} {self.session} {curve_flag()}"
 
     @property
     def header(self) -> dict:
@@ -97,9 +98,13 @@ class ServerAddress(NamedTuple):
 
     @classmethod
     def parse(cls, index: int, value: str) -> ServerAddress:
-        endpoint, _, session = value.partition(" ")
+        """The address server `index` published; a SHOAL_CURVE unlike this process's stops here, in one
+        sentence, rather than as a connection that never comes up."""
+        endpoint, session, flag = [*value.split(" ", 2), "", ""][:3]
         if not endpoint or not session:
             raise ShoalError(f"parameter server {index} published no session with its endpoint {endpoint!r}")
+        if flag:
+            check_same_curve(flag, f"parameter server {index}")
         return cls(endpoint, index, session)
 
 

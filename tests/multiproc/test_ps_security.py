@@ -6,10 +6,16 @@
   such connections at the handshake, so the server grows by < 10 MB, an
   idle unauthenticated connection is closed after the handshake interval, and
   a job run afterwards ends where one process ends.
+- Under CURVE messages carry no MAC (`shoal.comm.wire`), so the connection
+  is the only check of who sent them: strangers with well-formed messages
+  (another job's CURVE keys, the job's server key but their own client key,
+  no CURVE at all) get nothing accepted, nothing answered, and nothing even
+  reaches the server's message checks.
 - Replay: requests recorded in one run are dropped by the next run's server
   under the same SHOAL_JOB_KEY, and 250 replays of one stats request are
   dropped without growing the server. Here CURVE is off (SHOAL_CURVE=0), as
-  it would be where the per-message MAC is the only defence.
+  it would be where the per-message MAC is the only defence; messages
+  signed with another key, or not signed, are dropped too.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 import zmq
 
 from shoal import env
+from shoal.comm.replay import one_time_id
 from shoal.comm.security import HANDSHAKE_S, Transport
 from shoal.comm.wire import Codec
 from shoal.ps.client import Client, request_stats
@@ -135,6 +142,59 @@ def test_strangers_cannot_make_a_server_or_the_monitor_hold_memory_and_the_job_e
         np.testing.assert_allclose(np.asarray(got[name]), value, atol=1e-5, rtol=0, err_msg=name)
 
 
+def _push(address, seq: int) -> dict:
+    return {"op": "push", "src": 0, "seq": seq, "clock": 0, "keys": ["w"], "hp": [{}], **address.header}
+
+
+def test_under_curve_messages_carry_no_mac_and_strangers_still_get_nothing_accepted():
+    key, other = secrets.token_hex(16).encode(), secrets.token_hex(16).encode()
+    codec = Codec(key, transport=Transport(key, curve=True))
+    assert not codec.signed
+    w0 = torch.arange(8, dtype=torch.float32)
+    with Processes() as procs:
+        group = start_servers(1, key.decode(), extra_env=procs.env({env.CURVE: "1"}), log_dir=str(procs.logs))
+        procs.adopt(group.procs[0])
+        ctx = zmq.Context()
+        strangers = []
+        try:
+            (address,) = group.endpoints()
+            client = Client([address], codec, rank=0, world=1, timeout_s=20)
+            client.init([_spec()], [[w0]])
+            ours = codec.transport
+            theirs = Codec(other, transport=Transport(other, curve=True))  # encodes as a CURVE member would
+            public, secret = zmq.curve_keypair()
+            for how in ("other job's keys", "our server key, own client key", "no CURVE"):
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                if how == "other job's keys":
+                    theirs.transport.connect(s)
+                elif how == "our server key, own client key":
+                    s.setsockopt(zmq.CURVE_SERVERKEY, ours.server_public)  # learnt somehow: ZAP still says no
+                    s.setsockopt(zmq.CURVE_PUBLICKEY, public)
+                    s.setsockopt(zmq.CURVE_SECRETKEY, secret)
+                s.connect(address.endpoint)
+                strangers.append(s)
+            time.sleep(0.5)
+            for s in strangers:  # well-formed, addressed to this server and session, with fresh sequence numbers
+                s.send_multipart(theirs.encode(_push(address, 10**6), [torch.full((8,), 100.0)]))
+                s.send_multipart(theirs.encode({"op": "stats", "src": -1, "seq": one_time_id(), **address.header}))
+            client.push(0, [(["w"], [torch.ones(8)])], [{"lr": 0.5}])
+            client.request_pull(1)
+            ((_, (w1,)),) = client.wait_pull(1)
+            answered = [s.poll(1000) for s in strangers]
+            stats, _ = request_stats(ctx, address, codec)
+            client.close()
+        finally:
+            for s in strangers:
+                s.close()
+            ctx.term()
+            group.stop()
+    torch.testing.assert_close(w1, w0 - 0.5, rtol=0, atol=0)  # only the member's push was applied
+    assert stats["pushed"] == [1]
+    assert not any(stats["dropped"].values()), stats["dropped"]  # refused at the connection, not message by message
+    assert not any(answered)
+
+
 def _spec() -> dict:
     return {"optim": "SGD", "timeout_s": 30.0, "groups": [{"lr": 0.5}], "keys": [["w", "float32", [8], "bsp", 0, 0]]}
 
@@ -164,9 +224,10 @@ def _record_a_run(group, codec: Codec, w0: torch.Tensor) -> list[list[bytes]]:
     return [frames for op, frames in recorded if op in ("init", "push")]
 
 
-def test_requests_recorded_in_an_earlier_run_and_stats_replays_are_dropped():
+def test_requests_recorded_in_an_earlier_run_and_stats_replays_are_dropped(monkeypatch):
     key = secrets.token_hex(16)
     off = {env.CURVE: "0"}  # the per-message MAC is the only defence here
+    monkeypatch.setenv(env.CURVE, "0")  # here too, as in every process of such a job (the store compares)
     codec = Codec(key.encode(), transport=Transport(key.encode(), curve=False))
     w0 = torch.arange(8, dtype=torch.float32)
     with Processes() as procs:
@@ -191,6 +252,10 @@ def test_requests_recorded_in_an_earlier_run_and_stats_replays_are_dropped():
             replayer.connect(address.endpoint)
             for frames in old_run:  # before the real worker 0 joins: a replayed init would take its place
                 replayer.send_multipart(frames)
+            forged = Codec(b"another job's key 0123", transport=codec.transport)  # a stranger's MAC
+            unsigned = Codec(key.encode(), transport=Transport(key.encode(), curve=True))  # tags, as under CURVE
+            for stranger in (forged, unsigned):
+                replayer.send_multipart(stranger.encode(_push(address, 10**6), [torch.full((8,), 100.0)]))
             time.sleep(0.5)
             client = Client([address], codec, rank=0, world=1, timeout_s=20)
             client.init([_spec()], [[w0]])
@@ -214,5 +279,6 @@ def test_requests_recorded_in_an_earlier_run_and_stats_replays_are_dropped():
             second.stop()
     torch.testing.assert_close(w1, w0 - 0.5, rtol=0, atol=0)  # only this run's push was applied
     assert stats["dropped"].get("wrong_session") == len(old_run) == 2, stats["dropped"]
+    assert stats["dropped"].get("unauthenticated") == 2, stats["dropped"]
     assert stats["dropped"].get("replayed") == 250, stats["dropped"]
     assert grown < 10 * MB, f"the server grew by {grown / MB:.1f} MB"

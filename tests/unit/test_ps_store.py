@@ -92,3 +92,16 @@ def test_the_job_store_listens_on_the_endpoint_address_only():
 def test_a_host_name_that_resolves_only_to_loopback_is_refused_for_other_machines():
     with pytest.raises(ShoalError, match="resolves only to loopback"):
         ps_store.open_job_store(2, 2, 0, "localhost:29999", KEY, timeout_s=5)
+
+
+def test_a_server_with_another_shoal_curve_is_named_at_once(monkeypatch):
+    store, _ = ps_store.open_local_store("127.0.0.1", 1, 10, KEY)
+    monkeypatch.setenv("SHOAL_CURVE", "0")
+    store.set(ps_store.server_key(0), ps_store.ServerAddress("tcp://127.0.0.1:5000", 0, "aa").value)
+    monkeypatch.setenv("SHOAL_CURVE", "1")  # the worker, where the server had CURVE off
+    with pytest.raises(ShoalError) as err:
+        ps_store.read_endpoints(store, 1, 5)
+    assert "\n" not in str(err.value)
+    assert "parameter server 0 runs with SHOAL_CURVE=0 and this process with SHOAL_CURVE=1" in str(err.value)
+    monkeypatch.setenv("SHOAL_CURVE", "0")  # the same on both sides
+    assert ps_store.read_endpoints(store, 1, 5)[0].session == "aa"

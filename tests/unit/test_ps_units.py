@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.comm.wire import Codec, WireError
+from shoal.comm.security import Transport
+from shoal.comm.wire import MAX_HEADER, TAG_BYTES, Codec, WireError
 from shoal.errors import ConfigError
 from shoal.ps.consistency import Gate, Mode, parse_mode, resolve
 from shoal.ps.placement import plan
@@ -21,11 +22,17 @@ KEY = b"k" * 32
 
 
 # ------------------------------------------------------------------ wire
+def _codec(curve: bool, key: bytes = KEY, **kwargs) -> Codec:
+    """A codec for sockets with CURVE (tags, no MAC) or without (HMAC), whatever SHOAL_CURVE says here."""
+    return Codec(key, transport=Transport(key, curve=curve), **kwargs)
+
+
+@pytest.mark.parametrize("curve", [True, False])
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool]
 )
-def test_wire_round_trip_keeps_dtype_shape_and_bytes(dtype):
-    codec = Codec(KEY)
+def test_wire_round_trip_keeps_dtype_shape_and_bytes(dtype, curve):
+    codec = _codec(curve)
     tensors = [torch.randn(3, 5).to(dtype), torch.zeros(0, 4, dtype=dtype), torch.tensor(1.5).to(dtype)]
     header, out = codec.decode(codec.encode({"op": "x", "n": [1, 2]}, tensors))
     assert header == {"op": "x", "n": [1, 2]}
@@ -48,17 +55,65 @@ def test_wire_sends_non_contiguous_tensors_correctly():
     assert torch.equal(out, t)
 
 
+def test_wire_signs_only_where_the_transport_is_not_curve(monkeypatch):  # SHOAL_CURVE decides, on both ends
+    for name in ("1", "0"):
+        monkeypatch.setenv("SHOAL_CURVE", name)
+        assert Codec(KEY).signed is (name == "0")
+
+
+def test_wire_under_curve_computes_no_mac_and_frames_a_message_between_two_tags(monkeypatch):
+    def no_mac(*_):
+        raise AssertionError("a MAC was computed under CURVE")
+
+    monkeypatch.setattr(Codec, "_buffers_mac", no_mac)
+    monkeypatch.setattr(Codec, "_mac", no_mac)
+    codec = _codec(True)
+    first, second = codec.encode_many([{"op": "push", "n": 1}, {"op": "push", "n": 2}], [torch.ones(4)])
+    assert len(first) == 4 and len(first[0]) == TAG_BYTES and first[0] == first[-1] != second[0]
+    assert codec.decode(first)[0] == {"op": "push", "n": 1}
+    assert codec.decode(codec.encode({"op": "bye"}))[0] == {"op": "bye"}
+
+
+def _cut_and_spliced(codec: Codec):
+    """What an attacker on the path can make of CURVE frames, which it can delete but not change."""
+    a, b = (codec.encode({"op": "push", "n": n}, [torch.full((4,), float(n))]) for n in (1, 2))
+    yield [*a[:2], *b[2:]]  # the head of one message, the tail of the next, with the same shapes
+    yield [*a[:1], *b[1:]]  # another's header and tensors behind this one's tag
+    yield [*a[:2], a[3]]  # a tensor dropped
+    yield a[:3]  # the closing tag dropped
+    yield [a[0], *a]  # the tag twice at the start
+    yield [b"", *a[1:-1], b""]  # empty tags (what a sender with neither tag nor MAC would send)
+
+
+def test_wire_under_curve_refuses_messages_cut_or_spliced_in_transit():
+    codec = _codec(True)
+    for bad in _cut_and_spliced(codec):
+        with pytest.raises(WireError, match="malformed"):
+            codec.decode(bad)
+
+
+def test_wire_a_mismatched_shoal_curve_is_refused_with_a_sentence_naming_it():
+    signed, tagged = _codec(False), _codec(True)
+    for frames in (tagged.encode({"op": "push"}, [torch.ones(2)]), tagged.encode({"op": "bye"})):
+        with pytest.raises(WireError, match="unauthenticated: not signed: is SHOAL_CURVE=0 here"):
+            signed.decode(frames)
+    for frames in (signed.encode({"op": "push"}, [torch.ones(2)]), signed.encode({"op": "bye"})):
+        with pytest.raises(WireError, match="malformed: signed, on a CURVE socket: is SHOAL_CURVE=0 where"):
+            tagged.decode(frames)
+
+
 def _mutations(frames):
     frames = [bytes(f) for f in frames]
     yield "unauthenticated", [frames[0][:-1] + bytes([frames[0][-1] ^ 1]), *frames[1:]]
     yield "unauthenticated", [*frames[:-1], frames[-1][:-4]]  # truncated buffer
     yield "unauthenticated", frames[:-1]  # a frame dropped
     yield "unauthenticated", [*frames, b"more"]
+    yield "malformed", [b"", *frames[1:]]  # no MAC at all
     yield "malformed", frames[:1]
 
 
-def test_wire_detects_every_tampering():
-    codec = Codec(KEY)
+def test_wire_without_curve_detects_every_tampering():
+    codec = _codec(False)
     frames = codec.encode({"op": "push"}, [torch.ones(4)])
     for reason, bad in _mutations(frames):
         with pytest.raises(WireError) as err:
@@ -66,33 +121,44 @@ def test_wire_detects_every_tampering():
         assert err.value.reason == reason
 
 
-def test_wire_rejects_other_keys_size_limit_dtypes_and_pickles():
-    codec = Codec(KEY, max_bytes=1000)
+def test_wire_without_curve_refuses_other_keys():
     with pytest.raises(WireError, match="unauthenticated"):
-        codec.decode(Codec(b"x" * 32).encode({}, [torch.ones(2)]))
-    with pytest.raises(WireError, match="oversized"):
-        codec.decode(Codec(KEY).encode({}, [torch.ones(300)]))
+        _codec(False).decode(_codec(False, b"x" * 32).encode({}, [torch.ones(2)]))
 
-    def signed(header_bytes, *bufs):
-        return [codec._mac([header_bytes, *bufs]), header_bytes, *bufs]
+
+@pytest.mark.parametrize("curve", [True, False])
+def test_wire_refuses_size_limit_dtypes_and_pickles_with_or_without_curve(curve):
+    codec = _codec(curve, max_bytes=1000)
+    with pytest.raises(WireError, match="oversized"):
+        codec.decode(_codec(curve).encode({}, [torch.ones(300)]))
+
+    def sealed(header_bytes, *bufs):  # frames that pass the seal, whatever they hold
+        return codec._sealed(header_bytes, bufs)
 
     with pytest.raises(WireError, match="bad_dtype"):
-        codec.decode(signed(msgpack.packb({"tensors": [["object", [1]]]}), b"x" * 8))
+        codec.decode(sealed(msgpack.packb({"tensors": [["object", [1]]]}), b"x" * 8))
     with pytest.raises(WireError, match="bad_size"):
-        codec.decode(signed(msgpack.packb({"tensors": [["float32", [3]]]}), b"x" * 8))
+        codec.decode(sealed(msgpack.packb({"tensors": [["float32", [3]]]}), b"x" * 8))
     with pytest.raises(WireError, match="malformed"):
-        codec.decode(signed(pickle.dumps({"tensors": []})))
+        codec.decode(sealed(pickle.dumps({"tensors": []})))
     with pytest.raises(WireError, match="malformed"):
-        codec.decode(signed(msgpack.packb({"tensors": [["float32", [-1]]]}), b""))
+        codec.decode(sealed(msgpack.packb({"tensors": [["float32", [-1]]]}), b""))
     with pytest.raises(WireError, match="malformed"):  # msgpack extension types are refused
-        codec.decode(signed(msgpack.packb({"tensors": [], "x": msgpack.ExtType(1, b"abc")})))
+        codec.decode(sealed(msgpack.packb({"tensors": [], "x": msgpack.ExtType(1, b"abc")})))
+    roomy = _codec(curve)
+    with pytest.raises(WireError, match="malformed"):  # a header over the limit
+        roomy.decode(roomy._sealed(b"\x81" * (MAX_HEADER + 1), ()))
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.binary(max_size=80), min_size=0, max_size=6))
-def test_wire_random_frames_only_ever_raise_wire_error(frames):
-    with pytest.raises(WireError):
-        Codec(KEY).decode(frames)
+@given(st.lists(st.binary(max_size=80), min_size=0, max_size=6), st.booleans())
+def test_wire_random_frames_only_ever_raise_wire_error(frames, curve):
+    codec = _codec(curve, max_bytes=1 << 30)
+    try:
+        header, tensors = codec.decode(frames)
+    except WireError:
+        return
+    assert curve and isinstance(header, dict) and isinstance(tensors, list)  # unsigned: well-formed is enough
 
 
 # ------------------------------------------------------------------ placement
@@ -204,15 +270,18 @@ def test_without_servers_prepare_says_how_to_start_them(monkeypatch):
 
 
 # ------------------------------------------------------------------ publish/subscribe
-def test_pubsub_delivers_authenticated_rows_and_drops_strangers():
+@pytest.mark.parametrize("curve", [True, False])
+def test_pubsub_delivers_authenticated_rows_and_drops_strangers(curve):
     import time
 
     from shoal.comm.pubsub import Publisher, Subscriber
 
-    sub = Subscriber(Codec(KEY))
-    good, stranger = Publisher(sub.endpoint, Codec(KEY)), Publisher(sub.endpoint, Codec(b"s" * 32))
-    # one that passes the connection's CURVE check but signs with another key: refused message by message
-    forger = Publisher(sub.endpoint, Codec(b"s" * 32, transport=Codec(KEY).transport))
+    sub = Subscriber(_codec(curve))
+    good = Publisher(sub.endpoint, _codec(curve))
+    stranger = Publisher(sub.endpoint, _codec(curve, b"s" * 32))  # another job's key
+    # no key, no CURVE, and well-formed messages of the kind a CURVE socket carries (tags, no MAC)
+    unsigned = Publisher(sub.endpoint, _codec(False, b"s" * 32))
+    unsigned.codec = _codec(True, b"s" * 32)
     got, deadline = [], time.monotonic() + 10
     try:
         while not got and time.monotonic() < deadline:  # PUB drops what it sends before the connection is up
@@ -221,16 +290,18 @@ def test_pubsub_delivers_authenticated_rows_and_drops_strangers():
             got = sub.poll(100)
         for _ in range(10):  # by now the other connections are up too, if they were let in
             stranger.publish("metrics", {"rank": 9})
-            forger.publish("metrics", {"rank": 8})
+            unsigned.publish("metrics", {"rank": 8})
             time.sleep(0.05)
         got += sub.poll(200)
     finally:
-        good.close()
-        stranger.close()
-        forger.close()
+        for p in (good, stranger, unsigned):
+            p.close()
         sub.close()
     assert got and all(m == {"rank": 1, "step": 3, "topic": "metrics"} for m in got)
-    assert sub.dropped > 0  # the forger's rows arrived and were refused (the stranger's never got in)
+    if curve:
+        assert sub.dropped == 0  # the strangers never got a message in: refused at the connection
+    else:
+        assert sub.dropped > 0  # they got in, and their rows were refused: another key's MAC, or none
 
 
 # ------------------------------------------------------------------ non-finite and out-of-range values
@@ -424,8 +495,6 @@ def test_a_bsp_average_that_overflows_drops_its_clock():
 # ------------------------------------------------------------------ connection security and replay
 def test_curve_keys_come_from_the_job_key_and_a_stranger_gets_no_message_in():
     import zmq
-
-    from shoal.comm.security import Transport
 
     ours, again, theirs = Transport(KEY, curve=True), Transport(KEY, curve=True), Transport(b"s" * 32, curve=True)
     assert (ours.server_public, ours.client_public) == (again.server_public, again.client_public)
