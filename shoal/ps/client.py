@@ -291,10 +291,29 @@ class Client:
                 if r != self.current[s]:
                     header = {"op": BYE, "src": self.rank, "seq": self.seq, **self.shards[s].replicas[r].header}
                     sock.send_multipart(self.codec.encode(header))
+        self._wait_goodbyes()
         for socks in self.replica_socks:
             for sock in socks:
                 sock.close()  # LINGER lets the goodbyes go out
         self.ctx.term()
+
+    def _wait_goodbyes(self, wait_s: float = 5.0) -> None:
+        """Until each shard's primary answered the goodbye (at most `wait_s`: a server that is gone does
+        not hold the worker's exit): closed before that, the connection could look like a death."""
+        poller = zmq.Poller()
+        for sock in self.socks:
+            poller.register(sock, zmq.POLLIN)
+        waiting = set(range(len(self.shards)))
+        deadline = time.monotonic() + min(wait_s, self.timeout_s)
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            for sock, _ in poller.poll(int(left * 1000)):
+                s = self.socks.index(sock)
+                try:
+                    header, _ = self.codec.decode(sock.recv_multipart(copy=False))
+                except WireError:
+                    continue
+                if header.get("op") == BYE:
+                    waiting.discard(s)
 
 
 def request_stats(

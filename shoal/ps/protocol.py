@@ -7,7 +7,8 @@ sender, increasing; a replayed or reordered one is dropped).
 Worker to server: `INIT` (join; worker 0 also sends the initial values),
 `PUSH` (one clock's gradients), `PULL` (the parameters for a clock),
 `STATE` (values and optimizer state at a clock, for a checkpoint),
-`RESTORE` (worker 0, before any push: put a checkpoint back), `BYE`.
+`RESTORE` (worker 0, before any push: put a checkpoint back), `BYE` (answered
+with `BYE`: the worker closes its connection only then).
 Server to worker: `PARAMS` (answers `INIT` and `PULL`), `STATE`, `RESTORED`,
 `ERROR` (the server stopped the job, or this process was declared dead;
 `message` says why), `PING` (a liveness probe the worker ignores, see

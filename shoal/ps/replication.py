@@ -213,6 +213,7 @@ class BackupLink:
         self.address = ps_store.ServerAddress(f"tcp://{advertise or host}:{port}", shard, secrets.token_hex(8))
         self.watch = _Watch(self.sock)
         self.primary: bytes | None = None  # the routing id of the primary's link, fixed by its first input
+        self.outer = len(codec.encode({}))  # frames of a message without tensors (the codec's layout)
         self.seq = 0
 
     def receive(self) -> tuple[dict, bytes, list] | None:
@@ -227,9 +228,9 @@ class BackupLink:
     def _check(self, frames: list) -> tuple[dict, bytes, list] | None:
         ident, rest = frames[0].bytes, frames[1:]
         try:
-            header, tensors = self.codec.decode(rest[:2])  # the link header carries no tensors
+            header, tensors = self.codec.decode(rest[: self.outer])  # the link header carries no tensors
             inner = header.get("frames")
-            if tensors or not isinstance(inner, int) or inner != len(rest) - 2:
+            if tensors or not isinstance(inner, int) or inner != len(rest) - self.outer:
                 raise WireError("malformed", "a forwarded input's frame count is wrong")
             if header.get("op") != REPLICATE or header.get("src") != REPLICA:
                 raise WireError("bad_op")
@@ -245,7 +246,7 @@ class BackupLink:
             return None
         self.primary, self.seq = ident, seq
         self.sock.send_multipart([ident, *self.codec.encode({"op": ACK, "seq": seq})])
-        return header, bytes.fromhex(str(header.get("ident", ""))), rest[2:]
+        return header, bytes.fromhex(str(header.get("ident", ""))), rest[self.outer :]
 
     def lost(self) -> bool:
         return self.watch.check()

@@ -302,6 +302,9 @@ class Server:
             self.joined_gate(src)
             self.bye.add(src)  # the server stays up for stats until the launcher stops it
             self.members.finished.add(src)
+            # answered, so the worker closes its connection only once this is read: its closing is
+            # then never mistaken for a death (a probe could see it gone before the goodbye was read)
+            self.send(ident, {"op": BYE, "re": header["seq"]})
             if len(self.bye) == self.workers:
                 membership.publish_final(self)
         else:
