@@ -216,14 +216,18 @@ class BackupLink:
         self.outer = len(codec.encode({}))  # frames of a message without tensors (the codec's layout)
         self.seq = 0
 
-    def receive(self) -> tuple[dict, bytes, list] | None:
-        """The next forwarded input (header, worker ident, the worker's frames), acknowledged; None if none
-        is waiting. A message that fails a check is dropped and the next one read."""
+    def receive(self) -> list[tuple[dict, bytes, list]]:
+        """Every forwarded input waiting (header, worker ident, the worker's frames), acknowledged at once
+        with one ACK for the newest, before any is applied: the primary's replies wait on that, not on
+        this replica's arithmetic. A message that fails a check is dropped."""
+        taken = []
         while self.sock.poll(0):
             forwarded = self._check(self.sock.recv_multipart(copy=False))
             if forwarded is not None:
-                return forwarded
-        return None
+                taken.append(forwarded)
+        if taken and self.primary is not None:
+            self.sock.send_multipart([self.primary, *self.codec.encode({"op": ACK, "seq": self.seq})])
+        return taken
 
     def _check(self, frames: list) -> tuple[dict, bytes, list] | None:
         ident, rest = frames[0].bytes, frames[1:]
@@ -245,7 +249,6 @@ class BackupLink:
             log.warning("shard %d backup dropped a link message: %s", self.shard, err)
             return None
         self.primary, self.seq = ident, seq
-        self.sock.send_multipart([ident, *self.codec.encode({"op": ACK, "seq": seq})])
         return header, bytes.fromhex(str(header.get("ident", ""))), rest[self.outer :]
 
     def lost(self) -> bool:
@@ -279,7 +282,7 @@ def follow(server: Server) -> None:
     claim the shard when the other replica is gone."""
     link = server.link
     if isinstance(link, BackupLink):
-        while (forwarded := link.receive()) is not None:
+        for forwarded in link.receive():
             replay(server, *forwarded)
         if link.lost() and server.claim is not None:
             if server.claim.take(server.process, f"the primary of shard {server.index} is gone"):
