@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -63,6 +64,8 @@ ACK_LEASE_S = 10.0
 is given up. Long, because a loop starved of CPU on a loaded machine must not lose its role."""
 HEARTBEAT_IVL_MS = 200
 LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+CLAIM_TIMEOUT_S = 2.0
+"""A claim the store has not answered in this long failed (the store is out of reach: a partition)."""
 
 
 def _heartbeat(sock: zmq.Socket) -> None:
@@ -92,6 +95,29 @@ class _Watch:
         self.events.close(linger=0)
 
 
+def _bounded(call: Callable[[], bool], seconds: float) -> bool:
+    """`call()`, or TimeoutError once it has run `seconds`. A TCPStore request into a partition
+    blocks until TCP gives up, many minutes on (the store's own timeout does not bound a
+    compare-and-set), so it runs in a daemon thread that is left behind if it never returns."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append((True, call()))
+        except Exception as exc:
+            result.append((False, exc))
+
+    thread = threading.Thread(target=run, name="shoal-claim", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not result:
+        raise TimeoutError(f"the store did not answer within {seconds:g}s")
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
 class Claim:
     """The shard's record in the job's store, and the compare-and-set that changes it."""
 
@@ -102,7 +128,8 @@ class Claim:
         """Make process `primary` the shard's only holder in the next generation; whether this claim won."""
         new = ps_store.ShardRecord(self.record.gen + 1, primary, None)
         try:
-            won = self.store.compare_set(ps_store.shard_key(self.shard), self.record.value, new.value)
+            key, old = ps_store.shard_key(self.shard), self.record.value
+            won = _bounded(lambda: self.store.compare_set(key, old, new.value), CLAIM_TIMEOUT_S)
         except Exception as exc:  # the store is out of reach: a partition, or the launcher is gone
             log.warning("shard %d: could not claim generation %d (%s): %s", self.shard, new.gen, reason, exc)
             return False
