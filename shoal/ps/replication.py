@@ -123,6 +123,7 @@ class Claim:
 
     def __init__(self, store: ps_store.SignedStore, shard: int, record: ps_store.ShardRecord) -> None:
         self.store, self.shard, self.record = store, shard, record
+        self.lost_why = ""  # why the last claim did not win
 
     def take(self, primary: int, reason: str) -> bool:
         """Make process `primary` the shard's only holder in the next generation; whether this claim won."""
@@ -132,7 +133,9 @@ class Claim:
             won = _bounded(lambda: self.store.compare_set(key, old, new.value), CLAIM_TIMEOUT_S)
         except Exception as exc:  # the store is out of reach: a partition, or the launcher is gone
             log.warning("shard %d: could not claim generation %d (%s): %s", self.shard, new.gen, reason, exc)
+            self.lost_why = "it cannot reach the job's store to claim the shard"
             return False
+        self.lost_why = "the other replica claimed the shard first"
         if won:
             self.record = new
         log.warning(
@@ -315,7 +318,7 @@ def follow(server: Server) -> None:
             if server.claim.take(server.process, f"the primary of shard {server.index} is gone"):
                 promote(server)
             else:
-                server.fenced("its primary went on without it")
+                server.fenced(server.claim.lost_why)
     elif isinstance(link, PrimaryLink):
         link.on_ack()
         why = link.lost()
@@ -325,7 +328,7 @@ def follow(server: Server) -> None:
                 link.close()
                 server.link = None
             else:
-                server.fenced("its backup took the shard over")
+                server.fenced(server.claim.lost_why)
 
 
 def promote(server: Server) -> None:
