@@ -33,6 +33,7 @@ sentence, as an unreplicated one does).
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
 import threading
 import time
@@ -230,7 +231,10 @@ class PrimaryLink:
 
 
 class BackupLink:
-    """The backup's side: the link socket the primary connects to; acknowledges inputs on receipt."""
+    """The backup's side: the link socket the primary connects to. A thread of its own reads it and
+    acknowledges each input on receipt, so the primary's replies wait one round trip, not for this
+    process's loop, which may be busy applying the other shard it holds (torch's arithmetic releases
+    the GIL); the loop applies what the thread took (`receive`). Only that thread uses the socket."""
 
     def __init__(self, ctx: zmq.Context, codec: Codec, host: str, advertise: str, shard: int) -> None:
         self.codec = codec
@@ -245,19 +249,43 @@ class BackupLink:
         self.primary: bytes | None = None  # the routing id of the primary's link, fixed by its first input
         self.outer = len(codec.encode({}))  # frames of a message without tensors (the codec's layout)
         self.seq = 0
+        self.taken: queue.SimpleQueue[tuple[dict, bytes, list]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"shoal-backup-link-{shard}", daemon=True)
+        self._thread.start()
 
-    def receive(self) -> list[tuple[dict, bytes, list]]:
-        """Every forwarded input waiting (header, worker ident, the worker's frames), acknowledged at once
-        with one ACK for the newest, before any is applied: the primary's replies wait on that, not on
-        this replica's arithmetic. A message that fails a check is dropped."""
-        taken = []
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.sock.poll(50):
+                self._take(ack=True)
+
+    def _take(self, ack: bool) -> None:
+        """Read every input waiting; acknowledge the newest with one ACK."""
+        taken = 0
         while self.sock.poll(0):
             forwarded = self._check(self.sock.recv_multipart(copy=False))
             if forwarded is not None:
-                taken.append(forwarded)
-        if taken and self.primary is not None:
+                self.taken.put(forwarded)
+                taken += 1
+        if ack and taken and self.primary is not None:
             self.sock.send_multipart([self.primary, *self.codec.encode({"op": ACK, "seq": self.seq})])
-        return taken
+
+    def receive(self) -> list[tuple[dict, bytes, list]]:
+        """Every input the thread took and acknowledged, in order (header, worker ident, the worker's
+        frames); a message that failed a check was dropped there."""
+        out = []
+        while True:
+            try:
+                out.append(self.taken.get_nowait())
+            except queue.Empty:
+                return out
+
+    def stop(self) -> None:
+        """Stop the thread (the primary is gone), then take what is left in the socket."""
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self._take(ack=False)
 
     def _check(self, frames: list) -> tuple[dict, bytes, list] | None:
         ident, rest = frames[0].bytes, frames[1:]
@@ -285,6 +313,8 @@ class BackupLink:
         return self.watch.check()
 
     def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
         self.watch.close()
         self.sock.close(linger=0)
 
@@ -315,6 +345,9 @@ def follow(server: Server) -> None:
         for forwarded in link.receive():
             replay(server, *forwarded)
         if link.lost() and server.claim is not None:
+            link.stop()  # every input the primary got out before it went is applied before the claim
+            for forwarded in link.receive():
+                replay(server, *forwarded)
             if server.claim.take(server.process, f"the primary of shard {server.index} is gone"):
                 promote(server)
             else:

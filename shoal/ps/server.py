@@ -180,8 +180,8 @@ class Server:
 
     # ------------------------------------------------------------------ loop
     def sockets(self) -> list[zmq.Socket]:
-        """What the process's loop polls for this replica."""
-        return [self.sock] + ([self.link.sock] if self.link is not None else [])
+        """What the process's loop polls for this replica (a backup's link has a thread of its own)."""
+        return [self.sock] + ([self.link.sock] if isinstance(self.link, PrimaryLink) else [])
 
     def step(self, readable: set[zmq.Socket]) -> None:
         """One turn of the process's loop: the messages waiting, then the clocks, the workers and the link."""
