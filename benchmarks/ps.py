@@ -233,9 +233,15 @@ def throughputs(args, cases) -> dict:
 
     if args.only == "replication":
         tp = results["throughput"]
+        # The median of each round's ratio: the variants of one round ran back to back, under one load.
         vs = {
             m: {
-                mode: r[f"ps_{mode}_2_servers_replicated"]["steps_per_s"] / r[f"ps_{mode}_2_servers"]["steps_per_s"]
+                mode: statistics.median(
+                    a / b
+                    for a, b in zip(
+                        r[f"ps_{mode}_2_servers_replicated"]["runs"], r[f"ps_{mode}_2_servers"]["runs"], strict=True
+                    )
+                )
                 for mode in ("bsp", "asp")
             }
             for m, r in tp.items()
