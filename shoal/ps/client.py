@@ -113,8 +113,10 @@ class Client:
         header = {**header, "src": self.rank, "seq": self.seq}
         if header["op"] in (INIT, PULL, STATE, RESTORE):
             self.awaited[server] = self.seq
-        if self.replicated:  # kept until answered; the model's gradient buffers change before that
-            self.unanswered[server].append((self.seq, header, [t.detach().clone() for t in tensors]))
+        if self.replicated:  # kept until answered (the model's gradient buffers change before that); the
+            kept = [t.detach().clone() for t in tensors]  # copies go out too: never changed, nothing to wait for
+            self.unanswered[server].append((self.seq, header, kept))
+            tensors, track = kept, False
         frames = self.codec.encode({**header, **self.servers[server].header}, list(tensors))
         if track:
             return self.socks[server].send_multipart(frames, copy=False, track=True)
@@ -179,9 +181,10 @@ class Client:
         self._track(self._send(server, {"op": PUSH, "clock": clock, "keys": keys, "part": True}, grads, track=True))
         self.bytes_pushed += sum(g.numel() * g.element_size() for g in grads)
 
-    def _track(self, tracker) -> None:
+    def _track(self, tracker: zmq.MessageTracker | None) -> None:
         self.trackers = [t for t in self.trackers if not t.done]  # sent long ago: forget
-        self.trackers.append(tracker)
+        if tracker is not None:  # None: a copy went out (replicated), the buffers are free at once
+            self.trackers.append(tracker)
 
     def wait_sent(self) -> None:
         """Block until ZeroMQ no longer reads the pushed gradient buffers."""
