@@ -134,6 +134,11 @@ def trial(mode: str, action: str, rng: random.Random, work: Path) -> dict:
     out["detect_s"] = min(e["unix_time"] for e in departed) - at if departed else None
     out["recover_s"] = max(e["unix_time"] for e in rejoined) - at if rejoined else None
     out["redone_steps"] = (step - 1) - min(back) if back else None
+    return _judge(mode, work, events, out)
+
+
+def _judge(mode: str, work: Path, events: list[dict], out: dict) -> dict:
+    """`out` with `equal`: BSP, bit-identical to the fault-free run; SSP/ASP, every push applied once."""
     if mode == "bsp":
         out["equal"] = _bit_identical(_reference_run(mode, work), work / "faulty")
     else:
@@ -143,11 +148,11 @@ def trial(mode: str, action: str, rng: random.Random, work: Path) -> dict:
     return out
 
 
-def _scenario(mode: str, action: str) -> Callable[[random.Random, Path], dict]:
+def _scenario(trial_of: Callable, role: str, mode: str, action: str) -> Callable[[random.Random, Path], dict]:
     def run(rng: random.Random, work: Path) -> dict:
-        return trial(mode, action, rng, work)
+        return trial_of(mode, action, rng, work)
 
-    run.__name__ = f"ps_worker_{action}_{mode}"
+    run.__name__ = f"ps_{role}_{action}_{mode}"
     return run
 
 
@@ -186,28 +191,14 @@ def server_trial(mode: str, action: str, rng: random.Random, work: Path) -> dict
     taken = [e for e in events if e.get("takeover") == process and e.get("unix_time", 0) >= at]
     out["failover_s"] = min(e["unix_time"] for e in taken) - at if taken else None
     out["stall_s"] = _stall([f for f in faults.fired() if f["role"] == "worker"], at)
-    if mode == "bsp":
-        out["equal"] = _bit_identical(_reference_run(mode, work), work / "faulty")
-    else:
-        finals = [e["final"] for e in events if "final" in e]
-        out["equal"] = _exactly_once(finals)
-        out["dropped"] = [f.get("dropped") for f in finals]
-    return out
-
-
-def _server_scenario(mode: str, action: str) -> Callable[[random.Random, Path], dict]:
-    def run(rng: random.Random, work: Path) -> dict:
-        return server_trial(mode, action, rng, work)
-
-    run.__name__ = f"ps_server_{action}_{mode}"
-    return run
+    return _judge(mode, work, events, out)
 
 
 ACTIONS, MODES = ("kill", "stop"), ("bsp", "ssp", "asp")
 SCENARIOS: dict[str, Callable[[random.Random, Path], dict]] = {
-    f"ps-worker-{action}-{mode}": _scenario(mode, action) for action in ACTIONS for mode in MODES
+    f"ps-worker-{action}-{mode}": _scenario(trial, "worker", mode, action) for action in ACTIONS for mode in MODES
 }
-SCENARIOS.update({f"ps-server-{a}-{m}": _server_scenario(m, a) for a in ACTIONS for m in MODES})
+SCENARIOS.update({f"ps-server-{a}-{m}": _scenario(server_trial, "server", m, a) for a in ACTIONS for m in MODES})
 
 
 def _pct(values: list[float], q: float) -> float | None:

@@ -156,21 +156,7 @@ def test_shoal_train_c10d_rendezvous_on_two_hosts_equals_one_host(tmp_path):
     rendezvous assigns the ranks, and the job ends where two workers on one host end."""
     args = ["--train.steps=12", "--train.eval_every=12", "--train.log_every=4", "--logging.progress=false"]
     args += ["--launch.threads=1", "--logging.tensorboard=false", f"--logging.run_dir={tmp_path}"]
-    with Processes() as procs:
-        one = finish(procs.start([*SHOAL, "train", *args, "--logging.name=one"], timeout=240))
-    assert one.returncode == 0, one.stderr[-3000:]
-    with TestHosts(2) as hosts, Processes() as procs:
-        job = {env.JOB_KEY: secrets.token_hex(16)}
-        started = []
-        for host in hosts.hosts:
-            node = ["--logging.name=two", "--launch.workers=1", "--launch.nnodes=2", f"--launch.node_rank={host.index}"]
-            node += ["--launch.rdzv_backend=c10d", f"--launch.rdzv_endpoint={hosts[0].address}:{PORT}"]
-            started.append(procs.start(host.argv([*SHOAL, "train", *args, *node]), timeout=240, env=job))
-        two = [finish(p) for p in started]
-    assert [d.returncode for d in two] == [0, 0], two[0].stderr[-3000:] + two[1].stderr[-3000:]
-    want = json.loads((tmp_path / "one" / "summary.json").read_text())
-    got = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert got["world_size"] == 2 and got["step"] == want["step"] == 12
+    want, got = _one_host_and_two(tmp_path, args, ["--launch.rdzv_backend=c10d"])
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-5)
 
 
@@ -209,6 +195,14 @@ def test_shoal_train_pipeline_on_two_hosts_equals_one_host(tmp_path):
     args = ["examples/lm-pipeline.toml", "--train.steps=12", "--train.eval_every=12", "--train.log_every=4"]
     args += ["--strategy.split=params", "--data.batch_size=8", "--logging.progress=false", "--launch.threads=1"]
     args += ["--logging.tensorboard=false", f"--logging.run_dir={tmp_path}"]
+    want, got = _one_host_and_two(tmp_path, args)
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-6)
+    assert (tmp_path / "two" / "checkpoints").is_dir()
+
+
+def _one_host_and_two(tmp_path, args: list[str], node_args: tuple[str, ...] | list[str] = ()) -> tuple[dict, dict]:
+    """`shoal train ARGS` on one host (run "one"), then on two test hosts with one worker each (run
+    "two", `node_args` added on each); both runs' summaries, after checking they ended at the same step."""
     with Processes() as procs:
         one = finish(procs.start([*SHOAL, "train", *args, "--logging.name=one"], timeout=240))
     assert one.returncode == 0, one.stderr[-3000:]
@@ -217,12 +211,11 @@ def test_shoal_train_pipeline_on_two_hosts_equals_one_host(tmp_path):
         started = []
         for host in hosts.hosts:
             node = ["--logging.name=two", "--launch.workers=1", "--launch.nnodes=2", f"--launch.node_rank={host.index}"]
-            node += [f"--launch.rdzv_endpoint={hosts[0].address}:{PORT}"]
+            node += [*node_args, f"--launch.rdzv_endpoint={hosts[0].address}:{PORT}"]
             started.append(procs.start(host.argv([*SHOAL, "train", *args, *node]), timeout=240, env=job))
         two = [finish(p) for p in started]
     assert [d.returncode for d in two] == [0, 0], two[0].stderr[-3000:] + two[1].stderr[-3000:]
     want = json.loads((tmp_path / "one" / "summary.json").read_text())
     got = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert got["world_size"] == 2 and got["step"] == want["step"] == 12
-    assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-6)
-    assert (tmp_path / "two" / "checkpoints").is_dir()
+    return want, got
