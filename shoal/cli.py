@@ -20,11 +20,11 @@ USAGE = """usage: shoal <command> ...
 commands:
   train [CONFIG.toml] [--section.key=value ...] [--resume]
         run a complete training job (default: an MLP on scikit-learn's digits, 2 workers)
-  run [-n N] [--servers S] [--control raft] [--nnodes M --node-rank K --rdzv-endpoint HOST:PORT]
+  run [-n N] [--servers S [--replication 1|2]] [--control raft] [--nnodes M --node-rank K --rdzv-endpoint HOST:PORT]
       [--rdzv-backend static|c10d|etcd] [--max-restarts R] script.py [args ...]
         run any script on N local worker processes (the environment torchrun sets),
-        with S parameter-server processes for the parameter_server strategy
-        and a replicated control plane (docs/control-plane.md)
+        with S parameter-server processes for the parameter_server strategy (each shard
+        on 2 of them by default when S >= 2) and a replicated control plane (docs/control-plane.md)
   run --servers S --server-nodes H --server-node-rank J --rdzv-endpoint HOST:PORT
         run only parameter servers on this machine (server node J of H), for workers on other machines
 
