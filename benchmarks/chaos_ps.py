@@ -51,25 +51,12 @@ import _harness
 
 from tests.helpers.cli import shoal
 from tests.helpers.faults import Faults
-from tests.helpers.runs import final_params
+from tests.helpers.runs import final_params, ps_train_args
 
 STEPS = 16
 STOP_S = 4.0
 """How long a stopped worker stays stopped unless the launcher kills it first."""
-COMMON = [
-    "--strategy.name=parameter_server",
-    "--strategy.servers=2",
-    "--strategy.chunk_bytes=4096",
-    f"--train.steps={STEPS}",
-    f"--checkpoint.every={STEPS}",
-    "--model.hidden=[64]",
-    "--model.dropout=0.2",
-    "--optimizer.name=adam",
-    "--optimizer.schedule=cosine",
-    "--data.batch_size=16",
-    "--logging.tensorboard=false",
-    "--logging.progress=false",
-]
+COMMON = ps_train_args(STEPS)
 WORKERS = 2
 _reference: dict[str, Path] = {}
 

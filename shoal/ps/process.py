@@ -37,7 +37,7 @@ def open_replicas(environ: dict[str, str] | os._Environ, codec: Codec, timeout_s
     host, advertise = environ.get(env.PS_HOST, "127.0.0.1"), environ.get(env.PS_ADVERTISE, "")
     store = ps_store.connect(environ[env.PS_STORE], timeout_s=60)
     count = int(store.get(ps_store.SERVER_COUNT_KEY))
-    replication = int(store.get(ps_store.REPLICATION_KEY)) if store.raw.check([ps_store.REPLICATION_KEY]) else 1
+    replication = ps_store.read_replication(store)
     events = Publisher(environ[env.PS_EVENTS], codec) if environ.get(env.PS_EVENTS) else None
     replicas = []
     for shard, role in ps_store.replicas(count, replication, process):
@@ -61,7 +61,6 @@ def open_replicas(environ: dict[str, str] | os._Environ, codec: Codec, timeout_s
             store.wait([key], timedelta(seconds=timeout_s))
             backup = ps_store.ServerAddress.parse(server.index, store.get(key))
             server.link = PrimaryLink(server.ctx, codec, backup, server.out_now)
-    store.raw.set_timeout(timedelta(seconds=2))  # a claim that cannot reach the store fails within the lease
     return replicas
 
 

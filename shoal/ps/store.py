@@ -381,9 +381,14 @@ class Shard(NamedTuple):
         return 0 if self.record.primary == self.replicas[0].index or len(self.replicas) == 1 else 1
 
 
+def read_replication(store: SignedStore) -> int:
+    """How many processes hold each shard (1 where the launcher wrote no replication)."""
+    return int(store.get(REPLICATION_KEY)) if store.raw.check([REPLICATION_KEY]) else 1
+
+
 def read_shards(store: SignedStore, count: int, timeout_s: float) -> list[Shard]:
     """Every shard's replicas and record, once all have published their addresses."""
-    replication = int(store.get(REPLICATION_KEY)) if store.raw.check([REPLICATION_KEY]) else 1
+    replication = read_replication(store)
     keys = [server_key(i) for i in range(count)]
     if replication > 1:
         keys += [backup_key(i) for i in range(count)]

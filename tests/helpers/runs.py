@@ -24,6 +24,26 @@ def first_checkpoint_params(run_dir: Path) -> dict:
     return checkpoint_state(run_dir, 0)["model"]
 
 
+def ps_train_args(steps: int) -> list[str]:
+    """`shoal train` arguments of a small parameter-server job that recovery tests and the chaos
+    benchmark kill parts of: 2 servers with a tensor split over both, dropout, Adam with a schedule,
+    one checkpoint at the end."""
+    return [
+        "--strategy.name=parameter_server",
+        "--strategy.servers=2",
+        "--strategy.chunk_bytes=4096",
+        f"--train.steps={steps}",
+        f"--checkpoint.every={steps}",
+        "--model.hidden=[64]",
+        "--model.dropout=0.2",
+        "--optimizer.name=adam",
+        "--optimizer.schedule=cosine",
+        "--data.batch_size=16",
+        "--logging.tensorboard=false",
+        "--logging.progress=false",
+    ]
+
+
 def train_whole_and_killed(run_dir: Path, args: list[str], timeout: float, rank: int = 1, step: int = 7):
     """`shoal train` twice in `run_dir`: fault-free ("whole") and with worker `rank` SIGKILLed at
     `step` under one allowed restart ("killed"); asserts both finish, the kill fired once and no

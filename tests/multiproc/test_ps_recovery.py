@@ -16,7 +16,7 @@ import sys
 from tests.helpers.faults import Faults
 from tests.helpers.procs import Processes
 from tests.helpers.ps import server_stats, servers
-from tests.helpers.runs import assert_same_final_state, train_whole_and_killed
+from tests.helpers.runs import assert_same_final_state, ps_train_args, train_whole_and_killed
 
 STEPS, KILL_AT = 30, 8
 
@@ -53,21 +53,7 @@ def test_ssp_survivor_goes_on_and_the_killed_worker_rejoins_at_its_clock(tmp_pat
     assert max(gaps) < 2.0, gaps
 
 
-COMMON = [
-    "--strategy.name=parameter_server",
-    "--strategy.consistency=bsp",
-    "--strategy.servers=2",
-    "--strategy.chunk_bytes=4096",
-    "--train.steps=12",
-    "--checkpoint.every=12",
-    "--model.hidden=[64]",
-    "--model.dropout=0.2",
-    "--optimizer.name=adam",
-    "--optimizer.schedule=cosine",
-    "--data.batch_size=16",
-    "--logging.tensorboard=false",
-    "--logging.progress=false",
-]
+COMMON = [*ps_train_args(12), "--strategy.consistency=bsp"]
 
 
 def test_bsp_worker_killed_is_restarted_rejoins_and_the_run_ends_bit_identical(tmp_path):
