@@ -52,6 +52,9 @@ PS_INDEX = "SHOAL_PS_INDEX"
 """A server process's index among the job's servers."""
 PS_HOST = "SHOAL_PS_HOST"
 """The interface a server binds."""
+PS_REPLACEMENT = "SHOAL_PS_REPLACEMENT"
+"""Set (to how many times its index was replaced) in a server process started in place of one that
+exited: it joins its shards as their backup (`shoal.ps.replacement`)."""
 THREADS_DEFAULTED = "SHOAL_THREADS_DEFAULTED"
 """Set to 1 where `shoal run` put torchrun's default OMP_NUM_THREADS=1 (the user did not choose it), so that
 `shoal.init()` may still choose the threads."""

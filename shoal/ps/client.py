@@ -22,6 +22,9 @@ with a newer generation, it turns to it and sends those messages again with
 their sequence numbers, so the new primary applies exactly the ones the old
 one had not forwarded. Only the current primary is heard; an answer naming
 another request (`re`) than the one awaited is an old duplicate and dropped.
+When the primary takes a replacement process as its new backup
+(`shoal.ps.replacement`), it says where that listens (`NEW_BACKUP`) and the
+client connects to it in place of the lost one.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from shoal.ps.protocol import (
     BYE,
     ERROR,
     INIT,
+    NEW_BACKUP,
     OBSERVER,
     PARAMS,
     PING,
@@ -75,17 +79,7 @@ class Client:
         self.gen = [s.record.gen for s in self.shards]
         self.incarnation = f"{rank}-{secrets.token_hex(8)}"
         self.ctx = zmq.Context()
-        self.replica_socks: list[list[zmq.Socket]] = []
-        for shard in self.shards:
-            socks = []
-            for address in shard.replicas:
-                s = self.ctx.socket(zmq.DEALER)
-                s.setsockopt(zmq.LINGER, 5000)
-                s.setsockopt(zmq.ROUTING_ID, self.incarnation.encode())  # the servers fence other processes by it
-                codec.transport.connect(s)
-                s.connect(address.endpoint)
-                socks.append(s)
-            self.replica_socks.append(socks)
+        self.replica_socks = [[self._connect(a) for a in shard.replicas] for shard in self.shards]
         self.seq = 0
         self.unanswered: list[list[tuple[int, dict, list[torch.Tensor]]]] = [[] for _ in self.shards]
         """Per shard, replicated: (seq, header, tensors) sent since its last answer, to resend after a takeover."""
@@ -94,6 +88,14 @@ class Client:
         self.trackers: list[zmq.MessageTracker] = []
         self.bytes_pushed = 0
         self.bytes_pulled = 0
+
+    def _connect(self, address: ServerAddress) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 5000)
+        sock.setsockopt(zmq.ROUTING_ID, self.incarnation.encode())  # the servers fence other processes by it
+        self.codec.transport.connect(sock)
+        sock.connect(address.endpoint)
+        return sock
 
     @property
     def socks(self) -> list[zmq.Socket]:
@@ -134,6 +136,25 @@ class Client:
         for _, sent, tensors in self.unanswered[server]:
             frames = self.codec.encode({**sent, "resend": True, **address.header}, tensors)
             self.socks[server].send_multipart(frames)
+
+    def _new_backup(self, server: int, header: dict) -> bool:
+        """The shard's primary took a replacement process as its backup: connect to it (a takeover by it
+        later reaches this worker only then). Whether the sockets changed."""
+        gen, value = header.get("gen"), header.get("replica")
+        if not isinstance(gen, int) or isinstance(gen, bool) or gen <= self.gen[server] or not isinstance(value, str):
+            return False
+        if len(self.shards[server].replicas) != 2:
+            return False
+        try:
+            address = ServerAddress.parse(server, value)
+        except ShoalError:
+            return False
+        other = 1 - self.current[server]
+        self.replica_socks[server][other].close(linger=0)
+        self.replica_socks[server][other] = self._connect(address)
+        self.shards[server].replicas[other] = address
+        self.gen[server] = gen
+        return True
 
     def init(self, specs: list[dict], values: list[list[torch.Tensor]]) -> list[tuple[dict, list[torch.Tensor]]]:
         """Join every server (rank 0 sends the initial values); the servers' answers, each with the
@@ -218,12 +239,7 @@ class Client:
 
     def _collect(self, op: str, clock: int | None) -> list[tuple[dict, list[torch.Tensor]]]:
         """Every shard's answer `op` for `clock` (None: any clock, a join's)."""
-        poller = zmq.Poller()
-        where: dict[zmq.Socket, tuple[int, int]] = {}
-        for s, socks in enumerate(self.replica_socks):
-            for r, sock in enumerate(socks):
-                poller.register(sock, zmq.POLLIN)
-                where[sock] = (s, r)
+        poller, where = self._poller()
         replies: dict[int, tuple[dict, list]] = {}
         deadline = time.monotonic() + self.timeout_s
         while len(replies) < len(self.shards):
@@ -243,6 +259,11 @@ class Client:
                 if header.get("op") == TAKEOVER and r != self.current[s]:
                     self._take_over(s, r, header)
                     continue
+                if header.get("op") == NEW_BACKUP and r == self.current[s]:
+                    if self._new_backup(s, header):
+                        poller, where = self._poller()
+                        break  # the poll's other sockets are read on the next turn
+                    continue
                 if header.get("op") == PING or r != self.current[s]:
                     continue  # a liveness probe, or a replica that is not (or no longer) the primary
                 if header.get("op") == ERROR:
@@ -259,6 +280,16 @@ class Client:
                 self.unanswered[s] = [u for u in self.unanswered[s] if u[0] > done]
                 replies[s] = (header, tensors)
         return [replies[s] for s in range(len(self.shards))]
+
+    def _poller(self) -> tuple[zmq.Poller, dict[zmq.Socket, tuple[int, int]]]:
+        """A poller over every replica's socket, and where each socket is (shard, replica)."""
+        poller = zmq.Poller()
+        where: dict[zmq.Socket, tuple[int, int]] = {}
+        for s, socks in enumerate(self.replica_socks):
+            for r, sock in enumerate(socks):
+                poller.register(sock, zmq.POLLIN)
+                where[sock] = (s, r)
+        return poller, where
 
     def _abort(self, message: str) -> ShoalError:
         """The error that ends this worker's part in the job, every socket of its context closed first

@@ -13,8 +13,10 @@ names the process's index, the job's store and its limits.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -26,9 +28,12 @@ from shoal.comm.wire import Codec, job_key
 from shoal.errors import ConfigError
 from shoal.ps import optim
 from shoal.ps import store as ps_store
-from shoal.ps.replication import PRIMARY, BackupLink, Claim, PrimaryLink
+from shoal.ps.replacement import Joining
+from shoal.ps.replication import BACKUP, PRIMARY, BackupLink, Claim, PrimaryLink
 from shoal.ps.server import Server
 from shoal.ps.servers import server_limits
+
+log = logging.getLogger("shoal.ps.process")
 
 
 def open_replicas(environ: dict[str, str] | os._Environ, codec: Codec, timeout_s: float) -> list[Server]:
@@ -62,6 +67,47 @@ def open_replicas(environ: dict[str, str] | os._Environ, codec: Codec, timeout_s
             backup = ps_store.ServerAddress.parse(server.index, store.get(key))
             server.link = PrimaryLink(server.ctx, codec, backup, server.out_now)
     return replicas
+
+
+def open_replacement(environ: dict[str, str] | os._Environ, codec: Codec, timeout_s: float) -> list[Server]:
+    """A process started in place of one that exited: a backup replica of each shard that process held,
+    joining its primary (`shoal.ps.replacement`)."""
+    process = int(environ[env.PS_INDEX])
+    host, advertise = environ.get(env.PS_HOST, "127.0.0.1"), environ.get(env.PS_ADVERTISE, "")
+    store = ps_store.connect(environ[env.PS_STORE], timeout_s=60)
+    count = int(store.get(ps_store.SERVER_COUNT_KEY))
+    events = Publisher(environ[env.PS_EVENTS], codec) if environ.get(env.PS_EVENTS) else None
+    replicas = []
+    for shard, _ in ps_store.replicas(count, ps_store.read_replication(store), process):
+        record = _left_alone(store, shard, process, timeout_s)
+        if record is None:
+            continue
+        server = Server(shard, codec, host, timeout_s, advertise, role=BACKUP, process=process)
+        server.quiet_events = events
+        server.link = BackupLink(server.ctx, codec, host, advertise, shard)
+        store.set(
+            ps_store.slot_key(shard, process), ps_store.ServerAddress(server.endpoint, shard, server.session).value
+        )
+        primary = ps_store.ServerAddress.parse(shard, store.get(ps_store.slot_key(shard, record.primary)))
+        holders = frozenset({shard, (shard + 1) % count})
+        server.joining = Joining(server, store, primary, holders)
+        replicas.append(server)
+    return replicas
+
+
+def _left_alone(store: ps_store.SignedStore, shard: int, process: int, timeout_s: float) -> ps_store.ShardRecord | None:
+    """The shard's record once another process holds it alone (the survivor claimed it), or None if
+    that does not happen within `timeout_s` or another process backs it already."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = ps_store.ShardRecord.parse(store.get(ps_store.shard_key(shard)))
+        if record.primary != process and record.backup is None:
+            return record
+        if record.backup not in (None, process) and record.primary != process:
+            return None
+        time.sleep(0.1)
+    log.warning("shard %d: no survivor claimed it within %gs; process %d does not hold it", shard, timeout_s, process)
+    return None
 
 
 def serve(replicas: list[Server]) -> int:
@@ -102,7 +148,9 @@ def main() -> int:
     except ConfigError as err:
         print(f"shoal: {err}", file=sys.stderr, flush=True)
         return err.exit_code
-    return serve(open_replicas(environ, Codec(job_key(), max_bytes), timeout_s))
+    codec = Codec(job_key(), max_bytes)
+    opened = open_replacement if environ.get(env.PS_REPLACEMENT) else open_replicas
+    return serve(opened(environ, codec, timeout_s))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ Replicated shards (`shoal.ps.replication`): primary to backup `REPLICATE`
 (one input, the worker's frames after it), backup to primary `ACK`; a
 promoted backup to every worker `TAKEOVER` (with the shard's new `gen`). A
 reply to a worker's request names the request's `seq` in `re`; a worker
-resending after a takeover marks the message `resend`.
+resending after a takeover marks the message `resend`. A replacement process
+(`shoal.ps.replacement`) asks a primary left alone to take it as backup
+(`ADD_BACKUP`, as `OBSERVER`); the primary sends it its state over the link and
+tells every worker where the new backup listens (`NEW_BACKUP`, with the new `gen`).
 Anyone to server: `STATS` (read-only counters and parameters), answered with
 `STATS`; tools and tests send it as `OBSERVER`.
 """
@@ -45,3 +48,5 @@ PING = "ping"
 REPLICATE = "replicate"
 ACK = "ack"
 TAKEOVER = "takeover"
+ADD_BACKUP = "add_backup"
+NEW_BACKUP = "new_backup"

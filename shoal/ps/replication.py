@@ -25,9 +25,9 @@ worker (`TAKEOVER` with the new generation); each worker resends what that
 shard has not answered yet (`shoal.ps.client`), and the sequence numbers
 make every resent message apply exactly once.
 
-Not yet: a replacement server that re-replicates a shard left without a
-backup (a second failure of that shard then loses it; the job stops with one
-sentence, as an unreplicated one does).
+A shard left with one copy gets a new backup when the launcher starts a
+process in place of the one that went (`shoal.ps.replacement`), so a second
+failure later is survived too.
 """
 
 from __future__ import annotations
@@ -122,13 +122,29 @@ def _bounded(call: Callable[[], bool], seconds: float) -> bool:
 class Claim:
     """The shard's record in the job's store, and the compare-and-set that changes it."""
 
-    def __init__(self, store: ps_store.SignedStore, shard: int, record: ps_store.ShardRecord) -> None:
+    def __init__(
+        self,
+        store: ps_store.SignedStore,
+        shard: int,
+        record: ps_store.ShardRecord,
+        holders: frozenset[int] = frozenset(),
+    ) -> None:
         self.store, self.shard, self.record = store, shard, record
+        self.holders = holders or frozenset(p for p in record[1:] if p is not None)
+        """The processes that may hold the shard (its first primary and backup, or their replacements)."""
         self.lost_why = ""  # why the last claim did not win
 
     def take(self, primary: int, reason: str) -> bool:
         """Make process `primary` the shard's only holder in the next generation; whether this claim won."""
-        new = ps_store.ShardRecord(self.record.gen + 1, primary, None)
+        return self._swap(ps_store.ShardRecord(self.record.gen + 1, primary, None), reason)
+
+    def add(self, backup: int) -> bool:
+        """Make process `backup` (a replacement) the primary's backup in the next generation; whether it won."""
+        new = ps_store.ShardRecord(self.record.gen + 1, self.record.primary, backup)
+        return self._swap(new, f"process {backup} replaces the shard's lost copy")
+
+    def _swap(self, new: ps_store.ShardRecord, reason: str) -> bool:
+        primary = new.primary
         try:
             key, old = ps_store.shard_key(self.shard), self.record.value
             won = _bounded(lambda: self.store.compare_set(key, old, new.value), CLAIM_TIMEOUT_S)
@@ -322,6 +338,10 @@ class BackupLink:
 def replay(server: Server, header: dict, ident: bytes, frames: list) -> None:
     """Apply one forwarded input on the backup, as the primary applied it."""
     kind = header.get("kind")
+    if server.joining is not None:  # a replacement: the primary's state comes first, then its inputs
+        if kind != "snapshot":
+            return server.fenced("an input came before the shard's state was whole")
+        return server.joining.receive(frames)
     if kind == "depart":
         worker = header.get("worker")
         if isinstance(worker, int) and server.gate is not None and 0 <= worker < server.gate.workers:
@@ -344,6 +364,8 @@ def follow(server: Server) -> None:
     if isinstance(link, BackupLink):
         for forwarded in link.receive():
             replay(server, *forwarded)
+        if server.joining is not None:  # a replacement still waiting for the shard's state
+            return server.joining.wait(link.lost())
         if link.lost() and server.claim is not None:
             link.stop()  # every input the primary got out before it went is applied before the claim
             for forwarded in link.receive():

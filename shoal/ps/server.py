@@ -56,11 +56,12 @@ from shoal.comm import replay
 from shoal.comm.pubsub import Publisher
 from shoal.comm.wire import Codec, WireError
 from shoal.compress.base import Receiver
-from shoal.ps import membership, optim, replication, server_state, startup
+from shoal.ps import membership, optim, replacement, replication, server_state, startup
 from shoal.ps.consistency import Gate
 from shoal.ps.parts import Parts
 from shoal.ps.pieces import PieceState, all_gradients_finite, pushed_pieces, received_gradients
 from shoal.ps.protocol import (
+    ADD_BACKUP,
     BYE,
     ERROR,
     INIT,
@@ -109,6 +110,8 @@ class Server:
     """Replicated: the link to the backup (a primary's) or from the primary (a backup's)."""
     claim: Claim | None = None
     """Replicated: the shard's record, to take it over or to go on alone."""
+    joining: replacement.Joining | None = None
+    """A replacement backup until it holds the shard's state (`shoal.ps.replacement`)."""
     quiet_events: Publisher | None = None
     """A backup's event channel, published on once it is primary."""
     events: Publisher | None = None
@@ -251,11 +254,13 @@ class Server:
             if not replay.addressed(header, self.session, self.index):
                 raise WireError("wrong_session")  # recorded in another run, or meant for another server
             self.handling = f"handling a {str(op)[:20]!r} message from worker {src}"
+            if op in (STATS, ADD_BACKUP) and not self.once.fresh(header.get("seq")):
+                raise WireError("replayed")
             if op == STATS:
-                if not self.once.fresh(header.get("seq")):
-                    raise WireError("replayed")
                 values = [p.param for p in self.pieces.values()]  # any replica answers, at once
                 return self.out_now([ident, *self.codec.encode(server_state.stats(self), values)], copy=True)
+            if op == ADD_BACKUP:  # a replacement process asks to hold this shard again
+                return replacement.add_backup(self, header)
             if self.role != PRIMARY:
                 if op == BYE and src in self.joined:  # a worker leaving says so to every replica: its
                     self.members.finished.add(src)  # connection closing is then no death, whoever is primary

@@ -13,7 +13,10 @@ With H server nodes (machines that run servers and no workers) the workers'
 machines start none and server node j starts servers j, j + H, ...
 (`serve_only`), until machine 0's launcher writes that the workers ended.
 Servers are children of the launcher on their machine, stopped by pid
-(SIGTERM, then SIGKILL), and they exit by themselves if it dies.
+(SIGTERM, then SIGKILL), and they exit by themselves if it dies. With
+replicated shards the launcher starts a process again in place of one that
+was killed or fenced, which becomes its shards' backup again
+(`shoal.ps.replacement`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from shoal import env
@@ -75,6 +79,10 @@ def server_limits(environ: Mapping[str, str]) -> tuple[int, float]:
     return int(raw), timeout_s
 
 
+MAX_REPLACEMENTS = 3
+"""How many times a launcher starts a replicated server process again in place of one that exited."""
+
+
 @dataclass
 class ServerGroup:
     procs: list[subprocess.Popen]
@@ -83,6 +91,40 @@ class ServerGroup:
     job_key: str
     env: dict[str, str] = field(default_factory=dict)
     """What workers need: the store address, the session and the job key."""
+    starts: list[tuple[int, dict[str, str], str | None]] = field(default_factory=list)
+    """Per process: its index, environment and log file, to start it again."""
+    replaced: list[int] = field(default_factory=list)
+    on_start: Callable[[subprocess.Popen], None] | None = None
+    """Called with each replacement process (tests adopt its pid)."""
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _watcher: threading.Thread | None = None
+
+    def replace_exited(self) -> None:
+        """Start a process again in place of one that was killed, or that gave its shards up (exit 0: it
+        was fenced), while the job runs, at most MAX_REPLACEMENTS times per index: it rejoins its shards
+        as their backup (`shoal.ps.replacement`)."""
+        self.replaced = [0] * len(self.procs)
+        self._watcher = threading.Thread(target=self._watch, name="shoal-ps-replace", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.2):
+            for i, proc in enumerate(self.procs):
+                code = proc.poll()
+                if code is None or code > 0 or self.replaced[i] >= MAX_REPLACEMENTS or self._stopping.is_set():
+                    continue  # code > 0: it stopped the job itself (a bad start, an error it sent the workers)
+                self.replaced[i] += 1
+                index, start_env, log_path = self.starts[i]
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                print(
+                    f"shoal: parameter server process {index} {how}; starting a replacement "
+                    f"({self.replaced[i]} of {MAX_REPLACEMENTS}) that becomes its shards' backup again",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.procs[i] = _start_server({**start_env, env.PS_REPLACEMENT: str(self.replaced[i])}, log_path, True)
+                if self.on_start is not None:
+                    self.on_start(self.procs[i])
 
     def endpoints(self, timeout_s: float = 60.0) -> list[ps_store.ServerAddress]:
         """Every shard's current primary's address and session (this machine's and the others')."""
@@ -98,6 +140,9 @@ class ServerGroup:
 
     def stop(self, grace_s: float = 5.0) -> list[int]:
         """Stop every server (by pid); their exit codes."""
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join()
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -148,7 +193,8 @@ def start_servers(
     replication: int | None = None,
 ) -> ServerGroup:
     """Start the job's `count` servers on `host` with a store of their own, or,
-    with `share`, this machine's share of them (whose store holds the replication)."""
+    with `share`, this machine's share of them (whose store holds the replication).
+    Replicated, a process that exits is started again (`ServerGroup.replace_exited`)."""
     if count < 1:
         raise ShoalError(f"--servers must be >= 1, not {count}")
     server_limits({**os.environ, **(extra_env or {})})  # a bad value stops here, before any process starts
@@ -157,7 +203,7 @@ def start_servers(
         store, address = ps_store.open_local_store(host, count, timeout_s, job_key.encode(), replicas)
         share = Share(store, address, list(range(count)), host)
     workers_env = {env.PS_STORE: share.address, env.PS_SESSION: share.store.session, env.JOB_KEY: job_key}
-    procs = []
+    procs, starts = [], []
     for i in share.indices:
         server_env = {
             **os.environ,
@@ -169,15 +215,20 @@ def start_servers(
         }
         if share.advertise:
             server_env[env.PS_ADVERTISE] = share.advertise
-        procs.append(_start_server(server_env, os.path.join(log_dir, f"server{i}.log") if log_dir else None))
-    return ServerGroup(procs, share.store, share.address, job_key, workers_env)
+        log_path = os.path.join(log_dir, f"server{i}.log") if log_dir else None
+        procs.append(_start_server(server_env, log_path))
+        starts.append((i, server_env, log_path))
+    group = ServerGroup(procs, share.store, share.address, job_key, workers_env, starts)
+    if ps_store.read_replication(share.store) > 1:
+        group.replace_exited()
+    return group
 
 
-def _start_server(server_env: dict[str, str], log_path: str | None) -> subprocess.Popen:
+def _start_server(server_env: dict[str, str], log_path: str | None, append: bool = False) -> subprocess.Popen:
     argv = [sys.executable, "-m", "shoal.ps.process"]
     if log_path is None:
         return subprocess.Popen(argv, env=server_env)
-    with open(log_path, "w") as out:  # the child keeps its own copy of the descriptor
+    with open(log_path, "a" if append else "w") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(argv, env=server_env, stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -325,7 +376,7 @@ def _wait_for_end(store: ps_store.SignedStore, group: ServerGroup, log_dir: str 
                 f"machine 0's rendezvous store went away before the job ended ({first_line(str(exc))}); "
                 "its launcher probably died: see its output"
             ) from None
-        for code in group.poll():
+        for code in [] if group._watcher is not None else group.poll():  # replicated: exits are replaced
             if code not in (None, 0):
                 where = f" (logs in {log_dir})" if log_dir else ""
                 raise ShoalError(f"a parameter server on this machine exited with code {code}{where}")

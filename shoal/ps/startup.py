@@ -42,6 +42,16 @@ def positive_bytes(value: object, what: str) -> int:
     return value
 
 
+def code_shapes(spec: dict) -> list:
+    """The shape each key's gradients are compressed in (its own shape unless the description says);
+    ValueError unless there is one per key."""
+    keys = spec["keys"]
+    shapes = spec.get("code_shapes") or [k[2] if isinstance(k, list) and len(k) == 6 else 0 for k in keys]
+    if not isinstance(shapes, list) or len(shapes) != len(keys):
+        raise ValueError("one code shape per key")
+    return shapes
+
+
 def start(server: Server, workers: int) -> None:
     """Every worker joined: check worker 0's description against the others' and the limits, build the
     pieces, and answer every join with the initial values; a bad description stops the job in one sentence."""
@@ -71,10 +81,7 @@ def start(server: Server, workers: int) -> None:
             raise ValueError(f"compression {compression!r} is not a spec")
         if compression != "none":
             server.receiver = Receiver(compression)
-        code_shapes = spec.get("code_shapes") or [k[2] if isinstance(k, list) and len(k) == 6 else 0 for k in keys]
-        if not isinstance(code_shapes, list) or len(code_shapes) != len(keys):
-            raise ValueError("one code shape per key")
-        for key_spec, value, code_shape in zip(keys, server.initial, code_shapes, strict=True):
+        for key_spec, value, code_shape in zip(keys, server.initial, code_shapes(spec), strict=True):
             piece = build_piece(key_spec, value, code_shape, server.optim_name, server.hp, server.receiver)
             if piece.key in server.pieces:
                 raise ValueError(f"piece {piece.key} is named twice")

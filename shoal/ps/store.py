@@ -118,6 +118,12 @@ def backup_key(index: int) -> str:
     return f"shoal/ps/backup/{index}"
 
 
+def slot_key(shard: int, process: int) -> str:
+    """Where process `process` publishes its replica of `shard` for the workers: the primary's key if it
+    is the shard's first primary (process `shard`), else the backup's. A replacement overwrites its slot."""
+    return server_key(shard) if process == shard else backup_key(shard)
+
+
 def link_key(index: int) -> str:
     """Where the backup of shard `index` takes the inputs its primary forwards."""
     return f"shoal/ps/link/{index}"

@@ -42,6 +42,7 @@ def servers(procs: Processes, count: int, env: Mapping[str, str] | None = None, 
     )
     for p in group.procs:
         procs.adopt(p)
+    group.on_start = procs.adopt  # the launcher's replacements of exited servers too
     return group
 
 

@@ -3,10 +3,13 @@ mid-run loses no acknowledged update. One decisive case per failure kind; the re
 trials and the failover times are in benchmarks/chaos.py.
 
 With 2 servers each process holds the primary of its shard and the backup of the other's,
-so killing process 0 takes shard 0's primary and shard 1's backup at once.
+so killing process 0 takes shard 0's primary and shard 1's backup at once; the launcher
+then starts a replacement process 0, which becomes the backup of both shards again.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
@@ -22,7 +25,7 @@ pytestmark = pytest.mark.slow
 STEPS = 10
 
 
-def _job(consistency: str, faults: Faults | None, optim: str = "adam"):
+def _job(consistency: str, faults: Faults | None, optim: str = "adam", **more):
     args = {
         "task": "equiv",
         "optim": optim,
@@ -30,6 +33,7 @@ def _job(consistency: str, faults: Faults | None, optim: str = "adam"):
         "params": True,
         # 1 KiB pieces: both shards hold part of every layer
         "strategy": {"consistency": consistency, "servers": 2, "chunk_bytes": 1024},
+        **more,
     }
     return run_ps_job(2, 2, ps_tasks.run, args, env=faults.env() if faults else None, before_stop=_holders)
 
@@ -43,20 +47,24 @@ def _ok(job):
     assert job.codes == [0, 0], "\n----\n".join(job.logs)
 
 
-def test_bsp_server_killed_mid_run_fails_over_and_ends_bit_identical(tmp_path):
+def test_bsp_two_servers_killed_one_after_the_other_end_bit_identical(tmp_path):
+    """SIGKILL of process 0 at step 4: process 1 takes shard 0 over, the launcher starts a replacement
+    process 0, which becomes the backup of both shards again; then SIGKILL of process 1 at step 8: the
+    replacement takes both shards over. Every clock is applied once, and the final parameters are
+    bit-identical to the fault-free run's."""
     clean = _job("bsp", None)
     _ok(clean)
-    faults = Faults(tmp_path).kill("server", 0, 4)
-    job = _job("bsp", faults)
+    faults = Faults(tmp_path).kill("server", 0, 4).kill("server", 1, 8)
+    job = _job("bsp", faults, await_backups_at=6)  # the workers wait at step 6 until both shards have two copies
     _ok(job)
     faults.assert_fired("server", 0, 4, "kill")
-    assert job.server_codes[0] == -9 and job.server_codes[1] is None  # process 1 serves both shards now
+    faults.assert_fired("server", 1, 8, "kill")
     (record0, (stats0, _)), (record1, (stats1, _)) = job.stats
-    assert (record0.gen, record0.primary, record0.backup) == (2, 1, None)  # the backup took shard 0 over
-    assert (record1.gen, record1.primary, record1.backup) == (2, 1, None)  # shard 1 went on without its backup
+    assert (record0.primary, record1.primary) == (0, 0) and min(record0.gen, record1.gen) >= 4, (record0, record1)
     for stats in (stats0, stats1):
         assert stats["bsp_done"] == STEPS and set(stats["steps"].values()) == {STEPS}  # every clock applied once
-    assert all(any(t["shard"] == 0 for t in r["takeovers"]) for r in job.results)  # each worker turned to it
+    for result in job.results:  # each worker turned to process 1 for shard 0, then to the replacement for both
+        assert sorted((t["shard"], t["gen"]) for t in result["takeovers"]) == [(0, 2), (0, 4), (1, 4)], result
     want = ps_tasks.single_process("adam", STEPS, world=2)
     got = job.arrays()
     for name in want:
@@ -71,7 +79,7 @@ def test_asp_server_killed_mid_run_applies_every_push_exactly_once(tmp_path):
     _ok(job)
     faults.assert_fired("server", 1, 4, "kill")
     (record0, (stats0, _)), (record1, (stats1, _)) = job.stats
-    assert (record0.primary, record0.backup) == (0, None) and (record1.gen, record1.primary) == (2, 0)
+    assert record0.primary == 0 and record1.primary == 0 and record1.gen >= 2
     for stats in (stats0, stats1):  # the servers' own record, the survivor's copy of shard 1 included
         assert stats["pushed"] == [STEPS, STEPS]
         assert set(stats["steps"].values()) == {2 * STEPS}  # ASP: each push applied once, none twice or lost
@@ -85,7 +93,10 @@ def test_a_stopped_primary_is_fenced_and_gives_its_shards_up_when_it_wakes(tmp_p
     faults = Faults(tmp_path).stop("server", 0, 4, seconds=4)
 
     def woke_and_left(group):
-        group.procs[0].wait(15)  # it wakes 4 s after the stop, finds itself fenced, and exits
+        deadline = time.monotonic() + 15
+        while not group.replaced[0]:  # it wakes 4 s after the stop, finds itself fenced, and exits
+            assert time.monotonic() < deadline, "process 0 did not leave"
+            time.sleep(0.1)
         return _holders(group)
 
     args = {
@@ -98,9 +109,8 @@ def test_a_stopped_primary_is_fenced_and_gives_its_shards_up_when_it_wakes(tmp_p
     job = run_ps_job(2, 2, ps_tasks.run, args, env=faults.env(), before_stop=woke_and_left)
     _ok(job)
     stopped = faults.assert_fired("server", 0, 4, "stop")
-    assert job.server_codes[0] == 0  # fenced: it left by itself, with no error of its own
     (record0, _), (record1, _) = job.stats
-    assert (record0.gen, record0.primary) == (2, 1) and (record1.gen, record1.primary, record1.backup) == (2, 1, None)
+    assert record0.primary == record1.primary == 1 and min(record0.gen, record1.gen) >= 2
     taken = [t["unix_time"] for r in job.results for t in r["takeovers"] if t["shard"] == 0]
     assert len(taken) == 2 and max(taken) - stopped["unix_time"] < 2.5, (taken, stopped)
     got = job.arrays()

@@ -12,10 +12,11 @@ import torch
 import zmq
 from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage]
 
+from shoal.comm.replay import one_time_id
 from shoal.comm.wire import Codec
 from shoal.ps import replication
 from shoal.ps import store as ps_store
-from shoal.ps.protocol import REPLICA, REPLICATE
+from shoal.ps.protocol import ADD_BACKUP, OBSERVER, REPLICA, REPLICATE
 from shoal.ps.replication import BACKUP, PRIMARY, BackupLink, Claim, PrimaryLink
 from shoal.ps.server import Server
 
@@ -130,3 +131,97 @@ def test_of_two_claims_on_one_generation_exactly_one_wins():
     assert now == ps_store.ShardRecord(2, 1, None) and backup.record == now and primary.record == first
     raw.set(ps_store.shard_key(0), "forged 1 -")  # not signed with the job's key: no claim can win on it
     assert not Claim(store, 0, now).take(1, "again")
+
+
+def _comparable(server: Server) -> dict:
+    """Every attribute a served input can change, in a form `==` compares (tensors as lists)."""
+    skip = {"ctx", "sock", "session", "endpoint", "link", "claim", "codec", "once", "events", "quiet_events"}
+    skip |= {"first_join", "joining", "process", "role", "handling", "members", "pulls", "receiver", "initial"}
+    out: dict = {}
+    for name, value in vars(server).items():
+        if name in skip:
+            continue
+        if name == "pieces":
+            value = {
+                k: (p.param.tolist(), p.steps, {n: t.tolist() for n, t in p.opt.state[p.param].items()})
+                for k, p in value.items()
+            }
+        elif name == "accum":
+            value = {c: {k: t.tolist() for k, t in sums.items()} for c, sums in value.items()}
+        elif name == "pending":
+            value = [r._replace(since=0) for r in value]
+        elif name == "gate":
+            value = vars(value)
+        elif name == "parts":
+            value = {w: (s.clock, s.parts, s.keys, [t.tolist() for t in s.grads]) for w, s in value.staged.items()}
+        out[name] = value
+    out["members"] = {
+        k: v for k, v in vars(server.members).items() if k not in ("sock", "codec", "on_depart", "last_probe")
+    }
+    return out
+
+
+def _join(new: Server, primary: Server, store: ps_store.SignedStore, holders: frozenset[int]) -> None:
+    """`new` asks `primary` to take it as backup, until it holds the state."""
+    from shoal.ps.replacement import Joining
+
+    new.link = BackupLink(new.ctx, new.codec, "127.0.0.1", "", 0)
+    new.joining = Joining(new, store, ps_store.ServerAddress(primary.endpoint, 0, primary.session), holders)
+    deadline = time.monotonic() + 10
+    while new.joining is not None:
+        assert time.monotonic() < deadline, "the replacement got no state"
+        replication.follow(new)
+        if primary.sock.poll(10):
+            frames = primary.sock.recv_multipart(copy=False)
+            primary.handle(frames[0].bytes, frames[1:])
+
+
+def test_a_replacement_takes_the_primarys_whole_state_and_then_follows_it():
+    """A primary left alone takes a replacement as backup: the record moves to the next generation with
+    it, the replacement installs every attribute a served input changed (mid-clock: one BSP sum and a
+    read waiting), and the inputs after that keep both equal."""
+    raw = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5), use_libuv=True)
+    store = ps_store.SignedStore(raw, KEY, "session", "here")
+    alone = ps_store.ShardRecord(2, 0, None)
+    store.set(ps_store.shard_key(0), alone.value)
+    codec = Codec(KEY)
+    holders = frozenset({0, 1})
+    primary = Server(0, codec, role=PRIMARY, process=0)
+    primary.claim = Claim(store, 0, alone, holders)
+    spec = {**SPEC, "keys": [["w", "float32", [4], "bsp", 0, 0], ["v", "float32", [2], "ssp", 1, 0]]}
+    new = Server(0, codec, role=BACKUP, process=1)
+    try:
+        for src in (0, 1):
+            header = _request(primary, src, 1, "init", world=2, spec=spec, incarnation=f"i{src}")
+            values = [torch.arange(4.0), torch.ones(2)] if src == 0 else []
+            primary.handle(f"i{src}".encode(), codec.encode(header, values))
+
+        def push(src: int, seq: int, clock: int) -> None:
+            header = _request(primary, src, seq, "push", clock=clock, keys=["w", "v"], hp=SPEC["groups"])
+            grads = [torch.full((4,), float(src + clock + 1)), torch.full((2,), 0.5 * (src - clock))]
+            primary.handle(f"i{src}".encode(), codec.encode(header, grads))
+
+        for clock in range(3):
+            push(0, 2 + clock, clock)
+            push(1, 2 + clock, clock)
+        push(0, 5, 3)  # worker 0 is a clock ahead: clock 3's sum holds its gradient alone
+        pull = _request(primary, 0, 6, "pull", clock=4)
+        primary.handle(b"i0", codec.encode(pull))  # and its pull for clock 4 waits
+        assert primary.pending and primary.accum
+        for process, link in ((7, "tcp://127.0.0.1:1 s 1"), (1, "ipc:///tmp/x s 1"), (0, "tcp://127.0.0.1:1 s 1")):
+            bad = _request(primary, OBSERVER, one_time_id(), ADD_BACKUP, process=process, link=link, replica=link)
+            primary.handle(b"stranger", codec.encode(bad))  # not one of its holders, not TCP, itself
+        assert primary.dropped["malformed"] == 3 and primary.link is None and primary.claim.record == alone
+        _join(new, primary, store, holders)
+        assert not new.done and new.claim is not None
+        assert ps_store.ShardRecord.parse(store.get(ps_store.shard_key(0))) == (3, 0, 1) == new.claim.record
+        assert _comparable(new) == _comparable(primary)
+        push(1, 6, 3)  # the inputs after it: the clock completes, the read is answered
+        push(0, 7, 4)
+        link = primary.link
+        assert isinstance(link, PrimaryLink)
+        _until(lambda: link.acked == link.sent and not link.held, primary, new)
+        _until(lambda: new.gate is not None and new.gate.pushed == [5, 4], new)
+        assert _comparable(new) == _comparable(primary) and primary.gate is not None and primary.gate.bsp_done == 4
+    finally:
+        _close(primary, new)

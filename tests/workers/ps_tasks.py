@@ -73,6 +73,8 @@ def _equiv(strategy, rank: int, world: int, args: dict, out: dict):
     sched = schedule(opt)
     loss_fn = nn.CrossEntropyLoss()
     for step in range(args["steps"]):
+        if step == args.get("await_backups_at"):
+            await_backups()
         x, y = equiv_batch(step, rank, world)
         loss_fn(model(x), y).backward()
         opt.step()
@@ -82,6 +84,18 @@ def _equiv(strategy, rank: int, world: int, args: dict, out: dict):
             digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
             out.setdefault("digests", []).append(digest.hexdigest())
     return model
+
+
+def await_backups(timeout_s: float = 60.0) -> None:
+    """Until every shard has a backup again (the launcher's replacement rejoined): so that a test's
+    second failure meets a shard with two copies, however long the replacement took to start."""
+    from shoal.ps import store as ps_store
+
+    store, count = ps_store.connect_store()
+    deadline = time.monotonic() + timeout_s
+    while any(ps_store.ShardRecord.parse(store.get(ps_store.shard_key(i))).backup is None for i in range(count)):
+        assert time.monotonic() < deadline, "no replacement became a backup"
+        time.sleep(0.05)
 
 
 def _linear(strategy, rank: int, world: int, args: dict, out: dict):
