@@ -24,6 +24,12 @@ Server scenarios (`ps-server-{kill,stop}-{bsp,ssp,asp}`; shards replicated on bo
 - `equal`: as for workers (BSP bit-identical; SSP/ASP every push applied exactly once, from the
   final records of the shards' primaries at the end).
 
+`ps-server-kill-twice-bsp`: server process p is killed at step 2-4 and the other at step 14 (the
+workers sleep 0.3 s a step, so about 3 s later); the second failure is survived only if the
+launcher's replacement of p became both shards' backup in between (`shoal.ps.replacement`).
+`rereplicated_s`: from the first kill to the second shard's "backup" event; `failover_s`: from the
+second kill to the first takeover; `equal`: bit-identical to the fault-free run.
+
 Every trial is a 2-worker, 2-server `shoal train` run (the digits MLP, Adam, dropout) with
 `--launch.max_restarts=1`:
 
@@ -181,11 +187,40 @@ def server_trial(mode: str, action: str, rng: random.Random, work: Path) -> dict
     return _judge(mode, work, events, out)
 
 
+TWICE_SLEEP_S = 0.3
+"""Each worker step's sleep in `ps-server-kill-twice-bsp`: 16 steps take about 5 s, time for a replacement."""
+
+
+def twice_trial(mode: str, action: str, rng: random.Random, work: Path) -> dict:
+    """SIGKILL one server process early, then the other late: the second failure is survived only if
+    the launcher's replacement of the first became the backup of both shards in between."""
+    first, step = rng.randrange(2), rng.randint(2, 4)
+    second, later = 1 - first, STEPS - 2
+    work.mkdir(parents=True, exist_ok=True)
+    faults = Faults(work).add("server", first, step, "kill").add("server", second, later, "kill")
+    faults.sleep("worker", "*", "*", TWICE_SLEEP_S)
+    done = _train(work, "faulty", mode, "--strategy.replication=2", env=faults.env())
+    fired = {(f["rank"], f["step"]): f["unix_time"] for f in faults.fired() if f["role"] == "server"}
+    out: dict = {"mode": mode, "action": "kill-twice", "process": first, "step": step, "second_step": later}
+    out.update(fired=len(fired) == 2, returncode=done.returncode)
+    if done.returncode != 0 or len(fired) != 2:
+        out["error"] = (done.stderr.strip().splitlines() or [""])[-1][:300]
+        return {**out, "equal": False, "rereplicated_s": None, "failover_s": None}
+    at, at2 = fired[(first, step)], fired[(second, later)]
+    events = _events(work)
+    backups = [e["unix_time"] for e in events if e.get("backup") is not None and at <= e.get("unix_time", 0) < at2]
+    out["rereplicated_s"] = max(backups) - at if len(backups) >= 2 else None  # both shards have two copies again
+    taken = [e["unix_time"] for e in events if e.get("takeover") is not None and e.get("unix_time", 0) >= at2]
+    out["failover_s"] = min(taken) - at2 if taken else None
+    return _judge(mode, work, events, out)
+
+
 ACTIONS, MODES = ("kill", "stop"), ("bsp", "ssp", "asp")
 SCENARIOS: dict[str, Callable[[random.Random, Path], dict]] = {
     f"ps-worker-{action}-{mode}": _scenario(trial, "worker", mode, action) for action in ACTIONS for mode in MODES
 }
 SCENARIOS.update({f"ps-server-{a}-{m}": _scenario(server_trial, "server", m, a) for a in ACTIONS for m in MODES})
+SCENARIOS["ps-server-kill-twice-bsp"] = _scenario(twice_trial, "server", "bsp", "kill")
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -198,6 +233,8 @@ def _pct(values: list[float], q: float) -> float | None:
 def summarize(name: str, trials: list[dict]) -> dict:
     figures: dict = {"trials": len(trials)}
     keys = ("failover_s", "stall_s") if name.startswith("ps-server") else ("detect_s", "recover_s", "redone_steps")
+    if name == "ps-server-kill-twice-bsp":
+        keys = ("rereplicated_s", "failover_s")
     for key in keys:
         values = [t[key] for t in trials if t.get(key) is not None]
         figures[key] = {"p50": statistics.median(values) if values else None, "p95": _pct(values, 0.95)}
@@ -212,7 +249,9 @@ def line(name: str, f: dict) -> str:
         p50, p95 = f[key]["p50"], f[key]["p95"]
         return "n/a" if p50 is None else f"p50 {p50:.2f}{unit} p95 {p95:.2f}{unit}"
 
-    if "failover_s" in f:
+    if "rereplicated_s" in f:
+        timing = f"both shards backed up again {fmt('rereplicated_s')}, second failover {fmt('failover_s')}"
+    elif "failover_s" in f:
         timing = f"failover {fmt('failover_s')}, stall {fmt('stall_s')}"
     else:
         timing = f"detect {fmt('detect_s')}, recover {fmt('recover_s')}, redone steps {fmt('redone_steps', '')}"
