@@ -180,6 +180,7 @@ def _run(args: list[str]) -> int:
             live=sys.stderr.isatty(),
             machines=Machines(ns.nnodes, ns.node_rank, ns.rdzv_endpoint, ns.server_nodes),
             replication=ns.replication,
+            control=control_env.get(env.CONTROL, ""),  # the shards' records live there
         ) as ps_env,
     ):
         spec = LaunchSpec(

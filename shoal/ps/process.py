@@ -28,6 +28,7 @@ from shoal.comm.wire import Codec, job_key
 from shoal.errors import ConfigError
 from shoal.ps import optim
 from shoal.ps import store as ps_store
+from shoal.ps.records import Records, open_records
 from shoal.ps.replacement import Joining
 from shoal.ps.replication import BACKUP, PRIMARY, BackupLink, Claim, PrimaryLink
 from shoal.ps.server import Server
@@ -43,9 +44,11 @@ def open_replicas(environ: dict[str, str] | os._Environ, codec: Codec, timeout_s
     store = ps_store.connect(environ[env.PS_STORE], timeout_s=60)
     count = int(store.get(ps_store.SERVER_COUNT_KEY))
     replication = ps_store.read_replication(store)
+    records = open_records(store, environ)
     events = Publisher(environ[env.PS_EVENTS], codec) if environ.get(env.PS_EVENTS) else None
     replicas = []
     for shard, role in ps_store.replicas(count, replication, process):
+        records.create(shard, count, replication)  # before the addresses: a worker that sees them finds it
         server = Server(shard, codec, host, timeout_s, advertise, role=role, process=process)
         address = ps_store.ServerAddress(server.endpoint, shard, server.session)
         if role == PRIMARY:
@@ -59,8 +62,7 @@ def open_replicas(environ: dict[str, str] | os._Environ, codec: Codec, timeout_s
         replicas.append(server)
     for server in replicas:
         if replication > 1 and count > 1:
-            record = ps_store.ShardRecord.parse(store.get(ps_store.shard_key(server.index)))
-            server.claim = Claim(store, server.index, record)
+            server.claim = Claim(records, server.index, records.get(server.index))
         if server.role == PRIMARY and server.claim is not None:
             key = ps_store.link_key(server.index)
             store.wait([key], timedelta(seconds=timeout_s))
@@ -76,10 +78,11 @@ def open_replacement(environ: dict[str, str] | os._Environ, codec: Codec, timeou
     host, advertise = environ.get(env.PS_HOST, "127.0.0.1"), environ.get(env.PS_ADVERTISE, "")
     store = ps_store.connect(environ[env.PS_STORE], timeout_s=60)
     count = int(store.get(ps_store.SERVER_COUNT_KEY))
+    records = open_records(store, environ)
     events = Publisher(environ[env.PS_EVENTS], codec) if environ.get(env.PS_EVENTS) else None
     replicas = []
     for shard, _ in ps_store.replicas(count, ps_store.read_replication(store), process):
-        record = _left_alone(store, shard, process, timeout_s)
+        record = _left_alone(records, shard, process, timeout_s)
         if record is None:
             continue
         server = Server(shard, codec, host, timeout_s, advertise, role=BACKUP, process=process)
@@ -90,17 +93,17 @@ def open_replacement(environ: dict[str, str] | os._Environ, codec: Codec, timeou
         )
         primary = ps_store.ServerAddress.parse(shard, store.get(ps_store.slot_key(shard, record.primary)))
         holders = frozenset({shard, (shard + 1) % count})
-        server.joining = Joining(server, store, primary, holders)
+        server.joining = Joining(server, records, primary, holders)
         replicas.append(server)
     return replicas
 
 
-def _left_alone(store: ps_store.SignedStore, shard: int, process: int, timeout_s: float) -> ps_store.ShardRecord | None:
+def _left_alone(records: Records, shard: int, process: int, timeout_s: float) -> ps_store.ShardRecord | None:
     """The shard's record once another process holds it alone (the survivor claimed it), or None if
     that does not happen within `timeout_s` or another process backs it already."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        record = ps_store.ShardRecord.parse(store.get(ps_store.shard_key(shard)))
+        record = records.get(shard)
         if record.primary != process and record.backup is None:
             return record
         if record.backup not in (None, process) and record.primary != process:

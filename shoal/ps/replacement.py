@@ -38,6 +38,7 @@ from shoal.errors import ShoalError
 from shoal.ps import snapshot
 from shoal.ps import store as ps_store
 from shoal.ps.protocol import ADD_BACKUP, NEW_BACKUP, OBSERVER
+from shoal.ps.records import Records
 from shoal.ps.replication import PRIMARY, Claim, PrimaryLink
 
 if TYPE_CHECKING:
@@ -57,12 +58,12 @@ class Joining:
     def __init__(
         self,
         server: Server,
-        store: ps_store.SignedStore,
+        records: Records,
         primary: ps_store.ServerAddress,
         holders: frozenset[int],
     ) -> None:
         assert server.link is not None and not isinstance(server.link, PrimaryLink)
-        self.server, self.store, self.holders = server, store, holders
+        self.server, self.records, self.holders = server, records, holders
         self.primary = primary
         self.sock = server.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -111,7 +112,7 @@ class Joining:
             record = ps_store.ShardRecord(int(gen), int(primary), int(backup))
         except (WireError, KeyError, TypeError, ValueError, StopIteration) as exc:
             return self._give_up(f"the primary's state does not install ({exc})")
-        server.claim = Claim(self.store, server.index, record, self.holders)
+        server.claim = Claim(self.records, server.index, record, self.holders)
         self.close()
         server.joining = None
         log.warning(

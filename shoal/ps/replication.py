@@ -14,8 +14,8 @@ applies, so the primary waits one round trip, not for the backup's arithmetic
 Failure. Each side watches the link: ZeroMQ heartbeats on it close a
 connection silent for `LEASE_S` (a stopped peer), and a killed peer's kernel
 closes it at once; the socket monitor reports the close. Whoever sees the
-other go claims the shard's record in the job's store (`shoal.ps.store`,
-compare-and-set of "GEN PRIMARY BACKUP"): the backup to become primary, the
+other go claims the shard's record (`shoal.ps.records`: in the job's control
+plane when it runs one, else in its store; compare-and-set of "GEN PRIMARY BACKUP"): the backup to become primary, the
 primary to go on alone. Exactly one claim of a generation wins; the loser is
 fenced: it stops serving the shard, and anything it sends later names an old
 generation or is never acknowledged. A primary that cannot reach the store
@@ -47,6 +47,7 @@ from zmq.utils.monitor import recv_monitor_message
 from shoal.comm.wire import Codec, WireError
 from shoal.ps import store as ps_store
 from shoal.ps.protocol import ACK, REPLICA, REPLICATE, TAKEOVER
+from shoal.ps.records import Records
 
 if TYPE_CHECKING:
     from shoal.ps.server import Server
@@ -120,16 +121,17 @@ def _bounded(call: Callable[[], bool], seconds: float) -> bool:
 
 
 class Claim:
-    """The shard's record in the job's store, and the compare-and-set that changes it."""
+    """The shard's record (in the control plane or the job's store: `shoal.ps.records`), and the
+    compare-and-set that changes it."""
 
     def __init__(
         self,
-        store: ps_store.SignedStore,
+        records: Records,
         shard: int,
         record: ps_store.ShardRecord,
         holders: frozenset[int] = frozenset(),
     ) -> None:
-        self.store, self.shard, self.record = store, shard, record
+        self.records, self.shard, self.record = records, shard, record
         self.holders = holders or frozenset(p for p in record[1:] if p is not None)
         """The processes that may hold the shard (its first primary and backup, or their replacements)."""
         self.lost_why = ""  # why the last claim did not win
@@ -146,11 +148,11 @@ class Claim:
     def _swap(self, new: ps_store.ShardRecord, reason: str) -> bool:
         primary = new.primary
         try:
-            key, old = ps_store.shard_key(self.shard), self.record.value
-            won = _bounded(lambda: self.store.compare_set(key, old, new.value), CLAIM_TIMEOUT_S)
-        except Exception as exc:  # the store is out of reach: a partition, or the launcher is gone
+            old = self.record
+            won = _bounded(lambda: self.records.compare_set(self.shard, old, new), CLAIM_TIMEOUT_S)
+        except Exception as exc:  # out of reach: a partition, the launcher is gone, no majority
             log.warning("shard %d: could not claim generation %d (%s): %s", self.shard, new.gen, reason, exc)
-            self.lost_why = "it cannot reach the job's store to claim the shard"
+            self.lost_why = f"it cannot reach {self.records.where} to claim the shard"
             return False
         self.lost_why = "the other replica claimed the shard first"
         if won:

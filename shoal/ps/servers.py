@@ -37,6 +37,7 @@ from shoal.comm.netif import address_towards
 from shoal.config import split_endpoint
 from shoal.errors import ConfigError, ShoalError, WorkerError, first_line
 from shoal.ps import store as ps_store
+from shoal.ps.records import read_shards
 
 DEFAULT_MAX_BYTES = 1 << 30
 
@@ -133,7 +134,8 @@ class ServerGroup:
 
     def shards(self, timeout_s: float = 60.0) -> list[ps_store.Shard]:
         """Every shard's replicas and record, as the workers read them."""
-        return ps_store.read_shards(self.store, int(self.store.get(ps_store.SERVER_COUNT_KEY)), timeout_s)
+        count = int(self.store.get(ps_store.SERVER_COUNT_KEY))
+        return read_shards(self.store, count, timeout_s, {**os.environ, **self.env})
 
     def poll(self) -> list[int | None]:
         return [p.poll() for p in self.procs]
@@ -203,6 +205,8 @@ def start_servers(
         store, address = ps_store.open_local_store(host, count, timeout_s, job_key.encode(), replicas)
         share = Share(store, address, list(range(count)), host)
     workers_env = {env.PS_STORE: share.address, env.PS_SESSION: share.store.session, env.JOB_KEY: job_key}
+    if (extra_env or {}).get(env.CONTROL):  # the shards' records live there (`shoal.ps.records`)
+        workers_env[env.CONTROL] = (extra_env or {})[env.CONTROL]
     procs, starts = [], []
     for i in share.indices:
         server_env = {
@@ -280,6 +284,7 @@ def serving(
     live: bool = False,
     machines: Machines = Machines(),
     replication: int | None = None,
+    control: str = "",
 ) -> Iterator[dict[str, str]]:
     """`count` servers for the duration of the block; yields the environment workers need.
 
@@ -291,7 +296,8 @@ def serving(
     `count` and `rdzv_endpoint`; each starts its share of the servers and
     shows its own machine's rows. With `server_nodes` H > 0 the servers run
     on H more machines (`serve_only` there) and machine 0 tells those when
-    its workers have ended.
+    its workers have ended. `control`: the job's control plane (`SHOAL_CONTROL`),
+    where the shards' records then live (`shoal.ps.records`).
     """
     if count <= 0:
         yield {}
@@ -310,7 +316,7 @@ def serving(
         else None
     )
     monitor = Monitor(Codec(job_key.encode()), record=record, live=live).start()
-    events = {env.PS_EVENTS: monitor.endpoint}
+    events = {env.PS_EVENTS: monitor.endpoint, **({env.CONTROL: control} if control else {})}
     try:
         group = start_servers(count, job_key, log_dir=log_dir, extra_env=events, share=share, replication=replication)
         ended = "failed"

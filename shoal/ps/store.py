@@ -186,9 +186,12 @@ class SignedStore:
         message = b"\0".join([_DOMAIN, session.encode(), name.encode(), value])
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
+    def signed(self, name: str, value: str, session: str | None = None) -> str:
+        """`value` with its MAC in front, as stored under `name`."""
+        return f"{self._mac(name, value.encode(), self.session if session is None else session)} {value}"
+
     def set(self, name: str, value: str, *, session: str | None = None) -> None:
-        mac = self._mac(name, value.encode(), self.session if session is None else session)
-        self.raw.set(name, f"{mac} {value}")
+        self.raw.set(name, self.signed(name, value, session))
 
     def get(self, name: str, *, session: str | None = None) -> str:
         """The value under `name`, or ShoalError if it is not signed by this job."""
@@ -208,8 +211,7 @@ class SignedStore:
 
     def compare_set(self, name: str, expected: str, new: str) -> bool:
         """Set `name` to `new` if it holds `expected` (both signed); whether it did. Atomic in the store."""
-        signed_old = f"{self._mac(name, expected.encode(), self.session)} {expected}"
-        signed_new = f"{self._mac(name, new.encode(), self.session)} {new}"
+        signed_old, signed_new = self.signed(name, expected), self.signed(name, new)
         return self.raw.compare_set(name, signed_old, signed_new) == signed_new.encode()
 
     def wait(self, names: Sequence[str], timeout: timedelta) -> None:
@@ -361,11 +363,11 @@ def connect(address: str, timeout_s: float) -> SignedStore:
 def read_endpoints(store: SignedStore, count: int, timeout_s: float) -> list[ServerAddress]:
     """Every server's address, once all `count` have published theirs; ShoalError for one not signed by the job."""
     keys = [server_key(i) for i in range(count)]
-    _wait(store, keys, count, timeout_s)
+    wait_published(store, keys, count, timeout_s)
     return [ServerAddress.parse(i, store.get(k)) for i, k in enumerate(keys)]
 
 
-def _wait(store: SignedStore, keys: list[str], count: int, timeout_s: float) -> None:
+def wait_published(store: SignedStore, keys: list[str], count: int, timeout_s: float) -> None:
     try:
         store.wait(keys, timedelta(seconds=timeout_s))
     except Exception:
@@ -390,22 +392,6 @@ class Shard(NamedTuple):
 def read_replication(store: SignedStore) -> int:
     """How many processes hold each shard (1 where the launcher wrote no replication)."""
     return int(store.get(REPLICATION_KEY)) if store.raw.check([REPLICATION_KEY]) else 1
-
-
-def read_shards(store: SignedStore, count: int, timeout_s: float) -> list[Shard]:
-    """Every shard's replicas and record, once all have published their addresses."""
-    replication = read_replication(store)
-    keys = [server_key(i) for i in range(count)]
-    if replication > 1:
-        keys += [backup_key(i) for i in range(count)]
-    _wait(store, keys, count, timeout_s)
-    shards = []
-    for i in range(count):
-        addresses = [ServerAddress.parse(i, store.get(server_key(i)))]
-        if replication > 1:
-            addresses.append(ServerAddress.parse(i, store.get(backup_key(i))))
-        shards.append(Shard(addresses, ShardRecord.parse(store.get(shard_key(i)))))
-    return shards
 
 
 def connect_store(timeout_s: float = 60.0) -> tuple[SignedStore, int]:

@@ -36,10 +36,10 @@ class PSJob:
 
 
 def servers(procs: Processes, count: int, env: Mapping[str, str] | None = None, timeout_s: float = 30) -> ServerGroup:
-    """`count` servers of a new job; their output goes to `procs.logs/server<i>.log`, their pids are adopted."""
-    group = start_servers(
-        count, secrets.token_hex(16), timeout_s=timeout_s, extra_env=procs.env(env, "server"), log_dir=str(procs.logs)
-    )
+    """`count` servers of a new job (its key `SHOAL_JOB_KEY` from `env`, else a fresh one); their output
+    goes to `procs.logs/server<i>.log`, their pids are adopted."""
+    key = (env or {}).get("SHOAL_JOB_KEY") or secrets.token_hex(16)
+    group = start_servers(count, key, timeout_s=timeout_s, extra_env=procs.env(env, "server"), log_dir=str(procs.logs))
     for p in group.procs:
         procs.adopt(p)
     group.on_start = procs.adopt  # the launcher's replacements of exited servers too

@@ -9,11 +9,14 @@ then starts a replacement process 0, which becomes the backup of both shards aga
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import numpy as np
 import pytest
 
+from shoal.control.launch import serving as control_serving
+from shoal.ps.store import ShardRecord, first_record, shard_key
 from tests.helpers.cli import shoal
 from tests.helpers.faults import Faults
 from tests.helpers.procs import pid_alive
@@ -25,7 +28,7 @@ pytestmark = pytest.mark.slow
 STEPS = 10
 
 
-def _job(consistency: str, faults: Faults | None, optim: str = "adam", **more):
+def _job(consistency: str, faults: Faults | None, optim: str = "adam", env=None, before_stop=None, **more):
     args = {
         "task": "equiv",
         "optim": optim,
@@ -35,7 +38,8 @@ def _job(consistency: str, faults: Faults | None, optim: str = "adam", **more):
         "strategy": {"consistency": consistency, "servers": 2, "chunk_bytes": 1024},
         **more,
     }
-    return run_ps_job(2, 2, ps_tasks.run, args, env=faults.env() if faults else None, before_stop=_holders)
+    env = env or (faults.env() if faults else None)
+    return run_ps_job(2, 2, ps_tasks.run, args, env=env, before_stop=before_stop or _holders)
 
 
 def _holders(group):
@@ -74,11 +78,21 @@ def test_bsp_two_servers_killed_one_after_the_other_end_bit_identical(tmp_path):
 
 
 def test_asp_server_killed_mid_run_applies_every_push_exactly_once(tmp_path):
+    """With the job's Raft control plane (`shoal run --control raft`), which then holds the shards'
+    records (`shoal.ps.records`): the claim and the replacement's record are committed there."""
     faults = Faults(tmp_path).kill("server", 1, 4)
-    job = _job("asp", faults, optim="sgd")
+    key = secrets.token_hex(16)
+
+    def holders_and_the_stores_records(group):
+        return [*_holders(group), [ShardRecord.parse(group.store.get(shard_key(i))) for i in (0, 1)]]
+
+    with control_serving("raft", key) as control_env:
+        env = {**faults.env(), **control_env, "SHOAL_JOB_KEY": key}
+        job = _job("asp", faults, optim="sgd", env=env, before_stop=holders_and_the_stores_records)
     _ok(job)
     faults.assert_fired("server", 1, 4, "kill")
-    (record0, (stats0, _)), (record1, (stats1, _)) = job.stats
+    (record0, (stats0, _)), (record1, (stats1, _)), stored = job.stats
+    assert stored == [first_record(0, 2, 2), first_record(1, 2, 2)]  # the store's copies never moved
     assert record0.primary == 0 and record1.primary == 0 and record1.gen >= 2
     for stats in (stats0, stats1):  # the servers' own record, the survivor's copy of shard 1 included
         assert stats["pushed"] == [STEPS, STEPS]

@@ -17,6 +17,7 @@ from shoal.comm.wire import Codec
 from shoal.ps import replication
 from shoal.ps import store as ps_store
 from shoal.ps.protocol import ADD_BACKUP, OBSERVER, REPLICA, REPLICATE
+from shoal.ps.records import Records
 from shoal.ps.replication import BACKUP, PRIMARY, BackupLink, Claim, PrimaryLink
 from shoal.ps.server import Server
 
@@ -124,13 +125,14 @@ def test_of_two_claims_on_one_generation_exactly_one_wins():
     store = ps_store.SignedStore(raw, KEY, "session", "here")
     first = ps_store.first_record(0, 2, 2)
     store.set(ps_store.shard_key(0), first.value)
-    backup, primary = Claim(store, 0, first), Claim(store, 0, first)
+    records = Records(store)
+    backup, primary = Claim(records, 0, first), Claim(records, 0, first)
     assert backup.take(1, "its primary is gone")  # the backup claims first
     assert not primary.take(0, "its backup is gone")  # the primary's claim on the same generation loses
     now = ps_store.ShardRecord.parse(store.get(ps_store.shard_key(0)))
     assert now == ps_store.ShardRecord(2, 1, None) and backup.record == now and primary.record == first
     raw.set(ps_store.shard_key(0), "forged 1 -")  # not signed with the job's key: no claim can win on it
-    assert not Claim(store, 0, now).take(1, "again")
+    assert not Claim(records, 0, now).take(1, "again")
 
 
 def _comparable(server: Server) -> dict:
@@ -166,7 +168,7 @@ def _join(new: Server, primary: Server, store: ps_store.SignedStore, holders: fr
     from shoal.ps.replacement import Joining
 
     new.link = BackupLink(new.ctx, new.codec, "127.0.0.1", "", 0)
-    new.joining = Joining(new, store, ps_store.ServerAddress(primary.endpoint, 0, primary.session), holders)
+    new.joining = Joining(new, Records(store), ps_store.ServerAddress(primary.endpoint, 0, primary.session), holders)
     deadline = time.monotonic() + 10
     while new.joining is not None:
         assert time.monotonic() < deadline, "the replacement got no state"
@@ -187,7 +189,7 @@ def test_a_replacement_takes_the_primarys_whole_state_and_then_follows_it():
     codec = Codec(KEY)
     holders = frozenset({0, 1})
     primary = Server(0, codec, role=PRIMARY, process=0)
-    primary.claim = Claim(store, 0, alone, holders)
+    primary.claim = Claim(Records(store), 0, alone, holders)
     spec = {**SPEC, "keys": [["w", "float32", [4], "bsp", 0, 0], ["v", "float32", [2], "ssp", 1, 0]]}
     new = Server(0, codec, role=BACKUP, process=1)
     try:

@@ -278,7 +278,8 @@ class ParameterServer(ServerSaving):
     def _endpoints(self) -> list[Shard]:
         """The servers' endpoints from the job's store; ShoalError if the strategy asks for
         another count than the launcher started (without `servers`, the launcher's count is taken)."""
-        from shoal.ps.store import connect_store, read_shards
+        from shoal.ps.records import read_shards
+        from shoal.ps.store import connect_store
 
         store, count = connect_store(self.options.timeout_s)
         asked = self.options.servers
