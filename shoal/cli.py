@@ -110,7 +110,8 @@ def _run(args: list[str]) -> int:
         "--control",
         default="",
         help="the job's control plane: raft (3 members on this machine), raft://H:P,H:P,H:P or etcd://HOST:PORT; "
-        "workers connect with shoal.control.connect(os.environ['SHOAL_CONTROL'])",
+        "workers connect with shoal.control.connect(os.environ['SHOAL_CONTROL']); parameter servers keep "
+        "their shards' records there",
     )
     parser.add_argument(
         "--max-restarts",
