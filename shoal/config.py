@@ -116,6 +116,10 @@ class LaunchConfig:
     """How the machines meet: "static" (ranks from node_rank), or torch's dynamic "c10d", "etcd", "etcd-v2"
     (ranks assigned at rendezvous; a machine that starts late, or again, joins). The same as `shoal run
     --rdzv-backend`."""
+    control: str = ""
+    """The job's control plane, as `shoal run --control`: "" (none), "raft" (three members started with the
+    job, on this machine), "raft://H:P,H:P,H:P" or "etcd://HOST:PORT". Workers reach it through
+    SHOAL_CONTROL; parameter servers keep their shards' records there (docs/control-plane.md)."""
 
     def __post_init__(self):
         check_range(self.workers, "workers", low=1)
@@ -129,6 +133,12 @@ class LaunchConfig:
             raise ConfigError(f"'device' must be one of auto, cpu, cuda, not {self.device!r}", "device")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ConfigError("'rdzv_endpoint' (HOST:PORT) is needed when nnodes > 1", "rdzv_endpoint")
+        if self.control not in ("", "raft") and not self.control.startswith(("raft://", "etcd://")):
+            raise ConfigError(
+                f"'control' must be raft, raft://H:P,H:P,H:P or etcd://HOST:PORT (or empty: none), not "
+                f"{self.control!r}",
+                "control",
+            )
         check_choice(self.rdzv_backend, "rdzv_backend", RDZV_BACKENDS)
         if self.rdzv_backend != "static" and not self.rdzv_endpoint:
             raise ConfigError(

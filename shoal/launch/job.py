@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from shoal import env
+from shoal.control.launch import serving as control_serving
 from shoal.errors import CheckpointError, ConfigError, WorkerError
 from shoal.launch.agent import LaunchSpec, launch
 from shoal.ps.servers import Machines, serving
@@ -122,15 +123,19 @@ def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
     if monitor:
         monitor.start()
     try:
-        with serving(
-            servers,
-            job_key,
-            log_dir=str(run_dir / "logs"),
-            record=str(run_dir / events),
-            machines=Machines(launch_cfg.nnodes, launch_cfg.node_rank, launch_cfg.rdzv_endpoint),
-            replication=getattr(cfg.strategy.options, "replication", None),
-        ) as ps_env:
-            workers_env.update(ps_env)
+        with (
+            control_serving(launch_cfg.control, job_key, nnodes=launch_cfg.nnodes) as control_env,
+            serving(
+                servers,
+                job_key,
+                log_dir=str(run_dir / "logs"),
+                record=str(run_dir / events),
+                machines=Machines(launch_cfg.nnodes, launch_cfg.node_rank, launch_cfg.rdzv_endpoint),
+                replication=getattr(cfg.strategy.options, "replication", None),
+                control=control_env.get(env.CONTROL, ""),  # the shards' records live there
+            ) as ps_env,
+        ):
+            workers_env.update({**ps_env, **control_env})
             try:
                 launch(["-m", "shoal.train.worker", str(run_dir)], spec)
             except WorkerError as err:

@@ -135,7 +135,8 @@ def test_a_stopped_primary_is_fenced_and_gives_its_shards_up_when_it_wakes(tmp_p
 def test_both_copies_lost_stops_the_job_naming_the_pieces_and_the_checkpoint(tmp_path):
     """Both server processes killed at step 7 (so both copies of every shard): the job stops within
     the workers' timeout with one sentence naming the lost shards' pieces and the newest checkpoint
-    (step 6) to resume from, and no process is left."""
+    (step 6) to resume from, and no process is left (the control plane's members neither: the job
+    runs with `launch.control = "raft"`, where the shards' records then live)."""
     faults = Faults(tmp_path).kill("server", 0, 7).kill("server", 1, 7)
     result = shoal(
         "train",
@@ -148,6 +149,7 @@ def test_both_copies_lost_stops_the_job_naming_the_pieces_and_the_checkpoint(tmp
         "--strategy.name=parameter_server",
         "--strategy.servers=2",
         "--strategy.timeout_s=10",
+        "--launch.control=raft",
         "--logging.tensorboard=false",
         "--logging.progress=false",
         timeout=90,

@@ -62,6 +62,7 @@ def test_dump_round_trips(tmp_path):
         (["--launch.timeout_s=inf"], "'launch.timeout_s' must be a finite number, not inf"),
         (["--launch.rdzv_backend=zookeeper"], "'launch.rdzv_backend' must be one of static, c10d, etcd, etcd-v2"),
         (["--launch.rdzv_backend=c10d"], "'launch.rdzv_backend' c10d needs rdzv_endpoint = \"HOST:PORT\""),
+        (["--launch.control=zookeeper://h:1"], "'launch.control' must be raft, raft://H:P,H:P,H:P or etcd://HOST:PORT"),
         (["--strategy.name=parameter_server", "--strategy.timeout_s=nan"], "'strategy.timeout_s' must be a finite"),
         (["--optimizer.lr=nan"], "'optimizer.lr' must be a finite number, not nan"),
     ],
