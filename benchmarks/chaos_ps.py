@@ -63,7 +63,10 @@ from tests.helpers.runs import final_params, ps_train_args
 
 STEPS = 16
 STOP_S = 4.0
-"""How long a stopped worker stays stopped unless the launcher kills it first."""
+"""How long a stopped server process stays stopped (its link's lease is 1.5 s)."""
+WORKER_STOP_S = 6.0
+"""How long a stopped worker stays stopped unless the launcher kills it first: longer than the servers'
+4.45 s lease on a worker (`shoal.ps.membership`), so that every trial measures the detection."""
 COMMON = ps_train_args(STEPS)
 WORKERS = 2
 _reference: dict[str, Path] = {}
@@ -112,7 +115,7 @@ def _exactly_once(finals: list[dict], shards: int = 2) -> bool:
 def trial(mode: str, action: str, rng: random.Random, work: Path) -> dict:
     rank, step = rng.randrange(WORKERS), rng.randint(2, STEPS - 2)
     work.mkdir(parents=True, exist_ok=True)
-    faults = Faults(work).add("worker", rank, step, action, **({"seconds": STOP_S} if action == "stop" else {}))
+    faults = Faults(work).add("worker", rank, step, action, **({"seconds": WORKER_STOP_S} if action == "stop" else {}))
     done = _train(work, "faulty", mode, "--launch.max_restarts=1", env=faults.env())
     fired = [f for f in faults.fired() if (f["rank"], f["step"], f["action"]) == (rank, step, action)]
     out: dict = {"mode": mode, "action": action, "rank": rank, "step": step, "fired": len(fired) == 1}
