@@ -73,11 +73,14 @@ def open_replicas(environ: dict[str, str] | os._Environ, codec: Codec, timeout_s
 
 def open_replacement(environ: dict[str, str] | os._Environ, codec: Codec, timeout_s: float) -> list[Server]:
     """A process started in place of one that exited: a backup replica of each shard that process held,
-    joining its primary (`shoal.ps.replacement`)."""
+    joining its primary (`shoal.ps.replacement`); or, if the one it replaces never published its
+    address (it died starting), the process it should have been."""
     process = int(environ[env.PS_INDEX])
     host, advertise = environ.get(env.PS_HOST, "127.0.0.1"), environ.get(env.PS_ADVERTISE, "")
     store = ps_store.connect(environ[env.PS_STORE], timeout_s=60)
     count = int(store.get(ps_store.SERVER_COUNT_KEY))
+    if not store.raw.check([ps_store.server_key(process)]):  # nothing was served yet: nothing to take back
+        return open_replicas(environ, codec, timeout_s)
     records = open_records(store, environ)
     events = Publisher(environ[env.PS_EVENTS], codec) if environ.get(env.PS_EVENTS) else None
     replicas = []

@@ -118,8 +118,8 @@ class ServerGroup:
                 index, start_env, log_path = self.starts[i]
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
                 print(
-                    f"shoal: parameter server process {index} {how}; starting a replacement "
-                    f"({self.replaced[i]} of {MAX_REPLACEMENTS}) that becomes its shards' backup again",
+                    f"shoal: parameter server process {index} {how}; starting a replacement in its place "
+                    f"({self.replaced[i]} of {MAX_REPLACEMENTS})",
                     file=sys.stderr,
                     flush=True,
                 )
