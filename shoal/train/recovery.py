@@ -16,8 +16,10 @@ has it.
 On a restart every rank loads the newest step that every rank has (an
 all-reduce MIN of each rank's newest), if it is newer than the checkpoint
 the run would resume from. The tensor file is read with
-`torch.load(weights_only=True)` and must hold only tensors; nothing is
-unpickled otherwise.
+`torch.load(weights_only=True)` and must hold only plain tensors; nothing is
+unpickled otherwise. A DTensor (tensor-parallel and sharded parameters and
+optimizer state) is saved as this rank's local shard and loaded back into
+it: a restarted rank has the same layout, and no device mesh is unpickled.
 
 `Recovery` gives a user's own loop the same in three lines: make it,
 `start = recovery.resume()`, `recovery.save()` after each step.
@@ -239,16 +241,27 @@ class Recovery:
 
 
 def _cpu(tree: dict[str, Any]) -> dict[str, Any]:
-    return {k: _cpu(v) if isinstance(v, dict) else v.detach().cpu() for k, v in tree.items()}
+    """The tensors on the CPU; a DTensor (tensor parallel, sharded) as this rank's local shard: the point
+    is loaded only into the same layout, and a plain tensor needs no device mesh unpickled to be read."""
+    return {k: _cpu(v) if isinstance(v, dict) else _local(v.detach()).cpu() for k, v in tree.items()}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `t`: a DTensor's local shard (no communication), any other tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _fill(template: dict[str, Any], saved: dict[str, Any]) -> None:
-    """Copy saved tensors into the template's, in place (the template's own tensors keep their device)."""
+    """Copy saved tensors into the template's, in place (the template's own tensors keep their device;
+    a DTensor's local shard takes the saved shard)."""
     for key, value in saved.items():
         if isinstance(value, dict):
             _fill(template.setdefault(key, {}), value)
         elif isinstance(template.get(key), torch.Tensor):
-            template[key].copy_(value)
+            with torch.no_grad():
+                _local(template[key]).copy_(value)
         else:
             template[key] = value
 
@@ -260,9 +273,10 @@ def _put(tree: dict[str, Any], keys: list[Any], value: Any) -> None:
 
 
 def _only_tensors(tree: Any) -> bool:
+    """Only plain tensors under string keys (a subclass such as a DTensor would carry pickled objects)."""
     if isinstance(tree, dict):
         return all(isinstance(k, str) and _only_tensors(v) for k, v in tree.items())
-    return isinstance(tree, torch.Tensor)
+    return type(tree) is torch.Tensor
 
 
 def all_ranks_int(value: int, op: Any) -> int:
