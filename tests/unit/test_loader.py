@@ -1,6 +1,7 @@
 """The sharded loader against one process, with explicit rank and world: what the
 ranks take together, passes that do not eat each other's data, set_epoch, resume."""
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -218,3 +219,14 @@ def test_eval_shard_covers_every_sample_once():
     n, world = 11, 3
     got = torch.cat([eval_shard(n, r, world) for r in range(world)])
     assert sorted(got.tolist()) == list(range(n))
+
+
+def test_digits_read_from_the_shipped_csv_equal_scikit_learns_loader():
+    from sklearn.datasets import load_digits
+
+    from shoal.data.digits import digits_arrays
+
+    images, labels = digits_arrays()
+    want_images, want_labels = load_digits(return_X_y=True)
+    assert np.array_equal(images, want_images) and np.array_equal(labels, want_labels)
+    assert images.dtype == want_images.dtype and labels.dtype == want_labels.dtype
