@@ -29,6 +29,8 @@ PS_MAX_BYTES = "SHOAL_PS_MAX_BYTES"
 """The ceiling on a message a parameter server accepts (default 2^30); the workers' max_message_mb governs below it."""
 CURVE = "SHOAL_CURVE"
 """1 (default): every shoal ZeroMQ connection is CURVE-authenticated and encrypted (`shoal.comm.security`); 0: off."""
+PS_MAX_CONNECTIONS = "SHOAL_PS_MAX_CONNECTIONS"
+"""The most open files, so connections, a parameter-server process holds (default 1024; `shoal.ps.process`)."""
 PS_TIMEOUT_S = "SHOAL_PS_TIMEOUT_S"
 """How long a parameter server waits for the other workers to join if the first init does not say (default 60)."""
 

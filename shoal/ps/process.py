@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
 import time
 from datetime import timedelta
@@ -32,7 +33,7 @@ from shoal.ps.records import Records, open_records
 from shoal.ps.replacement import Joining
 from shoal.ps.replication import BACKUP, PRIMARY, BackupLink, Claim, PrimaryLink
 from shoal.ps.server import Server
-from shoal.ps.servers import server_limits
+from shoal.ps.servers import max_connections, server_limits
 
 log = logging.getLogger("shoal.ps.process")
 
@@ -142,6 +143,18 @@ def serve(replicas: list[Server]) -> int:
     return 1 if any(r.error for r in replicas) else 0
 
 
+def cap_connections(environ: dict[str, str] | os._Environ) -> int:
+    """Cap this process's open files, whatever the launcher's limit: ZeroMQ accepts no connection
+    beyond it (it waits and retries, and serves the connections it has), so strangers who open
+    connections faster than the 5 s handshake limit closes them hold at most about 8 KB each of
+    this many. A job's own connections: one per worker and per link. The cap applied."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = max_connections(environ)
+    cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (cap, hard))
+    return cap
+
+
 def main() -> int:
     """Entry point: reads the job's environment, opens this process's replicas, serves."""
     logs.setup()
@@ -151,6 +164,7 @@ def main() -> int:
     optim.build("SGD", torch.zeros(1), {"lr": 0.1})
     try:
         max_bytes, timeout_s = server_limits(environ)
+        cap_connections(environ)
     except ConfigError as err:
         print(f"shoal: {err}", file=sys.stderr, flush=True)
         return err.exit_code

@@ -58,6 +58,17 @@ def replication_for(count: int, asked: int | None = None) -> int:
 
 
 DEFAULT_TIMEOUT_S = 60.0
+MAX_CONNECTIONS = 1024
+"""The default cap on a server process's open files, so on its connections (`SHOAL_PS_MAX_CONNECTIONS`)."""
+
+
+def max_connections(environ: Mapping[str, str]) -> int:
+    """`SHOAL_PS_MAX_CONNECTIONS`, or the default; ConfigError (one sentence) for a bad value."""
+    text = environ.get(env.PS_MAX_CONNECTIONS, str(MAX_CONNECTIONS)).strip()
+    if not text.isdigit() or int(text) < 64:
+        name = env.PS_MAX_CONNECTIONS
+        raise ConfigError(f"{name} must be a whole number >= 64, not {text!r}", name)
+    return int(text)
 
 
 def server_limits(environ: Mapping[str, str]) -> tuple[int, float]:
@@ -200,6 +211,7 @@ def start_servers(
     if count < 1:
         raise ShoalError(f"--servers must be >= 1, not {count}")
     server_limits({**os.environ, **(extra_env or {})})  # a bad value stops here, before any process starts
+    max_connections({**os.environ, **(extra_env or {})})
     if share is None:
         replicas = replication_for(count, replication)
         store, address = ps_store.open_local_store(host, count, timeout_s, job_key.encode(), replicas)

@@ -2,10 +2,11 @@
 
 - Memory: a raw TCP client with no key opens many connections and sends
   multipart messages whose last frame never comes (ZeroMQ limits each frame,
-  not the message, and holds the frames until the last one). CURVE closes
-  such connections at the handshake, so the server grows by < 10 MB, an
-  idle unauthenticated connection is closed after the handshake interval, and
-  a job run afterwards ends where one process ends.
+  not the message, and holds the frames until the last one), and 2,500 more
+  connections that say nothing. CURVE closes such connections at the
+  handshake, and a server process holds at most 1,024 files, so the server
+  grows by < 10 MB, an idle unauthenticated connection is closed after the
+  handshake interval, and a job run afterwards ends where one process ends.
 - Under CURVE messages carry no MAC (`shoal.comm.wire`), so the connection
   is the only check of who sent them: strangers with well-formed messages
   (another job's CURVE keys, the job's server key but their own client key,
@@ -20,8 +21,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import secrets
 import socket
 import struct
@@ -79,6 +82,21 @@ def _flood(endpoint: str, kind: bytes, connections: int = 48, frames: int = 4) -
     return socks
 
 
+def _connections(endpoint: str, count: int) -> list[socket.socket]:
+    """`count` TCP connections that say nothing (this process's file limit raised for them)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 512)), hard))
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):  # completes in the kernel's backlog, accepted or not
+            s.connect((host, int(port)))
+        socks.append(s)
+    return socks
+
+
 def _closed_by_peer(s: socket.socket, wait_s: float) -> bool:
     s.settimeout(wait_s)
     try:
@@ -107,7 +125,11 @@ def test_strangers_cannot_make_a_server_or_the_monitor_hold_memory_and_the_job_e
             time.sleep(1.0)  # let the server settle after start
             before = _rss(pid)
             socks = _flood(address.endpoint, b"DEALER")
-            time.sleep(1.0)
+            socks += _connections(address.endpoint, 2500)  # more than the server's cap of 1024 files
+            files = 0
+            for _ in range(40):  # the kernel completes them as the server accepts: the most it held, in 4 s
+                time.sleep(0.1)
+                files = max(files, len(os.listdir(f"/proc/{pid}/fd")))
             grown = _rss(pid) - before
 
             args = {"task": "equiv", "optim": "adam", "steps": 4, "params": True}
@@ -135,6 +157,7 @@ def test_strangers_cannot_make_a_server_or_the_monitor_hold_memory_and_the_job_e
                 s.close()
             group.stop()
     assert grown < 10 * MB, f"the server grew by {grown / MB:.1f} MB"
+    assert files <= 1024, f"the server holds {files} files, over its cap"
     assert sub_grown < 10 * MB, f"the monitor's process grew by {sub_grown / MB:.1f} MB"
     assert closed == 4, "idle unauthenticated connections were kept open"
     assert [d.returncode for d in done] == [0, 0], [d.stdout + d.stderr for d in done]
