@@ -119,3 +119,35 @@ def test_the_servers_heartbeat_is_the_leases_not_the_transports_default():
         assert server.sock.getsockopt(zmq.HEARTBEAT_IVL) == membership.HEARTBEAT_IVL_MS
     finally:
         server.close(linger_ms=0)
+
+
+def test_a_world_over_the_servers_file_limit_stops_the_job_in_one_sentence():
+    """Each worker holds a connection to each server, and a server process's open files are capped
+    (`SHOAL_PS_MAX_CONNECTIONS`): a world that cannot fit is refused at the first init, naming the fix."""
+    import resource
+
+    from shoal.ps.server import Server
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    server = Server(0, Codec(KEY))
+    client = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        server.codec.transport.connect(client)
+        client.connect(server.endpoint)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        header = {**_init(0, "a"), "world": 300, "session": server.session}
+        client.send_multipart(server.codec.encode(header, [torch.zeros(2)]))
+        assert server.sock.poll(5000)
+        frames = server.sock.recv_multipart(copy=False)
+        server.handle(frames[0].bytes, frames[1:])
+        assert client.poll(5000)
+        reply, _ = server.codec.decode(client.recv_multipart())
+        assert reply["op"] == "error" and server.done
+        assert reply["message"] == (
+            "300 workers need about 364 connections to parameter server 0, over its limit of 256 open files; "
+            "raise SHOAL_PS_MAX_CONNECTIONS (and `ulimit -n` if lower)"
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        client.close(linger=0)
+        server.close(linger_ms=0)
