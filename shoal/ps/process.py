@@ -26,7 +26,7 @@ import zmq
 from shoal import env, logs
 from shoal.comm.pubsub import Publisher
 from shoal.comm.wire import Codec, job_key
-from shoal.errors import ConfigError
+from shoal.errors import ConfigError, ShoalError
 from shoal.ps import optim
 from shoal.ps import store as ps_store
 from shoal.ps.records import Records, open_records
@@ -107,7 +107,12 @@ def _left_alone(records: Records, shard: int, process: int, timeout_s: float) ->
     that does not happen within `timeout_s` or another process backs it already."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        record = records.get(shard)
+        try:
+            record = records.get(shard)
+        except ShoalError as err:  # the control plane between leaders, say: ask again
+            log.warning("shard %d: cannot read its record yet: %s", shard, err)
+            time.sleep(0.5)
+            continue
         if record.primary != process and record.backup is None:
             return record
         if record.backup not in (None, process) and record.primary != process:

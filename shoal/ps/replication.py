@@ -15,8 +15,8 @@ Failure. Each side watches the link: ZeroMQ heartbeats on it close a
 connection silent for `LEASE_S` (a stopped peer), and a killed peer's kernel
 closes it at once; the socket monitor reports the close. Whoever sees the
 other go claims the shard's record (`shoal.ps.records`: in the job's control
-plane when it runs one, else in its store; compare-and-set of "GEN PRIMARY BACKUP"): the backup to become primary, the
-primary to go on alone. Exactly one claim of a generation wins; the loser is
+plane when it runs one, else in its store; compare-and-set of "GEN PRIMARY
+BACKUP"): the backup to become primary, the primary to go on alone. Exactly one claim of a generation wins; the loser is
 fenced: it stops serving the shard, and anything it sends later names an old
 generation or is never acknowledged. A primary that cannot reach the store
 (a partition) cannot win and stops acknowledging: its replies wait for a

@@ -43,7 +43,6 @@ workers, its backup applies the same inputs); the messages are listed in
 from __future__ import annotations
 
 import logging
-import resource
 import sys
 import time
 from collections import Counter
@@ -52,7 +51,7 @@ from typing import NamedTuple, TypeGuard
 import torch
 import zmq
 
-from shoal import env, faults
+from shoal import faults
 from shoal.comm import replay
 from shoal.comm.pubsub import Publisher
 from shoal.comm.wire import Codec, WireError
@@ -82,8 +81,6 @@ log = logging.getLogger("shoal.ps.server")
 
 MAX_WORKERS = 1 << 16
 """The largest world size an init may announce (and the bound on `src` before one has)."""
-SPARE_FILES = 64
-"""Open files a server process needs besides one connection per worker (libraries, links, the store)."""
 
 
 def _whole(value: object) -> TypeGuard[int]:
@@ -329,14 +326,8 @@ class Server:
         world, spec = header.get("world"), header.get("spec")
         if not _whole(world) or not 1 <= world <= MAX_WORKERS or not isinstance(spec, dict) or src >= world:
             raise WireError("malformed", f"bad init (world size {world!r}, at most {MAX_WORKERS})")
-        files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # capped by `shoal.ps.process.cap_connections`
-        if self.workers is None and world + SPARE_FILES > files:
-            message = (
-                f"{world} workers need about {world + SPARE_FILES} connections to parameter server {self.index}, "
-                f"over its limit of {files} open files; raise {env.PS_MAX_CONNECTIONS} (and `ulimit -n` if lower)"
-            )
-            self.members.send(ident, {"op": ERROR, "message": message})
-            return self.fail(message)
+        if self.workers is None and not startup.world_fits(self, ident, world):
+            return
         again = src in self.joined and header.get("incarnation") is not None  # a new process of a joined worker
         if self.workers is not None and (world != self.workers or (src in self.joined and not again)):
             raise WireError("bad_init", "world size differs or worker joined twice")

@@ -10,6 +10,7 @@ every worker, instead of a server holding half a model.
 from __future__ import annotations
 
 import math
+import resource
 from typing import TYPE_CHECKING
 
 from shoal import env
@@ -18,7 +19,7 @@ from shoal.errors import ShoalError
 from shoal.ps import optim
 from shoal.ps.consistency import Gate
 from shoal.ps.pieces import build_piece
-from shoal.ps.protocol import PARAMS
+from shoal.ps.protocol import ERROR, PARAMS
 from shoal.ps.pull_codec import pull_encoder
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 MAX_GROUPS = 1 << 12
 """The most param groups a description may list."""
+SPARE_FILES = 64
+"""Open files a server process needs besides one connection per worker (libraries, links, the store)."""
 
 
 def positive_seconds(value: object, what: str) -> float:
@@ -40,6 +43,21 @@ def positive_bytes(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 62:
         raise ValueError(f"{what} must be a whole number of bytes >= 1, not {value!r}")
     return value
+
+
+def world_fits(server: Server, ident: bytes, world: int) -> bool:
+    """Whether `world` workers' connections fit the server process's open files (capped by
+    `shoal.ps.process.cap_connections`); if not, the job stops in one sentence naming the fix."""
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if world + SPARE_FILES <= files:
+        return True
+    message = (
+        f"{world} workers need about {world + SPARE_FILES} connections to parameter server {server.index}, "
+        f"over its limit of {files} open files; raise {env.PS_MAX_CONNECTIONS} (and `ulimit -n` if lower)"
+    )
+    server.members.send(ident, {"op": ERROR, "message": message})
+    server.fail(message)
+    return False
 
 
 def code_shapes(spec: dict) -> list:
