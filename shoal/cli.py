@@ -172,7 +172,7 @@ def _run(args: list[str]) -> int:
     from shoal.control.launch import serving as control_serving
 
     with (
-        control_serving(ns.control, key, nnodes=ns.nnodes) as control_env,
+        control_serving(ns.control, key, ns.nnodes, ns.node_rank, ns.rdzv_endpoint) as control_env,
         serving(
             ns.servers,
             key,

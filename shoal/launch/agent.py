@@ -271,7 +271,7 @@ def _sweep_stale(shm: Path) -> None:
 
 
 def _hold_store(host: str, port: int, timeout_s: float) -> TCPStore:
-    from shoal.ps.store import listen
+    from shoal.comm.signed_store import listen
 
     try:
         return listen(host, port, timeout_s, multi_tenant=True)

@@ -124,7 +124,9 @@ def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
         monitor.start()
     try:
         with (
-            control_serving(launch_cfg.control, job_key, nnodes=launch_cfg.nnodes) as control_env,
+            control_serving(
+                launch_cfg.control, job_key, launch_cfg.nnodes, launch_cfg.node_rank, launch_cfg.rdzv_endpoint
+            ) as control_env,
             serving(
                 servers,
                 job_key,

@@ -29,31 +29,19 @@ the store on a free port; across machines it is the job's rendezvous store
 on `--rdzv-endpoint`, hosted by machine 0's launcher before torch's static
 rendezvous, which shares it (`multi_tenant`).
 
-A TCPStore has no credentials, so anyone who reaches it can rewrite a key.
-Two defences:
-
-- it listens only where asked: torch's own server binds every interface
-  whatever host it is given, so `listen` binds the socket itself, to that
-  host, and hands torch the descriptor (`master_listen_fd`);
-- every value shoal writes is signed (`SignedStore`): HMAC-SHA256 under the
-  job key over the session, the key's name and the value, checked on every
-  read. A forged, unsigned or moved value stops the reader with one sentence
-  instead of being trusted. The session (SHOAL_PS_SESSION, drawn by the
-  launcher for each job) makes a value recorded in an earlier run with the
-  same SHOAL_JOB_KEY fail too; across machines, machines other than 0 learn
-  the session from the store, so for them that holds only with a fresh
-  SHOAL_JOB_KEY per run.
+A TCPStore has no credentials, so anyone who reaches it can rewrite a key:
+it listens only where asked, and every value shoal writes is signed with the
+job key (`shoal.comm.signed_store`). The session (SHOAL_PS_SESSION, drawn by the
+launcher for each job) makes a value recorded in an earlier run with the
+same SHOAL_JOB_KEY fail too; across machines, machines other than 0 learn
+the session from the store, so for them that holds only with a fresh
+SHOAL_JOB_KEY per run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 import os
 import secrets
-import socket
-from collections.abc import Sequence
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -61,6 +49,8 @@ from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsa
 
 from shoal import env
 from shoal.comm.security import check_same_curve, curve_flag
+from shoal.comm.signed_store import SignedStore as SignedStore  # re-exported: the PS modules use it from here
+from shoal.comm.signed_store import listen
 from shoal.config import split_endpoint
 from shoal.errors import ConfigError, ShoalError, first_line
 
@@ -76,7 +66,6 @@ JOB_END_KEY = "shoal/job/end"
 """How the job's workers ended ("ok" or "failed"), for machines that run only servers."""
 JOB_LEFT_KEY = "shoal/job/left"
 """A counter: server nodes that have read JOB_END_KEY (machine 0 waits for them before closing the store)."""
-_DOMAIN = b"shoal-store-v1"
 
 
 class ServerAddress(NamedTuple):
@@ -167,104 +156,6 @@ def replicas(count: int, replication: int, process: int) -> list[tuple[int, str]
 def first_record(shard: int, count: int, replication: int) -> ShardRecord:
     """A shard's record when the job starts."""
     return ShardRecord(1, shard, (shard + 1) % count if replication > 1 and count > 1 else None)
-
-
-class SignedStore:
-    """The job's store as shoal uses it: `set` signs with the job key, `get` checks the signature."""
-
-    def __init__(self, store: TCPStore, key: bytes, session: str, address: str) -> None:
-        self.raw = store
-        self._key = key
-        self.session = session
-        self.address = address
-
-    @property
-    def port(self) -> int:
-        return self.raw.port
-
-    def _mac(self, name: str, value: bytes, session: str) -> str:
-        message = b"\0".join([_DOMAIN, session.encode(), name.encode(), value])
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
-
-    def signed(self, name: str, value: str, session: str | None = None) -> str:
-        """`value` with its MAC in front, as stored under `name`."""
-        return f"{self._mac(name, value.encode(), self.session if session is None else session)} {value}"
-
-    def set(self, name: str, value: str, *, session: str | None = None) -> None:
-        self.raw.set(name, self.signed(name, value, session))
-
-    def get(self, name: str, *, session: str | None = None) -> str:
-        """The value under `name`, or ShoalError if it is not signed by this job."""
-        raw = self.raw.get(name)
-        mac, _, value = raw.partition(b" ")
-        want = self._mac(name, value, self.session if session is None else session).encode()
-        if not hmac.compare_digest(mac, want):
-            raise ShoalError(
-                f"the value under {name!r} in the parameter-server store at {self.address} is not signed with this "
-                f"job's key, so it is not trusted: another process rewrote it, or this process has another "
-                f"{env.JOB_KEY} than the launcher; keep the store's port closed to others and restart the job"
-            )
-        try:
-            return value.decode()
-        except UnicodeDecodeError:
-            raise ShoalError(f"the value under {name!r} in the parameter-server store is not text") from None
-
-    def compare_set(self, name: str, expected: str, new: str) -> bool:
-        """Set `name` to `new` if it holds `expected` (both signed); whether it did. Atomic in the store."""
-        signed_old, signed_new = self.signed(name, expected), self.signed(name, new)
-        return self.raw.compare_set(name, signed_old, signed_new) == signed_new.encode()
-
-    def wait(self, names: Sequence[str], timeout: timedelta) -> None:
-        self.raw.wait(list(names), timeout)
-
-
-def listen(host: str, port: int, timeout_s: float, multi_tenant: bool = False) -> TCPStore:
-    """A store server listening on `host` only (torch's own would listen on every interface);
-    with `multi_tenant`, the job's store that other machines reach, so a host *name* that
-    resolves only to loopback here (Debian's 127.0.1.1 for the machine's name) is refused."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise OSError(f"cannot resolve {host!r} ({exc.strerror})") from None
-    if multi_tenant and not _is_ip(host) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos):
-        raise OSError(f"{host!r} resolves only to loopback {infos[0][4][0]} here, which other machines cannot reach")
-    last: OSError | None = None
-    for family, kind, proto, _, addr in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-            sock.listen(socket.SOMAXCONN)
-        except OSError as exc:
-            sock.close()
-            last = exc
-            continue
-        bound = sock.getsockname()[1]
-        fd = sock.detach()  # the store owns the descriptor from here on
-        try:
-            return TCPStore(
-                host,
-                bound,
-                is_master=True,
-                wait_for_workers=False,
-                multi_tenant=multi_tenant,
-                timeout=timedelta(seconds=timeout_s),
-                master_listen_fd=fd,
-                use_libuv=True,
-            )
-        except Exception:
-            os.close(fd)
-            raise
-    why = last.strerror if last is not None and last.strerror else "no address"
-    raise OSError(f"cannot listen on {host}:{port}: {why}")
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def publish_layout(store: SignedStore, count: int, replication: int) -> None:

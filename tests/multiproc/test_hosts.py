@@ -52,12 +52,21 @@ def test_data_parallel_on_two_hosts_equals_one_process(tmp_path):
 
 
 def test_parameter_servers_on_two_hosts_serve_workers_on_both(tmp_path):
-    """Host k starts server k; each worker pushes to a server on the other host too."""
+    """Host k starts server k; each worker pushes to a server on the other host too. The job's Raft
+    control plane (`--control raft`) spreads its members over both hosts (two on host 0, one on host
+    1) and holds the shards' records (`shoal.ps.records`)."""
     with TestHosts(2) as hosts, Processes() as procs:
         hosts.shape(1, rate="1gbit")  # a real link between the hosts, not loopback speed
         script = ["examples/ps_loop.py", "--epochs", "2", "--servers", "2", "--consistency", "ssp"]
-        done = launchers(hosts, procs, script, "--servers", "2", "--log-dir", str(tmp_path / "logs"))
+        flags = ["--servers", "2", "--log-dir", str(tmp_path / "logs"), "--control", "raft"]
+        done = launchers(hosts, procs, script, *flags)
+        addresses = [h.address for h in hosts.hosts]
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    for d, here in zip(done, (2, 1), strict=True):
+        members = re.search(r"shoal: control plane raft://(\S+) \((\d) of its members here\)", d.stderr)
+        assert members is not None, d.stderr[-2000:]
+        hosts_of = [m.split(":")[0] for m in members.group(1).split(",")]
+        assert hosts_of == [addresses[0], addresses[1], addresses[0]] and int(members.group(2)) == here
     accuracy = float(done[0].stdout.strip().splitlines()[-1].split("test accuracy ")[1].split()[0])
     assert accuracy >= 0.9, done[0].stdout
 
