@@ -100,5 +100,8 @@ def test_shoal_run_refuses_an_unknown_control_plane_before_starting_anything(cap
 
     assert main(["run", "--control", "zookeeper://h:1", "examples/own_loop.py"]) == 2
     assert "--control 'zookeeper://h:1' is not raft" in capsys.readouterr().err
-    assert main(["run", "--nnodes", "2", "--rdzv-endpoint", "h:1", "--control", "raft", "examples/own_loop.py"]) == 2
-    assert "start them with `python -m shoal.control.member`" in capsys.readouterr().err
+    # on several machines the members meet in a store on machine 0's rendezvous port + 1
+    argv = ["run", "--nnodes", "2", "--rdzv-endpoint", "no-such-host.invalid:1", "--control", "raft"]
+    assert main([*argv, "examples/own_loop.py"]) == 1
+    err = capsys.readouterr().err
+    assert "the control plane's members meet on machine 0's rendezvous port + 1 (no-such-host.invalid:2)" in err
