@@ -81,6 +81,13 @@ class SignedStore:
     def wait(self, names: Sequence[str], timeout: timedelta) -> None:
         self.raw.wait(list(names), timeout)
 
+    def wait_or_say(self, names: Sequence[str], timeout_s: float, sentence: str) -> None:
+        """Until every one of `names` is set; ShoalError(`sentence`) if that takes over `timeout_s`."""
+        try:
+            self.raw.wait(list(names), timedelta(seconds=timeout_s))
+        except Exception:
+            raise ShoalError(sentence) from None
+
 
 def listen(host: str, port: int, timeout_s: float, multi_tenant: bool = False) -> TCPStore:
     """A store server listening on `host` only (torch's own would listen on every interface);

@@ -151,13 +151,12 @@ def _exchange(job_key: str, node_rank: int, rdzv_endpoint: str) -> Iterator[Call
         for i in mine:
             store.set(f"shoal/control/member/{i}", addresses[i])
         keys = [f"shoal/control/member/{i}" for i in range(MEMBERS)]
-        try:
-            store.wait(keys, timedelta(seconds=START_S))
-        except Exception:
-            raise ShoalError(
-                f"the control plane's {MEMBERS} members were not all announced within {START_S:g}s: "
-                "start a launcher on every machine with the same --control raft"
-            ) from None
+        store.wait_or_say(
+            keys,
+            START_S,
+            f"the control plane's {MEMBERS} members were not all announced within {START_S:g}s: "
+            "start a launcher on every machine with the same --control raft",
+        )
         return [store.get(k) for k in keys]
 
     yield share

@@ -259,13 +259,8 @@ def read_endpoints(store: SignedStore, count: int, timeout_s: float) -> list[Ser
 
 
 def wait_published(store: SignedStore, keys: list[str], count: int, timeout_s: float) -> None:
-    try:
-        store.wait(keys, timedelta(seconds=timeout_s))
-    except Exception:
-        raise ShoalError(
-            f"the {count} parameter server(s) did not publish their addresses within {timeout_s:.0f}s; "
-            "see the servers' logs"
-        ) from None
+    said = f"the {count} parameter server(s) did not publish their addresses within {timeout_s:.0f}s"
+    store.wait_or_say(keys, timeout_s, f"{said}; see the servers' logs")
 
 
 class Shard(NamedTuple):
