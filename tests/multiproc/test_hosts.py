@@ -123,7 +123,7 @@ ETCD = shutil.which("etcd")
 @pytest.mark.skipif(ETCD is None, reason="no etcd binary (apt-get install etcd-server)")
 @pytest.mark.skipif(
     not etcd_client_installed(),
-    reason="torch's etcd rendezvous imports python-etcd (the `etcd` module), which is not installed here",
+    reason="torch's etcd rendezvous imports python-etcd (the `etcd` module), which the test extra installs",
 )
 def test_etcd_rendezvous_takes_a_late_node(tmp_path):
     """`--rdzv-backend etcd-v2`: an etcd (v2 API) on host 0; host 1's launcher starts late and joins."""
@@ -146,7 +146,8 @@ def test_etcd_rendezvous_takes_a_late_node(tmp_path):
 
         first = node(0)
         time.sleep(3)  # host 0 waits in the rendezvous for a host that is not there yet
-        done = [finish(first), finish(node(1))]
+        late = node(1)  # started before waiting on host 0, which waits for it
+        done = [finish(first), finish(late)]
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
     assert any("done: world 2" in d.stdout for d in done), done[0].stdout[-2000:]
 
