@@ -138,13 +138,12 @@ def test_shoal_train_starts_and_stops_the_servers(tmp_path):
     assert {e["rank"] for e in rows} == {0, 1} and all(e["samples_per_s"] > 0 for e in rows)
 
 
-@pytest.mark.parametrize("compression", ["none", "topk:0.3"])
-def test_stop_and_resume_equals_an_uninterrupted_run_and_loads_as_data_parallel(compression, tmp_path):
-    """The servers' values and Adam state go into the checkpoint and come back:
-    a stopped and resumed BSP run ends bit for bit where an uninterrupted one
-    does, on 2 servers with a split tensor; the same checkpoint resumes as
-    data_parallel (no servers) and ends where the parameter-server run does.
-    With top-k, the workers' error-feedback residuals come back too."""
+def test_stop_and_resume_equals_an_uninterrupted_run_and_loads_as_data_parallel(tmp_path):
+    """The servers' values and Adam state, and the workers' top-k error-feedback
+    residuals, go into the checkpoint and come back: a stopped and resumed BSP run
+    ends bit for bit where an uninterrupted one does, on 2 servers with a split
+    tensor. An uncompressed run's checkpoint resumes as data_parallel (no servers)
+    and ends where the parameter-server run does."""
     common = [
         f"--logging.run_dir={tmp_path}",
         "--train.steps=12",
@@ -162,13 +161,13 @@ def test_stop_and_resume_equals_an_uninterrupted_run_and_loads_as_data_parallel(
         "--strategy.name=parameter_server",
         "--strategy.servers=2",
         "--strategy.chunk_bytes=4096",  # 64x64 floats: split in 4
-        f"--strategy.compression={compression}",
     ]
-    whole = shoal("train", *common, *ps, "--logging.name=whole", timeout=150)
+    topk = [*ps, "--strategy.compression=topk:0.3"]
+    whole = shoal("train", *common, *topk, "--logging.name=whole", timeout=150)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    first = shoal("train", *common, *ps, "--logging.name=split", "--train.stop_at=6", timeout=150)
+    first = shoal("train", *common, *topk, "--logging.name=split", "--train.stop_at=6", timeout=150)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = shoal("train", *common, *ps, "--logging.name=split", "--resume", timeout=150)
+    second = shoal("train", *common, *topk, "--logging.name=split", "--resume", timeout=150)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "step-00000006" in second.stdout
 
@@ -181,19 +180,21 @@ def test_stop_and_resume_equals_an_uninterrupted_run_and_loads_as_data_parallel(
     for key in want_opt["state"]:
         assert set(want_opt["state"][key]) == {"step", "exp_avg", "exp_avg_sq"}
         torch.testing.assert_close(got_opt["state"][key], want_opt["state"][key], atol=0, rtol=0)
-    if compression == "none":
-        as_dp = shoal(
-            "train",
-            *common,
-            "--strategy.name=data_parallel",
-            "--logging.name=as-dp",
-            f"--checkpoint.resume_from={tmp_path / 'split' / 'checkpoints' / 'step-00000006'}",
-            timeout=150,
-        )
-        assert as_dp.returncode == 0, as_dp.stderr[-3000:]
-        dp, _ = final_params(tmp_path / "as-dp")
-        for key in want:
-            torch.testing.assert_close(dp[key], want[key], atol=1e-5, rtol=0)
+
+    plain = shoal("train", *common, *ps, "--logging.name=plain", timeout=150)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    as_dp = shoal(
+        "train",
+        *common,
+        "--strategy.name=data_parallel",
+        "--logging.name=as-dp",
+        f"--checkpoint.resume_from={tmp_path / 'plain' / 'checkpoints' / 'step-00000006'}",
+        timeout=150,
+    )
+    assert as_dp.returncode == 0, as_dp.stderr[-3000:]
+    (ps_end, _), (dp_end, _) = final_params(tmp_path / "plain"), final_params(tmp_path / "as-dp")
+    for key in ps_end:
+        torch.testing.assert_close(dp_end[key], ps_end[key], atol=1e-5, rtol=0)
 
 
 def test_servers_on_two_machines_on_loopback(tmp_path):
