@@ -152,15 +152,6 @@ def test_etcd_rendezvous_takes_a_late_node(tmp_path):
     assert any("done: world 2" in d.stdout for d in done), done[0].stdout[-2000:]
 
 
-def test_shoal_train_c10d_rendezvous_on_two_hosts_equals_one_host(tmp_path):
-    """`shoal train --launch.rdzv_backend=c10d` on two hosts, one worker each: torch's dynamic
-    rendezvous assigns the ranks, and the job ends where two workers on one host end."""
-    args = ["--train.steps=12", "--train.eval_every=12", "--train.log_every=4", "--logging.progress=false"]
-    args += ["--launch.threads=1", "--logging.tensorboard=false", f"--logging.run_dir={tmp_path}"]
-    want, got = _one_host_and_two(tmp_path, args, ["--launch.rdzv_backend=c10d"])
-    assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-5)
-
-
 LISTEN = """
 import socket, sys
 s = socket.create_server((sys.argv[1], 5000))
@@ -190,13 +181,14 @@ def test_hosts_reach_each_other_until_cut_and_are_removed_afterwards():
     assert not any(name in listed for name in names) and hosts.bridge not in links
 
 
-def test_shoal_train_pipeline_on_two_hosts_equals_one_host(tmp_path):
-    """A pipeline with one stage per host, `shoal train` on each host into one shared
-    run directory, ends where the same job on one host ends."""
+def test_shoal_train_pipeline_on_two_hosts_c10d_rendezvous_equals_one_host(tmp_path):
+    """A pipeline with one stage per host, `shoal train --launch.rdzv_backend=c10d` on each
+    host into one shared run directory (torch's dynamic rendezvous assigns the ranks, so
+    the stages), ends where the same job on one host ends."""
     args = ["examples/lm-pipeline.toml", "--train.steps=12", "--train.eval_every=12", "--train.log_every=4"]
     args += ["--strategy.split=params", "--data.batch_size=8", "--logging.progress=false", "--launch.threads=1"]
     args += ["--logging.tensorboard=false", f"--logging.run_dir={tmp_path}"]
-    want, got = _one_host_and_two(tmp_path, args)
+    want, got = _one_host_and_two(tmp_path, args, ["--launch.rdzv_backend=c10d"])
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-6)
     assert (tmp_path / "two" / "checkpoints").is_dir()
 
