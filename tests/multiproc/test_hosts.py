@@ -20,7 +20,7 @@ from shoal import env
 from shoal.config import etcd_client_installed
 from tests.helpers.cli import SHOAL, finish
 from tests.helpers.hosts import TestHosts, can_make_hosts
-from tests.helpers.procs import Processes
+from tests.helpers.procs import Proc, Processes
 from tests.workers import dp_equivalence as worker
 from tests.workers import ps_equivalence, ps_tasks
 
@@ -28,15 +28,19 @@ pytestmark = pytest.mark.skipif(bool(can_make_hosts()), reason=can_make_hosts() 
 PORT = 29400  # any port: the hosts' namespaces are the test's own
 
 
-def launchers(hosts: TestHosts, procs: Processes, script: list[str], *flags: str, timeout: float = 150) -> list:
+def launcher(
+    hosts: TestHosts, procs: Processes, i: int, script: list[str], *flags: str, job: dict, port=PORT, timeout=150.0
+) -> Proc:
+    """Host i's `shoal run -n 1`, host 0 holding the rendezvous at `port`."""
+    argv = [*SHOAL, "run", "-n", "1", "--nnodes", str(len(hosts)), "--node-rank", str(i)]
+    argv += ["--rdzv-endpoint", f"{hosts[0].address}:{port}", *flags, *script]
+    return procs.start(hosts[i].argv(argv), timeout=timeout, env=job)
+
+
+def launchers(hosts: TestHosts, procs: Processes, script: list[str], *flags: str) -> list:
     """One `shoal run` per host, host 0 holding the rendezvous; their results."""
     job = {env.JOB_KEY: secrets.token_hex(16)}
-    started = []
-    for host in hosts.hosts:
-        argv = [*SHOAL, "run", "-n", "1", "--nnodes", str(len(hosts)), "--node-rank", str(host.index)]
-        argv += ["--rdzv-endpoint", f"{hosts[0].address}:{PORT}", *flags, *script]
-        started.append(procs.start(host.argv(argv), timeout=timeout, env=job))
-    return [finish(p) for p in started]
+    return [finish(launcher(hosts, procs, i, script, *flags, job=job)) for i in range(len(hosts))]
 
 
 def test_data_parallel_on_two_hosts_equals_one_process(tmp_path):
@@ -52,14 +56,26 @@ def test_data_parallel_on_two_hosts_equals_one_process(tmp_path):
 
 
 def test_parameter_servers_on_two_hosts_serve_workers_on_both(tmp_path):
-    """Host k starts server k; each worker pushes to a server on the other host too."""
+    """Host k starts server k; each worker pushes to a server on the other host too. A host
+    whose launcher asks for another server count is told, in one sentence."""
+    script = ["examples/ps_loop.py", "--epochs", "2", "--servers", "2", "--consistency", "ssp"]
     with TestHosts(2) as hosts, Processes() as procs:
         hosts.shape(1, rate="1gbit")  # a real link between the hosts, not loopback speed
-        script = ["examples/ps_loop.py", "--epochs", "2", "--servers", "2", "--consistency", "ssp"]
-        done = launchers(hosts, procs, script, "--servers", "2", "--log-dir", str(tmp_path / "logs"))
-    assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+        job = {env.JOB_KEY: secrets.token_hex(16)}
+        started = [
+            launcher(hosts, procs, i, script, "--servers", "2", "--log-dir", str(tmp_path / f"host{i}"), job=job)
+            for i in (0, 1)
+        ]
+        done = [finish(p) for p in started]
+        assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+        # host 0 waits for host 1's workers (killed on leaving the block); host 1 asks for 3 servers
+        launcher(hosts, procs, 0, script, "--servers", "2", job=job, port=PORT + 1, timeout=60)
+        wrong = finish(launcher(hosts, procs, 1, script, "--servers", "3", job=job, port=PORT + 1, timeout=60))
+    assert wrong.returncode == 2 and "pass the same --servers on every machine" in wrong.stderr, wrong.stderr[-2000:]
     accuracy = float(done[0].stdout.strip().splitlines()[-1].split("test accuracy ")[1].split()[0])
     assert accuracy >= 0.9, done[0].stdout
+    assert [p.name for p in (tmp_path / "host0").glob("server*.log")] == ["server0.log"]
+    assert [p.name for p in (tmp_path / "host1").glob("server*.log")] == ["server1.log"]
 
 
 def test_servers_on_a_host_without_workers_equal_one_process(tmp_path):

@@ -4,16 +4,14 @@ starts them, workers running `tests.workers.ps_tasks.run` on each rank."""
 from __future__ import annotations
 
 import json
-import secrets
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from tests.helpers.cli import finish, shoal, start_shoal
+from tests.helpers.cli import shoal
 from tests.helpers.faults import Faults
-from tests.helpers.procs import Processes, free_port
 from tests.helpers.ps import run_ps_job, server_stats
 from tests.helpers.runs import final_params, first_checkpoint_params
 from tests.workers import ps_tasks
@@ -195,52 +193,6 @@ def test_stop_and_resume_equals_an_uninterrupted_run_and_loads_as_data_parallel(
     (ps_end, _), (dp_end, _) = final_params(tmp_path / "plain"), final_params(tmp_path / "as-dp")
     for key in ps_end:
         torch.testing.assert_close(dp_end[key], ps_end[key], atol=1e-5, rtol=0)
-
-
-def test_servers_on_two_machines_on_loopback(tmp_path):
-    """`shoal run --nnodes 2 --servers 2` on each "machine": machine k starts
-    server k, everyone finds everyone through machine 0's rendezvous store,
-    and the job trains; a machine that asks for another server count is told."""
-    endpoint = f"127.0.0.1:{free_port()}"
-    env = {"SHOAL_JOB_KEY": secrets.token_hex(16)}
-
-    def args(node: int, servers: int = 2):
-        return [
-            "run",
-            "--nnodes",
-            "2",
-            "--node-rank",
-            str(node),
-            "--rdzv-endpoint",
-            endpoint,
-            "-n",
-            "1",
-            "--servers",
-            str(servers),
-            "--log-dir",
-            str(tmp_path / f"node{node}"),
-            "examples/ps_loop.py",
-            "--epochs",
-            "2",
-            "--servers",
-            "2",
-        ]
-
-    with Processes() as procs:
-        other = start_shoal(procs, *args(1), env=env, timeout=210)
-        mine = finish(start_shoal(procs, *args(0), env=env, timeout=150))
-        other = finish(other)
-    assert mine.returncode == 0 and other.returncode == 0, mine.stderr[-3000:] + other.stderr[-3000:]
-    accuracy = float(mine.stdout.strip().splitlines()[-1].split("test accuracy ")[1].split()[0])
-    assert accuracy >= 0.9, mine.stdout
-    assert [p.name for p in (tmp_path / "node0").glob("server*.log")] == ["server0.log"]
-    assert [p.name for p in (tmp_path / "node1").glob("server*.log")] == ["server1.log"]
-
-    endpoint = f"127.0.0.1:{free_port()}"
-    with Processes() as procs:  # on leaving, machine 0 is killed: it would wait for machine 1's workers
-        start_shoal(procs, *args(0), env=env, timeout=60)
-        wrong = finish(start_shoal(procs, *args(1, servers=3), env=env, timeout=60))
-    assert wrong.returncode == 2 and "pass the same --servers on every machine" in wrong.stderr, wrong.stderr[-2000:]
 
 
 # One spec per compressor class (bf16 and qsgd:levels=N share fp16's and int8's code;
