@@ -53,7 +53,7 @@ def test_bsp_equals_single_process_with_combined_batch():
         np.testing.assert_allclose(got[name], value, atol=1e-5, rtol=0, err_msg=name)
 
 
-@pytest.mark.parametrize("s", [0, 1, 3])
+@pytest.mark.parametrize("s", [0, 3])  # the bound at 0, and above it
 def test_ssp_bounds_how_far_a_worker_runs_ahead(s, tmp_path):
     steps = 12
     args = {
