@@ -40,7 +40,8 @@ def launcher(
 def launchers(hosts: TestHosts, procs: Processes, script: list[str], *flags: str) -> list:
     """One `shoal run` per host, host 0 holding the rendezvous; their results."""
     job = {env.JOB_KEY: secrets.token_hex(16)}
-    return [finish(launcher(hosts, procs, i, script, *flags, job=job)) for i in range(len(hosts))]
+    started = [launcher(hosts, procs, i, script, *flags, job=job) for i in range(len(hosts))]
+    return [finish(p) for p in started]  # all started before any is waited for: each waits for the others
 
 
 def test_data_parallel_on_two_hosts_equals_one_process(tmp_path):
