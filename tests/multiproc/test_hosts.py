@@ -20,7 +20,7 @@ from shoal import env
 from shoal.config import etcd_client_installed
 from tests.helpers.cli import SHOAL, finish
 from tests.helpers.hosts import TestHosts, can_make_hosts
-from tests.helpers.procs import Processes
+from tests.helpers.procs import Proc, Processes
 from tests.workers import dp_equivalence as worker
 from tests.workers import ps_equivalence, ps_tasks
 
@@ -28,15 +28,20 @@ pytestmark = pytest.mark.skipif(bool(can_make_hosts()), reason=can_make_hosts() 
 PORT = 29400  # any port: the hosts' namespaces are the test's own
 
 
-def launchers(hosts: TestHosts, procs: Processes, script: list[str], *flags: str, timeout: float = 150) -> list:
+def launcher(
+    hosts: TestHosts, procs: Processes, i: int, script: list[str], *flags: str, job: dict, port=PORT, timeout=150.0
+) -> Proc:
+    """Host i's `shoal run -n 1`, host 0 holding the rendezvous at `port`."""
+    argv = [*SHOAL, "run", "-n", "1", "--nnodes", str(len(hosts)), "--node-rank", str(i)]
+    argv += ["--rdzv-endpoint", f"{hosts[0].address}:{port}", *flags, *script]
+    return procs.start(hosts[i].argv(argv), timeout=timeout, env=job)
+
+
+def launchers(hosts: TestHosts, procs: Processes, script: list[str], *flags: str) -> list:
     """One `shoal run` per host, host 0 holding the rendezvous; their results."""
     job = {env.JOB_KEY: secrets.token_hex(16)}
-    started = []
-    for host in hosts.hosts:
-        argv = [*SHOAL, "run", "-n", "1", "--nnodes", str(len(hosts)), "--node-rank", str(host.index)]
-        argv += ["--rdzv-endpoint", f"{hosts[0].address}:{PORT}", *flags, *script]
-        started.append(procs.start(host.argv(argv), timeout=timeout, env=job))
-    return [finish(p) for p in started]
+    started = [launcher(hosts, procs, i, script, *flags, job=job) for i in range(len(hosts))]
+    return [finish(p) for p in started]  # all started before any is waited for: each waits for the others
 
 
 def test_data_parallel_on_two_hosts_equals_one_process(tmp_path):
@@ -54,14 +59,23 @@ def test_data_parallel_on_two_hosts_equals_one_process(tmp_path):
 def test_parameter_servers_on_two_hosts_serve_workers_on_both(tmp_path):
     """Host k starts server k; each worker pushes to a server on the other host too. The job's Raft
     control plane (`--control raft`) spreads its members over both hosts (two on host 0, one on host
-    1) and holds the shards' records (`shoal.ps.records`)."""
+    1) and holds the shards' records (`shoal.ps.records`). A host whose launcher asks for another
+    server count is told, in one sentence."""
+    script = ["examples/ps_loop.py", "--epochs", "2", "--servers", "2", "--consistency", "ssp"]
     with TestHosts(2) as hosts, Processes() as procs:
         hosts.shape(1, rate="1gbit")  # a real link between the hosts, not loopback speed
-        script = ["examples/ps_loop.py", "--epochs", "2", "--servers", "2", "--consistency", "ssp"]
-        flags = ["--servers", "2", "--log-dir", str(tmp_path / "logs"), "--control", "raft"]
-        done = launchers(hosts, procs, script, *flags)
+        job = {env.JOB_KEY: secrets.token_hex(16)}
+        flags = ["--servers", "2", "--control", "raft"]
+        started = [
+            launcher(hosts, procs, i, script, *flags, "--log-dir", str(tmp_path / f"host{i}"), job=job) for i in (0, 1)
+        ]
+        done = [finish(p) for p in started]
+        assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
         addresses = [h.address for h in hosts.hosts]
-    assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+        # host 0 waits for host 1's workers (killed on leaving the block); host 1 asks for 3 servers
+        launcher(hosts, procs, 0, script, "--servers", "2", job=job, port=PORT + 1, timeout=60)
+        wrong = finish(launcher(hosts, procs, 1, script, "--servers", "3", job=job, port=PORT + 1, timeout=60))
+    assert wrong.returncode == 2 and "pass the same --servers on every machine" in wrong.stderr, wrong.stderr[-2000:]
     for d, here in zip(done, (2, 1), strict=True):
         members = re.search(r"shoal: control plane raft://(\S+) \((\d) of its members here\)", d.stderr)
         assert members is not None, d.stderr[-2000:]
@@ -69,6 +83,8 @@ def test_parameter_servers_on_two_hosts_serve_workers_on_both(tmp_path):
         assert hosts_of == [addresses[0], addresses[1], addresses[0]] and int(members.group(2)) == here
     accuracy = float(done[0].stdout.strip().splitlines()[-1].split("test accuracy ")[1].split()[0])
     assert accuracy >= 0.9, done[0].stdout
+    assert [p.name for p in (tmp_path / "host0").glob("server*.log")] == ["server0.log"]
+    assert [p.name for p in (tmp_path / "host1").glob("server*.log")] == ["server1.log"]
 
 
 def test_servers_on_a_host_without_workers_equal_one_process(tmp_path):
@@ -132,7 +148,7 @@ ETCD = shutil.which("etcd")
 @pytest.mark.skipif(ETCD is None, reason="no etcd binary (apt-get install etcd-server)")
 @pytest.mark.skipif(
     not etcd_client_installed(),
-    reason="torch's etcd rendezvous imports python-etcd (the `etcd` module), which is not installed here",
+    reason="torch's etcd rendezvous imports python-etcd (the `etcd` module), which the test extra installs",
 )
 def test_etcd_rendezvous_takes_a_late_node(tmp_path):
     """`--rdzv-backend etcd-v2`: an etcd (v2 API) on host 0; host 1's launcher starts late and joins."""
@@ -155,18 +171,10 @@ def test_etcd_rendezvous_takes_a_late_node(tmp_path):
 
         first = node(0)
         time.sleep(3)  # host 0 waits in the rendezvous for a host that is not there yet
-        done = [finish(first), finish(node(1))]
+        late = node(1)  # started before waiting on host 0, which waits for it
+        done = [finish(first), finish(late)]
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
     assert any("done: world 2" in d.stdout for d in done), done[0].stdout[-2000:]
-
-
-def test_shoal_train_c10d_rendezvous_on_two_hosts_equals_one_host(tmp_path):
-    """`shoal train --launch.rdzv_backend=c10d` on two hosts, one worker each: torch's dynamic
-    rendezvous assigns the ranks, and the job ends where two workers on one host end."""
-    args = ["--train.steps=12", "--train.eval_every=12", "--train.log_every=4", "--logging.progress=false"]
-    args += ["--launch.threads=1", "--logging.tensorboard=false", f"--logging.run_dir={tmp_path}"]
-    want, got = _one_host_and_two(tmp_path, args, ["--launch.rdzv_backend=c10d"])
-    assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-5)
 
 
 LISTEN = """
@@ -198,13 +206,14 @@ def test_hosts_reach_each_other_until_cut_and_are_removed_afterwards():
     assert not any(name in listed for name in names) and hosts.bridge not in links
 
 
-def test_shoal_train_pipeline_on_two_hosts_equals_one_host(tmp_path):
-    """A pipeline with one stage per host, `shoal train` on each host into one shared
-    run directory, ends where the same job on one host ends."""
+def test_shoal_train_pipeline_on_two_hosts_c10d_rendezvous_equals_one_host(tmp_path):
+    """A pipeline with one stage per host, `shoal train --launch.rdzv_backend=c10d` on each
+    host into one shared run directory (torch's dynamic rendezvous assigns the ranks, so
+    the stages), ends where the same job on one host ends."""
     args = ["examples/lm-pipeline.toml", "--train.steps=12", "--train.eval_every=12", "--train.log_every=4"]
     args += ["--strategy.split=params", "--data.batch_size=8", "--logging.progress=false", "--launch.threads=1"]
     args += ["--logging.tensorboard=false", f"--logging.run_dir={tmp_path}"]
-    want, got = _one_host_and_two(tmp_path, args)
+    want, got = _one_host_and_two(tmp_path, args, ["--launch.rdzv_backend=c10d"])
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-6)
     assert (tmp_path / "two" / "checkpoints").is_dir()
 

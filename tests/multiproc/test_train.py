@@ -27,7 +27,7 @@ def test_default_job_reaches_accuracy(tmp_path):
     assert (run_dir / "config.toml").exists() and (run_dir / "checkpoints" / "step-00000300" / "manifest.json").exists()
 
 
-def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
+def test_stop_and_resume_equals_an_uninterrupted_run_and_a_damaged_checkpoint_is_a_clear_error(tmp_path):
     # dropout (RNG), a cosine schedule, momentum and accumulation all have to survive the restart
     common = [
         f"--logging.run_dir={tmp_path}",
@@ -39,6 +39,8 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
         "--data.batch_size=16",
         "--logging.tensorboard=false",
     ]
+    missing = shoal("train", *common, "--logging.name=split", "--resume", timeout=60)
+    assert missing.returncode == 2 and "no checkpoint found" in missing.stderr and "Traceback" not in missing.stderr
     whole = shoal("train", *common, "--logging.name=whole")
     assert whole.returncode == 0, whole.stderr
     first = shoal("train", *common, "--logging.name=split", "--train.stop_at=10")
@@ -54,29 +56,19 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
     for key in want_opt["state"]:
         torch.testing.assert_close(got_opt["state"][key], want_opt["state"][key], atol=0, rtol=0)
 
-
-def test_damaged_or_missing_checkpoint_is_a_clear_error(tmp_path):
-    common = [
-        f"--logging.run_dir={tmp_path}",
-        "--logging.name=r",
-        "--train.steps=4",
-        "--checkpoint.every=0",
-        "--logging.tensorboard=false",
-    ]
-    missing = shoal("train", *common, "--resume", timeout=60)
-    assert missing.returncode == 2 and "no checkpoint found" in missing.stderr and "Traceback" not in missing.stderr
-    assert shoal("train", *common).returncode == 0
-    ckpt = tmp_path / "r" / "checkpoints" / "step-00000004"
-    data_file = next(ckpt.glob("*.distcp"))
-    raw = bytearray(data_file.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    data_file.write_bytes(bytes(raw))
-    attempts = sorted((tmp_path / "r" / "logs").iterdir())
-    damaged = shoal("train", *common, "--resume", timeout=60)
+    # every kept checkpoint damaged: --resume names the newest one's file and starts no worker
+    for ckpt in (tmp_path / "whole" / "checkpoints").iterdir():
+        data_file = next(ckpt.glob("*.distcp"))
+        raw = bytearray(data_file.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        data_file.write_bytes(bytes(raw))
+    newest = next((tmp_path / "whole" / "checkpoints" / "step-00000020").glob("*.distcp"))
+    attempts = sorted((tmp_path / "whole" / "logs").iterdir())
+    damaged = shoal("train", *common, "--logging.name=whole", "--resume", timeout=60)
     assert damaged.returncode == 2
-    assert str(data_file) in damaged.stderr and "does not match its checksum" in damaged.stderr
+    assert str(newest) in damaged.stderr and "does not match its checksum" in damaged.stderr
     assert "Traceback" not in damaged.stderr
-    assert sorted((tmp_path / "r" / "logs").iterdir()) == attempts, "no worker may start"
+    assert sorted((tmp_path / "whole" / "logs").iterdir()) == attempts, "no worker may start"
 
 
 def test_two_machines_on_loopback_train_together(tmp_path):

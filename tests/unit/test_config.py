@@ -94,11 +94,8 @@ def test_rdzv_backend_is_a_launch_key_that_round_trips(tmp_path):
     assert config.load(path).launch.rdzv_backend == "c10d"
 
 
-def test_train_etcd_rendezvous_says_what_to_install():
-    import importlib.util
-
-    if importlib.util.find_spec("etcd") is not None:
-        pytest.skip("python-etcd is installed here")
+def test_train_etcd_rendezvous_says_what_to_install(monkeypatch):
+    monkeypatch.setattr("shoal.config.etcd_client_installed", lambda: False)  # the test extra installs python-etcd
     with pytest.raises(ConfigError) as info:
         load("--launch.rdzv_backend=etcd", "--launch.rdzv_endpoint=10.0.0.1:2379")
     assert "'launch.rdzv_backend' etcd needs the python-etcd package (pip install python-etcd)" in str(info.value)
@@ -155,11 +152,8 @@ def test_run_refuses_bad_server_nodes_and_rendezvous_in_one_sentence(capsys, arg
     assert err.startswith("shoal: ") and message in err and "\n" not in err
 
 
-def test_run_etcd_rendezvous_says_what_to_install(capsys):
-    import importlib.util
-
-    if importlib.util.find_spec("etcd") is not None:
-        pytest.skip("python-etcd is installed here")
+def test_run_etcd_rendezvous_says_what_to_install(capsys, monkeypatch):
+    monkeypatch.setattr("shoal.config.etcd_client_installed", lambda: False)  # the test extra installs python-etcd
     assert cli.main(["run", "--rdzv-backend", "etcd", *EP, SCRIPT]) == 2
     assert "needs the python-etcd package (pip install python-etcd)" in capsys.readouterr().err
 
