@@ -21,7 +21,7 @@ commands:
   train [CONFIG.toml] [--section.key=value ...] [--resume]
         run a complete training job (default: an MLP on scikit-learn's digits, 2 workers)
   run [-n N] [--servers S [--replication 1|2]] [--control raft] [--nnodes M --node-rank K --rdzv-endpoint HOST:PORT]
-      [--rdzv-backend static|c10d|etcd] [--max-restarts R] script.py [args ...]
+      [--rdzv-backend static|c10d|etcd] [--rdzv-id ID] [--max-restarts R] script.py [args ...]
         run any script on N local worker processes (the environment torchrun sets),
         with S parameter-server processes for the parameter_server strategy (each shard
         on 2 of them by default when S >= 2) and a replicated control plane (docs/control-plane.md)
@@ -94,6 +94,12 @@ def _run(args: list[str]) -> int:
         default="static",
         help="across machines: static (ranks from --node-rank; default), or torch's c10d (ranks assigned at "
         "rendezvous; a machine that starts late, or again after a failure, joins), etcd, etcd-v2",
+    )
+    parser.add_argument(
+        "--rdzv-id",
+        default="",
+        help="across machines: the rendezvous's name, the same on every machine (default: derived from "
+        "SHOAL_JOB_KEY, else shoal-job); two jobs that share an etcd need different ones",
     )
     parser.add_argument("--log-dir", default=None, help="where each rank's stdout/stderr is kept")
     parser.add_argument(
@@ -194,6 +200,7 @@ def _run(args: list[str]) -> int:
             store_open=bool(ns.servers and (ns.nnodes > 1 or ns.server_nodes)),
             max_restarts=ns.max_restarts,
             rdzv_backend=ns.rdzv_backend,
+            rdzv_id=ns.rdzv_id,
         )
         launch([str(ns.script), *ns.script_args], spec)
     return 0

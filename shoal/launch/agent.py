@@ -21,6 +21,7 @@ still listens on every interface.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ import socket
 import sys
 import tempfile
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,10 +69,22 @@ class LaunchSpec:
     rdzv_backend: str = "static"
     """Across machines: "static" (ranks from --node-rank), or torch's "c10d", "etcd", "etcd-v2"
     (ranks assigned at rendezvous; a machine that starts late or again joins)."""
+    rdzv_id: str = ""
+    """Across machines: the rendezvous's name, the same on every machine (`rdzv_id`)."""
     recovery_fallback: str = ""
     """The folder for recovery points where /dev/shm cannot take them ('' : a temporary folder)."""
     resume_hint: str = "; the job's recovery points went with it: start again from your script's own newest checkpoint"
     """What the line that reports exhausted restarts ends with (`shoal train` names its checkpoint itself)."""
+
+
+def rdzv_id(given: str = "", environ: Mapping[str, str] = os.environ) -> str:
+    """The name of a job's rendezvous across machines, the same on each: `given`, else one derived from
+    the SHOAL_JOB_KEY exported on every machine (so two jobs that share an etcd do not meet in one
+    rendezvous), else "shoal-job" (one job at a time per rendezvous endpoint)."""
+    if given:
+        return given
+    key = environ.get(env.JOB_KEY, "")
+    return f"shoal-{hashlib.sha256(b'shoal-rdzv-id' + key.encode()).hexdigest()[:16]}" if key else "shoal-job"
 
 
 def launch(argv: list[str], spec: LaunchSpec) -> None:
@@ -87,8 +101,8 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
         min_nodes=spec.nnodes,
         max_nodes=spec.nnodes,
         nproc_per_node=spec.nproc,
-        # Every machine must name the same rendezvous; the endpoint is the job's own.
-        run_id="shoal-job" if spec.nnodes > 1 else (spec.run_id or str(uuid.uuid4())),
+        # Every machine must name the same rendezvous.
+        run_id=rdzv_id(spec.rdzv_id) if spec.nnodes > 1 else (spec.run_id or str(uuid.uuid4())),
         role="default",  # torchrun's ROLE_NAME
         rdzv_endpoint=endpoint,
         rdzv_backend=backend,

@@ -166,3 +166,12 @@ def test_example_configs_validate(path):
 def test_default_example_is_the_default_job():
     examples = ROOT / "examples"
     assert config.load(examples / "digits.toml").to_dict() == config.load(None).to_dict()
+
+
+def test_a_rendezvous_across_machines_is_named_the_same_on_each_and_apart_per_job():
+    from shoal.launch.agent import rdzv_id
+
+    a, b = rdzv_id(environ={"SHOAL_JOB_KEY": "a" * 32}), rdzv_id(environ={"SHOAL_JOB_KEY": "b" * 32})
+    assert a == rdzv_id(environ={"SHOAL_JOB_KEY": "a" * 32}) and a != b and "a" * 8 not in a  # no key in it
+    assert rdzv_id("mine", environ={"SHOAL_JOB_KEY": "a" * 32}) == "mine"
+    assert rdzv_id(environ={}) == "shoal-job"
