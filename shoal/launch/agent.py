@@ -77,13 +77,14 @@ class LaunchSpec:
     """What the line that reports exhausted restarts ends with (`shoal train` names its checkpoint itself)."""
 
 
-def rdzv_id(given: str = "", environ: Mapping[str, str] = os.environ) -> str:
-    """The name of a job's rendezvous across machines, the same on each: `given`, else one derived from
-    the SHOAL_JOB_KEY exported on every machine (so two jobs that share an etcd do not meet in one
-    rendezvous), else "shoal-job" (one job at a time per rendezvous endpoint)."""
+def rdzv_id(given: str = "", backend: str = "c10d", environ: Mapping[str, str] = os.environ) -> str:
+    """The name of a job's rendezvous across machines, the same on each: `given`, else, for a dynamic
+    backend (whose server, an etcd say, may serve several jobs), one derived from the SHOAL_JOB_KEY
+    exported on every machine, else "shoal-job" (one job at a time per rendezvous endpoint: the
+    static rendezvous's store is the job's own)."""
     if given:
         return given
-    key = environ.get(env.JOB_KEY, "")
+    key = environ.get(env.JOB_KEY, "") if backend != "static" else ""
     return f"shoal-{hashlib.sha256(b'shoal-rdzv-id' + key.encode()).hexdigest()[:16]}" if key else "shoal-job"
 
 
@@ -102,7 +103,7 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
         max_nodes=spec.nnodes,
         nproc_per_node=spec.nproc,
         # Every machine must name the same rendezvous.
-        run_id=rdzv_id(spec.rdzv_id) if spec.nnodes > 1 else (spec.run_id or str(uuid.uuid4())),
+        run_id=rdzv_id(spec.rdzv_id, spec.rdzv_backend) if spec.nnodes > 1 else (spec.run_id or str(uuid.uuid4())),
         role="default",  # torchrun's ROLE_NAME
         rdzv_endpoint=endpoint,
         rdzv_backend=backend,

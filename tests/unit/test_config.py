@@ -175,3 +175,4 @@ def test_a_rendezvous_across_machines_is_named_the_same_on_each_and_apart_per_jo
     assert a == rdzv_id(environ={"SHOAL_JOB_KEY": "a" * 32}) and a != b and "a" * 8 not in a  # no key in it
     assert rdzv_id("mine", environ={"SHOAL_JOB_KEY": "a" * 32}) == "mine"
     assert rdzv_id(environ={}) == "shoal-job"
+    assert rdzv_id(backend="static", environ={"SHOAL_JOB_KEY": "a" * 32}) == "shoal-job"  # its store is the job's
