@@ -368,6 +368,8 @@ def follow(server: Server) -> None:
             replay(server, *forwarded)
         if server.joining is not None:  # a replacement still waiting for the shard's state
             return server.joining.wait(link.lost())
+        if link.lost() and _job_over(server):
+            return _retire(server, "its primary stopped")
         if link.lost() and server.claim is not None:
             link.stop()  # every input the primary got out before it went is applied before the claim
             for forwarded in link.receive():
@@ -379,6 +381,9 @@ def follow(server: Server) -> None:
     elif isinstance(link, PrimaryLink):
         link.on_ack()
         why = link.lost()
+        if why and _job_over(server):
+            link.release_all()
+            return _retire(server, why)
         if why and server.claim is not None:
             if server.claim.take(server.process, why):
                 link.release_all()
@@ -386,6 +391,22 @@ def follow(server: Server) -> None:
                 server.link = None
             else:
                 server.fenced(server.claim.lost_why)
+
+
+def _job_over(server: Server) -> bool:
+    """Every worker said goodbye: a replica that goes now is being stopped with the job (machines'
+    launchers stop their servers one after the other), not lost, and nothing is left to take over."""
+    return server.workers is not None and len(server.members.finished) >= server.workers
+
+
+def _retire(server: Server, why: str) -> None:
+    """The job is over: no claim, no takeover; the replica stays, idle, until its launcher stops it
+    (had it exited, its launcher would start a replacement in its place)."""
+    log.info("server process %d: %s after the job ended; shard %d retires", server.process, why, server.index)
+    if server.link is not None:
+        server.link.close()
+    server.link = None
+    server.role = FENCED
 
 
 def promote(server: Server) -> None:

@@ -93,6 +93,8 @@ def server_limits(environ: Mapping[str, str]) -> tuple[int, float]:
 
 MAX_REPLACEMENTS = 3
 """How many times a launcher starts a replicated server process again in place of one that exited."""
+REPLACEMENT_MARK = "--- shoal: a replacement process from here on:"
+"""The line a server's log gets before its replacement's output."""
 
 
 @dataclass
@@ -245,6 +247,9 @@ def _start_server(server_env: dict[str, str], log_path: str | None, append: bool
     if log_path is None:
         return subprocess.Popen(argv, env=server_env)
     with open(log_path, "a" if append else "w") as out:  # the child keeps its own copy of the descriptor
+        if append:  # a replacement's lines follow those of the process it replaces
+            out.write(f"{REPLACEMENT_MARK} {server_env.get(env.PS_REPLACEMENT)} of {MAX_REPLACEMENTS}\n")
+            out.flush()
         return subprocess.Popen(argv, env=server_env, stdout=out, stderr=subprocess.STDOUT)
 
 

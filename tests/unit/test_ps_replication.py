@@ -227,3 +227,30 @@ def test_a_replacement_takes_the_primarys_whole_state_and_then_follows_it():
         assert _comparable(new) == _comparable(primary) and primary.gate is not None and primary.gate.bsp_done == 4
     finally:
         _close(primary, new)
+
+
+def test_a_replica_whose_other_half_stops_after_every_goodbye_claims_nothing():
+    """Machines' launchers stop their servers one after the other once the job is over: a backup that
+    loses its primary after every worker said goodbye retires without a claim (and without exiting,
+    which would make its launcher start a replacement)."""
+    raw = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5), use_libuv=True)
+    store = ps_store.SignedStore(raw, KEY, "session", "here")
+    first = ps_store.first_record(0, 2, 2)
+    store.set(ps_store.shard_key(0), first.value)
+    codec, primary, backup = _pair()
+    backup.claim = Claim(Records(store), 0, first)
+    try:
+        primary.handle(
+            b"i0",
+            codec.encode(_request(primary, 0, 1, "init", world=1, spec=SPEC, incarnation="i0"), [torch.arange(4.0)]),
+        )
+        bye = codec.encode(_request(primary, 0, 2, "bye"))
+        primary.handle(b"i0", bye)
+        backup.handle(b"i0", codec.encode(_request(backup, 0, 2, "bye")))
+        _until(lambda: backup.gate is not None and backup.members.finished == {0}, primary, backup)
+        primary.close(linger_ms=0)  # stopped by its launcher
+        _until(lambda: backup.link is None, backup, timeout=10)
+        assert backup.role == replication.FENCED and not backup.done
+        assert ps_store.ShardRecord.parse(store.get(ps_store.shard_key(0))) == first  # no claim
+    finally:
+        backup.close(linger_ms=0)
