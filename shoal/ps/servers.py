@@ -129,7 +129,7 @@ class ServerGroup:
                     continue  # code > 0: it stopped the job itself (a bad start, an error it sent the workers)
                 self.replaced[i] += 1
                 index, start_env, log_path = self.starts[i]
-                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                how = f"was killed by signal {-code}" if code < 0 else "gave its shards up (it was fenced)"
                 print(
                     f"shoal: parameter server process {index} {how}; starting a replacement in its place "
                     f"({self.replaced[i]} of {MAX_REPLACEMENTS})",
