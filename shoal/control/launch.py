@@ -85,6 +85,12 @@ def serving(
         with _running(members, list(range(MEMBERS)), job_key, node_rank):
             yield {env.CONTROL: spec(members)}
         return
+    if not os.environ.get(env.JOB_KEY):  # each launcher would draw its own: no member could talk to another
+        raise ConfigError(
+            "--control raft on several machines needs the same secret on every machine: set "
+            f"{env.JOB_KEY} (e.g. to the output of `openssl rand -hex 32`) before `shoal` on each",
+            "control",
+        )
     mine = [i for i in range(MEMBERS) if i % nnodes == node_rank]
     with _exchange(job_key, node_rank, rdzv_endpoint) as share:
         here = address_towards(split_endpoint(rdzv_endpoint)[0])

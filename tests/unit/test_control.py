@@ -95,13 +95,17 @@ def test_specs_and_member_commands():
     assert argv[-6:] == ["--index", "1", "--members", "a:1,b:3,c:5", "--dir", "/tmp/m1"]
 
 
-def test_shoal_run_refuses_an_unknown_control_plane_before_starting_anything(capsys):
+def test_shoal_run_refuses_an_unknown_control_plane_before_starting_anything(capsys, monkeypatch):
     from shoal.cli import main
 
     assert main(["run", "--control", "zookeeper://h:1", "examples/own_loop.py"]) == 2
     assert "--control 'zookeeper://h:1' is not raft" in capsys.readouterr().err
-    # on several machines the members meet in a store on machine 0's rendezvous port + 1
+    # on several machines the members meet in a store on machine 0's rendezvous port + 1, under one key
     argv = ["run", "--nnodes", "2", "--rdzv-endpoint", "no-such-host.invalid:1", "--control", "raft"]
+    monkeypatch.delenv("SHOAL_JOB_KEY", raising=False)
+    assert main([*argv, "examples/own_loop.py"]) == 2
+    assert "needs the same secret on every machine: set SHOAL_JOB_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("SHOAL_JOB_KEY", "k" * 32)
     assert main([*argv, "examples/own_loop.py"]) == 1
     err = capsys.readouterr().err
     assert "the control plane's members meet on machine 0's rendezvous port + 1 (no-such-host.invalid:2)" in err
