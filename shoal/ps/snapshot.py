@@ -45,13 +45,17 @@ def _pairs(mapping: dict) -> list[list]:
 
 def fresh_pulls(server: Server) -> None:
     """Compressed pulls start afresh (every worker's next reply whole): on both replicas alike."""
-    if server.pulls is None or server.gate is None:
-        return
-    counts = server.pulls.encodes, server.pulls.whole
-    server.pulls = pull_encoder(server.pulls.spec, list(server.pieces.values()), server.gate.workers)
-    assert server.pulls is not None
-    server.pulls.forget()
-    server.pulls.encodes, server.pulls.whole = counts
+    if server.pulls is not None:
+        _restart_pulls(server, server.pulls.spec, (server.pulls.encodes, server.pulls.whole))
+
+
+def _restart_pulls(server: Server, spec: str, counts: tuple[int, int] | list[int]) -> None:
+    """A new pull encoder for `spec` that holds nothing for any worker, keeping the counters `counts`."""
+    assert server.workers is not None
+    server.pulls = pull_encoder(spec, list(server.pieces.values()), server.workers)
+    if server.pulls is not None:
+        server.pulls.forget()
+        server.pulls.encodes, server.pulls.whole = counts
 
 
 def take(server: Server) -> tuple[dict, list[torch.Tensor]]:
@@ -159,10 +163,7 @@ def load(server: Server, header: dict, tensors: list[torch.Tensor]) -> None:
     server.pending = [_read(server, *r) for r in header["pending"]]
     _members(server, header["members"])
     server.dropped = Counter({str(k): int(v) for k, v in header["dropped"].items()})
-    server.pulls = pull_encoder(spec.get("pull_compression", "none"), list(server.pieces.values()), workers)
-    if server.pulls is not None:
-        server.pulls.forget()
-        server.pulls.encodes, server.pulls.whole = header["pull_counts"]
+    _restart_pulls(server, spec.get("pull_compression", "none"), header["pull_counts"])
     server.first_join = time.monotonic()
 
 
