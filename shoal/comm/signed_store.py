@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import secrets
 import socket
 from collections.abc import Sequence
 from datetime import timedelta
@@ -87,6 +88,21 @@ class SignedStore:
             self.raw.wait(list(names), timedelta(seconds=timeout_s))
         except Exception:
             raise ShoalError(sentence) from None
+
+
+def open_shared(host: str, port: int, key: bytes, hosting: bool, timeout_s: float, session_key: str) -> SignedStore:
+    """A store that several machines share: `hosting` (machine 0) listens on `host`:`port` only and draws
+    the session, which it writes under `session_key`; the others connect and read it there. Raises
+    what torch or the socket raise (the callers say in one sentence what it means for them)."""
+    address = f"{host}:{port}"
+    if hosting:
+        store = SignedStore(listen(host, port, timeout_s, multi_tenant=True), key, secrets.token_hex(16), address)
+        store.set(session_key, store.session, session="")
+        return store
+    raw = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    store = SignedStore(raw, key, "", address)
+    store.session = store.get(session_key, session="")
+    return store
 
 
 def listen(host: str, port: int, timeout_s: float, multi_tenant: bool = False) -> TCPStore:

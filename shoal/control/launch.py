@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 
 from shoal import env
@@ -130,20 +128,11 @@ def _exchange(job_key: str, node_rank: int, rdzv_endpoint: str) -> Iterator[Call
     0's launcher opens on the rendezvous port + 1 for the length of the job, each value signed with
     the job key (a stranger who reaches it cannot point a worker at its own member). Yields
     `share(mine, addresses)`: publish this machine's, return all MEMBERS, in order."""
-    from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage]
-
-    from shoal.comm.signed_store import SignedStore, listen
+    from shoal.comm.signed_store import open_shared
 
     host, port = split_endpoint(rdzv_endpoint)
     try:
-        if node_rank == 0:
-            raw = listen(host, port + 1, START_S, multi_tenant=True)
-            store = SignedStore(raw, job_key.encode(), secrets.token_hex(16), f"{host}:{port + 1}")
-            store.set(SESSION_KEY, store.session, session="")
-        else:
-            raw = TCPStore(host, port + 1, is_master=False, timeout=timedelta(seconds=START_S))
-            store = SignedStore(raw, job_key.encode(), "", f"{host}:{port + 1}")
-            store.session = store.get(SESSION_KEY, session="")
+        store = open_shared(host, port + 1, job_key.encode(), node_rank == 0, START_S, SESSION_KEY)
     except ShoalError:
         raise
     except Exception as exc:

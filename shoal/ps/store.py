@@ -50,7 +50,7 @@ from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsa
 from shoal import env
 from shoal.comm.security import check_same_curve, curve_flag
 from shoal.comm.signed_store import SignedStore as SignedStore  # re-exported: the PS modules use it from here
-from shoal.comm.signed_store import listen
+from shoal.comm.signed_store import listen, open_shared
 from shoal.config import split_endpoint
 from shoal.errors import ConfigError, ShoalError, first_line
 
@@ -197,16 +197,12 @@ def open_job_store(
     number of servers and of server nodes."""
     host, port = split_endpoint(rdzv_endpoint)
     try:
+        hosting = node_rank == 0  # machine 0 hosts it, and torch's static rendezvous shares it
+        store = open_shared(host, port, key, hosting, timeout_s, SESSION_KEY)
         if node_rank == 0:
-            raw = listen(host, port, timeout_s, multi_tenant=True)  # torch's static rendezvous shares it
-            store = SignedStore(raw, key, secrets.token_hex(16), rdzv_endpoint)
-            store.set(SESSION_KEY, store.session, session="")
             publish_layout(store, count, replication)
             store.set(SERVER_NODES_KEY, str(server_nodes))
             return store
-        raw = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
-        store = SignedStore(raw, key, "", rdzv_endpoint)
-        store.session = store.get(SESSION_KEY, session="")
         asked = int(store.get(SERVER_COUNT_KEY))
         asked_nodes = int(store.get(SERVER_NODES_KEY))
     except ShoalError:
