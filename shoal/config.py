@@ -99,6 +99,11 @@ class CheckpointConfig:
         check_range(self.recovery_every, "recovery_every", low=0)
 
 
+def is_control_spec(value: str) -> bool:
+    """Whether `value` names a control plane `shoal run --control` and `launch.control` accept ("" is none)."""
+    return value in ("", "raft") or value.startswith(("raft://", "etcd://"))
+
+
 @dataclass
 class LaunchConfig:
     workers: int = 2
@@ -133,7 +138,7 @@ class LaunchConfig:
             raise ConfigError(f"'device' must be one of auto, cpu, cuda, not {self.device!r}", "device")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ConfigError("'rdzv_endpoint' (HOST:PORT) is needed when nnodes > 1", "rdzv_endpoint")
-        if self.control not in ("", "raft") and not self.control.startswith(("raft://", "etcd://")):
+        if not is_control_spec(self.control):
             raise ConfigError(
                 f"'control' must be raft, raft://H:P,H:P,H:P or etcd://HOST:PORT (or empty: none), not "
                 f"{self.control!r}",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from shoal import env
 from shoal.comm.netif import address_towards
-from shoal.config import split_endpoint
+from shoal.config import is_control_spec, split_endpoint
 from shoal.errors import ConfigError, ShoalError
 
 SESSION_KEY = "shoal/control/session"
@@ -70,14 +70,14 @@ def serving(
     """The control plane for one job; yields the environment the workers need. With `nnodes` > 1
     every machine's launcher calls this: member i runs on machine i mod nnodes (three machines at
     most), and the members' addresses meet in a store on machine 0 (`_exchange`)."""
+    if not is_control_spec(control):
+        raise ConfigError(f"--control {control!r} is not raft, raft://H:P,H:P,H:P or etcd://HOST:PORT", "control")
     if not control:
         yield {}
         return
-    if control.startswith(("raft://", "etcd://")):
+    if control != "raft":  # raft://... or etcd://...: started elsewhere
         yield {env.CONTROL: control}
         return
-    if control != "raft":
-        raise ConfigError(f"--control {control!r} is not raft, raft://H:P,H:P,H:P or etcd://HOST:PORT", "control")
     if nnodes == 1:
         members = [f"127.0.0.1:{_free_pair('127.0.0.1')}" for _ in range(MEMBERS)]
         with _running(members, list(range(MEMBERS)), job_key, node_rank):
