@@ -19,6 +19,7 @@ import resource
 import sys
 import time
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import zmq
@@ -38,15 +39,38 @@ from shoal.ps.servers import max_connections, server_limits
 log = logging.getLogger("shoal.ps.process")
 
 
-def open_replicas(environ: dict[str, str] | os._Environ, codec: Codec, timeout_s: float) -> list[Server]:
-    """This process's replicas, bound, published in the store, and linked to their other halves."""
-    process = int(environ[env.PS_INDEX])
-    host, advertise = environ.get(env.PS_HOST, "127.0.0.1"), environ.get(env.PS_ADVERTISE, "")
+class _Job(NamedTuple):
+    """What every server process of a job reads from its environment and the job's store at start."""
+
+    process: int
+    host: str
+    advertise: str
+    store: ps_store.SignedStore
+    count: int
+    replication: int
+    records: Records
+    events: Publisher | None
+    timeout_s: float
+
+
+def _job(environ: dict[str, str] | os._Environ, codec: Codec, timeout_s: float) -> _Job:
     store = ps_store.connect(environ[env.PS_STORE], timeout_s=60)
-    count = int(store.get(ps_store.SERVER_COUNT_KEY))
-    replication = ps_store.read_replication(store)
-    records = open_records(store, environ)
-    events = Publisher(environ[env.PS_EVENTS], codec) if environ.get(env.PS_EVENTS) else None
+    return _Job(
+        process=int(environ[env.PS_INDEX]),
+        host=environ.get(env.PS_HOST, "127.0.0.1"),
+        advertise=environ.get(env.PS_ADVERTISE, ""),
+        store=store,
+        count=int(store.get(ps_store.SERVER_COUNT_KEY)),
+        replication=ps_store.read_replication(store),
+        records=open_records(store, environ),
+        events=Publisher(environ[env.PS_EVENTS], codec) if environ.get(env.PS_EVENTS) else None,
+        timeout_s=timeout_s,
+    )
+
+
+def open_replicas(job: _Job, codec: Codec) -> list[Server]:
+    """This process's replicas, bound, published in the store, and linked to their other halves."""
+    process, host, advertise, store, count, replication, records, events, timeout_s = job
     replicas = []
     for shard, role in ps_store.replicas(count, replication, process):
         records.create(shard, count, replication)  # before the addresses: a worker that sees them finds it
@@ -72,20 +96,15 @@ def open_replicas(environ: dict[str, str] | os._Environ, codec: Codec, timeout_s
     return replicas
 
 
-def open_replacement(environ: dict[str, str] | os._Environ, codec: Codec, timeout_s: float) -> list[Server]:
+def open_replacement(job: _Job, codec: Codec) -> list[Server]:
     """A process started in place of one that exited: a backup replica of each shard that process held,
     joining its primary (`shoal.ps.replacement`); or, if the one it replaces never published its
     address (it died starting), the process it should have been."""
-    process = int(environ[env.PS_INDEX])
-    host, advertise = environ.get(env.PS_HOST, "127.0.0.1"), environ.get(env.PS_ADVERTISE, "")
-    store = ps_store.connect(environ[env.PS_STORE], timeout_s=60)
-    count = int(store.get(ps_store.SERVER_COUNT_KEY))
+    process, host, advertise, store, count, replication, records, events, timeout_s = job
     if not store.raw.check([ps_store.server_key(process)]):  # nothing was served yet: nothing to take back
-        return open_replicas(environ, codec, timeout_s)
-    records = open_records(store, environ)
-    events = Publisher(environ[env.PS_EVENTS], codec) if environ.get(env.PS_EVENTS) else None
+        return open_replicas(job, codec)
     replicas = []
-    for shard, _ in ps_store.replicas(count, ps_store.read_replication(store), process):
+    for shard, _ in ps_store.replicas(count, replication, process):
         record = _left_alone(records, shard, process, timeout_s)
         if record is None:
             continue
@@ -96,7 +115,8 @@ def open_replacement(environ: dict[str, str] | os._Environ, codec: Codec, timeou
             ps_store.slot_key(shard, process), ps_store.ServerAddress(server.endpoint, shard, server.session).value
         )
         primary = ps_store.ServerAddress.parse(shard, store.get(ps_store.slot_key(shard, record.primary)))
-        holders = frozenset({shard, (shard + 1) % count})
+        first = ps_store.first_record(shard, count, replication)  # the shard's two processes
+        holders = frozenset(p for p in (first.primary, first.backup) if p is not None)
         server.joining = Joining(server, records, primary, holders)
         replicas.append(server)
     return replicas
@@ -175,7 +195,7 @@ def main() -> int:
         return err.exit_code
     codec = Codec(job_key(), max_bytes)
     opened = open_replacement if environ.get(env.PS_REPLACEMENT) else open_replicas
-    return serve(opened(environ, codec, timeout_s))
+    return serve(opened(_job(environ, codec, timeout_s), codec))
 
 
 if __name__ == "__main__":
