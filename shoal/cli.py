@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: list[str]) -> int:
-    from shoal.launch.job import train
+    from shoal.launch.job import run_directory, train
+    from shoal.launch.supervisor import reason_to_supervise, supervise
     from shoal.train import jobconfig as config
 
     if any(a in ("-h", "--help") for a in args):
@@ -75,6 +76,19 @@ def _train(args: list[str]) -> int:
         path, args = args[0], args[1:]
     args = ["--checkpoint.resume=true" if a == "--resume" else a for a in args]
     cfg = config.load(path, config.parse_overrides(args))
+    launch_cfg = cfg.launch
+    servers = cfg.strategy.options.server_processes(launch_cfg.workers * launch_cfg.nnodes)
+    if not reason_to_supervise(
+        launch_cfg.nnodes,
+        launch_cfg.rdzv_backend,
+        launch_cfg.rdzv_endpoint,
+        launch_cfg.max_restarts,
+        servers=servers,
+        control=launch_cfg.control,
+    ):
+        # a launcher started again must write into the same run directory
+        named = [] if cfg.logging.name else [f"--logging.name={run_directory(cfg).name}"]
+        return supervise(["train", *([path] if path else []), *args, *named], launch_cfg.max_restarts)
     train(cfg)
     return 0
 
@@ -123,7 +137,8 @@ def _run(args: list[str]) -> int:
         "--max-restarts",
         type=int,
         default=0,
-        help="after a worker fails, stop the others and restart all of them up to this many times (default 0)",
+        help="after a worker fails, stop the others and restart all of them up to this many times (default 0); "
+        "with --rdzv-backend c10d or etcd, also start this machine's launcher again if it is killed",
     )
     parser.add_argument(
         "--server-nodes",
@@ -157,6 +172,12 @@ def _run(args: list[str]) -> int:
         raise ConfigError("shoal run needs a script (or --server-node-rank J on a machine that runs only servers)")
     if ns.script is not None and not os.path.isfile(ns.script):
         raise ConfigError(f"script {ns.script!r} does not exist")
+    from shoal.launch.supervisor import reason_to_supervise, supervise
+
+    if ns.server_node_rank is None and not reason_to_supervise(
+        ns.nnodes, ns.rdzv_backend, ns.rdzv_endpoint, ns.max_restarts, servers=ns.servers, control=ns.control
+    ):
+        return supervise(["run", *args], ns.max_restarts)
     from shoal.ps.servers import Machines, serve_only, serving
 
     key = os.environ.get(env.JOB_KEY) or secrets.token_hex(32)

@@ -57,6 +57,10 @@ PS_HOST = "SHOAL_PS_HOST"
 PS_REPLACEMENT = "SHOAL_PS_REPLACEMENT"
 """Set (to how many times its index was replaced) in a server process started in place of one that
 exited: it joins its shards as their backup (`shoal.ps.replacement`)."""
+SUPERVISED = "SHOAL_SUPERVISOR"
+"""Set (to the supervisor's pid) in a launcher that `shoal.launch.supervisor` starts again if it is killed."""
+RELAUNCHED = "SHOAL_RELAUNCHED"
+"""Set (to how many times) in a launcher that its supervisor started again after the previous one was killed."""
 THREADS_DEFAULTED = "SHOAL_THREADS_DEFAULTED"
 """Set to 1 where `shoal run` put torchrun's default OMP_NUM_THREADS=1 (the user did not choose it), so that
 `shoal.init()` may still choose the threads."""

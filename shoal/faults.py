@@ -16,7 +16,9 @@ every step) and an `action`:
 - `kill`: SIGKILL the process itself;
 - `stop`: SIGSTOP itself for `seconds` (a detached `sh` sends SIGCONT, or ends early if
   the process is killed meanwhile);
-- `sleep`: sleep `seconds` (a straggler).
+- `sleep`: sleep `seconds` (a straggler);
+- `kill-launcher`: SIGKILL the process's parent, the launcher that started it (a
+  worker's `shoal run`/`shoal train` on its machine), and go on.
 
 A fault fires with probability `prob` (default 1), drawn from a generator
 seeded by the schedule's `seed`, the role and the rank, so a run's
@@ -47,7 +49,7 @@ from typing import TypeGuard
 from shoal import env
 
 ROLES = ("worker", "server")
-ACTIONS = ("raise", "kill", "stop", "sleep")
+ACTIONS = ("raise", "kill", "stop", "sleep", "kill-launcher")
 
 
 class InjectedFaultError(RuntimeError):
@@ -196,6 +198,8 @@ def _fire(fault: Fault, record: str, role: str, rank: int, step: int) -> None:
         raise InjectedFaultError(f"injected fault: {role} {rank} at step {step}")
     if fault.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault.action == "kill-launcher":
+        os.kill(os.getppid(), signal.SIGKILL)
     if fault.action == "stop":
         # A stopped process cannot wake itself: a detached shell sends SIGCONT, or ends
         # as soon as the process is gone (killed while stopped), leaving nothing behind.

@@ -40,6 +40,7 @@ from shoal import env, logs
 from shoal.comm.netif import address_towards, interface_of, interface_towards
 from shoal.config import split_endpoint
 from shoal.errors import ShoalError, WorkerError, caused_by_peer, first_line
+from shoal.launch.supervisor import recovery_folder_prefix
 
 if TYPE_CHECKING:
     from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage]
@@ -90,7 +91,7 @@ def rdzv_id(given: str = "", backend: str = "c10d", environ: Mapping[str, str] =
 
 def launch(argv: list[str], spec: LaunchSpec) -> None:
     """Run `python argv...` on `spec.nproc` local workers; raise `WorkerError` on a failure."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher import api as launcher_api
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -137,6 +138,8 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
             if spec.resume_hint:
                 said += spec.resume_hint
         raise WorkerError(said) from None
+    except SignalException as err:  # SIGTERM, SIGHUP, SIGQUIT (Ctrl-C is a KeyboardInterrupt)
+        raise WorkerError(f"the launcher got {signal.Signals(err.sigval).name} and stopped its workers") from None
     except Exception as err:  # rendezvous timeouts, ports in use, ...
         raise WorkerError(f"the job could not start: {type(err).__name__}: {first_line(str(err))}") from None
     finally:
@@ -263,7 +266,10 @@ def _recovery_dir(spec: LaunchSpec) -> Path:
         if SHM.is_dir() and os.access(SHM, os.W_OK):
             _sweep_stale(SHM)
             if shutil.disk_usage(SHM).free >= SHM_FREE:
-                return Path(tempfile.mkdtemp(prefix=f"shoal-recovery-{os.getpid()}-", dir=SHM))
+                # under a supervisor, named after it: a launcher started again takes its predecessor's points
+                prefix = recovery_folder_prefix(int(os.environ.get(env.SUPERVISED) or os.getpid()))
+                earlier = sorted(SHM.glob(prefix + "*"))
+                return earlier[0] if earlier else Path(tempfile.mkdtemp(prefix=prefix, dir=SHM))
     except OSError:
         pass
     if spec.recovery_fallback:
@@ -274,7 +280,8 @@ def _recovery_dir(spec: LaunchSpec) -> Path:
 
 def _sweep_stale(shm: Path) -> None:
     """Remove the recovery folders of this user's launchers that are gone: one that was SIGKILLed
-    could not remove its own, and /dev/shm is memory. The launcher's pid is in the folder's name."""
+    could not remove its own, and /dev/shm is memory. The launcher's (or its supervisor's) pid is in
+    the folder's name."""
     for folder in shm.glob("shoal-recovery-*-*"):
         pid = folder.name.split("-")[2]
         try:

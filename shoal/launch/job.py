@@ -83,7 +83,8 @@ def prepare_run_dir(cfg: JobConfig, console: Console) -> Path:
     """The run directory, with the config the workers read; refuses to overwrite checkpoints unasked."""
     run_dir = run_directory(cfg)
     resume_from = resolve_resume(cfg, run_dir, console)
-    if not resume_from and cfg.launch.node_rank == 0 and (run_dir / "checkpoints").exists():
+    relaunched = bool(os.environ.get(env.RELAUNCHED))  # its predecessor was killed; the job goes on
+    if not resume_from and cfg.launch.node_rank == 0 and (run_dir / "checkpoints").exists() and not relaunched:
         raise CheckpointError(
             f"run directory {str(run_dir)!r} already has checkpoints; "
             "pass --resume to continue it, or choose another --logging.name"

@@ -57,8 +57,10 @@ KEEP = 2
 
 
 def restarted() -> int:
-    """How many times torch's elastic agent has restarted this job's workers (0: a fresh start)."""
-    return int(os.environ.get(env.RESTART_COUNT, "0") or 0)
+    """Collective: how many times torch's elastic agent has restarted this job's workers (0: a fresh start),
+    the most any rank was told. A machine whose launcher was started again (`shoal.launch.supervisor`)
+    counts from 0 while the others count on, and its workers must still resume with theirs."""
+    return all_ranks_int(int(os.environ.get(env.RESTART_COUNT, "0") or 0), dist.ReduceOp.MAX)
 
 
 def recovery_root(run_dir: Path | None = None) -> Path | None:

@@ -35,6 +35,9 @@ class Faults:
     def stop(self, role: str, rank: int | str, step: int | str, seconds: float) -> Faults:
         return self.add(role, rank, step, "stop", seconds=seconds)
 
+    def kill_launcher(self, role: str, rank: int | str, step: int | str) -> Faults:
+        return self.add(role, rank, step, "kill-launcher")
+
     def sleep(self, role: str, rank: int | str, step: int | str, seconds: float, prob: float = 1.0) -> Faults:
         return self.add(role, rank, step, "sleep", seconds=seconds, prob=prob)
 

@@ -5,6 +5,7 @@ every byte between them crosses a veth link, from an address of its own."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
@@ -19,6 +20,7 @@ import torch
 from shoal import env
 from shoal.config import etcd_client_installed
 from tests.helpers.cli import SHOAL, finish
+from tests.helpers.faults import Faults
 from tests.helpers.hosts import TestHosts, can_make_hosts
 from tests.helpers.procs import Proc, Processes
 from tests.workers import dp_equivalence as worker
@@ -112,34 +114,51 @@ def test_servers_on_a_host_without_workers_equal_one_process(tmp_path):
         np.testing.assert_allclose(np.asarray(got[name]), value, atol=1e-5, rtol=0, err_msg=name)
 
 
-def test_c10d_rendezvous_takes_a_late_node_and_a_killed_node_started_again():
-    """`--rdzv-backend c10d`: host 1's launcher starts after host 0's and joins; then host 1
-    dies (every process in it SIGKILLed) and its launcher is started again: torch's agent on
-    host 0 restarts its worker (`--max-restarts`) and the job ends on both hosts."""
+LOOP = ["examples/recover_loop.py", "--steps", "12", "--every", "5"]
+
+
+def test_c10d_takes_a_late_node_and_a_killed_launcher_comes_back_by_itself_bit_identical(tmp_path):
+    """`--rdzv-backend c10d --max-restarts 2`: host 1's launcher starts after host 0's and joins. At step 7
+    host 1's launcher is SIGKILLed (its worker, rank 1, kills its parent); host 1's supervisor ends the
+    orphaned worker and starts the launcher again, which rejoins; torch's agent on host 0 restarts its
+    worker; both resume from the newest recovery point (host 1's kept by its supervisor), and the run
+    ends with the parameters of the fault-free one-host run, bit for bit, with nobody's help."""
+    one_thread = {**os.environ, env.THREADS: "1"}  # as two workers on one host get: the same float sums
+    want = subprocess.run(
+        [*SHOAL, "run", "-n", "2", *LOOP, "--out", str(tmp_path / "want.pt")],
+        capture_output=True,
+        timeout=120,
+        env=one_thread,
+    )
+    assert want.returncode == 0, want.stderr[-3000:]
+    faults = Faults(tmp_path).kill_launcher("worker", rank=1, step=7)  # ranks follow the hosts' addresses
     with TestHosts(2) as hosts, Processes() as procs:
-        job = {env.JOB_KEY: secrets.token_hex(16)}
+        job = {env.JOB_KEY: secrets.token_hex(16), env.THREADS: "1", **faults.env()}
 
-        def node(i: int, name: str):
+        def node(i: int) -> Proc:
             argv = [*SHOAL, "run", "-n", "1", "--nnodes", "2", "--rdzv-backend", "c10d", "--max-restarts", "2"]
-            argv += ["--rdzv-endpoint", f"{hosts[0].address}:{PORT}", "tests/workers/rejoin.py", "30", "0.1"]
-            return procs.start(hosts[i].argv(argv), timeout=180, env=job, name=name)
+            argv += ["--rdzv-endpoint", f"{hosts[0].address}:{PORT}", *LOOP, "--out", str(tmp_path / "got.pt")]
+            return procs.start(hosts[i].argv(argv), timeout=180, env=job, name=f"host{i}")
 
-        first = node(0, "first")
+        first = node(0)
         time.sleep(3)  # host 0 waits in the rendezvous for a host that is not there yet
-        late = node(1, "late")
-        deadline = time.monotonic() + 120
-        while "step 5 of 2 ranks" not in first.stdout():
-            assert first.poll() is None and late.poll() is None, first.stderr()[-2000:] + late.stderr()[-2000:]
-            assert time.monotonic() < deadline, first.stdout()[-2000:]
-            time.sleep(0.2)
-        assert hosts.kill(1)  # the machine dies: launcher and worker
-        late.popen.wait()
-        again = node(1, "again")
-        done = [finish(first), finish(again)]
+        late = node(1)
+        done = [finish(first), finish(late)]
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
-    last = done[0].stdout.strip().splitlines()[-1]
-    found = re.search(r"done: world 2, restart (\d+)", last)
-    assert found and int(found[1]) >= 1, done[0].stdout[-2000:]  # host 0's worker was restarted and finished
+    faults.assert_fired("worker", 1, 7, "kill-launcher")
+    assert "launcher was killed by SIGKILL; ended the 1 process(es) it left and started it again (1 of 2)" in (
+        done[1].stderr
+    ), done[1].stderr[-3000:]
+    # from step 5's point, or 10's: the orphaned worker may run on for a few (short) steps until it is ended
+    assert len(re.findall(r"restarted: resuming at step (?:5|10)\b", done[0].stdout)) == 1, done[0].stdout[-3000:]
+    got, expected = (
+        torch.load(tmp_path / "got.pt", weights_only=True),
+        torch.load(tmp_path / "want.pt", weights_only=True),
+    )
+    for key, value in expected["model"].items():
+        torch.testing.assert_close(got["model"][key], value, atol=0, rtol=0)
+    for key, state in expected["optimizer"]["state"].items():
+        torch.testing.assert_close(got["optimizer"]["state"][key], state, atol=0, rtol=0)
 
 
 ETCD = shutil.which("etcd")
@@ -206,26 +225,34 @@ def test_hosts_reach_each_other_until_cut_and_are_removed_afterwards():
     assert not any(name in listed for name in names) and hosts.bridge not in links
 
 
-def test_shoal_train_pipeline_on_two_hosts_c10d_rendezvous_equals_one_host(tmp_path):
+def test_shoal_train_pipeline_on_two_hosts_c10d_rendezvous_equals_one_host_after_a_killed_launcher(tmp_path):
     """A pipeline with one stage per host, `shoal train --launch.rdzv_backend=c10d` on each
     host into one shared run directory (torch's dynamic rendezvous assigns the ranks, so
-    the stages), ends where the same job on one host ends."""
+    the stages), ends where the same job on one host ends, though host 1's launcher is
+    SIGKILLed at step 7 (its supervisor starts it again, into the same run directory)."""
     args = ["examples/lm-pipeline.toml", "--train.steps=12", "--train.eval_every=12", "--train.log_every=4"]
     args += ["--strategy.split=params", "--data.batch_size=8", "--logging.progress=false", "--launch.threads=1"]
     args += ["--logging.tensorboard=false", f"--logging.run_dir={tmp_path}"]
-    want, got = _one_host_and_two(tmp_path, args, ["--launch.rdzv_backend=c10d"])
+    faults = Faults(tmp_path).kill_launcher("worker", rank=1, step=7)
+    node = ["--launch.rdzv_backend=c10d", "--launch.max_restarts=2"]
+    want, got, two = _one_host_and_two(tmp_path, args, node, faults.env())
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-6)
     assert (tmp_path / "two" / "checkpoints").is_dir()
+    faults.assert_fired("worker", 1, 7, "kill-launcher")
+    assert "started it again (1 of 2)" in two[1].stderr, two[1].stderr[-3000:]
 
 
-def _one_host_and_two(tmp_path, args: list[str], node_args: tuple[str, ...] | list[str] = ()) -> tuple[dict, dict]:
+def _one_host_and_two(
+    tmp_path, args: list[str], node_args: tuple[str, ...] | list[str] = (), two_env: dict[str, str] | None = None
+) -> tuple[dict, dict, list]:
     """`shoal train ARGS` on one host (run "one"), then on two test hosts with one worker each (run
-    "two", `node_args` added on each); both runs' summaries, after checking they ended at the same step."""
+    "two", `node_args` added on each, `two_env` in its environment); both runs' summaries, after checking
+    they ended at the same step, and how the two hosts' launchers ended."""
     with Processes() as procs:
         one = finish(procs.start([*SHOAL, "train", *args, "--logging.name=one"], timeout=240))
     assert one.returncode == 0, one.stderr[-3000:]
     with TestHosts(2) as hosts, Processes() as procs:
-        job = {env.JOB_KEY: secrets.token_hex(16)}
+        job = {env.JOB_KEY: secrets.token_hex(16), **(two_env or {})}
         started = []
         for host in hosts.hosts:
             node = ["--logging.name=two", "--launch.workers=1", "--launch.nnodes=2", f"--launch.node_rank={host.index}"]
@@ -236,4 +263,4 @@ def _one_host_and_two(tmp_path, args: list[str], node_args: tuple[str, ...] | li
     want = json.loads((tmp_path / "one" / "summary.json").read_text())
     got = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert got["world_size"] == 2 and got["step"] == want["step"] == 12
-    return want, got
+    return want, got, two

@@ -1,0 +1,185 @@
+"""Start this machine's launcher again when it is killed.
+
+Why: torch's elastic agent restarts workers, but nothing restarts the agent
+(the launcher) itself. When the launcher of a machine dies (SIGKILL, the OOM
+killer), the agents on the other machines restart their workers and wait in
+the rendezvous for this machine until the rendezvous timeout; on a cluster
+systemd or Kubernetes would start it again, for a job started by hand nobody
+does. So on a machine where that helps (`reason_to_supervise`), the process
+the user started only supervises: it runs the real launcher as its child,
+the same command again, and when the child dies by a signal it starts it
+again, up to `--max-restarts` times, first ending whatever the dead launcher
+left running (its workers, in their own sessions, would otherwise go on with
+the old round). It is made a child subreaper (prctl), so those orphans
+become its children and are found by parent pid, never by name. It imports
+no torch and holds nothing else: if the supervisor itself is killed, the
+launcher goes on and the job with it.
+
+A launcher that exits by itself (a finished job, a failed one, Ctrl-C, or a
+SIGTERM/SIGHUP the supervisor passed on) is not started again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shoal import env
+from shoal.comm.netif import interface_of
+from shoal.config import split_endpoint
+
+PR_SET_CHILD_SUBREAPER = 36
+PASSED_ON = (signal.SIGTERM, signal.SIGHUP)
+"""Signals the supervisor forwards to its launcher (Ctrl-C's SIGINT reaches the launcher itself: same group)."""
+
+
+def reason_to_supervise(
+    nnodes: int, backend: str, endpoint: str, max_restarts: int, *, servers: int, control: str
+) -> str:
+    """'' when a launcher started again here rejoins the job, else why it would not (so it is not supervised).
+
+    It rejoins only a dynamic rendezvous (c10d, etcd), where torch's agents on the
+    other machines take a machine that comes back; the static rendezvous has no
+    rounds a new agent could join. A c10d machine whose address is the endpoint
+    holds the job's store, which dies with its launcher. Parameter servers and
+    control-plane members started here would need their own state back.
+    """
+    if os.environ.get(env.SUPERVISED):
+        return "already supervised"
+    if nnodes <= 1 or max_restarts <= 0:
+        return "one machine, or no restarts"
+    if backend == "static":
+        return "the static rendezvous takes no machine back"
+    if servers or control:
+        return "parameter servers or control-plane members run here"
+    if backend == "c10d" and _is_local(endpoint):
+        return "this machine holds the c10d store"
+    return ""
+
+
+def _is_local(endpoint: str) -> bool:
+    host, _ = split_endpoint(endpoint)
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        return True  # the launcher says what is wrong with it
+    return address.startswith("127.") or interface_of(address) is not None
+
+
+def supervise(argv: list[str], restarts: int) -> int:
+    """Run `python -m shoal.cli argv...` and start it again when a signal kills it; its exit code."""
+    _become_subreaper()
+    stopping = False
+    child: subprocess.Popen | None = None
+
+    def pass_on(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and signum in PASSED_ON:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    for sig in (*PASSED_ON, signal.SIGINT):
+        signal.signal(sig, pass_on)
+    started = 0
+    environ = {**os.environ, env.SUPERVISED: str(os.getpid())}
+    try:
+        while True:
+            child = subprocess.Popen([sys.executable, "-m", "shoal.cli", *argv], env=environ)
+            code = _wait(child)
+            if code >= 0 or stopping:
+                return code if code >= 0 else 128 - code
+            ended = end_orphans()
+            if started >= restarts:
+                print(
+                    f"shoal: this machine's launcher was killed by {_signal_name(-code)} and restarted "
+                    f"{restarts} time(s), all that --max-restarts allows; the job goes on without this machine "
+                    "only if the others take it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 128 - code
+            started += 1
+            environ[env.RELAUNCHED] = str(started)
+            print(
+                f"shoal: this machine's launcher was killed by {_signal_name(-code)}; ended the {ended} "
+                f"process(es) it left and started it again ({started} of {restarts})",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        remove_recovery_folders(os.getpid())
+
+
+def _wait(child: subprocess.Popen) -> int:
+    """The launcher's exit code (negative: the signal that killed it), reaping any orphan that ends meanwhile."""
+    while True:
+        pid, status = os.wait()
+        if pid == child.pid:
+            child.returncode = os.waitstatus_to_exitcode(status)
+            return child.returncode
+
+
+def _become_subreaper() -> None:
+    """Orphaned descendants become this process's children (Linux); without it they go to init."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[-1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def end_orphans(timeout_s: float = 10.0) -> int:
+    """SIGKILL and reap every child of this process (what a dead launcher left to it); how many there were."""
+    ended: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = children(os.getpid())
+        if not pids:
+            break
+        for pid in pids:
+            ended.add(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    return len(ended)
+
+
+def recovery_folder_prefix(owner: int) -> str:
+    """The name of a launcher's recovery folder in /dev/shm begins with this; `owner` is the supervisor's pid
+    when there is one, so that a launcher started again finds its predecessor's recovery points."""
+    return f"shoal-recovery-{owner}-"
+
+
+def remove_recovery_folders(owner: int) -> None:
+    with contextlib.suppress(OSError):
+        for folder in Path("/dev/shm").glob(recovery_folder_prefix(owner) + "*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -1,0 +1,36 @@
+"""The launcher's supervisor: which machines it supervises (tests/multiproc/test_supervisor.py: what it ends)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoal import env
+from shoal.launch.supervisor import reason_to_supervise
+
+AWAY = "10.255.255.1:29400"  # not an address of this machine: another machine holds the c10d store
+
+
+@pytest.mark.parametrize(
+    ("nnodes", "backend", "endpoint", "restarts", "servers", "control", "why"),
+    [
+        (2, "c10d", AWAY, 1, 0, "", ""),
+        (3, "etcd-v2", "127.0.0.1:2379", 2, 0, "", ""),  # the store is etcd's, not a launcher's
+        (1, "c10d", AWAY, 1, 0, "", "one machine"),
+        (2, "c10d", AWAY, 0, 0, "", "no restarts"),
+        (2, "static", AWAY, 1, 0, "", "static rendezvous"),
+        (2, "c10d", "127.0.0.1:29400", 1, 0, "", "holds the c10d store"),
+        (2, "c10d", AWAY, 1, 2, "", "parameter servers"),
+        (2, "c10d", AWAY, 1, 0, "raft", "control-plane"),
+    ],
+)
+def test_a_launcher_is_supervised_only_where_one_started_again_rejoins(
+    monkeypatch, nnodes, backend, endpoint, restarts, servers, control, why
+):
+    monkeypatch.delenv(env.SUPERVISED, raising=False)
+    reason = reason_to_supervise(nnodes, backend, endpoint, restarts, servers=servers, control=control)
+    assert (why in reason) if why else reason == ""
+
+
+def test_a_supervised_launcher_does_not_supervise_again(monkeypatch):
+    monkeypatch.setenv(env.SUPERVISED, "1234")
+    assert reason_to_supervise(2, "c10d", AWAY, 1, servers=0, control="") == "already supervised"
