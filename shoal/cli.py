@@ -88,7 +88,8 @@ def _train(args: list[str]) -> int:
     ):
         # a launcher started again must write into the same run directory
         named = [] if cfg.logging.name else [f"--logging.name={run_directory(cfg).name}"]
-        return supervise(["train", *([path] if path else []), *args, *named], launch_cfg.max_restarts)
+        argv = ["train", *([path] if path else []), *args, *named]
+        return supervise(argv, launch_cfg.max_restarts, hang_s=launch_cfg.timeout_s)
     train(cfg)
     return 0
 
@@ -177,7 +178,7 @@ def _run(args: list[str]) -> int:
     if ns.server_node_rank is None and not reason_to_supervise(
         ns.nnodes, ns.rdzv_backend, ns.rdzv_endpoint, ns.max_restarts, servers=ns.servers, control=ns.control
     ):
-        return supervise(["run", *args], ns.max_restarts)
+        return supervise(["run", *args], ns.max_restarts, hang_s=_timeout_s())
     from shoal.ps.servers import Machines, serve_only, serving
 
     key = os.environ.get(env.JOB_KEY) or secrets.token_hex(32)
@@ -222,9 +223,19 @@ def _run(args: list[str]) -> int:
             max_restarts=ns.max_restarts,
             rdzv_backend=ns.rdzv_backend,
             rdzv_id=ns.rdzv_id,
+            timeout_s=_timeout_s(),
         )
         launch([str(ns.script), *ns.script_args], spec)
     return 0
+
+
+def _timeout_s() -> float:
+    """The workers' process-group timeout (SHOAL_TIMEOUT_S, 300 s by default): how long a launcher may hang."""
+    try:
+        value = float(os.environ.get(env.TIMEOUT_S) or 300)
+    except ValueError:
+        return 300.0
+    return value if 0 < value < float("inf") else 300.0
 
 
 def _check_rdzv_backend(ns: argparse.Namespace) -> None:

@@ -18,7 +18,8 @@ every step) and an `action`:
   the process is killed meanwhile);
 - `sleep`: sleep `seconds` (a straggler);
 - `kill-launcher`: SIGKILL the process's parent, the launcher that started it (a
-  worker's `shoal run`/`shoal train` on its machine), and go on.
+  worker's `shoal run`/`shoal train` on its machine), and go on;
+- `stop-launcher`: SIGSTOP that launcher for `seconds` (a hung launcher), and go on.
 
 A fault fires with probability `prob` (default 1), drawn from a generator
 seeded by the schedule's `seed`, the role and the rank, so a run's
@@ -49,7 +50,7 @@ from typing import TypeGuard
 from shoal import env
 
 ROLES = ("worker", "server")
-ACTIONS = ("raise", "kill", "stop", "sleep", "kill-launcher")
+ACTIONS = ("raise", "kill", "stop", "sleep", "kill-launcher", "stop-launcher")
 
 
 class InjectedFaultError(RuntimeError):
@@ -125,7 +126,7 @@ def _fault(index: int, entry: object) -> Fault:
     for name, value in (("seconds", seconds), ("prob", prob)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: '{name}' must be a number")
-    if action in ("stop", "sleep") and not seconds > 0:
+    if action in ("stop", "sleep", "stop-launcher") and not seconds > 0:
         raise ValueError(f"{where}: '{action}' needs 'seconds' > 0")
     if seconds < 0 or not 0.0 <= prob <= 1.0:
         raise ValueError(f"{where}: 'seconds' must be >= 0 and 'prob' in [0, 1]")
@@ -200,10 +201,11 @@ def _fire(fault: Fault, record: str, role: str, rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if fault.action == "kill-launcher":
         os.kill(os.getppid(), signal.SIGKILL)
-    if fault.action == "stop":
+    if fault.action in ("stop", "stop-launcher"):
         # A stopped process cannot wake itself: a detached shell sends SIGCONT, or ends
         # as soon as the process is gone (killed while stopped), leaving nothing behind.
-        pid, ticks = os.getpid(), max(1, round(fault.seconds * 10))
+        pid = os.getpid() if fault.action == "stop" else os.getppid()
+        ticks = max(1, round(fault.seconds * 10))
         waker = f"i=0; while [ $i -lt {ticks} ]; do sleep 0.1; kill -0 {pid} 2>/dev/null || exit 0; i=$((i+1)); done"
         subprocess.Popen(
             ["/bin/sh", "-c", f"{waker}; kill -CONT {pid}"],
@@ -212,7 +214,7 @@ def _fire(fault: Fault, record: str, role: str, rank: int, step: int) -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        os.kill(os.getpid(), signal.SIGSTOP)
+        os.kill(pid, signal.SIGSTOP)
 
 
 def fired(record: str) -> list[dict]:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from shoal import env
 from shoal.errors import ShoalError, caused_by_peer
+from shoal.launch.supervisor import die_with_launcher
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ def init(
     global _current
     if _current is not None:
         return _current
+    die_with_launcher()
     environ = os.environ
     rank = int(environ.get("RANK", "0"))
     world = int(environ.get("WORLD_SIZE", "1"))

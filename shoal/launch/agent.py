@@ -74,6 +74,8 @@ class LaunchSpec:
     """Across machines: the rendezvous's name, the same on every machine (`rdzv_id`)."""
     recovery_fallback: str = ""
     """The folder for recovery points where /dev/shm cannot take them ('' : a temporary folder)."""
+    timeout_s: float = 300.0
+    """The workers' process-group timeout; also how long this agent waits for the others' at the end."""
     resume_hint: str = "; the job's recovery points went with it: start again from your script's own newest checkpoint"
     """What the line that reports exhausted restarts ends with (`shoal train` names its checkpoint itself)."""
 
@@ -129,7 +131,10 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     saved = {k: os.environ.get(k) for k in worker_env}
     os.environ.update(worker_env)
     try:
-        with logs.quiet(*TORCH_LOGGERS), mock.patch.object(launcher_api, "LocalElasticAgent", _agent_class()):
+        with (
+            logs.quiet(*TORCH_LOGGERS),
+            mock.patch.object(launcher_api, "LocalElasticAgent", _agent_class(spec.timeout_s)),
+        ):
             elastic_launch(config, entrypoint=sys.executable)(*["-u", *argv])
     except ChildFailedError as err:
         said = _describe_failure(err, log_dir)
@@ -183,18 +188,25 @@ def _rendezvous(spec: LaunchSpec) -> tuple[Any, str, str, dict[str, Any], str | 
     return held, backend, endpoint, rdzv_configs, local_addr
 
 
-def _agent_class() -> type:
-    """torch's `LocalElasticAgent`, but a stopped worker is woken to end when a peer has failed.
+def _agent_class(exit_barrier_s: float) -> type:
+    """torch's `LocalElasticAgent`, but a stopped worker is woken to end when a peer has failed, and the
+    wait for the other machines' agents at the end is `exit_barrier_s` (the process group's timeout).
 
     When a worker fails, torch 2.13 sends the others SIGTERM and waits up to a
     fixed 30 s before SIGKILL (`SubprocessContext.close`). A SIGSTOPped worker
     (a hung rank, whose peers' collective timed out) would sit out all of it:
     its SIGTERM waits until it runs again. Here, as soon as a worker has
     exited, each stopped one is sent SIGTERM and then SIGCONT, so it ends at once.
+    The exit barrier (torch: a fixed 300 s) waits for an agent that hung after its
+    workers finished, which its supervisor ends after that timeout too.
     """
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
     class _Agent(LocalElasticAgent):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("exit_barrier_timeout", exit_barrier_s)
+            super().__init__(*args, **kwargs)
+
         def _monitor_workers(self, worker_group: Any) -> Any:
             pcontext = getattr(self, "_pcontext", None)
             if pcontext is not None:

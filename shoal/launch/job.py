@@ -116,6 +116,7 @@ def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
         rdzv_backend=launch_cfg.rdzv_backend,
         recovery_fallback=str(run_dir / "recovery"),
         resume_hint="",
+        timeout_s=launch_cfg.timeout_s,
     )
     servers = cfg.strategy.options.server_processes(launch_cfg.workers * launch_cfg.nnodes)
     spec.store_open = bool(servers and launch_cfg.nnodes > 1)

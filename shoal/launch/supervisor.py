@@ -15,6 +15,9 @@ become its children and are found by parent pid, never by name. It imports
 no torch and holds nothing else: if the supervisor itself is killed, the
 launcher goes on and the job with it.
 
+A launcher that stays stopped (SIGSTOP: a hang) for the process group's
+timeout is ended the same way and started again, unless all its workers had
+already finished well (then the job is done here and the supervisor exits 0).
 A launcher that exits by itself (a finished job, a failed one, Ctrl-C, or a
 SIGTERM/SIGHUP the supervisor passed on) is not started again.
 """
@@ -36,6 +39,7 @@ from shoal import env
 from shoal.comm.netif import interface_of
 from shoal.config import split_endpoint
 
+PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PASSED_ON = (signal.SIGTERM, signal.SIGHUP)
 """Signals the supervisor forwards to its launcher (Ctrl-C's SIGINT reaches the launcher itself: same group)."""
@@ -74,8 +78,9 @@ def _is_local(endpoint: str) -> bool:
     return address.startswith("127.") or interface_of(address) is not None
 
 
-def supervise(argv: list[str], restarts: int) -> int:
-    """Run `python -m shoal.cli argv...` and start it again when a signal kills it; its exit code."""
+def supervise(argv: list[str], restarts: int, hang_s: float) -> int:
+    """Run `python -m shoal.cli argv...` and start it again when a signal kills it, or when it stays
+    stopped (a hang) for `hang_s` while its workers still run; its exit code."""
     _become_subreaper()
     stopping = False
     child: subprocess.Popen | None = None
@@ -94,38 +99,70 @@ def supervise(argv: list[str], restarts: int) -> int:
     try:
         while True:
             child = subprocess.Popen([sys.executable, "-m", "shoal.cli", *argv], env=environ)
-            code = _wait(child)
-            if code >= 0 or stopping:
+            code, hung = _wait(child, hang_s)
+            if hung is None and (code >= 0 or stopping):
                 return code if code >= 0 else 128 - code
             ended = end_orphans()
+            if hung is not None:
+                if hung and all(ended.get(pid) == 0 for pid in hung):  # its workers had all finished, and well
+                    _say(
+                        f"this machine's launcher hung (stopped for {hang_s:g} s) after its workers finished; ended it"
+                    )
+                    return 0
+                what = f"hung (stopped for {hang_s:g} s)"
+            else:
+                what = f"was killed by {_signal_name(-code)}"
             if started >= restarts:
-                print(
-                    f"shoal: this machine's launcher was killed by {_signal_name(-code)} and restarted "
-                    f"{restarts} time(s), all that --max-restarts allows; the job goes on without this machine "
-                    "only if the others take it",
-                    file=sys.stderr,
-                    flush=True,
+                _say(
+                    f"this machine's launcher {what} and was restarted {restarts} time(s), all that --max-restarts "
+                    "allows; the job goes on without this machine only if the others take it"
                 )
                 return 128 - code
             started += 1
             environ[env.RELAUNCHED] = str(started)
-            print(
-                f"shoal: this machine's launcher was killed by {_signal_name(-code)}; ended the {ended} "
-                f"process(es) it left and started it again ({started} of {restarts})",
-                file=sys.stderr,
-                flush=True,
+            _say(
+                f"this machine's launcher {what}; ended the {len(ended)} process(es) it left and started it "
+                f"again ({started} of {restarts})"
             )
     finally:
         remove_recovery_folders(os.getpid())
 
 
-def _wait(child: subprocess.Popen) -> int:
-    """The launcher's exit code (negative: the signal that killed it), reaping any orphan that ends meanwhile."""
+def _say(line: str) -> None:
+    print(f"shoal: {line}", file=sys.stderr, flush=True)
+
+
+def _wait(child: subprocess.Popen, hang_s: float) -> tuple[int, list[int] | None]:
+    """The launcher's exit code (negative: the signal that killed it), reaping any orphan that ends
+    meanwhile; and, if it stayed stopped for `hang_s` and was SIGKILLed here, its children then (else None)."""
+    stopped_since: float | None = None
     while True:
-        pid, status = os.wait()
-        if pid == child.pid:
+        pid, status = os.waitpid(-1, os.WUNTRACED | (os.WNOHANG if stopped_since is not None else 0))
+        if pid == child.pid and os.WIFSTOPPED(status):
+            stopped_since = time.monotonic()
+        elif pid == child.pid:
             child.returncode = os.waitstatus_to_exitcode(status)
-            return child.returncode
+            return child.returncode, None
+        elif pid == 0 and stopped_since is not None:  # still stopped? (SIGCONT is not reported)
+            if _state(child.pid) not in ("T", "t"):
+                stopped_since = None
+            elif time.monotonic() - stopped_since >= hang_s:
+                workers = children(child.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+                os.waitpid(child.pid, 0)
+                child.returncode = -signal.SIGKILL
+                return child.returncode, workers
+            else:
+                time.sleep(0.2)
+
+
+def _state(pid: int) -> str:
+    """A process's state letter in /proc ('' when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def _become_subreaper() -> None:
@@ -148,22 +185,37 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def end_orphans(timeout_s: float = 10.0) -> int:
-    """SIGKILL and reap every child of this process (what a dead launcher left to it); how many there were."""
-    ended: set[int] = set()
+def end_orphans(timeout_s: float = 10.0) -> dict[int, int]:
+    """SIGKILL and reap every child of this process (what a dead launcher left to it); each one's exit code
+    (negative: a signal; a process that had ended by itself keeps its own)."""
+    ended: dict[int, int] = {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         pids = children(os.getpid())
         if not pids:
             break
         for pid in pids:
-            ended.add(pid)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)  # a zombie ignores it and keeps its status
         for pid in pids:
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-    return len(ended)
+                ended[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return ended
+
+
+def die_with_launcher() -> None:
+    """In a worker of a supervised launcher (`shoal.init()`): be SIGKILLed as soon as the launcher dies.
+
+    Otherwise a worker whose launcher was killed runs on, alone, until the supervisor ends it: with
+    short steps, into steps the others will redo, or to the job's end, which the others then wait for.
+    """
+    supervisor = os.environ.get(env.SUPERVISED, "")
+    if not supervisor.isdigit():
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == int(supervisor):  # the launcher died before that: this process is an orphan already
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def recovery_folder_prefix(owner: int) -> str:

@@ -38,6 +38,9 @@ class Faults:
     def kill_launcher(self, role: str, rank: int | str, step: int | str) -> Faults:
         return self.add(role, rank, step, "kill-launcher")
 
+    def stop_launcher(self, role: str, rank: int | str, step: int | str, seconds: float) -> Faults:
+        return self.add(role, rank, step, "stop-launcher", seconds=seconds)
+
     def sleep(self, role: str, rank: int | str, step: int | str, seconds: float, prob: float = 1.0) -> Faults:
         return self.add(role, rank, step, "sleep", seconds=seconds, prob=prob)
 

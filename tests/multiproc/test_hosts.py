@@ -122,7 +122,9 @@ def test_c10d_takes_a_late_node_and_a_killed_launcher_comes_back_by_itself_bit_i
     host 1's launcher is SIGKILLed (its worker, rank 1, kills its parent); host 1's supervisor ends the
     orphaned worker and starts the launcher again, which rejoins; torch's agent on host 0 restarts its
     worker; both resume from the newest recovery point (host 1's kept by its supervisor), and the run
-    ends with the parameters of the fault-free one-host run, bit for bit, with nobody's help."""
+    ends with the parameters of the fault-free one-host run, bit for bit, with nobody's help. At step 11
+    host 1's launcher hangs (SIGSTOP); its worker finishes, and after the 8 s timeout the supervisor
+    ends the launcher and exits 0 instead of waiting for it."""
     one_thread = {**os.environ, env.THREADS: "1"}  # as two workers on one host get: the same float sums
     want = subprocess.run(
         [*SHOAL, "run", "-n", "2", *LOOP, "--out", str(tmp_path / "want.pt")],
@@ -132,8 +134,9 @@ def test_c10d_takes_a_late_node_and_a_killed_launcher_comes_back_by_itself_bit_i
     )
     assert want.returncode == 0, want.stderr[-3000:]
     faults = Faults(tmp_path).kill_launcher("worker", rank=1, step=7)  # ranks follow the hosts' addresses
+    faults.stop_launcher("worker", rank=1, step=11, seconds=120)  # hung past the 8 s timeout, workers done
     with TestHosts(2) as hosts, Processes() as procs:
-        job = {env.JOB_KEY: secrets.token_hex(16), env.THREADS: "1", **faults.env()}
+        job = {env.JOB_KEY: secrets.token_hex(16), env.THREADS: "1", env.TIMEOUT_S: "8", **faults.env()}
 
         def node(i: int) -> Proc:
             argv = [*SHOAL, "run", "-n", "1", "--nnodes", "2", "--rdzv-backend", "c10d", "--max-restarts", "2"]
@@ -146,9 +149,10 @@ def test_c10d_takes_a_late_node_and_a_killed_launcher_comes_back_by_itself_bit_i
         done = [finish(first), finish(late)]
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
     faults.assert_fired("worker", 1, 7, "kill-launcher")
-    assert "launcher was killed by SIGKILL; ended the 1 process(es) it left and started it again (1 of 2)" in (
-        done[1].stderr
-    ), done[1].stderr[-3000:]
+    faults.assert_fired("worker", 1, 11, "stop-launcher")
+    said = done[1].stderr
+    assert "launcher was killed by SIGKILL; ended the 1 process(es) it left and started it again (1 of 2)" in said
+    assert "launcher hung (stopped for 8 s) after its workers finished; ended it" in said, said[-3000:]
     # from step 5's point, or 10's: the orphaned worker may run on for a few (short) steps until it is ended
     assert len(re.findall(r"restarted: resuming at step (?:5|10)\b", done[0].stdout)) == 1, done[0].stdout[-3000:]
     got, expected = (

@@ -19,7 +19,7 @@ launcher.wait()
 try:
     time.sleep(0.2)
     assert supervisor.children(os.getpid()) == [worker], supervisor.children(os.getpid())
-    print(supervisor.end_orphans(), os.path.exists(f"/proc/{worker}"), supervisor.children(os.getpid()))
+    print(len(supervisor.end_orphans()), os.path.exists(f"/proc/{worker}"), supervisor.children(os.getpid()))
 finally:
     try:
         os.kill(worker, 9)  # by pid, should the assertion have failed
