@@ -121,16 +121,24 @@ class ErrorFeedback(Compressor):
         self.velocities: dict[str, torch.Tensor] = {}
 
     def _accumulate(self, key: str, grad: torch.Tensor) -> torch.Tensor:
-        acc = grad.detach().reshape(-1).clone()
+        """A new flat tensor: grad (plus momentum x velocity, with momentum) plus residual."""
+        acc = grad.detach().reshape(-1)
         if self.momentum:
+            acc = acc.clone()
             velocity = self.velocities.get(key)
             if velocity is not None and velocity.shape == acc.shape:
                 acc += self.momentum * velocity.to(acc.device, acc.dtype)
             self.velocities[key] = acc.clone()
         residual = self.residuals.get(key)
-        if residual is not None and residual.shape == acc.shape:
-            acc += residual.to(acc.device, acc.dtype)  # loaded checkpoints arrive on the CPU
-        return acc
+        if residual is None or residual.shape != acc.shape:
+            return acc if self.momentum else acc.clone()
+        if self.momentum:
+            return acc.add_(residual.to(acc.device, acc.dtype))  # loaded checkpoints arrive on the CPU
+        # The residual's own memory, reused: it is replaced at the end of the encode, and a
+        # new tensor of millions of elements costs more than the sum (page faults). The
+        # sum is commutative, so this is the same grad + residual.
+        residual = residual.to(acc.device, acc.dtype)
+        return residual.add_(acc) if residual is self.residuals[key] else acc + residual
 
     def _remember(self, key: str, acc: torch.Tensor, sent: torch.Tensor) -> None:
         residual = acc - sent
@@ -143,6 +151,19 @@ class ErrorFeedback(Compressor):
         self.residuals[key] = residual
         if self.momentum and key in self.velocities:
             self.velocities[key][sent != 0] = 0  # momentum factor masking
+
+    def _remember_sparse(self, key: str, acc: torch.Tensor, index: torch.Tensor, sent: torch.Tensor) -> None:
+        """`_remember` for a payload that is `sent` at the distinct positions `index` and zero
+        elsewhere, without a dense copy: `acc` itself becomes the residual (the same values:
+        x - 0 is x, even for -0.0 and NaN)."""
+        acc[index] -= sent
+        if not all_finite(acc):
+            acc.zero_()  # as in `_remember`
+            if key in self.velocities:
+                self.velocities[key].zero_()
+        self.residuals[key] = acc
+        if self.momentum and key in self.velocities:
+            self.velocities[key][index[sent != 0]] = 0  # momentum factor masking
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = with_prefix({k: v.clone() for k, v in self.residuals.items()}, RESIDUAL)
