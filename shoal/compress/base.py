@@ -141,7 +141,9 @@ class ErrorFeedback(Compressor):
         return residual.add_(acc) if residual is self.residuals[key] else acc + residual
 
     def _remember(self, key: str, acc: torch.Tensor, sent: torch.Tensor) -> None:
-        residual = acc - sent
+        """Keep acc - sent as the residual; `sent`, unless it is `acc`, is the caller's
+        scratch, whose memory becomes the residual (-sent + acc is acc - sent exactly)."""
+        residual = acc - sent if sent is acc else sent.neg_().add_(acc)
         if not all_finite(residual):
             # The step that produced this is skipped as a whole (see the DP
             # strategy); a NaN kept here would poison every later step.

@@ -30,6 +30,8 @@ from shoal.state import sub_state, with_prefix
 
 MIN_COMPRESSION_RATE = 2
 EPSILON = 1e-8
+PRODUCT_CHUNK = 2**18
+"""Elements of P Q^T that `low_rank_product` sums per block of rows."""
 Q = "q/"
 """Prefix of the warm-start factors in the state dict."""
 
@@ -55,9 +57,14 @@ def low_rank_product(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     device, and the parameter server and the workers it sends compressed pulls to
     must add the same decoded bits to their copies (`shoal.ps.pull_codec`). Each
     product and sum here is one correctly rounded operation, the same everywhere."""
-    out = p[:, 0:1] * q[:, 0]
-    for r in range(1, p.shape[1]):
-        out.add_(p[:, r : r + 1] * q[:, r])
+    out = torch.empty(p.shape[0], q.shape[0], dtype=torch.promote_types(p.dtype, q.dtype), device=p.device)
+    rows = max(1, PRODUCT_CHUNK // max(1, q.shape[0]))  # a block of rows at a time, in cache
+    term = torch.empty_like(out[:rows])
+    for at in range(0, p.shape[0], rows):
+        block, part = out[at : at + rows], p[at : at + rows]
+        torch.mul(part[:, 0:1], q[:, 0], out=block)
+        for r in range(1, p.shape[1]):
+            block.add_(torch.mul(part[:, r : r + 1], q[:, r], out=term[: block.shape[0]]))
     return out
 
 
@@ -102,9 +109,11 @@ class PowerSGD(ErrorFeedback):
                 q = torch.randn(1, m, r, generator=gen, dtype=work).to(acc.device)
             q = q.to(acc.device, copy=True)
             _orthonormalize(q)
-            p = torch.bmm(matrix, q)
+            # M Q and M^T P as (Q^T M^T)^T and (P^T M)^T: the same products, but the
+            # BLAS computes a skinny matrix times M's rows many times faster than bmm did.
+            p = torch.mm(q[0].t(), matrix[0].t()).t().contiguous().unsqueeze(0)
             _orthonormalize(p)
-            q = torch.bmm(matrix.transpose(1, 2), p)
+            q = torch.mm(p[0].t(), matrix[0]).t().contiguous().unsqueeze(0)
             self.q_memory[key] = q.clone()
             q = q * scale
         approx = low_rank_product(p[0], q[0]).reshape(-1).to(acc.dtype)
