@@ -3,8 +3,9 @@
 On the 5.3M-parameter MLP's gradients (512 -> 2048 -> 2048 -> 10, weights and
 biases: one encode per tensor, as the parameter server's pushes do) and on
 one 25 MiB flat bucket (as a DDP bucket): the median over `--reps` of the
-milliseconds to encode and to decode everything once (and the least: on a
-shared machine, the least is the steadier estimate), next to the time the
+milliseconds to encode and to decode everything once, wall clock and this
+thread's CPU time (on a busy shared machine the CPU time, and the least wall
+time, are the steadier estimates), next to the time the
 bytes saved against fp32 take at 10 Gbit/s, and the page faults per step
 (a new tensor of millions of elements may cost more in faults than in work,
 depending on the allocator's state). `--baseline` adds an earlier run's
@@ -54,25 +55,30 @@ def measure(spec: str, shapes: dict[str, tuple[int, ...]], reps: int) -> dict:
     """Median ms to encode / decode every tensor of `shapes` once (after one warm-up step)."""
     codec = parse(spec)
     encode, decode, faults = [], [], []
+    cpu: dict[str, list[float]] = {"encode": [], "decode": []}
     nbytes = 0
     for step in range(reps + 1):
         grads = gradients(shapes, step)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         payloads = {k: codec.encode(k, g) for k, g in grads.items()}
-        encoded = time.perf_counter()
+        encoded, cpu_encoded = time.perf_counter(), time.thread_time()
         for k, g in grads.items():
             codec.decode(payloads[k], g.shape, g.dtype)
-        decoded = time.perf_counter()
+        decoded, cpu_decoded = time.perf_counter(), time.thread_time()
         if step:
             encode.append(1e3 * (encoded - start))
             decode.append(1e3 * (decoded - encoded))
+            cpu["encode"].append(1e3 * (cpu_encoded - cpu_start))
+            cpu["decode"].append(1e3 * (cpu_decoded - cpu_encoded))
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         nbytes = sum(p.nbytes() for p in payloads.values())
     dense = sum(g.numel() * 4 for g in grads.values())
     return {
         "encode_ms": round(statistics.median(encode), 2),
         "decode_ms": round(statistics.median(decode), 2),
+        "encode_cpu_ms": round(statistics.median(cpu["encode"]), 2),
+        "decode_cpu_ms": round(statistics.median(cpu["decode"]), 2),
         "encode_ms_min": round(min(encode), 2),
         "decode_ms_min": round(min(decode), 2),
         "encode_ms_all": [round(t, 2) for t in encode],
