@@ -80,6 +80,11 @@ class Compressor:
     def decode(self, payload: Payload, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
+    def decode_add(self, payload: Payload, out: torch.Tensor) -> None:
+        """out += decode(payload, out.shape, out.dtype): for a receiver that sums several
+        ranks' payloads; a sparse payload adds only its own elements, with no dense copy."""
+        out += self.decode(payload, out.shape, out.dtype)
+
     def check_payload(self, payload: Payload, shape: Sequence[int]) -> None:
         """Raise ValueError if a received payload of the right layout still could not
         have come from `encode` (e.g. an index out of range): what a receiver that

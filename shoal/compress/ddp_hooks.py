@@ -176,10 +176,10 @@ class CompressionHook:
                     tensors.append(raw[at : at + nbytes].clone().view(dtype).view(shape))  # clone: aligned storage
                     at += nbytes
                 i = 0
-                for p, g, s in zip(payloads, grads, sums, strict=True):
+                for p, s in zip(payloads, sums, strict=True):
                     received = Payload(p.header, tensors[i : i + len(p.tensors)])
                     i += len(p.tensors)
-                    s += self.compressor.decode(received, g.shape, g.dtype)
+                    self.compressor.decode_add(received, s)
             return finish(sums)
 
         return _future(dist.all_gather(gathered, flat, group=group, async_op=True)).then(gathered_all)

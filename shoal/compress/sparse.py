@@ -129,6 +129,13 @@ class TopK(ErrorFeedback):
         out[index.long()] = values.to(dtype)
         return out.reshape(shape)
 
+    def decode_add(self, payload: Payload, out: torch.Tensor) -> None:
+        if not out.is_contiguous():
+            return super().decode_add(payload, out)
+        index, values = payload.tensors  # distinct positions: each gets one add, as in out + decode
+        out.view(-1).index_put_((index.long(),), values.to(out.dtype), accumulate=True)
+        return None
+
 
 class RandomK(ErrorFeedback):
     family = "randomk"

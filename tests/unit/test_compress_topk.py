@@ -152,3 +152,20 @@ def test_top_k_encoder_flags_non_finite_and_keeps_no_nan():
     payload = codec.encode("w", grad)
     assert payload.nonfinite and 123 in payload.tensors[0].tolist()
     assert not codec.residuals["w"].any()  # zeroed, as a NaN residual would poison later steps
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01", "topk:0.3", "int8", "powersgd:rank=2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_add_is_out_plus_decode(spec, dtype):
+    """What the DP hook sums ranks' payloads with: top-k adds its values in place."""
+    gen = torch.Generator().manual_seed(8)
+    grad = torch.randn(300, 70, generator=gen).to(dtype)
+    payload = parse(spec).encode("w", grad)
+    out = torch.randn(300, 70, generator=gen).to(dtype)
+    want = out + parse(spec).decode(payload, grad.shape, dtype)
+    parse(spec).decode_add(payload, out)
+    assert torch.equal(out, want)
+    strided = torch.randn(70, 300, generator=gen).to(dtype).t()  # not contiguous: the dense way
+    want = strided + parse(spec).decode(payload, grad.shape, dtype)
+    parse(spec).decode_add(payload, strided)
+    assert torch.equal(strided, want)
