@@ -101,8 +101,8 @@ def main() -> None:
     results: dict[str, dict] = {}
     for workload, shapes in (("mlp_5.3M", MLP), ("bucket_25MiB", BUCKET)):
         results[workload] = {spec: measure(spec, shapes, args.reps) for spec in args.specs.split(",")}
-    summary = f"1 thread, encode/decode ms (median of {args.reps}): " + "; ".join(
-        f"{workload}: " + ", ".join(f"{s} {r['encode_ms']}/{r['decode_ms']}" for s, r in runs.items())
+    summary = f"1 thread, encode/decode CPU ms (median of {args.reps}): " + "; ".join(
+        f"{workload}: " + ", ".join(f"{s} {r['encode_cpu_ms']}/{r['decode_cpu_ms']}" for s, r in runs.items())
         for workload, runs in results.items()
     )
     out = {"threads": 1, "reps": args.reps, "results": results}
@@ -110,7 +110,7 @@ def main() -> None:
         old = json.loads(Path(args.baseline).read_text())
         out["baseline"] = {"when": old["when"], "results": old["results"]}
         summary += "; before: " + "; ".join(
-            f"{workload}: " + ", ".join(f"{s} {r['encode_ms']}/{r['decode_ms']}" for s, r in runs.items())
+            f"{workload}: " + ", ".join(f"{s} {r['encode_cpu_ms']}/{r['decode_cpu_ms']}" for s, r in runs.items())
             for workload, runs in old["results"].items()
         )
     _harness.write(args.name, out, summary)
