@@ -148,6 +148,8 @@ class ErrorFeedback(Compressor):
     def _remember(self, key: str, acc: torch.Tensor, sent: torch.Tensor) -> None:
         """Keep acc - sent as the residual; `sent`, unless it is `acc`, is the caller's
         scratch, whose memory becomes the residual (-sent + acc is acc - sent exactly)."""
+        if self.momentum and key in self.velocities:
+            self.velocities[key][sent != 0] = 0  # momentum factor masking, before `sent` is reused
         residual = acc - sent if sent is acc else sent.neg_().add_(acc)
         if not all_finite(residual):
             # The step that produced this is skipped as a whole (see the DP
@@ -156,8 +158,6 @@ class ErrorFeedback(Compressor):
             if key in self.velocities:
                 self.velocities[key].zero_()
         self.residuals[key] = residual
-        if self.momentum and key in self.velocities:
-            self.velocities[key][sent != 0] = 0  # momentum factor masking
 
     def _remember_sparse(self, key: str, acc: torch.Tensor, index: torch.Tensor, sent: torch.Tensor) -> None:
         """`_remember` for a payload that is `sent` at the distinct positions `index` and zero

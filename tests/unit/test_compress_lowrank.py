@@ -42,3 +42,15 @@ def test_powersgd_residual_is_exactly_what_decode_misses():
         residual = codec.residuals["w"]
         assert torch.equal(residual, acc - decoded) and residual.abs().max() > 0
         assert torch.equal(grad, before)
+
+
+def test_remember_masks_momentum_where_sent_before_reusing_sent():
+    """`_remember` turns `sent` into the residual in place; the momentum mask must see `sent`."""
+    from shoal.compress.base import ErrorFeedback
+
+    ef = ErrorFeedback("test")
+    ef.momentum = 0.9
+    ef.velocities["w"] = torch.ones(4)
+    ef._remember("w", torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 2.0, 0.0, 1.0]))
+    assert torch.equal(ef.residuals["w"], torch.tensor([1.0, 0.0, 3.0, 3.0]))
+    assert torch.equal(ef.velocities["w"], torch.tensor([1.0, 0.0, 1.0, 0.0]))
