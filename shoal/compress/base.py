@@ -69,6 +69,8 @@ class Compressor:
     allreduce_safe: ClassVar[bool] = False
     varying_header: ClassVar[tuple[str, ...]] = ()
     """Header keys whose values are not fixed by the shape (checked by `check_payload`)."""
+    momentum: float = 0.0
+    """SGD's momentum, applied here before sparsifying (`ErrorFeedback`; set by a strategy); 0: none."""
 
     def __init__(self, spec: str):
         self.spec = spec

@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from shoal.compress.base import NONFINITE, ErrorFeedback, Payload, numel_of
+from shoal.compress.base import NONFINITE, Compressor, ErrorFeedback, Payload, numel_of
 from shoal.compress.seeds import counts_state, load_counts, next_seed
 from shoal.finite import all_finite
 
@@ -37,6 +37,24 @@ SAMPLE = 2**16
 """About how many elements `top_indices` samples to estimate its threshold."""
 GROUPS = 16
 """`top_indices` keeps a column of its (GROUPS, n / GROUPS) view if the column's largest magnitude passes."""
+
+
+SPARSE = ("topk", "randomk")
+
+
+def corrected_momentum(compressor: Compressor, optimizer: torch.optim.Optimizer) -> float:
+    """The momentum a sparsifying compressor applies before it sparsifies (DGC's momentum correction;
+    the optimizer then steps without it), or 0 where that does not apply: only top-k and random-k,
+    under plain SGD (no Nesterov, no dampening) with one momentum value > 0 in every group."""
+    if compressor.family not in SPARSE or not isinstance(compressor, ErrorFeedback):
+        return 0.0
+    if not isinstance(optimizer, torch.optim.SGD):
+        return 0.0
+    groups = optimizer.param_groups
+    values = {float(g.get("momentum", 0.0)) for g in groups}
+    if len(values) != 1 or any(g.get("nesterov") or g.get("dampening", 0.0) for g in groups):
+        return 0.0
+    return values.pop()
 
 
 def count_kept(ratio: float, n: int) -> int:

@@ -32,7 +32,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817  (torch's own abbreviation)
 
 from shoal import runtime
-from shoal.compress import Compressor, ErrorFeedback, parse
+from shoal.compress import Compressor, parse
+from shoal.compress.sparse import corrected_momentum
 from shoal.config import check_range
 from shoal.state import sub_state, with_prefix
 from shoal.strategies.base import StepOptions, Strategy
@@ -43,21 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPARSE = ("topk", "randomk")
 COMPRESSION = "compression/"
-
-
-def sgd_momentum(optimizer: torch.optim.Optimizer) -> float:
-    """The momentum to apply before sparsifying (DGC momentum correction), or
-    0 where it does not apply: only plain SGD (no Nesterov, no dampening) with
-    one momentum value > 0 in every group."""
-    if not isinstance(optimizer, torch.optim.SGD):
-        return 0.0
-    groups = optimizer.param_groups
-    values = {float(g.get("momentum", 0.0)) for g in groups}
-    if len(values) != 1 or any(g.get("nesterov") or g.get("dampening", 0.0) for g in groups):
-        return 0.0
-    return values.pop()
 
 
 @dataclass
@@ -129,8 +116,8 @@ class DataParallel(Strategy):
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> PreparedOptimizer:
         prepared = super().prepare_optimizer(optimizer)
         r = self.replica
-        if r.hook is not None and r.compressor.family in SPARSE and isinstance(r.compressor, ErrorFeedback):
-            r.momentum = r.compressor.momentum = sgd_momentum(optimizer)
+        if r.hook is not None:
+            r.momentum = r.compressor.momentum = corrected_momentum(r.compressor, optimizer)
         return prepared
 
     def step_needs(self) -> list[str]:

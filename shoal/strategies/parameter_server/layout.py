@@ -89,13 +89,22 @@ class Placement:
     timeout_s: float
     compression: str
     pull_compression: str = "none"
+    momentum_corrected: bool = False
+    """The workers apply SGD's momentum before sparsifying (DGC): the servers step without it."""
+
+
+def server_hyperparameters(optim: str, optimizer: torch.optim.Optimizer, momentum_corrected: bool) -> list[dict]:
+    """What the servers step each param group with: its hyperparameters, with momentum 0 where the
+    workers' compressor applied it before sparsifying (`shoal.compress.sparse.corrected_momentum`)."""
+    groups = [ps_optim.hyperparameters(optim, g) for g in optimizer.param_groups]
+    return [{**g, "momentum": 0.0} for g in groups] if momentum_corrected else groups
 
 
 def lay_out(served: list[Served], optimizer: torch.optim.Optimizer, how: Placement) -> Layout:
     """The layout of `served` over `how.servers` servers."""
     count = how.servers
     placed = plan([(s.name, s.param.numel(), s.param.element_size()) for s in served], count, how.chunk_bytes)
-    groups = [ps_optim.hyperparameters(how.optim, g) for g in optimizer.param_groups]
+    groups = server_hyperparameters(how.optim, optimizer, how.momentum_corrected)
     spec = {
         "optim": how.optim,
         "timeout_s": how.timeout_s,

@@ -53,6 +53,7 @@ from torch import nn
 from shoal import env, runtime
 from shoal.comm.pubsub import Publisher
 from shoal.compress import parse as parse_compression
+from shoal.compress.sparse import corrected_momentum
 from shoal.config import check_range
 from shoal.data.loader import Samples
 from shoal.errors import ConfigError, ShoalError
@@ -71,6 +72,7 @@ from shoal.strategies.parameter_server.layout import (
     encode_pushes,
     lay_out,
     served_parameters,
+    server_hyperparameters,
 )
 from shoal.strategies.parameter_server.live import LiveRow, StepWindow
 from shoal.strategies.parameter_server.overlap import Overlap
@@ -223,15 +225,25 @@ class ParameterServer(ServerSaving):
         modes = resolve([s.name for s in served], o.mode, o.overrides, o.staleness)
         check_overrides_match([s.name for s in served], o.overrides)
         endpoints = self._endpoints()
-        how = Placement(len(endpoints), o.chunk_bytes, modes, optim, o.timeout_s, o.compression, o.pulled_with)
+        compressor = parse_compression(o.compression)
+        compressor.reseed(1_000 + rt.rank)  # independent rounding noise per worker
+        compressor.momentum = corrected_momentum(compressor, optimizer)  # top-k/random-k under momentum SGD
+        how = Placement(
+            len(endpoints),
+            o.chunk_bytes,
+            modes,
+            optim,
+            o.timeout_s,
+            o.compression,
+            o.pulled_with,
+            momentum_corrected=compressor.momentum > 0,
+        )
         layout = lay_out(served, optimizer, how)
         codec = Codec(job_key(), int(o.max_message_mb * (1 << 20)))
         for spec in layout.specs:  # the servers refuse bigger messages too (below SHOAL_PS_MAX_BYTES)
             spec["max_bytes"] = codec.max_bytes
         pieces = [sorted({h.key for h in held}) for held in layout.slices]
         client = Client(endpoints, codec, rt.rank, rt.world_size, o.timeout_s, pieces)
-        compressor = parse_compression(o.compression)
-        compressor.reseed(1_000 + rt.rank)  # independent rounding noise per worker
         installed = Installed([h for held in layout.slices for h in held])
         s = self._session = Session(client, layout, optimizer, optim, compressor, installed, PullDecoder(o.pulled_with))
         s.totals.skipped = self._skipped_before
@@ -344,7 +356,7 @@ class ParameterServer(ServerSaving):
             return loss  # an accumulating micro-step: the gradients add up in .grad
         s.micro = 0
         self.sync()  # a step never starts before the last pull is in
-        hp = [ps_optim.hyperparameters(s.optim, g) for g in optimizer.param_groups]
+        hp = server_hyperparameters(s.optim, optimizer, s.compressor.momentum > 0)
         if s.overlap is not None and s.overlap.pushing():  # parts went out during backward
             rest, parts = s.overlap.rest()
             s.client.push(s.clock, rest, hp, parts=parts)
