@@ -16,7 +16,8 @@ Server to worker: `PARAMS` (answers `INIT` and `PULL`), `STATE`, `RESTORED`,
 `incarnation`; one from a new incarnation of a worker that already joined is a
 rejoin, answered with `PARAMS` for the clock the server holds for it.
 Replicated shards (`shoal.ps.replication`): primary to backup `REPLICATE`
-(one input, the worker's frames after it), backup to primary `ACK`; a
+(one or more inputs in order, each one's frames after the header that lists
+them), backup to primary `ACK`; a
 promoted backup to every worker `TAKEOVER` (with the shard's new `gen`). A
 reply to a worker's request names the request's `seq` in `re`; a worker
 resending after a takeover marks the message `resend`. A replacement process

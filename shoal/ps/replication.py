@@ -9,7 +9,13 @@ dedicated link before applying it, and holds every reply it then produces
 until the backup has acknowledged that input: a worker never sees a result
 the backup could not reproduce. The backup acknowledges on receipt, before it
 applies, so the primary waits one round trip, not for the backup's arithmetic
-(Li et al., OSDI 2014, acknowledge a push once copied; so do we).
+(Li et al., OSDI 2014, acknowledge a push once copied; so do we). An
+uncompressed pull changes nothing a reply shows (only its own bookkeeping:
+sequence number, read waiting, staleness base), so it is not sent on its own:
+it goes over with the next input, one link message for both, or after
+`DEFER_S`, and its answer waits only for the inputs before it. A primary lost
+in between loses nothing a worker saw: the worker resends a pull it got no
+answer to, and the sequence numbers of its later messages are higher still.
 
 Failure. Each side watches the link: ZeroMQ heartbeats on it close a
 connection silent for `LEASE_S` (a stopped peer), and a killed peer's kernel
@@ -64,6 +70,8 @@ ZeroMQ's I/O thread answers heartbeats without Python's GIL, so a replica busy c
 ACK_LEASE_S = 10.0
 """The backstop: a backup whose link is up but that acknowledged nothing this long (its loop is stuck)
 is given up. Long, because a loop starved of CPU on a loaded machine must not lose its role."""
+DEFER_S = 0.01
+"""How long a deferred input (a pull) waits for the next input to go with (`PrimaryLink.forward`)."""
 HEARTBEAT_IVL_MS = 200
 LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 CLAIM_TIMEOUT_S = 2.0
@@ -188,32 +196,45 @@ class PrimaryLink:
         self.acked = 0  # inputs the backup holds
         self.since: deque[tuple[int, float]] = deque()  # (input, when forwarded), not yet acknowledged
         self.held: deque[tuple[int, list]] = deque()  # (input it depends on, frames with the worker's ident)
+        self.needed = 0  # the newest input a reply depends on: the newest one not deferred
+        self.deferred: list[tuple[str, bytes, int, list | tuple]] = []  # inputs not sent yet (forward's arguments)
+        self.deferred_at = 0.0  # when the oldest of them was deferred
 
-    def forward(self, kind: str, ident: bytes = b"", frames: list | tuple = (), worker: int = -1) -> None:
-        """Input `kind` ("input": a worker's message as received; "depart": `worker` declared departed)."""
+    def forward(
+        self, kind: str, ident: bytes = b"", frames: list | tuple = (), worker: int = -1, defer: bool = False
+    ) -> None:
+        """Input `kind` ("input": a worker's message as received; "depart": `worker` declared departed).
+        `defer`: an input no reply depends on (an uncompressed pull changes only its own bookkeeping),
+        sent with the next input that is not deferred, or after `DEFER_S`; the inputs keep their order."""
         self.sent += 1
-        header = {
-            "op": REPLICATE,
-            "src": REPLICA,
-            "seq": self.sent,
-            "kind": kind,
-            "ident": ident.hex(),
-            "worker": worker,
-            "frames": len(frames),
-            **self.backup.header,
-        }
+        self.deferred.append((kind, ident, worker, frames))
+        if not defer:
+            self.needed = self.sent
+            self.flush()
+        elif len(self.deferred) == 1:
+            self.deferred_at = time.monotonic()
+
+    def flush(self) -> None:
+        """Send every input not sent yet, in order, in one link message: its header lists each input
+        (kind, the worker's routing id, the departed worker, its frame count) and names the last."""
+        if not self.deferred:
+            return
+        inputs = [[kind, ident.hex(), worker, len(frames)] for kind, ident, worker, frames in self.deferred]
+        header = {"op": REPLICATE, "src": REPLICA, "seq": self.sent, "inputs": inputs, **self.backup.header}
+        frames = [f for *_, fs in self.deferred for f in fs]
         self.sock.send_multipart([*self.codec.encode(header), *frames], copy=False)
         self.since.append((self.sent, time.monotonic()))
+        self.deferred.clear()
 
     def out(self, frames: list, fresh: bool) -> None:
-        """A reply produced by the newest input: sent once the backup holds that input. Held, a
-        reply whose buffers are not `fresh` is copied, since the optimizer changes them in place."""
-        if self.acked >= self.sent:
+        """A reply produced by the newest input: sent once the backup holds every input it depends on.
+        Held, a reply whose buffers are not `fresh` is copied, since the optimizer changes them in place."""
+        if self.acked >= self.needed:
             self.send(frames, not fresh)
         elif fresh:
-            self.held.append((self.sent, frames))
+            self.held.append((self.needed, frames))
         else:
-            self.held.append((self.sent, [bytes(f) if isinstance(f, memoryview) else f for f in frames]))
+            self.held.append((self.needed, [bytes(f) if isinstance(f, memoryview) else f for f in frames]))
 
     def on_ack(self) -> None:
         """Read the backup's acknowledgements; send the replies they release."""
@@ -281,8 +302,7 @@ class BackupLink:
         """Read every input waiting; acknowledge the newest with one ACK."""
         taken = 0
         while self.sock.poll(0):
-            forwarded = self._check(self.sock.recv_multipart(copy=False))
-            if forwarded is not None:
+            for forwarded in self._check(self.sock.recv_multipart(copy=False)):
                 self.taken.put(forwarded)
                 taken += 1
         if ack and taken and self.primary is not None:
@@ -305,27 +325,31 @@ class BackupLink:
             self._thread.join()
             self._take(ack=False)
 
-    def _check(self, frames: list) -> tuple[dict, bytes, list] | None:
+    def _check(self, frames: list) -> list[tuple[dict, bytes, list]]:
+        """A link message's inputs, in order, each (header, worker ident, the worker's frames); none if
+        it fails a check (then nothing of it is taken)."""
         ident, rest = frames[0].bytes, frames[1:]
         try:
             header, tensors = self.codec.decode(rest[: self.outer])  # the link header carries no tensors
-            inner = header.get("frames")
-            if tensors or not isinstance(inner, int) or inner != len(rest) - self.outer:
-                raise WireError("malformed", "a forwarded input's frame count is wrong")
-            if header.get("op") != REPLICATE or header.get("src") != REPLICA:
+            if header.get("op") != REPLICATE or header.get("src") != REPLICA or tensors:
                 raise WireError("bad_op")
             if header.get("to") != self.shard or header.get("session") != self.address.session:
                 raise WireError("wrong_session")
             if self.primary is not None and ident != self.primary:
                 raise WireError("stale_sender", "forwarded by another primary")
+            inputs = _inputs(header.get("inputs"), len(rest) - self.outer)
             seq = header.get("seq")
-            if not isinstance(seq, int) or seq != self.seq + 1:
-                raise WireError("replayed", f"forwarded input {seq!r} after {self.seq}")
+            if not isinstance(seq, int) or seq != self.seq + len(inputs):
+                raise WireError("replayed", f"forwarded inputs up to {seq!r} after {self.seq}")
         except WireError as err:
             log.warning("shard %d backup dropped a link message: %s", self.shard, err)
-            return None
+            return []
         self.primary, self.seq = ident, seq
-        return header, bytes.fromhex(str(header.get("ident", ""))), rest[self.outer :]
+        out, at = [], self.outer
+        for kind, who, worker, count in inputs:
+            out.append(({"kind": kind, "worker": worker}, who, rest[at : at + count]))
+            at += count
+        return out
 
     def lost(self) -> bool:
         return self.watch.check()
@@ -335,6 +359,29 @@ class BackupLink:
         self._thread.join()
         self.watch.close()
         self.sock.close(linger=0)
+
+
+def _inputs(inputs: object, frames: int) -> list[tuple[str, bytes, int, int]]:
+    """A link header's list of inputs, checked: each [kind, ident (hex), worker, frame count], at
+    least one, their frame counts adding up to the `frames` that follow; WireError otherwise."""
+    out = []
+    for entry in inputs if isinstance(inputs, list) else ():
+        if not (isinstance(entry, list) and len(entry) == 4):
+            raise WireError("malformed", "a forwarded input is [kind, ident, worker, frames]")
+        kind, who, worker, count = entry
+        if not (isinstance(kind, str) and isinstance(who, str) and _count(worker, -1) and _count(count, 0)):
+            raise WireError("malformed", "a forwarded input's fields have the wrong types")
+        try:
+            out.append((kind, bytes.fromhex(who), worker, count))
+        except ValueError:
+            raise WireError("malformed", "a forwarded input's routing id is not hex") from None
+    if not out or sum(e[3] for e in out) != frames:
+        raise WireError("malformed", "a forwarded message's frame count is wrong")
+    return out
+
+
+def _count(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def replay(server: Server, header: dict, ident: bytes, frames: list) -> None:
@@ -380,6 +427,8 @@ def follow(server: Server) -> None:
                 server.fenced(server.claim.lost_why)
     elif isinstance(link, PrimaryLink):
         link.on_ack()
+        if link.deferred and time.monotonic() - link.deferred_at > DEFER_S:
+            link.flush()
         why = link.lost()
         if why and _job_over(server):
             link.release_all()

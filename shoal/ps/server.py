@@ -268,8 +268,8 @@ class Server:
                 raise WireError("not_primary")  # workers turn to a backup only after it took over
             if op != INIT and src != OBSERVER and not self.members.speaks_for(src, ident):
                 self.members.refuse(src, ident)
-            if isinstance(self.link, PrimaryLink):
-                self.link.forward("input", ident, frames)  # replayed there with the same checks
+            if isinstance(self.link, PrimaryLink):  # replayed there with the same checks; a pull goes with the next
+                self.link.forward("input", ident, frames, defer=op == PULL and self.pulls is None)
             self.apply(ident, src, op, header, tensors)
         except WireError as err:
             self.dropped[err.reason] += 1

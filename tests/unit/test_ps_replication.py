@@ -97,8 +97,8 @@ def test_a_forged_replayed_or_second_primarys_link_message_changes_nothing():
                 codec.transport.connect(sock)
                 sock.connect(backup.link.address.endpoint)  # type: ignore[union-attr]
             sock = socks[ident]
-            outer = {"op": REPLICATE, "src": REPLICA, "seq": seq, "kind": "input", "ident": "6930", "worker": -1}
-            outer.update({"frames": len(inner), "to": 0, "session": session})
+            outer = {"op": REPLICATE, "src": REPLICA, "seq": seq, "inputs": [["input", "6930", -1, len(inner)]]}
+            outer.update({"to": 0, "session": session})
             sock.send_multipart([*codec.encode(outer), *inner])
 
         forward(1, secrets.token_hex(8), b"p1")  # another session: recorded elsewhere
@@ -254,3 +254,62 @@ def test_a_replica_whose_other_half_stops_after_every_goodbye_claims_nothing():
         assert ps_store.ShardRecord.parse(store.get(ps_store.shard_key(0))) == first  # no claim
     finally:
         backup.close(linger_ms=0)
+
+
+def test_a_pull_goes_over_with_the_next_input_and_a_lost_one_is_answered_by_the_new_primary():
+    """An uncompressed pull changes nothing a reply shows: the primary forwards it with the next input
+    (one link message for both, in order) or after DEFER_S, and its answer waits only for the push
+    before it. A primary lost while a pull it answered had not gone over: the promoted backup applies
+    the worker's next push exactly once, and answers a pull resent because its answer was lost."""
+    codec, primary, backup = _pair()
+
+    def send(server: Server, src: int, seq: int, op: str, clock: int, **more) -> None:
+        header = _request(server, src, seq, op, clock=clock, **more)
+        grads = [torch.full((4,), float(src + clock + 1))] if op == "push" else []
+        if op == "push":
+            header.update(keys=["w"], hp=SPEC["groups"])
+        server.handle(f"i{src}".encode(), codec.encode(header, grads))
+
+    try:
+        for src in (0, 1):
+            header = _request(primary, src, 1, "init", world=2, spec=SPEC, incarnation=f"i{src}")
+            primary.handle(f"i{src}".encode(), codec.encode(header, [torch.arange(4.0)] if src == 0 else []))
+        link = primary.link
+        assert isinstance(link, PrimaryLink) and isinstance(backup.link, BackupLink)
+        _until(lambda: link.acked == link.sent and not link.held, primary, backup)
+        send(primary, 0, 2, "push", 0)
+        send(primary, 0, 3, "pull", 1)
+        assert len(link.deferred) == 1 and link.needed == link.sent - 1 and link.held
+        _until(lambda: not link.held, primary, backup)  # answered once the push is held by both
+        assert len(link.deferred) == 1 and backup.link.seq == link.sent - 1
+        send(primary, 1, 2, "push", 0)  # the pull goes over with it
+        assert not link.deferred and link.since[-1][0] == link.sent
+        _until(lambda: backup.gate is not None and backup.seq == primary.seq == {0: 3, 1: 2}, primary, backup)
+        send(primary, 1, 3, "pull", 1)
+        time.sleep(2 * replication.DEFER_S)
+        replication.follow(primary)  # nothing came after it: it goes over alone
+        assert not link.deferred
+        _until(lambda: backup.seq == primary.seq == {0: 3, 1: 3}, primary, backup)
+        send(primary, 0, 4, "push", 1)
+        send(primary, 0, 5, "pull", 2)
+        send(primary, 1, 4, "push", 1)
+        send(primary, 1, 5, "pull", 2)
+        _until(lambda: link.acked == link.sent - 1 and not link.held, primary, backup)
+        assert len(link.deferred) == 1  # worker 1's pull was answered; the primary is lost before it went over
+        assert torch.equal(primary.pieces["w"].param, backup.pieces["w"].param)
+        backup.link.stop()
+        for forwarded in backup.link.receive():
+            replication.replay(backup, *forwarded)
+        backup.link.close()
+        backup.link, backup.role = None, PRIMARY
+        assert backup.seq == {0: 5, 1: 4} and backup.gate is not None and backup.gate.pushed == [2, 2]
+        answers: list[dict] = []
+        backup.out = lambda frames, fresh: answers.append(codec.decode(frames[1:])[0])  # type: ignore[method-assign]
+        send(backup, 1, 5, "pull", 2, resend=True)  # its answer was lost with the primary: fresh here
+        send(backup, 0, 5, "pull", 2, resend=True)  # forwarded before: answered again
+        assert [(a["op"], a["re"]) for a in answers] == [("params", 5), ("params", 5)] and not backup.dropped
+        send(backup, 1, 6, "push", 2)
+        send(backup, 1, 6, "push", 2, resend=True)  # the same push again: applied once
+        assert backup.gate.pushed == [2, 3] and backup.dropped["replayed"] == 1 and backup.applied == 5
+    finally:
+        _close(primary, backup)
