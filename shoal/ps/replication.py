@@ -5,12 +5,12 @@ applies in order (the workers' messages and the departures it declares), so
 a backup that applies the same inputs in the same order holds the same
 values, optimizer state and clocks, bit for bit. The primary forwards each
 input it accepted (the worker's own signed frames, without a copy) over a
-dedicated link before applying it, and holds every reply it then produces
-until the backup has acknowledged that input: a worker never sees a result
-the backup could not reproduce. The backup acknowledges on receipt, before it
-applies, so the primary waits one round trip, not for the backup's arithmetic
-(Li et al., OSDI 2014, acknowledge a push once copied; so do we). An
-uncompressed pull changes nothing a reply shows (only its own bookkeeping:
+dedicated link before applying it (a pull: below), and holds every reply it
+then produces until the backup has acknowledged the inputs it depends on: a
+worker never sees a result the backup could not reproduce. The backup
+acknowledges on receipt, before it applies, so the primary waits one round
+trip, not for the backup's arithmetic (Li et al., OSDI 2014, acknowledge a
+push once copied; so do we). An uncompressed pull changes nothing a reply shows (only its own bookkeeping:
 sequence number, read waiting, staleness base), so it is not sent on its own:
 it goes over with the next input, one link message for both, or after
 `DEFER_S`, and its answer waits only for the inputs before it. A primary lost
