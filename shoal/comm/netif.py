@@ -27,6 +27,11 @@ def address_towards(host: str) -> str:
             return socket.gethostbyname(socket.gethostname())
 
 
+def is_this_machine(address: str) -> bool:
+    """Whether IPv4 `address` is this machine's own: loopback, or held by one of its interfaces."""
+    return address.startswith("127.") or interface_of(address) is not None
+
+
 def interface_of(address: str) -> str | None:
     """The name of the interface that holds IPv4 `address`, or None (not Linux, or no such interface)."""
     try:

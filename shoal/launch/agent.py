@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 from shoal import env, logs
-from shoal.comm.netif import address_towards, interface_of, interface_towards
+from shoal.comm.netif import address_towards, interface_towards, is_this_machine
 from shoal.config import split_endpoint
 from shoal.errors import ShoalError, WorkerError, caused_by_peer, first_line
-from shoal.launch.supervisor import recovery_folder_prefix
+from shoal.launch.supervisor import process_state, recovery_folder_prefix
 
 if TYPE_CHECKING:
     from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage]
@@ -218,7 +218,7 @@ def _agent_class(exit_barrier_s: float) -> type:
 
 def _wake_stopped(pids: list[int]) -> None:
     """If any of `pids` has exited, end each stopped one: SIGTERM, then SIGCONT so that it is delivered."""
-    states = {pid: _state(pid) for pid in pids}
+    states = {pid: process_state(pid) for pid in pids}
     if not any(state in ("Z", "X", "") for state in states.values()):
         return
     for pid, state in states.items():
@@ -226,15 +226,6 @@ def _wake_stopped(pids: list[int]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
                 os.kill(pid, signal.SIGCONT)
-
-
-def _state(pid: int) -> str:
-    """A process's state letter in /proc ('' when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return ""
 
 
 def _interfaces(spec: LaunchSpec) -> dict[str, str]:
@@ -324,7 +315,7 @@ def _hold_store_if_mine(endpoint: str, timeout_s: float) -> TCPStore | None:
         address = socket.gethostbyname(host)
     except OSError:
         raise ShoalError(f"cannot resolve the host {host!r} of --rdzv-endpoint; give an address") from None
-    if interface_of(address) is None and not address.startswith("127."):
+    if not is_this_machine(address):
         return None
     try:
         return _hold_store(host, port, timeout_s)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from shoal import env
-from shoal.comm.netif import interface_of
+from shoal.comm.netif import is_this_machine
 from shoal.config import split_endpoint
 
 PR_SET_PDEATHSIG = 1
@@ -75,7 +75,7 @@ def _is_local(endpoint: str) -> bool:
         address = socket.gethostbyname(host)
     except OSError:
         return True  # the launcher says what is wrong with it
-    return address.startswith("127.") or interface_of(address) is not None
+    return is_this_machine(address)
 
 
 def supervise(argv: list[str], restarts: int, hang_s: float) -> int:
@@ -144,7 +144,7 @@ def _wait(child: subprocess.Popen, hang_s: float) -> tuple[int, list[int] | None
             child.returncode = os.waitstatus_to_exitcode(status)
             return child.returncode, None
         elif pid == 0 and stopped_since is not None:  # still stopped? (SIGCONT is not reported)
-            if _state(child.pid) not in ("T", "t"):
+            if process_state(child.pid) not in ("T", "t"):
                 stopped_since = None
             elif time.monotonic() - stopped_since >= hang_s:
                 workers = children(child.pid)
@@ -157,7 +157,7 @@ def _wait(child: subprocess.Popen, hang_s: float) -> tuple[int, list[int] | None
                 time.sleep(0.2)
 
 
-def _state(pid: int) -> str:
+def process_state(pid: int) -> str:
     """A process's state letter in /proc ('' when it is gone)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
