@@ -40,7 +40,8 @@ from shoal import env, logs
 from shoal.comm.netif import address_towards, interface_towards, is_this_machine
 from shoal.config import split_endpoint
 from shoal.errors import ShoalError, WorkerError, caused_by_peer, first_line
-from shoal.launch.supervisor import process_state, recovery_folder_prefix
+from shoal.launch.supervisor import recovery_folder_prefix
+from shoal.procfs import state_of
 
 if TYPE_CHECKING:
     from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage]
@@ -218,7 +219,7 @@ def _agent_class(exit_barrier_s: float) -> type:
 
 def _wake_stopped(pids: list[int]) -> None:
     """If any of `pids` has exited, end each stopped one: SIGTERM, then SIGCONT so that it is delivered."""
-    states = {pid: process_state(pid) for pid in pids}
+    states = {pid: state_of(pid) for pid in pids}
     if not any(state in ("Z", "X", "") for state in states.values()):
         return
     for pid, state in states.items():

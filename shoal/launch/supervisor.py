@@ -38,6 +38,7 @@ from pathlib import Path
 from shoal import env
 from shoal.comm.netif import is_this_machine
 from shoal.config import split_endpoint
+from shoal.procfs import children_of, state_of
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -144,10 +145,10 @@ def _wait(child: subprocess.Popen, hang_s: float) -> tuple[int, list[int] | None
             child.returncode = os.waitstatus_to_exitcode(status)
             return child.returncode, None
         elif pid == 0 and stopped_since is not None:  # still stopped? (SIGCONT is not reported)
-            if process_state(child.pid) not in ("T", "t"):
+            if state_of(child.pid) not in ("T", "t"):
                 stopped_since = None
             elif time.monotonic() - stopped_since >= hang_s:
-                workers = children(child.pid)
+                workers = children_of(child.pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGKILL)
                 os.waitpid(child.pid, 0)
@@ -157,32 +158,10 @@ def _wait(child: subprocess.Popen, hang_s: float) -> tuple[int, list[int] | None
                 time.sleep(0.2)
 
 
-def process_state(pid: int) -> str:
-    """A process's state letter in /proc ('' when it is gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
 def _become_subreaper() -> None:
     """Orphaned descendants become this process's children (Linux); without it they go to init."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[-1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def end_orphans(timeout_s: float = 10.0) -> dict[int, int]:
@@ -191,7 +170,7 @@ def end_orphans(timeout_s: float = 10.0) -> dict[int, int]:
     ended: dict[int, int] = {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        pids = children(os.getpid())
+        pids = children_of(os.getpid())
         if not pids:
             break
         for pid in pids:

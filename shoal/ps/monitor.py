@@ -30,6 +30,7 @@ from rich.table import Table
 
 from shoal.comm.pubsub import Subscriber
 from shoal.comm.wire import Codec
+from shoal.procfs import parent_of
 
 log = logging.getLogger("shoal.ps.monitor")
 
@@ -41,11 +42,10 @@ def descends_from(pid: int, ancestor: int) -> bool:
             return True
         if pid <= 1:
             return False
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[-1].split()[1])
-        except (OSError, ValueError, IndexError):
+        parent = parent_of(pid)
+        if parent is None:
             return False
+        pid = parent
     return False
 
 

@@ -9,6 +9,7 @@ import sys
 ORPHAN = """
 import os, subprocess, sys, time
 from shoal.launch import supervisor
+from shoal.procfs import children_of
 supervisor._become_subreaper()
 # a "launcher" that starts a "worker" in a session of its own (as torch's agent does) and dies
 launcher = subprocess.Popen([sys.executable, "-c",
@@ -18,8 +19,8 @@ worker = int(launcher.stdout.readline())
 launcher.wait()
 try:
     time.sleep(0.2)
-    assert supervisor.children(os.getpid()) == [worker], supervisor.children(os.getpid())
-    print(len(supervisor.end_orphans()), os.path.exists(f"/proc/{worker}"), supervisor.children(os.getpid()))
+    assert children_of(os.getpid()) == [worker], children_of(os.getpid())
+    print(len(supervisor.end_orphans()), os.path.exists(f"/proc/{worker}"), children_of(os.getpid()))
 finally:
     try:
         os.kill(worker, 9)  # by pid, should the assertion have failed
