@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: list[str]) -> int:
-    from shoal.launch.job import run_directory, train
+    from shoal.launch.job import run_directory, server_processes, train
     from shoal.launch.supervisor import reason_to_supervise, supervise
     from shoal.train import jobconfig as config
 
@@ -77,13 +77,12 @@ def _train(args: list[str]) -> int:
     args = ["--checkpoint.resume=true" if a == "--resume" else a for a in args]
     cfg = config.load(path, config.parse_overrides(args))
     launch_cfg = cfg.launch
-    servers = cfg.strategy.options.server_processes(launch_cfg.workers * launch_cfg.nnodes)
     if not reason_to_supervise(
         launch_cfg.nnodes,
         launch_cfg.rdzv_backend,
         launch_cfg.rdzv_endpoint,
         launch_cfg.max_restarts,
-        servers=servers,
+        servers=server_processes(cfg),
         control=launch_cfg.control,
     ):
         # a launcher started again must write into the same run directory

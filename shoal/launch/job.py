@@ -66,11 +66,16 @@ def train(cfg: JobConfig, console: Console | None = None) -> dict:
     return report(run_dir, console)
 
 
+def server_processes(cfg: JobConfig) -> int:
+    """How many parameter-server processes the job runs (0: its strategy has none)."""
+    return cfg.strategy.options.server_processes(cfg.launch.workers * cfg.launch.nnodes)
+
+
 def check_rendezvous(cfg: JobConfig) -> None:
     """Parameter servers on several machines meet only in the static rendezvous: each machine's share of
     the servers follows its node_rank (a dynamic backend assigns ranks at rendezvous)."""
     launch_cfg = cfg.launch
-    servers = cfg.strategy.options.server_processes(launch_cfg.workers * launch_cfg.nnodes)
+    servers = server_processes(cfg)
     if servers and launch_cfg.nnodes > 1 and launch_cfg.rdzv_backend != "static":
         raise ConfigError(
             f'parameter servers on several machines need launch.rdzv_backend = "static" (each machine\'s share '
@@ -118,7 +123,7 @@ def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
         resume_hint="",
         timeout_s=launch_cfg.timeout_s,
     )
-    servers = cfg.strategy.options.server_processes(launch_cfg.workers * launch_cfg.nnodes)
+    servers = server_processes(cfg)
     spec.store_open = bool(servers and launch_cfg.nnodes > 1)
     events = f"ps_events-node{launch_cfg.node_rank}.jsonl" if launch_cfg.nnodes > 1 else "ps_events.jsonl"
     monitor = ProgressMonitor(run_dir / "metrics.jsonl", cfg.train.steps, console) if cfg.logging.progress else None
