@@ -229,21 +229,17 @@ def test_hosts_reach_each_other_until_cut_and_are_removed_afterwards():
     assert not any(name in listed for name in names) and hosts.bridge not in links
 
 
-def test_shoal_train_pipeline_on_two_hosts_c10d_rendezvous_equals_one_host_after_a_killed_launcher(tmp_path):
+def test_shoal_train_pipeline_on_two_hosts_c10d_rendezvous_equals_one_host(tmp_path):
     """A pipeline with one stage per host, `shoal train --launch.rdzv_backend=c10d` on each
     host into one shared run directory (torch's dynamic rendezvous assigns the ranks, so
-    the stages), ends where the same job on one host ends, though host 1's launcher is
-    SIGKILLed at step 7 (its supervisor starts it again, into the same run directory)."""
+    the stages), ends where the same job on one host ends. (A killed launcher coming back:
+    the c10d test above, one decisive case.)"""
     args = ["examples/lm-pipeline.toml", "--train.steps=12", "--train.eval_every=12", "--train.log_every=4"]
     args += ["--strategy.split=params", "--data.batch_size=8", "--logging.progress=false", "--launch.threads=1"]
     args += ["--logging.tensorboard=false", f"--logging.run_dir={tmp_path}"]
-    faults = Faults(tmp_path).kill_launcher("worker", rank=1, step=7)
-    node = ["--launch.rdzv_backend=c10d", "--launch.max_restarts=2"]
-    want, got, two = _one_host_and_two(tmp_path, args, node, faults.env())
+    want, got, _ = _one_host_and_two(tmp_path, args, ["--launch.rdzv_backend=c10d"])
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-6)
     assert (tmp_path / "two" / "checkpoints").is_dir()
-    faults.assert_fired("worker", 1, 7, "kill-launcher")
-    assert "started it again (1 of 2)" in two[1].stderr, two[1].stderr[-3000:]
 
 
 def _one_host_and_two(
