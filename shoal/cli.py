@@ -168,6 +168,7 @@ def _run(args: list[str]) -> int:
         raise ConfigError(f"--servers must be >= 0, not {ns.servers}")
     _check_server_nodes(ns)
     _check_rdzv_backend(ns)
+    _timeout_s()  # a bad SHOAL_TIMEOUT_S is named before anything starts
     if ns.server_node_rank is None and ns.script is None:
         raise ConfigError("shoal run needs a script (or --server-node-rank J on a machine that runs only servers)")
     if ns.script is not None and not os.path.isfile(ns.script):
@@ -230,11 +231,9 @@ def _run(args: list[str]) -> int:
 
 def _timeout_s() -> float:
     """The workers' process-group timeout (SHOAL_TIMEOUT_S, 300 s by default): how long a launcher may hang."""
-    try:
-        value = float(os.environ.get(env.TIMEOUT_S) or 300)
-    except ValueError:
-        return 300.0
-    return value if 0 < value < float("inf") else 300.0
+    from shoal.config import timeout_from_env
+
+    return timeout_from_env(os.environ)
 
 
 def _check_rdzv_backend(ns: argparse.Namespace) -> None:

@@ -14,10 +14,11 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from shoal import env
 from shoal.errors import ConfigError
 
 # --------------------------------------------------------------------------
@@ -271,6 +272,22 @@ def check_range(
         raise ConfigError(f"'{key}' must be {bound}, not {value!r}", key)
     if high is not None and value > high:
         raise ConfigError(f"'{key}' must be <= {high}, not {value!r}", key)
+
+
+def timeout_from_env(environ: Mapping[str, str], default: float = 300.0) -> float:
+    """SHOAL_TIMEOUT_S (the process group's timeout, so how long a hung rank or launcher may stay
+    stopped), read the same way by the launcher and the workers; ConfigError (one sentence) for a
+    value that is not a finite number of seconds > 0."""
+    text = environ.get(env.TIMEOUT_S, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{env.TIMEOUT_S} must be a number of seconds > 0, such as 300, not {text!r}", env.TIMEOUT_S)
+    return value
 
 
 def check_choice(value: object, key: str, choices: Sequence[str]) -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from shoal import env
+from shoal.config import check_range, timeout_from_env
 from shoal.errors import ShoalError, caused_by_peer
 from shoal.launch.supervisor import die_with_launcher
 
@@ -79,7 +80,9 @@ def init(
     local_world = int(environ.get("LOCAL_WORLD_SIZE", "1"))
     backend = backend or environ.get(env.BACKEND, "auto")
     device_kind = device or environ.get(env.DEVICE, "auto")
-    timeout = float(timeout_s or environ.get(env.TIMEOUT_S, "300"))
+    if timeout_s is not None:
+        check_range(timeout_s, "timeout_s", low=0, low_open=True)
+    timeout = float(timeout_s) if timeout_s is not None else timeout_from_env(environ)
 
     cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
     if device_kind == "auto":

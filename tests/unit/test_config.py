@@ -158,6 +158,19 @@ def test_run_etcd_rendezvous_says_what_to_install(capsys, monkeypatch):
     assert "needs the python-etcd package (pip install python-etcd)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "0", "-5"])
+def test_a_bad_shoal_timeout_s_is_one_sentence_for_the_launcher_and_the_workers(capsys, monkeypatch, value):
+    from shoal import env, runtime
+
+    monkeypatch.setenv(env.TIMEOUT_S, value)
+    assert cli.main(["run", SCRIPT]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("shoal: SHOAL_TIMEOUT_S must be a number of seconds > 0") and "\n" not in err
+    monkeypatch.setattr(runtime, "_current", None)
+    with pytest.raises(ConfigError, match="SHOAL_TIMEOUT_S must be a number of seconds > 0"):
+        runtime.init()  # what a worker of a job started with it does first
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.toml")), ids=lambda p: p.name)
 def test_example_configs_validate(path):
     config.load(path)
