@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -124,7 +125,9 @@ class Member:
         os.chmod(directory, 0o700)
         self.store = Store()
         others = [m for i, m in enumerate(members) if i != index]
+        check_bindable(members[index])
         self.raft = SyncObj(members[index], others, conf(directory, auth.raft_password(key)), consumers=[self.store])
+        self.started_term = self.raft.raftCurrentTerm  # from the journal: 0 for a new member
         self.codec = Frames(auth.client_key(key))
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -179,7 +182,8 @@ class Member:
     def local(self, prefix: str) -> dict:
         """This member's own applied state under `prefix`, without Raft: possibly stale, for checks and tests."""
         items = {k: v[0] for k, v in self.store.state["kv"].items() if k.startswith(prefix)}
-        return {"items": items, "leader": self.raft._isLeader(), "term": self.raft.raftCurrentTerm}
+        term = self.raft.raftCurrentTerm
+        return {"items": items, "leader": self.raft._isLeader(), "term": term, "started_term": self.started_term}
 
     def done(self, ident: bytes, seq: int, result: object, err: int) -> None:
         if err == FAIL_REASON.SUCCESS:
@@ -207,6 +211,23 @@ class Member:
                 store.submit("", 0, op, lambda *_, k=(lease_id, beat): store.expiring.discard(k))
 
 
+def check_bindable(address: str) -> None:
+    """ShoalError unless this member's Raft address can be bound now. pysyncobj retries a failed bind
+    forever, silently; this says it at once. With SO_REUSEADDR, as pysyncobj binds, so that a member
+    started again on its killed predecessor's port binds it (its connections' TIME_WAIT does not hold it)."""
+    host, port = address.rsplit(":", 1)
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(where)
+    except OSError as exc:
+        raise ShoalError(
+            f"cannot bind the Raft address {address} ({exc.strerror or exc}): another process holds it, so this "
+            "member cannot serve there (the other members know it only by that address)"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shoal.control.member", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--index", type=int, required=True)
@@ -222,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ShoalError, zmq.ZMQError) as exc:
         print(f"shoal control member: {exc}", file=sys.stderr)
         return 2
-    print(f"control member {args.index} serving Raft on {members[args.index]}", flush=True)
+    print(
+        f"control member {args.index} serving Raft on {members[args.index]} (term {member.started_term} from its "
+        f"journal in {args.dir})",
+        flush=True,
+    )
     member.serve()
     return 0
 
