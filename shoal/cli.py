@@ -84,6 +84,7 @@ def _train(args: list[str]) -> int:
         launch_cfg.max_restarts,
         servers=server_processes(cfg),
         control=launch_cfg.control,
+        node_rank=launch_cfg.node_rank,
     ):
         # a launcher started again must write into the same run directory
         named = [] if cfg.logging.name else [f"--logging.name={run_directory(cfg).name}"]
@@ -176,7 +177,13 @@ def _run(args: list[str]) -> int:
     from shoal.launch.supervisor import reason_to_supervise, supervise
 
     if ns.server_node_rank is None and not reason_to_supervise(
-        ns.nnodes, ns.rdzv_backend, ns.rdzv_endpoint, ns.max_restarts, servers=ns.servers, control=ns.control
+        ns.nnodes,
+        ns.rdzv_backend,
+        ns.rdzv_endpoint,
+        ns.max_restarts,
+        servers=ns.servers,
+        control=ns.control,
+        node_rank=ns.node_rank,
     ):
         return supervise(["run", *args], ns.max_restarts, hang_s=_timeout_s())
     from shoal.ps.servers import Machines, serve_only, serving

@@ -8,24 +8,38 @@ i mod nnodes, so any one machine may be lost, and the launchers exchange the
 members' addresses through a signed store on machine 0's rendezvous port + 1.
 For `raft://H:P,...` or `etcd://HOST:PORT` it only passes the spec on.
 Workers find it in SHOAL_CONTROL (`shoal.control.connect`).
+
+Under a supervisor (`shoal.launch.supervisor`, on a machine other than 0) a
+launcher that was killed is started again, and it starts its members again as
+the same members: on the addresses its predecessor published (the other
+members and the running workers know only those) and from the same
+directories, in the supervisor's `control_folder`, where each member's Raft
+journal (term, vote, log) is, which makes the restart Raft-safe.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shoal import env
 from shoal.comm.netif import address_towards
 from shoal.config import is_control_spec, split_endpoint
 from shoal.errors import ConfigError, ShoalError
+
+if TYPE_CHECKING:
+    from shoal.control.client import RaftControl
 
 SESSION_KEY = "shoal/control/session"
 """Across machines: the job's session in the members' meeting store, drawn by machine 0's launcher."""
@@ -33,6 +47,8 @@ MEMBERS = 3
 """Three members: any one may be lost; two lost stop the job (no majority)."""
 START_S = 120.0
 """How long local members may take to elect a first leader on a loaded machine (they start in well under a second)."""
+Share = Callable[[list[int], Callable[[], str], bool], list[str]]
+"""`_exchange`'s `share(mine, draw, again)`."""
 
 
 def member_argv(index: int, members: list[str], directory: Path | str) -> list[str]:
@@ -90,44 +106,115 @@ def serving(
             "control",
         )
     mine = [i for i in range(MEMBERS) if i % nnodes == node_rank]
+    again = bool(os.environ.get(env.RELAUNCHED))  # keep the addresses the others and the workers know
     with _exchange(job_key, node_rank, rdzv_endpoint) as share:
         here = address_towards(split_endpoint(rdzv_endpoint)[0])
-        members = share(mine, {i: f"{here}:{_free_pair(here)}" for i in mine})
+        members = share(mine, lambda: f"{here}:{_free_pair(here)}", again)
         with _running(members, mine, job_key, node_rank):
             yield {env.CONTROL: spec(members)}
 
 
 @contextlib.contextmanager
 def _running(members: list[str], mine: list[int], job_key: str, node_rank: int) -> Iterator[None]:
-    """Members `mine` of `members` run on this machine (files in a private temporary directory)
-    until the block ends, when they are killed by pid; first, a write commits (a majority is up)."""
+    """Members `mine` of `members` run on this machine (files in `_files`) until the block ends, when
+    they are killed by pid; first, a write commits (a majority is up). A launcher started again by its
+    supervisor says that each of its members came back with its journal (the term it read there)."""
     from shoal.control.client import RaftControl
 
     print(f"shoal: control plane {spec(members)} ({len(mine)} of its members here)", file=sys.stderr, flush=True)
-    procs: list[subprocess.Popen] = []
-    with tempfile.TemporaryDirectory(prefix="shoal-control-") as tmp:
+    procs: dict[int, subprocess.Popen] = {}
+    with _files() as folder:
         try:
             for i in mine:
-                with open(Path(tmp) / f"member{i}.log", "wb") as log:
-                    argv = member_argv(i, members, Path(tmp) / f"member{i}")
+                with open(folder / f"member{i}.log", "ab") as log:  # appended: a restarted member's follows
+                    argv = member_argv(i, members, folder / f"member{i}")
                     child_env = {**os.environ, env.JOB_KEY: job_key}
-                    procs.append(subprocess.Popen(argv, env=child_env, stdout=log, stderr=log, start_new_session=True))
-            with RaftControl(members, key=job_key, timeout=START_S) as ctl:
+                    procs[i] = subprocess.Popen(argv, env=child_env, stdout=log, stderr=log, start_new_session=True)
+                (folder / f"member{i}.pid").write_text(str(procs[i].pid))  # the supervisor's hang check skips it
+            ctl = RaftControl(members, key=job_key, timeout=START_S)
+            with ctl:
                 ctl.put(f"job/started/{node_rank}", True)
+                if os.environ.get(env.RELAUNCHED):
+                    for i, proc in procs.items():
+                        term = _started_term(ctl, i, proc, folder / f"member{i}.log")
+                        print(
+                            f"shoal: control member {i} came back on {members[i]} with its journal (term {term} "
+                            "at start)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
             yield
         finally:
-            for proc in procs:
+            for proc in procs.values():
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGKILL)
                 proc.wait()
 
 
 @contextlib.contextmanager
-def _exchange(job_key: str, node_rank: int, rdzv_endpoint: str) -> Iterator[Callable[[list[int], dict], list[str]]]:
+def _files() -> Iterator[Path]:
+    """Where this machine's members keep their files: a private temporary directory, removed at the end;
+    under a supervisor, its `control_folder` instead, which a killed launcher leaves for the next one
+    (emptied by a first launcher: a pid the supervisor has may have been an earlier one's)."""
+    from shoal.launch.supervisor import control_folder
+
+    owner = os.environ.get(env.SUPERVISED, "")
+    if not owner.isdigit():
+        with tempfile.TemporaryDirectory(prefix="shoal-control-") as tmp:
+            yield Path(tmp)
+        return
+    folder = control_folder(int(owner))
+    if not os.environ.get(env.RELAUNCHED) and _private(folder, check=False):
+        shutil.rmtree(folder)
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    _private(folder)
+    yield folder
+
+
+def _private(folder: Path, check: bool = True) -> bool:
+    """Whether `folder` is a directory of this user that no one else may enter (a member unpickles its
+    journal: another user's folder would be theirs to write); with `check`, ShoalError when it is not."""
+    try:
+        st = folder.lstat()
+    except FileNotFoundError:
+        return False
+    ok = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+    if check and not ok:
+        raise ShoalError(
+            f"{folder}, where this machine's control-plane members keep their journals, is not a private folder "
+            "of this user: remove it and start the job again"
+        )
+    return ok
+
+
+def _started_term(ctl: RaftControl, i: int, proc: subprocess.Popen, log: Path) -> int:
+    """The term member `i` (this launcher's `proc`) read from its journal at start; ShoalError if it exits."""
+    from shoal.control.base import ControlError
+
+    deadline = time.monotonic() + START_S
+    while True:
+        try:
+            return int(ctl.local(i)["started_term"])
+        except ControlError:
+            code = proc.poll()
+            if code is not None or time.monotonic() > deadline:
+                said = log.read_text(errors="replace").strip().splitlines()[-1:] or ["nothing"]
+                raise ShoalError(
+                    f"control member {i} was started again on {ctl.members[i]} and "
+                    f"{'exited with code ' + str(code) if code is not None else 'does not answer'}; it said: "
+                    f"{said[0]}"
+                ) from None
+            time.sleep(0.1)  # it is still starting (Python, pysyncobj): a refused try returns at once
+
+
+@contextlib.contextmanager
+def _exchange(job_key: str, node_rank: int, rdzv_endpoint: str) -> Iterator[Share]:
     """Where the machines' launchers tell each other their members' addresses: a store that machine
     0's launcher opens on the rendezvous port + 1 for the length of the job, each value signed with
     the job key (a stranger who reaches it cannot point a worker at its own member). Yields
-    `share(mine, addresses)`: publish this machine's, return all MEMBERS, in order."""
+    `share(mine, draw, again)`: publish an address from `draw()` for each of this machine's members (`again`:
+    only for those its predecessor had not published), return all MEMBERS, in order."""
     from shoal.comm.signed_store import open_shared
 
     host, port = split_endpoint(rdzv_endpoint)
@@ -142,9 +229,11 @@ def _exchange(job_key: str, node_rank: int, rdzv_endpoint: str) -> Iterator[Call
             "running?"
         ) from None
 
-    def share(mine: list[int], addresses: dict[int, str]) -> list[str]:
+    def share(mine: list[int], draw: Callable[[], str], again: bool) -> list[str]:
         for i in mine:
-            store.set(f"shoal/control/member/{i}", addresses[i])
+            name = f"shoal/control/member/{i}"
+            if not (again and store.raw.check([name])):  # a launcher started again keeps what it published
+                store.set(name, draw())
         keys = [f"shoal/control/member/{i}" for i in range(MEMBERS)]
         store.wait_or_say(
             keys,

@@ -10,14 +10,18 @@ the user started only supervises: it runs the real launcher as its child,
 the same command again, and when the child dies by a signal it starts it
 again, up to `--max-restarts` times, first ending whatever the dead launcher
 left running (its workers, in their own sessions, would otherwise go on with
-the old round). It is made a child subreaper (prctl), so those orphans
-become its children and are found by parent pid, never by name. It imports
-no torch and holds nothing else: if the supervisor itself is killed, the
-launcher goes on and the job with it.
+the old round; its control-plane members, which the new launcher starts
+again on the same addresses from their journals in `control_folder`). It is
+made a child subreaper (prctl), so those orphans become its children and are
+found by parent pid, never by name. It imports no torch and holds nothing
+else: if the supervisor itself is killed, the launcher goes on and the job
+with it.
 
 A launcher that stays stopped (SIGSTOP: a hang) for the process group's
 timeout is ended the same way and started again, unless all its workers had
-already finished well (then the job is done here and the supervisor exits 0).
+already finished well (then the job is done here and the supervisor exits 0;
+its control-plane members, which run until the launcher ends them, are not
+counted as workers).
 A launcher that exits by itself (a finished job, a failed one, Ctrl-C, or a
 SIGTERM/SIGHUP the supervisor passed on) is not started again.
 """
@@ -32,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,15 +52,18 @@ PASSED_ON = (signal.SIGTERM, signal.SIGHUP)
 
 
 def reason_to_supervise(
-    nnodes: int, backend: str, endpoint: str, max_restarts: int, *, servers: int, control: str
+    nnodes: int, backend: str, endpoint: str, max_restarts: int, *, servers: int, control: str, node_rank: int
 ) -> str:
     """'' when a launcher started again here rejoins the job, else why it would not (so it is not supervised).
 
     It rejoins only a dynamic rendezvous (c10d, etcd), where torch's agents on the
     other machines take a machine that comes back; the static rendezvous has no
     rounds a new agent could join. A c10d machine whose address is the endpoint
-    holds the job's store, which dies with its launcher. Parameter servers and
-    control-plane members started here would need their own state back.
+    holds the job's store, which dies with its launcher. Parameter servers started
+    here would need their own state back. Embedded control-plane members
+    (`control` "raft") come back as the same members (`shoal.control.launch`),
+    except on machine 0, whose launcher holds the store where the members'
+    addresses meet; any other spec starts nothing here.
     """
     if os.environ.get(env.SUPERVISED):
         return "already supervised"
@@ -63,10 +71,12 @@ def reason_to_supervise(
         return "one machine, or no restarts"
     if backend == "static":
         return "the static rendezvous takes no machine back"
-    if servers or control:
-        return "parameter servers or control-plane members run here"
+    if servers:
+        return "parameter servers run here"
     if backend == "c10d" and _is_local(endpoint):
         return "this machine holds the c10d store"
+    if control == "raft" and node_rank == 0:
+        return "this machine holds the store where the control plane's members meet"
     return ""
 
 
@@ -127,6 +137,7 @@ def supervise(argv: list[str], restarts: int, hang_s: float) -> int:
             )
     finally:
         remove_recovery_folders(os.getpid())
+        shutil.rmtree(control_folder(os.getpid()), ignore_errors=True)
 
 
 def _say(line: str) -> None:
@@ -148,7 +159,8 @@ def _wait(child: subprocess.Popen, hang_s: float) -> tuple[int, list[int] | None
             if state_of(child.pid) not in ("T", "t"):
                 stopped_since = None
             elif time.monotonic() - stopped_since >= hang_s:
-                workers = children_of(child.pid)
+                members = control_member_pids(os.getpid())  # they serve until the launcher ends them
+                workers = [pid for pid in children_of(child.pid) if pid not in members]
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGKILL)
                 os.waitpid(child.pid, 0)
@@ -207,6 +219,23 @@ def remove_recovery_folders(owner: int) -> None:
     with contextlib.suppress(OSError):
         for folder in Path("/dev/shm").glob(recovery_folder_prefix(owner) + "*"):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def control_folder(owner: int) -> Path:
+    """Where a supervised launcher keeps its control-plane members' files (`shoal.control.launch`): named
+    after the supervisor (`owner`), so that a launcher started again restarts its members from their
+    journals; the supervisor removes it when it ends."""
+    return Path(tempfile.gettempdir()) / f"shoal-control-of-{owner}"
+
+
+def control_member_pids(owner: int) -> set[int]:
+    """The pids of the members the launcher started, which it writes as member<i>.pid in `control_folder`."""
+    pids: set[int] = set()
+    with contextlib.suppress(OSError):
+        for path in control_folder(owner).glob("member*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.add(int(path.read_text()))
+    return pids
 
 
 def _signal_name(number: int) -> str:

@@ -11,26 +11,30 @@ AWAY = "10.255.255.1:29400"  # not an address of this machine: another machine h
 
 
 @pytest.mark.parametrize(
-    ("nnodes", "backend", "endpoint", "restarts", "servers", "control", "why"),
+    ("job", "servers", "control", "node_rank", "why"),
     [
-        (2, "c10d", AWAY, 1, 0, "", ""),
-        (3, "etcd-v2", "127.0.0.1:2379", 2, 0, "", ""),  # the store is etcd's, not a launcher's
-        (1, "c10d", AWAY, 1, 0, "", "one machine"),
-        (2, "c10d", AWAY, 0, 0, "", "no restarts"),
-        (2, "static", AWAY, 1, 0, "", "static rendezvous"),
-        (2, "c10d", "127.0.0.1:29400", 1, 0, "", "holds the c10d store"),
-        (2, "c10d", AWAY, 1, 2, "", "parameter servers"),
-        (2, "c10d", AWAY, 1, 0, "raft", "control-plane"),
+        ((2, "c10d", AWAY, 1), 0, "", 1, ""),
+        ((3, "etcd-v2", "127.0.0.1:2379", 2), 0, "", 0, ""),  # the store is etcd's, not a launcher's
+        ((1, "c10d", AWAY, 1), 0, "", 0, "one machine"),
+        ((2, "c10d", AWAY, 0), 0, "", 1, "no restarts"),
+        ((2, "static", AWAY, 1), 0, "", 1, "static rendezvous"),
+        ((2, "c10d", "127.0.0.1:29400", 1), 0, "", 0, "holds the c10d store"),
+        ((2, "c10d", AWAY, 1), 2, "", 1, "parameter servers"),
+        # its members come back with their journals (shoal.control.launch), on the addresses they had
+        ((2, "c10d", AWAY, 1), 0, "raft", 1, ""),
+        ((3, "etcd-v2", "127.0.0.1:2379", 1), 0, "raft", 0, "where the control plane's members meet"),
+        ((3, "etcd-v2", "127.0.0.1:2379", 1), 0, "etcd://10.255.255.1:2379", 0, ""),  # started elsewhere
     ],
 )
 def test_a_launcher_is_supervised_only_where_one_started_again_rejoins(
-    monkeypatch, nnodes, backend, endpoint, restarts, servers, control, why
+    monkeypatch, job, servers, control, node_rank, why
 ):
+    """`job`: nnodes, the rendezvous backend and endpoint, --max-restarts."""
     monkeypatch.delenv(env.SUPERVISED, raising=False)
-    reason = reason_to_supervise(nnodes, backend, endpoint, restarts, servers=servers, control=control)
+    reason = reason_to_supervise(*job, servers=servers, control=control, node_rank=node_rank)
     assert (why in reason) if why else reason == ""
 
 
 def test_a_supervised_launcher_does_not_supervise_again(monkeypatch):
     monkeypatch.setenv(env.SUPERVISED, "1234")
-    assert reason_to_supervise(2, "c10d", AWAY, 1, servers=0, control="") == "already supervised"
+    assert reason_to_supervise(2, "c10d", AWAY, 1, servers=0, control="", node_rank=1) == "already supervised"
