@@ -124,7 +124,10 @@ def test_c10d_takes_a_late_node_and_a_killed_launcher_comes_back_by_itself_bit_i
     worker; both resume from the newest recovery point (host 1's kept by its supervisor), and the run
     ends with the parameters of the fault-free one-host run, bit for bit, with nobody's help. At step 11
     host 1's launcher hangs (SIGSTOP); its worker finishes, and after the 8 s timeout the supervisor
-    ends the launcher and exits 0 instead of waiting for it."""
+    ends the launcher and exits 0 instead of waiting for it. The job runs a control plane (`--control
+    raft`: members 0 and 2 on host 0, member 1 on host 1): the supervisor ends member 1 with the worker,
+    and the new launcher starts it again on the same address from its journal (a term > 0 at start,
+    which a new member never has), after its first write committed."""
     one_thread = {**os.environ, env.THREADS: "1"}  # as two workers on one host get: the same float sums
     want = subprocess.run(
         [*SHOAL, "run", "-n", "2", *LOOP, "--out", str(tmp_path / "want.pt")],
@@ -140,6 +143,7 @@ def test_c10d_takes_a_late_node_and_a_killed_launcher_comes_back_by_itself_bit_i
 
         def node(i: int) -> Proc:
             argv = [*SHOAL, "run", "-n", "1", "--nnodes", "2", "--rdzv-backend", "c10d", "--max-restarts", "2"]
+            argv += ["--node-rank", str(i), "--control", "raft"]  # the node rank places the members
             argv += ["--rdzv-endpoint", f"{hosts[0].address}:{PORT}", *LOOP, "--out", str(tmp_path / "got.pt")]
             return procs.start(hosts[i].argv(argv), timeout=180, env=job, name=f"host{i}")
 
@@ -147,11 +151,19 @@ def test_c10d_takes_a_late_node_and_a_killed_launcher_comes_back_by_itself_bit_i
         time.sleep(3)  # host 0 waits in the rendezvous for a host that is not there yet
         late = node(1)
         done = [finish(first), finish(late)]
+        host1 = hosts[1].address
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
     faults.assert_fired("worker", 1, 7, "kill-launcher")
     faults.assert_fired("worker", 1, 11, "stop-launcher")
     said = done[1].stderr
-    assert "launcher was killed by SIGKILL; ended the 1 process(es) it left and started it again (1 of 2)" in said
+    # its worker and control member 1
+    assert "launcher was killed by SIGKILL; ended the 2 process(es) it left and started it again (1 of 2)" in said
+    planes = re.findall(r"shoal: control plane raft://(\S+) \(1 of its members here\)", said)
+    assert len(planes) == 2 and planes[0] == planes[1], said[-3000:]  # the same addresses, twice
+    member1 = planes[0].split(",")[1]
+    assert member1.startswith(f"{host1}:"), planes
+    back = re.search(rf"shoal: control member 1 came back on {re.escape(member1)} with its journal \(term (\d+)", said)
+    assert back is not None and int(back.group(1)) > 0, said[-3000:]
     assert "launcher hung (stopped for 8 s) after its workers finished; ended it" in said, said[-3000:]
     # from step 5's point, or 10's: the orphaned worker may run on for a few (short) steps until it is ended
     assert len(re.findall(r"restarted: resuming at step (?:5|10)\b", done[0].stdout)) == 1, done[0].stdout[-3000:]
