@@ -137,12 +137,9 @@ def _running(members: list[str], mine: list[int], job_key: str, node_rank: int) 
                 if os.environ.get(env.RELAUNCHED):
                     for i, proc in procs.items():
                         term = _started_term(ctl, i, proc, folder / f"member{i}.log")
-                        print(
-                            f"shoal: control member {i} came back on {members[i]} with its journal (term {term} "
-                            "at start)",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                        journal = "its journal" if term else "an empty journal"  # a new member's term is 0
+                        line = f"control member {i} came back on {members[i]} with {journal} (term {term} at start)"
+                        print(f"shoal: {line}", file=sys.stderr, flush=True)
             yield
         finally:
             for proc in procs.values():
