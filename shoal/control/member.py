@@ -62,6 +62,8 @@ RECONNECT_S = 0.2
 TICK_S = 0.005
 """The longest a client request waits for the loop (pysyncobj's poll wait)."""
 LEASE_CHECK_S = 0.05
+BIND_S = 10.0
+"""How long a member waits for its Raft port to be free before it says that another process holds it."""
 
 
 class Store(SyncObjConsumer):
@@ -211,21 +213,26 @@ class Member:
                 store.submit("", 0, op, lambda *_, k=(lease_id, beat): store.expiring.discard(k))
 
 
-def check_bindable(address: str) -> None:
-    """ShoalError unless this member's Raft address can be bound now. pysyncobj retries a failed bind
-    forever, silently; this says it at once. With SO_REUSEADDR, as pysyncobj binds, so that a member
+def check_bindable(address: str, within_s: float = BIND_S) -> None:
+    """ShoalError unless this member's Raft address can be bound within `within_s`. pysyncobj retries a
+    failed bind forever, silently; this says it. With SO_REUSEADDR, as pysyncobj binds, so that a member
     started again on its killed predecessor's port binds it (its connections' TIME_WAIT does not hold it)."""
     host, port = address.rsplit(":", 1)
-    try:
-        family, kind, proto, _, where = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(where)
-    except OSError as exc:
-        raise ShoalError(
-            f"cannot bind the Raft address {address} ({exc.strerror or exc}): another process holds it, so this "
-            "member cannot serve there (the other members know it only by that address)"
-        ) from None
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            family, kind, proto, _, where = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(where)
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ShoalError(
+                    f"cannot bind the Raft address {address} ({exc.strerror or exc}) within {within_s:g} s: another "
+                    "process holds it, so this member cannot serve there (the other members know it only by it)"
+                ) from None
+            time.sleep(0.2)  # a port held for a moment (a connection of another process) frees itself
 
 
 def main(argv: list[str] | None = None) -> int:
