@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -68,15 +69,30 @@ def client_address(raft_address: str) -> str:
     return f"{host}:{int(port) + 1}"
 
 
-def _free_pair(host: str) -> int:
-    """A port p on `host` with p+1 free as well (now: the members bind them a moment later)."""
-    while True:
-        with socket.socket() as a, socket.socket() as b:
-            a.bind((host, 0))
-            p = a.getsockname()[1]
-            with contextlib.suppress(OSError):
-                b.bind((host, p + 1))
-                return p
+def free_pair(host: str, taken: tuple[int, ...] = ()) -> int:
+    """A port p on `host`, with p+1 free as well, below the kernel's range of ephemeral ports: a member
+    binds them a moment later, and a port from that range (what binding port 0 gives) may meanwhile
+    become the source port of some process's outgoing connection (the members' own connections to
+    each other, under load): then the member cannot bind it. `taken`: ports already handed out."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        p = rng.randrange(max(1024, low // 2), low - 1)
+        if any(abs(p - q) <= 1 for q in taken):
+            continue
+        with socket.socket() as a, socket.socket() as b, contextlib.suppress(OSError):
+            a.bind((host, p))
+            b.bind((host, p + 1))
+            return p
+    raise ShoalError(f"found no free pair of ports on {host} below {low} for the control plane's members")
+
+
+def _ephemeral_low() -> int:
+    """The lowest port Linux gives outgoing connections (/proc/sys/net/ipv4/ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 @contextlib.contextmanager
@@ -95,7 +111,10 @@ def serving(
         yield {env.CONTROL: control}
         return
     if nnodes == 1:
-        members = [f"127.0.0.1:{_free_pair('127.0.0.1')}" for _ in range(MEMBERS)]
+        ports: list[int] = []
+        for _ in range(MEMBERS):
+            ports.append(free_pair("127.0.0.1", tuple(ports)))
+        members = [f"127.0.0.1:{p}" for p in ports]
         with _running(members, list(range(MEMBERS)), job_key, node_rank):
             yield {env.CONTROL: spec(members)}
         return
@@ -109,7 +128,13 @@ def serving(
     again = bool(os.environ.get(env.RELAUNCHED))  # keep the addresses the others and the workers know
     with _exchange(job_key, node_rank, rdzv_endpoint) as share:
         here = address_towards(split_endpoint(rdzv_endpoint)[0])
-        members = share(mine, lambda: f"{here}:{_free_pair(here)}", again)
+        drawn: list[int] = []
+
+        def draw() -> str:
+            drawn.append(free_pair(here, tuple(drawn)))
+            return f"{here}:{drawn[-1]}"
+
+        members = share(mine, draw, again)
         with _running(members, mine, job_key, node_rank):
             yield {env.CONTROL: spec(members)}
 

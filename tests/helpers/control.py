@@ -9,14 +9,13 @@ with Processes() as procs:
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal.control import RaftControl
-from shoal.control.launch import member_argv
-from tests.helpers.procs import Proc, Processes, free_port
+from shoal.control.launch import free_pair, member_argv
+from tests.helpers.procs import Proc, Processes
 
 KEY = "control-plane-test-key-0123456789"
 START_S = 60.0
@@ -24,23 +23,11 @@ START_S = 60.0
 
 
 def member_ports(count: int = 3) -> list[int]:
-    """Ports p with p+1 free too (member i serves clients on its port + 1): both free now, p+1 checked as
-    well (unchecked, a member sometimes found it in use: "Address already in use", exit 2)."""
+    """Ports p with p+1 free too (member i serves clients on its port + 1), as the launcher picks them."""
     ports: list[int] = []
     while len(ports) < count:
-        p = free_port()
-        if p < 65000 and all(abs(p - q) > 1 for q in ports) and _free(p + 1):
-            ports.append(p)
+        ports.append(free_pair("127.0.0.1", tuple(ports)))
     return ports
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 @dataclass
