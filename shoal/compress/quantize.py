@@ -31,13 +31,21 @@ from collections.abc import Sequence
 import torch
 
 from shoal.compress.base import NONFINITE, Compressor, Payload, numel_of, value_dtype
-from shoal.compress.seeds import counts_state, load_counts, next_seed
+from shoal.compress.seeds import counts_state, key_seed, load_counts, next_seed
 from shoal.finite import all_finite
 
 BLOCK = 256
 DITHER_BITS = 16
 CHUNK = 2**18
 """Elements encoded per pass, a multiple of BLOCK: about 1 MB of float32 temporaries."""
+SEGMENT = 2**16
+"""Elements per random stream of `Quantizer.requantize`, a multiple of BLOCK: whoever
+rounds a range that starts inside a segment draws (and drops) the segment's dither
+before it, so a short segment wastes little."""
+SHARED_SEED = 0
+"""The seed of `requantize`'s streams, the same on every rank (encode's differ per rank)."""
+REDUCED = "/reduced/"
+"""Infix of `requantize`'s stream keys: key + REDUCED + segment index."""
 
 
 def dither(gen: torch.Generator, count: int, dtype: torch.dtype) -> torch.Tensor:
@@ -85,19 +93,52 @@ class Quantizer(Compressor):
         for at in range(0, n, CHUNK):  # a chunk at a time, so that its temporaries stay in cache
             x = flat[at : at + CHUNK]
             level = dither(gen, x.numel(), work).to(flat.device)
-            for rows, u in zip(blocks_of(x), blocks_of(level), strict=True):
-                scales.append(block_max(rows))
-                m = torch.where(scales[-1] > 0, scales[-1], 1.0).view(-1, 1)
-                if float(scales[-1].max()) > torch.finfo(work).max / self.levels:
-                    u.add_(rows / m, alpha=self.levels)  # s * x would overflow: divide first
-                else:
-                    u.addcdiv_(rows, m, value=self.levels)  # u + s * x / m
-            # floor(level + u) rounds the signed level stochastically; the clamp
-            # catches s * x / m rounded one ulp above s.
-            code[at : at + CHUNK] = level.floor_().clamp_(-self.levels, self.levels)
+            code[at : at + CHUNK] = self._round(x, level, scales)
         scale = torch.cat(scales)
         header = {} if all_finite(scale) else {NONFINITE: True}
         return Payload(header, [self._pack(code), scale])
+
+    def requantize(self, key: str, count: int, values: torch.Tensor, start: int) -> Payload:
+        """Round `values`, elements `start`.. (a multiple of BLOCK) of `key`'s flat
+        gradient, stochastically again: the DP hook's second rounding, of the ranks'
+        average (see `shoal.compress.ddp_hooks`). The payload is `encode`'s for those
+        elements, but the dither comes from rank-independent streams, one per
+        `SEGMENT` of the key's elements and keyed by the count of `key`'s encodes
+        (`count`, the same on every rank): each element's rounding depends on its
+        key, position and step only, not on which rank rounds it or how the elements
+        are split among ranks (which follows DDP's bucket layout, which changes)."""
+        work = value_dtype(values.dtype)
+        flat = values.detach().reshape(-1).to(work)
+        n = flat.numel()
+        assert start % BLOCK == 0, "a requantized range starts on a block"
+        code = torch.empty(n, dtype=torch.int8, device=flat.device)
+        scales = [flat.new_zeros(0)]
+        at = 0
+        while at < n:
+            segment, offset = divmod(start + at, SEGMENT)
+            take = min(SEGMENT - offset, n - at)
+            gen = torch.Generator().manual_seed(key_seed(SHARED_SEED, f"{key}{REDUCED}{segment}", count))
+            level = dither(gen, offset + take, work)[offset:].to(flat.device)
+            code[at : at + take] = self._round(flat[at : at + take], level, scales, divide_first=True)
+            at += take
+        return Payload({}, [self._pack(code), torch.cat(scales)])
+
+    def _round(
+        self, x: torch.Tensor, level: torch.Tensor, scales: list[torch.Tensor], divide_first: bool = False
+    ) -> torch.Tensor:
+        """The codes of `x` (whole blocks but the last) given its dither `level`, which
+        is overwritten; appends the blocks' scales to `scales`. `divide_first` always
+        computes u + (x / m) s, whose bits do not depend on the other blocks of `x`."""
+        for rows, u in zip(blocks_of(x), blocks_of(level), strict=True):
+            scales.append(block_max(rows))
+            m = torch.where(scales[-1] > 0, scales[-1], 1.0).view(-1, 1)
+            if divide_first or float(scales[-1].max()) > torch.finfo(level.dtype).max / self.levels:
+                u.add_(rows / m, alpha=self.levels)  # s * x would overflow: divide first
+            else:
+                u.addcdiv_(rows, m, value=self.levels)  # u + s * x / m
+        # floor(level + u) rounds the signed level stochastically; the clamp
+        # catches s * x / m rounded one ulp above s.
+        return level.floor_().clamp_(-self.levels, self.levels)
 
     def decode(self, payload: Payload, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         packed, scale = payload.tensors
