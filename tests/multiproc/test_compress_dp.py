@@ -2,8 +2,10 @@
 
 Few and decisive: every compressor trains digits to >= 0.95 with the ranks
 agreeing bit for bit; accumulation compresses once and clipping acts on the
-decoded average; an fp16 overflow skips the step; and a run resumed from
-a checkpoint with error-feedback state equals the uninterrupted run.
+decoded average; an fp16 overflow skips the step; int8's and qsgd's
+two-phase exchange gives, on 3 ranks, the bits of its one-process reference
+(tests/helpers/exchange.py); and a run resumed from a checkpoint with
+error-feedback state equals the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -117,11 +119,38 @@ def accum_clip_overflow(rank, world):
     res["overflow_metrics"] = strategy.step_metrics()
     strategy.train_step(model, opt, loss_fn, (x, y))
     res["next_changed"] = not torch.equal(before, _flat(model))
+
+    # int8/qsgd: every rank's averaged gradient equals the one-process reference of
+    # the two-phase exchange bit for bit, in DDP's first bucket layout and in the
+    # rebuilt one (steps 0 and 1); 3 ranks split the bucket unevenly.
+    import torch.distributed as dist
+
+    from tests.helpers.exchange import two_phase_reference
+
+    for spec in ("int8", "qsgd:levels=4"):
+        _, model, opt, strategy = _setup(spec, {"lr": 0.1})
+        module = model.module
+        named = list(module.named_parameters())
+        same = []
+        for step in range(2):
+            local = torch.autograd.grad(loss_fn(module(x), y), [p for _, p in named])  # no DDP, no hook
+            flat = torch.cat([g.reshape(-1) for g in local])
+            everyone = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(everyone, flat)
+            sizes = [p.numel() for _, p in named]
+            grads = [{n: t.view_as(p) for (n, p), t in zip(named, f.split(sizes), strict=True)} for f in everyone]
+            want = two_phase_reference(spec, grads, step)
+            loss_fn(model(x), y).backward()
+            same.append(all(torch.equal(p.grad, want[n]) for n, p in named))
+            opt.step()
+            opt.zero_grad()
+        res[spec] = same
     return res
 
 
-def test_accumulation_clipping_and_fp16_overflow():
-    for res in run_workers(accum_clip_overflow, timeout_s=120):
+def test_accumulation_clipping_fp16_overflow_and_int8_exchange():
+    for res in run_workers(accum_clip_overflow, world=3, timeout_s=150):
+        assert res["int8"] == res["qsgd:levels=4"] == [True, True], "two-phase exchange differs from its reference"
         assert res["encodes"] == [2]  # 6 micro-steps / grad_accum 3
         assert res["metrics_nonzero_at"] == [2, 3, 4, 5]  # reported from the first sync step on
         assert 0 < res["clipped_update_norm"] <= 1e-3 * (1 + 1e-4)
