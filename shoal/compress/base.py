@@ -15,7 +15,7 @@ paths:
 Headers carry only what the shape and the spec determine, plus flags (e.g.
 `nonfinite`); everything data dependent is a tensor. So two ranks that encode
 same-shaped gradients produce payloads of the same layout, which is what lets
-the DP hook all-gather them as flat byte buffers of equal size.
+the DP hook exchange them as flat byte buffers of equal size.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class Compressor:
     decoded once, equals the sum of the ranks' decoded gradients. That holds
     for casts and for random-k with a shared mask (same indices everywhere);
     it does not hold for quantized codes with per-rank scales or for top-k with
-    per-rank indices, which must be all-gathered and decoded one by one.
+    per-rank indices, which must be decoded one by one (the DP hook reduces
+    the former in two phases and all-gathers the latter; see `ddp_hooks`).
     """
 
     family: str = ""
