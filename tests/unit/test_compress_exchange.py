@@ -112,3 +112,14 @@ def test_simulated_exchange_equals_the_reference_on_every_rank(spec, world, dtyp
 def test_all_to_all_bytes_are_those_that_leave_the_rank():
     assert wire_bytes("all_to_all", 400, 4) == 300
     assert wire_bytes("all_to_all", 400, 4) + wire_bytes("all_gather", 100, 4) == wire_bytes("all_reduce", 400, 4)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_on_one_rank_reaches_every_rank(bad):
+    """The hook's check then flags the step on every rank, which all skip it."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [{k: torch.randn(s, generator=gen) for k, s in SHAPES.items()} for _ in range(3)]
+    grads[2]["d"][SEGMENT + 3] = bad
+    for held in simulate("int8", grads, list(SHAPES), step=0):
+        assert not bool(held["d"].isfinite().all())
+        assert all(bool(held[k].isfinite().all()) for k in SHAPES if k != "d")
