@@ -21,9 +21,10 @@ its compressor:
   rank sends 2(N-1)/N x the compressed size and decodes about two gradients'
   worth (an all-gather of whole payloads sent (N-1) x and decoded N; it made
   int8 slower than fp32 at 10 Gbit/s with 4 ranks). Timed on the 5.3M MLP's
-  gradients with gloo on loopback, the hook took about half the all-gather's
-  time at N = 4 and no longer at N = 2 (where the bytes are the same), so it
-  is used at every N. Two stochastic roundings, each unbiased: the average
+  gradients with gloo on loopback (`benchmarks/dp_exchange.py`), the hook ran
+  1.6-2.1x faster than the all-gather at N = 4 and 0.94-1.3x (medians of
+  runs: not slower) at N = 2, where the bytes are the same, so it is used at
+  every N. Two stochastic roundings, each unbiased: the average
   stays unbiased, with the second rounding's variance added. Blocks are each
   tensor's own and the second rounding's dither is keyed by tensor, position
   and step, not by rank or bucket, so the result does not depend on DDP's
