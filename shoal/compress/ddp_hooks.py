@@ -91,8 +91,11 @@ class ChunkPlan:
     Same numels, dtype and world give the same plan on every rank.
     """
 
-    def __init__(self, numels: list[int], bits: int, scale_dtype: torch.dtype, world: int):
+    def __init__(
+        self, numels: list[int], bits: int, scale_dtype: torch.dtype, world: int, device: torch.device | None = None
+    ):
         self.world = world
+        self.device = device  # the bucket's: where padding and sums are made
         self.bits = bits
         self.code_dtype = torch.int8 if bits == 8 else torch.uint8  # as `Quantizer._pack` makes them
         self.scale_dtype = scale_dtype
@@ -128,7 +131,7 @@ class ChunkPlan:
         (codes, scales), in the chunk's order."""
         out = [s.contiguous().view(torch.uint8) for _, s in parts] + [c.view(torch.uint8) for c, _ in parts]
         pad = self.size - self._used(self.chunks[j])
-        return [*out, torch.zeros(pad, dtype=torch.uint8)] if pad else out
+        return [*out, torch.zeros(pad, dtype=torch.uint8, device=self.device)] if pad else out
 
     def _unpack(self, j: int, raw: torch.Tensor) -> list[Payload]:
         """The payload of each piece of chunk j, viewed in `raw` (`size` bytes, 8-byte aligned)."""
@@ -175,7 +178,7 @@ class ChunkPlan:
         payloads = [self._unpack(rank, raw) for raw in raws]
         parts = []
         for n, (i, start, end) in enumerate(self.chunks[rank]):
-            total = torch.zeros(end - start, dtype=dtype)
+            total = torch.zeros(end - start, dtype=dtype, device=self.device)
             for from_rank in payloads:
                 quantizer.decode_add(from_rank[n], total)
             again = quantizer.requantize(keys[i], counts[i], total.div_(self.world), start)
@@ -343,10 +346,10 @@ class CompressionHook:
         counts = [compressor.counts[k] - 1 for k in keys]  # this encode's: the same on every rank
         scale_dtype = payloads[0].tensors[1].dtype
         numels = [g.numel() for g in grads]
-        plan_key = (tuple(numels), scale_dtype, world)
+        plan_key = (tuple(numels), scale_dtype, world, buffer.device)
         plan = self._plans.get(plan_key)
         if plan is None:
-            plan = self._plans[plan_key] = ChunkPlan(numels, compressor.bits, scale_dtype, world)
+            plan = self._plans[plan_key] = ChunkPlan(numels, compressor.bits, scale_dtype, world, buffer.device)
 
         send = plan.send(payloads)
         recv = torch.empty_like(send)
