@@ -13,8 +13,11 @@ points on this machine (in /dev/shm, removed at the end); a hung
 a one-line reason with the failing rank and its last error line, and the
 rendezvous store itself, opened here on the asked address only
 (`shoal.ps.store.listen`; torch's server would listen on every interface),
-which torch's rendezvous then shares (`multi_tenant`). The workers' bootstrap
-store that torch's agent opens on a free port (MASTER_PORT) is torch's own and
+which torch's rendezvous then shares (`multi_tenant`); across machines with
+restarts, the static rendezvous in rounds (`shoal.launch.rounds`), which a
+launcher started again by its supervisor rejoins. With restarts, each round's
+workers meet in a bootstrap store of their own, which worker rank 0 opens on a
+free port (MASTER_PORT; `_restartable`, `shoal.launch.rounds`): torch's own, it
 still listens on every interface.
 """
 
@@ -175,6 +178,10 @@ def _rendezvous(spec: LaunchSpec) -> tuple[Any, str, str, dict[str, Any], str | 
         backend, endpoint, rdzv_configs = spec.rdzv_backend, spec.rdzv_endpoint, {}
     elif several:
         backend, endpoint, rdzv_configs = "static", spec.rdzv_endpoint, {"rank": spec.node_rank}
+        if spec.nnodes > 1 and spec.max_restarts:  # a restart, or a launcher started again, rejoins in rounds
+            from shoal.launch.rounds import register
+
+            backend = register()
         _check_endpoint(endpoint, spec.node_rank, store_open=spec.store_open)
         if spec.node_rank == 0 and not spec.store_open:
             held = _hold_store(*split_endpoint(endpoint), spec.rdzv_timeout_s)
@@ -185,7 +192,7 @@ def _rendezvous(spec: LaunchSpec) -> tuple[Any, str, str, dict[str, Any], str | 
         backend, endpoint, rdzv_configs = "c10d", f"127.0.0.1:{held.port}", {}
     # Dynamic rendezvous: name this machine by the address the others reach (torch would take the
     # host name, which may resolve to loopback, and then advertise it as MASTER_ADDR).
-    local_addr = address_towards(split_endpoint(endpoint)[0]) if several and backend != "static" else None
+    local_addr = address_towards(split_endpoint(endpoint)[0]) if several and "static" not in backend else None
     return held, backend, endpoint, rdzv_configs, local_addr
 
 

@@ -3,7 +3,8 @@
 Why: torch's elastic agent restarts workers, but nothing restarts the agent
 (the launcher) itself. When the launcher of a machine dies (SIGKILL, the OOM
 killer), the agents on the other machines restart their workers and wait in
-the rendezvous for this machine until the rendezvous timeout; on a cluster
+the rendezvous for this machine until the rendezvous timeout (under the static
+rendezvous, in the round they restart in: `shoal.launch.rounds`); on a cluster
 systemd or Kubernetes would start it again, for a job started by hand nobody
 does. So on a machine where that helps (`reason_to_supervise`), the process
 the user started only supervises: it runs the real launcher as its child,
@@ -56,10 +57,12 @@ def reason_to_supervise(
 ) -> str:
     """'' when a launcher started again here rejoins the job, else why it would not (so it is not supervised).
 
-    It rejoins only a dynamic rendezvous (c10d, etcd), where torch's agents on the
-    other machines take a machine that comes back; the static rendezvous has no
-    rounds a new agent could join. A c10d machine whose address is the endpoint
-    holds the job's store, which dies with its launcher. Parameter servers started
+    It rejoins a dynamic rendezvous (c10d, etcd), where torch's agents on the other
+    machines take a machine that comes back, and the static one, which runs in rounds
+    with restarts (`shoal.launch.rounds`): the new agent joins the round the others
+    restart their workers in. The machine that holds the job's store dies with it:
+    machine 0 under the static rendezvous, and under c10d the machine whose address
+    is the endpoint. Parameter servers started
     here would need their own state back. Embedded control-plane members
     (`control` "raft") come back as the same members (`shoal.control.launch`),
     except on machine 0, whose launcher holds the store where the members'
@@ -69,8 +72,8 @@ def reason_to_supervise(
         return "already supervised"
     if nnodes <= 1 or max_restarts <= 0:
         return "one machine, or no restarts"
-    if backend == "static":
-        return "the static rendezvous takes no machine back"
+    if backend == "static" and node_rank == 0:
+        return "this machine holds the static rendezvous's store"
     if servers:
         return "parameter servers run here"
     if backend == "c10d" and _is_local(endpoint):

@@ -17,7 +17,9 @@ AWAY = "10.255.255.1:29400"  # not an address of this machine: another machine h
         ((3, "etcd-v2", "127.0.0.1:2379", 2), 0, "", 0, ""),  # the store is etcd's, not a launcher's
         ((1, "c10d", AWAY, 1), 0, "", 0, "one machine"),
         ((2, "c10d", AWAY, 0), 0, "", 1, "no restarts"),
-        ((2, "static", AWAY, 1), 0, "", 1, "static rendezvous"),
+        ((2, "static", AWAY, 1), 0, "", 1, ""),  # it rejoins in the next round (shoal.launch.rounds)
+        ((2, "static", AWAY, 1), 0, "", 0, "holds the static rendezvous's store"),
+        ((2, "static", AWAY, 1), 0, "raft", 1, ""),
         ((2, "c10d", "127.0.0.1:29400", 1), 0, "", 0, "holds the c10d store"),
         ((2, "c10d", AWAY, 1), 2, "", 1, "parameter servers"),
         # its members come back with their journals (shoal.control.launch), on the addresses they had

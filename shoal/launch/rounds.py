@@ -1,0 +1,103 @@
+"""The static rendezvous in numbered rounds, so that a machine's launcher started again rejoins the job.
+
+torch's static rendezvous (`StaticTCPRendezvous`) has no rounds: a restart of
+the workers passes it at once, and every round's workers meet in the one store
+that machine 0's launcher holds, under the same keys (gloo's addresses, e.g.
+`default_pg/0//cpu//0/<rank>`, are never removed). Workers that start seconds
+apart (a machine's launcher started again by its supervisor, a slow machine)
+then read a peer's address of the round before, and the one whose turn it is
+to connect gets `Connection refused` or waits for a connection that never
+comes. Here (backend `BACKEND`, used across machines with --max-restarts):
+
+- every rendezvous is a numbered round that all machines' agents enter before
+  any starts its workers (`join_round`): a machine enters the round after the
+  last one it completed, or the newest one any machine entered if that is later,
+  so a machine whose launcher was started again, which remembers no round
+  (the store does, on machine 0), joins the round the others restart in;
+- each round's workers get a bootstrap store of their own (worker rank 0 hosts
+  it on a free port of machine 0, as torch does for its c10d backend with
+  TORCH_DISABLE_SHARE_RDZV_TCP_STORE), so no round reads another's keys.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from torch.distributed import DistStoreError, PrefixStore  # pyright: ignore[reportPrivateImportUsage]
+from torch.distributed.elastic.rendezvous import (
+    RendezvousInfo,
+    RendezvousParameters,
+    RendezvousStoreInfo,
+    RendezvousTimeoutError,
+    rendezvous_handler_registry,
+)
+from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous, create_rdzv_handler
+
+BACKEND = "shoal-static"
+PREFIX = "shoal/rounds/"
+
+
+def join_round(store: Any, node: int, nodes: int, timeout_s: float) -> int:
+    """Enter the next round as machine `node` of `nodes` and wait until all have entered it; its number.
+
+    Raises `RendezvousTimeoutError`, naming the machines that did not come, after `timeout_s`."""
+    completed = f"{PREFIX}node{node}"
+    last = int(store.get(completed)) if store.check([completed]) else 0
+    number = _raise_to(store, f"{PREFIX}newest", last + 1)
+    keys = [f"{PREFIX}{number}/node{i}" for i in range(nodes)]
+    store.set(keys[node], "1")
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+    except DistStoreError:
+        missing = [i for i, key in enumerate(keys) if not store.check([key])]
+        raise RendezvousTimeoutError(
+            f"machine(s) {', '.join(map(str, missing))} did not come to round {number} of the static rendezvous "
+            f"within {timeout_s:g} s"
+        ) from None
+    store.set(completed, str(number))
+    return number
+
+
+def _raise_to(store: Any, key: str, at_least: int) -> int:
+    """Atomically make the integer at `key` at least `at_least` (absent: 0); the value it has then."""
+    current = b""
+    while True:
+        value = int(current) if current else 0
+        if value >= at_least:
+            return value
+        got = store.compare_set(key, current, str(at_least).encode())
+        if got == str(at_least).encode():
+            return at_least
+        current = got
+
+
+class RoundedStaticRendezvous(StaticTCPRendezvous):
+    """torch's static rendezvous (ranks from --node-rank, the store machine 0 holds), in rounds."""
+
+    def get_backend(self) -> str:
+        return BACKEND
+
+    @property
+    def use_agent_store(self) -> bool:
+        return False  # each round's workers have their own bootstrap store
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        info = super().next_rendezvous()
+        number = join_round(info.store, self.rank, self.world_size, self.timeout.total_seconds())
+        own = PrefixStore(f"{PREFIX}{number}/", info.store)
+        bootstrap = RendezvousStoreInfo.build(self.rank, own, local_addr=self.master_addr)
+        return RendezvousInfo(info.store, self.rank, self.world_size, bootstrap)
+
+
+def _create(params: RendezvousParameters) -> RoundedStaticRendezvous:
+    base = create_rdzv_handler(params)  # its checks and defaults
+    assert isinstance(base, StaticTCPRendezvous)
+    timeout = int(base.timeout.total_seconds())
+    return RoundedStaticRendezvous(base.master_addr, base.master_port, base.rank, base.world_size, base.run_id, timeout)
+
+
+def register() -> str:
+    """Make `BACKEND` known to torch's launcher (again: a no-op); its name."""
+    rendezvous_handler_registry.register(BACKEND, _create)
+    return BACKEND
