@@ -22,7 +22,11 @@ A launcher that stays stopped (SIGSTOP: a hang) for the process group's
 timeout is ended the same way and started again, unless all its workers had
 already finished well (then the job is done here and the supervisor exits 0;
 its control-plane members, which run until the launcher ends them, are not
-counted as workers).
+counted as workers). So is a killed launcher whose workers, orphaned, had all
+exited 0 by themselves before they were ended (PDEATHSIG reaches a worker only
+once the launcher's exit is complete, and with short steps it may have finished
+the job by then): a launcher started again would wait in a rendezvous that the
+others, done, never come to.
 A launcher that exits by itself (a finished job, a failed one, Ctrl-C, or a
 SIGTERM/SIGHUP the supervisor passed on) is not started again.
 """
@@ -116,6 +120,7 @@ def supervise(argv: list[str], restarts: int, hang_s: float) -> int:
             code, hung = _wait(child, hang_s)
             if hung is None and (code >= 0 or stopping):
                 return code if code >= 0 else 128 - code
+            members = control_member_pids(os.getpid())  # they serve until the launcher ends them
             ended = end_orphans()
             if hung is not None:
                 if hung and all(ended.get(pid) == 0 for pid in hung):  # its workers had all finished, and well
@@ -126,6 +131,10 @@ def supervise(argv: list[str], restarts: int, hang_s: float) -> int:
                 what = f"hung (stopped for {hang_s:g} s)"
             else:
                 what = f"was killed by {_signal_name(-code)}"
+                workers = [c for pid, c in ended.items() if pid not in members]
+                if workers and all(c == 0 for c in workers):  # they finished by themselves, and well
+                    _say(f"this machine's launcher {what} after its workers finished; the job is done here")
+                    return 0
             if started >= restarts:
                 _say(
                     f"this machine's launcher {what} and was restarted {restarts} time(s), all that --max-restarts "

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,7 +118,20 @@ def test_servers_on_a_host_without_workers_equal_one_process(tmp_path):
 LOOP = ["examples/recover_loop.py", "--steps", "12", "--every", "5"]
 
 
-def test_c10d_takes_a_late_node_and_a_killed_launcher_comes_back_by_itself_bit_identical(tmp_path):
+@pytest.fixture(scope="module")
+def loop_without_faults(tmp_path_factory) -> Path:
+    """The parameters that LOOP ends with in a fault-free run of two workers on one host."""
+    out = tmp_path_factory.mktemp("want") / "want.pt"
+    one_thread = {**os.environ, env.THREADS: "1"}  # as two workers on one host get: the same float sums
+    want = subprocess.run(
+        [*SHOAL, "run", "-n", "2", *LOOP, "--out", str(out)], capture_output=True, timeout=120, env=one_thread
+    )
+    assert want.returncode == 0, want.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["c10d", "static"])
+def test_a_late_node_and_a_killed_launcher_come_back_by_itself_bit_identical(tmp_path, backend, loop_without_faults):
     """`--rdzv-backend c10d --max-restarts 2`: host 1's launcher starts after host 0's and joins. At step 7
     host 1's launcher is SIGKILLed (its worker, rank 1, kills its parent); host 1's supervisor ends the
     orphaned worker and starts the launcher again, which rejoins; torch's agent on host 0 restarts its
@@ -127,33 +141,44 @@ def test_c10d_takes_a_late_node_and_a_killed_launcher_comes_back_by_itself_bit_i
     ends the launcher and exits 0 instead of waiting for it. The job runs a control plane (`--control
     raft`: members 0 and 2 on host 0, member 1 on host 1): the supervisor ends member 1 with the worker,
     and the new launcher starts it again on the same address from its journal (a term > 0 at start,
-    which a new member never has), after its first write committed."""
-    one_thread = {**os.environ, env.THREADS: "1"}  # as two workers on one host get: the same float sums
-    want = subprocess.run(
-        [*SHOAL, "run", "-n", "2", *LOOP, "--out", str(tmp_path / "want.pt")],
-        capture_output=True,
-        timeout=120,
-        env=one_thread,
-    )
-    assert want.returncode == 0, want.stderr[-3000:]
+    which a new member never has), after its first write committed.
+
+    `static` (the default rendezvous, in rounds with restarts: `shoal.launch.rounds`), kept short: the
+    kill only, both launchers at once, no control plane; machine 0 on host 1 (the higher address, so
+    that gloo has machine 0's worker connect to the others' after a restart). The orphaned worker
+    sleeps at step 8, so that it dies with its launcher before it could finish the 12 short steps."""
+    static = backend == "static"
     faults = Faults(tmp_path).kill_launcher("worker", rank=1, step=7)  # ranks follow the hosts' addresses
-    faults.stop_launcher("worker", rank=1, step=11, seconds=120)  # hung past the 8 s timeout, workers done
+    if not static:
+        faults.stop_launcher("worker", rank=1, step=11, seconds=120)  # hung past the 8 s timeout, workers done
+    else:  # the orphaned worker, until it dies with its launcher (else it may finish the short job first)
+        faults.sleep("worker", rank=1, step=8, seconds=2)
     with TestHosts(2) as hosts, Processes() as procs:
         job = {env.JOB_KEY: secrets.token_hex(16), env.THREADS: "1", env.TIMEOUT_S: "8", **faults.env()}
 
+        on = [hosts[1], hosts[0]] if static else [hosts[0], hosts[1]]  # machine i runs on host on[i]
+
         def node(i: int) -> Proc:
-            argv = [*SHOAL, "run", "-n", "1", "--nnodes", "2", "--rdzv-backend", "c10d", "--max-restarts", "2"]
-            argv += ["--node-rank", str(i), "--control", "raft"]  # the node rank places the members
-            argv += ["--rdzv-endpoint", f"{hosts[0].address}:{PORT}", *LOOP, "--out", str(tmp_path / "got.pt")]
-            return procs.start(hosts[i].argv(argv), timeout=180, env=job, name=f"host{i}")
+            argv = [*SHOAL, "run", "-n", "1", "--nnodes", "2", "--rdzv-backend", backend, "--max-restarts", "2"]
+            argv += ["--node-rank", str(i)] + ([] if static else ["--control", "raft"])  # places the members
+            argv += ["--rdzv-endpoint", f"{on[0].address}:{PORT}", *LOOP, "--out", str(tmp_path / "got.pt")]
+            return procs.start(on[i].argv(argv), timeout=180, env=job, name=f"host{i}")
 
         first = node(0)
-        time.sleep(3)  # host 0 waits in the rendezvous for a host that is not there yet
+        if not static:
+            time.sleep(3)  # host 0 waits in the rendezvous for a host that is not there yet
         late = node(1)
         done = [finish(first), finish(late)]
         host1 = hosts[1].address
     assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
     faults.assert_fired("worker", 1, 7, "kill-launcher")
+    if static:  # its worker
+        assert "launcher was killed by SIGKILL; ended the 1 process(es) it left and started it again (1 of 2)" in (
+            done[1].stderr
+        ), done[1].stderr[-3000:]
+        assert done[0].stdout.count("restarted: resuming at step 5") == 1, done[0].stdout[-3000:]
+        assert_bit_identical(tmp_path / "got.pt", loop_without_faults)
+        return
     faults.assert_fired("worker", 1, 11, "stop-launcher")
     said = done[1].stderr
     # its worker and control member 1
@@ -167,10 +192,11 @@ def test_c10d_takes_a_late_node_and_a_killed_launcher_comes_back_by_itself_bit_i
     assert "launcher hung (stopped for 8 s) after its workers finished; ended it" in said, said[-3000:]
     # from step 5's point, or 10's: the orphaned worker may run on for a few (short) steps until it is ended
     assert len(re.findall(r"restarted: resuming at step (?:5|10)\b", done[0].stdout)) == 1, done[0].stdout[-3000:]
-    got, expected = (
-        torch.load(tmp_path / "got.pt", weights_only=True),
-        torch.load(tmp_path / "want.pt", weights_only=True),
-    )
+    assert_bit_identical(tmp_path / "got.pt", loop_without_faults)
+
+
+def assert_bit_identical(got_path, want_path) -> None:
+    got, expected = torch.load(got_path, weights_only=True), torch.load(want_path, weights_only=True)
     for key, value in expected["model"].items():
         torch.testing.assert_close(got["model"][key], value, atol=0, rtol=0)
     for key, state in expected["optimizer"]["state"].items():
