@@ -207,17 +207,19 @@ def end_orphans(timeout_s: float = 10.0) -> dict[int, int]:
 
 
 def die_with_launcher() -> None:
-    """In a worker of a supervised launcher (`shoal.init()`): be SIGKILLed as soon as the launcher dies.
+    """In a worker that a shoal launcher started (`shoal.init()`): be SIGKILLed as soon as the launcher dies.
 
-    Otherwise a worker whose launcher was killed runs on, alone, until the supervisor ends it: with
-    short steps, into steps the others will redo, or to the job's end, which the others then wait for.
+    Otherwise a worker whose launcher was killed runs on, alone: under a supervisor until it ends it
+    (with short steps, into steps the others will redo, or to the job's end, which the others then
+    wait for); without one to the job's end, its output in its log files only, with no agent to
+    restart it or the others, which restart (or stop) theirs only once their workers fail.
     """
     supervisor = os.environ.get(env.SUPERVISED, "")
-    if not supervisor.isdigit():
+    if not supervisor.isdigit() and not os.environ.get(env.LAUNCHED):
         return
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == int(supervisor):  # the launcher died before that: this process is an orphan already
+    if supervisor.isdigit() and os.getppid() == int(supervisor):  # the launcher died before that: an orphan
         os.kill(os.getpid(), signal.SIGKILL)
 
 
