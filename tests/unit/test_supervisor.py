@@ -40,3 +40,31 @@ def test_a_launcher_is_supervised_only_where_one_started_again_rejoins(
 def test_a_supervised_launcher_does_not_supervise_again(monkeypatch):
     monkeypatch.setenv(env.SUPERVISED, "1234")
     assert reason_to_supervise(2, "c10d", AWAY, 1, servers=0, control="", node_rank=1) == "already supervised"
+
+
+@pytest.mark.parametrize(("orphans", "relaunched"), [({101: 0, 102: 0}, False), ({101: 0, 102: -9}, True)])
+def test_a_killed_launcher_whose_workers_had_all_finished_well_is_not_started_again(
+    monkeypatch, capsys, orphans, relaunched
+):
+    """Its orphaned workers had exited 0 by themselves (the job's end came before PDEATHSIG): the job is done
+    here, and a launcher started again would wait in a rendezvous the others never come to."""
+    from shoal.launch import supervisor
+
+    started = []
+
+    class Launcher:
+        pid = 100
+
+        def __init__(self, *args, **kwargs) -> None:
+            started.append(kwargs["env"].get(env.RELAUNCHED))
+
+    codes = iter([(-9, None), (0, None)])  # killed; the one started again finishes
+    monkeypatch.setattr(supervisor.subprocess, "Popen", Launcher)
+    monkeypatch.setattr(supervisor, "_wait", lambda child, hang_s: next(codes))
+    monkeypatch.setattr(supervisor, "end_orphans", lambda: dict(orphans))
+    monkeypatch.setattr(supervisor, "_become_subreaper", lambda: None)
+    monkeypatch.setattr(supervisor.signal, "signal", lambda *args: None)
+    assert supervisor.supervise(["run"], restarts=2, hang_s=8) == 0
+    assert started == ([None, "1"] if relaunched else [None])
+    said = capsys.readouterr().err
+    assert ("after its workers finished; the job is done here" in said) != relaunched, said
