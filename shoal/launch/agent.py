@@ -150,7 +150,8 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     except SignalException as err:  # SIGTERM, SIGHUP, SIGQUIT (Ctrl-C is a KeyboardInterrupt)
         raise WorkerError(f"the launcher got {signal.Signals(err.sigval).name} and stopped its workers") from None
     except Exception as err:  # rendezvous timeouts, ports in use, ...
-        raise WorkerError(f"the job could not start: {type(err).__name__}: {first_line(str(err))}") from None
+        what = "stopped" if type(err).__name__ == "RestartTimeoutError" else "could not start"  # rounds.py
+        raise WorkerError(f"the job {what}: {type(err).__name__}: {first_line(str(err))}") from None
     finally:
         del held
         shutil.rmtree(recovery, ignore_errors=True)

@@ -38,6 +38,10 @@ BACKEND = "shoal-static"
 PREFIX = "shoal/rounds/"
 
 
+class RestartTimeoutError(RendezvousTimeoutError):
+    """A round after the first (a restart of the workers) that not every machine came to: the job had started."""
+
+
 def join_round(store: Any, node: int, nodes: int, timeout_s: float) -> int:
     """Enter the next round as machine `node` of `nodes` and wait until all have entered it; its number.
 
@@ -51,7 +55,8 @@ def join_round(store: Any, node: int, nodes: int, timeout_s: float) -> int:
         store.wait(keys, timedelta(seconds=timeout_s))
     except DistStoreError:
         missing = [i for i, key in enumerate(keys) if not store.check([key])]
-        raise RendezvousTimeoutError(
+        kind = RendezvousTimeoutError if number == 1 else RestartTimeoutError
+        raise kind(
             f"machine(s) {', '.join(map(str, missing))} did not come to round {number} of the static rendezvous "
             f"within {timeout_s:g} s"
         ) from None

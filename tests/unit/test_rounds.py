@@ -10,7 +10,7 @@ import pytest
 from torch.distributed import PrefixStore, TCPStore  # pyright: ignore[reportPrivateImportUsage]
 from torch.distributed.elastic.rendezvous import RendezvousTimeoutError
 
-from shoal.launch.rounds import PREFIX, RoundedStaticRendezvous, join_round
+from shoal.launch.rounds import PREFIX, RestartTimeoutError, RoundedStaticRendezvous, join_round
 
 
 @pytest.fixture
@@ -41,6 +41,9 @@ def test_a_machine_that_died_waiting_in_a_round_comes_back_to_the_round_the_othe
 
 def test_a_round_that_a_machine_does_not_come_to_names_it(store):
     with pytest.raises(RendezvousTimeoutError, match=r"machine\(s\) 1, 2 did not come to round 1 .* within 0.5 s"):
+        join_round(store, 0, 3, 0.5)
+    store.set(f"{PREFIX}node0", "1")  # as if round 1 had completed: the next is a restart
+    with pytest.raises(RestartTimeoutError, match=r"machine\(s\) 1, 2 did not come to round 2 "):
         join_round(store, 0, 3, 0.5)
 
 
