@@ -66,11 +66,11 @@ def reason_to_supervise(
     with restarts (`shoal.launch.rounds`): the new agent joins the round the others
     restart their workers in. The machine that holds the job's store dies with it:
     machine 0 under the static rendezvous, and under c10d the machine whose address
-    is the endpoint. Parameter servers started
-    here would need their own state back. Embedded control-plane members
-    (`control` "raft") come back as the same members (`shoal.control.launch`),
-    except on machine 0, whose launcher holds the store where the members'
-    addresses meet; any other spec starts nothing here.
+    is the endpoint. Parameter servers started here would need their own state
+    back. Embedded control-plane members (`control` "raft") come back as the
+    same members (`shoal.control.launch`), except on machine 0, whose launcher
+    holds the store where the members' addresses meet; any other spec starts
+    nothing here.
     """
     if os.environ.get(env.SUPERVISED):
         return "already supervised"
