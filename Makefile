@@ -28,7 +28,7 @@ train: setup
 	$(VENV)/bin/shoal train
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
