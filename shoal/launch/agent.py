@@ -150,7 +150,9 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     except SignalException as err:  # SIGTERM, SIGHUP, SIGQUIT (Ctrl-C is a KeyboardInterrupt)
         raise WorkerError(f"the launcher got {signal.Signals(err.sigval).name} and stopped its workers") from None
     except Exception as err:  # rendezvous timeouts, ports in use, ...
-        what = "stopped" if type(err).__name__ == "RestartTimeoutError" else "could not start"  # rounds.py
+        from shoal.launch.rounds import RestartTimeoutError
+
+        what = "stopped" if isinstance(err, RestartTimeoutError) else "could not start"
         raise WorkerError(f"the job {what}: {type(err).__name__}: {first_line(str(err))}") from None
     finally:
         del held
