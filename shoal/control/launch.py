@@ -95,6 +95,22 @@ def _ephemeral_low() -> int:
         return 32768  # Linux's default
 
 
+def _drawer(host: str) -> Callable[[], str]:
+    """`draw()`: a new member address HOST:PORT on `host`, its ports apart from those drawn before."""
+    drawn: list[int] = []
+
+    def draw() -> str:
+        drawn.append(free_pair(host, tuple(drawn)))
+        return f"{host}:{drawn[-1]}"
+
+    return draw
+
+
+def _member_key(index: int) -> str:
+    """Where member `index`'s address is published in the meeting store."""
+    return f"shoal/control/member/{index}"
+
+
 @contextlib.contextmanager
 def serving(
     control: str, job_key: str, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = ""
@@ -111,10 +127,8 @@ def serving(
         yield {env.CONTROL: control}
         return
     if nnodes == 1:
-        ports: list[int] = []
-        for _ in range(MEMBERS):
-            ports.append(free_pair("127.0.0.1", tuple(ports)))
-        members = [f"127.0.0.1:{p}" for p in ports]
+        draw = _drawer("127.0.0.1")
+        members = [draw() for _ in range(MEMBERS)]
         with _running(members, list(range(MEMBERS)), job_key, node_rank):
             yield {env.CONTROL: spec(members)}
         return
@@ -127,14 +141,7 @@ def serving(
     mine = [i for i in range(MEMBERS) if i % nnodes == node_rank]
     again = bool(os.environ.get(env.RELAUNCHED))  # keep the addresses the others and the workers know
     with _exchange(job_key, node_rank, rdzv_endpoint) as share:
-        here = address_towards(split_endpoint(rdzv_endpoint)[0])
-        drawn: list[int] = []
-
-        def draw() -> str:
-            drawn.append(free_pair(here, tuple(drawn)))
-            return f"{here}:{drawn[-1]}"
-
-        members = share(mine, draw, again)
+        members = share(mine, _drawer(address_towards(split_endpoint(rdzv_endpoint)[0])), again)
         with _running(members, mine, job_key, node_rank):
             yield {env.CONTROL: spec(members)}
 
@@ -156,7 +163,7 @@ def _running(members: list[str], mine: list[int], job_key: str, node_rank: int) 
                     child_env = {**os.environ, env.JOB_KEY: job_key}
                     procs[i] = subprocess.Popen(argv, env=child_env, stdout=log, stderr=log, start_new_session=True)
                 (folder / f"member{i}.pid").write_text(str(procs[i].pid))  # the supervisor's hang check skips it
-            ctl = RaftControl(members, key=job_key, timeout=START_S)
+            ctl = RaftControl(members, key=job_key, timeout=START_S)  # typed as such: `__enter__` says ControlPlane
             with ctl:
                 ctl.put(f"job/started/{node_rank}", True)
                 if os.environ.get(env.RELAUNCHED):
@@ -253,10 +260,9 @@ def _exchange(job_key: str, node_rank: int, rdzv_endpoint: str) -> Iterator[Shar
 
     def share(mine: list[int], draw: Callable[[], str], again: bool) -> list[str]:
         for i in mine:
-            name = f"shoal/control/member/{i}"
-            if not (again and store.raw.check([name])):  # a launcher started again keeps what it published
-                store.set(name, draw())
-        keys = [f"shoal/control/member/{i}" for i in range(MEMBERS)]
+            if not (again and store.raw.check([_member_key(i)])):  # a launcher started again keeps what it published
+                store.set(_member_key(i), draw())
+        keys = [_member_key(i) for i in range(MEMBERS)]
         store.wait_or_say(
             keys,
             START_S,
