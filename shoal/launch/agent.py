@@ -18,7 +18,11 @@ restarts, the static rendezvous in rounds (`shoal.launch.rounds`), which a
 launcher started again by its supervisor rejoins. With restarts, each round's
 workers meet in a bootstrap store of their own, which worker rank 0 opens on a
 free port (MASTER_PORT; `_restartable`, `shoal.launch.rounds`): torch's own, it
-still listens on every interface.
+still listens on every interface. And an agent whose
+workers all finished marks the job finished before torch's exit barrier, so
+that a launcher started again meanwhile (its predecessor killed after the
+workers' last collective) exits 0 instead of waiting for a rendezvous nobody
+enters (`shoal.launch.finished`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from shoal import env, logs
 from shoal.comm.netif import address_towards, interface_towards, is_this_machine
 from shoal.config import split_endpoint
 from shoal.errors import ShoalError, WorkerError, caused_by_peer, first_line
+from shoal.launch import finished
+from shoal.launch.finished import FinishedElsewhereError
 from shoal.launch.supervisor import recovery_folder_prefix
 from shoal.procfs import state_of
 
@@ -137,9 +143,11 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
     try:
         with (
             logs.quiet(*TORCH_LOGGERS),
-            mock.patch.object(launcher_api, "LocalElasticAgent", _agent_class(spec.timeout_s)),
+            mock.patch.object(launcher_api, "LocalElasticAgent", _agent_class(spec.timeout_s, _watch(spec, config))),
         ):
             elastic_launch(config, entrypoint=sys.executable)(*["-u", *argv])
+    except FinishedElsewhereError:
+        raise
     except ChildFailedError as err:
         said = _describe_failure(err, log_dir)
         if spec.max_restarts:
@@ -199,9 +207,21 @@ def _rendezvous(spec: LaunchSpec) -> tuple[Any, str, str, dict[str, Any], str | 
     return held, backend, endpoint, rdzv_configs, local_addr
 
 
-def _agent_class(exit_barrier_s: float) -> type:
-    """torch's `LocalElasticAgent`, but a stopped worker is woken to end when a peer has failed, and the
-    wait for the other machines' agents at the end is `exit_barrier_s` (the process group's timeout).
+def _watch(spec: LaunchSpec, config: Any) -> tuple[str, int, str, int] | None:
+    """c10d, in a launcher started again: where and what its first rendezvous watches for the marker
+    that the job finished meanwhile (`shoal.launch.finished`); None otherwise (the static rounds watch
+    it themselves)."""
+    if not os.environ.get(env.RELAUNCHED) or spec.nnodes <= 1 or config.rdzv_backend != "c10d":
+        return None
+    return (*split_endpoint(spec.rdzv_endpoint), config.run_id, spec.nnodes)
+
+
+def _agent_class(exit_barrier_s: float, watch: tuple[str, int, str, int] | None = None) -> type:
+    """torch's `LocalElasticAgent`, but a stopped worker is woken to end when a peer has failed, the
+    wait for the other machines' agents at the end is `exit_barrier_s` (the process group's timeout),
+    and the job's end is marked for a launcher started again meanwhile (`shoal.launch.finished`):
+    an agent whose workers all finished marks it before that wait; with `watch` (c10d, a launcher
+    started again), the first rendezvous ends with `FinishedElsewhereError` once the mark is there.
 
     When a worker fails, torch 2.13 sends the others SIGTERM and waits up to a
     fixed 30 s before SIGKILL (`SubprocessContext.close`). A SIGSTOPped worker
@@ -217,6 +237,25 @@ def _agent_class(exit_barrier_s: float) -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("exit_barrier_timeout", exit_barrier_s)
             super().__init__(*args, **kwargs)
+            self._watch = watch
+
+        def _exit_barrier(self) -> None:  # torch enters it only when this agent's workers all exited 0
+            finished.mark(self._store, self._worker_group.spec.rdzv_handler.get_run_id())
+            super()._exit_barrier()
+
+        def _rendezvous(self, worker_group: Any) -> None:
+            where, self._watch = self._watch, None  # the first only: later, a failure here is this job's own
+            if where is None:
+                return super()._rendezvous(worker_group)  # pyright: ignore[reportCallIssue]  # @prof
+            from torch.distributed.elastic.rendezvous import RendezvousError
+
+            with finished.closing_when_finished(*where) as found:
+                try:
+                    return super()._rendezvous(worker_group)  # pyright: ignore[reportCallIssue]  # @prof
+                except RendezvousError:  # closed (a node kept as spare: RendezvousGracefulExitError)
+                    if found.is_set():
+                        raise finished.FinishedElsewhereError() from None
+                    raise
 
         def _monitor_workers(self, worker_group: Any) -> Any:
             pcontext = getattr(self, "_pcontext", None)

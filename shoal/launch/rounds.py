@@ -16,11 +16,18 @@ comes. Here (backend `BACKEND`, used across machines with --max-restarts):
   (the store does, on machine 0), joins the round the others restart in;
 - each round's workers get a bootstrap store of their own (worker rank 0 hosts
   it on a free port of machine 0, as torch does for its c10d backend with
-  TORCH_DISABLE_SHARE_RDZV_TCP_STORE), so no round reads another's keys.
+  TORCH_DISABLE_SHARE_RDZV_TCP_STORE), so no round reads another's keys;
+- a launcher started again whose job had meanwhile finished on the other
+  machines (its own was killed after the workers' last collective) does not
+  wait for a round nobody enters: in its first round it watches for the
+  finished agents' marker (`shoal.launch.finished`) and stops with
+  `FinishedElsewhereError`, after counting itself in their exit barrier.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -34,6 +41,9 @@ from torch.distributed.elastic.rendezvous import (
 )
 from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous, create_rdzv_handler
 
+from shoal import env
+from shoal.launch import finished
+
 BACKEND = "shoal-static"
 PREFIX = "shoal/rounds/"
 
@@ -42,17 +52,23 @@ class RestartTimeoutError(RendezvousTimeoutError):
     """A round after the first (a restart of the workers) that not every machine came to: the job had started."""
 
 
-def join_round(store: Any, node: int, nodes: int, timeout_s: float) -> int:
+def join_round(store: Any, node: int, nodes: int, timeout_s: float, finished_run: str = "") -> int:
     """Enter the next round as machine `node` of `nodes` and wait until all have entered it; its number.
 
-    Raises `RendezvousTimeoutError`, naming the machines that did not come, after `timeout_s`."""
+    Raises `RendezvousTimeoutError`, naming the machines that did not come, after `timeout_s`. With
+    `finished_run` (a launcher started again, in its first round), raises `FinishedElsewhereError`
+    as soon as an agent of that run says its workers finished (`shoal.launch.finished`): the others,
+    done, will not come, and their agents end as soon as this one counts itself in their exit barrier."""
     completed = f"{PREFIX}node{node}"
     last = int(store.get(completed)) if store.check([completed]) else 0
     number = _raise_to(store, f"{PREFIX}newest", last + 1)
     keys = [f"{PREFIX}{number}/node{i}" for i in range(nodes)]
     store.set(keys[node], "1")
     try:
-        store.wait(keys, timedelta(seconds=timeout_s))
+        if finished_run:
+            _wait_unless_finished(store, keys, timeout_s, finished_run, nodes)
+        else:
+            store.wait(keys, timedelta(seconds=timeout_s))
     except DistStoreError:
         missing = [i for i, key in enumerate(keys) if not store.check([key])]
         kind = RendezvousTimeoutError if number == 1 else RestartTimeoutError
@@ -62,6 +78,18 @@ def join_round(store: Any, node: int, nodes: int, timeout_s: float) -> int:
         ) from None
     store.set(completed, str(number))
     return number
+
+
+def _wait_unless_finished(store: Any, keys: list[str], timeout_s: float, run_id: str, nodes: int) -> None:
+    """`store.wait(keys)`, looking for the marker that the job finished meanwhile (DistStoreError: timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        if finished.seen(store, run_id):
+            finished.leave_exit_barrier(store, nodes)
+            raise finished.FinishedElsewhereError()
+        if time.monotonic() >= deadline:
+            raise DistStoreError("timeout")
+        time.sleep(finished.POLL_S)
 
 
 def _raise_to(store: Any, key: str, at_least: int) -> int:
@@ -80,6 +108,11 @@ def _raise_to(store: Any, key: str, at_least: int) -> int:
 class RoundedStaticRendezvous(StaticTCPRendezvous):
     """torch's static rendezvous (ranks from --node-rank, the store machine 0 holds), in rounds."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # a launcher started again, until its first round: the job may have finished meanwhile
+        self._watch = bool(os.environ.get(env.RELAUNCHED))
+
     def get_backend(self) -> str:
         return BACKEND
 
@@ -89,7 +122,9 @@ class RoundedStaticRendezvous(StaticTCPRendezvous):
 
     def next_rendezvous(self) -> RendezvousInfo:
         info = super().next_rendezvous()
-        number = join_round(info.store, self.rank, self.world_size, self.timeout.total_seconds())
+        watch, self._watch = self._watch, False
+        timeout_s = self.timeout.total_seconds()
+        number = join_round(info.store, self.rank, self.world_size, timeout_s, self.run_id if watch else "")
         own = PrefixStore(f"{PREFIX}{number}/", info.store)
         bootstrap = RendezvousStoreInfo.build(self.rank, own, local_addr=self.master_addr)
         return RendezvousInfo(info.store, self.rank, self.world_size, bootstrap)

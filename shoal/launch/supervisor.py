@@ -27,8 +27,13 @@ exited 0 by themselves before they were ended (PDEATHSIG reaches a worker only
 once the launcher's exit is complete, and with short steps it may have finished
 the job by then): a launcher started again would wait in a rendezvous that the
 others, done, never come to.
+A killed launcher whose orphaned workers were ended before they exited is
+started again even when they had passed the job's last collective; that one
+finds the job marked finished by the other machines' agents and exits 0
+(`shoal.launch.finished`), which the supervisor passes on.
 A launcher that exits by itself (a finished job, a failed one, Ctrl-C, or a
-SIGTERM/SIGHUP the supervisor passed on) is not started again.
+SIGTERM/SIGHUP the supervisor passed on) is not started again; whatever it
+left running is ended.
 """
 
 from __future__ import annotations
@@ -119,6 +124,7 @@ def supervise(argv: list[str], restarts: int, hang_s: float) -> int:
             child = subprocess.Popen([sys.executable, "-m", "shoal.cli", *argv], env=environ)
             code, hung = _wait(child, hang_s)
             if hung is None and (code >= 0 or stopping):
+                end_orphans()  # anything it started and left behind (none when it ended its own)
                 return code if code >= 0 else 128 - code
             members = control_member_pids(os.getpid())  # they serve until the launcher ends them
             ended = end_orphans()

@@ -58,13 +58,15 @@ def test_a_killed_launcher_whose_workers_had_all_finished_well_is_not_started_ag
         def __init__(self, *args, **kwargs) -> None:
             started.append(kwargs["env"].get(env.RELAUNCHED))
 
-    codes = iter([(-9, None), (0, None)])  # killed; the one started again finishes
+    codes = iter([(-9, None), (0, None)])  # killed; the one started again finishes (or says the job had)
+    ends = []
     monkeypatch.setattr(supervisor.subprocess, "Popen", Launcher)
     monkeypatch.setattr(supervisor, "_wait", lambda child, hang_s: next(codes))
-    monkeypatch.setattr(supervisor, "end_orphans", lambda: dict(orphans))
+    monkeypatch.setattr(supervisor, "end_orphans", lambda: ends.append(1) or dict(orphans))
     monkeypatch.setattr(supervisor, "_become_subreaper", lambda: None)
     monkeypatch.setattr(supervisor.signal, "signal", lambda *args: None)
     assert supervisor.supervise(["run"], restarts=2, hang_s=8) == 0
     assert started == ([None, "1"] if relaunched else [None])
+    assert len(ends) == len(started)  # what each launcher left is ended, the last one's too
     said = capsys.readouterr().err
     assert ("after its workers finished; the job is done here" in said) != relaunched, said
