@@ -16,9 +16,10 @@ rendezvous store itself, opened here on the asked address only
 which torch's rendezvous then shares (`multi_tenant`); across machines with
 restarts, the static rendezvous in rounds (`shoal.launch.rounds`), which a
 launcher started again by its supervisor rejoins. With restarts, each round's
-workers meet in a bootstrap store of their own, which worker rank 0 opens on a
-free port (MASTER_PORT; `_restartable`, `shoal.launch.rounds`): torch's own, it
-still listens on every interface. And an agent whose
+workers meet in a bootstrap store of their own (MASTER_PORT): under the static
+rounds machine 0's agent opens it on the rendezvous address only
+(`shoal.launch.rounds`); under c10d worker rank 0 opens torch's own
+(`_restartable`), which still listens on every interface. And an agent whose
 workers all finished marks the job finished before torch's exit barrier, so
 that a launcher started again meanwhile (its predecessor killed after the
 workers' last collective) exits 0 instead of waiting for a rendezvous nobody

@@ -14,9 +14,12 @@ comes. Here (backend `BACKEND`, used across machines with --max-restarts):
   last one it completed, or the newest one any machine entered if that is later,
   so a machine whose launcher was started again, which remembers no round
   (the store does, on machine 0), joins the round the others restart in;
-- each round's workers get a bootstrap store of their own (worker rank 0 hosts
-  it on a free port of machine 0, as torch does for its c10d backend with
-  TORCH_DISABLE_SHARE_RDZV_TCP_STORE), so no round reads another's keys;
+- each round's workers get a bootstrap store of their own, so no round reads
+  another's keys: machine 0's agent opens a fresh one for each round on a
+  free port of its rendezvous address only (`shoal.comm.signed_store.listen`;
+  torch's, which worker rank 0 would host, listens on every interface), names
+  it in the round's keys, and closes the round before's; the workers connect
+  to it as clients (`use_agent_store`);
 - a launcher started again whose job had meanwhile finished on the other
   machines (its own was killed after the workers' last collective) does not
   wait for a round nobody enters: in its first round it watches for the
@@ -31,7 +34,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from torch.distributed import DistStoreError, PrefixStore  # pyright: ignore[reportPrivateImportUsage]
+from torch.distributed import DistStoreError, PrefixStore, TCPStore  # pyright: ignore[reportPrivateImportUsage]
 from torch.distributed.elastic.rendezvous import (
     RendezvousInfo,
     RendezvousParameters,
@@ -42,6 +45,7 @@ from torch.distributed.elastic.rendezvous import (
 from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous, create_rdzv_handler
 
 from shoal import env
+from shoal.comm.signed_store import listen
 from shoal.launch import finished
 
 BACKEND = "shoal-static"
@@ -110,6 +114,7 @@ class RoundedStaticRendezvous(StaticTCPRendezvous):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._bootstrap: TCPStore | None = None  # machine 0: this round's store for the workers
         # a launcher started again, until its first round: the job may have finished meanwhile
         self._watch = bool(os.environ.get(env.RELAUNCHED))
 
@@ -118,7 +123,7 @@ class RoundedStaticRendezvous(StaticTCPRendezvous):
 
     @property
     def use_agent_store(self) -> bool:
-        return False  # each round's workers have their own bootstrap store
+        return True  # workers connect to the round's store that machine 0's agent holds
 
     def next_rendezvous(self) -> RendezvousInfo:
         info = super().next_rendezvous()
@@ -126,7 +131,12 @@ class RoundedStaticRendezvous(StaticTCPRendezvous):
         timeout_s = self.timeout.total_seconds()
         number = join_round(info.store, self.rank, self.world_size, timeout_s, self.run_id if watch else "")
         own = PrefixStore(f"{PREFIX}{number}/", info.store)
-        bootstrap = RendezvousStoreInfo.build(self.rank, own, local_addr=self.master_addr)
+        port = None
+        if self.rank == 0:
+            self._bootstrap = None  # the round before's: its workers are gone
+            self._bootstrap = listen(self.master_addr, 0, timeout_s)  # on machine 0's rendezvous address only
+            port = self._bootstrap.port
+        bootstrap = RendezvousStoreInfo.build(self.rank, own, local_addr=self.master_addr, server_port=port)
         return RendezvousInfo(info.store, self.rank, self.world_size, bootstrap)
 
 

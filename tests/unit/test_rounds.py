@@ -4,10 +4,12 @@ round's own bootstrap store, and a launcher started again after the job finished
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from torch.distributed import PrefixStore, TCPStore  # pyright: ignore[reportPrivateImportUsage]
@@ -59,12 +61,14 @@ def test_a_round_that_a_machine_does_not_come_to_names_it(store):
 
 
 def test_each_round_has_its_own_bootstrap_store_on_machine_0():
-    """Both machines' agents name the same store for their workers (worker rank 0 hosts it), a new one each round."""
+    """Both machines' agents name the same store for their workers, which machine 0's agent holds on its
+    rendezvous address only (torch's would listen on every interface), a new one each round, the round
+    before's closed."""
     raw = TCPStore(
         "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10), multi_tenant=True
     )  # as machine 0's launcher holds it: its agent's rank-0 rendezvous shares it
     agents = [RoundedStaticRendezvous("127.0.0.1", raw.port, rank, 2, "run", 10) for rank in (0, 1)]
-    assert not agents[0].use_agent_store and agents[0].get_backend() == "shoal-static"
+    assert agents[0].use_agent_store and agents[0].get_backend() == "shoal-static"  # workers are its clients
 
     def rendezvous() -> list[tuple[str, int]]:
         with ThreadPoolExecutor(2) as pool:
@@ -72,10 +76,27 @@ def test_each_round_has_its_own_bootstrap_store_on_machine_0():
         assert [info.rank for info in infos] == [0, 1]
         return [(info.bootstrap_store_info.master_addr, info.bootstrap_store_info.master_port) for info in infos]
 
-    first, second = rendezvous(), rendezvous()
-    assert first[0] == first[1] and second[0] == second[1]
-    assert first[0][0] == "127.0.0.1" and raw.port not in (first[0][1], second[0][1])
-    assert first[0][1] != second[0][1] or len({first[0], second[0]}) == 1  # a free port: may be drawn again
+    first = rendezvous()
+    assert first[0] == first[1] and first[0][0] == "127.0.0.1" and first[0][1] != raw.port
+    assert listening_on(first[0][1]) == ["127.0.0.1"]
+    worker = TCPStore(*first[0], is_master=False, timeout=timedelta(seconds=5))  # as a worker connects
+    worker.set("k", "v")
+    second = rendezvous()
+    assert second[0] == second[1] and second[0][1] != first[0][1] and listening_on(second[0][1]) == ["127.0.0.1"]
+    assert not TCPStore(*second[0], is_master=False, timeout=timedelta(seconds=5)).check(["k"])  # no stale keys
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(first[0], timeout=5):
+        pass  # the first round's store is closed
+
+
+def listening_on(port: int) -> list[str]:
+    """The IPv4 addresses this machine listens on at `port` (/proc/net/tcp; state 0A: LISTEN)."""
+    found = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, at = local.split(":")
+        if state == "0A" and int(at, 16) == port:
+            found.append(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
 
 
 def test_a_launcher_started_again_after_the_job_finished_elsewhere_stops_and_releases_the_others(store):
