@@ -90,9 +90,10 @@ def leave_exit_barrier(store: Any, nodes: int) -> None:
 def closing_when_finished(host: str, port: int, run_id: str, nodes: int) -> Iterator[threading.Event]:
     """While the block runs (a launcher started again waits in torch's c10d rendezvous), watch the job's
     store at `host:port` for the marker of `run_id`; once it is there, set the event yielded and close the
-    rendezvous, so that the wait ends with `RendezvousClosedError` (the job is over: the other agents
-    close it themselves when they end). It is closed through a handler of the watcher's own, as another
-    machine would: the waiting one's state is not shared across threads."""
+    rendezvous, so that the wait ends (`RendezvousClosedError`, or `RendezvousGracefulExitError` for a node
+    torch kept as a spare; the job is over: the other agents close it themselves when they end). It is
+    closed through a handler of the watcher's own, as another machine would: the waiting one's state is
+    not shared across threads."""
     found, done = threading.Event(), threading.Event()
 
     def watch() -> None:
