@@ -276,10 +276,18 @@ class Client:
                         f"for clock {header.get('clock')}, expected clock {clock}"
                     )
                 self.bytes_pulled += sum(t.numel() * t.element_size() for t in tensors)
-                done = header.get("re", self.seq)  # it and everything sent before are in the state that answered
-                self.unanswered[s] = [u for u in self.unanswered[s] if u[0] > done]
+                self._answered(s, header)
                 replies[s] = (header, tensors)
         return [replies[s] for s in range(len(self.shards))]
+
+    def _answered(self, server: int, header: dict) -> None:
+        """Forget what the answer says both copies of the shard hold: it and everything sent before
+        (`re`), or, for an ASP answer that did not wait for the backup, up to `safe` (`shoal.ps.replication`)."""
+        done = header.get("re", self.seq)
+        safe = header.get("safe")
+        if isinstance(safe, int) and not isinstance(safe, bool):
+            done = min(done, safe)
+        self.unanswered[server] = [u for u in self.unanswered[server] if u[0] > done]
 
     def _poller(self) -> tuple[zmq.Poller, dict[zmq.Socket, tuple[int, int]]]:
         """A poller over every replica's socket, and where each socket is (shard, replica)."""
@@ -321,11 +329,15 @@ class Client:
             return  # aborted: nothing more to say
         for s in range(len(self.shards)):
             self._send(s, {"op": BYE})
-            for r, sock in enumerate(self.replica_socks[s]):  # and to the backup, which may be primary by now
+        self._wait_goodbyes()
+        # Then to each backup, so that its worker closing is no death to it: only now, since a backup
+        # that every worker said goodbye to takes nothing over, and before the primary's answer it
+        # may not hold all of this worker's pushes yet (an ASP answer does not wait for it).
+        for s in range(len(self.shards)):
+            for r, sock in enumerate(self.replica_socks[s]):
                 if r != self.current[s]:
                     header = {"op": BYE, "src": self.rank, "seq": self.seq, **self.shards[s].replicas[r].header}
                     sock.send_multipart(self.codec.encode(header))
-        self._wait_goodbyes()
         for socks in self.replica_socks:
             for sock in socks:
                 sock.close()  # LINGER lets the goodbyes go out
@@ -333,20 +345,22 @@ class Client:
 
     def _wait_goodbyes(self, wait_s: float = 5.0) -> None:
         """Until each shard's primary answered the goodbye (at most `wait_s`: a server that is gone does
-        not hold the worker's exit): closed before that, the connection could look like a death."""
-        poller = zmq.Poller()
-        for sock in self.socks:
-            poller.register(sock, zmq.POLLIN)
+        not hold the worker's exit): closed before that, the connection could look like a death. The
+        answer waits until the backup holds everything before it; a backup that takes over meanwhile
+        gets what the old primary had not acknowledged (an ASP push after the last `safe`) again."""
+        poller, where = self._poller()
         waiting = set(range(len(self.shards)))
         deadline = time.monotonic() + min(wait_s, self.timeout_s)
         while waiting and (left := deadline - time.monotonic()) > 0:
             for sock, _ in poller.poll(int(left * 1000)):
-                s = self.socks.index(sock)
+                s, r = where[sock]
                 try:
                     header, _ = self.codec.decode(sock.recv_multipart(copy=False))
                 except WireError:
                     continue
-                if header.get("op") == BYE:
+                if header.get("op") == TAKEOVER and r != self.current[s]:
+                    self._take_over(s, r, header)  # resends the goodbye too: it is unanswered
+                elif header.get("op") == BYE and r == self.current[s]:
                     waiting.discard(s)
 
 

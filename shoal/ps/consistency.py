@@ -87,6 +87,11 @@ class Gate:
         """The slowest worker that has not departed (every worker's minimum if all did)."""
         return min([n for w, n in enumerate(self.pushed) if w not in self.absent] or self.pushed)
 
+    @property
+    def never_waits(self) -> bool:
+        """Every key here is ASP: a pull is answered at once, whatever the clocks."""
+        return not self.has_bsp and self.ssp_bound is None
+
     def ready(self, clock: int) -> bool:
         bsp_behind = self.has_bsp and self.bsp_done < clock
         ssp_behind = self.ssp_bound is not None and self.slowest_present < clock - self.ssp_bound

@@ -17,6 +17,16 @@ it goes over with the next input, one link message for both, or after
 in between loses nothing a worker saw: the worker resends a pull it got no
 answer to, and the sequence numbers of its later messages are higher still.
 
+Under ASP (every key of the shard, uncompressed pulls) a pull's answer does
+not wait even for that: ASP promises no particular order of pushes, so the
+answer goes out at once, and it names (`safe`) the newest of this worker's
+messages the backup holds. That, not the answer, acknowledges a push: the
+worker keeps every message after `safe` and resends it to a promoted backup,
+which applies it exactly once; the values the worker read may then have had a
+push applied that the new primary applies later, in another order, which ASP
+allows. Where the order is the result (BSP, bit for bit) or the clocks are
+(SSP), answers wait as above.
+
 Failure. Each side watches the link: ZeroMQ heartbeats on it close a
 connection silent for `LEASE_S` (a stopped peer), and a killed peer's kernel
 closes it at once; the socket monitor reports the close. Whoever sees the
@@ -199,14 +209,25 @@ class PrimaryLink:
         self.needed = 0  # the newest input a reply depends on: the newest one not deferred
         self.deferred: list[tuple[str, bytes, int, list | tuple]] = []  # inputs not sent yet (forward's arguments)
         self.deferred_at = 0.0  # when the oldest of them was deferred
+        self.marks: deque[tuple[int, bytes, int]] = deque()  # (input, worker's routing id, its seq), not acked
+        self.safe: dict[bytes, int] = {}  # per worker process (routing id): its newest seq the backup holds
 
     def forward(
-        self, kind: str, ident: bytes = b"", frames: list | tuple = (), worker: int = -1, defer: bool = False
+        self,
+        kind: str,
+        ident: bytes = b"",
+        frames: list | tuple = (),
+        worker: int = -1,
+        defer: bool = False,
+        seq: int | None = None,
     ) -> None:
-        """Input `kind` ("input": a worker's message as received; "depart": `worker` declared departed).
-        `defer`: an input no reply depends on (an uncompressed pull changes only its own bookkeeping),
-        sent with the next input that is not deferred, or after `DEFER_S`; the inputs keep their order."""
+        """Input `kind` ("input": a worker's message as received, `seq` its sequence number; "depart":
+        `worker` declared departed). `defer`: an input no reply depends on (an uncompressed pull changes
+        only its own bookkeeping), sent with the next input that is not deferred, or after `DEFER_S`;
+        the inputs keep their order."""
         self.sent += 1
+        if seq is not None:
+            self.marks.append((self.sent, ident, seq))
         self.deferred.append((kind, ident, worker, frames))
         if not defer:
             self.needed = self.sent
@@ -226,10 +247,12 @@ class PrimaryLink:
         self.since.append((self.sent, time.monotonic()))
         self.deferred.clear()
 
-    def out(self, frames: list, fresh: bool) -> None:
-        """A reply produced by the newest input: sent once the backup holds every input it depends on.
-        Held, a reply whose buffers are not `fresh` is copied, since the optimizer changes them in place."""
-        if self.acked >= self.needed:
+    def out(self, frames: list, fresh: bool, at_once: bool = False) -> None:
+        """A reply produced by the newest input: sent once the backup holds every input it depends on
+        (`at_once`: an ASP answer, which names what the backup holds instead; still behind any reply
+        held before it). Held, a reply whose buffers are not `fresh` is copied, since the optimizer
+        changes them in place."""
+        if self.acked >= self.needed or (at_once and not self.held):
             self.send(frames, not fresh)
         elif fresh:
             self.held.append((self.needed, frames))
@@ -246,6 +269,9 @@ class PrimaryLink:
             n = header.get("seq")
             if header.get("op") == ACK and isinstance(n, int) and self.acked < n <= self.sent:
                 self.acked = n
+        while self.marks and self.marks[0][0] <= self.acked:
+            _, ident, seq = self.marks.popleft()
+            self.safe[ident] = seq
         while self.since and self.since[0][0] <= self.acked:
             self.since.popleft()
         while self.held and self.held[0][0] <= self.acked:

@@ -234,13 +234,14 @@ class Server:
     def out_now(self, frames: list, copy: bool) -> None:
         self.sock.send_multipart(frames, copy=copy)
 
-    def out(self, frames: list, fresh: bool) -> None:
-        """A reply to a worker ([ident, *frames]): now, or once the backup holds what it depends on.
+    def out(self, frames: list, fresh: bool, at_once: bool = False) -> None:
+        """A reply to a worker ([ident, *frames]): now, or once the backup holds what it depends on
+        (`at_once`: an ASP answer, `PrimaryLink.out`).
         `fresh`: its buffers are not changed later (a snapshot), so ZeroMQ may send them without a copy."""
         if self.role != PRIMARY:
             return
         if isinstance(self.link, PrimaryLink):
-            self.link.out(frames, fresh)
+            self.link.out(frames, fresh, at_once)
         else:
             self.sock.send_multipart(frames, copy=not fresh)
 
@@ -269,7 +270,9 @@ class Server:
             if op != INIT and src != OBSERVER and not self.members.speaks_for(src, ident):
                 self.members.refuse(src, ident)
             if isinstance(self.link, PrimaryLink):  # replayed there with the same checks; a pull goes with the next
-                self.link.forward("input", ident, frames, defer=op == PULL and self.pulls is None)
+                seq = header.get("seq")
+                defer = op == PULL and self.pulls is None
+                self.link.forward("input", ident, frames, defer=defer, seq=seq if _whole(seq) else None)
             self.apply(ident, src, op, header, tensors)
         except WireError as err:
             self.dropped[err.reason] += 1
@@ -496,18 +499,21 @@ class Server:
                 "staleness": self.staleness.get(read.worker, 0.0),
                 "re": read.seq,
             }
+            if isinstance(self.link, PrimaryLink):  # what the backup holds: an ASP answer does not wait for it
+                header["safe"] = self.link.safe.get(read.ident, 0)
             ready.append(Ready(read.ident, read.worker, header, read.exact))
         self.pending = waiting
         if ready:
             if self.role != PRIMARY and self.pulls is None:
                 return  # a backup's replies go nowhere (compressed ones are made: they move its copies)
+            at_once = self.pulls is None and gate.never_waits  # replication.py: why ASP's answers may
             # One MAC pass per distinct reply (`pull_codec.replies`): in BSP, one for all workers.
             for tensors, group in replies(self.pulls, self.pieces.values(), ready):
                 if self.role != PRIMARY:
                     continue
                 messages = self.codec.encode_many([h for _, h in group], tensors)
                 for (ident, _), frames in zip(group, messages, strict=True):
-                    self.out([ident, *frames], fresh=self.pulls is None)  # uncompressed: a snapshot
+                    self.out([ident, *frames], fresh=self.pulls is None, at_once=at_once)  # uncompressed: a snapshot
 
     # ---------------------------------------------------------------- health
     def check_timeouts(self) -> None:

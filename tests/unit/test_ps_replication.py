@@ -34,6 +34,10 @@ def _request(server: Server, src: int, seq: int, op: str, **more) -> dict:
     return {"op": op, "src": src, "seq": seq, "to": server.index, "session": server.session, **more}
 
 
+SSP = {**SPEC, "keys": [["w", "float32", [4], "ssp", 4, 0]]}
+"""SSP with staleness 4: a pull is ready at once in these tests, but its answer still waits for the backup."""
+
+
 def _pair() -> tuple[Codec, Server, Server]:
     codec = Codec(KEY)
     primary = Server(0, codec, role=PRIMARY, process=0)
@@ -258,7 +262,7 @@ def test_a_replica_whose_other_half_stops_after_every_goodbye_claims_nothing():
 
 def test_a_pull_goes_over_with_the_next_input_and_a_lost_one_is_answered_by_the_new_primary():
     """An uncompressed pull changes nothing a reply shows: the primary forwards it with the next input
-    (one link message for both, in order) or after DEFER_S, and its answer waits only for the push
+    (one link message for both, in order) or after DEFER_S, and its answer (SSP) waits only for the push
     before it. A primary lost while a pull it answered had not gone over: the promoted backup applies
     the worker's next push exactly once, and answers a pull resent because its answer was lost."""
     codec, primary, backup = _pair()
@@ -272,7 +276,7 @@ def test_a_pull_goes_over_with_the_next_input_and_a_lost_one_is_answered_by_the_
 
     try:
         for src in (0, 1):
-            header = _request(primary, src, 1, "init", world=2, spec=SPEC, incarnation=f"i{src}")
+            header = _request(primary, src, 1, "init", world=2, spec=SSP, incarnation=f"i{src}")
             primary.handle(f"i{src}".encode(), codec.encode(header, [torch.arange(4.0)] if src == 0 else []))
         link = primary.link
         assert isinstance(link, PrimaryLink) and isinstance(backup.link, BackupLink)
@@ -304,12 +308,47 @@ def test_a_pull_goes_over_with_the_next_input_and_a_lost_one_is_answered_by_the_
         backup.link, backup.role = None, PRIMARY
         assert backup.seq == {0: 5, 1: 4} and backup.gate is not None and backup.gate.pushed == [2, 2]
         answers: list[dict] = []
-        backup.out = lambda frames, fresh: answers.append(codec.decode(frames[1:])[0])  # type: ignore[method-assign]
+        backup.out = lambda frames, fresh, at_once=False: answers.append(codec.decode(frames[1:])[0])  # type: ignore[method-assign]
         send(backup, 1, 5, "pull", 2, resend=True)  # its answer was lost with the primary: fresh here
         send(backup, 0, 5, "pull", 2, resend=True)  # forwarded before: answered again
         assert [(a["op"], a["re"]) for a in answers] == [("params", 5), ("params", 5)] and not backup.dropped
         send(backup, 1, 6, "push", 2)
         send(backup, 1, 6, "push", 2, resend=True)  # the same push again: applied once
         assert backup.gate.pushed == [2, 3] and backup.dropped["replayed"] == 1 and backup.applied == 5
+    finally:
+        _close(primary, backup)
+
+
+def test_an_asp_answer_goes_out_at_once_and_names_what_the_backup_holds():
+    """Under ASP a pull's answer does not wait for the backup: it names (`safe`) the newest of the
+    worker's messages the backup holds, which is what the worker may forget (`Client._answered`); a
+    push the backup does not hold yet stays the worker's to resend. SSP answers still wait."""
+    codec, primary, backup = _pair()
+    answers: list[dict] = []
+    primary.link.send = lambda frames, copy: answers.append(codec.decode(frames[1:])[0])  # type: ignore[union-attr]
+
+    def send(src: int, seq: int, op: str, clock: int) -> None:
+        header = _request(primary, src, seq, op, clock=clock)
+        if op == "push":
+            header.update(keys=["w"], hp=SPEC["groups"])
+        primary.handle(f"i{src}".encode(), codec.encode(header, [torch.ones(4)] if op == "push" else []))
+
+    try:
+        for src in (0, 1):
+            header = _request(primary, src, 1, "init", world=2, spec=SPEC, incarnation=f"i{src}")
+            primary.handle(f"i{src}".encode(), codec.encode(header, [torch.arange(4.0)] if src == 0 else []))
+        link = primary.link
+        assert isinstance(link, PrimaryLink)
+        _until(lambda: link.acked == link.sent and not link.held, primary, backup)
+        answers.clear()
+        send(0, 2, "push", 0)
+        send(0, 3, "pull", 1)  # no acknowledgement read in between: answered anyway
+        assert [(a["op"], a["re"], a["safe"]) for a in answers] == [("params", 3, 1)] and link.acked < link.sent
+        _until(lambda: link.acked == link.sent - 1, primary, backup)  # the push (the pull is deferred)
+        send(0, 4, "push", 1)
+        send(0, 5, "pull", 2)
+        assert [(a["re"], a["safe"]) for a in answers[1:]] == [(5, 2)]  # the first push is held by both now
+        _until(lambda: backup.seq == primary.seq == {0: 5, 1: 1}, primary, backup)
+        assert torch.equal(primary.pieces["w"].param, backup.pieces["w"].param)
     finally:
         _close(primary, backup)
