@@ -30,6 +30,8 @@ Anyone to server: `STATS` (read-only counters and parameters), answered with
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 OBSERVER = -1
 """The `src` of read-only requests (stats) from tools and tests."""
 REPLICA = -2
@@ -51,3 +53,8 @@ ACK = "ack"
 TAKEOVER = "takeover"
 ADD_BACKUP = "add_backup"
 NEW_BACKUP = "new_backup"
+
+
+def whole(value: object) -> TypeGuard[int]:
+    """A header field that must be an integer (JSON-like decoding gives bools too, which are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -46,7 +46,6 @@ import logging
 import sys
 import time
 from collections import Counter
-from typing import NamedTuple, TypeGuard
 
 import torch
 import zmq
@@ -56,7 +55,7 @@ from shoal.comm import replay
 from shoal.comm.pubsub import Publisher
 from shoal.comm.wire import Codec, WireError
 from shoal.compress.base import Receiver
-from shoal.ps import membership, optim, replacement, replication, server_state, startup
+from shoal.ps import membership, optim, reads, replacement, replication, server_state, startup
 from shoal.ps.consistency import Gate
 from shoal.ps.parts import Parts
 from shoal.ps.pieces import PieceState, all_gradients_finite, pushed_pieces, received_gradients
@@ -66,14 +65,14 @@ from shoal.ps.protocol import (
     ERROR,
     INIT,
     OBSERVER,
-    PARAMS,
     PULL,
     PUSH,
     RESTORE,
     STATE,
     STATS,
+    whole,
 )
-from shoal.ps.pull_codec import PullEncoder, Ready, replies
+from shoal.ps.pull_codec import PullEncoder
 from shoal.ps.replication import FENCED, PRIMARY, BackupLink, Claim, PrimaryLink
 from shoal.ps.startup import positive_bytes, positive_seconds
 
@@ -81,25 +80,6 @@ log = logging.getLogger("shoal.ps.server")
 
 MAX_WORKERS = 1 << 16
 """The largest world size an init may announce (and the bound on `src` before one has)."""
-
-
-def _whole(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-class PendingRead(NamedTuple):
-    """A pull or state request the consistency rule does not allow yet."""
-
-    ident: bytes
-    worker: int
-    clock: int
-    since: float
-    reply: str
-    """PARAMS for a pull, STATE for a checkpoint."""
-    exact: bool = False
-    """A pull that wants the values whole even when pulls are compressed."""
-    seq: int = 0
-    """The request's sequence number, named in the reply (`re`)."""
 
 
 class Server:
@@ -172,7 +152,7 @@ class Server:
         self.receiver: Receiver | None = None  # when pushes are compressed
         self.pulls: PullEncoder | None = None  # when pulls are compressed
         self.parts = Parts()  # pushes sent in several messages, until their last one
-        self.pending: list[PendingRead] = []
+        self.pending: list[reads.PendingRead] = []
         self.applied = 0  # pushes whose updates are in the parameters
         self.read_applied: dict[int, int] = {}
         self.staleness: dict[int, float] = {}
@@ -250,7 +230,7 @@ class Server:
         try:
             header, tensors = self.codec.decode(frames)
             op, src = header.get("op"), header.get("src")
-            if not _whole(src) or not OBSERVER <= src < (self.workers or MAX_WORKERS):
+            if not whole(src) or not OBSERVER <= src < (self.workers or MAX_WORKERS):
                 raise WireError("bad_sender")
             if not replay.addressed(header, self.session, self.index):
                 raise WireError("wrong_session")  # recorded in another run, or meant for another server
@@ -272,11 +252,11 @@ class Server:
             if isinstance(self.link, PrimaryLink):  # replayed there with the same checks; a pull goes with the next
                 seq = header.get("seq")
                 defer = op == PULL and self.pulls is None
-                self.link.forward("input", ident, frames, defer=defer, seq=seq if _whole(seq) else None)
+                self.link.forward("input", ident, frames, defer=defer, seq=seq if whole(seq) else None)
             self.apply(ident, src, op, header, tensors)
         except WireError as err:
             self.dropped[err.reason] += 1
-            if _whole(src) and 0 <= src < (self.workers or 0):
+            if whole(src) and 0 <= src < (self.workers or 0):
                 self.last_drop[src] = str(err)
             log.debug("server %d dropped a message: %s", self.index, err)
 
@@ -286,11 +266,11 @@ class Server:
         seq = header.get("seq")
         if op == INIT and self.members.admit(src, header.get("incarnation"), ident):
             self.seq.pop(src, None)  # a new process of this worker numbers its messages afresh
-        if src == OBSERVER or not _whole(seq):
+        if src == OBSERVER or not whole(seq):
             raise WireError("replayed")
         if seq <= self.seq.get(src, -1):
             if header.get("resend") is True and op in (PULL, STATE):
-                return self.answer_again(ident, src, seq, header, PULL if op == PULL else STATE)
+                return reads.answer_again(self, ident, src, seq, header, PULL if op == PULL else STATE)
             raise WireError("replayed")
         self.dispatch(ident, src, op, header, tensors)
         self.seq[src] = seq
@@ -303,7 +283,7 @@ class Server:
         elif op == PUSH:
             self.on_push(src, header, tensors)
         elif op in (PULL, STATE):
-            self.on_pull(ident, src, header, PULL if op == PULL else STATE)
+            reads.on_pull(self, ident, src, header, PULL if op == PULL else STATE)
         elif op == RESTORE:
             server_state.restore(self, ident, src, header, tensors)
         elif op == BYE:
@@ -327,7 +307,7 @@ class Server:
     # -------------------------------------------------------------- messages
     def on_init(self, ident: bytes, src: int, header: dict, tensors: list[torch.Tensor]) -> None:
         world, spec = header.get("world"), header.get("spec")
-        if not _whole(world) or not 1 <= world <= MAX_WORKERS or not isinstance(spec, dict) or src >= world:
+        if not whole(world) or not 1 <= world <= MAX_WORKERS or not isinstance(spec, dict) or src >= world:
             raise WireError("malformed", f"bad init (world size {world!r}, at most {MAX_WORKERS})")
         if self.workers is None and not startup.world_fits(self, ident, world):
             return
@@ -364,7 +344,7 @@ class Server:
         skip = header.get("skip", False)
         pieces = pushed_pieces(self.pieces, header.get("keys"), skip, tensors)
         grads = [] if skip else received_gradients(pieces, header.get("codes"), tensors, self.receiver)
-        if not _whole(header.get("clock")) or header.get("clock") != gate.pushed[src]:
+        if not whole(header.get("clock")) or header.get("clock") != gate.pushed[src]:
             raise WireError(
                 "bad_clock", f"worker {src} pushed clock {header.get('clock')!r}, expected {gate.pushed[src]}"
             )
@@ -414,7 +394,7 @@ class Server:
             self.applied += 1
         if gate.has_bsp:
             self.count_bsp_push(gate, clock)
-        self.answer_ready()
+        reads.answer_ready(self)
 
     def pushed_hyperparameters(self, hp: object) -> list[dict]:
         """Every param group's hyperparameters a push carries; WireError unless well formed."""
@@ -448,72 +428,9 @@ class Server:
         if not self.async_keys:
             self.applied += gate.workers
 
-    def answer_again(self, ident: bytes, src: int, seq: int, header: dict, op: str) -> None:
-        """A pull or state request resent after a takeover that this replica already took: its answer
-        may have died with the old primary. Answered again (if not still waiting), values whole."""
-        gate = self.joined_gate(src)
-        if header.get("clock") != gate.pushed[src] or any(r.worker == src for r in self.pending):
-            raise WireError("replayed")
-        if self.pulls is not None:
-            self.pulls.replaced(src)  # what the worker holds is unknown: the next reply is whole
-        reply = PARAMS if op == PULL else STATE
-        self.pending.append(PendingRead(ident, src, gate.pushed[src], time.monotonic(), reply, True, seq))
-        self.answer_ready()
-
-    def on_pull(self, ident: bytes, src: int, header: dict, op: str = PULL) -> None:
-        gate = self.joined_gate(src)
-        clock = gate.pushed[src]
-        if not _whole(header.get("clock")) or header.get("clock") != clock:
-            raise WireError("bad_clock", f"worker {src} pulled clock {header.get('clock')} after {clock} pushes")
-        exact = header.get("exact", False)
-        if not isinstance(exact, bool):
-            raise WireError("malformed", f"exact must be true or false, not {exact!r}")
-        reply = PARAMS if op == PULL else STATE
-        self.pending.append(PendingRead(ident, src, clock, time.monotonic(), reply, exact, header["seq"]))
-        self.answer_ready()
-
     def answer_ready(self) -> None:
-        gate = self.gate
-        if gate is None:
-            return
-        waiting, ready = [], []
-        for read in self.pending:
-            if read.reply == STATE:
-                # A cut: every worker has pushed `clock` times and all of it is applied.
-                if gate.slowest < read.clock or (gate.has_bsp and gate.bsp_done < read.clock):
-                    waiting.append(read)
-                else:
-                    server_state.send_state(self, read.ident, read.clock, read.seq)
-                    if self.pulls is not None:
-                        self.pulls.hold_exact(read.worker)  # it installs these values whole
-                continue
-            if not gate.ready(read.clock):
-                waiting.append(read)
-                continue
-            gate.answered(read.clock)
-            self.read_applied[read.worker] = self.applied
-            header = {
-                "op": PARAMS,
-                "clock": read.clock,
-                "applied": self.applied,
-                "staleness": self.staleness.get(read.worker, 0.0),
-                "re": read.seq,
-            }
-            if isinstance(self.link, PrimaryLink):  # what the backup holds: an ASP answer does not wait for it
-                header["safe"] = self.link.safe.get(read.ident, 0)
-            ready.append(Ready(read.ident, read.worker, header, read.exact))
-        self.pending = waiting
-        if ready:
-            if self.role != PRIMARY and self.pulls is None:
-                return  # a backup's replies go nowhere (compressed ones are made: they move its copies)
-            at_once = self.pulls is None and gate.never_waits  # replication.py: why ASP's answers may
-            # One MAC pass per distinct reply (`pull_codec.replies`): in BSP, one for all workers.
-            for tensors, group in replies(self.pulls, self.pieces.values(), ready):
-                if self.role != PRIMARY:
-                    continue
-                messages = self.codec.encode_many([h for _, h in group], tensors)
-                for (ident, _), frames in zip(group, messages, strict=True):
-                    self.out([ident, *frames], fresh=self.pulls is None, at_once=at_once)  # uncompressed: a snapshot
+        """What the consistency rule now allows (`shoal.ps.reads`); membership and a promotion call it too."""
+        reads.answer_ready(self)
 
     # ---------------------------------------------------------------- health
     def check_timeouts(self) -> None:

@@ -2,7 +2,7 @@
 back, and the read-only counters (`stats`) that tools and tests read.
 
 A cut (`send_state`) is answered only once every worker pushed the asked
-clock and all of it is applied (`Server.answer_ready`), so a checkpoint is
+clock and all of it is applied (`shoal.ps.reads.answer_ready`), so a checkpoint is
 one consistent state of every server. A restore is checked in full (every
 piece named, shapes, dtypes, finite values, optimizer state that the
 optimizer accepts) before anything changes.

@@ -33,10 +33,11 @@ from shoal.ps.consistency import Gate
 from shoal.ps.parts import Staged
 from shoal.ps.pieces import build_piece
 from shoal.ps.pull_codec import pull_encoder
+from shoal.ps.reads import PendingRead
 from shoal.ps.startup import code_shapes
 
 if TYPE_CHECKING:
-    from shoal.ps.server import PendingRead, Server
+    from shoal.ps.server import Server
 
 
 def _pairs(mapping: dict) -> list[list]:
@@ -186,8 +187,6 @@ def _pieces(server: Server, spec: dict, held: list, it: Iterator[torch.Tensor]) 
 
 
 def _read(server: Server, ident: str, worker: int, clock: int, reply: str, exact: bool, seq: int) -> PendingRead:
-    from shoal.ps.server import PendingRead
-
     return PendingRead(
         bytes.fromhex(ident), int(worker), int(clock), time.monotonic(), str(reply), bool(exact), int(seq)
     )
