@@ -191,9 +191,10 @@ def _rendezvous(spec: LaunchSpec) -> tuple[Any, str, str, dict[str, Any], str | 
     elif several:
         backend, endpoint, rdzv_configs = "static", spec.rdzv_endpoint, {"rank": spec.node_rank}
         if spec.nnodes > 1 and spec.max_restarts:  # a restart, or a launcher started again, rejoins in rounds
-            from shoal.launch.rounds import register
+            from shoal.launch.rounds import FOLLOW, register
 
             backend = register()
+            rdzv_configs[FOLLOW] = spec.store_open  # parameter-server workers follow a newer round
         _check_endpoint(endpoint, spec.node_rank, store_open=spec.store_open)
         if spec.node_rank == 0 and not spec.store_open:
             held = _hold_store(*split_endpoint(endpoint), spec.rdzv_timeout_s)

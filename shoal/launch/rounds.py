@@ -25,6 +25,17 @@ comes. Here (backend `BACKEND`, used across machines with --max-restarts):
   wait for a round nobody enters: in its first round it watches for the
   finished agents' marker (`shoal.launch.finished`) and stops with
   `FinishedElsewhereError`, after counting itself in their exit barrier.
+- in a parameter-server job (`FOLLOW` in the rendezvous's configs) an agent
+  whose workers are healthy restarts them into a newer round that another
+  machine entered (`waiting_in_newer_round`, torch's `num_nodes_waiting`: a
+  membership change, which uses none of --max-restarts). A parameter-server
+  worker goes on when another machine's worker dies (a data-parallel one fails
+  in its next collective and so restarts anyway), so without it the machine
+  whose workers, or whose launcher, died waits in the new round for agents that
+  never come. Only there: a data-parallel worker restarted that way would see
+  the restart count unchanged and might not resume from its recovery point
+  (`shoal.train.recovery.restarted`); a parameter-server worker resumes from
+  the clock the servers hold for it.
 """
 
 from __future__ import annotations
@@ -50,6 +61,8 @@ from shoal.launch import finished
 
 BACKEND = "shoal-static"
 PREFIX = "shoal/rounds/"
+FOLLOW = "follow_newer_rounds"
+"""The rendezvous config that makes healthy workers follow a newer round (parameter-server jobs)."""
 
 
 class RestartTimeoutError(RendezvousTimeoutError):
@@ -96,6 +109,17 @@ def _wait_unless_finished(store: Any, keys: list[str], timeout_s: float, run_id:
         time.sleep(finished.POLL_S)
 
 
+def waiting_in_newer_round(store: Any, node: int, nodes: int) -> int:
+    """How many of the `nodes` machines wait in a round after the last one machine `node` completed (0: none)."""
+    newest, completed = f"{PREFIX}newest", f"{PREFIX}node{node}"
+    if not store.check([newest, completed]):
+        return 0  # before this machine's first round: nothing to follow yet
+    number = int(store.get(newest))
+    if number <= int(store.get(completed)):
+        return 0
+    return sum(store.check([f"{PREFIX}{number}/node{i}"]) for i in range(nodes))
+
+
 def _raise_to(store: Any, key: str, at_least: int) -> int:
     """Atomically make the integer at `key` at least `at_least` (absent: 0); the value it has then."""
     current = b""
@@ -125,6 +149,17 @@ class RoundedStaticRendezvous(StaticTCPRendezvous):
     def use_agent_store(self) -> bool:
         return True  # workers connect to the round's store that machine 0's agent holds
 
+    follow = False
+    """Restart healthy workers into a newer round (`FOLLOW`; see the module's last point)."""
+
+    def num_nodes_waiting(self) -> int:
+        if not self.follow or self._store is None:
+            return 0
+        try:
+            return waiting_in_newer_round(PrefixStore(self.run_id, self._store), self.rank, self.world_size)
+        except (DistStoreError, RuntimeError, ValueError):  # machine 0's store gone: the workers will say so
+            return 0
+
     def next_rendezvous(self) -> RendezvousInfo:
         info = super().next_rendezvous()
         watch, self._watch = self._watch, False
@@ -144,7 +179,11 @@ def _create(params: RendezvousParameters) -> RoundedStaticRendezvous:
     base = create_rdzv_handler(params)  # its checks and defaults
     assert isinstance(base, StaticTCPRendezvous)
     timeout = int(base.timeout.total_seconds())
-    return RoundedStaticRendezvous(base.master_addr, base.master_port, base.rank, base.world_size, base.run_id, timeout)
+    handler = RoundedStaticRendezvous(
+        base.master_addr, base.master_port, base.rank, base.world_size, base.run_id, timeout
+    )
+    handler.follow = params.get_as_bool(FOLLOW, False) or False
+    return handler
 
 
 def register() -> str:

@@ -176,3 +176,28 @@ def test_a_c10d_launcher_started_again_stops_waiting_once_the_job_finished_elsew
 
 def store_client(store) -> PrefixStore:
     return PrefixStore("run/", TCPStore("127.0.0.1", store.underlying_store.port, is_master=False))
+
+
+def test_healthy_workers_follow_a_newer_round_only_in_a_job_that_asks_it():
+    """Machine 1's launcher, started again, enters round 2; machine 0's agent, whose parameter-server
+    worker is healthy, sees it waiting there (torch's agent then restarts its workers into it)."""
+    raw = TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10), multi_tenant=True
+    )
+    agents = [RoundedStaticRendezvous("127.0.0.1", raw.port, rank, 2, "run", 10) for rank in (0, 1)]
+    agents[0].follow = True
+    assert agents[0].num_nodes_waiting() == 0  # before any round: no store yet
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda agent: agent.next_rendezvous(), agents))
+    assert [agent.num_nodes_waiting() for agent in agents] == [0, 0]
+    again = RoundedStaticRendezvous("127.0.0.1", raw.port, 1, 2, "run", 10)  # the new launcher's agent
+    with ThreadPoolExecutor(1) as pool:
+        entered = pool.submit(again.next_rendezvous)
+        deadline = time.monotonic() + 10
+        while not raw.check([f"run/{PREFIX}2/node1"]):
+            assert time.monotonic() < deadline and not entered.done()
+            time.sleep(0.01)
+        assert agents[0].num_nodes_waiting() == 1 and agents[1].num_nodes_waiting() == 0  # 1 does not follow
+        agents[0].next_rendezvous()
+        assert entered.result().rank == 1
+    assert agents[0].num_nodes_waiting() == 0
