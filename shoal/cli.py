@@ -85,6 +85,7 @@ def _train(args: list[str]) -> int:
         servers=server_processes(cfg),
         control=launch_cfg.control,
         node_rank=launch_cfg.node_rank,
+        replication=getattr(cfg.strategy.options, "replication", None),
     ):
         # a launcher started again must write into the same run directory
         named = [] if cfg.logging.name else [f"--logging.name={run_directory(cfg).name}"]
@@ -184,6 +185,7 @@ def _run(args: list[str]) -> int:
         servers=ns.servers,
         control=ns.control,
         node_rank=ns.node_rank,
+        replication=ns.replication,
     ):
         return supervise(["run", *args], ns.max_restarts, hang_s=_timeout_s())
     from shoal.ps.servers import Machines, serve_only, serving

@@ -56,7 +56,8 @@ PS_HOST = "SHOAL_PS_HOST"
 """The interface a server binds."""
 PS_REPLACEMENT = "SHOAL_PS_REPLACEMENT"
 """Set (to how many times its index was replaced) in a server process started in place of one that
-exited: it joins its shards as their backup (`shoal.ps.replacement`)."""
+exited, or by a launcher started again (to `RELAUNCHED`): it joins its shards as their backup
+(`shoal.ps.replacement`)."""
 SUPERVISED = "SHOAL_SUPERVISOR"
 """Set (to the supervisor's pid) in a launcher that `shoal.launch.supervisor` starts again if it is killed."""
 RELAUNCHED = "SHOAL_RELAUNCHED"

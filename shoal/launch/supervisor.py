@@ -12,7 +12,10 @@ the same command again, and when the child dies by a signal it starts it
 again, up to `--max-restarts` times, first ending whatever the dead launcher
 left running (its workers, in their own sessions, would otherwise go on with
 the old round; its control-plane members, which the new launcher starts
-again on the same addresses from their journals in `control_folder`). It is
+again on the same addresses from their journals in `control_folder`; its
+parameter servers, which go by themselves at once, whose shards the other
+machines' copies have taken over and which the new launcher starts again
+as replacements, `shoal.ps.servers`). It is
 made a child subreaper (prctl), so those orphans become its children and are
 found by parent pid, never by name. It imports no torch and holds nothing
 else: if the supervisor itself is killed, the launcher goes on and the job
@@ -62,7 +65,15 @@ PASSED_ON = (signal.SIGTERM, signal.SIGHUP)
 
 
 def reason_to_supervise(
-    nnodes: int, backend: str, endpoint: str, max_restarts: int, *, servers: int, control: str, node_rank: int
+    nnodes: int,
+    backend: str,
+    endpoint: str,
+    max_restarts: int,
+    *,
+    servers: int,
+    control: str,
+    node_rank: int,
+    replication: int | None = None,
 ) -> str:
     """'' when a launcher started again here rejoins the job, else why it would not (so it is not supervised).
 
@@ -71,8 +82,13 @@ def reason_to_supervise(
     with restarts (`shoal.launch.rounds`): the new agent joins the round the others
     restart their workers in. The machine that holds the job's store dies with it:
     machine 0 under the static rendezvous, and under c10d the machine whose address
-    is the endpoint. Parameter servers started here would need their own state
-    back. Embedded control-plane members (`control` "raft") come back as the
+    is the endpoint. Parameter servers started here come back when their shards
+    are replicated (`replication`, by default with 2 servers or more): when the
+    launcher dies they die with it, the copies on other machines take their
+    shards over (machine 0, refused anyway, is the only one that can hold both
+    copies of a shard), and the new launcher starts them again as replacements,
+    which become those shards' backups again (`shoal.ps.replacement`); a shard
+    with one copy would be lost with them. Embedded control-plane members (`control` "raft") come back as the
     same members (`shoal.control.launch`), except on machine 0, whose launcher
     holds the store where the members' addresses meet; any other spec starts
     nothing here.
@@ -83,8 +99,8 @@ def reason_to_supervise(
         return "one machine, or no restarts"
     if backend == "static" and node_rank == 0:
         return "this machine holds the static rendezvous's store"
-    if servers:
-        return "parameter servers run here"
+    if servers and (replication if replication is not None else min(servers, 2)) < 2:
+        return "parameter servers run here with one copy of each shard, which would be lost with the launcher"
     if backend == "c10d" and _is_local(endpoint):
         return "this machine holds the c10d store"
     if control == "raft" and node_rank == 0:

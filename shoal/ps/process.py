@@ -5,7 +5,10 @@ process p of S holds the primary of shard p and the backup of shard p - 1, so ea
 lives in two processes (on two machines when the launchers spread servers round-robin)
 and no process is idle. One loop, one thread: every replica's messages are handled in
 one order, and the process exits when none of its replicas serves any more (a fenced
-one gave its shard up) or when its launcher is gone.
+one gave its shard up) or when its launcher is gone: telling its workers, or, when a
+supervisor starts the launcher again (`shoal.launch.supervisor`), silently, as a killed
+process, so that the other copies take its shards over and the new launcher's
+replacement becomes their backup again.
 
 Start with `python -m shoal.ps.process` (`shoal.ps.servers` does); the environment
 names the process's index, the job's store and its limits.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -159,6 +163,8 @@ def serve(replicas: list[Server]) -> int:
         for r in live:
             r.step(readable)
         if os.getppid() != parent:  # the launcher is gone: do not linger
+            if os.environ.get(env.SUPERVISED):  # it comes back: go as a killed process, which a replacement follows
+                os.kill(os.getpid(), signal.SIGKILL)
             for r in live:
                 r.fail("the process that started this server exited")
     for sock in registered:

@@ -16,7 +16,9 @@ Servers are children of the launcher on their machine, stopped by pid
 (SIGTERM, then SIGKILL), and they exit by themselves if it dies. With
 replicated shards the launcher starts a process again in place of one that
 was killed or fenced, which becomes its shards' backup again
-(`shoal.ps.replacement`).
+(`shoal.ps.replacement`); a launcher that its supervisor started again
+(`shoal.launch.supervisor`, machines other than 0) starts all of its share
+that way, its predecessor's processes having gone with it.
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ class ServerGroup:
                     file=sys.stderr,
                     flush=True,
                 )
-                self.procs[i] = _start_server({**start_env, env.PS_REPLACEMENT: str(self.replaced[i])}, log_path, True)
+                mark = f"{self.replaced[i]} of {MAX_REPLACEMENTS}"
+                self.procs[i] = _start_server({**start_env, env.PS_REPLACEMENT: str(self.replaced[i])}, log_path, mark)
                 if self.on_start is not None:
                     self.on_start(self.procs[i])
 
@@ -214,6 +217,7 @@ def start_servers(
         raise ShoalError(f"--servers must be >= 1, not {count}")
     server_limits({**os.environ, **(extra_env or {})})  # a bad value stops here, before any process starts
     max_connections({**os.environ, **(extra_env or {})})
+    again = os.environ.get(env.RELAUNCHED, "") if share is not None else ""  # a machine's launcher, started again
     if share is None:
         replicas = replication_for(count, replication)
         store, address = ps_store.open_local_store(host, count, timeout_s, job_key.encode(), replicas)
@@ -221,6 +225,13 @@ def start_servers(
     workers_env = {env.PS_STORE: share.address, env.PS_SESSION: share.store.session, env.JOB_KEY: job_key}
     if (extra_env or {}).get(env.CONTROL):  # the shards' records live there (`shoal.ps.records`)
         workers_env[env.CONTROL] = (extra_env or {})[env.CONTROL]
+    if again and share.indices:
+        print(
+            f"shoal: parameter server process(es) {', '.join(map(str, share.indices))} of this machine start as "
+            "replacements: this launcher was started again",
+            file=sys.stderr,
+            flush=True,
+        )
     procs, starts = [], []
     for i in share.indices:
         server_env = {
@@ -233,8 +244,10 @@ def start_servers(
         }
         if share.advertise:
             server_env[env.PS_ADVERTISE] = share.advertise
+        if again:  # its predecessor's processes were killed with it (`shoal.launch.supervisor`)
+            server_env[env.PS_REPLACEMENT] = again
         log_path = os.path.join(log_dir, f"server{i}.log") if log_dir else None
-        procs.append(_start_server(server_env, log_path))
+        procs.append(_start_server(server_env, log_path, f"the launcher started again ({again})" if again else ""))
         starts.append((i, server_env, log_path))
     group = ServerGroup(procs, share.store, share.address, job_key, workers_env, starts)
     if ps_store.read_replication(share.store) > 1:
@@ -242,13 +255,14 @@ def start_servers(
     return group
 
 
-def _start_server(server_env: dict[str, str], log_path: str | None, append: bool = False) -> subprocess.Popen:
+def _start_server(server_env: dict[str, str], log_path: str | None, replaces: str = "") -> subprocess.Popen:
+    """A server process; `replaces`: why it is a replacement, for the line its log gets before its output."""
     argv = [sys.executable, "-m", "shoal.ps.process"]
     if log_path is None:
         return subprocess.Popen(argv, env=server_env)
-    with open(log_path, "a" if append else "w") as out:  # the child keeps its own copy of the descriptor
-        if append:  # a replacement's lines follow those of the process it replaces
-            out.write(f"{REPLACEMENT_MARK} {server_env.get(env.PS_REPLACEMENT)} of {MAX_REPLACEMENTS}\n")
+    with open(log_path, "a" if replaces else "w") as out:  # the child keeps its own copy of the descriptor
+        if replaces:  # a replacement's lines follow those of the process it replaces
+            out.write(f"{REPLACEMENT_MARK} {replaces}\n")
             out.flush()
         return subprocess.Popen(argv, env=server_env, stdout=out, stderr=subprocess.STDOUT)
 

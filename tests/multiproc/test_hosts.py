@@ -20,6 +20,7 @@ import torch
 
 from shoal import env
 from shoal.config import etcd_client_installed
+from shoal.ps.servers import REPLACEMENT_MARK
 from tests.helpers.cli import SHOAL, finish
 from tests.helpers.faults import Faults
 from tests.helpers.hosts import TestHosts, can_make_hosts
@@ -60,17 +61,28 @@ def test_data_parallel_on_two_hosts_equals_one_process(tmp_path):
 
 
 def test_parameter_servers_on_two_hosts_serve_workers_on_both(tmp_path):
-    """Host k starts server k; each worker pushes to a server on the other host too. The job's Raft
-    control plane (`--control raft`) spreads its members over both hosts (two on host 0, one on host
-    1) and holds the shards' records (`shoal.ps.records`). A host whose launcher asks for another
-    server count is told, in one sentence."""
-    script = ["examples/ps_loop.py", "--epochs", "2", "--servers", "2", "--consistency", "ssp"]
+    """Host k starts server k; each worker pushes to a server on the other host too (BSP, `--max-restarts
+    2`). The job's Raft control plane (`--control raft`) spreads its members over both hosts (two on host
+    0, one on host 1) and holds the shards' records (`shoal.ps.records`). At step 3 host 1's launcher is
+    SIGKILLed (its worker, rank 1, kills its parent): server process 1 goes with it and process 0 takes
+    shard 1 over; host 1's supervisor ends what is left and starts the launcher again, which starts server
+    process 1 again as a replacement (the backup of both shards again) and its worker; host 0's agent
+    restarts its healthy worker into the new round (`shoal.launch.rounds`); both rejoin the servers at
+    their clocks and the run ends at one process's parameters, with nobody's help. A host whose launcher
+    asks for another server count is told, in one sentence."""
+    out = tmp_path / "params.json"
+    script = ["tests/workers/ps_equivalence.py", str(out), "2"]
+    # the orphaned worker sleeps at step 4, so that it dies with its launcher before it pushes again
+    faults = Faults(tmp_path).kill_launcher("worker", rank=1, step=3).sleep("worker", rank=1, step=4, seconds=2)
     with TestHosts(2) as hosts, Processes() as procs:
         hosts.shape(1, rate="1gbit")  # a real link between the hosts, not loopback speed
         job = {env.JOB_KEY: secrets.token_hex(16)}
-        flags = ["--servers", "2", "--control", "raft"]
+        flags = ["--servers", "2", "--control", "raft", "--max-restarts", "2"]
         started = [
-            launcher(hosts, procs, i, script, *flags, "--log-dir", str(tmp_path / f"host{i}"), job=job) for i in (0, 1)
+            launcher(
+                hosts, procs, i, script, *flags, "--log-dir", str(tmp_path / f"host{i}"), job={**job, **faults.env()}
+            )
+            for i in (0, 1)
         ]
         done = [finish(p) for p in started]
         assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
@@ -84,10 +96,20 @@ def test_parameter_servers_on_two_hosts_serve_workers_on_both(tmp_path):
         assert members is not None, d.stderr[-2000:]
         hosts_of = [m.split(":")[0] for m in members.group(1).split(",")]
         assert hosts_of == [addresses[0], addresses[1], addresses[0]] and int(members.group(2)) == here
-    accuracy = float(done[0].stdout.strip().splitlines()[-1].split("test accuracy ")[1].split()[0])
-    assert accuracy >= 0.9, done[0].stdout
+    faults.assert_fired("worker", 1, 3, "kill-launcher")
+    said = done[1].stderr
+    assert "launcher was killed by SIGKILL; ended the" in said and "started it again (1 of 2)" in said, said[-3000:]
+    assert "parameter server process(es) 1 of this machine start as replacements" in said, said[-3000:]
     assert [p.name for p in (tmp_path / "host0").glob("server*.log")] == ["server0.log"]
     assert [p.name for p in (tmp_path / "host1").glob("server*.log")] == ["server1.log"]
+    server0 = (tmp_path / "host0" / "server0.log").read_text()
+    assert "server process 0 took shard 1 over" in server0, server0[-3000:]
+    replacement = (tmp_path / "host1" / "server1.log").read_text().split(REPLACEMENT_MARK)[-1]
+    assert sorted(re.findall(r"is the backup of shard (\d) again", replacement)) == ["0", "1"], replacement[-3000:]
+    got = json.loads(out.read_text())
+    want = ps_tasks.single_process("sgd", ps_equivalence.STEPS, world=2)
+    for name, value in want.items():
+        np.testing.assert_allclose(np.asarray(got[name]), value, atol=1e-5, rtol=0, err_msg=name)
 
 
 def test_servers_on_a_host_without_workers_equal_one_process(tmp_path):

@@ -21,7 +21,11 @@ AWAY = "10.255.255.1:29400"  # not an address of this machine: another machine h
         ((2, "static", AWAY, 1), 0, "", 0, "holds the static rendezvous's store"),
         ((2, "static", AWAY, 1), 0, "raft", 1, ""),
         ((2, "c10d", "127.0.0.1:29400", 1), 0, "", 0, "holds the c10d store"),
-        ((2, "c10d", AWAY, 1), 2, "", 1, "parameter servers"),
+        # its servers die with it, the other machines' copies take their shards over, and they come back
+        # as replacements (shoal.ps.replacement); with one copy of a shard, or on machine 0, they cannot
+        ((2, "static", AWAY, 1), 2, "", 1, ""),
+        ((2, "static", AWAY, 1), 1, "", 1, "one copy of each shard"),
+        ((2, "static", AWAY, 1), 2, "", 0, "holds the static rendezvous's store"),
         # its members come back with their journals (shoal.control.launch), on the addresses they had
         ((2, "c10d", AWAY, 1), 0, "raft", 1, ""),
         ((3, "etcd-v2", "127.0.0.1:2379", 1), 0, "raft", 0, "where the control plane's members meet"),
@@ -40,6 +44,12 @@ def test_a_launcher_is_supervised_only_where_one_started_again_rejoins(
 def test_a_supervised_launcher_does_not_supervise_again(monkeypatch):
     monkeypatch.setenv(env.SUPERVISED, "1234")
     assert reason_to_supervise(2, "c10d", AWAY, 1, servers=0, control="", node_rank=1) == "already supervised"
+
+
+def test_servers_asked_to_keep_one_copy_of_each_shard_are_not_supervised(monkeypatch):
+    monkeypatch.delenv(env.SUPERVISED, raising=False)
+    reason = reason_to_supervise(2, "static", AWAY, 1, servers=2, control="", node_rank=1, replication=1)
+    assert "one copy of each shard" in reason
 
 
 @pytest.mark.parametrize(("orphans", "relaunched"), [({101: 0, 102: 0}, False), ({101: 0, 102: -9}, True)])

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
 import shoal
+from shoal.strategies.optimizer import count_steps_from
 
 
 def equiv_model() -> nn.Module:
@@ -71,8 +73,14 @@ def _equiv(strategy, rank: int, world: int, args: dict, out: dict):
     opt = make_optimizer(args["optim"], model.parameters())
     model, opt = strategy.prepare(model, opt)
     sched = schedule(opt)
+    start = strategy.clock  # 0, or, in a restarted worker, the pushes the servers hold from it: its step
+    count_steps_from(opt, start)  # the fault schedule's step numbers go on
+    with warnings.catch_warnings():  # torch warns of a schedule stepped before its optimizer: here on purpose
+        warnings.simplefilter("ignore")
+        for _ in range(start):
+            sched.step()
     loss_fn = nn.CrossEntropyLoss()
-    for step in range(args["steps"]):
+    for step in range(start, args["steps"]):
         if step == args.get("await_backups_at"):
             await_backups()
         x, y = equiv_batch(step, rank, world)
