@@ -24,8 +24,8 @@ with it.
 A launcher that stays stopped (SIGSTOP: a hang) for the process group's
 timeout is ended the same way and started again, unless all its workers had
 already finished well (then the job is done here and the supervisor exits 0;
-its control-plane members, which run until the launcher ends them, are not
-counted as workers). So is a killed launcher whose workers, orphaned, had all
+its control-plane members and parameter servers, which run until the launcher
+ends them, are not counted as workers). So is a killed launcher whose workers, orphaned, had all
 exited 0 by themselves before they were ended (PDEATHSIG reaches a worker only
 once the launcher's exit is complete, and with short steps it may have finished
 the job by then): a launcher started again would wait in a rendezvous that the
@@ -142,7 +142,7 @@ def supervise(argv: list[str], restarts: int, hang_s: float) -> int:
             if hung is None and (code >= 0 or stopping):
                 end_orphans()  # anything it started and left behind (none when it ended its own)
                 return code if code >= 0 else 128 - code
-            members = control_member_pids(os.getpid())  # they serve until the launcher ends them
+            members = serving_pids(os.getpid())  # they serve until the launcher ends them
             ended = end_orphans()
             if hung is not None:
                 if hung and all(ended.get(pid) == 0 for pid in hung):  # its workers had all finished, and well
@@ -193,7 +193,7 @@ def _wait(child: subprocess.Popen, hang_s: float) -> tuple[int, list[int] | None
             if state_of(child.pid) not in ("T", "t"):
                 stopped_since = None
             elif time.monotonic() - stopped_since >= hang_s:
-                members = control_member_pids(os.getpid())  # they serve until the launcher ends them
+                members = serving_pids(os.getpid())  # they serve until the launcher ends them
                 workers = [pid for pid in children_of(child.pid) if pid not in members]
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGKILL)
@@ -264,11 +264,12 @@ def control_folder(owner: int) -> Path:
     return Path(tempfile.gettempdir()) / f"shoal-control-of-{owner}"
 
 
-def control_member_pids(owner: int) -> set[int]:
-    """The pids of the members the launcher started, which it writes as member<i>.pid in `control_folder`."""
+def serving_pids(owner: int) -> set[int]:
+    """The pids of the control-plane members and parameter servers the launcher started, which serve until
+    it ends them (not workers): it writes them as member<i>.pid and server<i>.pid in `control_folder`."""
     pids: set[int] = set()
     with contextlib.suppress(OSError):
-        for path in control_folder(owner).glob("member*.pid"):
+        for path in [*control_folder(owner).glob("member*.pid"), *control_folder(owner).glob("server*.pid")]:
             with contextlib.suppress(OSError, ValueError):
                 pids.add(int(path.read_text()))
     return pids

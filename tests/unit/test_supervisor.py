@@ -52,12 +52,27 @@ def test_servers_asked_to_keep_one_copy_of_each_shard_are_not_supervised(monkeyp
     assert "one copy of each shard" in reason
 
 
-@pytest.mark.parametrize(("orphans", "relaunched"), [({101: 0, 102: 0}, False), ({101: 0, 102: -9}, True)])
+def test_the_servers_a_supervised_launcher_started_are_found_by_their_pids(monkeypatch, tmp_path):
+    from shoal.launch import supervisor
+    from shoal.ps import servers
+
+    monkeypatch.setattr(supervisor.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv(env.SUPERVISED, "4242")
+    servers._tell_supervisor(1, type("Proc", (), {"pid": 777})())
+    assert supervisor.serving_pids(4242) == {777}
+    assert oct(supervisor.control_folder(4242).stat().st_mode & 0o777) == "0o700"
+
+
+@pytest.mark.parametrize(
+    ("orphans", "serving", "relaunched"),
+    [({101: 0, 102: 0}, set(), False), ({101: 0, 102: -9}, set(), True), ({101: 0, 102: -9}, {102}, False)],
+)
 def test_a_killed_launcher_whose_workers_had_all_finished_well_is_not_started_again(
-    monkeypatch, capsys, orphans, relaunched
+    monkeypatch, capsys, orphans, serving, relaunched
 ):
     """Its orphaned workers had exited 0 by themselves (the job's end came before PDEATHSIG): the job is done
-    here, and a launcher started again would wait in a rendezvous the others never come to."""
+    here, and a launcher started again would wait in a rendezvous the others never come to. A parameter
+    server (or control-plane member) it left, ended by the supervisor, is not one of its workers."""
     from shoal.launch import supervisor
 
     started = []
@@ -73,6 +88,7 @@ def test_a_killed_launcher_whose_workers_had_all_finished_well_is_not_started_ag
     monkeypatch.setattr(supervisor.subprocess, "Popen", Launcher)
     monkeypatch.setattr(supervisor, "_wait", lambda child, hang_s: next(codes))
     monkeypatch.setattr(supervisor, "end_orphans", lambda: ends.append(1) or dict(orphans))
+    monkeypatch.setattr(supervisor, "serving_pids", lambda owner: serving)
     monkeypatch.setattr(supervisor, "_become_subreaper", lambda: None)
     monkeypatch.setattr(supervisor.signal, "signal", lambda *args: None)
     assert supervisor.supervise(["run"], restarts=2, hang_s=8) == 0
