@@ -55,6 +55,16 @@ def go_on(strategy: Any, loader: Any, schedule: Any, base: int) -> int:
     return step
 
 
+def rejoined(strategy: Any) -> bool:
+    """Collective: whether the servers held pushes of any worker when it joined (a restart, then).
+
+    TORCHELASTIC_RESTART_COUNT misses two restarts: a machine's launcher started again
+    by its supervisor counts from 0, and an agent that restarts its healthy workers into
+    a round another machine entered (`shoal.launch.rounds`) does not count it; after
+    both, every worker says 0, but the servers still hold the job's clocks."""
+    return all_ranks_int(int(strategy.clock), dist.ReduceOp.MAX) > 0
+
+
 def newest_of_all(step: int) -> int:
     """Collective: the largest resumed step of any worker (its own without a process group).
 

@@ -115,6 +115,8 @@ class Trainer:
         the newest recovery point every rank has; open the metrics; the step to start from."""
         resume_from = self.cfg.checkpoint.resume_from
         restart = restarted()
+        if not restart and self.on_servers and rejoin.rejoined(self.strategy):
+            restart = 1  # a restart no agent counted (a launcher started again, a membership change)
         recovered, where = 0, ""
         if restart and self.on_servers:
             base = checkpoint.verify(Path(resume_from)) if resume_from else 0
