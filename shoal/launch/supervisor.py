@@ -14,22 +14,21 @@ left running (its workers, in their own sessions, would otherwise go on with
 the old round; its control-plane members, which the new launcher starts
 again on the same addresses from their journals in `control_folder`; its
 parameter servers, which go by themselves at once, whose shards the other
-machines' copies have taken over and which the new launcher starts again
-as replacements, `shoal.ps.servers`). It is
-made a child subreaper (prctl), so those orphans become its children and are
-found by parent pid, never by name. It imports no torch and holds nothing
-else: if the supervisor itself is killed, the launcher goes on and the job
-with it.
+machines' copies have taken over and which the new launcher starts again as
+replacements, `shoal.ps.servers`). It is made a child subreaper (prctl), so
+those orphans become its children and are found by parent pid, never by name.
+It imports no torch and holds nothing else: if the supervisor itself is
+killed, the launcher goes on and the job with it.
 
 A launcher that stays stopped (SIGSTOP: a hang) for the process group's
 timeout is ended the same way and started again, unless all its workers had
 already finished well (then the job is done here and the supervisor exits 0;
 its control-plane members and parameter servers, which run until the launcher
-ends them, are not counted as workers). So is a killed launcher whose workers, orphaned, had all
-exited 0 by themselves before they were ended (PDEATHSIG reaches a worker only
-once the launcher's exit is complete, and with short steps it may have finished
-the job by then): a launcher started again would wait in a rendezvous that the
-others, done, never come to.
+ends them, are not counted as workers). So is a killed launcher whose workers,
+orphaned, had all exited 0 by themselves before they were ended (PDEATHSIG
+reaches a worker only once the launcher's exit is complete, and with short
+steps it may have finished the job by then): a launcher started again would
+wait in a rendezvous that the others, done, never come to.
 A killed launcher whose orphaned workers were ended before they exited is
 started again even when they had passed the job's last collective; that one
 finds the job marked finished by the other machines' agents and exits 0
@@ -88,10 +87,10 @@ def reason_to_supervise(
     shards over (machine 0, refused anyway, is the only one that can hold both
     copies of a shard), and the new launcher starts them again as replacements,
     which become those shards' backups again (`shoal.ps.replacement`); a shard
-    with one copy would be lost with them. Embedded control-plane members (`control` "raft") come back as the
-    same members (`shoal.control.launch`), except on machine 0, whose launcher
-    holds the store where the members' addresses meet; any other spec starts
-    nothing here.
+    with one copy would be lost with them. Embedded control-plane members
+    (`control` "raft") come back as the same members (`shoal.control.launch`),
+    except on machine 0, whose launcher holds the store where the members'
+    addresses meet; any other spec starts nothing here.
     """
     if os.environ.get(env.SUPERVISED):
         return "already supervised"
