@@ -35,7 +35,11 @@ def main() -> None:
     )
     model, optimizer = strategy.prepare(model, optimizer)
     loader = strategy.loader(data.train, batch_size=32, shuffle=True, seed=0)
-    for epoch in range(args.epochs):
+    # 0 at first; in a worker restarted while the servers ran (shoal run --max-restarts), the steps they hold
+    # from it: go on from there, where the data stood
+    start = strategy.clock
+    loader.load_state_dict({"epoch": start // len(loader), "index": start % len(loader)})
+    for epoch in range(start // len(loader), args.epochs):
         for x, y in loader:
             loss = loss_fn(model(x), y)
             loss.backward()
