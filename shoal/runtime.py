@@ -23,7 +23,7 @@ import torch.distributed as dist
 from shoal import env
 from shoal.config import check_range, timeout_from_env
 from shoal.errors import ShoalError, caused_by_peer
-from shoal.launch.supervisor import die_with_launcher
+from shoal.supervised import die_with_launcher
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ Under a supervisor (`shoal.launch.supervisor`, on a machine other than 0) a
 launcher that was killed is started again, and it starts its members again as
 the same members: on the addresses its predecessor published (the other
 members and the running workers know only those) and from the same
-directories, in the supervisor's `control_folder`, where each member's Raft
+directories, in the supervisor's folder (`shoal.supervised`), where each member's Raft
 journal (term, vote, log) is, which makes the restart Raft-safe.
 """
 
@@ -25,7 +25,6 @@ import random
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shoal import env
+from shoal import env, supervised
 from shoal.comm.netif import address_towards
 from shoal.config import is_control_spec, split_endpoint
 from shoal.errors import ConfigError, ShoalError
@@ -162,7 +161,7 @@ def _running(members: list[str], mine: list[int], job_key: str, node_rank: int) 
                     argv = member_argv(i, members, folder / f"member{i}")
                     child_env = {**os.environ, env.JOB_KEY: job_key}
                     procs[i] = subprocess.Popen(argv, env=child_env, stdout=log, stderr=log, start_new_session=True)
-                (folder / f"member{i}.pid").write_text(str(procs[i].pid))  # the supervisor's hang check skips it
+                supervised.tell(f"member{i}", procs[i].pid)  # the supervisor's hang check skips it
             ctl = RaftControl(members, key=job_key, timeout=START_S)  # typed as such: `__enter__` says ControlPlane
             with ctl:
                 ctl.put(f"job/started/{node_rank}", True)
@@ -183,38 +182,16 @@ def _running(members: list[str], mine: list[int], job_key: str, node_rank: int) 
 @contextlib.contextmanager
 def _files() -> Iterator[Path]:
     """Where this machine's members keep their files: a private temporary directory, removed at the end;
-    under a supervisor, its `control_folder` instead, which a killed launcher leaves for the next one
-    (emptied by a first launcher: a pid the supervisor has may have been an earlier one's)."""
-    from shoal.launch.supervisor import control_folder
-
-    owner = os.environ.get(env.SUPERVISED, "")
-    if not owner.isdigit():
+    under a supervisor, its folder (`shoal.supervised`) instead, which a killed launcher leaves for the
+    next one (emptied by a first launcher: a pid the supervisor has may have been an earlier one's)."""
+    owner = supervised.owner()
+    if owner is None:
         with tempfile.TemporaryDirectory(prefix="shoal-control-") as tmp:
             yield Path(tmp)
         return
-    folder = control_folder(int(owner))
-    if not os.environ.get(env.RELAUNCHED) and _private(folder, check=False):
-        shutil.rmtree(folder)
-    with contextlib.suppress(FileExistsError):
-        folder.mkdir(mode=0o700)
-    _private(folder)
-    yield folder
-
-
-def _private(folder: Path, check: bool = True) -> bool:
-    """Whether `folder` is a directory of this user that no one else may enter (a member unpickles its
-    journal: another user's folder would be theirs to write); with `check`, ShoalError when it is not."""
-    try:
-        st = folder.lstat()
-    except FileNotFoundError:
-        return False
-    ok = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
-    if check and not ok:
-        raise ShoalError(
-            f"{folder}, where this machine's control-plane members keep their journals, is not a private folder "
-            "of this user: remove it and start the job again"
-        )
-    return ok
+    if not os.environ.get(env.RELAUNCHED) and supervised.is_private(supervised.folder(owner), check=False):
+        shutil.rmtree(supervised.folder(owner))
+    yield supervised.private_folder(owner)
 
 
 def _started_term(ctl: RaftControl, i: int, proc: subprocess.Popen, log: Path) -> int:

@@ -12,7 +12,7 @@ the same command again, and when the child dies by a signal it starts it
 again, up to `--max-restarts` times, first ending whatever the dead launcher
 left running (its workers, in their own sessions, would otherwise go on with
 the old round; its control-plane members, which the new launcher starts
-again on the same addresses from their journals in `control_folder`; its
+again on the same addresses from their journals in its folder, `shoal.supervised`; its
 parameter servers, which go by themselves at once, whose shards the other
 machines' copies have taken over and which the new launcher starts again as
 replacements, `shoal.ps.servers`). It is made a child subreaper (prctl), so
@@ -48,16 +48,15 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from shoal import env
+from shoal import env, supervised
 from shoal.comm.netif import is_this_machine
 from shoal.config import split_endpoint
 from shoal.procfs import children_of, state_of
+from shoal.supervised import serving_pids
 
-PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PASSED_ON = (signal.SIGTERM, signal.SIGHUP)
 """Signals the supervisor forwards to its launcher (Ctrl-C's SIGINT reaches the launcher itself: same group)."""
@@ -170,7 +169,7 @@ def supervise(argv: list[str], restarts: int, hang_s: float) -> int:
             )
     finally:
         remove_recovery_folders(os.getpid())
-        shutil.rmtree(control_folder(os.getpid()), ignore_errors=True)
+        shutil.rmtree(supervised.folder(os.getpid()), ignore_errors=True)
 
 
 def _say(line: str) -> None:
@@ -227,23 +226,6 @@ def end_orphans(timeout_s: float = 10.0) -> dict[int, int]:
     return ended
 
 
-def die_with_launcher() -> None:
-    """In a worker that a shoal launcher started (`shoal.init()`): be SIGKILLed as soon as the launcher dies.
-
-    Otherwise a worker whose launcher was killed runs on, alone: under a supervisor until it ends it
-    (with short steps, into steps the others will redo, or to the job's end, which the others then
-    wait for); without one to the job's end, its output in its log files only, with no agent to
-    restart it or the others, which restart (or stop) theirs only once their workers fail.
-    """
-    supervisor = os.environ.get(env.SUPERVISED, "")
-    if not supervisor.isdigit() and not os.environ.get(env.LAUNCHED):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if supervisor.isdigit() and os.getppid() == int(supervisor):  # the launcher died before that: an orphan
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def recovery_folder_prefix(owner: int) -> str:
     """The name of a launcher's recovery folder in /dev/shm begins with this; `owner` is the supervisor's pid
     when there is one, so that a launcher started again finds its predecessor's recovery points."""
@@ -254,24 +236,6 @@ def remove_recovery_folders(owner: int) -> None:
     with contextlib.suppress(OSError):
         for folder in Path("/dev/shm").glob(recovery_folder_prefix(owner) + "*"):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def control_folder(owner: int) -> Path:
-    """Where a supervised launcher keeps its control-plane members' files (`shoal.control.launch`): named
-    after the supervisor (`owner`), so that a launcher started again restarts its members from their
-    journals; the supervisor removes it when it ends."""
-    return Path(tempfile.gettempdir()) / f"shoal-control-of-{owner}"
-
-
-def serving_pids(owner: int) -> set[int]:
-    """The pids of the control-plane members and parameter servers the launcher started, which serve until
-    it ends them (not workers): it writes them as member<i>.pid and server<i>.pid in `control_folder`."""
-    pids: set[int] = set()
-    with contextlib.suppress(OSError):
-        for path in [*control_folder(owner).glob("member*.pid"), *control_folder(owner).glob("server*.pid")]:
-            with contextlib.suppress(OSError, ValueError):
-                pids.add(int(path.read_text()))
-    return pids
 
 
 def _signal_name(number: int) -> str:

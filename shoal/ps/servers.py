@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from shoal import env
+from shoal import env, supervised
 from shoal.comm.netif import address_towards
 from shoal.config import split_endpoint
 from shoal.errors import ConfigError, ShoalError, WorkerError, first_line
@@ -140,7 +140,7 @@ class ServerGroup:
                 )
                 mark = f"{self.replaced[i]} of {MAX_REPLACEMENTS}"
                 self.procs[i] = _start_server({**start_env, env.PS_REPLACEMENT: str(self.replaced[i])}, log_path, mark)
-                _tell_supervisor(index, self.procs[i])
+                supervised.tell(f"server{index}", self.procs[i].pid)
                 if self.on_start is not None:
                     self.on_start(self.procs[i])
 
@@ -249,7 +249,7 @@ def start_servers(
             server_env[env.PS_REPLACEMENT] = again
         log_path = os.path.join(log_dir, f"server{i}.log") if log_dir else None
         procs.append(_start_server(server_env, log_path, f"the launcher started again ({again})" if again else ""))
-        _tell_supervisor(i, procs[-1])
+        supervised.tell(f"server{i}", procs[-1].pid)
         starts.append((i, server_env, log_path))
     group = ServerGroup(procs, share.store, share.address, job_key, workers_env, starts)
     if ps_store.read_replication(share.store) > 1:
@@ -267,20 +267,6 @@ def _start_server(server_env: dict[str, str], log_path: str | None, replaces: st
             out.write(f"{REPLACEMENT_MARK} {replaces}\n")
             out.flush()
         return subprocess.Popen(argv, env=server_env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _tell_supervisor(index: int, proc: subprocess.Popen) -> None:
-    """Under a supervisor (`shoal.launch.supervisor`), write the process's pid where it finds it: a server
-    serves until the launcher ends it, so it is not counted among the workers that finished."""
-    owner = os.environ.get(env.SUPERVISED, "")
-    if not owner.isdigit():
-        return
-    from shoal.launch.supervisor import control_folder
-
-    folder = control_folder(int(owner))
-    with contextlib.suppress(FileExistsError):
-        folder.mkdir(mode=0o700)
-    (folder / f"server{index}.pid").write_text(str(proc.pid))
 
 
 def machine_share(

@@ -53,14 +53,22 @@ def test_servers_asked_to_keep_one_copy_of_each_shard_are_not_supervised(monkeyp
 
 
 def test_the_servers_a_supervised_launcher_started_are_found_by_their_pids(monkeypatch, tmp_path):
-    from shoal.launch import supervisor
-    from shoal.ps import servers
+    """`shoal.supervised`: what the launcher's servers and members leave for the supervisor, in a folder
+    only this user may enter; one that another could have made is refused in one sentence."""
+    from shoal import supervised
+    from shoal.errors import ShoalError
 
-    monkeypatch.setattr(supervisor.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(supervised.tempfile, "tempdir", str(tmp_path))
     monkeypatch.setenv(env.SUPERVISED, "4242")
-    servers._tell_supervisor(1, type("Proc", (), {"pid": 777})())
-    assert supervisor.serving_pids(4242) == {777}
-    assert oct(supervisor.control_folder(4242).stat().st_mode & 0o777) == "0o700"
+    supervised.tell("server1", 777)
+    supervised.tell("member0", 778)
+    assert supervised.serving_pids(4242) == {777, 778}
+    assert oct(supervised.folder(4242).stat().st_mode & 0o777) == "0o700"
+    monkeypatch.setenv(env.SUPERVISED, "4343")
+    supervised.folder(4343).mkdir(mode=0o777)
+    supervised.folder(4343).chmod(0o777)  # as someone else could have left it
+    with pytest.raises(ShoalError, match="is not a private folder of this user: remove it"):
+        supervised.tell("server0", 779)
 
 
 @pytest.mark.parametrize(
