@@ -20,7 +20,13 @@
    `optimizer.step()` costs against installing them at the next forward
    pass (shoal before issue 11), steps/s, 2 workers, 1 server, per mode.
 
-    PYTHONPATH=. python benchmarks/ps.py [--reps 3] [--steps N] [--only throughput|replication|stragglers|pull]
+4. Transport (`--only transport`): PS-BSP on one machine over ipc:// in the
+   job's private directory (the default, `shoal.comm.ipc`) against TCP with
+   CURVE (SHOAL_PS_IPC=0), 2 workers, 1 server and 2 replicated servers,
+   with DDP for the ratio the throughput part reports.
+
+    PYTHONPATH=. python benchmarks/ps.py [--reps 3] [--steps N] [--models digits_mlp,wide_mlp_5m]
+        [--only throughput|replication|stragglers|pull|transport]
 """
 
 from __future__ import annotations
@@ -54,6 +60,12 @@ THROUGHPUT = {  # name: strategy (dp or a consistency mode), servers, replicatio
     "ps_asp_2_servers": ("asp", 2, 1, []),
     "ps_bsp_2_servers_replicated": ("bsp", 2, 2, []),
     "ps_asp_2_servers_replicated": ("asp", 2, 2, []),
+}
+TRANSPORT = {  # name: servers, replication (None: the launcher's default), environment
+    "ps_bsp_1_server_ipc": (1, None, {}),
+    "ps_bsp_1_server_tcp_curve": (1, None, {env.PS_IPC: "0"}),
+    "ps_bsp_2_servers_replicated_ipc": (2, 2, {}),
+    "ps_bsp_2_servers_replicated_tcp_curve": (2, 2, {env.PS_IPC: "0"}),
 }
 REPLICATION = ("ps_bsp_2_servers", "ps_bsp_2_servers_replicated", "ps_asp_2_servers", "ps_asp_2_servers_replicated")
 
@@ -155,12 +167,14 @@ def launch(
     faults: list[dict] | None = None,
     timeout: float = 600,
     replication: int | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> dict:
     """One run of this script's worker on `nproc` workers and `servers` servers (each shard
-    on `replication` of them), under the fault schedule `faults`; rank 0's figures."""
+    on `replication` of them), under the fault schedule `faults`, with `extra_env`; rank 0's figures."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
         schedule = {env.FAULTS: json.dumps({"seed": 0, "faults": faults})} if faults else {}
+        schedule.update(extra_env or {})
         wargs = ["--out", out, "--servers", str(servers), *wargs]
         _harness.launch(
             __file__, nproc, wargs, servers=servers, timeout=timeout, env=schedule, quiet=True, replication=replication
@@ -202,6 +216,40 @@ def pull_cost(args) -> None:
     config = {"reps": args.reps, "steps": steps, "command": " ".join(["python", "benchmarks/ps.py", *sys.argv[1:]])}
     summary = "ps pull in step() vs at forward: " + "; ".join(f"{k} {v['ratio']:.2f}" for k, v in cases.items())
     _harness.write("ps_pull", {"config": config, "cases": cases}, summary)
+
+
+def transports(args, cases) -> None:
+    """PS-BSP steps/s over ipc:// against TCP with CURVE (`TRANSPORT`), and DDP, interleaved `args.reps`
+    times; prints the medians and writes benchmarks/results/ps_transport.json."""
+    variants = {"data_parallel": ("dp", 0, None, {}), **{k: ("bsp", *v) for k, v in TRANSPORT.items()}}
+    tp, vs_tcp = {}, {}
+    for model, steps in [c for c in cases if c[0] in args.models.split(",")]:
+        runs: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.reps):  # interleaved, so drift in the machine's load hits every variant
+            for name, (strategy, servers, replication, extra) in variants.items():
+                wargs = ["--task", "throughput", "--model", model, "--strategy", strategy, "--steps", str(steps)]
+                r = launch(2, servers, wargs, replication=replication, extra_env=extra)
+                runs[name].append(r["steps_per_s"])
+                print(f"{model} {name}: {r['steps_per_s']:.1f} steps/s", flush=True)
+        ddp = statistics.median(runs["data_parallel"])
+        tp[model] = {
+            name: {"steps_per_s": statistics.median(rs), "runs": rs, "vs_ddp": statistics.median(rs) / ddp}
+            for name, rs in runs.items()
+        }
+        # The median of each round's ratio: the two transports of one round ran back to back, under one load.
+        vs_tcp[model] = {
+            name.removesuffix("_ipc"): statistics.median(
+                a / b for a, b in zip(runs[name], runs[name.removesuffix("_ipc") + "_tcp_curve"], strict=True)
+            )
+            for name in TRANSPORT
+            if name.endswith("_ipc")
+        }
+    summary = "ps ipc vs TCP+CURVE steps/s (one machine): " + "; ".join(
+        f"{m} " + ", ".join(f"{k} {x:.2f}" for k, x in r.items()) for m, r in vs_tcp.items()
+    )
+    config = {"reps": args.reps, "timed_steps": dict(cases), "loadavg_after": list(os.getloadavg())}
+    config["command"] = " ".join(["python", "benchmarks/ps.py", *sys.argv[1:]])
+    _harness.write("ps_transport", {"config": config, "throughput": tp, "ipc_vs_tcp_curve": vs_tcp}, summary)
 
 
 def throughputs(args, cases) -> dict:
@@ -284,7 +332,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="throughput runs per variant (the median is reported)")
     parser.add_argument(
         "--only",
-        choices=["throughput", "replication", "stragglers", "pull"],
+        choices=["throughput", "replication", "stragglers", "pull", "transport"],
         default=None,
         help="run one part (throughput writes ps_throughput.json, stragglers nothing)",
     )
@@ -297,6 +345,8 @@ def main() -> None:
 
     results: dict = {"throughput": {}, "stragglers": {}}
     cases = (("digits_mlp", args.steps or 100), ("wide_mlp_5m", max(10, (args.steps or 100) // 5)))
+    if args.only == "transport":
+        return transports(args, cases)
     if args.only != "stragglers":
         results["throughput"] = throughputs(args, cases)
     if args.only in ("throughput", "replication"):

@@ -1,7 +1,8 @@
 """Publish/subscribe for events and live metrics, on ZeroMQ PUB/SUB.
 
 The launcher binds one `Subscriber`; servers and workers connect a
-`Publisher` to it (its endpoint travels in SHOAL_PS_EVENTS). Messages go
+`Publisher` to it (its endpoint travels in SHOAL_PS_EVENTS: an ipc:// socket
+in the job's private directory on one machine, `shoal.comm.ipc`). Messages go
 through the same authenticated codec as everything else, so a stranger
 cannot inject rows into the table. Publishing never blocks training: when
 the subscriber is slow or gone, messages beyond the high-water mark are
@@ -52,8 +53,7 @@ class Subscriber:
         for t in topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
         codec.transport.listen(self.sock)  # only the job's processes connect; no stranger makes us hold memory
-        port = self.sock.bind_to_random_port(f"tcp://{host}")
-        self.endpoint = f"tcp://{host}:{port}"
+        self.endpoint = codec.transport.bind(self.sock, host, "events")
         self.dropped = 0
 
     def poll(self, timeout_ms: int = 100) -> list[dict]:

@@ -27,6 +27,11 @@ SHOAL_CURVE=0 turns it off (on one machine for measurements; messages then
 carry the per-message MAC again, but a stranger can make a process hold
 memory again). Both ends must agree; `check_same_curve` says so in one
 sentence where they do not.
+
+On one machine a parameter-server job's sockets are instead `ipc://` sockets
+in a directory only the user can open (`shoal.comm.ipc`): `Transport.for_job`
+finds it in SHOAL_PS_IPC_DIR, and then neither CURVE nor a per-message MAC
+is used on them, as the directory already keeps strangers out.
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ import hashlib
 import hmac
 import logging
 import os
+from collections.abc import Mapping
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from shoal import env
+from shoal.comm import ipc
 
 log = logging.getLogger("shoal.comm.security")
 
@@ -57,7 +64,7 @@ BACKLOG = 64
 DOMAIN = "shoal"
 
 
-def curve_enabled(environ: os._Environ | dict | None = None) -> bool:
+def curve_enabled(environ: Mapping[str, str] | None = None) -> bool:
     """Whether this process's sockets use CURVE: SHOAL_CURVE unset or '1' yes, '0' no."""
     value = (environ if environ is not None else os.environ).get(env.CURVE, "1").strip()
     if value not in ("0", "1"):
@@ -67,18 +74,27 @@ def curve_enabled(environ: os._Environ | dict | None = None) -> bool:
     return value == "1"
 
 
-def curve_flag() -> str:
-    """This process's SHOAL_CURVE as it publishes it next to an endpoint, for `check_same_curve`."""
-    return f"curve={int(curve_enabled())}"
+def curve_flag(environ: Mapping[str, str] | None = None) -> str:
+    """How this process's parameter-server sockets are secured, as it publishes it next to an endpoint, for
+    `check_same_curve`: 'ipc' in a job's private directory (`shoal.comm.ipc`), else its SHOAL_CURVE."""
+    environ = os.environ if environ is None else environ
+    return "ipc" if environ.get(env.PS_IPC_DIR) else f"curve={int(curve_enabled(environ))}"
 
 
-def check_same_curve(flag: str, peer: str) -> None:
+def check_same_curve(flag: str, peer: str, environ: Mapping[str, str] | None = None) -> None:
     """One sentence (`ShoalError`) where `peer` published another SHOAL_CURVE (`curve_flag`) than this
     process's: with CURVE on one side only, the connection's handshake fails and no message would ever pass."""
-    mine = curve_flag()
+    mine = curve_flag(environ)
     if flag != mine:
         from shoal.errors import ShoalError
 
+        if "ipc" in (flag, mine):
+            theirs, ours = ("a private ipc:// socket", "TCP") if flag == "ipc" else ("TCP", "a private ipc:// socket")
+            raise ShoalError(
+                f"{peer} listens on {theirs} and this process expects {ours}, so they cannot connect; start every "
+                f"process of a job on one machine from one launcher (`shoal run`, `shoal train`), with the same "
+                f"{env.PS_IPC} (unset means 1)"
+            )
         raise ShoalError(
             f"{peer} runs with {env.CURVE}={flag.removeprefix('curve=')} and this process with "
             f"{env.CURVE}={mine.removeprefix('curve=')}, so they cannot connect; give every process of the job the "
@@ -105,10 +121,14 @@ class _ClientKey:
 
 
 class Transport:
-    """The connection security of one job's sockets (one per job key)."""
+    """The connection security of one job's sockets (one per job key): CURVE over TCP, or
+    (`private_dir`) ipc:// sockets in the job's private directory, with neither CURVE nor MAC."""
 
-    def __init__(self, key: bytes, curve: bool | None = None):
-        self.curve = curve_enabled() if curve is None else curve
+    def __init__(self, key: bytes, curve: bool | None = None, private_dir: str | None = None):
+        self.private_dir = private_dir
+        if private_dir is not None:
+            ipc.check_dir(private_dir)
+        self.curve = False if private_dir is not None else curve_enabled() if curve is None else curve
         if not self.curve:
             return
         self._server_secret = _secret(key, "curve server")
@@ -116,6 +136,29 @@ class Transport:
         self._client_secret = _secret(key, "curve client")
         self.client_public = zmq.curve_public(self._client_secret)
         self._auth: dict[int, ThreadAuthenticator] = {}
+
+    @classmethod
+    def for_job(cls, key: bytes, environ: Mapping[str, str] | None = None) -> Transport:
+        """A parameter-server job's transport: in the private directory its launcher named
+        (SHOAL_PS_IPC_DIR), else CURVE as SHOAL_CURVE says. Not for the control plane, whose
+        members the launcher starts outside any such directory."""
+        return cls(key, private_dir=ipc.job_dir(environ))
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether the connection itself keeps strangers out (CURVE, or the private directory), so
+        that messages need no MAC (`shoal.comm.wire`)."""
+        return self.curve or self.private_dir is not None
+
+    def bind(self, sock: zmq.Socket, host: str, name: str, advertise: str = "") -> str:
+        """Bind `sock` (after `listen`): in the private directory (a socket named after `name`), else on
+        a free TCP port of `host`; the endpoint to publish (by `advertise` where given)."""
+        if self.private_dir is not None:
+            endpoint = ipc.endpoint(self.private_dir, name)
+            sock.bind(endpoint)
+            return endpoint
+        port = sock.bind_to_random_port(f"tcp://{host}")
+        return f"tcp://{advertise or host}:{port}"
 
     def listen(self, sock: zmq.Socket) -> None:
         """Make `sock` (before bind) admit only peers that hold the job's client key."""

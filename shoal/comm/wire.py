@@ -1,18 +1,18 @@
 """The safe wire codec: a msgpack header plus raw tensor buffers, authenticated.
 
 A message is the ZeroMQ frames `[seal, header, buf_0, ..., buf_n-1]`, and,
-under CURVE only, the seal once more at the end:
+under CURVE or in a private ipc:// directory only, the seal once more at the end:
 
 - `header` is msgpack (maps, lists, strings, numbers; never pickle, no
   extension types) and lists, in `"tensors"`, the dtype and shape of each
   buffer that follows;
 - each `buf_i` is the tensor's raw bytes, sent without a copy where ZeroMQ
   allows and read back without one (`torch.frombuffer` on the received frame);
-- `seal`, where the codec's `Transport` is not CURVE (SHOAL_CURVE=0), is
+- `seal`, where the codec's `Transport` is TCP without CURVE (SHOAL_CURVE=0), is
   HMAC-SHA256 under the job's secret key over the frame count and every
   frame (the buffers, then the header), each prefixed by its length, so no
   frame can be added, dropped, cut or moved without the MAC failing;
-- where it is CURVE (the default), `seal` is an 8-byte tag, new for each
+- where it is CURVE (the default) or ipc (`shoal.comm.ipc`), `seal` is an 8-byte tag, new for each
   message this codec encodes, and ends the message too: no MAC is computed.
 
 Why no MAC under CURVE: it was half of a PS worker's CPU per step and four
@@ -33,6 +33,14 @@ connection already gives each thing it gave:
   them. The `session`/`to`/`seq` checks (`shoal.comm.replay`) stay, for
   what CURVE does not cover: a member's stale messages (an old process
   under a reused key, a server restarted with a new session).
+
+On one machine the job's sockets are `ipc://` sockets in a directory only
+the user can open (`shoal.comm.ipc`), and messages carry no MAC there either,
+for the same three reasons: only the user's processes can connect (and the
+user can read the job key anyway); the bytes never leave the kernel, so no
+one on a path can change, drop or record them; and a connection no stranger
+can open cannot be replayed into. The tags and the `session`/`to`/`seq`
+checks stay.
 
 This holds only on sockets that `transport` secured (`Transport.listen`,
 `Transport.connect`): the parameter server's, its clients' and the event
@@ -109,15 +117,16 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 class Codec:
     """Encodes and checks messages for one job (one key, one size limit); `transport`
-    secures the sockets that carry them (CURVE keys derived from the same key), and
-    decides the seal: a MAC without CURVE, tags with it (see the module docstring)."""
+    secures the sockets that carry them (CURVE keys derived from the same key, or the
+    job's private ipc:// directory), and decides the seal: a MAC where the connection
+    does not keep strangers out, tags where it does (see the module docstring)."""
 
     def __init__(self, key: bytes, max_bytes: int = 1 << 30, transport: Transport | None = None):
         self._key = key
         self.max_bytes = int(max_bytes)
-        self.transport = transport or Transport(key)
-        self.signed = not self.transport.curve
-        """Whether messages carry a MAC: only where the sockets are not CURVE."""
+        self.transport = transport or Transport.for_job(key)
+        self.signed = not self.transport.authenticated
+        """Whether messages carry a MAC: only where the sockets are neither CURVE nor in a private directory."""
         self._tags = itertools.count(secrets.randbits(63))
 
     def _buffers_mac(self, bufs):

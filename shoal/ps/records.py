@@ -107,9 +107,9 @@ def read_shards(
     try:
         shards = []
         for i in range(count):
-            addresses = [ServerAddress.parse(i, store.get(server_key(i)))]
+            addresses = [ServerAddress.parse(i, store.get(server_key(i)), environ)]
             if replication > 1:
-                addresses.append(ServerAddress.parse(i, store.get(backup_key(i))))
+                addresses.append(ServerAddress.parse(i, store.get(backup_key(i)), environ))
             shards.append(Shard(addresses, records.get(i)))
         return shards
     finally:

@@ -174,6 +174,6 @@ def add_backup(server: Server, request: dict) -> None:
 
 
 def _address(shard: int, value: object) -> ps_store.ServerAddress:
-    if not isinstance(value, str) or len(value) > MAX_ADDRESS or not value.startswith("tcp://"):
+    if not isinstance(value, str) or len(value) > MAX_ADDRESS or not value.startswith(("tcp://", "ipc://")):
         raise ShoalError(f"{str(value)[:80]!r} is not a server address")
     return ps_store.ServerAddress.parse(shard, value)

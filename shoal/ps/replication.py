@@ -308,8 +308,8 @@ class BackupLink:
         self.sock.setsockopt(zmq.LINGER, 0)
         codec.transport.listen(self.sock)
         _heartbeat(self.sock)  # after listen, which sets the job's generous defaults
-        port = self.sock.bind_to_random_port(f"tcp://{host}")
-        self.address = ps_store.ServerAddress(f"tcp://{advertise or host}:{port}", shard, secrets.token_hex(8))
+        endpoint = codec.transport.bind(self.sock, host, f"link-shard{shard}", advertise)
+        self.address = ps_store.ServerAddress(endpoint, shard, secrets.token_hex(8))
         self.watch = _Watch(self.sock)
         self.primary: bytes | None = None  # the routing id of the primary's link, fixed by its first input
         self.outer = len(codec.encode({}))  # frames of a message without tensors (the codec's layout)

@@ -123,10 +123,8 @@ class Server:
         self.sock.setsockopt(zmq.LINGER, 2000)
         codec.transport.listen(self.sock)  # CURVE: only the job's processes get a message in
         membership.heartbeat(self.sock)  # after listen (its defaults are generous): a silent worker departs
-        port = self.sock.bind_to_random_port(f"tcp://{host}")
-        self.endpoint = (
-            f"tcp://{advertise or host}:{port}"  # bound to every interface, reached by this machine's address
-        )
+        # in the job's private directory on one machine; else every interface, reached by this machine's address
+        self.endpoint = codec.transport.bind(self.sock, host, f"server{self.process}-shard{index}", advertise)
         self.session = replay.new_session()  # in every request's signed header: nothing recorded elsewhere passes
         self.once = replay.Once()  # one-time ids of stats requests
         self.dropped: Counter[str] = Counter()

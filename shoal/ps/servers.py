@@ -330,11 +330,15 @@ def serving(
     shows its own machine's rows. With `server_nodes` H > 0 the servers run
     on H more machines (`serve_only` there) and machine 0 tells those when
     its workers have ended. `control`: the job's control plane (`SHOAL_CONTROL`),
-    where the shards' records then live (`shoal.ps.records`).
+    where the shards' records then live (`shoal.ps.records`). On one machine the
+    job's sockets are ipc:// in a private directory made here and removed at the
+    end (`shoal.comm.ipc`; SHOAL_PS_IPC=0: TCP with CURVE).
     """
     if count <= 0:
         yield {}
         return
+    from shoal.comm import ipc
+    from shoal.comm.security import Transport
     from shoal.comm.wire import Codec
     from shoal.ps.monitor import Monitor
 
@@ -348,8 +352,18 @@ def serving(
         if several
         else None
     )
-    monitor = Monitor(Codec(job_key.encode()), record=record, live=live).start()
-    events = {env.PS_EVENTS: monitor.endpoint, **({env.CONTROL: control} if control else {})}
+    private = ipc.make_dir() if not several and ipc.enabled() else None  # this job's sockets (`shoal.comm.ipc`)
+    try:
+        codec = Codec(job_key.encode(), transport=Transport(job_key.encode(), private_dir=private))
+        monitor = Monitor(codec, record=record, live=live).start()
+    except BaseException:
+        ipc.remove(private)
+        raise
+    events = {
+        env.PS_EVENTS: monitor.endpoint,
+        **ipc.environ_for(private),
+        **({env.CONTROL: control} if control else {}),
+    }
     try:
         group = start_servers(count, job_key, log_dir=log_dir, extra_env=events, share=share, replication=replication)
         ended = "failed"
@@ -362,6 +376,7 @@ def serving(
             group.stop()
     finally:
         monitor.stop()
+        ipc.remove(private)
 
 
 def serve_only(

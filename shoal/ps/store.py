@@ -4,7 +4,8 @@ A torch `TCPStore` holds these keys, named here and nowhere else:
 
 - `SERVER_COUNT_KEY` (`shoal/ps/servers`): how many servers the job has,
   set by the launcher of machine 0 when it opens the store;
-- `server_key(i)` (`shoal/ps/server/<i>`): server i's ZeroMQ endpoint and
+- `server_key(i)` (`shoal/ps/server/<i>`): server i's ZeroMQ endpoint (tcp://,
+  or on one machine ipc:// in the job's private directory, `shoal.comm.ipc`) and
   session nonce (`ServerAddress`), set by server i once it is bound; workers
   put the nonce in every request (`shoal.comm.replay`), and learn it here,
   signed, so no stranger can hand them another;
@@ -42,12 +43,14 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import NamedTuple
 
 from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage] -- documented, not in torch's stubs
 
 from shoal import env
+from shoal.comm import ipc
 from shoal.comm.security import check_same_curve, curve_flag
 from shoal.comm.signed_store import SignedStore as SignedStore  # re-exported: the PS modules use it from here
 from shoal.comm.signed_store import listen, open_shared
@@ -86,14 +89,16 @@ class ServerAddress(NamedTuple):
         return {"to": self.index, "session": self.session}
 
     @classmethod
-    def parse(cls, index: int, value: str) -> ServerAddress:
-        """The address server `index` published; a SHOAL_CURVE unlike this process's stops here, in one
-        sentence, rather than as a connection that never comes up."""
+    def parse(cls, index: int, value: str, environ: Mapping[str, str] | None = None) -> ServerAddress:
+        """The address server `index` published; a SHOAL_CURVE or transport unlike this process's
+        (`environ`'s) stops here, in one sentence, rather than as a connection that never comes up, and
+        so does an endpoint outside this job's private directory (`shoal.comm.ipc`), or not tcp://."""
         endpoint, session, flag = [*value.split(" ", 2), "", ""][:3]
         if not endpoint or not session:
             raise ShoalError(f"parameter server {index} published no session with its endpoint {endpoint!r}")
         if flag:
-            check_same_curve(flag, f"parameter server {index}")
+            check_same_curve(flag, f"parameter server {index}", environ)
+        ipc.check_endpoint(endpoint, ipc.job_dir(environ), f"parameter server {index}")
         return cls(endpoint, index, session)
 
 

@@ -17,6 +17,10 @@
   dropped without growing the server. Here CURVE is off (SHOAL_CURVE=0), as
   it would be where the per-message MAC is the only defence; messages
   signed with another key, or not signed, are dropped too.
+- One machine (`shoal.comm.ipc`): what `shoal run` and `shoal train` set up
+  there listens only in the job's private directory (0700), which another
+  user cannot open, without CURVE or MAC; the directory goes when the job ends,
+  also when it fails. The tests above start servers as across machines (TCP).
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ import json
 import os
 import secrets
 import socket
+import stat
 import struct
+import subprocess
 import time
 
 import numpy as np
+import pytest
 import torch
 import zmq
 
@@ -310,3 +317,68 @@ def test_requests_recorded_in_an_earlier_run_and_stats_replays_are_dropped(monke
     assert stats["dropped"].get("unauthenticated") == 2, stats["dropped"]
     assert stats["dropped"].get("replayed") == 250, stats["dropped"]
     assert grown < 10 * MB, f"the server grew by {grown / MB:.1f} MB"
+
+
+def _as_stranger(directory: str, path: str) -> int:
+    """In a child that became user nobody (no exec: it needs no Python of its own): 0 where it can
+    neither list `directory` nor connect to the socket `path`, 1 or 2 where it can."""
+    pid = os.fork()
+    if pid == 0:  # only system calls here, then _exit: nothing of the parent's threads is touched
+        code = 3
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            code = 1
+            with contextlib.suppress(PermissionError):
+                os.listdir(directory)
+                os._exit(code)
+            code = 2
+            with contextlib.suppress(PermissionError), socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+                os._exit(code)
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_on_one_machine_the_job_listens_only_in_a_directory_no_other_user_opens_and_it_goes(monkeypatch):
+    """One server started as `shoal run` starts it on one machine (about 4 s)."""
+    from shoal.procfs import children_of
+    from shoal.ps import store as ps_store
+    from shoal.ps.servers import serving
+
+    key = secrets.token_hex(16)
+    with (
+        Processes() as procs,
+        pytest.raises(RuntimeError, match="the job failed"),  # the directory goes all the same
+        serving(1, key, log_dir=str(procs.logs)) as job_env,
+    ):
+        for name, value in job_env.items():  # this process is now one of the job's, as a worker would be
+            monkeypatch.setenv(name, value)
+        private = job_env[env.PS_IPC_DIR]
+        st = os.lstat(private)
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+        store, count = ps_store.connect_store(30)
+        (address,) = ps_store.read_endpoints(store, count, 30)
+        assert address.endpoint.startswith(f"ipc://{private}/") and job_env[env.PS_EVENTS].startswith("ipc://")
+        codec = Codec(key.encode())
+        assert not codec.transport.curve and not codec.signed
+        ctx = zmq.Context()
+        try:
+            header, _ = request_stats(ctx, address, codec)  # the job's own process: no CURVE, no MAC
+        finally:
+            ctx.term()
+        assert header["index"] == 0
+        pids = children_of(os.getpid())
+        tcp = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+        unix = subprocess.run(["ss", "-lxpH"], capture_output=True, text=True, check=True).stdout
+        assert pids and not [line for line in tcp.splitlines() for p in pids if f"pid={p}," in line], tcp
+        assert any(private in line and f"pid={pids[0]}," in line for line in unix.splitlines()), unix
+        if os.geteuid() == 0:  # another user: neither the directory nor the socket
+            path = address.endpoint.removeprefix("ipc://")
+            os.chmod(path, 0o777)  # even a socket anyone may write is out of reach
+            assert _as_stranger(private, path) == 0, "another user listed the directory or connected"
+        raise RuntimeError("the job failed")
+    assert not os.path.exists(private), "the job's directory outlived it"
