@@ -17,7 +17,9 @@ Two parts, both printed and written to benchmarks/results/ps_profile.json:
 3. The same job with the per-message HMAC back on under CURVE
    (`ps_bsp_2_servers_mac`, a measurement only: a sitecustomize makes every
    process of that job sign as it did before CURVE replaced the MAC,
-   `shoal.comm.wire`), side by side with the default (CURVE, no MAC).
+   `shoal.comm.wire`), and over TCP with CURVE and no MAC
+   (`ps_bsp_2_servers_tcp_curve`, SHOAL_PS_IPC=0), side by side with the
+   default on one machine (ipc:// in a private directory, `shoal.comm.ipc`).
 
     PYTHONPATH=. python benchmarks/ps_profile.py [--reps 3] [--steps 30] [--only VARIANT,...]
 """
@@ -40,6 +42,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness
 from ps import MODELS, build
+
+from shoal import env
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -157,18 +161,20 @@ def worker(args) -> None:
             "ms_per_step": per_step,
             "job_cpu_ms_per_step": 1000 * cpu / args.steps,
             "signed": Codec(b"k" * 32).signed,  # whether this job's messages carried the HMAC
+            "ipc": bool(os.environ.get(env.PS_IPC_DIR)),  # whether its sockets were ipc:// (else TCP + CURVE)
         }
         Path(args.out).write_text(json.dumps(out))
     strategy.close()
     shoal.shutdown()
 
 
-def launch(servers: int, wargs: list[str], mac: bool = False) -> dict:
+def launch(servers: int, wargs: list[str], mac: bool = False, tcp: bool = False) -> dict:
+    """One job; `mac`: every message signed; `tcp`: over TCP with CURVE (SHOAL_PS_IPC=0), not ipc://."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
-        env = _harness.signing_everywhere(tmp) if mac else {}
+        extra = {**(_harness.signing_everywhere(tmp) if mac else {}), **({env.PS_IPC: "0"} if tcp else {})}
         wargs = ["--out", out, "--servers", str(servers), *wargs]
-        ok = _harness.launch_keeping(out, __file__, 2, wargs, servers=servers, quiet=True, env=env)
+        ok = _harness.launch_keeping(out, __file__, 2, wargs, servers=servers, quiet=True, env=extra)
         return {**json.loads(Path(out).read_text()), "failed_after_timing": not ok}  # e.g. at shutdown
 
 
@@ -230,12 +236,13 @@ def server_work(servers: int, reps: int, mac: bool) -> dict[str, float]:
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
-VARIANTS = {  # name: strategy, servers, worker arguments, with the HMAC under CURVE (a measurement only)
-    "data_parallel": ("dp", 0, [], False),
-    "ps_bsp_1_server": ("bsp", 1, [], False),
-    "ps_bsp_2_servers": ("bsp", 2, [], False),
-    "ps_bsp_2_servers_no_overlap": ("bsp", 2, ["--no-overlap"], False),
-    "ps_bsp_2_servers_mac": ("bsp", 2, [], True),
+VARIANTS = {  # name: strategy, servers, worker arguments, with the HMAC (a measurement only), over TCP + CURVE
+    "data_parallel": ("dp", 0, [], False, False),
+    "ps_bsp_1_server": ("bsp", 1, [], False, False),
+    "ps_bsp_2_servers": ("bsp", 2, [], False, False),
+    "ps_bsp_2_servers_no_overlap": ("bsp", 2, ["--no-overlap"], False, False),
+    "ps_bsp_2_servers_tcp_curve": ("bsp", 2, [], False, True),
+    "ps_bsp_2_servers_mac": ("bsp", 2, [], True, True),
 }
 
 
@@ -258,8 +265,8 @@ def main() -> None:
     load = [os.getloadavg()]
     for rep in range(args.reps):  # interleaved, so drift in the machine's load hits every variant,
         order = list(chosen.items())  # and every other round in reverse, so no variant always goes first
-        for name, (strategy, servers, extra, mac) in order[::-1] if rep % 2 else order:
-            r = launch(servers, ["--strategy", strategy, "--steps", str(args.steps), *extra], mac)
+        for name, (strategy, servers, extra, mac, tcp) in order[::-1] if rep % 2 else order:
+            r = launch(servers, ["--strategy", strategy, "--steps", str(args.steps), *extra], mac, tcp)
             runs[name].append(r)
             print(f"{name}: {r['steps_per_s']:.2f} steps/s, job CPU {r['job_cpu_ms_per_step']:.0f} ms/step", flush=True)
         load.append(os.getloadavg())
@@ -271,6 +278,7 @@ def main() -> None:
             "runs": [r["steps_per_s"] for r in rs],
             "job_cpu_ms_per_step": statistics.median(r["job_cpu_ms_per_step"] for r in rs),
             "signed": [r.get("signed") for r in rs],
+            "ipc": [r.get("ipc") for r in rs],
             "failed_after_timing": sum(r["failed_after_timing"] for r in rs),
             "rank0_ms_per_step": phases,
         }
