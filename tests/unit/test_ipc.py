@@ -42,6 +42,27 @@ def test_the_directory_is_this_users_alone_and_removed_with_its_sockets(private)
     assert not os.path.exists(private)
 
 
+def test_a_gone_launchers_directory_is_swept_and_a_running_ones_kept(monkeypatch):
+    """A SIGKILLed launcher cannot remove its directory: the next launcher of this user does."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="sw", dir="/tmp"))  # short: socket paths must fit
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process has it
+    stale = tmp_path / f"shoal-ipc-{gone}-abc"
+    stale.mkdir(mode=0o700)
+    (stale / "server0-shard0-x").write_text("")
+    live = tmp_path / f"shoal-ipc-{os.getpid()}-def"
+    live.mkdir(mode=0o700)
+    try:
+        made = ipc.make_dir()
+        assert not stale.exists() and live.exists() and os.path.basename(made).startswith(f"shoal-ipc-{os.getpid()}-")
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 def test_messages_in_the_directory_carry_no_mac_and_no_curve_and_still_arrive(private):
     codec = Codec(KEY, transport=Transport.for_job(KEY, {env.PS_IPC_DIR: private}))
     assert codec.transport.private_dir == private and not codec.transport.curve and not codec.signed
