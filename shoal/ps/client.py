@@ -29,9 +29,13 @@ client connects to it in place of the lost one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
+import threading
 import time
+from collections.abc import Iterator
 
 import torch
 import zmq
@@ -184,7 +188,20 @@ class Client:
         With compression, `codes[s]` holds each key's payload header and the
         tensors are the payloads' tensors in key order; `skip` pushes nothing
         but the clock (a step dropped for a non-finite gradient); `parts[s]`:
-        how many parts of this push went to server s before (`push_part`)."""
+        how many parts of this push went to server s before (`push_part`). A SIGTERM meanwhile (torch's
+        agent restarting this worker) waits until every server's message is out (`_sigterm_after`)."""
+        with _sigterm_after(self.ctx):
+            self._push(clock, per_server, hp, codes, skip, parts)
+
+    def _push(
+        self,
+        clock: int,
+        per_server: list[tuple[list[str], list[torch.Tensor]]],
+        hp: list[dict],
+        codes: list[list[dict]] | None,
+        skip: bool,
+        parts: list[int] | None,
+    ) -> None:
         for s, (keys, grads) in enumerate(per_server):
             header = {"op": PUSH, "clock": clock, "keys": keys, "hp": hp}
             if codes is not None:
@@ -362,6 +379,30 @@ class Client:
                     self._take_over(s, r, header)  # resends the goodbye too: it is unanswered
                 elif header.get("op") == BYE and r == self.current[s]:
                     waiting.discard(s)
+
+
+@contextlib.contextmanager
+def _sigterm_after(ctx: zmq.Context, linger_ms: int = 2000) -> Iterator[None]:
+    """Hold a SIGTERM until the block's messages are out, then end as it would have ended this process.
+
+    Why: a worker ended between its push to one server and to the next leaves the first a clock
+    ahead; restarted, it goes on from the lower clock (`ParameterServer._joined_at`) but pulls the
+    ahead server's values a step later, so under BSP its gradient for the other servers is not the
+    one the run would have computed. torch's agent sends SIGTERM to restart workers (and SIGKILL
+    only 5 s later), at any point of a step. In the main thread only (where Python runs handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, _frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
+        if got:
+            ctx.destroy(linger=linger_ms)  # what is queued goes out first
+            signal.raise_signal(signal.SIGTERM)
 
 
 def request_stats(

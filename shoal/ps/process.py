@@ -5,10 +5,11 @@ process p of S holds the primary of shard p and the backup of shard p - 1, so ea
 lives in two processes (on two machines when the launchers spread servers round-robin)
 and no process is idle. One loop, one thread: every replica's messages are handled in
 one order, and the process exits when none of its replicas serves any more (a fenced
-one gave its shard up) or when its launcher is gone: telling its workers, or, when a
-supervisor starts the launcher again (`shoal.launch.supervisor`), silently, as a killed
-process, so that the other copies take its shards over and the new launcher's
-replacement becomes their backup again.
+one gave its shard up) or when its launcher is gone: silently, as a killed process, when
+a supervisor starts the launcher again (`shoal.launch.supervisor`: its replacement
+becomes the shards' backup again) or when every shard it holds has its other copy
+elsewhere (which takes it over; a server node's launcher, say); else telling its
+workers, since a shard of the job would be lost with it.
 
 Start with `python -m shoal.ps.process` (`shoal.ps.servers` does); the environment
 names the process's index, the job's store and its limits.
@@ -163,7 +164,9 @@ def serve(replicas: list[Server]) -> int:
         for r in live:
             r.step(readable)
         if os.getppid() != parent:  # the launcher is gone: do not linger
-            if os.environ.get(env.SUPERVISED):  # it comes back: go as a killed process, which a replacement follows
+            if os.environ.get(env.SUPERVISED) or all(r.link is not None for r in live):
+                # it comes back (a replacement follows), or every shard here has its other copy, which
+                # takes it over: go as a killed process, and the job goes on
                 os.kill(os.getpid(), signal.SIGKILL)
             for r in live:
                 r.fail("the process that started this server exited")

@@ -411,8 +411,9 @@ def serve_only(
         raise WorkerError("the job's workers failed (machine 0's launcher says so); see the workers' machines")
 
 
-def _announce_end(store: ps_store.SignedStore, ended: str, server_nodes: int, wait_s: float = 30.0) -> None:
-    """Machine 0: tell the server nodes how the workers ended, and keep the store open until they have read it."""
+def _announce_end(store: ps_store.SignedStore, ended: str, server_nodes: int, wait_s: float = 10.0) -> None:
+    """Machine 0: tell the server nodes how the workers ended, and keep the store open until they have read it
+    (they look every 0.5 s; at most `wait_s`, for one whose launcher died and that never will)."""
     store.set(ps_store.JOB_END_KEY, ended)
     deadline = time.monotonic() + wait_s
     while store.raw.add(ps_store.JOB_LEFT_KEY, 0) < server_nodes and time.monotonic() < deadline:

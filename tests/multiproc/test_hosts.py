@@ -112,25 +112,35 @@ def test_parameter_servers_on_two_hosts_serve_workers_on_both(tmp_path):
         np.testing.assert_allclose(np.asarray(got[name]), value, atol=1e-5, rtol=0, err_msg=name)
 
 
-def test_servers_on_a_host_without_workers_equal_one_process(tmp_path):
-    """Two parameter servers on a host of their own (`--server-nodes 1 --server-node-rank 0`),
-    one worker on each of two other hosts: BSP ends at one process's parameters."""
+def test_servers_on_hosts_without_workers_equal_one_process_and_outlive_a_launcher(tmp_path):
+    """Two parameter servers, each on a host of its own (`--server-nodes 2 --server-node-rank J`), one
+    worker on each of two other hosts: BSP ends at one process's parameters. The shards are replicated
+    (the default with 2 servers), so when host 3's launcher is SIGKILLed at the servers' clock 3 (by its
+    server process 1), that server goes too, as a killed process (`shoal.ps.process`: every shard it
+    held has its other copy), process 0 takes shard 1 over, and the job ends right without it."""
     out = tmp_path / "params.json"
     script = ["tests/workers/ps_equivalence.py", str(out), "2"]
-    with TestHosts(3) as hosts, Processes() as procs:
-        job = {env.JOB_KEY: secrets.token_hex(16)}
-        common = ["--servers", "2", "--server-nodes", "1", "--rdzv-endpoint", f"{hosts[0].address}:{PORT}"]
+    faults = Faults(tmp_path).kill_launcher("server", rank=1, step=3)
+    with TestHosts(4) as hosts, Processes() as procs:
+        job = {env.JOB_KEY: secrets.token_hex(16), **faults.env()}
+        common = ["--servers", "2", "--server-nodes", "2", "--rdzv-endpoint", f"{hosts[0].address}:{PORT}"]
         started = []
         for i in (0, 1):
             argv = [*SHOAL, "run", "-n", "1", "--nnodes", "2", "--node-rank", str(i), *common]
             argv += ["--log-dir", str(tmp_path / f"host{i}"), *script]
             started.append(procs.start(hosts[i].argv(argv), timeout=150, env=job))
-        argv = [*SHOAL, "run", "--server-node-rank", "0", *common, "--log-dir", str(tmp_path / "host2")]
-        started.append(procs.start(hosts[2].argv(argv), timeout=150, env=job))
+        for j in (0, 1):
+            argv = [*SHOAL, "run", "--server-node-rank", str(j), *common, "--log-dir", str(tmp_path / f"host{2 + j}")]
+            started.append(procs.start(hosts[2 + j].argv(argv), timeout=150, env=job))
         done = [finish(p) for p in started]
-    assert [d.returncode for d in done] == [0, 0, 0], "\n----\n".join(d.stderr[-3000:] for d in done)
-    assert sorted(p.name for p in (tmp_path / "host2").glob("server*.log")) == ["server0.log", "server1.log"]
+    codes = [d.returncode for d in done]
+    assert codes[:3] == [0, 0, 0] and codes[3] == -9, "\n----\n".join(d.stderr[-3000:] for d in done)
+    faults.assert_fired("server", 1, 3, "kill-launcher")
+    assert [p.name for p in (tmp_path / "host2").glob("server*.log")] == ["server0.log"]
+    assert [p.name for p in (tmp_path / "host3").glob("server*.log")] == ["server1.log"]
     assert not list((tmp_path / "host0").glob("server*.log")) and not list((tmp_path / "host1").glob("server*.log"))
+    server0 = (tmp_path / "host2" / "server0.log").read_text()
+    assert "server process 0 took shard 1 over" in server0, server0[-3000:]
     got = json.loads(out.read_text())
     want = ps_tasks.single_process("sgd", ps_equivalence.STEPS, world=2)
     for name, value in want.items():

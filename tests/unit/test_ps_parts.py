@@ -118,3 +118,28 @@ def test_a_non_finite_part_skips_the_whole_clock(jobs):
     assert job.server.nonfinite == 1 and job.server.skipped == 1
     assert job.server.gate is not None and job.server.gate.bsp_done == 1
     assert all(torch.equal(before[k], v) for k, v in job.values().items())
+
+
+def test_a_sigterm_during_a_push_waits_until_every_server_has_its_message():
+    """torch's agent restarts a worker with SIGTERM at any point of a step: one that landed between the
+    push to one server and to the next would leave the first a clock ahead (`Client.push`). Held until
+    the block ends, then delivered as it would have been (here to the test's own handler)."""
+    import os
+    import signal
+
+    import zmq
+
+    from shoal.ps.client import _sigterm_after
+
+    seen: list[str] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append("handled"))
+    ctx = zmq.Context()
+    try:
+        with _sigterm_after(ctx):
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen.append("pushed to every server")
+        assert seen == ["pushed to every server", "handled"] and ctx.closed
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        if not ctx.closed:
+            ctx.term()

@@ -275,7 +275,11 @@ class ParameterServer(ServerSaving):
         """The clock to go on from: 0 on a first join, the servers' count of this worker's pushes on a rejoin.
 
         A worker killed between its pushes to two servers left one a clock ahead: it goes on from the
-        lower clock, and the server ahead drops the repeated push (counted as `bad_clock`)."""
+        lower clock, and the server ahead drops the repeated push (counted as `bad_clock`). Its pull
+        from that server then holds the values a step later, so under BSP the gradient it pushes again
+        is not exactly the one it had pushed: a SIGTERM (torch's agent restarting it) is therefore held
+        until a push has reached every server (`shoal.ps.client`); a SIGKILL in the microseconds
+        between two sends is not."""
         clocks = [h.get("clock", 0) for h, _ in replies]
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in clocks):
             raise ShoalError(f"the parameter servers answered the join with clocks {clocks}; are they shoal's?")
