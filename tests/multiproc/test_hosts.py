@@ -72,8 +72,9 @@ def test_parameter_servers_on_two_hosts_serve_workers_on_both(tmp_path):
     asks for another server count is told, in one sentence."""
     out = tmp_path / "params.json"
     script = ["tests/workers/ps_equivalence.py", str(out), "2"]
-    # the orphaned worker sleeps at step 4, so that it dies with its launcher before it pushes again
-    faults = Faults(tmp_path).kill_launcher("worker", rank=1, step=3).sleep("worker", rank=1, step=4, seconds=2)
+    # the orphaned worker sleeps right after, so that it dies with its launcher before it pushes step 3: a
+    # SIGKILL between its pushes to the two servers would leave one a clock ahead (`ParameterServer._joined_at`)
+    faults = Faults(tmp_path).kill_launcher("worker", rank=1, step=3).sleep("worker", rank=1, step=3, seconds=2)
     with TestHosts(2) as hosts, Processes() as procs:
         hosts.shape(1, rate="1gbit")  # a real link between the hosts, not loopback speed
         job = {env.JOB_KEY: secrets.token_hex(16)}
