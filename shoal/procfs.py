@@ -6,6 +6,9 @@ the fields are those after the last ')': the state letter first, the parent pid 
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
 from pathlib import Path
 
 
@@ -32,3 +35,17 @@ def parent_of(pid: int) -> int | None:
 def children_of(pid: int) -> list[int]:
     """The processes whose parent is `pid`."""
     return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and parent_of(int(e.name)) == pid]
+
+
+def remove_orphaned(folder: Path, prefix: str) -> None:
+    """Remove this user's directories `<prefix><pid>-*` in `folder` whose process `pid` no longer runs:
+    one that was SIGKILLed could not remove its own (a launcher's recovery points, its job's sockets)."""
+    for path in folder.glob(f"{prefix}*-*"):
+        pid = path.name.removeprefix(prefix).split("-")[0]
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        mine = st.st_uid == os.getuid() and stat.S_ISDIR(st.st_mode)
+        if mine and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from shoal import env
 from shoal.errors import ConfigError, ShoalError
+from shoal.procfs import remove_orphaned
 
 SCHEME = "ipc://"
 MAX_PATH = 107
@@ -54,7 +55,7 @@ def make_dir() -> str:
     """A new private directory for one job's sockets (0700, this user's), under the temporary directory,
     named after this launcher's pid; first, those of this user's launchers that are gone are removed
     (a SIGKILLed one could not remove its own)."""
-    sweep_stale()
+    remove_orphaned(Path(tempfile.gettempdir()), "shoal-ipc-")
     path = tempfile.mkdtemp(prefix=f"shoal-ipc-{os.getpid()}-")  # mode 0700, owned by this process's user
     if len(path) + NAME_ROOM > MAX_PATH:
         remove(path)
@@ -64,18 +65,6 @@ def make_dir() -> str:
             env.PS_IPC,
         )
     return path
-
-
-def sweep_stale() -> None:
-    """Remove this user's job directories whose launcher (the pid in the name) no longer runs."""
-    for path in Path(tempfile.gettempdir()).glob("shoal-ipc-*-*"):
-        pid = path.name.split("-")[2]
-        try:
-            mine = path.lstat().st_uid == os.getuid() and stat.S_ISDIR(path.lstat().st_mode)
-        except OSError:
-            continue
-        if mine and pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def remove(path: str | None) -> None:

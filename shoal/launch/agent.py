@@ -51,7 +51,7 @@ from shoal.errors import ShoalError, WorkerError, caused_by_peer, first_line
 from shoal.launch import finished
 from shoal.launch.finished import FinishedElsewhereError
 from shoal.launch.supervisor import recovery_folder_prefix
-from shoal.procfs import state_of
+from shoal.procfs import remove_orphaned, state_of
 
 if TYPE_CHECKING:
     from torch.distributed import TCPStore  # pyright: ignore[reportPrivateImportUsage]
@@ -319,7 +319,7 @@ def _recovery_dir(spec: LaunchSpec) -> Path:
     write and is gone with the job), else `spec.recovery_fallback`, else a temporary folder. Removed at the end."""
     try:
         if SHM.is_dir() and os.access(SHM, os.W_OK):
-            _sweep_stale(SHM)
+            remove_orphaned(SHM, "shoal-recovery-")  # the pid is the launcher's, or its supervisor's
             if shutil.disk_usage(SHM).free >= SHM_FREE:
                 # under a supervisor, named after it: a launcher started again takes its predecessor's points
                 prefix = recovery_folder_prefix(int(os.environ.get(env.SUPERVISED) or os.getpid()))
@@ -331,20 +331,6 @@ def _recovery_dir(spec: LaunchSpec) -> Path:
         Path(spec.recovery_fallback).mkdir(parents=True, exist_ok=True)
         return Path(spec.recovery_fallback)
     return Path(tempfile.mkdtemp(prefix="shoal-recovery-"))
-
-
-def _sweep_stale(shm: Path) -> None:
-    """Remove the recovery folders of this user's launchers that are gone: one that was SIGKILLed
-    could not remove its own, and /dev/shm is memory. The launcher's (or its supervisor's) pid is in
-    the folder's name."""
-    for folder in shm.glob("shoal-recovery-*-*"):
-        pid = folder.name.split("-")[2]
-        try:
-            mine = folder.stat().st_uid == os.getuid()
-        except OSError:
-            continue
-        if mine and pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _hold_store(host: str, port: int, timeout_s: float) -> TCPStore:

@@ -62,10 +62,10 @@ def test_a_fresh_start_forgets_old_points_and_an_unprepared_optimizer_is_refused
 def test_a_gone_launchers_recovery_folder_is_swept_and_a_live_ones_kept(tmp_path):
     import os
 
-    from shoal.launch.agent import _sweep_stale
+    from shoal.procfs import remove_orphaned
 
     gone, alive = tmp_path / "shoal-recovery-99999999-ab", tmp_path / f"shoal-recovery-{os.getpid()}-cd"
     for folder in (gone, alive):
         (folder / "rank0").mkdir(parents=True)
-    _sweep_stale(tmp_path)
+    remove_orphaned(tmp_path, "shoal-recovery-")
     assert not gone.exists() and alive.exists()
