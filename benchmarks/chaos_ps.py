@@ -24,6 +24,9 @@ Server scenarios (`ps-server-{kill,stop}-{bsp,ssp,asp}`; shards replicated on bo
 - `equal`: as for workers (BSP bit-identical; SSP/ASP every push applied exactly once, from the
   final records of the shards' primaries at the end).
 
+`ps-worker-kill-midpush-{bsp,asp}`: as `ps-worker-kill-*`, but the worker dies inside its push,
+between its message to server 0 and to server 1; `redone_steps` counts from the lower clock.
+
 `ps-server-kill-twice-bsp`: server process p is killed at step 2-4 and the other at step 14 (the
 workers sleep 0.3 s a step, so about 3 s later); the second failure is survived only if the
 launcher's replacement of p became both shards' backup in between (`shoal.ps.replacement`).
@@ -112,13 +115,13 @@ def _exactly_once(finals: list[dict], shards: int = 2) -> bool:
     return True
 
 
-def trial(mode: str, action: str, rng: random.Random, work: Path) -> dict:
+def trial(mode: str, action: str, rng: random.Random, work: Path, role: str = "worker") -> dict:
     rank, step = rng.randrange(WORKERS), rng.randint(2, STEPS - 2)
     work.mkdir(parents=True, exist_ok=True)
-    faults = Faults(work).add("worker", rank, step, action, **({"seconds": WORKER_STOP_S} if action == "stop" else {}))
+    faults = Faults(work).add(role, rank, step, action, **({"seconds": WORKER_STOP_S} if action == "stop" else {}))
     done = _train(work, "faulty", mode, "--launch.max_restarts=1", env=faults.env())
-    fired = [f for f in faults.fired() if (f["rank"], f["step"], f["action"]) == (rank, step, action)]
-    out: dict = {"mode": mode, "action": action, "rank": rank, "step": step, "fired": len(fired) == 1}
+    fired = [f for f in faults.fired() if (f["role"], f["rank"], f["step"]) == (role, rank, step)]
+    out: dict = {"mode": mode, "action": action, "role": role, "rank": rank, "step": step, "fired": len(fired) == 1}
     out["returncode"] = done.returncode
     if done.returncode != 0:
         out["error"] = (done.stderr.strip().splitlines() or [""])[-1][:300]
@@ -133,6 +136,12 @@ def trial(mode: str, action: str, rng: random.Random, work: Path) -> dict:
     out["recover_s"] = max(e["unix_time"] for e in rejoined) - at if rejoined else None
     out["redone_steps"] = (step - 1) - min(back) if back else None
     return _judge(mode, work, events, out)
+
+
+def midpush_trial(mode: str, action: str, rng: random.Random, work: Path) -> dict:
+    """The worker dies inside its push, after its message to server 0 and before server 1's (the fault
+    schedule's `push` role): server 0 holds one more of its clocks than server 1."""
+    return trial(mode, action, rng, work, role="push")
 
 
 def _judge(mode: str, work: Path, events: list[dict], out: dict) -> dict:
@@ -230,6 +239,7 @@ SCENARIOS: dict[str, Callable[[random.Random, Path], dict]] = {
 }
 SCENARIOS.update({f"ps-server-{a}-{m}": _scenario(server_trial, "server", m, a) for a in ACTIONS for m in MODES})
 SCENARIOS["ps-server-kill-twice-bsp"] = _scenario(twice_trial, "server", "bsp", "kill")
+SCENARIOS.update({f"ps-worker-kill-midpush-{m}": _scenario(midpush_trial, "push", m, "kill") for m in ("bsp", "asp")})
 
 
 def _pct(values: list[float], q: float) -> float | None:

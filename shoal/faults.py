@@ -8,8 +8,8 @@ and nowhere else:
                 {"role": "server", "rank": 0, "step": 3, "action": "stop", "seconds": 2},
                 {"role": "worker", "rank": "*", "step": "*", "action": "sleep", "seconds": 0.02, "prob": 0.1}]}
 
-(a bare list is the `faults` alone). Each fault names a `role` ("worker" or
-"server"), a `rank` (an int or "*"), a `step` (an int, 1-based, or "*" for
+(a bare list is the `faults` alone). Each fault names a `role` ("worker",
+"server" or "push"), a `rank` (an int or "*"), a `step` (an int, 1-based, or "*" for
 every step) and an `action`:
 
 - `raise`: raise `InjectedFaultError` (a RuntimeError) in the process;
@@ -26,7 +26,10 @@ seeded by the schedule's `seed`, the role and the rank, so a run's
 stragglers are reproducible. A worker's step N is the start of its N-th call
 of the prepared optimizer's `step()` (each micro-step counts under
 `grad_accum`); a server's step N is the arrival of the first push of the
-workers' N-th step. Before acting, each fired fault is appended to `record`
+workers' N-th step; a `push` fault acts in a parameter-server worker's N-th
+push between its message to the first server and to the others, once that
+first message is out (a worker that dies mid-push leaves the servers a clock
+apart). Before acting, each fired fault is appended to `record`
 (one JSON line; fsynced before `raise`, `kill` and `stop`), so a test can
 assert that the failure really fired. A fault already in `record` for this
 role, rank and step does not fire again: a worker that the elastic agent
@@ -49,7 +52,7 @@ from typing import TypeGuard
 
 from shoal import env
 
-ROLES = ("worker", "server")
+ROLES = ("worker", "server", "push")
 ACTIONS = ("raise", "kill", "stop", "sleep", "kill-launcher", "stop-launcher")
 
 
@@ -145,6 +148,11 @@ def schedule() -> Schedule:
     if _schedule is None:
         _schedule = parse(os.environ.get(env.FAULTS, ""))
     return _schedule
+
+
+def scheduled(role: str) -> bool:
+    """Whether any fault names `role` (a cheap test before work that only a fault needs)."""
+    return any(f.role == role for f in schedule().faults)
 
 
 def at_step(role: str, rank: int, step: int) -> None:

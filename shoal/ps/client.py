@@ -40,6 +40,7 @@ from collections.abc import Iterator
 import torch
 import zmq
 
+from shoal import faults
 from shoal.comm import replay
 from shoal.comm.wire import Codec, WireError
 from shoal.errors import ShoalError
@@ -210,8 +211,15 @@ class Client:
                 header["skip"] = True
             if parts is not None and parts[s]:
                 header["parts"] = parts[s]
-            self._track(self._send(s, header, grads, track=True))
+            tracker = self._send(s, header, grads, track=True)
+            self._track(tracker)
             self.bytes_pushed += sum(g.numel() * g.element_size() for g in grads)
+            if s == 0 and len(per_server) > 1 and faults.scheduled("push"):
+                if tracker is not None:  # the first server's message out before the fault acts
+                    tracker.wait(self.timeout_s)
+                else:
+                    time.sleep(0.5)  # replicated: a copy went out, with no tracker
+                faults.at_step("push", self.rank, clock + 1)
 
     def push_part(self, server: int, clock: int, keys: list[str], grads: list[torch.Tensor]) -> None:
         """Queue an early part of this clock's push for `server` (uncompressed; see `shoal.ps.parts`):
@@ -231,12 +239,16 @@ class Client:
                 t.wait(self.timeout_s)
         self.trackers = []
 
-    def request_pull(self, clock: int | list[int], exact: bool = False) -> None:
-        """Ask every server for the parameters of `clock` (or of its own clock in the list: a rejoin's);
-        `exact`: whole values even when pulls are compressed (`shoal.ps.pull_codec`)."""
+    def request_pull(self, clock: int, exact: bool = False, previous: list[bool] | None = None) -> None:
+        """Ask every server for the parameters of `clock`; `exact`: whole values even when pulls are
+        compressed (`shoal.ps.pull_codec`); `previous[s]`: server s holds this worker's push of `clock`
+        already (a rejoin after a death mid-push), and answers with the values from before it
+        (`shoal.ps.reads.answer_previous`)."""
         for s in range(len(self.socks)):
-            at = clock if isinstance(clock, int) else clock[s]
-            self._send(s, {"op": PULL, "clock": at, **({"exact": True} if exact else {})})
+            header = {"op": PULL, "clock": clock, **({"exact": True} if exact else {})}
+            if previous is not None and previous[s]:
+                header["previous"] = True
+            self._send(s, header)
 
     def state(self, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
         """Every server's values and optimizer state once all workers have pushed `clock` times."""
@@ -250,8 +262,8 @@ class Client:
             self._send(s, {"op": RESTORE, "state": layout}, ts)
         self._collect(RESTORED, 0)
 
-    def wait_pull(self, clock: int | None) -> list[tuple[dict, list[torch.Tensor]]]:
-        """Every server's answer to the pull for `clock` (None: each its own, after a rejoin)."""
+    def wait_pull(self, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
+        """Every server's answer to the pull for `clock`."""
         return self._collect(PARAMS, clock)
 
     def _collect(self, op: str, clock: int | None) -> list[tuple[dict, list[torch.Tensor]]]:
@@ -386,10 +398,10 @@ def _sigterm_after(ctx: zmq.Context, linger_ms: int = 2000) -> Iterator[None]:
     """Hold a SIGTERM until the block's messages are out, then end as it would have ended this process.
 
     Why: a worker ended between its push to one server and to the next leaves the first a clock
-    ahead; restarted, it goes on from the lower clock (`ParameterServer._joined_at`) but pulls the
-    ahead server's values a step later, so under BSP its gradient for the other servers is not the
-    one the run would have computed. torch's agent sends SIGTERM to restart workers (and SIGKILL
-    only 5 s later), at any point of a step. In the main thread only (where Python runs handlers).
+    ahead; restarted, it computes that step again from the values the server ahead kept
+    (`shoal.ps.reads.answer_previous`), but under compressed pulls none are kept and the run is
+    no longer bit for bit. torch's agent sends SIGTERM to restart workers (and SIGKILL only 5 s
+    later), at any point of a step. In the main thread only (where Python runs handlers).
     """
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -151,6 +151,7 @@ class Server:
         self.pulls: PullEncoder | None = None  # when pulls are compressed
         self.parts = Parts()  # pushes sent in several messages, until their last one
         self.pending: list[reads.PendingRead] = []
+        self.kept: dict[int, list[torch.Tensor | None]] = {}  # BSP values of recent clocks (`reads.keep`)
         self.applied = 0  # pushes whose updates are in the parameters
         self.read_applied: dict[int, int] = {}
         self.staleness: dict[int, float] = {}

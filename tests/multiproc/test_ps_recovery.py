@@ -56,11 +56,15 @@ def test_ssp_survivor_goes_on_and_the_killed_worker_rejoins_at_its_clock(tmp_pat
 COMMON = [*ps_train_args(12), "--strategy.consistency=bsp"]
 
 
-def test_bsp_worker_killed_is_restarted_rejoins_and_the_run_ends_bit_identical(tmp_path):
-    killed = train_whole_and_killed(tmp_path, COMMON, timeout=240)
-    assert re.search(r"\[rank0\]: shoal: restart 1: resuming at step [67] from the parameter servers", killed.stdout)
+def test_bsp_worker_killed_mid_push_is_restarted_rejoins_and_the_run_ends_bit_identical(tmp_path):
+    """Killed in its 7th push, after its message to server 0 and before server 1's: server 0 holds
+    7 of its pushes, server 1 holds 6. Its replacement computes step 7 again from the values before
+    server 0 applied it (`shoal.ps.reads.answer_previous`); worker 0, stopped by the agent, rejoins
+    both servers at one clock."""
+    killed = train_whole_and_killed(tmp_path, COMMON, timeout=240, role="push")
+    assert re.search(r"\[rank0\]: shoal: restart 1: resuming at step 7 from the parameter servers", killed.stdout)
+    assert "the servers hold clocks [7, 6] for this worker (killed mid-push)" in killed.stderr
     events = [json.loads(line) for line in (tmp_path / "killed" / "ps_events.jsonl").read_text().splitlines()]
-    # both servers saw worker 1 leave at clock 6 and come back there (and worker 0, stopped by the agent, too)
-    assert sorted(e["clock"] for e in events if e.get("departed") == 1) == [6, 6]
-    assert sorted(e["clock"] for e in events if e.get("rejoined") == 1) == [6, 6]
+    assert sorted(e["clock"] for e in events if e.get("departed") == 1) == [6, 7]
+    assert sorted(e["clock"] for e in events if e.get("rejoined") == 1) == [6, 7]
     assert_same_final_state(tmp_path / "whole", tmp_path / "killed")

@@ -108,6 +108,54 @@ def test_a_new_incarnation_rejoins_at_its_clock_and_old_or_replayed_ones_are_ref
         server.close(linger_ms=0)
 
 
+def test_a_worker_killed_mid_push_gets_the_values_before_its_push_from_the_server_ahead():
+    """BSP: the server applied clock 0, so worker 1's push of it reached this server but maybe not
+    another. Its new process asks for the values before that push (`previous`) and gets the reply
+    snapshot kept from clock 0, not the current values; its push of clock 0 again is refused."""
+    from shoal.ps.server import Server
+
+    codec = Codec(KEY)
+    server = Server(0, codec)
+    SESSION["session"] = server.session
+    spec = {**SPEC, "keys": [["w", "float32", [2], "bsp", 0, 0]]}
+    sent: list[tuple[dict, list[torch.Tensor]]] = []
+    server.send = lambda ident, header, tensors=(): sent.append((header, list(tensors)))  # type: ignore[method-assign]
+
+    def handle(ident: bytes, header: dict, tensors: list[torch.Tensor] = ()) -> None:
+        server.handle(ident, codec.encode({**header, **SESSION}, list(tensors)))
+
+    def pull(src: int, seq: int, clock: int, **more: object) -> dict:
+        return {"op": "pull", "src": src, "seq": seq, "clock": clock, **more}
+
+    try:
+        for src in (0, 1):
+            handle(f"a{src}".encode(), {**_init(src, f"a{src}"), "spec": spec}, [torch.zeros(2)] if src == 0 else [])
+        for src in (0, 1):
+            handle(f"a{src}".encode(), pull(src, 2, 0))  # answered at once: a snapshot of clock 0's values
+        for src in (0, 1):
+            handle(f"a{src}".encode(), _push(src, 3, 0), [torch.ones(2)])
+        assert server.gate is not None and server.gate.bsp_done == 1 and not server.dropped
+        current = server.pieces["w"].param.clone()
+        assert current.tolist() == [-1.0, -1.0]
+        handle(b"b1", {**_init(1, "b1"), "spec": spec})  # a new process: this server holds its push of clock 0
+        assert sent[-1][0]["clock"] == 1 and sent[-1][0]["rejoined"] is True
+        handle(b"b1", pull(1, 2, 0, previous=True))
+        header, (values,) = sent[-1]
+        assert header["previous"] is True and header["clock"] == 0 and "inexact" not in header
+        assert values.tolist() == [0.0, 0.0]  # clock 0's values, not the current ones
+        handle(b"b1", pull(1, 3, 1, previous=True))  # not the clock before its last push
+        handle(b"b1", pull(1, 4, 0, previous="yes"))
+        handle(b"b1", _push(1, 5, 0), [torch.ones(2)])  # step 0 again: applied here already
+        assert server.dropped == {"bad_clock": 2, "malformed": 1}
+        torch.testing.assert_close(server.pieces["w"].param, current, rtol=0, atol=0)
+        server.kept.clear()  # e.g. a backup promoted since: the answer says it is not exact
+        handle(b"b1", pull(1, 6, 0, previous=True))
+        header, (values,) = sent[-1]
+        assert header["inexact"] is True and values.tolist() == [-1.0, -1.0]
+    finally:
+        server.close(linger_ms=0)
+
+
 def test_the_servers_heartbeat_is_the_leases_not_the_transports_default():
     """`Transport.listen` sets generous heartbeats for every socket; a server's must stay the lease."""
     from shoal.ps import membership

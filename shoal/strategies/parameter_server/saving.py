@@ -51,8 +51,6 @@ class Session:
     """`step()` calls since the last push (grad_accum)."""
     pending: bool = False
     """A pull was requested and its parameters are not yet in the model."""
-    rejoin_clocks: list[int] | None = None
-    """After a rejoin, until its first pull is in: each server's clock for this worker."""
     window: StepWindow = field(default_factory=StepWindow)
     totals: Totals = field(default_factory=Totals)
 

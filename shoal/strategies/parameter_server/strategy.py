@@ -255,8 +255,7 @@ class ParameterServer(ServerSaving):
         if any(h.get("rejoined") for h, _ in replies):
             # The values for this worker's clock come when the rule allows (BSP: once the others'
             # replacements pushed); the first forward or step waits for them, not prepare.
-            s.rejoin_clocks = [h["clock"] for h, _ in replies]
-            client.request_pull(s.rejoin_clocks)
+            client.request_pull(s.clock, previous=[h["clock"] > s.clock for h, _ in replies])
             s.pending = True
         if os.environ.get(env.PS_EVENTS):
             s.live = LiveRow(Publisher(os.environ[env.PS_EVENTS], codec, client.ctx), rt.rank)
@@ -275,14 +274,16 @@ class ParameterServer(ServerSaving):
         """The clock to go on from: 0 on a first join, the servers' count of this worker's pushes on a rejoin.
 
         A worker killed between its pushes to two servers left one a clock ahead: it goes on from the
-        lower clock, and the server ahead drops the repeated push (counted as `bad_clock`). Its pull
-        from that server then holds the values a step later, so under BSP the gradient it pushes again
-        is not exactly the one it had pushed: a SIGTERM (torch's agent restarting it) is therefore held
-        until a push has reached every server (`shoal.ps.client`); a SIGKILL in the microseconds
-        between two sends is not."""
+        lower clock, pulls from the server ahead the values from before that push (a `previous` pull),
+        and computes the step again exactly; the server ahead drops the repeated push (`bad_clock`)."""
         clocks = [h.get("clock", 0) for h, _ in replies]
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in clocks):
             raise ShoalError(f"the parameter servers answered the join with clocks {clocks}; are they shoal's?")
+        if max(clocks) - min(clocks) > 1:  # a push goes to every server before the next one starts
+            raise ShoalError(
+                f"the parameter servers hold clocks {clocks} for worker {runtime.current().rank}; "
+                "they cannot be more than one apart (were they restarted from another run?)"
+            )
         if max(clocks):
             log.warning("worker %d rejoined the parameter servers at clock %d", runtime.current().rank, min(clocks))
         if len(set(clocks)) > 1:
@@ -437,8 +438,13 @@ class ParameterServer(ServerSaving):
         if not s.pending:
             return
         start = time.perf_counter()
-        replies = s.client.wait_pull(None if s.rejoin_clocks else s.clock)
-        s.rejoin_clocks = None
+        replies = s.client.wait_pull(s.clock)
+        if any(h.get("inexact") for h, _ in replies):
+            log.warning(
+                "the parameter servers no longer hold the values this worker's step %d had (it died mid-push); "
+                "it goes on from newer ones, so this run is not bit-identical to a fault-free one",
+                s.clock,
+            )
         waited = time.perf_counter() - start
         s.window.wait_s += waited
         s.totals.wait_s += waited
