@@ -59,6 +59,7 @@ def restore(server: Server, ident: bytes, src: int, header: dict, tensors: list[
         piece.opt.state[piece.param] = probe.state[probe.param_groups[0]["params"][0]]
     if server.pulls is not None:
         server.pulls.forget()  # the workers' next pulls are exact
+    server.kept.clear()  # snapshots of the values replaced (`reads.keep`)
     server.send(ident, {"op": RESTORED, "clock": 0, "re": header["seq"]})
 
 

@@ -72,8 +72,8 @@ def test_parameter_servers_on_two_hosts_serve_workers_on_both(tmp_path):
     asks for another server count is told, in one sentence."""
     out = tmp_path / "params.json"
     script = ["tests/workers/ps_equivalence.py", str(out), "2"]
-    # the orphaned worker sleeps right after, so that it dies with its launcher before it pushes step 3: a
-    # SIGKILL between its pushes to the two servers would leave one a clock ahead (`ParameterServer._joined_at`)
+    # the orphaned worker sleeps right after, so that it dies with its launcher at a known point, before it
+    # pushes step 3 (a death between its pushes to the two servers is test_ps_recovery's BSP case)
     faults = Faults(tmp_path).kill_launcher("worker", rank=1, step=3).sleep("worker", rank=1, step=3, seconds=2)
     with TestHosts(2) as hosts, Processes() as procs:
         hosts.shape(1, rate="1gbit")  # a real link between the hosts, not loopback speed

@@ -33,7 +33,9 @@ A worker that is restarted while the servers run (`shoal run --max-restarts`)
 rejoins them in `prepare`: the servers answer with its clock (the pushes they
 hold from it, `strategy.clock`) and the current parameters, so it never pushes
 a clock twice; its loop goes on from that step (`shoal train` does, deriving
-its data position from the step).
+its data position from the step). Killed between its pushes to two servers, it
+goes on from the lower clock with the values from before that push
+(`joining.joined_at`).
 """
 
 from __future__ import annotations
@@ -61,11 +63,11 @@ from shoal.ps import optim as ps_optim
 from shoal.ps.client import Client
 from shoal.ps.consistency import Mode, parse_mode, resolve
 from shoal.ps.pull_codec import PullDecoder
-from shoal.ps.store import Shard
 from shoal.state import sub_state, with_prefix
 from shoal.strategies.base import LossFn, StrategyOptions
 from shoal.strategies.optimizer import Closure, PreparedOptimizer, prepare_optimizer
 from shoal.strategies.parameter_server.guard import NO_OPTIMIZER, ForwardHook, Installed, training
+from shoal.strategies.parameter_server.joining import find_servers, joined_at
 from shoal.strategies.parameter_server.layout import (
     Placement,
     check_overrides_match,
@@ -224,7 +226,7 @@ class ParameterServer(ServerSaving):
         served = served_parameters(model, optimizer)
         modes = resolve([s.name for s in served], o.mode, o.overrides, o.staleness)
         check_overrides_match([s.name for s in served], o.overrides)
-        endpoints = self._endpoints()
+        endpoints = find_servers(o.timeout_s, o.servers, o.replication)
         compressor = parse_compression(o.compression)
         compressor.reseed(1_000 + rt.rank)  # independent rounding noise per worker
         compressor.momentum = corrected_momentum(compressor, optimizer)  # top-k/random-k under momentum SGD
@@ -250,7 +252,7 @@ class ParameterServer(ServerSaving):
         if o.overlap and o.compression == "none":
             s.overlap = Overlap(layout, client, o.grad_accum, s.totals, o.overlap_bytes)
         replies = client.init(layout.specs, layout.values)
-        s.clock = self._joined_at(replies)
+        s.clock = joined_at([h for h, _ in replies], rt.rank)
         self._install(replies)
         if any(h.get("rejoined") for h, _ in replies):
             # The values for this worker's clock come when the rule allows (BSP: once the others'
@@ -269,52 +271,6 @@ class ParameterServer(ServerSaving):
     def clock(self) -> int:
         """This worker's pushes the servers hold: its steps so far (> 0 at once after a rejoin)."""
         return self.session.clock
-
-    def _joined_at(self, replies: Replies) -> int:
-        """The clock to go on from: 0 on a first join, the servers' count of this worker's pushes on a rejoin.
-
-        A worker killed between its pushes to two servers left one a clock ahead: it goes on from the
-        lower clock, pulls from the server ahead the values from before that push (a `previous` pull),
-        and computes the step again exactly; the server ahead drops the repeated push (`bad_clock`)."""
-        clocks = [h.get("clock", 0) for h, _ in replies]
-        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in clocks):
-            raise ShoalError(f"the parameter servers answered the join with clocks {clocks}; are they shoal's?")
-        if max(clocks) - min(clocks) > 1:  # a push goes to every server before the next one starts
-            raise ShoalError(
-                f"the parameter servers hold clocks {clocks} for worker {runtime.current().rank}; "
-                "they cannot be more than one apart (were they restarted from another run?)"
-            )
-        if max(clocks):
-            log.warning("worker %d rejoined the parameter servers at clock %d", runtime.current().rank, min(clocks))
-        if len(set(clocks)) > 1:
-            log.warning(
-                "the servers hold clocks %s for this worker (killed mid-push): going on from the lowest", clocks
-            )
-        return min(clocks)
-
-    def _endpoints(self) -> list[Shard]:
-        """The servers' endpoints from the job's store; ShoalError if the strategy asks for
-        another count than the launcher started (without `servers`, the launcher's count is taken)."""
-        from shoal.ps.records import read_shards
-        from shoal.ps.store import connect_store
-
-        store, count = connect_store(self.options.timeout_s)
-        asked = self.options.servers
-        if asked is not None and count != asked:
-            raise ShoalError(
-                f"the launcher started {count} parameter server(s) but the strategy asks for "
-                f"servers={asked}; make them agree (shoal run --servers {asked}), "
-                "or leave servers out to use what the launcher started"
-            )
-        shards = read_shards(store, count, self.options.timeout_s)
-        held = max(len(s.replicas) for s in shards)
-        if self.options.replication is not None and held != self.options.replication:
-            raise ShoalError(
-                f"the launcher keeps {held} cop{'y' if held == 1 else 'ies'} of each server's shard but the strategy "
-                f"asks for replication={self.options.replication}; make them agree (shoal run --replication "
-                f"{self.options.replication}), or leave replication out to use what the launcher started"
-            )
-        return shards
 
     # ------------------------------------------------------------------ steps
     @property

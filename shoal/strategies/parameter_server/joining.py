@@ -1,0 +1,57 @@
+"""How a worker finds the parameter servers and, on a rejoin, which clock it goes on from."""
+
+from __future__ import annotations
+
+import logging
+
+from shoal.errors import ShoalError
+from shoal.ps.store import Shard
+
+log = logging.getLogger(__name__)
+
+
+def find_servers(timeout_s: float, servers: int | None, replication: int | None) -> list[Shard]:
+    """The servers' endpoints from the job's store; ShoalError if the strategy asks for another count
+    (`servers`) or copies (`replication`) than the launcher started (None: what the launcher started)."""
+    from shoal.ps.records import read_shards
+    from shoal.ps.store import connect_store
+
+    store, count = connect_store(timeout_s)
+    if servers is not None and count != servers:
+        raise ShoalError(
+            f"the launcher started {count} parameter server(s) but the strategy asks for "
+            f"servers={servers}; make them agree (shoal run --servers {servers}), "
+            "or leave servers out to use what the launcher started"
+        )
+    shards = read_shards(store, count, timeout_s)
+    held = max(len(s.replicas) for s in shards)
+    if replication is not None and held != replication:
+        raise ShoalError(
+            f"the launcher keeps {held} cop{'y' if held == 1 else 'ies'} of each server's shard but the strategy "
+            f"asks for replication={replication}; make them agree (shoal run --replication "
+            f"{replication}), or leave replication out to use what the launcher started"
+        )
+    return shards
+
+
+def joined_at(headers: list[dict], rank: int) -> int:
+    """The clock to go on from, given every server's answer to the join: 0 on a first join, the
+    servers' count of this worker's pushes on a rejoin.
+
+    A worker killed between its pushes to two servers left one a clock ahead: it goes on from the
+    lower clock, pulls from the server ahead the values from before that push (a `previous` pull,
+    `shoal.ps.reads.answer_previous`), and computes the step again exactly; the server ahead drops
+    the repeated push (`bad_clock`)."""
+    clocks = [h.get("clock", 0) for h in headers]
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in clocks):
+        raise ShoalError(f"the parameter servers answered the join with clocks {clocks}; are they shoal's?")
+    if max(clocks) - min(clocks) > 1:  # a push goes to every server before the next one starts
+        raise ShoalError(
+            f"the parameter servers hold clocks {clocks} for worker {rank}; "
+            "they cannot be more than one apart (were they restarted from another run?)"
+        )
+    if max(clocks):
+        log.warning("worker %d rejoined the parameter servers at clock %d", rank, min(clocks))
+    if len(set(clocks)) > 1:
+        log.warning("the servers hold clocks %s for this worker (killed mid-push): going on from the lowest", clocks)
+    return min(clocks)
