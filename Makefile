@@ -14,10 +14,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
-# ruff (lint + format check) and pyright (basic) over shoal/, as configured in pyproject.toml.
+# ruff (lint + format check) over the code, tests, benchmarks and examples, and pyright (basic) over
+# shoal/, as configured in pyproject.toml.
 lint: $(VENV)/.lint-installed
-	$(VENV)/bin/ruff check shoal
-	$(VENV)/bin/ruff format --check shoal
+	$(VENV)/bin/ruff check shoal tests benchmarks examples
+	$(VENV)/bin/ruff format --check shoal tests benchmarks examples
 	$(VENV)/bin/pyright
 
 $(VENV)/.lint-installed: $(VENV)/.installed

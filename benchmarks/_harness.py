@@ -27,7 +27,7 @@ except ImportError:
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def launch(
+def launch(  # noqa: PLR0913 (every benchmark's launcher: each option is one a benchmark sets)
     script: str,
     nproc: int,
     args: list[str],

@@ -11,6 +11,7 @@ shoal / raw-DDP ratio for a small (digits) and a medium (>= 5M parameter) MLP.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,7 +35,7 @@ MODELS = {  # name: (layer widths, per-rank batch, steps per timed block)
 def build(widths):
     torch.manual_seed(0)
     layers = []
-    for a, b in zip(widths, widths[1:]):
+    for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 
@@ -66,7 +67,7 @@ def run_shoal(widths, ds, batch):
 
 def run_raw_ddp(widths, ds, batch):
     """The plain PyTorch way, but fed the same in-memory batches as shoal."""
-    model = DDP(build(widths))
+    model = DistributedDataParallel(build(widths))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x_all, y_all = ds.tensors
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -86,7 +87,7 @@ def run_raw_ddp(widths, ds, batch):
 
 def run_raw_ddp_dataloader(widths, ds, batch):
     """The plain PyTorch way end to end: DistributedSampler + DataLoader."""
-    model = DDP(build(widths))
+    model = DistributedDataParallel(build(widths))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sampler = DistributedSampler(ds, shuffle=True, seed=0, drop_last=True)
     loader = DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=True)
@@ -132,7 +133,7 @@ def worker(reps: int, out: str) -> None:
                 times[variant].append(steps / _harness.timed_steps(steppers[variant], steps, dist.barrier))
         median = {v: statistics.median(t) for v, t in times.items()}
         paired = {
-            other: statistics.median(a / b for a, b in zip(times["shoal"], times[other]))
+            other: statistics.median(a / b for a, b in zip(times["shoal"], times[other], strict=True))
             for other in ("raw_ddp", "raw_ddp_dataloader")
         }
         results[name] = {
@@ -162,7 +163,8 @@ def main() -> None:
     results = json.loads(Path(args.out).read_text())
     Path(args.out).unlink()
     summary = "dp_overhead (2 ranks, steps/s shoal / raw DDP): " + ", ".join(
-        f"{name} {r['ratio_shoal_vs_raw_ddp']:.3f} ({r['parameters'] / 1e6:.2f}M params; vs DataLoader-fed DDP {r['ratio_shoal_vs_raw_ddp_dataloader']:.2f})"
+        f"{name} {r['ratio_shoal_vs_raw_ddp']:.3f} ({r['parameters'] / 1e6:.2f}M params; "
+        f"vs DataLoader-fed DDP {r['ratio_shoal_vs_raw_ddp_dataloader']:.2f})"
         for name, r in results.items()
     )
     _harness.write("dp_overhead", {"reps": args.reps, "threads_per_rank": 1, "models": results}, summary)

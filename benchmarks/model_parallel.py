@@ -26,6 +26,7 @@ Writes benchmarks/results/model_parallel.json and one summary line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -172,7 +173,7 @@ def sharded_part(steps: int, reps: int) -> dict:
     out = {}
     for name, make in (("data_parallel", shoal.DataParallel), ("sharded", shoal.ShardedDataParallel)):
         torch.manual_seed(0)
-        layers = [nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+        layers = [nn.Linear(a, b) for a, b in itertools.pairwise(widths)]
         model = nn.Sequential(layers[0], nn.ReLU(), layers[1], nn.ReLU(), layers[2])
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         strategy = make()
@@ -248,7 +249,7 @@ def tp_part(steps: int, reps: int) -> dict:
             ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
             ref_losses = run(ref, ref_opt, steps)
             if threads == 1:
-                out["max_loss_diff"] = max(abs(a - b) for a, b in zip(tp_losses, ref_losses))
+                out["max_loss_diff"] = max(abs(a - b) for a, b in zip(tp_losses, ref_losses, strict=True))
                 out["max_param_diff"] = max(
                     float((tp_params[n] - p.detach()).abs().max()) for n, p in ref.named_parameters()
                 )
@@ -336,7 +337,7 @@ def report(raw: dict) -> tuple[dict, str]:
         out["pipeline"] = {
             "bubble": bubble,
             "peak_saved_bytes": peak,
-            "gpipe_over_1f1b": [g / f for g, f in zip(peak["gpipe"], peak["1f1b"])],
+            "gpipe_over_1f1b": [g / f for g, f in zip(peak["gpipe"], peak["1f1b"], strict=True)],
         }
         parts.append(
             "bubble " + ", ".join(f"M={m} {b['measured']:.2f} (theory {b['theory']:.2f})" for m, b in bubble.items())
@@ -357,7 +358,8 @@ def report(raw: dict) -> tuple[dict, str]:
             "step_time_ratio_vs_2_threads": t["tp_step_s"] / t["single_step_s_2_threads"],
         }
         parts.append(
-            f"TP max param diff {t['max_param_diff']:.1e}, step time TP/single {out['tp']['step_time_ratio_vs_1_thread']:.2f}x (1 thread), "
+            f"TP max param diff {t['max_param_diff']:.1e}, "
+            f"step time TP/single {out['tp']['step_time_ratio_vs_1_thread']:.2f}x (1 thread), "
             f"{out['tp']['step_time_ratio_vs_2_threads']:.2f}x (2 threads)"
         )
     return out, "model parallel (2 ranks): " + "; ".join(parts)

@@ -11,6 +11,7 @@ MLP, where a step is so short that the all-reduce's fixed latency dominates.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -36,7 +37,7 @@ def worker(case: str, reps: int, out: str) -> None:
     widths, batch, steps = CASES[case]
     torch.manual_seed(0)
     layers = []
-    for a, b in zip(widths, widths[1:]):
+    for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b), nn.ReLU()]
     model = nn.Sequential(*layers[:-1])
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
