@@ -222,8 +222,9 @@ def _agent_class(exit_barrier_s: float, watch: tuple[str, int, str, int] | None 
     """torch's `LocalElasticAgent`, but a stopped worker is woken to end when a peer has failed, the
     wait for the other machines' agents at the end is `exit_barrier_s` (the process group's timeout),
     and the job's end is marked for a launcher started again meanwhile (`shoal.launch.finished`):
-    an agent whose workers all finished marks it before that wait; with `watch` (c10d, a launcher
-    started again), the first rendezvous ends with `FinishedElsewhereError` once the mark is there.
+    an agent whose workers all finished marks it before that wait, which it waits in the job's raw
+    store; with `watch` (c10d, a launcher started again), the first rendezvous ends with
+    `FinishedElsewhereError` once the mark is there, the wait counting it in.
 
     When a worker fails, torch 2.13 sends the others SIGTERM and waits up to a
     fixed 30 s before SIGKILL (`SubprocessContext.close`). A SIGSTOPped worker
@@ -242,8 +243,13 @@ def _agent_class(exit_barrier_s: float, watch: tuple[str, int, str, int] | None 
             self._watch = watch
 
         def _exit_barrier(self) -> None:  # torch enters it only when this agent's workers all exited 0
-            finished.mark(self._store, self._worker_group.spec.rdzv_handler.get_run_id())
-            super()._exit_barrier()
+            run_id = self._worker_group.spec.rdzv_handler.get_run_id()
+            finished.mark(self._store, run_id, self._worker_group.group_world_size or 0)
+            store, self._store = self._store, finished.exit_store(self._store, run_id)
+            try:  # in a place a launcher started again finds (c10d: not the round's store)
+                super()._exit_barrier()
+            finally:
+                self._store = store
 
         def _rendezvous(self, worker_group: Any) -> None:
             where, self._watch = self._watch, None  # the first only: later, a failure here is this job's own

@@ -18,10 +18,12 @@ agent would wait for a rendezvous round that nobody enters any more. So:
   part in a round never acts on the marker: its own workers' failure after
   the others finished is a real failure, reported as such.
 
-Under the static rounds the launcher started again also counts itself in the
-other agents' exit barrier (`leave_exit_barrier`), so that they end at once
-instead of waiting its timeout; under c10d that barrier lies under a round
-prefix that only torch's private state names, and they wait as before.
+The launcher started again also counts itself in the other agents' exit
+barrier (`leave_exit_barrier`), so that they end at once instead of waiting its
+timeout. torch keeps that barrier in the round's store, whose prefix under c10d
+only its private state names; shoal's agents run it in the raw store under the
+run id instead (`exit_store`), where the launcher started again finds it, and
+the marker says how many agents it counts.
 """
 
 from __future__ import annotations
@@ -64,10 +66,19 @@ def raw(store: Any) -> Any:
     return store
 
 
-def mark(store: Any, run_id: str) -> None:
-    """Say in the job's store that this agent's workers all finished well (best effort: the job is done)."""
+def mark(store: Any, run_id: str, nodes: int) -> None:
+    """Say in the job's store that this agent's workers all finished well, and how many agents its exit
+    barrier counts (best effort: the job is done)."""
     with contextlib.suppress(Exception):
-        raw(store).set(key(run_id), "1")
+        raw(store).set(key(run_id), str(nodes))
+
+
+def exit_store(store: Any, run_id: str) -> Any:
+    """Where the agents of run `run_id` wait for each other at the end: one place per job (the barrier
+    runs once, at the job's successful end), found from the raw store alone."""
+    from torch.distributed import PrefixStore  # pyright: ignore[reportPrivateImportUsage]
+
+    return PrefixStore(f"shoal/exit/{run_id}", raw(store))
 
 
 def seen(store: Any, run_id: str) -> bool:
@@ -78,12 +89,14 @@ def seen(store: Any, run_id: str) -> bool:
         return False
 
 
-def leave_exit_barrier(store: Any, nodes: int) -> None:
-    """Count this machine in torch's exit barrier in `store` (the agents' own, static rounds), as its agent
-    would have had it not been killed, so that the agents waiting in it end now (best effort)."""
+def leave_exit_barrier(store: Any, run_id: str) -> None:
+    """Count this machine in the exit barrier of run `run_id` (`exit_store`), as its agent would have had
+    it not been killed, so that the agents waiting in it end now (best effort)."""
     with contextlib.suppress(Exception):
-        if store.add(f"{EXIT_BARRIER}/num_members", 1) == nodes:
-            store.set(f"{EXIT_BARRIER}/last_member", "<val_ignored>")
+        nodes = int(raw(store).get(key(run_id)))
+        barrier = exit_store(store, run_id)
+        if barrier.add(f"{EXIT_BARRIER}/num_members", 1) == nodes:
+            barrier.set(f"{EXIT_BARRIER}/last_member", "<val_ignored>")
 
 
 @contextlib.contextmanager
@@ -106,6 +119,7 @@ def closing_when_finished(host: str, port: int, run_id: str, nodes: int) -> Iter
             while not done.wait(POLL_S):
                 if seen(store, run_id):
                     found.set()
+                    leave_exit_barrier(store, run_id)
                     backend = C10dRendezvousBackend(store, run_id)
                     DynamicRendezvousHandler.from_backend(run_id, store, backend, nodes, nodes).set_closed()
                     return

@@ -83,7 +83,7 @@ def join_round(store: Any, node: int, nodes: int, timeout_s: float, finished_run
     store.set(keys[node], "1")
     try:
         if finished_run:
-            _wait_unless_finished(store, keys, timeout_s, finished_run, nodes)
+            _wait_unless_finished(store, keys, timeout_s, finished_run)
         else:
             store.wait(keys, timedelta(seconds=timeout_s))
     except DistStoreError:
@@ -97,12 +97,12 @@ def join_round(store: Any, node: int, nodes: int, timeout_s: float, finished_run
     return number
 
 
-def _wait_unless_finished(store: Any, keys: list[str], timeout_s: float, run_id: str, nodes: int) -> None:
+def _wait_unless_finished(store: Any, keys: list[str], timeout_s: float, run_id: str) -> None:
     """`store.wait(keys)`, looking for the marker that the job finished meanwhile (DistStoreError: timeout)."""
     deadline = time.monotonic() + timeout_s
     while not store.check(keys):
         if finished.seen(store, run_id):
-            finished.leave_exit_barrier(store, nodes)
+            finished.leave_exit_barrier(store, run_id)
             raise finished.FinishedElsewhereError()
         if time.monotonic() >= deadline:
             raise DistStoreError("timeout")

@@ -104,21 +104,22 @@ def test_a_launcher_started_again_after_the_job_finished_elsewhere_stops_and_rel
     agents wait in torch's exit barrier, having marked the job finished: it stops waiting for a round nobody
     enters, and counts itself in their barrier so that they end now."""
     assert together(store, [0, 1]) == [1, 1]
-    store.add(f"{finished.EXIT_BARRIER}/num_members", 1)  # machine 0's agent, in its exit barrier
-    finished.mark(store, "run")  # through the PrefixStore: the marker lies in the raw store
+    barrier = finished.exit_store(store, "run")
+    barrier.add(f"{finished.EXIT_BARRIER}/num_members", 1)  # machine 0's agent, in its exit barrier
+    finished.mark(store, "run", 2)  # through the PrefixStore: the marker lies in the raw store
     assert store.underlying_store.check([finished.key("run")])
     began = time.monotonic()
     with pytest.raises(FinishedElsewhereError, match="had finished on the other machines") as raised:
         join_round(store, 1, 2, 10, finished_run="run")
     assert time.monotonic() - began < 2 and raised.value.exit_code == 0
-    assert store.check([f"{finished.EXIT_BARRIER}/last_member"])  # machine 0's barrier is complete
+    assert barrier.check([f"{finished.EXIT_BARRIER}/last_member"])  # machine 0's barrier is complete
 
 
 def test_a_launcher_started_again_without_a_marker_rejoins_as_before(store):
     """No marker (the job goes on, the others restart their workers): it joins their round, or names who did
     not come; a marker of another run is not this one's."""
     assert together(store, [0, 1]) == [1, 1]
-    finished.mark(store, "another-run")
+    finished.mark(store, "another-run", 2)
     with ThreadPoolExecutor(2) as pool:
         rounds = pool.map(lambda n: join_round(store_client(store), n, 2, 10, "run" if n else ""), [0, 1])
         assert list(rounds) == [2, 2]
@@ -129,7 +130,7 @@ def test_a_launcher_started_again_without_a_marker_rejoins_as_before(store):
 def test_an_agent_that_was_not_started_again_ignores_the_marker(store):
     """Only a launcher started again acts on it: an agent whose own workers failed after the others finished
     waits (and reports the failure), it does not say the job finished."""
-    finished.mark(store, "run")
+    finished.mark(store, "run", 2)
     with pytest.raises(RendezvousTimeoutError, match=r"machine\(s\) 0 did not come to round 1 "):
         join_round(store, 1, 2, 0.5)
 
@@ -144,7 +145,7 @@ def test_only_the_first_round_of_a_launcher_started_again_watches_for_the_marker
     else:
         monkeypatch.delenv(env.RELAUNCHED, raising=False)
     agent = RoundedStaticRendezvous("127.0.0.1", raw.port, 1, 2, "run", 1)
-    finished.mark(raw, "run")
+    finished.mark(raw, "run", 2)
     with pytest.raises(FinishedElsewhereError if relaunched else RendezvousTimeoutError):
         agent.next_rendezvous()
     with pytest.raises(RendezvousTimeoutError, match="did not come"):
@@ -153,7 +154,8 @@ def test_only_the_first_round_of_a_launcher_started_again_watches_for_the_marker
 
 def test_a_c10d_launcher_started_again_stops_waiting_once_the_job_finished_elsewhere():
     """c10d: the watcher closes the rendezvous that the launcher started again waits in, once the marker is
-    there; torch's wait then ends with RendezvousClosedError, which the agent reports as the job finished."""
+    there; torch's wait then ends with RendezvousClosedError, which the agent reports as the job finished.
+    It also counts itself in the exit barrier the other agent waits in, which then ends."""
     from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler, RendezvousTimeout
 
@@ -165,13 +167,16 @@ def test_a_c10d_launcher_started_again_stops_waiting_once_the_job_finished_elsew
     waiting = DynamicRendezvousHandler.from_backend(
         "run", client, C10dRendezvousBackend(client, "run"), 2, 2, timeout=timeout
     )
-    threading.Timer(0.5, finished.mark, (raw, "run")).start()
+    barrier = finished.exit_store(raw, "run")
+    barrier.add(f"{finished.EXIT_BARRIER}/num_members", 1)  # the other machine's agent, in its exit barrier
+    threading.Timer(0.5, finished.mark, (raw, "run", 2)).start()
     began = time.monotonic()
     with finished.closing_when_finished("127.0.0.1", raw.port, "run", 2) as found:
         with pytest.raises(RendezvousClosedError):
             waiting.next_rendezvous()  # for a second machine that never comes
         assert found.is_set()
     assert time.monotonic() - began < 10
+    assert barrier.check([f"{finished.EXIT_BARRIER}/last_member"])  # that agent's barrier is complete
 
 
 def store_client(store) -> PrefixStore:
