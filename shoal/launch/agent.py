@@ -50,6 +50,7 @@ from shoal.config import split_endpoint
 from shoal.errors import ShoalError, WorkerError, caused_by_peer, first_line
 from shoal.launch import finished
 from shoal.launch.finished import FinishedElsewhereError
+from shoal.launch.log_folders import logs_specs
 from shoal.launch.supervisor import recovery_folder_prefix
 from shoal.procfs import remove_orphaned, state_of
 
@@ -104,14 +105,14 @@ def rdzv_id(given: str = "", backend: str = "c10d", environ: Mapping[str, str] =
 
 def launch(argv: list[str], spec: LaunchSpec) -> None:
     """Run `python argv...` on `spec.nproc` local workers; raise `WorkerError` on a failure."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher import api as launcher_api
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     held, backend, endpoint, rdzv_configs, local_addr = _rendezvous(spec)
     log_dir = spec.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "shoal-logs")
-    logs_spec = DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE if spec.quiet else Std.ALL)
+    logs_spec = logs_specs(log_dir, spec.quiet)
     config = LaunchConfig(
         min_nodes=spec.nnodes,
         max_nodes=spec.nnodes,
