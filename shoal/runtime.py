@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from shoal import env
+from shoal.allocator import keep_freed_memory
 from shoal.config import check_range, timeout_from_env
 from shoal.errors import ShoalError, caused_by_peer
 from shoal.supervised import die_with_launcher
@@ -73,6 +74,7 @@ def init(
     if _current is not None:
         return _current
     die_with_launcher()
+    keep_freed_memory()
     environ = os.environ
     rank = int(environ.get("RANK", "0"))
     world = int(environ.get("WORLD_SIZE", "1"))

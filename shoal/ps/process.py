@@ -30,6 +30,7 @@ import torch
 import zmq
 
 from shoal import env, logs
+from shoal.allocator import keep_freed_memory
 from shoal.comm.pubsub import Publisher
 from shoal.comm.wire import Codec, job_key
 from shoal.errors import ConfigError, ShoalError
@@ -194,14 +195,15 @@ def main() -> int:
     logs.setup()
     environ = os.environ
     torch.set_num_threads(int(environ.get(env.PS_THREADS, "1")))
-    # torch imports its compiler stack on the first optimizer: pay for it before serving
-    optim.build("SGD", torch.zeros(1), {"lr": 0.1})
     try:
+        keep_freed_memory()  # each clock's buffers reused, not mapped afresh
         max_bytes, timeout_s = server_limits(environ)
         cap_connections(environ)
     except ConfigError as err:
         print(f"shoal: {err}", file=sys.stderr, flush=True)
         return err.exit_code
+    # torch imports its compiler stack on the first optimizer: pay for it before serving
+    optim.build("SGD", torch.zeros(1), {"lr": 0.1})
     codec = Codec(job_key(), max_bytes)
     opened = open_replacement if environ.get(env.PS_REPLACEMENT) else open_replicas
     return serve(opened(_job(environ, codec, timeout_s), codec))
