@@ -31,10 +31,11 @@ def test_a_freed_buffer_stays_in_the_heap_for_the_next_step():
     before = _mallinfo()
     buffer = torch.ones(6 << 20)  # 24 MiB
     during = _mallinfo()
-    assert during.hblkhd == before.hblkhd and during.arena >= before.arena + (24 << 20) - (1 << 20)
+    # in the heap (maybe in space freed before), not in a mapping of its own
+    assert during.hblkhd == before.hblkhd and during.uordblks >= before.uordblks + (24 << 20)
     del buffer
     after = _mallinfo()
-    assert after.arena == during.arena  # kept: the next step's buffer reuses these pages, no faults
+    assert after.arena >= during.arena  # kept: the next step's buffer reuses these pages, no faults
 
 
 def test_the_setting_is_checked_and_default_leaves_glibc_alone(monkeypatch):
