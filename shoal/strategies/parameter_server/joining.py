@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from shoal.errors import ShoalError
+from shoal.ps.protocol import whole
 from shoal.ps.store import Shard
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def joined_at(headers: list[dict], rank: int) -> int:
     `shoal.ps.reads.answer_previous`), and computes the step again exactly; the server ahead drops
     the repeated push (`bad_clock`)."""
     clocks = [h.get("clock", 0) for h in headers]
-    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in clocks):
+    if not all(whole(c) and c >= 0 for c in clocks):
         raise ShoalError(f"the parameter servers answered the join with clocks {clocks}; are they shoal's?")
     if max(clocks) - min(clocks) > 1:  # a push goes to every server before the next one starts
         raise ShoalError(
