@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Mapping
 
 from shoal import env
 from shoal.errors import ConfigError
@@ -31,14 +32,19 @@ TRIM_NEVER = (1 << 31) - 1
 _done: bool | None = None
 
 
+def setting(environ: Mapping[str, str] | None = None) -> str:
+    """SHOAL_MALLOC, checked (the launchers check it before they start anything): 'keep' or 'default'."""
+    how = (os.environ if environ is None else environ).get(env.MALLOC, "keep")
+    if how not in ("keep", "default"):
+        raise ConfigError(f"{env.MALLOC} must be 'keep' (the default) or 'default' (glibc's own), not {how!r}")
+    return how
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's malloc to keep what it frees (once per process); whether it did."""
     global _done
     if _done is None:
-        how = os.environ.get(env.MALLOC, "keep")
-        if how not in ("keep", "default"):
-            raise ConfigError(f"{env.MALLOC} must be 'keep' (the default) or 'default' (glibc's own), not {how!r}")
-        _done = _set() if how == "keep" else False
+        _done = _set() if setting() == "keep" else False
     return _done
 
 

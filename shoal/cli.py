@@ -12,7 +12,7 @@ import os
 import secrets
 import sys
 
-from shoal import env, logs
+from shoal import allocator, env, logs
 from shoal.errors import ConfigError, ShoalError
 
 USAGE = """usage: shoal <command> ...
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         logs.setup()
+        allocator.setting()  # read by every worker and server: a bad value stops here, before any starts
         if command == "train":
             return _train(rest)
         if command == "run":

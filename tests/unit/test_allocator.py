@@ -46,3 +46,12 @@ def test_the_setting_is_checked_and_default_leaves_glibc_alone(monkeypatch):
     monkeypatch.setenv(env.MALLOC, "default")
     monkeypatch.setattr(allocator, "_set", lambda: pytest.fail("mallopt called"))
     assert allocator.keep_freed_memory() is False
+
+
+def test_a_bad_setting_stops_the_launcher_before_anything_starts(monkeypatch, capsys):
+    from shoal import cli
+
+    monkeypatch.setenv(env.MALLOC, "never")
+    assert cli.main(["run", "-n", "1", "script.py"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shoal: SHOAL_MALLOC must be 'keep'") and "Traceback" not in err
