@@ -5,11 +5,15 @@ with the combined batch; DataLoader workers give the batches of the in-process p
 
 from __future__ import annotations
 
+import gc
+import os
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from shoal.data.loader import ShardedLoader
+from shoal.procfs import children_of
 from tests.helpers.ranks import run_workers
 
 N, BATCH, EPOCHS = 96, 8, 2  # per-rank batch; N is a multiple of the global batch (2 x 8)
@@ -70,6 +74,7 @@ def test_tensor_parallel_loader_and_a_users_own_dataloader():
 
 
 def test_dataloader_workers_give_the_same_batches():
+    before = children_of(os.getpid())
     ds = data()
     inline = ShardedLoader(ds, batch_size=BATCH, shard=(1, 2), seed=4)
     workers = ShardedLoader(ds, batch_size=BATCH, shard=(1, 2), seed=4, num_workers=2, persistent_workers=True)
@@ -83,3 +88,6 @@ def test_dataloader_workers_give_the_same_batches():
     resumed.load_state_dict(state)
     rest = [y for _, y in resumed]
     assert len(rest) == len(inline) - 1 and torch.equal(rest[0], [y for _, y in inline][1])
+    del it, workers, resumed  # persistent workers live as long as their loader: end them here, not in later tests
+    gc.collect()
+    assert children_of(os.getpid()) == before, "the loader's worker processes outlived it"
