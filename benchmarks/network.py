@@ -96,7 +96,7 @@ def worker(strategy_name: str, model_name: str, spec: str, steps: int, eval_ever
             acc = strategy.evaluate(model, split.test, loss_fn)["eval_accuracy"]
             curve.append({"step": step, "seconds": trained, "accuracy": acc})
     fresh = build(model_name)[2]  # the same network without the strategy's hooks, for local costs
-    profile = local_costs(fresh, spec, loss_fn, next(batches))
+    profile = local_costs(fresh, spec, loss_fn, next(batches), data_parallel=strategy_name == "dp")
     profile["bytes_per_step"] = sum(wire[2:]) / max(1, len(wire[2:]))  # after PowerSGD's dense warm-up steps
     profile["ps_wait_s"] = sum(waits[2:]) / max(1, len(waits[2:]))  # PS: blocked on pushes and pulls
     strategy.close()
@@ -105,8 +105,11 @@ def worker(strategy_name: str, model_name: str, spec: str, steps: int, eval_ever
     shoal.shutdown()
 
 
-def local_costs(model, spec: str, loss_fn, batch, reps: int = 3) -> dict:
-    """Seconds of one step's local work: forward+backward alone, and encode+decode of every gradient."""
+def local_costs(model, spec: str, loss_fn, batch, data_parallel: bool, reps: int = 3) -> dict:
+    """Seconds of one step's local work: forward+backward alone, and encode+decode of every gradient.
+
+    PowerSGD under data parallel is timed as its DDP hook runs (`shoal.compress.powersgd_hook`, both
+    ranks together: its two all-reduces carry a few hundred KB), not as the parameter server's codec."""
     from shoal.compress import parse
 
     x, y = batch
@@ -117,12 +120,50 @@ def local_costs(model, spec: str, loss_fn, batch, reps: int = 3) -> dict:
     compute = (time.perf_counter() - start) / reps
     codec = parse(spec)
     grads = [(n, p.grad.detach().clone()) for n, p in model.named_parameters() if p.grad is not None]
+    if data_parallel and codec.family == "powersgd":
+        return {"compute_s": compute, "codec_s": _powersgd_hook_seconds(grads, codec.rank, reps)}
     start = time.perf_counter()
     for _ in range(reps):
         for name, g in grads:
             codec.decode(codec.encode(name, g), g.shape, g.dtype)
     model.zero_grad()
     return {"compute_s": compute, "codec_s": (time.perf_counter() - start) / reps}
+
+
+class _Bucket:
+    """What the DDP hook reads of a `GradBucket`: one bucket holding every gradient."""
+
+    def __init__(self, grads):
+        self.flat = torch.cat([g.reshape(-1) for _, g in grads])
+        self.params = [torch.empty(0) for _ in grads]
+        pieces = self.flat.split([g.numel() for _, g in grads])
+        self.views = [v.view_as(g) for v, (_, g) in zip(pieces, grads, strict=True)]
+
+    def buffer(self):
+        return self.flat
+
+    def is_last(self):
+        return True
+
+    def parameters(self):
+        return self.params
+
+    def gradients(self):
+        return self.views
+
+
+def _powersgd_hook_seconds(grads, rank: int, reps: int) -> float:
+    from shoal.compress.powersgd_hook import START_ITER, PowerSGDHook
+
+    bucket = _Bucket(grads)
+    names = {id(p): name for p, (name, _) in zip(bucket.params, grads, strict=True)}
+    hook = PowerSGDHook(rank, names, lambda nbytes, numel: None, lambda: None)
+    hook.iter = START_ITER
+    hook.hook(None, bucket).wait()  # the first compressed step draws Q; later ones start from the last
+    start = time.perf_counter()
+    for _ in range(reps):
+        hook.hook(None, bucket).wait()
+    return (time.perf_counter() - start) / reps
 
 
 def run_spec(hosts, args, strategy: str, model: str, spec: str, out: Path) -> dict:

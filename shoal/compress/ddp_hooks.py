@@ -6,10 +6,9 @@ its compressor:
 - "none": no hook; DDP's own all-reduce (only the bytes are counted).
 - "fp16"/"bf16": torch's `default_hooks.fp16_compress_hook` /
   `bf16_compress_hook` (cast, all-reduce, cast back).
-- "powersgd": torch's `powerSGD_hook` on a `PowerSGDState` with error
-  feedback and warm start; its two all-reduces (of P and Q) keep one shared
-  factorization on all ranks. Its state is keyed by bucket, so `state_dict`
-  re-keys it by parameter name (see `PowerSGDHook`).
+- "powersgd": `shoal.compress.powersgd_hook` (error feedback and warm
+  start; its two all-reduces, of P and of Q, keep one shared factorization
+  on all ranks; why not torch's `powerSGD_hook`: see there).
 - random-k (`allreduce_safe`): the positions are the same on every rank
   (seeded by key and step), so the ranks all-reduce the selected values.
 - int8/qsgd: codes with per-rank scales do not add up, so the ranks reduce
@@ -45,27 +44,22 @@ size for an all-to-all (size: the whole buffer); the first two are 1 x size
 at N = 2.
 """
 
-# No `from __future__ import annotations` here: DDP compares a comm hook's
-# annotations with its own classes (`dist.GradBucket`, `Future[Tensor]`),
-# which postponed annotations would turn into strings.
-import math
+from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed import GradBucket  # pyright: ignore[reportPrivateImportUsage] -- documented, not in torch's stubs
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, _should_compress, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
 from shoal.compress.base import Compressor, Payload
 from shoal.compress.lowrank import PowerSGD
+from shoal.compress.powersgd_hook import PowerSGDHook
 from shoal.compress.quantize import BLOCK, Quantizer
 from shoal.finite import all_finite
 from shoal.state import sub_state, with_prefix
 
-POWERSGD_START_ITER = 2  # torch's minimum with error feedback: one plain all-reduce first
 POWERSGD = "powersgd/"
-"""Prefix of torch's PowerSGD state (re-keyed by parameter name) in the hook's state dict."""
+"""Prefix of the PowerSGD hook's state in the hook's state dict."""
 
 
 def wire_bytes(collective: str, size: int, world: int) -> float:
@@ -228,8 +222,10 @@ class CompressionHook:
             inner = default_hooks.fp16_compress_hook if family == "fp16" else default_hooks.bf16_compress_hook
             ddp.register_comm_hook(group, self._cast_hook(inner, 2))
         elif isinstance(compressor, PowerSGD):
-            self.powersgd = PowerSGDHook(self, compressor.rank, group)
-            ddp.register_comm_hook(self.powersgd.state, self.powersgd.hook)
+            self.powersgd = PowerSGDHook(
+                compressor.rank, names, lambda nbytes, numel: self.count("all_reduce", nbytes, numel), self._flag
+            )
+            ddp.register_comm_hook(group, self.powersgd.hook)
         elif isinstance(compressor, Quantizer):
             ddp.register_comm_hook(group, self._two_phase_hook)
         else:
@@ -256,8 +252,11 @@ class CompressionHook:
 
     def check(self, result: torch.Tensor) -> torch.Tensor:
         if not all_finite(result):
-            self.nonfinite = True
+            self._flag()
         return result
+
+    def _flag(self) -> None:
+        self.nonfinite = True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.powersgd is not None:
@@ -367,106 +366,3 @@ class CompressionHook:
             return self.check(buffer)
 
         return _future(dist.all_gather(gathered, out, group=group, async_op=True)).then(gathered_all)
-
-
-class PowerSGDHook:
-    """torch's PowerSGD hook, plus byte counting and checkpointable state.
-
-    torch keys PowerSGD's residuals and warm-start factors P, Q by bucket
-    index, and DDP's buckets change: a new process's first step has one
-    bucket in parameter order, later steps have buckets rebuilt in gradient
-    order. So this class keeps the state per parameter name whenever the
-    layout is not the one torch's dicts were built for: `state_dict` splits
-    them per parameter, a loaded state waits in `pending`, and each bucket,
-    when the hook sees it, gets its pieces reassembled in its own layout
-    (residual in buffer order; P and Q in torch's order: compressible
-    tensors grouped by matrix shape). A resumed run thus takes exactly the
-    steps of an uninterrupted one.
-    """
-
-    def __init__(self, owner: CompressionHook, rank: int, group: dist.ProcessGroup | None):
-        self.owner = owner
-        self.state = PowerSGDState(
-            process_group=group,
-            matrix_approximation_rank=rank,
-            start_powerSGD_iter=POWERSGD_START_ITER,
-            use_error_feedback=True,
-            warm_start=True,
-            random_seed=0,
-        )
-        self.layouts: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
-        self.pending: dict[str, torch.Tensor] = {}
-
-    def hook(self, state: PowerSGDState, bucket: GradBucket) -> torch.futures.Future[torch.Tensor]:
-        index = bucket.index()
-        layout = [
-            (self.owner.names[id(p)], tuple(g.shape))
-            for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True)
-        ]
-        if self.layouts.get(index, layout) != layout:  # DDP rebuilt its buckets
-            self.pending.update(self._split_all())
-            self.layouts.clear()
-            for d in (state.error_dict, state.p_memory_dict, state.q_memory_dict):
-                d.clear()
-        self.layouts[index] = layout
-        if self.pending:
-            self._install(index, layout, bucket.buffer().device)
-        n = bucket.buffer().numel()
-        before = state.total_numel_after_compression
-        compressing = state.iter >= state.start_powerSGD_iter
-        fut = powerSGD_hook(state, bucket)
-        sent = state.total_numel_after_compression - before if compressing else n
-        self.owner.count("all_reduce", sent * bucket.buffer().element_size(), n)
-        return fut.then(lambda f: self.owner.check(f.value()))
-
-    def _factors(self, layout) -> list[tuple[str, int, int]]:
-        """(name, P length, Q length) of the compressed tensors, in torch's memory order."""
-        groups: dict[tuple[int, int], list] = {}
-        for name, shape in layout:
-            n = shape[0]
-            m = math.prod(shape[1:])
-            r = min(n, m, self.state.matrix_approximation_rank)
-            if _should_compress(n, m, r, self.state.min_compression_rate)[0]:
-                groups.setdefault((n, m), []).append((name, n * r, m * r))
-        return [item for group in groups.values() for item in group]
-
-    def _split_all(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for index, layout in self.layouts.items():
-            if index in self.state.error_dict:
-                pieces = self.state.error_dict[index].split([math.prod(shape) for _, shape in layout])
-                out.update({f"error/{name}": t.clone() for (name, _), t in zip(layout, pieces, strict=True)})
-            if index in self.state.p_memory_dict:
-                factors = self._factors(layout)
-                ps = self.state.p_memory_dict[index].split([f[1] for f in factors])
-                qs = self.state.q_memory_dict[index].split([f[2] for f in factors])
-                for (name, _, _), p, q in zip(factors, ps, qs, strict=True):
-                    out[f"p/{name}"], out[f"q/{name}"] = p.clone(), q.clone()
-        return out
-
-    def _install(self, index: int, layout, device: torch.device) -> None:
-        # Loaded tensors arrive on the CPU; torch's hook needs them beside the bucket.
-        errors = [f"error/{name}" for name, _ in layout]
-        if all(k in self.pending for k in errors):
-            self.state.error_dict[index] = torch.cat([self.pending.pop(k).reshape(-1) for k in errors]).to(device)
-        factors = self._factors(layout)
-        if factors and all(f"p/{name}" in self.pending for name, _, _ in factors):
-            self.state.p_memory_dict[index] = torch.cat([self.pending.pop(f"p/{name}") for name, _, _ in factors]).to(
-                device
-            )
-            self.state.q_memory_dict[index] = torch.cat([self.pending.pop(f"q/{name}") for name, _, _ in factors]).to(
-                device
-            )
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {"iter": torch.tensor(self.state.iter, dtype=torch.int64)}
-        out.update({k: v.clone() for k, v in self.pending.items()})  # loaded, not yet installed
-        out.update(self._split_all())
-        return out
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.state.iter = int(state.get("iter", 0))
-        for d in (self.state.error_dict, self.state.p_memory_dict, self.state.q_memory_dict):
-            d.clear()
-        self.layouts.clear()
-        self.pending = {k: v.clone() for k, v in state.items() if k != "iter"}

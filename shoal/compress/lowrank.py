@@ -10,10 +10,11 @@ Tensors where that would not save at least 2x (vectors, biases, small
 matrices) are sent dense, as torch's own PowerSGD hook does.
 
 This class is the single-worker form, for pushes to a parameter server.
-Data parallelism uses torch's `powerSGD_hook` instead (see
-`shoal.compress.ddp_hooks`), which all-reduces P and Q between the two
-half-steps so that all ranks share one factorization. Both orthogonalize
-with torch's own `_orthogonalize`.
+Data parallelism uses `shoal.compress.powersgd_hook`, which all-reduces P
+and Q between the two half-steps so that all ranks share one factorization.
+Both orthogonalize with torch's own `_orthogonalize`, and both form the
+products over M's rows (P^T = Q^T M^T, Q^T = P^T M): MKL on one thread
+takes M^T P many times longer.
 """
 
 from __future__ import annotations
@@ -45,7 +46,17 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int] | None:
     return (n, m) if n > 0 and m > 0 else None
 
 
-def _orthonormalize(matrices: torch.Tensor) -> None:
+def factor_shape(shape: Sequence[int], rank: int) -> tuple[int, int, int] | None:
+    """(n, m, R) for a tensor compressed at `rank` (R = min(n, m, rank)), else None: sent dense."""
+    nm = matrix_shape(shape)
+    if nm is None:
+        return None
+    n, m = nm
+    r = min(n, m, rank)
+    return (n, m, r) if _should_compress(n, m, r, MIN_COMPRESSION_RATE)[0] else None
+
+
+def orthonormalize(matrices: torch.Tensor) -> None:
     """In place, with torch's own routine, as its PowerSGD hook does (the epsilon avoids 0/0)."""
     _orthogonalize(matrices, EPSILON)  # pyright: ignore[reportArgumentType] -- torch infers int from the default 0
 
@@ -77,17 +88,9 @@ class PowerSGD(ErrorFeedback):
         self.seed = seed
         self.q_memory: dict[str, torch.Tensor] = {}
 
-    def _factor_shape(self, shape: Sequence[int]) -> tuple[int, int, int] | None:
-        nm = matrix_shape(shape)
-        if nm is None:
-            return None
-        n, m = nm
-        r = min(n, m, self.rank)
-        return (n, m, r) if _should_compress(n, m, r, MIN_COMPRESSION_RATE)[0] else None
-
     def encode(self, key: str, grad: torch.Tensor) -> Payload:
         acc = self._accumulate(key, grad)
-        dims = self._factor_shape(grad.shape)
+        dims = factor_shape(grad.shape, self.rank)
         if dims is None:
             self._remember(key, acc, acc)
             return Payload({"dense": True}, [acc.to(grad.dtype)])
@@ -108,11 +111,11 @@ class PowerSGD(ErrorFeedback):
                 gen = torch.Generator().manual_seed(key_seed(self.seed, key))
                 q = torch.randn(1, m, r, generator=gen, dtype=work).to(acc.device)
             q = q.to(acc.device, copy=True)
-            _orthonormalize(q)
+            orthonormalize(q)
             # M Q and M^T P as (Q^T M^T)^T and (P^T M)^T: the same products, but the
             # BLAS computes a skinny matrix times M's rows many times faster than bmm did.
             p = torch.mm(q[0].t(), matrix[0].t()).t().contiguous().unsqueeze(0)
-            _orthonormalize(p)
+            orthonormalize(p)
             q = torch.mm(p[0].t(), matrix[0]).t().contiguous().unsqueeze(0)
             self.q_memory[key] = q.clone()
             q = q * scale

@@ -4,7 +4,8 @@ Few and decisive: every compressor trains digits to >= 0.95 with the ranks
 agreeing bit for bit; accumulation compresses once and clipping acts on the
 decoded average; an fp16 overflow skips the step; int8's and qsgd's
 two-phase exchange gives, on 3 ranks, the bits of its one-process reference
-(tests/helpers/exchange.py); and a run resumed from a checkpoint with
+(tests/helpers/exchange.py); PowerSGD on gradients of rank below its own
+equals one process on the combined batch; and a run resumed from a checkpoint with
 error-feedback state equals the uninterrupted run.
 """
 
@@ -145,12 +146,50 @@ def accum_clip_overflow(rank, world):
             opt.step()
             opt.zero_grad()
         res[spec] = same
+    res["powersgd"] = powersgd_low_rank_is_exact(rank, world)
     return res
 
 
+def powersgd_low_rank_is_exact(rank, world, steps=6):
+    """One sample per rank makes each weight's averaged gradient of rank <= world (3) < 4,
+    which one power-iteration step at rank 4 captures: every step, compressed or not,
+    equals one process on the combined batch, and the ranks' residuals sum to rounding level."""
+    from shoal.data.digits import Digits
+    from shoal.models.mlp import MLP
+
+    loss_fn = torch.nn.functional.cross_entropy
+    split = Digits().load(seed=0)
+    xs = [split.train.tensors[0][i : i + 1] for i in range(world)]
+    ys = [split.train.tensors[1][i : i + 1] for i in range(world)]
+    _, model, opt, strategy = _setup("powersgd:rank=4", MOMENTUM)
+    torch.manual_seed(0)
+    ref = MLP().build(split.input_shape, split.num_classes)
+    ref_opt = torch.optim.SGD(ref.parameters(), **MOMENTUM)
+    ratios = []
+    for _ in range(steps):
+        strategy.train_step(model, opt, loss_fn, (xs[rank], ys[rank]))
+        ratios.append(strategy.step_metrics()["compression_ratio"])
+        ref_opt.zero_grad()
+        loss_fn(ref(torch.cat(xs)), torch.cat(ys)).backward()
+        ref_opt.step()
+    gap = max((a - b).abs().max().item() for a, b in zip(model.module.parameters(), ref.parameters(), strict=True))
+    import torch.distributed as dist
+
+    residuals = torch.cat([v.reshape(-1) for k, v in sorted(strategy.state_dict().items()) if "error/" in k])
+    local = residuals.abs().max().item()  # this rank's gradient less the average: not small
+    dist.all_reduce(residuals)  # ... but across ranks they cancel: nothing the average lacks
+    residual = residuals.abs().max().item()
+    return {"gap": gap, "residual": residual, "local": local, "ratios": ratios, "params": _fingerprint(model)}
+
+
 def test_accumulation_clipping_fp16_overflow_and_int8_exchange():
-    for res in run_workers(accum_clip_overflow, world=3, timeout_s=150):
+    ranks = run_workers(accum_clip_overflow, world=3, timeout_s=150)
+    for res in ranks:
         assert res["int8"] == res["qsgd:levels=4"] == [True, True], "two-phase exchange differs from its reference"
+        low_rank = res["powersgd"]
+        assert low_rank["ratios"][:2] == [1.0, 1.0] and min(low_rank["ratios"][2:]) > 5, low_rank["ratios"]
+        assert low_rank["gap"] < 1e-5 and low_rank["residual"] < 1e-5 < low_rank["local"], low_rank
+        assert low_rank["params"] == ranks[0]["powersgd"]["params"], "ranks disagree"
         assert res["encodes"] == [2]  # 6 micro-steps / grad_accum 3
         assert res["metrics_nonzero_at"] == [2, 3, 4, 5]  # reported from the first sync step on
         assert 0 < res["clipped_update_norm"] <= 1e-3 * (1 + 1e-4)
