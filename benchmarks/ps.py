@@ -2,8 +2,9 @@
 
 1. Throughput: PS-BSP with 1 and 2 servers against DataParallel (DDP, gloo),
    2 workers, steps/s, on the digits MLP and on a communication-heavy MLP
-   (>= 5M parameters); with 2 servers also PS-BSP pushing only at `step()`
-   (`overlap=False`), SSP s=1 and ASP, each unreplicated, and PS-BSP and ASP
+   (>= 5M parameters); with 2 servers also PS-BSP pushing during backward
+   (`overlap=True`; on CPUs the default pushes at `step()`), SSP s=1 and
+   ASP, each unreplicated, and PS-BSP and ASP
    with every shard replicated on both servers (`--replication 2`,
    `shoal.ps.replication`; `--only replication` runs just those four).
 2. Stragglers: 4 workers, wall time until rank 0's model reaches a target
@@ -55,7 +56,7 @@ THROUGHPUT = {  # name: strategy (dp or a consistency mode), servers, replicatio
     "data_parallel": ("dp", 0, None, []),
     "ps_bsp_1_server": ("bsp", 1, None, []),
     "ps_bsp_2_servers": ("bsp", 2, 1, []),
-    "ps_bsp_2_servers_no_overlap": ("bsp", 2, 1, ["--no-overlap"]),
+    "ps_bsp_2_servers_overlap": ("bsp", 2, 1, ["--overlap"]),
     "ps_ssp1_2_servers": ("ssp", 2, 1, ["--staleness", "1"]),
     "ps_asp_2_servers": ("asp", 2, 1, []),
     "ps_bsp_2_servers_replicated": ("bsp", 2, 2, []),
@@ -94,7 +95,7 @@ def worker(args) -> None:
             staleness=args.staleness,
             servers=args.servers,
             chunk_bytes=1 << 20,
-            overlap=not args.no_overlap,
+            overlap=True if args.overlap else None,
         )
     if args.install_at_forward:
         strategy.install_at_forward = True  # pyright: ignore[reportAttributeAccessIssue] -- ps only
@@ -327,7 +328,7 @@ def main() -> None:
         "--steps", type=int, default=0, help="timed steps (throughput) or steps per worker (stragglers)"
     )
     parser.add_argument("--install-at-forward", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--no-overlap", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--target", type=float, default=0.93)
     parser.add_argument("--reps", type=int, default=3, help="throughput runs per variant (the median is reported)")
     parser.add_argument(
@@ -407,7 +408,7 @@ def main() -> None:
         return "/".join(f"{r[v]['steps_per_s']:.1f}" for v in THROUGHPUT)
 
     summary = (
-        "ps: steps/s DP/BSP1/BSP2/BSP2-no-overlap/SSP1/ASP "
+        "ps: steps/s DP/BSP1/BSP2/BSP2-overlap/SSP1/ASP "
         + "; ".join(f"{m} {rates(r)}" for m, r in tp.items())
         + f" | time to {args.target} vs BSP: transient {ratios('transient')}; persistent {ratios('persistent')}"
     )

@@ -120,7 +120,7 @@ def worker(args) -> None:
     if args.strategy == "dp":
         strategy = shoal.DataParallel()
     else:
-        extra = {"overlap": False} if args.no_overlap else {}
+        extra = {"overlap": True} if args.overlap else {}
         strategy = shoal.ParameterServer(servers=args.servers, chunk_bytes=1 << 20, **extra)
     model, prepared = strategy.prepare(model, opt)
     assert prepared is not None
@@ -240,7 +240,7 @@ VARIANTS = {  # name: strategy, servers, worker arguments, with the HMAC (a meas
     "data_parallel": ("dp", 0, [], False, False),
     "ps_bsp_1_server": ("bsp", 1, [], False, False),
     "ps_bsp_2_servers": ("bsp", 2, [], False, False),
-    "ps_bsp_2_servers_no_overlap": ("bsp", 2, ["--no-overlap"], False, False),
+    "ps_bsp_2_servers_overlap": ("bsp", 2, ["--overlap"], False, False),
     "ps_bsp_2_servers_tcp_curve": ("bsp", 2, [], False, True),
     "ps_bsp_2_servers_mac": ("bsp", 2, [], True, True),
 }
@@ -254,7 +254,7 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--no-overlap", action="store_true", help="PS: push at step() only (overlap=False)")
+    parser.add_argument("--overlap", action="store_true", help="PS: push during backward (overlap=True)")
     parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
     args = parser.parse_args()
     if args.worker:

@@ -1,4 +1,4 @@
-"""Pushing gradients during backward (`ParameterServer(overlap=True)`, the default) stays right as
+"""Pushing gradients during backward (`ParameterServer(overlap=True)`, the default on GPUs) stays right as
 users write their loops: parts go out early only when nothing changes the gradients before
 `step()`; a loop that clips at every step, or accumulates by hand, pushes at `step()` instead;
 one that starts changing gradients after parts went out is stopped in one sentence."""
@@ -14,7 +14,7 @@ from tests.workers import ps_overlap
 
 STEPS = 4
 # 256-byte buckets: the model's 4 KiB weight goes out in parts during backward
-STRATEGY = {"consistency": "bsp", "servers": 2, "chunk_bytes": 1024, "overlap_bytes": 256}
+STRATEGY = {"consistency": "bsp", "servers": 2, "chunk_bytes": 1024, "overlap": True, "overlap_bytes": 256}
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ equals the push sent whole."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -143,3 +145,14 @@ def test_a_sigterm_during_a_push_waits_until_every_server_has_its_message():
         signal.signal(signal.SIGTERM, before)
         if not ctx.closed:
             ctx.term()
+
+
+def test_pushing_during_backward_is_the_default_on_gpus_only():
+    from shoal.strategies.parameter_server.overlap import overlaps
+
+    cpu = [torch.zeros(2)]
+    gpu = [SimpleNamespace(device=torch.device("cuda", 0))]  # only its device is read; no GPU here
+    assert not overlaps(None, "none", cpu)  # measured slower on CPUs
+    assert overlaps(None, "none", cpu + gpu) and not overlaps(False, "none", gpu)
+    assert overlaps(True, "none", cpu) and not overlaps(False, "none", cpu)
+    assert not overlaps(True, "int8", cpu) and not overlaps(None, "int8", gpu)

@@ -52,6 +52,17 @@ AGAIN = (
 )
 
 
+def overlaps(overlap: bool | None, compression: str, params: list[torch.Tensor]) -> bool:
+    """Whether a worker pushes during backward: as asked, else (None) when the model is on a GPU.
+
+    On a CPU the pushes' copies and messages take the cores backward needs: every run on the
+    2-core machine here was slower with them, with a core per process too (docs/benchmarks-ps.md,
+    section 7). On a GPU backward runs on the device while the CPU sends (not measured here)."""
+    if compression != "none":  # a compressed push is encoded whole, at step()
+        return False
+    return overlap if overlap is not None else any(p.device.type == "cuda" for p in params)
+
+
 class State(Enum):
     WATCH = "watch"
     """The first push: made at step(), while the hooks check that nothing changes gradients in between."""

@@ -77,7 +77,7 @@ from shoal.strategies.parameter_server.layout import (
     server_hyperparameters,
 )
 from shoal.strategies.parameter_server.live import LiveRow, StepWindow
-from shoal.strategies.parameter_server.overlap import Overlap
+from shoal.strategies.parameter_server.overlap import Overlap, overlaps
 from shoal.strategies.parameter_server.saving import ServerSaving, Session
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,11 @@ class ParameterServer(ServerSaving):
         """Calls of `optimizer.step()` per push: the servers apply the mean of this many micro-batches."""
         clip_norm: float | None = None
         """Refused: no process holds the averaged gradient (the servers hold pieces of it)."""
-        overlap: bool = True
+        overlap: bool | None = None
         """Push each gradient during backward, as soon as it is computed (uncompressed pushes only; see
-        `parameter_server.overlap`); False: push everything at `optimizer.step()`."""
+        `parameter_server.overlap`); False: push everything at `optimizer.step()`. None: during backward
+        when the model is on a GPU, at `step()` on a CPU, where pushing during backward measured slower
+        (docs/benchmarks-ps.md, section 7)."""
         overlap_bytes: int = 2 << 20
         """With `overlap`: a server's bucket of gradients is sent once it holds this many bytes."""
         replication: int | None = None
@@ -249,7 +251,7 @@ class ParameterServer(ServerSaving):
         installed = Installed([h for held in layout.slices for h in held])
         s = self._session = Session(client, layout, optimizer, optim, compressor, installed, PullDecoder(o.pulled_with))
         s.totals.skipped = self._skipped_before
-        if o.overlap and o.compression == "none":
+        if overlaps(o.overlap, o.compression, [x.param for x in served]):
             s.overlap = Overlap(layout, client, o.grad_accum, s.totals, o.overlap_bytes)
         replies = client.init(layout.specs, layout.values)
         s.clock = joined_at([h for h, _ in replies], rt.rank)
