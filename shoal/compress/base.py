@@ -132,19 +132,20 @@ class ErrorFeedback(Compressor):
         """A new flat tensor: grad (plus momentum x velocity, with momentum) plus residual."""
         acc = grad.detach().reshape(-1)
         if self.momentum:
-            acc = acc.clone()
             velocity = self.velocities.get(key)
             if velocity is not None and velocity.shape == acc.shape:
-                acc += self.momentum * velocity.to(acc.device, acc.dtype)
-            self.velocities[key] = acc.clone()
+                # u = momentum * u + g in u's own memory (loaded checkpoints arrive on the CPU)
+                velocity = velocity.to(acc.device, acc.dtype).mul_(self.momentum).add_(acc)
+            else:
+                velocity = acc.clone()
+            self.velocities[key] = velocity
+            acc = velocity
         residual = self.residuals.get(key)
         if residual is None or residual.shape != acc.shape:
-            return acc if self.momentum else acc.clone()
-        if self.momentum:
-            return acc.add_(residual.to(acc.device, acc.dtype))  # loaded checkpoints arrive on the CPU
+            return acc.clone()
         # The residual's own memory, reused: it is replaced at the end of the encode, and a
         # new tensor of millions of elements costs more than the sum (page faults). The
-        # sum is commutative, so this is the same grad + residual.
+        # sum is commutative, so this is the same grad (or u) + residual.
         residual = residual.to(acc.device, acc.dtype)
         return residual.add_(acc) if residual is self.residuals[key] else acc + residual
 

@@ -288,7 +288,10 @@ class CompressionHook:
 
         def finish(decoded_sums):
             for g, d in zip(grads, decoded_sums, strict=True):
-                g.copy_(d.reshape(g.shape).div_(self.world))
+                if d is g:
+                    g.div_(self.world)
+                else:
+                    g.copy_(d.reshape(g.shape).div_(self.world))
             return self.check(buffer)
 
         if self.compressor.allreduce_safe:
@@ -315,7 +318,7 @@ class CompressionHook:
         gathered = [torch.empty_like(flat) for _ in range(self.world)]
 
         def gathered_all(fut):
-            sums = [torch.zeros(g.shape, dtype=g.dtype, device=g.device) for g in grads]
+            sums = [g.zero_() for g in grads]  # encoded already: the sum goes where the gradient was
             for raw in gathered:
                 tensors, at = [], 0
                 for dtype, shape, nbytes in layout:
