@@ -205,7 +205,8 @@ def server_work(servers: int, reps: int, mac: bool) -> dict[str, float]:
     def frames(src: int, header: dict, tensors=()) -> list:
         seq[src] += 1
         addressed = {"to": server.index, "session": server.session}  # `shoal.comm.replay`
-        return codec.encode({**header, "src": src, "seq": seq[src], **addressed}, list(tensors))
+        owned = [t.clone() for t in tensors]  # a socket hands the server frames of its own, which it sums into
+        return codec.encode({**header, "src": src, "seq": seq[src], **addressed}, owned)
 
     for w in (0, 1):
         server.handle(b"w%d" % w, frames(w, {"op": INIT, "world": 2, "spec": spec}, values if w == 0 else ()))

@@ -57,7 +57,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SHOAL_MALLOC": how, "SHOAL_THREADS": "1", "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "shoal.cli", "run", "-n", "2", "--servers", "2", "--replication", "1"]
     argv += ["benchmarks/ps.py", "--worker", "--out", out, "--servers", "2", "--task", "throughput"]
-    argv += ["--model", "wide_mlp_5m", "--strategy", "bsp", "--steps", "300"]
+    argv += ["--model", "wide_mlp_5m", "--strategy", "bsp", "--steps", "900"]
     run = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(WARMUP_S)

@@ -225,6 +225,7 @@ class Server:
             self.sock.send_multipart(frames, copy=not fresh)
 
     def handle(self, ident: bytes, frames: list[zmq.Frame]) -> None:
+        """One message. Its frames become the server's: a pushed gradient's memory may become a sum."""
         src: object = None
         try:
             header, tensors = self.codec.decode(frames)
@@ -386,8 +387,9 @@ class Server:
                 piece.apply(grad, self.hp[piece.group])
             elif piece.key in acc:
                 acc[piece.key].add_(grad)
-            else:
-                acc[piece.key] = grad.clone()
+            else:  # the first push's own tensor becomes the sum: its frame is this server's, a decoded one new,
+                # unless a primary forwards the same frames to its backup without a copy
+                acc[piece.key] = grad if self.receiver is not None or self.link is None else grad.clone()
         gate.pushed[src] += 1
         if self.async_keys:
             self.applied += 1

@@ -40,7 +40,8 @@ class Job:
         self.seq[w] += 1
         addressed = {"to": self.server.index, "session": self.server.session}  # `shoal.comm.replay`
         message = {**header, "src": w, "seq": self.seq[w], **addressed}
-        self.server.handle(b"w%d" % w, self.codec.encode(message, tensors))
+        # cloned: a socket hands the server frames of its own, which it may sum into
+        self.server.handle(b"w%d" % w, self.codec.encode(message, [t.clone() for t in tensors]))
 
     def part(self, w: int, clock: int, keys: list[str], grads: dict, **extra) -> None:
         self.send(w, {"op": PUSH, "clock": clock, "keys": keys, "part": True, **extra}, [grads[k] for k in keys])

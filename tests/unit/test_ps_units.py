@@ -484,7 +484,7 @@ def test_a_bsp_average_that_overflows_drops_its_clock():
                     "hp": [{}],
                     **_to(server),
                 }
-                server.handle(b"w%d" % src, codec.encode(push, [grad]))
+                server.handle(b"w%d" % src, codec.encode(push, [grad.clone()]))  # frames of its own, as off a socket
         assert server.nonfinite == 1 and server.skipped == 0 and not server.dropped
         assert server.gate is not None and server.gate.bsp_done == 2 and server.pieces["w"].steps == 1
         torch.testing.assert_close(server.pieces["w"].param, w0 - 1, rtol=0, atol=0)
