@@ -167,13 +167,16 @@ class ChunkPlan:
     ) -> torch.Tensor:
         """Step 2, on rank `rank`: `received` holds every rank's payload of chunk `rank`
         (rank order); returns the chunk's average, rounded again, as its payload (`size`
-        bytes, for the all-gather). The sum runs in rank order from zero, in `dtype`."""
+        bytes, for the all-gather). The sum runs in rank order, in `dtype`, from rank 0's
+        decoded values (a sum from zero differs only in the sign of a zero, which rounds
+        to the same code)."""
         raws = [received[r * self.size : (r + 1) * self.size] for r in range(self.world)]
         payloads = [self._unpack(rank, raw) for raw in raws]
         parts = []
         for n, (i, start, end) in enumerate(self.chunks[rank]):
-            total = torch.zeros(end - start, dtype=dtype, device=self.device)
-            for from_rank in payloads:
+            total = torch.empty(end - start, dtype=dtype, device=self.device)
+            quantizer.decode_into(payloads[0][n], total)  # as zeros plus rank 0's: the codes come out the same
+            for from_rank in payloads[1:]:
                 quantizer.decode_add(from_rank[n], total)
             again = quantizer.requantize(keys[i], counts[i], total.div_(self.world), start)
             parts.append((again.tensors[0], again.tensors[1]))
@@ -188,7 +191,7 @@ class ChunkPlan:
         """Step 3: every chunk's reduced payload (chunk j from rank j) decoded into `grads`."""
         for j, raw in enumerate(gathered):
             for (i, start, end), payload in zip(self.chunks[j], self._unpack(j, raw), strict=True):
-                grads[i].view(-1)[start:end] = quantizer.decode(payload, (end - start,), grads[i].dtype)
+                quantizer.decode_into(payload, grads[i].view(-1)[start:end])
 
 
 def _future(work: dist.Work | None) -> torch.futures.Future:

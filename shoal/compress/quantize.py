@@ -143,12 +143,26 @@ class Quantizer(Compressor):
     def decode(self, payload: Payload, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         packed, scale = payload.tensors
         out = self._unpack(packed, numel_of(shape)).to(scale.dtype)
+        self._scale(out, scale)
+        return out.to(dtype).reshape(shape)
+
+    def decode_into(self, payload: Payload, out: torch.Tensor) -> None:
+        """out[:] = decode(payload, out.shape, out.dtype), in out's own memory when it holds
+        the scales' dtype (the same bits: each code times its block's step, rounded once)."""
+        scale = payload.tensors[1]
+        if out.dtype != scale.dtype or not out.is_contiguous():
+            out.copy_(self.decode(payload, out.shape, out.dtype))
+            return
+        flat = out.view(-1)
+        flat.copy_(self._unpack(payload.tensors[0], flat.numel()))
+        self._scale(flat, scale)
+
+    def _scale(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
         step = (scale / self.levels).view(-1, 1)
         at = 0
-        for rows in blocks_of(out):
+        for rows in blocks_of(codes):
             rows.mul_(step[at : at + rows.shape[0]])
             at += rows.shape[0]
-        return out.to(dtype).reshape(shape)
 
     # ------------------------------------------------------------ packing
     def _pack(self, code: torch.Tensor) -> torch.Tensor:
