@@ -55,7 +55,6 @@ from shoal import env, supervised
 from shoal.comm.netif import is_this_machine
 from shoal.config import split_endpoint
 from shoal.procfs import children_of, state_of
-from shoal.supervised import serving_pids
 
 PR_SET_CHILD_SUBREAPER = 36
 PASSED_ON = (signal.SIGTERM, signal.SIGHUP)
@@ -140,7 +139,7 @@ def supervise(argv: list[str], restarts: int, hang_s: float) -> int:
             if hung is None and (code >= 0 or stopping):
                 end_orphans()  # anything it started and left behind (none when it ended its own)
                 return code if code >= 0 else 128 - code
-            members = serving_pids(os.getpid())  # they serve until the launcher ends them
+            members = supervised.serving_pids(os.getpid())  # they serve until the launcher ends them
             ended = end_orphans()
             if hung is not None:
                 if hung and all(ended.get(pid) == 0 for pid in hung):  # its workers had all finished, and well
@@ -191,7 +190,7 @@ def _wait(child: subprocess.Popen, hang_s: float) -> tuple[int, list[int] | None
             if state_of(child.pid) not in ("T", "t"):
                 stopped_since = None
             elif time.monotonic() - stopped_since >= hang_s:
-                members = serving_pids(os.getpid())  # they serve until the launcher ends them
+                members = supervised.serving_pids(os.getpid())  # they serve until the launcher ends them
                 workers = [pid for pid in children_of(child.pid) if pid not in members]
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGKILL)

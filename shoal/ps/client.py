@@ -62,6 +62,9 @@ from shoal.ps.protocol import (
 )
 from shoal.ps.store import ServerAddress, Shard, ShardRecord
 
+Replies = list[tuple[dict, list[torch.Tensor]]]
+"""One (header, tensors) answer per server, in server order."""
+
 ANSWERED = (PARAMS, STATE, RESTORED)
 """The replies that answer a request (everything sent to that shard before it is then held)."""
 
@@ -161,7 +164,7 @@ class Client:
         self.gen[server] = gen
         return True
 
-    def init(self, specs: list[dict], values: list[list[torch.Tensor]]) -> list[tuple[dict, list[torch.Tensor]]]:
+    def init(self, specs: list[dict], values: list[list[torch.Tensor]]) -> Replies:
         """Join every server (rank 0 sends the initial values); the servers' answers, each with the
         clock to go on from: 0, or, when this worker rejoins a running job, the pushes it holds from it."""
         for s, (spec, vals) in enumerate(zip(specs, values, strict=True)):
@@ -250,7 +253,7 @@ class Client:
                 header["previous"] = True
             self._send(s, header)
 
-    def state(self, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
+    def state(self, clock: int) -> Replies:
         """Every server's values and optimizer state once all workers have pushed `clock` times."""
         for s in range(len(self.socks)):
             self._send(s, {"op": STATE, "clock": clock})
@@ -262,11 +265,11 @@ class Client:
             self._send(s, {"op": RESTORE, "state": layout}, ts)
         self._collect(RESTORED, 0)
 
-    def wait_pull(self, clock: int) -> list[tuple[dict, list[torch.Tensor]]]:
+    def wait_pull(self, clock: int) -> Replies:
         """Every server's answer to the pull for `clock`."""
         return self._collect(PARAMS, clock)
 
-    def _collect(self, op: str, clock: int | None) -> list[tuple[dict, list[torch.Tensor]]]:
+    def _collect(self, op: str, clock: int | None) -> Replies:
         """Every shard's answer `op` for `clock` (None: any clock, a join's)."""
         poller, where = self._poller()
         replies: dict[int, tuple[dict, list]] = {}

@@ -96,7 +96,7 @@ def test_a_killed_launcher_whose_workers_had_all_finished_well_is_not_started_ag
     monkeypatch.setattr(supervisor.subprocess, "Popen", Launcher)
     monkeypatch.setattr(supervisor, "_wait", lambda child, hang_s: next(codes))
     monkeypatch.setattr(supervisor, "end_orphans", lambda: ends.append(1) or dict(orphans))
-    monkeypatch.setattr(supervisor, "serving_pids", lambda owner: serving)
+    monkeypatch.setattr(supervisor.supervised, "serving_pids", lambda owner: serving)
     monkeypatch.setattr(supervisor, "_become_subreaper", lambda: None)
     monkeypatch.setattr(supervisor.signal, "signal", lambda *args: None)
     assert supervisor.supervise(["run"], restarts=2, hang_s=8) == 0

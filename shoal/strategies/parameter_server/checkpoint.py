@@ -17,9 +17,8 @@ from torch import nn
 
 from shoal.errors import ShoalError
 from shoal.ps import optim as ps_optim
+from shoal.ps.client import Replies
 from shoal.strategies.parameter_server.layout import Slice
-
-Replies = list[tuple[dict[str, Any], list[torch.Tensor]]]
 
 
 @torch.no_grad()

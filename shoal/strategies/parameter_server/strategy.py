@@ -60,7 +60,7 @@ from shoal.config import check_range
 from shoal.data.loader import Samples
 from shoal.errors import ConfigError, ShoalError
 from shoal.ps import optim as ps_optim
-from shoal.ps.client import Client
+from shoal.ps.client import Client, Replies
 from shoal.ps.consistency import Mode, parse_mode, resolve
 from shoal.ps.pull_codec import PullDecoder
 from shoal.state import sub_state, with_prefix
@@ -82,7 +82,6 @@ from shoal.strategies.parameter_server.saving import ServerSaving, Session
 
 log = logging.getLogger(__name__)
 COMPRESSION = "compression/"
-Replies = list[tuple[dict[str, Any], list[torch.Tensor]]]
 
 
 class ParameterServer(ServerSaving):
