@@ -153,7 +153,10 @@ def accum_clip_overflow(rank, world):
 def powersgd_low_rank_is_exact(rank, world, steps=6):
     """One sample per rank makes each weight's averaged gradient of rank <= world (3) < 4,
     which one power-iteration step at rank 4 captures: every step, compressed or not,
-    equals one process on the combined batch, and the ranks' residuals sum to rounding level."""
+    equals one process on the combined batch, and the ranks' residuals sum to rounding level.
+    Then a NaN loss on one rank: every rank skips the step, and no NaN stays behind."""
+    import torch.distributed as dist
+
     from shoal.data.digits import Digits
     from shoal.models.mlp import MLP
 
@@ -173,13 +176,27 @@ def powersgd_low_rank_is_exact(rank, world, steps=6):
         loss_fn(ref(torch.cat(xs)), torch.cat(ys)).backward()
         ref_opt.step()
     gap = max((a - b).abs().max().item() for a, b in zip(model.module.parameters(), ref.parameters(), strict=True))
-    import torch.distributed as dist
-
     residuals = torch.cat([v.reshape(-1) for k, v in sorted(strategy.state_dict().items()) if "error/" in k])
     local = residuals.abs().max().item()  # this rank's gradient less the average: not small
     dist.all_reduce(residuals)  # ... but across ranks they cancel: nothing the average lacks
     residual = residuals.abs().max().item()
-    return {"gap": gap, "residual": residual, "local": local, "ratios": ratios, "params": _fingerprint(model)}
+    before = _flat(model).clone()
+    nan_loss = (lambda out, t: loss_fn(out, t) * float("nan")) if rank == 1 else loss_fn
+    strategy.train_step(model, opt, nan_loss, (xs[rank], ys[rank]))
+    skipped = strategy.step_metrics()["skipped_steps"] == 1.0 and torch.equal(before, _flat(model))
+    strategy.train_step(model, opt, loss_fn, (xs[rank], ys[rank]))
+    recovered = bool(torch.isfinite(_flat(model)).all()) and not torch.equal(before, _flat(model))
+    state = [v for v in strategy.state_dict().values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    recovered &= all(bool(torch.isfinite(v).all()) for v in state)
+    return {
+        "skipped": skipped,
+        "recovered": recovered,
+        "gap": gap,
+        "residual": residual,
+        "local": local,
+        "ratios": ratios,
+        "params": _fingerprint(model),
+    }
 
 
 def test_accumulation_clipping_fp16_overflow_and_int8_exchange():
@@ -190,6 +207,7 @@ def test_accumulation_clipping_fp16_overflow_and_int8_exchange():
         assert low_rank["ratios"][:2] == [1.0, 1.0] and min(low_rank["ratios"][2:]) > 5, low_rank["ratios"]
         assert low_rank["gap"] < 1e-5 and low_rank["residual"] < 1e-5 < low_rank["local"], low_rank
         assert low_rank["params"] == ranks[0]["powersgd"]["params"], "ranks disagree"
+        assert low_rank["skipped"] and low_rank["recovered"], "a NaN step was applied or poisoned the next"
         assert res["encodes"] == [2]  # 6 micro-steps / grad_accum 3
         assert res["metrics_nonzero_at"] == [2, 3, 4, 5]  # reported from the first sync step on
         assert 0 < res["clipped_update_norm"] <= 1e-3 * (1 + 1e-4)

@@ -28,6 +28,7 @@ def test_mnist_trains_saves_and_reloads_into_the_plain_net(tmp_path, strategy, s
     args = ["run", "-n", 2, "--servers", servers, EXAMPLES / "mnist.py", "--epochs", 2, "--strategy", strategy]
     done = shoal(*args, "--save-model", "--model-path", saved, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "departed" not in done.stderr, "a worker that ended its script looked dead to the servers"
     assert accuracy(done.stdout) > 0.8 and saved.exists()
     assert "reloaded into a plain Net" in done.stdout
 

@@ -123,3 +123,13 @@ def test_the_launchers_server_count_is_the_default(tmp_path):
     )
     assert "Traceback" not in wrong.stderr.split("shoal:")[-1], wrong.stderr[-3000:]
     assert not wrong.survivors
+
+
+def test_a_script_that_ends_without_close_says_goodbye_and_every_rank_finishes():
+    """Without a goodbye, the first rank to exit looked dead to the servers and the monitor killed the
+    other before it finished (exit code 1)."""
+    result = shoal("run", "-n", "2", "--servers", "1", "tests/workers/ps_no_close.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[rank0]: done 0" in result.stdout and "[rank1]: done 1" in result.stdout, result.stdout
+    assert "departed" not in result.stderr, result.stderr[-3000:]
+    assert not result.survivors

@@ -1,8 +1,13 @@
-"""How a worker finds the parameter servers and, on a rejoin, which clock it goes on from."""
+"""How a worker finds the parameter servers, on a rejoin which clock it goes on from, and how it leaves."""
 
 from __future__ import annotations
 
+import atexit
 import logging
+import sys
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 from shoal.errors import ShoalError
 from shoal.ps.protocol import whole
@@ -56,3 +61,21 @@ def joined_at(headers: list[dict], rank: int) -> int:
     if len(set(clocks)) > 1:
         log.warning("the servers hold clocks %s for this worker (killed mid-push): going on from the lowest", clocks)
     return min(clocks)
+
+
+def leave_at_exit(strategy: Any, close: Callable[[Any], None]) -> None:
+    """Have `close(strategy)` say goodbye to the servers when the script ends: `shoal.shutdown()`, or
+    the interpreter's normal exit. A connection that just closes is a worker's death to the servers,
+    and the job's monitor then ends the other workers, perhaps before they finish. An uncaught
+    exception (`sys.last_value`) leaves without a goodbye: that worker failed."""
+    from shoal import runtime
+
+    runtime.release_before_shutdown(strategy, close)
+    ref = weakref.ref(strategy)
+
+    def at_exit() -> None:
+        live = ref()
+        if live is not None and getattr(sys, "last_value", None) is None:
+            close(live)
+
+    atexit.register(at_exit)

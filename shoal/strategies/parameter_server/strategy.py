@@ -67,7 +67,7 @@ from shoal.state import sub_state, with_prefix
 from shoal.strategies.base import LossFn, StrategyOptions
 from shoal.strategies.optimizer import Closure, PreparedOptimizer, prepare_optimizer
 from shoal.strategies.parameter_server.guard import NO_OPTIMIZER, ForwardHook, Installed, training
-from shoal.strategies.parameter_server.joining import find_servers, joined_at
+from shoal.strategies.parameter_server.joining import find_servers, joined_at, leave_at_exit
 from shoal.strategies.parameter_server.layout import (
     Placement,
     check_overrides_match,
@@ -249,6 +249,7 @@ class ParameterServer(ServerSaving):
         client = Client(endpoints, codec, rt.rank, rt.world_size, o.timeout_s, pieces)
         installed = Installed([h for held in layout.slices for h in held])
         s = self._session = Session(client, layout, optimizer, optim, compressor, installed, PullDecoder(o.pulled_with))
+        leave_at_exit(self, ParameterServer.close)
         s.totals.skipped = self._skipped_before
         if overlaps(o.overlap, o.compression, [x.param for x in served]):
             s.overlap = Overlap(layout, client, o.grad_accum, s.totals, o.overlap_bytes)
