@@ -67,15 +67,23 @@ def leave_at_exit(strategy: Any, close: Callable[[Any], None]) -> None:
     """Have `close(strategy)` say goodbye to the servers when the script ends: `shoal.shutdown()`, or
     the interpreter's normal exit. A connection that just closes is a worker's death to the servers,
     and the job's monitor then ends the other workers, perhaps before they finish. An uncaught
-    exception (`sys.last_value`) leaves without a goodbye: that worker failed."""
+    exception (`sys.last_value`) leaves without a goodbye: that worker failed. Best effort: a
+    goodbye that fails (the servers gone, shards lost) is logged, not raised over the error that
+    ended the script."""
     from shoal import runtime
 
-    runtime.release_before_shutdown(strategy, close)
+    def goodbye(live: Any) -> None:
+        try:
+            close(live)
+        except Exception as exc:  # the script is ending anyway, perhaps on the error that caused this
+            log.info("no goodbye to the parameter servers: %s", exc)
+
+    runtime.release_before_shutdown(strategy, goodbye)
     ref = weakref.ref(strategy)
 
     def at_exit() -> None:
         live = ref()
         if live is not None and getattr(sys, "last_value", None) is None:
-            close(live)
+            goodbye(live)
 
     atexit.register(at_exit)
