@@ -53,7 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shoal.compress.base import Compressor, Payload
 from shoal.compress.lowrank import PowerSGD
-from shoal.compress.powersgd_hook import PowerSGDHook
+from shoal.compress.powersgd_hook import PowerSGDHook, future_of
 from shoal.compress.quantize import BLOCK, Quantizer
 from shoal.finite import all_finite
 from shoal.state import sub_state, with_prefix
@@ -194,12 +194,6 @@ class ChunkPlan:
                 quantizer.decode_into(payload, grads[i].view(-1)[start:end])
 
 
-def _future(work: dist.Work | None) -> torch.futures.Future:
-    """The future of a collective started with `async_op=True` (torch types its handle as optional)."""
-    assert work is not None, "an async collective returns its handle"
-    return work.get_future()
-
-
 class CompressionHook:
     """Registers the right hook on `ddp` and keeps this step's byte counts."""
 
@@ -291,10 +285,7 @@ class CompressionHook:
 
         def finish(decoded_sums):
             for g, d in zip(grads, decoded_sums, strict=True):
-                if d is g:
-                    g.div_(self.world)
-                else:
-                    g.copy_(d.reshape(g.shape).div_(self.world))
+                g.copy_(d.reshape(g.shape).div_(self.world))
             return self.check(buffer)
 
         if self.compressor.allreduce_safe:
@@ -313,7 +304,7 @@ class CompressionHook:
                     out.append(self.compressor.decode(p, g.shape, g.dtype))
                 return finish(out)
 
-            return _future(dist.all_reduce(flat, group=group, async_op=True)).then(reduced)
+            return future_of(dist.all_reduce(flat, group=group, async_op=True)).then(reduced)
 
         layout = [(t.dtype, t.shape, t.numel() * t.element_size()) for p in payloads for t in p.tensors]
         flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for p in payloads for t in p.tensors])
@@ -321,20 +312,23 @@ class CompressionHook:
         gathered = [torch.empty_like(flat) for _ in range(self.world)]
 
         def gathered_all(fut):
-            sums = [g.zero_() for g in grads]  # encoded already: the sum goes where the gradient was
+            for g in grads:  # encoded already: the sum goes where the gradient was
+                g.zero_()
             for raw in gathered:
                 tensors, at = [], 0
                 for dtype, shape, nbytes in layout:
                     tensors.append(raw[at : at + nbytes].clone().view(dtype).view(shape))  # clone: aligned storage
                     at += nbytes
                 i = 0
-                for p, s in zip(payloads, sums, strict=True):
+                for p, g in zip(payloads, grads, strict=True):
                     received = Payload(p.header, tensors[i : i + len(p.tensors)])
                     i += len(p.tensors)
-                    self.compressor.decode_add(received, s)
-            return finish(sums)
+                    self.compressor.decode_add(received, g)
+            for g in grads:
+                g.div_(self.world)
+            return self.check(buffer)
 
-        return _future(dist.all_gather(gathered, flat, group=group, async_op=True)).then(gathered_all)
+        return future_of(dist.all_gather(gathered, flat, group=group, async_op=True)).then(gathered_all)
 
     def _two_phase_hook(self, group, bucket):
         """int8/qsgd: each rank sends its code for chunk j to rank j (all-to-all), which
@@ -371,4 +365,4 @@ class CompressionHook:
             plan.decode(gathered, compressor, grads)
             return self.check(buffer)
 
-        return _future(dist.all_gather(gathered, out, group=group, async_op=True)).then(gathered_all)
+        return future_of(dist.all_gather(gathered, out, group=group, async_op=True)).then(gathered_all)

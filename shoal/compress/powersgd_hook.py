@@ -76,7 +76,7 @@ class PowerSGDHook:
         if not compressing:
             self.count(buffer.numel() * buffer.element_size(), buffer.numel())
             work = dist.all_reduce(buffer.div_(world), group=group, async_op=True)
-            return _future(work).then(lambda f: self._checked(f.value()[0], []))
+            return future_of(work).then(lambda f: self._checked(f.value()[0], []))
         names = [self.names[id(p)] for p in bucket.parameters()]
         low, dense = self._split(names, bucket.gradients())
         first = torch.empty(
@@ -110,7 +110,7 @@ class PowerSGDHook:
                 pt.copy_(p[0].t())
                 torch.mm(pt, m, out=second[at : at + r * m.shape[1]].view(r, m.shape[1]))  # Q^T = P^T M
                 at += r * m.shape[1]
-            return _future(dist.all_reduce(second, group=group, async_op=True)).wait()[0]
+            return future_of(dist.all_reduce(second, group=group, async_op=True)).wait()[0]
 
         def decode(fut) -> torch.Tensor:
             second.div_(world)
@@ -126,7 +126,7 @@ class PowerSGDHook:
                 torch.mm(pt.t(), qt, out=m)  # the average every rank takes
             return self._checked(buffer, names)
 
-        return _future(dist.all_reduce(first, group=group, async_op=True)).then(project).then(decode)
+        return future_of(dist.all_reduce(first, group=group, async_op=True)).then(project).then(decode)
 
     def _split(self, names: list[str], grads: list[torch.Tensor]) -> tuple[list, list[torch.Tensor]]:
         """Adds each residual to its gradient in the bucket (M); the matrices to factor
@@ -175,6 +175,7 @@ class PowerSGDHook:
         self.qt = {k: v.t().contiguous() for k, v in sub_state(state, Q).items()}
 
 
-def _future(work: dist.Work | None) -> torch.futures.Future:
+def future_of(work: dist.Work | None) -> torch.futures.Future:
+    """The future of a collective started with `async_op=True` (torch types its handle as optional)."""
     assert work is not None, "an async collective returns its handle"
     return work.get_future()
