@@ -16,32 +16,28 @@ import tempfile
 import time
 from pathlib import Path
 
+from shoal.procfs import children_of, stat_fields
+
 ROOT = Path(__file__).resolve().parents[2]
 WARMUP_S, WINDOW_S = 14.0, 6.0
 
 
 def tree(pid: int) -> list[int]:
     """`pid` and every process below it."""
-    found = [pid]
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
-                found += tree(int(child))
-    except OSError:
-        pass
-    return found
+    return [pid] + [p for child in children_of(pid) for p in tree(child)]
 
 
 def sample(root: int) -> dict[int, tuple[int, int, str]]:
-    """Per process: minor faults, CPU ticks, command line."""
+    """Per process: minor faults, CPU ticks (user + system), command line."""
     got = {}
     for pid in tree(root):
+        fields = stat_fields(pid)  # after the command name: minflt is the 8th, utime and stime the 12th, 13th
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             cmd = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
         except OSError:
             continue
-        got[pid] = (int(stat[7]), int(stat[11]) + int(stat[12]), cmd)
+        if len(fields) > 12:
+            got[pid] = (int(fields[7]), int(fields[11]) + int(fields[12]), cmd)
     return got
 
 
