@@ -35,6 +35,9 @@ class Event:
 class ControlPlane(ABC):
     """get / put / compare_and_set / incr, leases with a TTL, and watch."""
 
+    timeout: float
+    """How long a call may try before it raises ControlError (seconds)."""
+
     @abstractmethod
     def get(self, key: str) -> Any:
         """The key's value, or None."""

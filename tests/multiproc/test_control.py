@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import signal
 import socket
 import struct
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 
 from shoal.control import GENERATION, ControlError, Event, connect, hold
 from shoal.control.auth import raft_password
+from shoal.procfs import children_of
+from tests.helpers.cli import finish, start_shoal
 from tests.helpers.control import KEY, Cluster
 from tests.helpers.procs import MARK, Processes
 
@@ -197,3 +202,55 @@ def test_the_launchers_members_serve_the_job_and_go_with_it():
         finally:
             del os.environ[MARK]
         assert marked_pids(f"{procs.token}.members") == []  # killed by pid when the job ended
+
+
+def _members_of(launcher: int) -> dict[int, int]:
+    """The control members a launcher started: index -> pid (its children running `shoal.control.member`)."""
+    found = {}
+    for pid in children_of(launcher):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"shoal.control.member" in argv:
+            found[int(argv[argv.index(b"--index") + 1])] = pid
+    return found
+
+
+def _wait_for(what, timeout: float, proc) -> object:
+    deadline = time.monotonic() + timeout
+    while not (found := what()):
+        assert proc.poll() is None, f"the job ended early:\n{proc.stderr()[-3000:]}"
+        assert time.monotonic() < deadline, f"waited {timeout} s in vain:\n{proc.stderr()[-3000:]}"
+        time.sleep(0.1)
+    return found
+
+
+def test_a_job_starts_a_lost_member_again_and_stops_in_one_sentence_when_the_majority_is_gone():
+    """`shoal run --control raft`: member 0 SIGKILLed is started again from its journal and the job goes
+    on; members 1 and 2 SIGSTOPped (no majority) stop the job within the guard's lease, exit 1, in one
+    sentence naming them, and nothing is left running."""
+    from shoal.control.guard import LEASE_S
+
+    with Processes() as procs:
+        job = start_shoal(procs, "run", "-n", "1", "--control", "raft", "tests/workers/ticking.py", "90", timeout=120)
+        members = _wait_for(lambda: len(m := _members_of(job.pid)) == 3 and m, 60, job)
+        _wait_for(lambda: "tick 5 " in job.stdout(), 60, job)
+        os.kill(members[0], signal.SIGKILL)
+        _wait_for(lambda: "control member 0 (" in job.stderr(), 10, job)
+        assert "was killed by signal 9; started again from its journal (1 of 3)" in job.stderr()
+        again = _wait_for(lambda: _members_of(job.pid).get(0) not in (None, members[0]), 10, job)
+        assert again
+        ticks = job.stdout().count("tick ")
+        _wait_for(lambda: job.stdout().count("tick ") > ticks + 10, 10, job)  # the job went on
+        for i in (1, 2):
+            os.kill(members[i], signal.SIGSTOP)
+        stopped = time.monotonic()
+        done = finish(job)
+        took = time.monotonic() - stopped
+    assert done.returncode == 1, done.stderr[-3000:]
+    said = done.stderr.strip().splitlines()[-1]
+    assert said.startswith("shoal: the control plane lost its majority (2 of its 3 members must answer"), said
+    assert re.search(r"member\(s\) 1 on 127\.0\.0\.1:\d+ \(stopped\), 2 on 127\.0\.0\.1:\d+ \(stopped\) do not", said)
+    assert LEASE_S <= took < LEASE_S + 10, took
+    assert "tick 899 " not in done.stdout and not done.survivors
