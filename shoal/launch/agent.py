@@ -79,6 +79,9 @@ class LaunchSpec:
     """Machine 0's launcher already hosts the job's store on `rdzv_endpoint` (for parameter servers)."""
     max_restarts: int = 0
     """Times torch's agent restarts every worker after a failure before the job fails."""
+    restart_on_errors: bool = True
+    """Restart after a worker's own Python exception too (torchrun's way); False: only after a worker was
+    killed, hung or failed on a peer, for a restart meets the same bug again (`shoal train`'s default)."""
     rdzv_backend: str = "static"
     """Across machines: "static" (ranks from --node-rank), or torch's "c10d", "etcd", "etcd-v2"
     (ranks assigned at rendezvous; a machine that starts late or again joins)."""
@@ -141,21 +144,24 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
         env.LAUNCHED: "1",
     }
     saved = {k: os.environ.get(k) for k in worker_env}
+    agent = _agent_class(spec.timeout_s, _watch(spec, config), None if spec.restart_on_errors else log_dir)
     os.environ.update(worker_env)
     try:
         with (
             logs.quiet(*TORCH_LOGGERS),
-            mock.patch.object(launcher_api, "LocalElasticAgent", _agent_class(spec.timeout_s, _watch(spec, config))),
+            mock.patch.object(launcher_api, "LocalElasticAgent", agent),
         ):
             elastic_launch(config, entrypoint=sys.executable)(*["-u", *argv])
     except FinishedElsewhereError:
         raise
     except ChildFailedError as err:
         said = _describe_failure(err, log_dir)
-        if spec.max_restarts:
+        if agent.own_error:
+            said += f"; not restarted, for a restart would meet the same error{_restarted(agent.restarts)}"
+        elif spec.max_restarts:
             said += f"; the workers were restarted {spec.max_restarts} time(s), all that --max-restarts allows"
-            if spec.resume_hint:
-                said += spec.resume_hint
+        if spec.max_restarts and spec.resume_hint:
+            said += spec.resume_hint
         raise WorkerError(said) from None
     except SignalException as err:  # SIGTERM, SIGHUP, SIGQUIT (Ctrl-C is a KeyboardInterrupt)
         raise WorkerError(f"the launcher got {signal.Signals(err.sigval).name} and stopped its workers") from None
@@ -219,7 +225,13 @@ def _watch(spec: LaunchSpec, config: Any) -> tuple[str, int, str, int] | None:
     return (*split_endpoint(spec.rdzv_endpoint), config.run_id, spec.nnodes)
 
 
-def _agent_class(exit_barrier_s: float, watch: tuple[str, int, str, int] | None = None) -> type:
+def _restarted(times: int) -> str:
+    return f" (the workers had been restarted {times} time(s) before)" if times else ""
+
+
+def _agent_class(
+    exit_barrier_s: float, watch: tuple[str, int, str, int] | None = None, fail_fast_logs: str | None = None
+) -> Any:
     """torch's `LocalElasticAgent`, but a stopped worker is woken to end when a peer has failed, the
     wait for the other machines' agents at the end is `exit_barrier_s` (the process group's timeout),
     and the job's end is marked for a launcher started again meanwhile (`shoal.launch.finished`):
@@ -234,10 +246,17 @@ def _agent_class(exit_barrier_s: float, watch: tuple[str, int, str, int] | None 
     exited, each stopped one is sent SIGTERM and then SIGCONT, so it ends at once.
     The exit barrier (torch: a fixed 300 s) waits for an agent that hung after its
     workers finished, which its supervisor ends after that timeout too.
+    With `fail_fast_logs` (the workers' log folder), a failure in which every failed
+    worker raised an exception of its own (not one caused by a peer, nor a signal)
+    uses up the restarts: the class's `own_error` says so, `restarts` how many came before.
     """
+    from torch.distributed.elastic.agent.server.api import WorkerState
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
     class _Agent(LocalElasticAgent):
+        own_error = False
+        restarts = 0
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("exit_barrier_timeout", exit_barrier_s)
             super().__init__(*args, **kwargs)
@@ -270,9 +289,34 @@ def _agent_class(exit_barrier_s: float, watch: tuple[str, int, str, int] | None 
             pcontext = getattr(self, "_pcontext", None)
             if pcontext is not None:
                 _wake_stopped(list(pcontext.pids().values()))
-            return super()._monitor_workers(worker_group)  # pyright: ignore[reportCallIssue]  # @prof hides its signature
+            result = super()._monitor_workers(worker_group)  # pyright: ignore[reportCallIssue]  # @prof hides its signature
+            if (
+                fail_fast_logs is not None
+                and result.state == WorkerState.FAILED
+                and self._remaining_restarts > 0
+                and _own_errors(result.failures, fail_fast_logs)
+            ):
+                _Agent.own_error = True
+                _Agent.restarts = worker_group.spec.max_restarts - self._remaining_restarts
+                self._remaining_restarts = 0
+            return result
 
     return _Agent
+
+
+def _own_errors(failures: Mapping[int, Any], log_dir: str) -> bool:
+    """Whether the workers that failed by themselves (not those that failed because of them: a lost
+    connection, a timeout, the agent's SIGTERM) all raised an exception of their own, none killed by a
+    signal. torch's agent ends the others as soon as one has failed, so a worker still on its way out
+    after its exception (a peer that lost it exited first) is seen SIGTERMed: its traceback decides."""
+    first = []
+    for failure in failures.values():
+        last = _last_error_line(log_dir, failure)
+        if _is_secondary(failure.exitcode, last):
+            continue
+        raised = last is not None and exception_line(_log_lines(Path(last[1]))) is not None
+        first.append(raised and failure.exitcode in (1, -signal.SIGTERM))
+    return bool(first) and all(first)
 
 
 def _wake_stopped(pids: list[int]) -> None:
@@ -428,7 +472,7 @@ def _last_error_line(log_dir: str, failure: Any) -> tuple[str, str] | None:
         logs = Path(log_dir).glob(f"*/attempt_*/{failure.local_rank}/stderr.log")
         candidates = sorted(logs, key=lambda p: p.stat().st_mtime, reverse=True)
     for path in candidates[:1]:
-        lines = [_PREFIX.sub("", ln).rstrip() for ln in path.read_text(errors="replace").splitlines()]
+        lines = _log_lines(path)
         said = exception_line(lines)
         if said is None:
             kept = [ln.strip() for ln in lines if ln.strip()]
@@ -436,6 +480,11 @@ def _last_error_line(log_dir: str, failure: Any) -> tuple[str, str] | None:
         if said is not None:
             return first_line(said)[:300], str(path)
     return None
+
+
+def _log_lines(path: Path) -> list[str]:
+    """A worker's log, without torch's `[rankN]: ` prefixes."""
+    return [_PREFIX.sub("", ln).rstrip() for ln in path.read_text(errors="replace").splitlines()]
 
 
 _MODULE = re.compile(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*(?::|$))")

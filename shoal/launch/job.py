@@ -118,6 +118,7 @@ def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
         env=workers_env,
         run_id=run_dir.name,
         max_restarts=launch_cfg.max_restarts,
+        restart_on_errors=launch_cfg.restart_on_errors,
         rdzv_backend=launch_cfg.rdzv_backend,
         recovery_fallback=str(run_dir / "recovery"),
         resume_hint="",
@@ -145,13 +146,12 @@ def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
             ) as ps_env,
         ):
             workers_env.update({**ps_env, **control_env})
-            try:
-                launch(["-m", "shoal.train.worker", str(run_dir)], spec)
-            except WorkerError as err:
-                if not spec.max_restarts and not servers:
-                    raise
-                # restarts used up, or the servers' state gone with the job: a checkpoint is the way on
-                raise WorkerError(f"{err}{resume_hint(run_dir)}") from None
+            launch(["-m", "shoal.train.worker", str(run_dir)], spec)
+    except WorkerError as err:
+        if not spec.max_restarts and not servers and not launch_cfg.control:
+            raise
+        # restarts used up, the servers' state or the control plane gone with the job: a checkpoint is the way on
+        raise WorkerError(f"{err}{resume_hint(run_dir)}") from None
     finally:
         if monitor:
             monitor.stop()

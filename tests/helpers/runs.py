@@ -48,8 +48,8 @@ def train_whole_and_killed(
     run_dir: Path, args: list[str], timeout: float, rank: int = 1, step: int = 7, role: str = "worker"
 ):
     """`shoal train` twice in `run_dir`: fault-free ("whole") and with worker `rank` SIGKILLed at
-    `step` (`role` "push": in that step's push, between two servers; `shoal.faults`) under one allowed
-    restart ("killed"); asserts both finish, the kill fired once and no process is left; the killed
+    `step` (`role` "push": in that step's push, between two servers; `shoal.faults`) with the default
+    config's restarts ("killed"); asserts both finish, the kill fired once and no process is left; the killed
     run's result."""
     from tests.helpers.cli import shoal
     from tests.helpers.faults import Faults
@@ -57,7 +57,7 @@ def train_whole_and_killed(
     whole = shoal("train", *args, f"--logging.run_dir={run_dir}", "--logging.name=whole", timeout=timeout)
     assert whole.returncode == 0, whole.stderr[-3000:]
     faults = Faults(run_dir).kill(role, rank=rank, step=step)
-    killed_args = [*args, f"--logging.run_dir={run_dir}", "--logging.name=killed", "--launch.max_restarts=1"]
+    killed_args = [*args, f"--logging.run_dir={run_dir}", "--logging.name=killed"]  # restarts: the default
     killed = shoal("train", *killed_args, timeout=timeout, env=faults.env())
     assert killed.returncode == 0, killed.stderr[-3000:]
     faults.assert_fired(role, rank, step, "kill")  # once: the redone step does not fire it again

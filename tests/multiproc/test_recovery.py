@@ -1,6 +1,7 @@
-"""A `shoal train` job (data parallel, tensor parallel, sharded) survives a SIGKILLed worker: torch's
-agent restarts every worker (`--launch.max_restarts`), they resume from the newest recovery point all
-ranks have, and the run ends exactly where the fault-free run ends."""
+"""A `shoal train` job (data parallel, tensor parallel, sharded) survives a SIGKILLed worker with its
+default config: torch's agent restarts every worker (`launch.max_restarts`, 3), they resume from the
+newest recovery point all ranks have, and the run ends exactly where the fault-free run ends. A worker's
+own exception is not restarted (a restart would meet it again)."""
 
 from __future__ import annotations
 
@@ -52,5 +53,20 @@ def test_exhausted_restarts_stop_the_job_with_one_sentence_naming_the_checkpoint
         r"shoal: worker rank 0 was killed by SIGKILL.*; the workers were restarted 1 time\(s\), all that "
         rf"--max-restarts allows; resume from its newest checkpoint '{re.escape(str(ckpt))}' with --resume "
         r"--logging.name=r",
+        last,
+    ), last
+
+
+def test_a_workers_own_exception_stops_the_job_at_once_with_the_default_restarts(tmp_path):
+    faults = Faults(tmp_path).add("worker", 1, 3, "raise")
+    args = [*COMMON, f"--logging.run_dir={tmp_path}", "--logging.name=r"]
+    result = shoal("train", *args, timeout=60, env=faults.env())
+    assert result.returncode == 1, result.stderr[-3000:]
+    faults.assert_fired("worker", 1, 3, "raise")
+    assert "restart 1" not in result.stdout and not result.survivors
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"shoal: worker rank 1 failed: InjectedFaultError: injected fault: worker 1 at step 3.*; not restarted, "
+        r"for a restart would meet the same error; the run has no checkpoint to resume from",
         last,
     ), last

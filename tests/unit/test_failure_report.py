@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from shoal.errors import caused_by_peer
-from shoal.launch.agent import _describe_failure
+from shoal.launch.agent import _describe_failure, _own_errors
 
 
 def failures(tmp_path: Path, ranks: dict[int, tuple[int, str]]) -> SimpleNamespace:
@@ -110,3 +110,17 @@ def test_the_log_read_is_the_failed_runs_own_not_the_newest_in_a_shared_folder(t
     other.write_text('Traceback (most recent call last):\n  File "b.py"\nKeyError: theirs\n')
     ours.failures[1].error_file = str(tmp_path / "job" / "attempt_0" / "1" / "error.json")
     assert _describe_failure(ours, str(tmp_path)).startswith("worker rank 1 failed: ValueError: ours")
+
+
+def test_only_workers_that_all_raised_errors_of_their_own_are_not_restarted(tmp_path):
+    raised = 'Traceback (most recent call last):\n  File "x.py"\nValueError: bad batch\n'
+    for code in (1, -signal.SIGTERM):  # SIGTERM: the agent ended it on its way out, after its peer exited
+        own = failures(tmp_path / f"own{code}", {0: (1, PEER_CLOSED), 1: (code, raised)}).failures
+        assert _own_errors(own, str(tmp_path / f"own{code}"))  # a bug, which its peer lost: a restart meets it again
+    for name, ranks in {
+        "killed": {0: (1, raised), 1: (-signal.SIGKILL, "")},  # the OOM killer: restart
+        "peer": {0: (1, PEER_CLOSED)},  # a lost peer, a timeout (its cause not seen yet: a hang): restart
+        "silent": {0: (1, "")},  # nothing said: restart
+        "printed": {0: (-signal.SIGTERM, "step 5 loss 0.31\n")},  # ended from outside, no traceback: restart
+    }.items():
+        assert not _own_errors(failures(tmp_path / name, ranks).failures, str(tmp_path / name)), name
