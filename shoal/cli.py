@@ -207,6 +207,7 @@ def _run(args: list[str]) -> int:
             live=sys.stderr.isatty(),
         )
         return 0
+    from shoal.control.guard import guarding
     from shoal.control.launch import serving as control_serving
 
     with (
@@ -235,7 +236,8 @@ def _run(args: list[str]) -> int:
             rdzv_id=ns.rdzv_id,
             timeout_s=_timeout_s(),
         )
-        launch([str(ns.script), *ns.script_args], spec)
+        with guarding(control_env.get(env.CONTROL, ""), key, ns.node_rank):
+            launch([str(ns.script), *ns.script_args], spec)
     return 0
 
 

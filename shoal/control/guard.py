@@ -1,134 +1,138 @@
-"""A launcher's watch over its job's control plane, for as long as the job runs.
+"""A launcher's watch over its job's control plane.
 
 A job started with a control plane keeps there what its failovers are decided
 by (the shards' records, `shoal.ps.records`) and who is alive (each launcher's
 liveness record, `launcher/<node>` under `members/`). Raft goes on with one
-member of three lost; a member of this machine that exits is started again
-on its address from its journal (term, vote and log are there: Raft-safe), so
-that a later loss is survived too. When no leader with a majority renews the
+member of three lost; a member this launcher started that exits is started
+again on its address from its journal (term, vote and log are there:
+Raft-safe), so that a later loss is survived too (`Restarts`). While the
+workers run (`guarding`), once no leader with a majority has renewed the
 launcher's lease for a whole `LEASE_S`, nothing a failover needs can be
 decided any more: the launcher stops its workers and the job ends with one
-sentence naming the members that do not answer, instead of running on until
-a failure it could not recover from.
+sentence naming the members that do not answer, instead of running on until a
+failure it could not recover from. Only while they run: at the job's end the
+machines' launchers end their members one after the other.
 """
 
 from __future__ import annotations
 
 import _thread
+import contextlib
 import signal
 import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from shoal.control.base import ControlError, ControlPlane
-from shoal.control.keeper import Held, hold
-from shoal.procfs import state_of
+from shoal.control.keeper import hold
+from shoal.errors import WorkerError
 
 LEASE_S = 5.0
-"""How long the job runs on without a majority of the control plane's members."""
+"""How long a job's workers run on without a majority of the control plane's members."""
 MEMBER_RESTARTS = 3
 """How many times a launcher starts each of its members again."""
 POLL_S = 0.2
+FIRST_CALL_S = 120.0
+"""How long the first call (the lease) may wait: members started with the job may still elect a first leader."""
 
 
-class Guard:
-    """Holds `name`'s liveness record on `control`; restarts this machine's `local` members (index to
-    process) through `restart(index)`; sets `sentence` and stops the main thread once the lease is lost."""
+class Restarts:
+    """Starts this machine's members (`local`: index to process) again through `restart(index)` when
+    they exit, each at most MEMBER_RESTARTS times, from a thread, until closed."""
 
     def __init__(
-        self,
-        control: ControlPlane,
-        name: str,
-        members: list[str],
-        local: dict[int, subprocess.Popen] | None = None,
-        restart: Callable[[int], subprocess.Popen] | None = None,
+        self, members: list[str], local: dict[int, subprocess.Popen], restart: Callable[[int], subprocess.Popen]
     ) -> None:
-        self.control = control
-        self.name = name
-        self.members = members
-        self.local = local if local is not None else {}
-        self.restart = restart
-        self.restarts: Counter[int] = Counter()
-        self.sentence = ""
-        """Why the job was stopped ("" while it runs)."""
-        self.held: Held | None = None
+        self.members, self.local, self.restart = members, local, restart
+        self.count: Counter[int] = Counter()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="shoal-control-guard", daemon=True)
-
-    def start(self) -> Guard:
-        self.held = hold(self.control, self.name, {"members": len(self.members)}, ttl=LEASE_S)
+        self._thread = threading.Thread(target=self._run, name="shoal-control-restarts", daemon=True)
         self._thread.start()
-        return self
 
     def close(self) -> None:
-        """Stop watching (before this machine's members are ended) and give the liveness record up."""
+        """Stop (before this machine's members are ended)."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        if self.held is not None:
-            self.held.close()
+        self._thread.join()
 
     def _run(self) -> None:
-        assert self.held is not None
         while not self._stop.wait(POLL_S):
-            if self.held.lost.is_set():
-                self.sentence = self._lost()
-                if not self._stop.is_set():
-                    stop_main()
-                return
-            self._restart_exited()
+            for i, proc in list(self.local.items()):
+                code = proc.poll()
+                if code is None or self.count[i] >= MEMBER_RESTARTS or self._stop.is_set():
+                    continue
+                self.count[i] += 1
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                print(
+                    f"shoal: control member {i} ({self.members[i]}) {how}; started again from its journal "
+                    f"({self.count[i]} of {MEMBER_RESTARTS})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.local[i] = self.restart(i)
 
-    def _restart_exited(self) -> None:
-        for i, proc in list(self.local.items()):
-            code = proc.poll()
-            if code is None or self.restart is None or self.restarts[i] >= MEMBER_RESTARTS or self._stop.is_set():
-                continue
-            self.restarts[i] += 1
-            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            print(
-                f"shoal: control member {i} ({self.members[i]}) {how}; started again from its journal "
-                f"({self.restarts[i]} of {MEMBER_RESTARTS})",
-                file=sys.stderr,
-                flush=True,
-            )
-            self.local[i] = self.restart(i)
 
-    def _lost(self) -> str:
-        """One sentence: which members do not answer, and what to do."""
-        silent = []
-        for i, address in enumerate(self.members):
-            if self._answers(i):
-                continue
-            proc = self.local.get(i)
-            if proc is not None and proc.poll() is not None:
-                how = " (exited)"
-            elif proc is not None and state_of(proc.pid) in ("T", "t"):
-                how = " (stopped)"
-            else:
-                how = ""
-            silent.append(f"{i} on {address}{how}")
-        if not self.members:  # etcd, or members started elsewhere: only they know who is missing
-            lost = "did not answer"
-        else:
-            who = f"member(s) {', '.join(silent)} do not answer" if silent else "no leader was elected"
-            need = f"{len(self.members) // 2 + 1} of its {len(self.members)} members must answer"
-            lost = f"lost its majority ({need}; {who})"
-        return (
-            f"the control plane {lost} for {LEASE_S:g} s, so no failover could be decided and the job was "
-            "stopped; bring those members back or restore the network between them, then start the job again"
-        )
+@contextlib.contextmanager
+def guarding(spec: str, job_key: str, node_rank: int) -> Iterator[None]:
+    """The block (the workers' run) under the job's control plane `spec` ("": none): this launcher holds
+    `launcher/<node_rank>` there, and once that lease is lost the block is stopped as a SIGTERM would stop
+    it and ends in WorkerError with one sentence."""
+    if not spec:
+        yield
+        return
+    from shoal.control.client import RaftControl, connect
 
-    def _answers(self, i: int) -> bool:
-        local = getattr(self.control, "local", None)  # the embedded members answer one by one
-        if local is None:
-            return False
+    with connect(spec, key=job_key, timeout=FIRST_CALL_S) as ctl:
+        held = hold(ctl, f"launcher/{node_rank}", {}, ttl=LEASE_S)
+        ctl.timeout = LEASE_S / 3  # then a renewal gives up within a third of the lease
+        stopped, said = threading.Event(), []
+
+        def watch() -> None:
+            while not stopped.wait(POLL_S):
+                if held.lost.is_set():
+                    said.append(lost(ctl, ctl.members if isinstance(ctl, RaftControl) else []))
+                    if not stopped.is_set():
+                        stop_main()
+                    return
+
+        watcher = threading.Thread(target=watch, name="shoal-control-guard", daemon=True)
+        watcher.start()
         try:
-            local(i, timeout=0.5)
-        except ControlError:
-            return False
-        return True
+            yield
+        except BaseException:
+            if said:  # what stopped the workers: the guard, not a signal or a worker of theirs
+                raise WorkerError(said[0]) from None
+            raise
+        finally:
+            stopped.set()
+            watcher.join()
+            held.close()
+
+
+def lost(control: ControlPlane, members: list[str]) -> str:
+    """One sentence: the control plane lost its majority; which of `members` do not answer; what to do."""
+    if not members:  # etcd, whose members only it knows
+        what = "did not answer"
+    else:
+        silent = [f"{i} on {address}" for i, address in enumerate(members) if not _answers(control, i)]
+        who = f"member(s) {', '.join(silent)} do not answer" if silent else "no leader was elected"
+        what = f"lost its majority ({len(members) // 2 + 1} of its {len(members)} members must answer; {who})"
+    return (
+        f"the control plane {what} for {LEASE_S:g} s, so no failover could be decided and the job was stopped; "
+        "bring those members back or restore the network between them, then start the job again"
+    )
+
+
+def _answers(control: ControlPlane, i: int) -> bool:
+    local = getattr(control, "local", None)  # the embedded members answer one by one
+    if local is None:
+        return False
+    try:
+        local(i, timeout=0.5)
+    except ControlError:
+        return False
+    return True
 
 
 def stop_main() -> None:

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 from shoal import env, supervised
 from shoal.comm.netif import address_towards
 from shoal.config import is_control_spec, split_endpoint
-from shoal.errors import ConfigError, ShoalError, WorkerError
+from shoal.control.guard import Restarts
+from shoal.errors import ConfigError, ShoalError
 
 if TYPE_CHECKING:
     from shoal.control.client import RaftControl
@@ -123,8 +124,7 @@ def serving(
         yield {}
         return
     if control != "raft":  # raft://... or etcd://...: started elsewhere
-        with _guarded(control, job_key, node_rank):
-            yield {env.CONTROL: control}
+        yield {env.CONTROL: control}
         return
     if nnodes == 1:
         draw = _drawer("127.0.0.1")
@@ -177,40 +177,16 @@ def _running(members: list[str], mine: list[int], job_key: str, node_rank: int) 
                         journal = "its journal" if term else "an empty journal"  # a new member's term is 0
                         line = f"control member {i} came back on {members[i]} with {journal} (term {term} at start)"
                         print(f"shoal: {line}", file=sys.stderr, flush=True)
-            with _guarded(spec(members), job_key, node_rank, procs, start):
+            restarts = Restarts(members, procs, start)  # `shoal.control.guard`
+            try:
                 yield
+            finally:
+                restarts.close()
         finally:
             for proc in procs.values():
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGKILL)
                 proc.wait()
-
-
-@contextlib.contextmanager
-def _guarded(
-    control: str,
-    job_key: str,
-    node_rank: int,
-    local: dict[int, subprocess.Popen] | None = None,
-    restart: Callable[[int], subprocess.Popen] | None = None,
-) -> Iterator[None]:
-    """The block runs under a `Guard` (`shoal.control.guard`): this machine's members are started again
-    when they exit, and losing the control plane's majority stops the job with the guard's sentence."""
-    from shoal.control.client import RaftControl, connect
-    from shoal.control.guard import LEASE_S, Guard
-
-    with connect(control, key=job_key, timeout=START_S) as ctl:  # a first leader may still be being elected
-        members = ctl.members if isinstance(ctl, RaftControl) else []
-        guard = Guard(ctl, f"launcher/{node_rank}", members, local, restart).start()
-        ctl.timeout = LEASE_S / 3  # then a renewal gives up within a third of the lease
-        try:
-            yield
-        except BaseException:
-            if guard.sentence:  # what stopped the workers: the guard, not a signal or a worker of theirs
-                raise WorkerError(guard.sentence) from None
-            raise
-        finally:
-            guard.close()
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from shoal import env
+from shoal.control.guard import guarding
 from shoal.control.launch import serving as control_serving
 from shoal.errors import CheckpointError, ConfigError, WorkerError
 from shoal.launch.agent import LaunchSpec, launch
@@ -146,7 +147,8 @@ def run_workers(cfg: JobConfig, run_dir: Path, console: Console) -> None:
             ) as ps_env,
         ):
             workers_env.update({**ps_env, **control_env})
-            launch(["-m", "shoal.train.worker", str(run_dir)], spec)
+            with guarding(control_env.get(env.CONTROL, ""), job_key, launch_cfg.node_rank):
+                launch(["-m", "shoal.train.worker", str(run_dir)], spec)
     except WorkerError as err:
         if not spec.max_restarts and not servers and not launch_cfg.control:
             raise
