@@ -306,16 +306,20 @@ def _agent_class(
 
 def _own_errors(failures: Mapping[int, Any], log_dir: str) -> bool:
     """Whether the workers that failed by themselves (not those that failed because of them: a lost
-    connection, a timeout, the agent's SIGTERM) all raised an exception of their own, none killed by a
-    signal. torch's agent ends the others as soon as one has failed, so a worker still on its way out
-    after its exception (a peer that lost it exited first) is seen SIGTERMed: its traceback decides."""
+    connection, a timeout) all said why and exited with code 1, none killed by a signal. torch's agent
+    SIGTERMs the others as soon as one has failed, so a worker seen SIGTERMed counts only when its log
+    shows it had failed already (a traceback, or the one line a `shoal train` worker prints)."""
     first = []
     for failure in failures.values():
         last = _last_error_line(log_dir, failure)
         if _is_secondary(failure.exitcode, last):
             continue
-        raised = last is not None and exception_line(_log_lines(Path(last[1]))) is not None
-        first.append(raised and failure.exitcode in (1, -signal.SIGTERM))
+        if failure.exitcode == 1:
+            first.append(last is not None)
+        elif failure.exitcode != -signal.SIGTERM:
+            first.append(False)  # killed: the OOM killer, a segfault
+        elif last is not None and (last[0].startswith("shoal:") or exception_line(_log_lines(Path(last[1])))):
+            first.append(True)  # it had raised, and was on its way out
     return bool(first) and all(first)
 
 

@@ -100,8 +100,9 @@ class RanksFailedError(AssertionError):
 
 def collect(ranks: list[Finished], out_dir: Path) -> list:
     """Results by rank, or RanksFailedError naming each failed rank with its error:
-    first the one that failed by itself (not killed by `wait_all`, not failing on
-    a closed connection: `shoal.errors.caused_by_peer`), then by time."""
+    first the one that failed by itself (it recorded an error no peer caused, even if
+    `wait_all` then killed it in its teardown; else not killed, not failing on a closed
+    connection: `shoal.errors.caused_by_peer`), then by time."""
     results, errors = [], []
     for rank, done in enumerate(ranks):
         path = out_dir / f"rank{rank}.json"
@@ -110,7 +111,8 @@ def collect(ranks: list[Finished], out_dir: Path) -> list:
             detail = res.get("error") or done.stderr[-3000:] or "(no output)"
             when = " after returning its result (at teardown)" if "ok" in res else ""
             last = (detail.strip().splitlines() or [""])[-1]
-            order = (done.returncode == -signal.SIGKILL, caused_by_peer(last), res.get("at", float("inf")))
+            own = "error" in res and not caused_by_peer(last)  # it said why, before anything stopped it
+            order = (not own, done.returncode == -signal.SIGKILL, caused_by_peer(last), res.get("at", float("inf")))
             errors.append((order, done, f"rank {rank} {how(done)}{when}:\n{detail}"))
         results.append(res.get("ok"))
     if errors:

@@ -40,11 +40,11 @@ def main(argv: list[str]) -> int:
     except BaseException:
         result = {"error": traceback.format_exc(), "at": time.time()}
         print(result["error"], file=sys.stderr, flush=True)
-    finally:
-        shoal.shutdown()
+    # written before the teardown: a rank whose peer failed may be stopped by the harness during it
     path = Path(out_dir) / f"rank{rank}.json"
     path.with_suffix(".tmp").write_text(json.dumps(result))
     path.with_suffix(".tmp").rename(path)
+    shoal.shutdown()
     return 0 if "ok" in result else 1
 
 

@@ -161,5 +161,6 @@ def test_both_copies_lost_stops_the_job_naming_the_pieces_and_the_checkpoint(tmp
     assert "parameter-server shard(s) [0, 1] (1.weight, 1.bias, 3.bias, 3.weight) lost" in last, last
     assert "neither process holding them answered within 10s" in last, last
     assert "resume from its newest checkpoint" in last and "step-00000006" in last, last
+    assert "not restarted, for a restart would meet the same error" in last, last  # the shards are gone
     assert not result.survivors, f"processes outlived the job: {result.survivors}"
     assert not any(pid_alive(p) for p in killed)

@@ -114,6 +114,10 @@ def test_the_log_read_is_the_failed_runs_own_not_the_newest_in_a_shared_folder(t
 
 def test_only_workers_that_all_raised_errors_of_their_own_are_not_restarted(tmp_path):
     raised = 'Traceback (most recent call last):\n  File "x.py"\nValueError: bad batch\n'
+    said = "shoal: worker 1: parameter-server shard(s) [0] (w) lost: neither process holding them answered\n"
+    for code in (1, -signal.SIGTERM):
+        one_line = failures(tmp_path / f"said{code}", {0: (1, said), 1: (code, said)}).failures
+        assert _own_errors(one_line, str(tmp_path / f"said{code}"))  # a shoal train worker's one line
     for code in (1, -signal.SIGTERM):  # SIGTERM: the agent ended it on its way out, after its peer exited
         own = failures(tmp_path / f"own{code}", {0: (1, PEER_CLOSED), 1: (code, raised)}).failures
         assert _own_errors(own, str(tmp_path / f"own{code}"))  # a bug, which its peer lost: a restart meets it again
