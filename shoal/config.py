@@ -120,8 +120,9 @@ class LaunchConfig:
     """Restart every worker this many times after a worker fails (torch's elastic agent); each resumes
     from the newest recovery point. 0: stop at the first failure."""
     restart_on_errors: bool = False
-    """Restart after a worker's own Python exception too; by default only after a worker was killed (a
-    signal: SIGKILL, the OOM killer), hung, or failed because a peer did: a restart meets a bug again."""
+    """Restart after a worker's own Python exception too; by default, on one machine, only after a worker
+    was killed (a signal: SIGKILL, the OOM killer), hung, or failed because a peer did: a restart meets a
+    bug again. On several machines every failure is restarted, so that all machines' agents restart together."""
     rdzv_backend: str = "static"
     """How the machines meet: "static" (ranks from node_rank), or torch's dynamic "c10d", "etcd", "etcd-v2"
     (ranks assigned at rendezvous; a machine that starts late, or again, joins). The same as `shoal run

@@ -80,8 +80,9 @@ class LaunchSpec:
     max_restarts: int = 0
     """Times torch's agent restarts every worker after a failure before the job fails."""
     restart_on_errors: bool = True
-    """Restart after a worker's own Python exception too (torchrun's way); False: only after a worker was
-    killed, hung or failed on a peer, for a restart meets the same bug again (`shoal train`'s default)."""
+    """Restart after a worker's own Python exception too (torchrun's way); False (`shoal train`'s default):
+    on one machine, only after a worker was killed, hung or failed on a peer, for a restart meets the
+    same bug again."""
     rdzv_backend: str = "static"
     """Across machines: "static" (ranks from --node-rank), or torch's "c10d", "etcd", "etcd-v2"
     (ranks assigned at rendezvous; a machine that starts late or again joins)."""
@@ -144,7 +145,10 @@ def launch(argv: list[str], spec: LaunchSpec) -> None:
         env.LAUNCHED: "1",
     }
     saved = {k: os.environ.get(k) for k in worker_env}
-    agent = _agent_class(spec.timeout_s, _watch(spec, config), None if spec.restart_on_errors else log_dir)
+    # on several machines every agent restarts on any failure: one that stopped alone would leave the
+    # others' agents waiting for it in the next rendezvous until its timeout
+    fail_fast = not spec.restart_on_errors and spec.nnodes == 1
+    agent = _agent_class(spec.timeout_s, _watch(spec, config), log_dir if fail_fast else None)
     os.environ.update(worker_env)
     try:
         with (
