@@ -55,8 +55,11 @@ def setup(level: str | None = None) -> None:
 
 @contextlib.contextmanager
 def quiet(*names: str) -> Iterator[None]:
-    """Loggers `names` report only CRITICAL records inside the block; their levels come back after it."""
-    loggers = [logging.getLogger(name) for name in names]
+    """Loggers `names`, and those below them that exist, report only CRITICAL records inside the block;
+    their levels come back after it (torch's elastic loggers set levels of their own, which a parent's
+    level does not override: the agent's "Received 15 death signal" warning came through)."""
+    existing = [n for n in logging.root.manager.loggerDict if any(n.startswith(f"{name}.") for name in names)]
+    loggers = [logging.getLogger(name) for name in [*names, *existing]]
     saved = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)

@@ -25,8 +25,10 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 
+from shoal import logs
 from shoal.control.base import ControlError, ControlPlane
 from shoal.control.keeper import hold
+from shoal.control.keeper import log as keeper_log
 from shoal.errors import WorkerError
 
 LEASE_S = 5.0
@@ -83,9 +85,9 @@ def guarding(spec: str, job_key: str, node_rank: int) -> Iterator[None]:
         return
     from shoal.control.client import RaftControl, connect
 
-    with connect(spec, key=job_key, timeout=FIRST_CALL_S) as ctl:
-        held = hold(ctl, f"launcher/{node_rank}", {}, ttl=LEASE_S)
-        ctl.timeout = LEASE_S / 3  # then a renewal gives up within a third of the lease
+    with connect(spec, key=job_key, timeout=FIRST_CALL_S) as ctl, logs.quiet(keeper_log.name):
+        held = hold(ctl, f"launcher/{node_rank}", {}, ttl=LEASE_S)  # its warnings: the sentence says it
+        ctl.timeout = round(LEASE_S / 3, 1)  # then a renewal gives up within a third of the lease
         stopped, said = threading.Event(), []
 
         def watch() -> None:

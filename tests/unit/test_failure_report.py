@@ -128,3 +128,16 @@ def test_only_workers_that_all_raised_errors_of_their_own_are_not_restarted(tmp_
         "printed": {0: (-signal.SIGTERM, "step 5 loss 0.31\n")},  # ended from outside, no traceback: restart
     }.items():
         assert not _own_errors(failures(tmp_path / name, ranks).failures, str(tmp_path / name)), name
+
+
+def test_quiet_silences_child_loggers_with_levels_of_their_own(caplog):
+    import logging
+
+    from shoal.logs import quiet
+
+    child = logging.getLogger("shoal-test-parent.agent")
+    child.setLevel(logging.INFO)  # as torch's elastic loggers do
+    with quiet("shoal-test-parent"), caplog.at_level(logging.INFO):
+        child.warning("Received 15 death signal, shutting down workers")
+    assert "death signal" not in caplog.text
+    assert child.level == logging.INFO  # back after the block
