@@ -17,7 +17,11 @@ Each scenario is a function `(rng, workdir) -> dict` run once per trial, returni
 Scenarios: `dp-rank-kill`, `dp-rank-stop` (SIGSTOP, found by the process group's
 timeout, here `--launch.timeout_s=10`), `pipeline-stage-kill` (two pipeline
 stages under `shoal train`), `control-leader-kill` (benchmarks/control.py's trial),
-and those of benchmarks/chaos_ps.py where it exists (parameter-server workers).
+`control-member-kill` (a random member of a running `shoal run --control raft` job's three:
+`equal` when its launcher started it again and the job ended well), `control-majority-stop`
+(two of them SIGSTOPped: `detect_s` is the time to the job's stop, `equal` that it stopped
+with the one sentence and left no process), and those of benchmarks/chaos_ps.py where it
+exists (parameter-server workers).
 
     PYTHONPATH=. python benchmarks/chaos.py [--scenario NAME ...] [--trials 20]
 """
@@ -26,11 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import random
+import signal
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,8 +46,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness
 
-from tests.helpers.cli import shoal
+from tests.helpers.cli import finish, shoal, start_shoal
+from tests.helpers.control import members_of
 from tests.helpers.faults import Faults
+from tests.helpers.procs import Processes
 from tests.helpers.runs import final_params
 
 Scenario = Callable[[random.Random, pathlib.Path], dict]
@@ -135,11 +144,71 @@ def control_leader_kill(rng: random.Random, workdir: pathlib.Path) -> dict:
     return {"detect_s": None, "recover_s": seconds, "redone_steps": 0, "equal": True, "fired": True}
 
 
+def _guarded_job(rng: random.Random, act: Callable[[dict[int, int], random.Random], None], seconds: float) -> dict:
+    """`shoal run -n 1 --control raft` of tests/workers/ticking.py for `seconds`; once it ticks (after a random
+    0.5-3 s more), `act(members, rng)` on its members (index -> pid); how the job ended, and when."""
+    with Processes() as procs:
+        argv = ["run", "-n", "1", "--control", "raft", "tests/workers/ticking.py", seconds]
+        job = start_shoal(procs, *argv, timeout=seconds + 60)
+        deadline = time.monotonic() + 60
+        while (len(members := members_of(job.pid)) < 3 or "tick 5 " not in job.stdout()) and job.poll() is None:
+            assert time.monotonic() < deadline, job.stderr()[-2000:]
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.5, 3.0))
+        acted = time.monotonic()
+        act(members, rng)
+        done = finish(job)
+        return {"took": time.monotonic() - acted, "done": done}
+
+
+def control_member_kill(rng: random.Random, workdir: pathlib.Path) -> dict:
+    """A random member of a running job's three SIGKILLed: its launcher starts it again (`recover_s`: to the
+    line saying so) and the job ends well (`equal`)."""
+    killed: list[float] = []
+
+    def kill(members: dict[int, int], rng: random.Random) -> None:
+        os.kill(members[rng.randrange(3)], signal.SIGKILL)
+        killed.append(time.monotonic())
+
+    ended = _guarded_job(rng, kill, 8)
+    done = ended["done"]
+    again = "started again from its journal (1 of 3)" in done.stderr
+    return {
+        "detect_s": None,
+        "recover_s": None,
+        "redone_steps": 0,
+        "equal": done.returncode == 0 and again and "tick 79 " in done.stdout and not done.survivors,
+        "fired": bool(killed),
+    }
+
+
+def control_majority_stop(rng: random.Random, workdir: pathlib.Path) -> dict:
+    """Two random members of a running job's three SIGSTOPped: the job stops (`detect_s`: from the second
+    stop to the launcher's exit) with one sentence that names both (`equal`), leaving no process."""
+
+    def stop(members: dict[int, int], rng: random.Random) -> None:
+        for i in rng.sample(range(3), 2):
+            os.kill(members[i], signal.SIGSTOP)
+
+    ended = _guarded_job(rng, stop, 120)
+    done = ended["done"]
+    said = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+    return {
+        "detect_s": ended["took"],
+        "recover_s": None,
+        "redone_steps": None,
+        "equal": done.returncode == 1 and "the control plane lost its majority" in said and not done.survivors,
+        "fired": True,
+    }
+
+
 SCENARIOS: dict[str, Scenario] = {
     "dp-rank-kill": dp_rank_kill,
     "dp-rank-stop": dp_rank_stop,
     "pipeline-stage-kill": pipeline_stage_kill,
     "control-leader-kill": control_leader_kill,
+    "control-member-kill": control_member_kill,
+    "control-majority-stop": control_majority_stop,
 }
 try:  # parameter-server workers, written beside this one
     import chaos_ps  # pyright: ignore[reportMissingImports]  # its parameter-server scenarios

@@ -15,11 +15,25 @@ from pathlib import Path
 
 from shoal.control import RaftControl
 from shoal.control.launch import free_pair, member_argv
+from shoal.procfs import children_of
 from tests.helpers.procs import Proc, Processes
 
 KEY = "control-plane-test-key-0123456789"
 START_S = 60.0
 """How long members may take to elect a first leader on a loaded machine."""
+
+
+def members_of(launcher: int) -> dict[int, int]:
+    """The control members a `shoal` launcher started (`--control raft`): index -> pid, from /proc."""
+    found = {}
+    for pid in children_of(launcher):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"shoal.control.member" in argv:
+            found[int(argv[argv.index(b"--index") + 1])] = pid
+    return found
 
 
 def member_ports(count: int = 3) -> list[int]:

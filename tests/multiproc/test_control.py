@@ -21,15 +21,13 @@ import struct
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import pytest
 
 from shoal.control import GENERATION, ControlError, Event, connect, hold
 from shoal.control.auth import raft_password
-from shoal.procfs import children_of
 from tests.helpers.cli import finish, start_shoal
-from tests.helpers.control import KEY, Cluster
+from tests.helpers.control import KEY, Cluster, members_of
 from tests.helpers.procs import MARK, Processes
 
 
@@ -204,19 +202,6 @@ def test_the_launchers_members_serve_the_job_and_go_with_it():
         assert marked_pids(f"{procs.token}.members") == []  # killed by pid when the job ended
 
 
-def _members_of(launcher: int) -> dict[int, int]:
-    """The control members a launcher started: index -> pid (its children running `shoal.control.member`)."""
-    found = {}
-    for pid in children_of(launcher):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"shoal.control.member" in argv:
-            found[int(argv[argv.index(b"--index") + 1])] = pid
-    return found
-
-
 def _wait_for(what, timeout: float, proc) -> object:
     deadline = time.monotonic() + timeout
     while not (found := what()):
@@ -234,12 +219,12 @@ def test_a_job_starts_a_lost_member_again_and_stops_in_one_sentence_when_the_maj
 
     with Processes() as procs:
         job = start_shoal(procs, "run", "-n", "1", "--control", "raft", "tests/workers/ticking.py", "90", timeout=120)
-        members = _wait_for(lambda: len(m := _members_of(job.pid)) == 3 and m, 60, job)
+        members = _wait_for(lambda: len(m := members_of(job.pid)) == 3 and m, 60, job)
         _wait_for(lambda: "tick 5 " in job.stdout(), 60, job)
         os.kill(members[0], signal.SIGKILL)
         _wait_for(lambda: "control member 0 (" in job.stderr(), 10, job)
         assert "was killed by signal 9; started again from its journal (1 of 3)" in job.stderr()
-        again = _wait_for(lambda: _members_of(job.pid).get(0) not in (None, members[0]), 10, job)
+        again = _wait_for(lambda: members_of(job.pid).get(0) not in (None, members[0]), 10, job)
         assert again
         ticks = job.stdout().count("tick ")
         _wait_for(lambda: job.stdout().count("tick ") > ticks + 10, 10, job)  # the job went on
