@@ -162,8 +162,8 @@ def _guarded_job(rng: random.Random, act: Callable[[dict[int, int], random.Rando
 
 
 def control_member_kill(rng: random.Random, workdir: pathlib.Path) -> dict:
-    """A random member of a running job's three SIGKILLed: its launcher starts it again (`recover_s`: to the
-    line saying so) and the job ends well (`equal`)."""
+    """A random member of a running job's three SIGKILLed: `equal` when its launcher said it started it
+    again and the job ended well, every tick done and nothing left."""
     killed: list[float] = []
 
     def kill(members: dict[int, int], rng: random.Random) -> None:
