@@ -150,10 +150,7 @@ def _guarded_job(rng: random.Random, act: Callable[[dict[int, int], random.Rando
     with Processes() as procs:
         argv = ["run", "-n", "1", "--control", "raft", "tests/workers/ticking.py", seconds]
         job = start_shoal(procs, *argv, timeout=seconds + 60)
-        deadline = time.monotonic() + 60
-        while (len(members := members_of(job.pid)) < 3 or "tick 5 " not in job.stdout()) and job.poll() is None:
-            assert time.monotonic() < deadline, job.stderr()[-2000:]
-            time.sleep(0.05)
+        members = job.until(lambda: len(m := members_of(job.pid)) == 3 and "tick 5 " in job.stdout() and m, 60)
         time.sleep(rng.uniform(0.5, 3.0))
         acted = time.monotonic()
         act(members, rng)

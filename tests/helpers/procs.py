@@ -22,13 +22,15 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from shoal import env as shoal_env
 
 ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 MARK = "TESTS_PROCESS_MARK"
 """Set in every process the helpers start (and inherited by theirs); the value names the start."""
 
@@ -113,6 +115,16 @@ class Proc:
 
     def stderr(self) -> str:
         return self.err.read_text(errors="replace") if self.err else ""
+
+    def until(self, check: Callable[[], T], timeout: float) -> T:
+        """`check()`'s first truthy value, asked every 0.05 s; AssertionError (with the end of its stderr)
+        if the process ends first or `timeout` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while not (found := check()):
+            assert self.poll() is None, f"it ended early:\n{self.stderr()[-3000:]}"
+            assert time.monotonic() < deadline, f"waited {timeout:g} s in vain:\n{self.stderr()[-3000:]}"
+            time.sleep(0.05)
+        return found
 
     def kill(self) -> None:
         """SIGKILL its process group (it leads one)."""

@@ -202,15 +202,6 @@ def test_the_launchers_members_serve_the_job_and_go_with_it():
         assert marked_pids(f"{procs.token}.members") == []  # killed by pid when the job ended
 
 
-def _wait_for(what, timeout: float, proc) -> object:
-    deadline = time.monotonic() + timeout
-    while not (found := what()):
-        assert proc.poll() is None, f"the job ended early:\n{proc.stderr()[-3000:]}"
-        assert time.monotonic() < deadline, f"waited {timeout} s in vain:\n{proc.stderr()[-3000:]}"
-        time.sleep(0.1)
-    return found
-
-
 def test_a_job_starts_a_lost_member_again_and_stops_in_one_sentence_when_the_majority_is_gone():
     """`shoal run --control raft`: member 0 SIGKILLed is started again from its journal and the job goes
     on; members 1 and 2 SIGSTOPped (no majority) stop the job within the guard's lease, exit 1, in one
@@ -219,15 +210,15 @@ def test_a_job_starts_a_lost_member_again_and_stops_in_one_sentence_when_the_maj
 
     with Processes() as procs:
         job = start_shoal(procs, "run", "-n", "1", "--control", "raft", "tests/workers/ticking.py", "90", timeout=120)
-        members = _wait_for(lambda: len(m := members_of(job.pid)) == 3 and m, 60, job)
-        _wait_for(lambda: "tick 5 " in job.stdout(), 60, job)
+        members = job.until(lambda: len(m := members_of(job.pid)) == 3 and m, 60)
+        job.until(lambda: "tick 5 " in job.stdout(), 60)
         os.kill(members[0], signal.SIGKILL)
-        _wait_for(lambda: "control member 0 (" in job.stderr(), 10, job)
+        job.until(lambda: "control member 0 (" in job.stderr(), 10)
         assert "was killed by signal 9; started again from its journal (1 of 3)" in job.stderr()
-        again = _wait_for(lambda: members_of(job.pid).get(0) not in (None, members[0]), 10, job)
+        again = job.until(lambda: members_of(job.pid).get(0) not in (None, members[0]), 10)
         assert again
         ticks = job.stdout().count("tick ")
-        _wait_for(lambda: job.stdout().count("tick ") > ticks + 10, 10, job)  # the job went on
+        job.until(lambda: job.stdout().count("tick ") > ticks + 10, 10)  # the job went on
         for i in (1, 2):
             os.kill(members[i], signal.SIGSTOP)
         stopped = time.monotonic()
