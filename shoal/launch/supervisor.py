@@ -135,12 +135,13 @@ def supervise(argv: list[str], restarts: int, hang_s: float) -> int:
     try:
         while True:
             child = subprocess.Popen([sys.executable, "-m", "shoal.cli", *argv], env=environ)
-            code, hung = _wait(child, hang_s)
+            reaped: dict[int, int] = {}  # orphans that ended while the launcher's own exit was awaited
+            code, hung = _wait(child, hang_s, reaped)
             if hung is None and (code >= 0 or stopping):
                 end_orphans()  # anything it started and left behind (none when it ended its own)
                 return code if code >= 0 else 128 - code
             members = supervised.serving_pids(os.getpid())  # they serve until the launcher ends them
-            ended = end_orphans()
+            ended = {**reaped, **end_orphans()}
             if hung is not None:
                 if hung and all(ended.get(pid) == 0 for pid in hung):  # its workers had all finished, and well
                     _say(
@@ -175,9 +176,11 @@ def _say(line: str) -> None:
     print(f"shoal: {line}", file=sys.stderr, flush=True)
 
 
-def _wait(child: subprocess.Popen, hang_s: float) -> tuple[int, list[int] | None]:
-    """The launcher's exit code (negative: the signal that killed it), reaping any orphan that ends
-    meanwhile; and, if it stayed stopped for `hang_s` and was SIGKILLed here, its children then (else None)."""
+def _wait(child: subprocess.Popen, hang_s: float, reaped: dict[int, int]) -> tuple[int, list[int] | None]:
+    """The launcher's exit code (negative: the signal that killed it); and, if it stayed stopped for `hang_s`
+    and was SIGKILLed here, its children then (else None). An orphan that ends meanwhile is reaped here, its
+    exit code put in `reaped`: when the launcher is killed, its orphaned workers may die (PDEATHSIG) and be
+    reported before the launcher is."""
     stopped_since: float | None = None
     while True:
         pid, status = os.waitpid(-1, os.WUNTRACED | (os.WNOHANG if stopped_since is not None else 0))
@@ -186,6 +189,8 @@ def _wait(child: subprocess.Popen, hang_s: float) -> tuple[int, list[int] | None
         elif pid == child.pid:
             child.returncode = os.waitstatus_to_exitcode(status)
             return child.returncode, None
+        elif pid and not os.WIFSTOPPED(status):
+            reaped[pid] = os.waitstatus_to_exitcode(status)
         elif pid == 0 and stopped_since is not None:  # still stopped? (SIGCONT is not reported)
             if state_of(child.pid) not in ("T", "t"):
                 stopped_since = None

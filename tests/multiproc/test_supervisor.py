@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -33,3 +34,28 @@ def test_the_orphans_of_a_dead_launcher_are_its_supervisors_to_end():
     done = subprocess.run([sys.executable, "-c", ORPHAN], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["1", "False", "[]"], done.stdout
+
+
+EARLY = """
+import json, os, signal, subprocess, sys, time
+from shoal.launch import supervisor
+supervisor._become_subreaper()
+# a "launcher" whose child starts a grandchild and exits: orphaned, it is the supervisor's while the
+# launcher still runs, and ends (code 3) before the launcher is SIGKILLed
+grandchild = "import time, sys; time.sleep(0.3); sys.exit(3)"
+middle = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {grandchild!r}])"
+launcher = (f"import os, signal, subprocess, sys, time; subprocess.run([sys.executable, '-c', {middle!r}]); "
+    "time.sleep(1.5); os.kill(os.getpid(), signal.SIGKILL)")
+child = subprocess.Popen([sys.executable, "-c", launcher])
+reaped = {}
+print(json.dumps([*supervisor._wait(child, 8.0, reaped), list(reaped.values())]))
+"""
+
+
+def test_an_orphan_that_ends_while_the_launchers_exit_is_awaited_is_counted():
+    """The wait reaps it and keeps its code, for the count of what the launcher left and the check whether
+    its workers had finished (a worker that PDEATHSIG ended may be reported before its killed launcher: the
+    c10d killed-launcher test had counted one process fewer than it ended, once in CI)."""
+    done = subprocess.run([sys.executable, "-c", EARLY], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == [-9, None, [3]], done.stdout

@@ -72,15 +72,22 @@ def test_the_servers_a_supervised_launcher_started_are_found_by_their_pids(monke
 
 
 @pytest.mark.parametrize(
-    ("orphans", "serving", "relaunched"),
-    [({101: 0, 102: 0}, set(), False), ({101: 0, 102: -9}, set(), True), ({101: 0, 102: -9}, {102}, False)],
+    ("early", "orphans", "serving", "relaunched"),
+    [
+        ({}, {101: 0, 102: 0}, set(), False),
+        ({}, {101: 0, 102: -9}, set(), True),
+        ({}, {101: 0, 102: -9}, {102}, False),
+        ({101: -9}, {102: -9}, set(), True),  # one died (PDEATHSIG) and was reaped before the launcher was
+        ({101: 0}, {102: 0}, set(), False),
+    ],
 )
 def test_a_killed_launcher_whose_workers_had_all_finished_well_is_not_started_again(
-    monkeypatch, capsys, orphans, serving, relaunched
+    monkeypatch, capsys, early, orphans, serving, relaunched
 ):
     """Its orphaned workers had exited 0 by themselves (the job's end came before PDEATHSIG): the job is done
     here, and a launcher started again would wait in a rendezvous the others never come to. A parameter
-    server (or control-plane member) it left, ended by the supervisor, is not one of its workers."""
+    server (or control-plane member) it left, ended by the supervisor, is not one of its workers. `early`:
+    orphans reaped while the launcher's exit was awaited, counted with those the supervisor ended."""
     from shoal.launch import supervisor
 
     started = []
@@ -94,7 +101,7 @@ def test_a_killed_launcher_whose_workers_had_all_finished_well_is_not_started_ag
     codes = iter([(-9, None), (0, None)])  # killed; the one started again finishes (or says the job had)
     ends = []
     monkeypatch.setattr(supervisor.subprocess, "Popen", Launcher)
-    monkeypatch.setattr(supervisor, "_wait", lambda child, hang_s: next(codes))
+    monkeypatch.setattr(supervisor, "_wait", lambda child, hang_s, reaped: reaped.update(early) or next(codes))
     monkeypatch.setattr(supervisor, "end_orphans", lambda: ends.append(1) or dict(orphans))
     monkeypatch.setattr(supervisor.supervised, "serving_pids", lambda owner: serving)
     monkeypatch.setattr(supervisor, "_become_subreaper", lambda: None)
@@ -104,3 +111,5 @@ def test_a_killed_launcher_whose_workers_had_all_finished_well_is_not_started_ag
     assert len(ends) == len(started)  # what each launcher left is ended, the last one's too
     said = capsys.readouterr().err
     assert ("after its workers finished; the job is done here" in said) != relaunched, said
+    if relaunched:
+        assert f"ended the {len(early) + len(orphans)} process(es) it left and started it again (1 of 2)" in said
