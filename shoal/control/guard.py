@@ -5,7 +5,7 @@ by (the shards' records, `shoal.ps.records`) and who is alive (each launcher's
 liveness record, `launcher/<node>` under `members/`). Raft goes on with one
 member of three lost; a member this launcher started that exits is started
 again on its address from its journal (term, vote and log are there:
-Raft-safe), so that a later loss is survived too (`Restarts`). While the
+Raft-safe), so that a later loss is survived too (`member_exited`). While the
 workers run (`guarding`), once no leader with a majority has renewed the
 launcher's lease for a whole `LEASE_S`, nothing a failover needs can be
 decided any more: the launcher stops its workers and the job ends with one
@@ -19,11 +19,8 @@ from __future__ import annotations
 import _thread
 import contextlib
 import signal
-import subprocess
-import sys
 import threading
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from shoal import logs
 from shoal.control.base import ControlError, ControlPlane
@@ -40,39 +37,10 @@ FIRST_CALL_S = 120.0
 """How long the first call (the lease) may wait: members started with the job may still elect a first leader."""
 
 
-class Restarts:
-    """Starts this machine's members (`local`: index to process) again through `restart(index)` when
-    they exit, each at most MEMBER_RESTARTS times, from a thread, until closed."""
-
-    def __init__(
-        self, members: list[str], local: dict[int, subprocess.Popen], restart: Callable[[int], subprocess.Popen]
-    ) -> None:
-        self.members, self.local, self.restart = members, local, restart
-        self.count: Counter[int] = Counter()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="shoal-control-restarts", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        """Stop (before this machine's members are ended)."""
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(POLL_S):
-            for i, proc in list(self.local.items()):
-                code = proc.poll()
-                if code is None or self.count[i] >= MEMBER_RESTARTS or self._stop.is_set():
-                    continue
-                self.count[i] += 1
-                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                print(
-                    f"shoal: control member {i} ({self.members[i]}) {how}; started again from its journal "
-                    f"({self.count[i]} of {MEMBER_RESTARTS})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                self.local[i] = self.restart(i)
+def member_exited(members: list[str], i: int, code: int) -> str:
+    """The line for a member of this launcher's that exited, which `shoal.respawn` starts again."""
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    return f"control member {i} ({members[i]}) {how}; started again from its journal"
 
 
 @contextlib.contextmanager

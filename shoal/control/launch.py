@@ -20,6 +20,7 @@ journal (term, vote, log) is, which makes the restart Raft-safe.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import shutil
@@ -36,8 +37,9 @@ from typing import TYPE_CHECKING
 from shoal import env, supervised
 from shoal.comm.netif import address_towards
 from shoal.config import is_control_spec, split_endpoint
-from shoal.control.guard import Restarts
+from shoal.control.guard import MEMBER_RESTARTS, member_exited
 from shoal.errors import ConfigError, ShoalError
+from shoal.respawn import Respawner
 
 if TYPE_CHECKING:
     from shoal.control.client import RaftControl
@@ -177,11 +179,12 @@ def _running(members: list[str], mine: list[int], job_key: str, node_rank: int) 
                         journal = "its journal" if term else "an empty journal"  # a new member's term is 0
                         line = f"control member {i} came back on {members[i]} with {journal} (term {term} at start)"
                         print(f"shoal: {line}", file=sys.stderr, flush=True)
-            restarts = Restarts(members, procs, start)  # `shoal.control.guard`
+            why = functools.partial(member_exited, members)
+            respawner = Respawner(procs, lambda i, _: start(i), why, MEMBER_RESTARTS, "shoal-control-restarts")
             try:
                 yield
             finally:
-                restarts.close()
+                respawner.close()
         finally:
             for proc in procs.values():
                 with contextlib.suppress(ProcessLookupError):

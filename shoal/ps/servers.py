@@ -29,7 +29,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from shoal.config import split_endpoint
 from shoal.errors import ConfigError, ShoalError, WorkerError, first_line
 from shoal.ps import store as ps_store
 from shoal.ps.records import read_shards
+from shoal.respawn import Respawner
 
 DEFAULT_MAX_BYTES = 1 << 30
 
@@ -109,40 +109,38 @@ class ServerGroup:
     """What workers need: the store address, the session and the job key."""
     starts: list[tuple[int, dict[str, str], str | None]] = field(default_factory=list)
     """Per process: its index, environment and log file, to start it again."""
-    replaced: list[int] = field(default_factory=list)
     on_start: Callable[[subprocess.Popen], None] | None = None
     """Called with each replacement process (tests adopt its pid)."""
-    _stopping: threading.Event = field(default_factory=threading.Event)
-    _watcher: threading.Thread | None = None
+    respawner: Respawner | None = None
+    """Replicated: what starts an exited process again (`replace_exited`)."""
 
     def replace_exited(self) -> None:
         """Start a process again in place of one that was killed, or that gave its shards up (exit 0: it
         was fenced), while the job runs, at most MAX_REPLACEMENTS times per index: it rejoins its shards
-        as their backup (`shoal.ps.replacement`)."""
-        self.replaced = [0] * len(self.procs)
-        self._watcher = threading.Thread(target=self._watch, name="shoal-ps-replace", daemon=True)
-        self._watcher.start()
+        as their backup (`shoal.ps.replacement`). Code > 0: it stopped the job itself (a bad start, an
+        error it sent the workers), and is left."""
 
-    def _watch(self) -> None:
-        while not self._stopping.wait(0.2):
-            for i, proc in enumerate(self.procs):
-                code = proc.poll()
-                if code is None or code > 0 or self.replaced[i] >= MAX_REPLACEMENTS or self._stopping.is_set():
-                    continue  # code > 0: it stopped the job itself (a bad start, an error it sent the workers)
-                self.replaced[i] += 1
-                index, start_env, log_path = self.starts[i]
-                how = f"was killed by signal {-code}" if code < 0 else "gave its shards up (it was fenced)"
-                print(
-                    f"shoal: parameter server process {index} {how}; starting a replacement in its place "
-                    f"({self.replaced[i]} of {MAX_REPLACEMENTS})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                mark = f"{self.replaced[i]} of {MAX_REPLACEMENTS}"
-                self.procs[i] = _start_server({**start_env, env.PS_REPLACEMENT: str(self.replaced[i])}, log_path, mark)
-                supervised.tell(f"server{index}", self.procs[i].pid)
-                if self.on_start is not None:
-                    self.on_start(self.procs[i])
+        def why(i: int, code: int) -> str | None:
+            if code > 0:
+                return None
+            how = f"was killed by signal {-code}" if code < 0 else "gave its shards up (it was fenced)"
+            return f"parameter server process {self.starts[i][0]} {how}; starting a replacement in its place"
+
+        self.respawner = Respawner(self.procs, self._replace, why, MAX_REPLACEMENTS, "shoal-ps-replace")
+
+    @property
+    def replaced(self) -> list[int]:
+        """How many times each process was replaced."""
+        return [self.respawner.count[i] if self.respawner else 0 for i in range(len(self.procs))]
+
+    def _replace(self, i: int, count: int) -> subprocess.Popen:
+        index, start_env, log_path = self.starts[i]
+        mark = f"{count} of {MAX_REPLACEMENTS}"
+        proc = _start_server({**start_env, env.PS_REPLACEMENT: str(count)}, log_path, mark)
+        supervised.tell(f"server{index}", proc.pid)
+        if self.on_start is not None:
+            self.on_start(proc)
+        return proc
 
     def endpoints(self, timeout_s: float = 60.0) -> list[ps_store.ServerAddress]:
         """Every shard's current primary's address and session (this machine's and the others')."""
@@ -159,9 +157,8 @@ class ServerGroup:
 
     def stop(self, grace_s: float = 5.0) -> list[int]:
         """Stop every server (by pid); their exit codes."""
-        self._stopping.set()
-        if self._watcher is not None:
-            self._watcher.join()
+        if self.respawner is not None:
+            self.respawner.close()
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -431,7 +428,7 @@ def _wait_for_end(store: ps_store.SignedStore, group: ServerGroup, log_dir: str 
                 f"machine 0's rendezvous store went away before the job ended ({first_line(str(exc))}); "
                 "its launcher probably died: see its output"
             ) from None
-        for code in [] if group._watcher is not None else group.poll():  # replicated: exits are replaced
+        for code in [] if group.respawner is not None else group.poll():  # replicated: exits are replaced
             if code not in (None, 0):
                 where = f" (logs in {log_dir})" if log_dir else ""
                 raise ShoalError(f"a parameter server on this machine exited with code {code}{where}")
