@@ -8,6 +8,7 @@ torch.distributed for ranks itself.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import gc
 import os
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from shoal import env
+from shoal import env, group_callbacks
 from shoal.allocator import keep_freed_memory
 from shoal.config import check_range, timeout_from_env
 from shoal.errors import ShoalError, caused_by_peer
@@ -118,6 +119,7 @@ def init(
             kwargs["device_id"] = dev
         hook = sys.excepthook
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), **kwargs)
+        atexit.register(group_callbacks.wait_until_freed)  # for a script that never calls shutdown()
         if environ.get(env.LAUNCHED):
             sys.excepthook = _exit_at_once(hook)  # the launcher prefixes every line with the rank already
     _current = Runtime(rank, world, local_rank, local_world, backend, dev)
@@ -159,6 +161,7 @@ def release_before_shutdown(holder: Any, release: Callable[[Any], None]) -> None
 def shutdown() -> None:
     """Leave the process group; safe to call twice."""
     global _current
+    group_callbacks.wait_until_freed()  # the last step's, freed by the group's threads (`shoal.group_callbacks`)
     if dist.is_initialized():
         for holder, release in list(_group_holders.items()):
             release(holder)

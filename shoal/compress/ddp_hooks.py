@@ -4,8 +4,9 @@ One `CompressionHook` per DDP model picks the exchange that is correct for
 its compressor:
 
 - "none": no hook; DDP's own all-reduce (only the bytes are counted).
-- "fp16"/"bf16": torch's `default_hooks.fp16_compress_hook` /
-  `bf16_compress_hook` (cast, all-reduce, cast back).
+- "fp16"/"bf16": cast, all-reduce, cast back, as torch's
+  `default_hooks.fp16_compress_hook` / `bf16_compress_hook` do (ours counts
+  its callback: `shoal.group_callbacks`).
 - "powersgd": `shoal.compress.powersgd_hook` (error feedback and warm
   start; its two all-reduces, of P and of Q, keep one shared factorization
   on all ranks; why not torch's `powerSGD_hook`: see there).
@@ -48,14 +49,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from shoal.compress.base import Compressor, Payload
 from shoal.compress.lowrank import PowerSGD
-from shoal.compress.powersgd_hook import PowerSGDHook, future_of
+from shoal.compress.powersgd_hook import PowerSGDHook
 from shoal.compress.quantize import BLOCK, Quantizer
 from shoal.finite import all_finite
+from shoal.group_callbacks import after
 from shoal.state import sub_state, with_prefix
 
 POWERSGD = "powersgd/"
@@ -206,7 +207,6 @@ class CompressionHook:
     ):
         self.compressor = compressor
         self.names = names  # id(parameter) -> parameter name
-        self.group = group
         self.world = dist.get_world_size(group)
         self.params = [p for p in ddp.parameters() if p.requires_grad]
         self.powersgd: PowerSGDHook | None = None
@@ -216,8 +216,7 @@ class CompressionHook:
         if family == "none":
             return
         if family in ("fp16", "bf16"):
-            inner = default_hooks.fp16_compress_hook if family == "fp16" else default_hooks.bf16_compress_hook
-            ddp.register_comm_hook(group, self._cast_hook(inner, 2))
+            ddp.register_comm_hook(group, self._cast_hook(torch.float16 if family == "fp16" else torch.bfloat16))
         elif isinstance(compressor, PowerSGD):
             self.powersgd = PowerSGDHook(
                 compressor.rank, names, lambda nbytes, numel: self.count("all_reduce", nbytes, numel), self._flag
@@ -267,11 +266,22 @@ class CompressionHook:
             self.compressor.load_state_dict(state)
 
     # ------------------------------------------------------------ hooks
-    def _cast_hook(self, inner, element_size: int):
+    def _cast_hook(self, dtype: torch.dtype):
+        """Cast, all-reduce, cast back: torch's `default_hooks.fp16_compress_hook` (and bf16's), with the
+        callback counted (`shoal.group_callbacks`) and the finite check in it."""
+
         def hook(group, bucket):
-            n = bucket.buffer().numel()
-            self.count("all_reduce", n * element_size, n)
-            return inner(group, bucket).then(lambda fut: self.check(fut.value()))
+            group = group if group is not None else dist.group.WORLD
+            buffer = bucket.buffer()
+            n = buffer.numel()
+            self.count("all_reduce", n * dtype.itemsize, n)
+            sent = buffer.to(dtype).div_(dist.get_world_size(group))
+
+            def cast_back(fut):
+                buffer.copy_(fut.value()[0])
+                return self.check(buffer)
+
+            return after(dist.all_reduce(sent, group=group, async_op=True), cast_back)
 
         return hook
 
@@ -304,7 +314,7 @@ class CompressionHook:
                     out.append(self.compressor.decode(p, g.shape, g.dtype))
                 return finish(out)
 
-            return future_of(dist.all_reduce(flat, group=group, async_op=True)).then(reduced)
+            return after(dist.all_reduce(flat, group=group, async_op=True), reduced)
 
         layout = [(t.dtype, t.shape, t.numel() * t.element_size()) for p in payloads for t in p.tensors]
         flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for p in payloads for t in p.tensors])
@@ -328,7 +338,7 @@ class CompressionHook:
                 g.div_(self.world)
             return self.check(buffer)
 
-        return future_of(dist.all_gather(gathered, flat, group=group, async_op=True)).then(gathered_all)
+        return after(dist.all_gather(gathered, flat, group=group, async_op=True), gathered_all)
 
     def _two_phase_hook(self, group, bucket):
         """int8/qsgd: each rank sends its code for chunk j to rank j (all-to-all), which
@@ -365,4 +375,4 @@ class CompressionHook:
             plan.decode(gathered, compressor, grads)
             return self.check(buffer)
 
-        return future_of(dist.all_gather(gathered, out, group=group, async_op=True)).then(gathered_all)
+        return after(dist.all_gather(gathered, out, group=group, async_op=True), gathered_all)

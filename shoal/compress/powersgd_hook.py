@@ -35,6 +35,7 @@ from torch.distributed import GradBucket  # pyright: ignore[reportPrivateImportU
 from shoal.compress.lowrank import factor_shape, orthonormalize
 from shoal.compress.seeds import key_seed
 from shoal.finite import all_finite
+from shoal.group_callbacks import after
 from shoal.state import sub_state, with_prefix
 
 START_ITER = 2
@@ -76,7 +77,7 @@ class PowerSGDHook:
         if not compressing:
             self.count(buffer.numel() * buffer.element_size(), buffer.numel())
             work = dist.all_reduce(buffer.div_(world), group=group, async_op=True)
-            return future_of(work).then(lambda f: self._checked(f.value()[0], []))
+            return after(work, lambda f: self._checked(f.value()[0], []))
         names = [self.names[id(p)] for p in bucket.parameters()]
         low, dense = self._split(names, bucket.gradients())
         first = torch.empty(
@@ -110,7 +111,9 @@ class PowerSGDHook:
                 pt.copy_(p[0].t())
                 torch.mm(pt, m, out=second[at : at + r * m.shape[1]].view(r, m.shape[1]))  # Q^T = P^T M
                 at += r * m.shape[1]
-            return future_of(dist.all_reduce(second, group=group, async_op=True)).wait()[0]
+            work = dist.all_reduce(second, group=group, async_op=True)
+            assert work is not None, "an async collective returns its handle"
+            return work.get_future().wait()[0]
 
         def decode(fut) -> torch.Tensor:
             second.div_(world)
@@ -126,7 +129,7 @@ class PowerSGDHook:
                 torch.mm(pt.t(), qt, out=m)  # the average every rank takes
             return self._checked(buffer, names)
 
-        return future_of(dist.all_reduce(first, group=group, async_op=True)).then(project).then(decode)
+        return after(dist.all_reduce(first, group=group, async_op=True), project, decode)
 
     def _split(self, names: list[str], grads: list[torch.Tensor]) -> tuple[list, list[torch.Tensor]]:
         """Adds each residual to its gradient in the bucket (M); the matrices to factor
@@ -173,9 +176,3 @@ class PowerSGDHook:
         self.iter = int(state.get("iter", 0))
         self.error = {k: v.clone() for k, v in sub_state(state, ERROR).items()}
         self.qt = {k: v.t().contiguous() for k, v in sub_state(state, Q).items()}
-
-
-def future_of(work: dist.Work | None) -> torch.futures.Future:
-    """The future of a collective started with `async_op=True` (torch types its handle as optional)."""
-    assert work is not None, "an async collective returns its handle"
-    return work.get_future()
