@@ -77,7 +77,7 @@ def alive() -> int:
     return _alive
 
 
-def wait_until_freed(timeout_s: float = 10.0) -> bool:
+def wait_until_freed(timeout_s: float = 5.0) -> bool:
     """Wait, with the GIL let go, until every counted callback has been freed, then free the recent
     works; False if a callback still lives after `timeout_s` (a collective that never completes: the
     caller goes on regardless, and the works are kept)."""
