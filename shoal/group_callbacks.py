@@ -50,7 +50,8 @@ def counted(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
     with _lock:
         _alive += 1
-    weakref.finalize(callback, _freed)
+    # not run at exit by weakref's own exit hook, which may come before `wait_until_freed`'s
+    weakref.finalize(callback, _freed).atexit = False
     return callback
 
 
