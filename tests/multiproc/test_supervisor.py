@@ -55,7 +55,7 @@ print(json.dumps([*supervisor._wait(child, 8.0, reaped), list(reaped.values())])
 def test_an_orphan_that_ends_while_the_launchers_exit_is_awaited_is_counted():
     """The wait reaps it and keeps its code, for the count of what the launcher left and the check whether
     its workers had finished (a worker that PDEATHSIG ended may be reported before its killed launcher: the
-    c10d killed-launcher test had counted one process fewer than it ended, once in CI)."""
+    likely reason why, once in CI, the c10d killed-launcher test did not find the count it expects)."""
     done = subprocess.run([sys.executable, "-c", EARLY], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout) == [-9, None, [3]], done.stdout
