@@ -18,6 +18,7 @@ the main thread.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import gc
 import threading
@@ -94,3 +95,6 @@ def wait_until_freed(timeout_s: float = 5.0) -> bool:
         time.sleep(0.001)
     _recent.clear()
     return True
+
+
+atexit.register(wait_until_freed)  # for a script that never calls `shoal.shutdown()`

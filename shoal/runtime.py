@@ -8,7 +8,6 @@ torch.distributed for ranks itself.
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import gc
 import os
@@ -119,7 +118,6 @@ def init(
             kwargs["device_id"] = dev
         hook = sys.excepthook
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), **kwargs)
-        atexit.register(group_callbacks.wait_until_freed)  # for a script that never calls shutdown()
         if environ.get(env.LAUNCHED):
             sys.excepthook = _exit_at_once(hook)  # the launcher prefixes every line with the rank already
     _current = Runtime(rank, world, local_rank, local_world, backend, dev)

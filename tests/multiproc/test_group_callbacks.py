@@ -22,8 +22,6 @@ import torch, torch.distributed as dist
 import shoal
 from shoal import group_callbacks
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-if sys.argv[1] == "exit":
-    import atexit; atexit.register(group_callbacks.wait_until_freed)  # what shoal.init() registers
 group = dist.group.WORLD
 def callback():
     held = [(torch.ones(3),)]  # what a hook's closure holds: freed with it, on gloo's thread
