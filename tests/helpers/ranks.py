@@ -66,16 +66,33 @@ def start_ranks(
     ]
 
 
-def wait_all(ranks: list[Proc], stop_on_failure: bool = True) -> list[Finished]:
-    """Wait for every rank (each until its deadline); the first failure stops the rest."""
+def wait_all(
+    ranks: list[Proc], stop_on_failure: bool = True, out_dir: Path | None = None, teardown_s: float = 5.0
+) -> list[Finished]:
+    """Wait for every rank (each until its deadline); the first failure stops the rest.
+
+    With `out_dir`, a rank that has already written its result there is in its teardown:
+    it gets `teardown_s` to exit by itself before it is stopped too, so that it ends as it
+    would have (a rank that raised exits 1, not "killed by SIGKILL" at an unlucky moment)."""
     while any(p.poll() is None for p in ranks) and time.monotonic() < max(p.deadline for p in ranks):
         if stop_on_failure and any(p.poll() not in (None, 0) for p in ranks):
-            for p in ranks:
-                if p.poll() is None:
-                    p.kill()
+            _stop(ranks, out_dir, teardown_s)
             break
         time.sleep(0.05)
     return [p.wait() for p in ranks]
+
+
+def _stop(ranks: list[Proc], out_dir: Path | None, teardown_s: float) -> None:
+    ending = [r for r, p in enumerate(ranks) if out_dir and (out_dir / f"rank{r}.json").exists()]
+    for r, p in enumerate(ranks):
+        if r not in ending and p.poll() is None:
+            p.kill()
+    until = time.monotonic() + teardown_s
+    while any(ranks[r].poll() is None for r in ending) and time.monotonic() < until:
+        time.sleep(0.05)
+    for r in ending:
+        if ranks[r].poll() is None:
+            ranks[r].kill()
 
 
 def how(done: Finished) -> str:
@@ -110,6 +127,8 @@ def collect(ranks: list[Finished], out_dir: Path) -> list:
         if "ok" not in res or done.returncode != 0:
             detail = res.get("error") or done.stderr[-3000:] or "(no output)"
             when = " after returning its result (at teardown)" if "ok" in res else ""
+            if "error" in res and done.returncode == -signal.SIGKILL:
+                when = " in its teardown, after it had failed"  # stopped by `wait_all`, or by its launcher
             last = (detail.strip().splitlines() or [""])[-1]
             own = "error" in res and not caused_by_peer(last)  # it said why, before anything stopped it
             order = (not own, done.returncode == -signal.SIGKILL, caused_by_peer(last), res.get("at", float("inf")))
@@ -155,4 +174,5 @@ def _run_once(fn, args, world, timeout_s, env) -> list:
     with Processes() as procs:
         out_dir = procs.logs / "results"
         out_dir.mkdir()
-        return collect(wait_all(start_ranks(procs, fn, args, world, out_dir, timeout_s, env)), out_dir)
+        ranks = start_ranks(procs, fn, args, world, out_dir, timeout_s, env)
+        return collect(wait_all(ranks, out_dir=out_dir), out_dir)
