@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from unittest import mock
 
 from shoal import env, logs
@@ -322,7 +322,7 @@ def _own_errors(failures: Mapping[int, Any], log_dir: str) -> bool:
             first.append(last is not None)
         elif failure.exitcode != -signal.SIGTERM:
             first.append(False)  # killed: the OOM killer, a segfault
-        elif last is not None and (last[0].startswith("shoal:") or exception_line(_log_lines(Path(last[1])))):
+        elif last is not None and (last.line.startswith("shoal:") or last.raised):
             first.append(True)  # it had raised, and was on its way out
     return bool(first) and all(first)
 
@@ -452,19 +452,25 @@ def _describe_failure(err: ChildFailedError, log_dir: str) -> str:
             how = f"was killed by signal {-failure.exitcode}"
     else:
         how = f"exited with code {failure.exitcode}"
-    where = f" (full log: {last[1]})" if last else ""
-    reason = f": {last[0]}" if last else ""
+    where = f" (full log: {last.path})" if last else ""
+    reason = f": {last.line}" if last else ""
     return f"worker rank {rank} {how}{reason}{where}"
 
 
-def _is_secondary(exitcode: int, last: tuple[str, str] | None) -> int:
+def _is_secondary(exitcode: int, last: _Said | None) -> int:
     """0: failed by itself; 1: failed on a dead peer or aborted by gloo; 2: stopped by the agent (SIGTERM)."""
     if last is not None:  # what the worker said decides, whatever ended it
-        return (2 if "got signal: 15" in last[0] else 1) if caused_by_peer(last[0]) else 0
+        return (2 if "got signal: 15" in last.line else 1) if caused_by_peer(last.line) else 0
     return {-signal.SIGTERM: 2, -signal.SIGABRT: 1}.get(exitcode, 0)
 
 
-def _last_error_line(log_dir: str, failure: Any) -> tuple[str, str] | None:
+class _Said(NamedTuple):
+    line: str
+    path: str
+    raised: bool  # `line` is the exception line of a traceback
+
+
+def _last_error_line(log_dir: str, failure: Any) -> _Said | None:
     """What the failed worker's stderr log says went wrong: the exception line of its last
     traceback, else its last meaningful line.
 
@@ -482,11 +488,12 @@ def _last_error_line(log_dir: str, failure: Any) -> tuple[str, str] | None:
     for path in candidates[:1]:
         lines = _log_lines(path)
         said = exception_line(lines)
+        raised = said is not None
         if said is None:
             kept = [ln.strip() for ln in lines if ln.strip()]
             said = next((ln for ln in reversed(kept) if not ln.startswith(_NOT_A_REASON)), None)
         if said is not None:
-            return first_line(said)[:300], str(path)
+            return _Said(first_line(said)[:300], str(path), raised)
     return None
 
 
