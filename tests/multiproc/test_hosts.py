@@ -121,7 +121,9 @@ def test_servers_on_hosts_without_workers_equal_one_process_and_outlive_a_launch
     held has its other copy), process 0 takes shard 1 over, and the job ends right without it."""
     out = tmp_path / "params.json"
     script = ["tests/workers/ps_equivalence.py", str(out), "2"]
-    faults = Faults(tmp_path).kill_launcher("server", rank=1, step=3)
+    # then it sleeps until it notices that its launcher is gone: else, under load, the 6 short steps
+    # ended on its own copy of shard 1 before it did, and no takeover came
+    faults = Faults(tmp_path).kill_launcher("server", rank=1, step=3).sleep("server", rank=1, step=3, seconds=2)
     with TestHosts(4) as hosts, Processes() as procs:
         job = {env.JOB_KEY: secrets.token_hex(16), **faults.env()}
         common = ["--servers", "2", "--server-nodes", "2", "--rdzv-endpoint", f"{hosts[0].address}:{PORT}"]
