@@ -83,7 +83,7 @@ def wait_all(
 
 
 def _stop(ranks: list[Proc], out_dir: Path | None, teardown_s: float) -> None:
-    ending = [r for r, p in enumerate(ranks) if out_dir and (out_dir / f"rank{r}.json").exists()]
+    ending = [r for r in range(len(ranks)) if out_dir and (out_dir / f"rank{r}.json").exists()]
     for r, p in enumerate(ranks):
         if r not in ending and p.poll() is None:
             p.kill()
