@@ -56,14 +56,19 @@ def counted(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return callback
 
 
+def future_of(work: dist.Work | None) -> torch.futures.Future:
+    """The future of a collective started with `async_op=True` (torch types its handle as optional)."""
+    assert work is not None, "an async collective returns its handle"
+    return work.get_future()
+
+
 def after(work: dist.Work | None, *steps: Callable) -> torch.futures.Future:
     """The future of a collective started with `async_op=True`, continued by each of `steps` in turn
     (each `counted`)."""
-    assert work is not None, "an async collective returns its handle"  # torch types it as optional
+    future = future_of(work)
     while _recent and _recent[0].is_completed():
         _recent.popleft()
-    _recent.append(work)
-    future = work.get_future()
+    _recent.append(work)  # pyright: ignore[reportArgumentType]  # not None: `future_of` checked
     for step in steps:
         future = future.then(counted(step))
     return future

@@ -271,11 +271,10 @@ class CompressionHook:
         callback counted (`shoal.group_callbacks`) and the finite check in it."""
 
         def hook(group, bucket):
-            group = group if group is not None else dist.group.WORLD
             buffer = bucket.buffer()
             n = buffer.numel()
             self.count("all_reduce", n * dtype.itemsize, n)
-            sent = buffer.to(dtype).div_(dist.get_world_size(group))
+            sent = buffer.to(dtype).div_(self.world)
 
             def cast_back(fut):
                 buffer.copy_(fut.value()[0])

@@ -35,7 +35,7 @@ from torch.distributed import GradBucket  # pyright: ignore[reportPrivateImportU
 from shoal.compress.lowrank import factor_shape, orthonormalize
 from shoal.compress.seeds import key_seed
 from shoal.finite import all_finite
-from shoal.group_callbacks import after
+from shoal.group_callbacks import after, future_of
 from shoal.state import sub_state, with_prefix
 
 START_ITER = 2
@@ -111,9 +111,7 @@ class PowerSGDHook:
                 pt.copy_(p[0].t())
                 torch.mm(pt, m, out=second[at : at + r * m.shape[1]].view(r, m.shape[1]))  # Q^T = P^T M
                 at += r * m.shape[1]
-            work = dist.all_reduce(second, group=group, async_op=True)
-            assert work is not None, "an async collective returns its handle"
-            return work.get_future().wait()[0]
+            return future_of(dist.all_reduce(second, group=group, async_op=True)).wait()[0]
 
         def decode(fut) -> torch.Tensor:
             second.div_(world)
